@@ -1,0 +1,249 @@
+"""The Social Reward critic: an open_clip CLIP whose score is cos(text, image).
+
+One model, two ways in:
+- `score` / `inference_rank` take files or PIL images (inference, ImageReward-style API);
+- `forward(images, prompts)` takes image tensors `(B, 3, H, W)` in [0, 1] and stays differentiable,
+  with resize / crop / normalise done in torch, so ReFL can push gradients back to the pixels.
+Both paths run the same torch preprocessing, so they give the same score for the same image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CHECKPOINT_WEIGHTS = "critic.safetensors"
+CHECKPOINT_CONFIG = "critic.json"
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+
+@dataclass
+class CriticConfig:
+    # open_clip model name (e.g. "ViT-L-14"), a model-config JSON path, or one of the configs shipped
+    # in reward/model_configs ("toy-clip", "tiny-clip").
+    model_name: str = "toy-clip"
+    # open_clip pretrained tag (e.g. "openai"; needs the weights in the local cache) or a local
+    # checkpoint path; None starts from random weights.
+    pretrained: str | None = None
+    # Which parameters train (see reward/modes.py); the Social Reward paper uses the default.
+    training_mode: str = "visual_upper_layers_textual_upper_layers"
+
+
+def _register_shipped_configs() -> None:
+    known = set(open_clip.list_models())
+    for path in MODEL_CONFIG_DIR.glob("*.json"):
+        if path.stem not in known:
+            open_clip.add_model_config(path)
+
+
+def resolve_model_name(model_name: str) -> str:
+    """Model name as open_clip knows it; registers JSON configs given by path or shipped here."""
+    _register_shipped_configs()
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"critic model config {path} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model_name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown critic model {model_name!r}: use an open_clip model name (open_clip.list_models()), "
+            f"a model-config JSON path, or one of {sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}"
+        )
+    return model_name
+
+
+class SocialReward(nn.Module):
+    """CLIP critic: score = scale * cos(text_emb, image_emb) + shift (scale 1, shift 0 until calibrated)."""
+
+    def __init__(self, clip: nn.Module, tokenizer, config: CriticConfig):
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.config = config
+        pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+        size = pp.get("size", clip.visual.image_size)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = pp.get("std", open_clip.OPENAI_DATASET_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Affine calibration so scores from different checkpoints share a scale (see `calibrate_`).
+        self.register_buffer("score_scale", torch.tensor(1.0))
+        self.register_buffer("score_shift", torch.tensor(0.0))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ----- text -----
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.tokenizer(list(prompts)).to(self.device)  # (B, context_length)
+
+    def encode_text(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        tokens = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)  # (B, D)
+
+    # ----- images -----
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> normalised (B, 3, S, S); differentiable."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"critic expects images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        s = self.image_size
+        h, w = images.shape[-2:]
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            if (nh, nw) != (h, w):
+                images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            images = images[:, :, top : top + s, left : left + s]  # (B, 3, S, S)
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(self.preprocess_tensor(images)).float(), dim=-1)  # (B, D)
+
+    # ----- scores -----
+    def calibrated(self, cosine: torch.Tensor) -> torch.Tensor:
+        return cosine * self.score_scale + self.score_shift
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Differentiable calibrated scores, one per (image, prompt) pair: (B,)."""
+        img = self.encode_image(images)  # (B, D)
+        txt = self.encode_text(prompts)  # (B, D) or (1, D), broadcast over images
+        return self.calibrated((img * txt).sum(-1))
+
+    @torch.no_grad()
+    def calibrate_(self, cosines: torch.Tensor) -> None:
+        """Map these raw cosine scores (e.g. a validation set's) to mean 0, std 1."""
+        mean, std = cosines.float().mean(), cosines.float().std().clamp_min(1e-6)
+        self.score_scale.fill_(1.0 / std.item())
+        self.score_shift.fill_(-mean.item() / std.item())
+
+    @torch.no_grad()
+    def score(self, prompt: str, images: ImageLike | Sequence[ImageLike], batch_size: int = 64):
+        """ImageReward-style: one prompt, one image -> float, or a list of images -> list of floats."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if not prompt or not str(prompt).strip():
+            raise ValueError("score(): the prompt is empty; pass the text the images were generated from")
+        txt = self.encode_text([prompt])  # (1, D)
+        out = []
+        for start in range(0, len(items), batch_size):
+            batch = torch.stack([load_image_tensor(x, self.image_size) for x in items[start : start + batch_size]])
+            img = self.encode_image(batch.to(self.device))  # (b, D)
+            out.append(self.calibrated((img * txt).sum(-1)).float().cpu())
+        scores = torch.cat(out).tolist()
+        return scores[0] if single else scores
+
+    @torch.no_grad()
+    def inference_rank(self, prompt: str, images: Sequence[ImageLike], batch_size: int = 64):
+        """(ranks, scores): ranks are 1-based, 1 = best, in the order the images were given."""
+        scores = self.score(prompt, list(images), batch_size=batch_size)
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        ranks = np.empty(len(scores), dtype=int)
+        ranks[order] = np.arange(1, len(scores) + 1)
+        return ranks.tolist(), scores
+
+    # ----- persistence -----
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Atomically write weights (safetensors) and config (JSON) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (CHECKPOINT_WEIGHTS + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, directory / CHECKPOINT_WEIGHTS)
+        meta = {"model_name": self.config.model_name, "training_mode": self.config.training_mode,
+                "image_size": self.image_size}
+        tmp = directory / (CHECKPOINT_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, directory / CHECKPOINT_CONFIG)
+        return directory
+
+
+def load_image_tensor(image: ImageLike, size: int) -> torch.Tensor:
+    """A file or PIL image -> (3, size, size) float in [0, 1]: shortest side resized, centre-cropped."""
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"image {path} does not exist") from err
+        except OSError as err:
+            raise OSError(f"image {path} cannot be decoded ({err}); re-export or remove it") from err
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def create_critic(config: CriticConfig | None = None, **overrides) -> SocialReward:
+    """The one factory for critics: real open_clip models by name, tiny ones from shipped configs."""
+    config = config or CriticConfig()
+    if overrides:
+        config = CriticConfig(**{**config.__dict__, **overrides})
+    name = resolve_model_name(config.model_name)
+    pretrained = config.pretrained
+    try:
+        clip = open_clip.create_model(name, pretrained=pretrained)
+    except Exception as err:  # open_clip raises several kinds when weights are not cached
+        if pretrained and not Path(pretrained).exists():
+            raise RuntimeError(
+                f"could not load open_clip weights {name}/{pretrained!r} ({err}). This machine may be offline: "
+                "put the checkpoint file on disk and set critic.pretrained to its path."
+            ) from err
+        raise
+    tokenizer = open_clip.get_tokenizer(name)
+    from reward.modes import apply_training_mode  # local import: modes imports nothing from here
+
+    apply_training_mode(clip, config.training_mode)
+    return SocialReward(clip, tokenizer, config)
+
+
+def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", training_mode: str | None = None):
+    """A saved critic directory, or an open_clip `name` / `name:pretrained` (untuned backbone)."""
+    path = Path(path_or_name)
+    if path.is_dir():
+        cfg_file = path / CHECKPOINT_CONFIG
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint directory")
+        meta = json.loads(cfg_file.read_text())
+        config = CriticConfig(model_name=meta["model_name"], pretrained=None,
+                              training_mode=training_mode or meta.get("training_mode", "all"))
+        model = create_critic(config)
+        state = load_file(str(path / CHECKPOINT_WEIGHTS))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("pixel_")]:
+            raise ValueError(f"{path}: checkpoint does not match {meta['model_name']}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    else:
+        name, _, pretrained = str(path_or_name).partition(":")
+        model = create_critic(CriticConfig(model_name=name, pretrained=pretrained or None,
+                                           training_mode=training_mode or "all"))
+    return model.to(device).eval()
