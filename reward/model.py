@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import open_clip
@@ -125,10 +126,16 @@ class SocialReward(nn.Module):
     def calibrated(self, cosine: torch.Tensor) -> torch.Tensor:
         return cosine * self.score_scale + self.score_shift
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
-        """Differentiable calibrated scores, one per (image, prompt) pair: (B,)."""
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | torch.Tensor, return_embeddings: bool = False):
+        """Differentiable calibrated scores, one per (image, prompt) pair: (B,).
+
+        With `return_embeddings` it returns the normalised (image, text) embeddings instead; training
+        goes through here so a DDP-wrapped critic runs one forward per step.
+        """
         img = self.encode_image(images)  # (B, D)
         txt = self.encode_text(prompts)  # (B, D) or (1, D), broadcast over images
+        if return_embeddings:
+            return img, txt
         return self.calibrated((img * txt).sum(-1))
 
     @torch.no_grad()
@@ -172,8 +179,8 @@ class SocialReward(nn.Module):
         tmp = directory / (CHECKPOINT_WEIGHTS + ".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, directory / CHECKPOINT_WEIGHTS)
-        meta = {"model_name": self.config.model_name, "training_mode": self.config.training_mode,
-                "image_size": self.image_size}
+        meta = {"model_name": self.config.model_name, "pretrained": self.config.pretrained,
+                "training_mode": self.config.training_mode, "image_size": self.image_size}
         tmp = directory / (CHECKPOINT_CONFIG + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, directory / CHECKPOINT_CONFIG)
@@ -203,13 +210,34 @@ def load_image_tensor(image: ImageLike, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
+def is_critic_dir(path: str | os.PathLike | None) -> bool:
+    return path is not None and (Path(path) / CHECKPOINT_CONFIG).is_file()
+
+
+def _load_weights(model: SocialReward, directory: Path) -> None:
+    """Load a saved critic's weights (fp16 files are upcast into the model's fp32 parameters)."""
+    state = load_file(str(directory / CHECKPOINT_WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{directory}: checkpoint does not match model {model.config.model_name!r}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def create_critic(config: CriticConfig | None = None, **overrides) -> SocialReward:
-    """The one factory for critics: real open_clip models by name, tiny ones from shipped configs."""
+    """The one factory for critics: real open_clip models by name, tiny ones from shipped configs.
+
+    `pretrained` may also be a saved critic directory (e.g. the toy world's pre-trained CLIP).
+    """
     config = config or CriticConfig()
     if overrides:
         config = CriticConfig(**{**config.__dict__, **overrides})
     name = resolve_model_name(config.model_name)
     pretrained = config.pretrained
+    if is_critic_dir(pretrained):
+        model = create_critic(CriticConfig(config.model_name, None, config.training_mode))
+        _load_weights(model, Path(pretrained))
+        model.config = config
+        return model
     try:
         clip = open_clip.create_model(name, pretrained=pretrained)
     except Exception as err:  # open_clip raises several kinds when weights are not cached
@@ -234,14 +262,10 @@ def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", tr
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint directory")
         meta = json.loads(cfg_file.read_text())
-        config = CriticConfig(model_name=meta["model_name"], pretrained=None,
-                              training_mode=training_mode or meta.get("training_mode", "all"))
-        model = create_critic(config)
-        state = load_file(str(path / CHECKPOINT_WEIGHTS))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("pixel_")]:
-            raise ValueError(f"{path}: checkpoint does not match {meta['model_name']}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
+                                           training_mode=training_mode or meta.get("training_mode", "all")))
+        _load_weights(model, path)
+        model.config.pretrained = meta.get("pretrained")
     else:
         name, _, pretrained = str(path_or_name).partition(":")
         model = create_critic(CriticConfig(model_name=name, pretrained=pretrained or None,

@@ -45,7 +45,9 @@ def trainable_parameter_names(model: nn.Module, mode: str) -> set[str]:
     if mode not in TRAINING_MODES:
         raise ValueError(f"unknown training_mode {mode!r}; choose one of {', '.join(TRAINING_MODES)}")
     spec = TRAINING_MODES[mode]
-    names = {n for n, _ in model.named_parameters()}
+    # The score is a plain cosine: CLIP's logit_scale never enters it, so it never trains (and an
+    # unused trainable parameter would make DDP fail).
+    names = {n for n, _ in model.named_parameters() if n != "logit_scale"}
     if spec.vision_blocks is None:
         return names
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):

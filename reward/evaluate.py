@@ -1,0 +1,42 @@
+"""Scoring preference pairs with a critic (validation, training-time eval)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from reward.data import PairDataset, PairRecord, collate_pairs
+from reward.model import SocialReward
+from reward.stats import pairwise_accuracy_report
+
+
+@torch.no_grad()
+def score_pairs(model: SocialReward, records: list[PairRecord], batch_size: int = 64,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated scores of the preferred and the rejected image of every pair: two (N,) arrays."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(PairDataset(records, model.image_size), batch_size=batch_size, collate_fn=collate_pairs)
+    pos, neg = [], []
+    for batch in tqdm(loader, desc="scoring pairs", disable=not progress):
+        txt = model.encode_text(batch["prompt"])  # (B, D)
+        img = model.encode_image(torch.cat([batch["pos"], batch["neg"]]).to(model.device))  # (2B, D)
+        p, n = img.chunk(2)
+        pos.append(model.calibrated((p * txt).sum(-1)).cpu())
+        neg.append(model.calibrated((n * txt).sum(-1)).cpu())
+    model.train(was_training)
+    return torch.cat(pos).numpy(), torch.cat(neg).numpy()
+
+
+def evaluate_pairs(model: SocialReward, records: list[PairRecord], batch_size: int = 64,
+                   progress: bool = False) -> dict:
+    # A pair the community called a tie has no right answer: it is counted, not scored.
+    clear = [r for r in records if r.label != 0.5]
+    if not clear:
+        raise ValueError("no pair with a clear preference to evaluate (all labels are ties)")
+    s_pos, s_neg = score_pairs(model, clear, batch_size, progress)
+    report = pairwise_accuracy_report(s_pos, s_neg)
+    report["n_tied_labels"] = len(records) - len(clear)
+    return report

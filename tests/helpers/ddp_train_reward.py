@@ -1,0 +1,22 @@
+"""Run under `accelerate launch --num_processes 2 --cpu`: trains a critic and dumps this rank's weights."""
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from reward.cli import setup_logging  # noqa: E402
+from reward.config import load_config  # noqa: E402
+from reward.train import RewardExperiment, train  # noqa: E402
+
+if __name__ == "__main__":
+    setup_logging()
+    out = Path(sys.argv[1])
+    cfg = load_config(RewardExperiment, None, sys.argv[2:])
+    result = train(cfg)
+    rank = int(os.environ.get("RANK", "0"))
+    state = {k: v.detach().contiguous() for k, v in result["critic"].state_dict().items()}
+    save_file(state, str(out / f"rank{rank}.safetensors"))
