@@ -1,0 +1,320 @@
+"""One factory for Stable Diffusion components (SD 1.x / 2.x layout).
+
+`load_components(ModelConfig(name=...))` returns UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+CLIPTokenizer and the training (DDPM) scheduler, from
+- a diffusers directory (`model_index.json` + subfolders),
+- a model id already in the local Hugging Face cache (never downloaded: `local_files_only`),
+- or a named preset (`"tiny"` for tests, `"toy"` for the toy world) built from small configs with
+  seeded random weights. Presets use the real diffusers classes, so everything downstream (LoRA,
+  `save_lora_weights`, `StableDiffusionPipeline`) runs unchanged on them.
+
+The tokenizer of a preset is a real `CLIPTokenizer` rebuilt offline from the BPE vocabulary that
+open_clip ships, so it gives the same ids as OpenAI CLIP (and open_clip) do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# OpenAI CLIP's vocabulary: 256 byte tokens, the same with "</w>", 48,894 merges, 2 specials.
+CLIP_VOCAB_SIZE = 49408
+CLIP_NUM_MERGES = 49152 - 256 - 2
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" / "toy" (presets with seeded random weights), a diffusers directory, or a model id that
+    # is already in the local Hugging Face cache (nothing is ever downloaded).
+    name: str = "toy"
+    # Hub revision / weight variant (e.g. "fp16") for cached model ids; ignored by presets.
+    revision: str | None = None
+    variant: str | None = None
+    # Seed for the random weights of a preset (same seed -> identical components).
+    seed: int = 0
+    # Attention kernels: "sdpa" (torch scaled_dot_product_attention, diffusers' default) or
+    # "xformers" (needs `pip install social-refl[xformers]` and CUDA).
+    attention: str = "sdpa"
+
+
+@dataclass
+class PresetSpec:
+    """A small SD architecture; channel counts must divide by `norm_num_groups`."""
+
+    image_size: int  # pixels per side of generated images
+    vae_block_out: tuple[int, ...]  # VAE channels per level; latents are image_size / 2**(len-1)
+    latent_channels: int  # SD uses 4
+    vae_scaling_factor: float  # latents are multiplied by this before the UNet (SD 1.x: 0.18215)
+    unet_block_out: tuple[int, ...]  # UNet channels per level
+    layers_per_block: int  # resnets per UNet level
+    attention_heads: int  # attention heads per transformer block (diffusers' legacy attention_head_dim)
+    cross_attention_dim: int  # text hidden size the UNet attends to
+    norm_num_groups: int  # GroupNorm groups in UNet and VAE
+    text_hidden: int  # CLIPTextModel width (must equal cross_attention_dim)
+    text_layers: int  # CLIPTextModel transformer layers
+    text_heads: int  # CLIPTextModel attention heads
+    context_length: int  # tokens per prompt (SD: 77)
+
+
+PRESETS: dict[str, PresetSpec] = {
+    # Tests: 16 px images, 8x8 latents, about 0.5M UNet parameters.
+    "tiny": PresetSpec(image_size=16, vae_block_out=(8, 16), latent_channels=4, vae_scaling_factor=1.0,
+                       unet_block_out=(32, 64), layers_per_block=1, attention_heads=4, cross_attention_dim=32,
+                       norm_num_groups=8, text_hidden=32, text_layers=2, text_heads=4, context_length=16),
+    # The toy world (design.md section 9): 32 px images, 4x8x8 latents, UNet about 3.9M parameters.
+    "toy": PresetSpec(image_size=32, vae_block_out=(32, 32, 64), latent_channels=4, vae_scaling_factor=1.0,
+                      unet_block_out=(64, 128), layers_per_block=1, attention_heads=8, cross_attention_dim=64,
+                      norm_num_groups=32, text_hidden=64, text_layers=2, text_heads=4, context_length=16),
+}
+
+
+@dataclass
+class SDComponents:
+    unet: Any  # UNet2DConditionModel
+    vae: Any  # AutoencoderKL
+    text_encoder: Any  # CLIPTextModel
+    tokenizer: Any  # CLIPTokenizer
+    scheduler: Any  # the training noise scheduler (DDPMScheduler config of the model)
+    source: str = ""  # where they came from (preset name or path), for logs and metadata
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def to(self, device=None, dtype=None) -> SDComponents:
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def _cache_dir() -> Path:
+    root = os.environ.get("SOCIAL_REFL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "social-refl")
+    return Path(root)
+
+
+def clip_vocab_files(directory: str | os.PathLike | None = None) -> Path:
+    """Write CLIP's `vocab.json` (49,408 tokens) and `merges.txt`, rebuilt from open_clip's BPE file.
+
+    The order reproduces OpenAI CLIP's: byte symbols, byte symbols + "</w>", one token per merge,
+    then <|startoftext|>, <|endoftext|>. Files are written atomically and reused when present.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    directory = Path(directory) if directory is not None else _cache_dir() / "clip-tokenizer"
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return directory
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : CLIP_NUM_MERGES + 1]  # line 0 is a version header
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"rebuilt CLIP vocabulary has {len(tokens)} tokens, expected {CLIP_VOCAB_SIZE}")
+    directory.mkdir(parents=True, exist_ok=True)
+    # Write both into a temp dir on the same file system, then move: concurrent builders never see half files.
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        os.replace(Path(tmp) / "merges.txt", directory / "merges.txt")
+        os.replace(Path(tmp) / "vocab.json", directory / "vocab.json")
+    return directory
+
+
+def build_clip_tokenizer(context_length: int = 77, directory: str | os.PathLike | None = None):
+    """A real `CLIPTokenizer` with OpenAI CLIP's vocabulary, built without network access.
+
+    transformers 5's `CLIPTokenizer` takes the vocabulary as `vocab=` (dict) and `merges=` (list of pairs);
+    the older `vocab_file=` / `merges_file=` keywords are silently ignored there and give garbage
+    ids, so the contents are passed explicitly (tests compare the ids with open_clip's).
+    """
+    from transformers import CLIPTokenizer
+
+    files = clip_vocab_files(directory)
+    vocab = json.loads((files / "vocab.json").read_text())
+    merges = (files / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [tuple(m.split()) for m in merges if m]  # the tokenizers backend wants (left, right) pairs
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+# ----------------------------------------------------------------------------- presets
+def build_preset(name: str, seed: int = 0) -> SDComponents:
+    """Seeded random-weight components of a small SD architecture (real diffusers classes)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+    spec = PRESETS[name]
+    if spec.text_hidden != spec.cross_attention_dim:
+        raise ValueError(f"preset {name}: text_hidden must equal cross_attention_dim")
+    levels = len(spec.unet_block_out)
+    vae_levels = len(spec.vae_block_out)
+    latent_size = spec.image_size // 2 ** (vae_levels - 1)
+    # Seed before each component (as diffusers' own tests do) so one changing never shifts the others.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        block_out_channels=spec.unet_block_out,
+        layers_per_block=spec.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=spec.cross_attention_dim,
+        attention_head_dim=spec.attention_heads,
+        norm_num_groups=spec.norm_num_groups,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        block_out_channels=spec.vae_block_out,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.norm_num_groups if min(spec.vae_block_out) % spec.norm_num_groups == 0 else 8,
+        sample_size=spec.image_size,
+        scaling_factor=spec.vae_scaling_factor,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=spec.text_hidden,
+        intermediate_size=4 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=spec.context_length,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+    # SD 1.x's training schedule: 1000 steps, scaled-linear betas, epsilon prediction.
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
+                              prediction_type="epsilon")
+    tokenizer = build_clip_tokenizer(spec.context_length)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=f"preset:{name}")
+
+
+# ----------------------------------------------------------------------------- loading
+def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = Path(name).is_dir()
+    if local and not (Path(name) / "unet").is_dir():
+        raise FileNotFoundError(f"{name} is not a diffusers Stable Diffusion directory (no unet/ subfolder)")
+    kw: dict[str, Any] = {} if local else {"local_files_only": True, "revision": revision}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
+        scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+    except OSError as err:
+        if local:
+            raise
+        raise OSError(
+            f"model {name!r} is neither a preset ({sorted(PRESETS)}), a diffusers directory, nor in the local "
+            f"Hugging Face cache ({err}). This project never downloads: fetch it once with "
+            f"`huggingface-cli download {name}` on a connected machine, or point model.name at a directory."
+        ) from err
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=str(name))
+
+
+def enable_attention(components: SDComponents, attention: str) -> None:
+    """Select attention kernels; xformers is optional and fails at start with an install hint."""
+    if attention == "sdpa":
+        return  # diffusers uses torch.nn.functional.scaled_dot_product_attention by default
+    if attention != "xformers":
+        raise ValueError(f"model.attention must be 'sdpa' or 'xformers', got {attention!r}")
+    try:
+        import xformers  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "model.attention=xformers but xformers is not installed: `pip install social-refl[xformers]` "
+            "(needs CUDA), or set model.attention=sdpa"
+        ) from err
+    try:
+        components.unet.enable_xformers_memory_efficient_attention()
+        components.vae.enable_xformers_memory_efficient_attention()
+    except Exception as err:  # xformers imports on CPU but its kernels refuse to run there
+        raise RuntimeError(f"xformers is installed but cannot run here ({err}); set model.attention=sdpa") from err
+
+
+def load_components(cfg: ModelConfig | str) -> SDComponents:
+    """The one factory: a preset name, a diffusers directory, or a locally cached model id."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    if cfg.name in PRESETS:
+        components = build_preset(cfg.name, seed=cfg.seed)
+    else:
+        components = _from_pretrained(cfg.name, cfg.revision, cfg.variant)
+    enable_attention(components, cfg.attention)
+    logger.info("SD components from %s: UNet %.2fM params, %d px images", components.source,
+                sum(p.numel() for p in components.unet.parameters()) / 1e6, components.image_size)
+    return components
+
+
+def build_pipeline(components: SDComponents, scheduler=None):
+    """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler if scheduler is not None else components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(components: SDComponents, directory: str | os.PathLike) -> Path:
+    """Save as a standard diffusers directory (`StableDiffusionPipeline.from_pretrained(dir)` loads it),
+    written into a temp dir and renamed so a crash never leaves a half-written model."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        build_pipeline(components).save_pretrained(tmp, safe_serialization=True)
+        _replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`, replacing an existing `dst` with at most a moment where neither exists."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
