@@ -355,3 +355,45 @@ def test_two_process_cpu_launch_keeps_replicas_identical(tmp_path):
     # The ranks saw different prompts/noise, so identical replicas mean the gradients were averaged.
     start = load_file(str(tmp_path / "ddp" / "checkpoints" / "update-000002" / "lora_state.safetensors"))
     assert max((r0[k] - start[k]).abs().max().item() for k in r0) > 0
+
+
+def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
+    import importlib.util
+    import json
+
+    components = load_components(str(base_dir))
+    add_lora(components, LoraSettings(rank=2, alpha=8.0))
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    spec = importlib.util.spec_from_file_location("generate_script", os.path.join("scripts", "generate.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--n", "2", "--seed", "3", "--steps", "2", "--critic", "toy-clip", "--device", "cpu",
+                 "--out", str(tmp_path / "gen")])
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 3), ("a cat", 4), ("a dog", 3), ("a dog", 4)]
+    assert all((tmp_path / "gen" / r["file"]).is_file() and isinstance(r["critic_score"], float) for r in rows)
+
+
+@pytest.mark.slow
+def test_sd15_architecture_takes_lora():
+    """SD 1.5's UNet shape from its published config, random weights, nothing downloaded."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD 1.5: 859.5M
+
+    from refl.components import SDComponents
+
+    components = SDComponents(unet, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, None)
+    params = add_lora(components, LoraSettings(rank=4, alpha=4))
+    # 16 transformer blocks x 2 attentions x 4 projections x (A, B)
+    assert len(params) == 16 * 2 * 4 * 2
+    assert 0.7e6 < sum(p.numel() for p in params) < 0.9e6
