@@ -7,6 +7,9 @@ LoRA gradients are averaged across processes explicitly (`_all_reduce_grads`), w
 many no-grad UNet calls and the multi-call gradient methods (DRaFT-K, AlignProp) away from DDP's
 once-per-iteration hooks. Every random draw of an update (prompts, noise, cut) comes from a
 generator seeded by (seed, update, micro-batch, rank), so `--resume latest` replays the run exactly.
+
+Several processes on CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...`
+(`accelerate launch --cpu` starts a single process unless MPI is set up).
 """
 
 from __future__ import annotations
