@@ -1,0 +1,141 @@
+"""LoRA on the UNet (and optionally the text encoder) through peft, saved in diffusers format.
+
+Only LoRA parameters train; they stay fp32 even when the frozen base runs in fp16/bf16, because
+Adam updates of size lr * 1 are below fp16's resolution for weights near 1. The saved files carry
+`lora_alpha` as adapter metadata: without it `load_lora_weights` assumes alpha = rank and a LoRA
+trained with alpha != rank reloads at the wrong scale, silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from refl.components import SDComponents, _replace_dir
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class LoraSettings:
+    # LoRA rank r (the inner dimension of the low-rank update).
+    rank: int = 4
+    # LoRA alpha; the update is scaled by alpha / rank.
+    alpha: float = 4.0
+    # Dropout on the LoRA branch input (0 disables; ReFL peers use 0).
+    dropout: float = 0.0
+    # UNet attention projections that get adapters.
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Also put adapters on the text encoder's attention projections.
+    train_text_encoder: bool = False
+    # Text-encoder modules that get adapters when train_text_encoder is true.
+    text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    # Seed of the Gaussian LoRA-A initialisation (B starts at zero, so the tuned model starts as the base).
+    seed: int = 0
+
+
+def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                      target_modules=list(targets))
+
+
+def add_lora(components: SDComponents, cfg: LoraSettings) -> list[torch.nn.Parameter]:
+    """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params."""
+    for module in components.modules().values():
+        module.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    components.unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
+    modules = [components.unet]
+    if cfg.train_text_encoder:
+        components.text_encoder.add_adapter(
+            _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules))
+        modules.append(components.text_encoder)
+    params = []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+                params.append(p)
+            elif p.requires_grad:  # add_adapter leaves base weights frozen; check, never assume
+                raise RuntimeError(f"base weight {name} requires grad after add_adapter")
+    if not params:
+        raise RuntimeError(f"no LoRA adapters attached: target modules {cfg.target_modules} matched nothing")
+    logger.info("LoRA r=%d alpha=%g: %d tensors, %.3fM trainable parameters", cfg.rank, cfg.alpha, len(params),
+                sum(p.numel() for p in params) / 1e6)
+    return params
+
+
+def trainable_parameters(components: SDComponents) -> list[torch.nn.Parameter]:
+    return [p for m in components.modules().values() for p in m.parameters() if p.requires_grad]
+
+
+def has_text_lora(components: SDComponents) -> bool:
+    return any("lora_" in n for n, _ in components.text_encoder.named_parameters())
+
+
+def lora_state(components: SDComponents) -> dict[str, torch.Tensor]:
+    """peft-format LoRA tensors of every adapted module, prefixed by module name (for checkpoints)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = {}
+    for prefix, module in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+        if prefix == "text_encoder" and not has_text_lora(components):
+            continue
+        for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME).items():
+            out[f"{prefix}.{k}"] = v.detach().float().cpu().contiguous()
+    return out
+
+
+def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `lora_state` into already-attached adapters (resume); fails on any mismatch."""
+    from peft.utils import set_peft_model_state_dict
+
+    for prefix, module in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if not part:
+            continue
+        result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER_NAME)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA checkpoint does not fit the {prefix}: unexpected {result.unexpected_keys[:5]}")
+        lora_missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if lora_missing:
+            raise ValueError(f"LoRA checkpoint does not fit the {prefix}: missing {lora_missing[:5]}")
+
+
+def save_lora(components: SDComponents, directory: str | os.PathLike) -> Path:
+    """Write the LoRA in diffusers format (`pipe.load_lora_weights(directory)` reads it), with alpha
+    as adapter metadata, atomically: a temp dir beside the target, then a rename."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    unet = components.unet
+    kwargs["unet_lora_layers"] = convert_state_dict_to_diffusers(
+        {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()})
+    kwargs["unet_lora_adapter_metadata"] = unet.peft_config[ADAPTER_NAME].to_dict()
+    if has_text_lora(components):
+        te = components.text_encoder
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+            {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(te).items()})
+        kwargs["text_encoder_lora_adapter_metadata"] = te.peft_config[ADAPTER_NAME].to_dict()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        _replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

@@ -1,0 +1,399 @@
+"""refl/: tiny SD components (same factory as real runs), LoRA round trip, the ReFL step, training."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from refl.components import PRESETS, build_clip_tokenizer, build_pipeline, load_components, save_pipeline
+from refl.lora import LoraSettings, add_lora, save_lora, trainable_parameters
+from refl.step import NonFiniteLossError, StepConfig, reward_step
+
+# Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting (100x slower).
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["a red square on a blue background", "a green circle", "a yellow triangle at the top", "a cat"]
+
+
+def brightness(images, prompts):
+    """A learnable stand-in reward: mean pixel value of each decoded image, (B,)."""
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny-sd"
+    save_pipeline(load_components("tiny"), path)
+    return path
+
+
+def tiny_lora(rank=4, alpha=4.0, **kw):
+    components = load_components("tiny")
+    params = add_lora(components, LoraSettings(rank=rank, alpha=alpha, **kw))
+    return components, params
+
+
+def randomise_lora_b(components, seed=1):
+    """gaussian init starts B at 0 (an identity LoRA); give it values so round trips are meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in components.modules().values():
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# ----------------------------------------------------------------------------- components
+def test_tokenizer_ids_equal_open_clip():
+    import open_clip
+
+    ours = build_clip_tokenizer(77)
+    theirs = open_clip.get_tokenizer("ViT-B-32")
+    assert len(ours) == 49408
+    for prompt in ["a red square on a blue background", "Hello, World! It's 3:45pm...", "héllo café naïve",
+                   "a photo of an astronaut riding a horse on mars", "   spaced    out\ttext  ", "UPPER lower 123"]:
+        ref = theirs([prompt])[0].tolist()
+        ref = ref[: ref.index(49407) + 1]  # open_clip pads with 0 after <|endoftext|>
+        assert ours(prompt).input_ids == ref, prompt
+
+
+def test_presets_build_with_design_shapes():
+    toy = load_components("toy")
+    spec = PRESETS["toy"]
+    assert toy.image_size == 32 and toy.unet.config.sample_size == 8
+    assert tuple(toy.vae.config.block_out_channels) == (32, 32, 64) and toy.vae.config.latent_channels == 4
+    assert tuple(toy.unet.config.block_out_channels) == (64, 128) and toy.unet.config.cross_attention_dim == 64
+    assert toy.text_encoder.config.hidden_size == 64 and toy.text_encoder.config.num_hidden_layers == 2
+    assert toy.text_encoder.config.max_position_embeddings == spec.context_length == toy.tokenizer.model_max_length
+    # Seeded: the same preset twice gives identical weights.
+    again = load_components("toy")
+    assert all(torch.equal(a, b) for a, b in zip(toy.unet.parameters(), again.unet.parameters()))
+
+
+def test_saved_pipeline_loads_offline_with_stock_diffusers(base_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+    image = pipe("a cat", num_inference_steps=2, output_type="np", guidance_scale=1.0).images
+    assert image.shape == (1, 16, 16, 3)
+    again = load_components(str(base_dir))
+    assert again.image_size == 16
+
+
+def test_xformers_missing_raises_install_hint(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_xformers(name, *args, **kwargs):
+        if name == "xformers" or name.startswith("xformers."):
+            raise ImportError("No module named 'xformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_xformers)
+    from refl.components import ModelConfig
+
+    with pytest.raises(RuntimeError, match=r"pip install social-refl\[xformers\]"):
+        load_components(ModelConfig(name="tiny", attention="xformers"))
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_round_trip_through_stock_pipeline(base_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    components = load_components(str(base_dir))
+    add_lora(components, LoraSettings(rank=4, alpha=16.0, train_text_encoder=True))  # alpha != rank
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(PROMPTS[:2], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    tuned = run(build_pipeline(components))
+    stock = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None)
+    base_images = run(stock)
+    stock.load_lora_weights(tmp_path / "lora")
+    reloaded = run(stock)
+    assert np.abs(tuned - base_images).max() > 1e-2  # the LoRA does change the images
+    assert np.abs(tuned - reloaded).max() < 1e-5
+
+
+def test_only_lora_params_train_and_stay_fp32():
+    components = load_components("tiny")
+    components.to(dtype=torch.bfloat16)
+    params = add_lora(components, LoraSettings())
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert trainable_parameters(components) == params
+    assert any(p.dtype == torch.bfloat16 for p in components.unet.parameters())
+
+
+# ----------------------------------------------------------------------------- the step
+def _count_grad_calls(components):
+    calls = []
+    handle = components.unet.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    return calls, handle
+
+
+@pytest.mark.parametrize("method,kw,expected_grad,expected_total", [
+    ("refl", {}, 1, None),
+    ("draft", {"draft_k": 3}, 3, 10),
+    ("draft_lv", {"draft_lv_n": 2}, 2, 12),
+])
+def test_no_grad_grad_split(method, kw, expected_grad, expected_total):
+    components, params = tiny_lora()
+    calls, handle = _count_grad_calls(components)
+    cfg = StepConfig(method=method, num_inference_steps=10, cut_range=[4, 8], **kw)
+    out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0))
+    handle.remove()
+    assert sum(calls) == expected_grad
+    if method == "refl":
+        cut = int(out["cut"])
+        assert 4 <= cut <= 8 and len(calls) == cut + 1 and calls[-1]  # cut no-grad calls, then the one
+    else:
+        assert len(calls) == expected_total
+    out["loss"].backward()
+    assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params)
+    for module in components.modules().values():
+        for name, p in module.named_parameters():
+            if "lora_" not in name:
+                assert p.grad is None, name
+
+
+def test_alignprop_and_ddpm_with_guidance_run():
+    components, params = tiny_lora()
+    for cfg in [StepConfig(method="alignprop", num_inference_steps=6, cut_range=[3, 5]),
+                StepConfig(method="refl", scheduler="ddpm", guidance_scale=3.0, num_inference_steps=6,
+                           cut_range=[2, 5], reg_weight=0.5)]:
+        reg = (torch.randn(2, 4, 8, 8), PROMPTS[:2])
+        out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0), reg_batch=reg)
+        out["loss"].backward()
+        assert all(p.grad is not None for p in params)
+    assert "reg_loss" in out and out["loss"] > out["reward_loss"]
+    with pytest.raises(ValueError, match="unknown gradient method"):
+        reward_step(components, PROMPTS[:1], brightness, StepConfig(method="nope"), torch.Generator())
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        reward_step(components, PROMPTS[:1], brightness, StepConfig(scheduler="euler"), torch.Generator())
+
+
+def test_nan_loss_raises_clear_error_before_any_update():
+    components, params = tiny_lora()
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+
+    def nan_reward(images, prompts):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match="update 7"):
+        out = reward_step(components, PROMPTS[:2], nan_reward, StepConfig(num_inference_steps=4, cut_range=[1, 3]),
+                          torch.Generator().manual_seed(0), step_name="update 7")
+        out["loss"].backward()
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def _train_reward(components, params, reward_fn, updates, lr, prompts, cfg):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rewards = []
+    for i in range(updates):
+        out = reward_step(components, prompts, reward_fn, cfg, torch.Generator().manual_seed(i))
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rewards.append(out["reward"].item())
+    return rewards
+
+
+def left_right_contrast(images, prompts):
+    """Learnable through a random-weight VAE: (left half - right half brightness) * 10, (B,).
+
+    Plain mean brightness is not: the random decoder's GroupNorms cancel any uniform latent shift
+    (checked: +-3 on a latent channel moves the mean by < 0.002), while spatial structure passes.
+    """
+    w = images.shape[-1] // 2
+    return (images[..., :w].mean(dim=(1, 2, 3)) - images[..., w:].mean(dim=(1, 2, 3))) * 10
+
+
+def test_short_run_raises_learnable_reward():
+    from refl.step import sample_images
+
+    components, params = tiny_lora(rank=4, alpha=4.0)
+    cfg = StepConfig(num_inference_steps=4, cut_range=[1, 3], reward_margin=2.0)
+
+    def held_out_score():  # fresh samples (fixed seed) on all prompts, not the training trajectories
+        images = sample_images(components, PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(123))
+        return left_right_contrast(images, PROMPTS).mean().item()
+
+    start = held_out_score()
+    _train_reward(components, params, left_right_contrast, updates=30, lr=1e-1, prompts=PROMPTS[:2], cfg=cfg)
+    end = held_out_score()
+    assert end > start + 0.1, (start, end)
+
+
+def test_real_critic_plugs_in():
+    from reward.model import CriticConfig, create_critic
+
+    critic = create_critic(CriticConfig(model_name="toy-clip", training_mode="all")).eval().requires_grad_(False)
+    components, params = tiny_lora()
+    randomise_lora_b(components)  # B = 0 would give A no gradient
+    cfg = StepConfig(num_inference_steps=4, cut_range=[1, 3])
+    # 16 px SD images into a 32 px critic: the critic resizes inside its differentiable path.
+    out = reward_step(components, PROMPTS[:2], critic, cfg, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["reward"]) and -1.0 <= out["reward"].item() <= 1.0  # an uncalibrated cosine
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for p in critic.parameters())
+
+
+# ----------------------------------------------------------------------------- training loop
+def _tiny_train_overrides(out, updates=4):
+    return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", f"train.max_updates={updates}",
+            "train.batch_size=2", "train.gradient_accumulation=2", "train.lr=1e-2", "train.lr_schedule=cosine",
+            "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none", "train.validate_every=0",
+            "refl.num_inference_steps=4", "refl.cut_range=[1,3]", "refl.scheduler=ddpm", "lora.dropout=0.1",
+            "refl.grad_scale=1.0"]
+
+
+def _lora_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "lora_state.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    from refl.train import ReflConfig, train
+    from reward.config import load_config
+
+    full = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "full"))
+    result = train(full)
+    assert (tmp_path / "full" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "full" / "config.yaml").is_file() and (tmp_path / "full" / "training_curve.png").is_file()
+    assert result["updates"] == 4
+
+    calls = {"n": 0}
+
+    def crashing_contrast(images, prompts):
+        calls["n"] += 1
+        if calls["n"] > 5:  # dies in update 3, after the update-2 checkpoint (2 micro-batches per update)
+            raise KeyboardInterrupt("simulated crash")
+        w = images.shape[-1] // 2
+        return (images[..., :w].mean(dim=(1, 2, 3)) - images[..., w:].mean(dim=(1, 2, 3))) * 10
+
+    interrupted = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, reward_fn=crashing_contrast)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("update-*")] == ["update-000002"]
+    resumed = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "resumed") + ["train.resume=latest"])
+    train(resumed)
+    a = _lora_file(tmp_path / "full" / "checkpoints" / "update-000004")
+    b = _lora_file(tmp_path / "resumed" / "checkpoints" / "update-000004")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # ... and training moved the weights at all
+    start = _lora_file(tmp_path / "full" / "checkpoints" / "update-000002")
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_train_script_main_and_prompt_files(tmp_path):
+    import pandas as pd
+
+    from refl.train import DataConfig, load_prompts
+
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    pd.DataFrame({"prompt": ["x", "y"]}).to_parquet(tmp_path / "p.parquet")
+    assert load_prompts(DataConfig(prompts_file=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
+    assert load_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"))) == ["x", "y"]
+    with pytest.raises(ValueError, match="no column"):
+        load_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"), prompt_column="caption"))
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_refl", os.path.join("scripts", "train_refl.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "run"
+    argv = ["--config", "configs/refl_toy.yaml"]
+    for o in _tiny_train_overrides(out, updates=2) + [f"data.prompts_file={tmp_path / 'p.txt'}",
+                                                      "train.validate_every=2", "train.log_with=tensorboard",
+                                                      "train.validation_steps=2", "refl.reg_weight=0.1",
+                                                      "data.reg_pool_size=4", "reward.kind=critic"]:
+        argv += ["--set", o]
+    result = script.main(argv)
+    assert result["updates"] == 2 and "train/reg_loss" in result
+    assert (out / "samples" / "update-000002.png").is_file() and any((out / "tb").iterdir())
+    metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert any("eval/reward" in m for m in metrics) and any("train/grad_norm" in m for m in metrics)
+
+
+def test_two_process_cpu_launch_keeps_replicas_identical(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    # `accelerate launch --cpu` runs one process (it expects MPI for more); torchrun-style launching
+    # plus ACCELERATE_USE_CPU gives accelerate's MULTI_CPU mode with the gloo backend.
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    overrides = [o for o in _tiny_train_overrides(tmp_path / "ddp", updates=3) if "dropout" not in o]
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "tests/refl_multiproc_worker.py", str(tmp_path / "ddp"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = load_file(str(tmp_path / "ddp" / "replica_0.safetensors"))
+    r1 = load_file(str(tmp_path / "ddp" / "replica_1.safetensors"))
+    assert r0.keys() == r1.keys()
+    assert max((r0[k] - r1[k]).abs().max().item() for k in r0) == 0.0
+    # The ranks saw different prompts/noise, so identical replicas mean the gradients were averaged.
+    start = load_file(str(tmp_path / "ddp" / "checkpoints" / "update-000002" / "lora_state.safetensors"))
+    assert max((r0[k] - start[k]).abs().max().item() for k in r0) > 0
+
+
+def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
+    import importlib.util
+    import json
+
+    components = load_components(str(base_dir))
+    add_lora(components, LoraSettings(rank=2, alpha=8.0))
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    spec = importlib.util.spec_from_file_location("generate_script", os.path.join("scripts", "generate.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--n", "2", "--seed", "3", "--steps", "2", "--critic", "toy-clip", "--device", "cpu",
+                 "--out", str(tmp_path / "gen")])
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 3), ("a cat", 4), ("a dog", 3), ("a dog", 4)]
+    assert all((tmp_path / "gen" / r["file"]).is_file() and isinstance(r["critic_score"], float) for r in rows)
+
+
+@pytest.mark.slow
+def test_sd15_architecture_takes_lora():
+    """SD 1.5's UNet shape from its published config, random weights, nothing downloaded."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD 1.5: 859.5M
+
+    from refl.components import SDComponents
+
+    components = SDComponents(unet, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, None)
+    params = add_lora(components, LoraSettings(rank=4, alpha=4))
+    # 16 transformer blocks x 2 attentions x 4 projections x (A, B)
+    assert len(params) == 16 * 2 * 4 * 2
+    assert 0.7e6 < sum(p.numel() for p in params) < 0.9e6
