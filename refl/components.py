@@ -242,6 +242,10 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
             f"Hugging Face cache ({err}). This project never downloads: fetch it once with "
             f"`huggingface-cli download {name}` on a connected machine, or point model.name at a directory."
         ) from err
+    # Weights may be stored in fp16 (the shipped toy model is); diffusers upcasts its models on load,
+    # transformers keeps the stored dtype. Start every module in fp32: training casts the frozen base
+    # to its mixed-precision dtype itself.
+    text_encoder.to(torch.float32)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=str(name))
 
 

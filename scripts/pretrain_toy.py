@@ -1,0 +1,36 @@
+"""Pre-train the toy world's tiny Stable Diffusion and save it as a diffusers directory (see
+toyworld/pretrain_sd.py). Reproduces `toyworld/assets/toy-sd` from its seed:
+
+    python scripts/pretrain_toy.py --set out=toyworld/assets/toy-sd
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from reward.config import add_config_args, load_config
+    from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(PretrainSDConfig, args.config, args.overrides)
+    report = pretrain_toy_sd(cfg)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

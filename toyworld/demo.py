@@ -1,0 +1,212 @@
+"""The default run, end to end, in the toy world (no downloads):
+
+1. the shipped toy SD draws images for training prompts; the simulated community remixes some,
+   which gives Social Reward pairs (`prompt, pos_path, neg_path`);
+2. the shipped toy CLIP is fine-tuned on them into a critic (reward/), and judged against the
+   hidden oracle on pairs from held-out prompts, next to its zero-shot starting point and chance;
+3. ReFL trains a LoRA on the toy SD against the critic (refl/);
+4. the comparison harness draws base, best-of-64 and ReFL samples for held-out prompts and scores
+   every arm with the critic, the untuned CLIP, the oracle and prompt fidelity -> report.html.
+
+Each stage writes into its own folder under `output_dir` and is skipped when its output exists, so
+an interrupted demo picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reward.config import save_config
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class DemoConfig:
+    # Where every stage writes (community/, critic/, refl/, compare/, summary.json).
+    output_dir: str = "runs/demo"
+    # Seed of every stage.
+    seed: int = 0
+    # The base model: a diffusers directory (default: the shipped toy SD).
+    sd_model: str = str(ASSETS / "toy-sd")
+    # The critic's starting point: a critic directory (default: the shipped toy CLIP).
+    clip_model: str = str(ASSETS / "toy-clip")
+    # Sampler steps and guidance for every base/tuned image the demo draws.
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
+    # Community: training prompts shown, images generated per prompt, simulated users.
+    community_prompts: int = 240
+    images_per_prompt: int = 8
+    n_users: int = 60
+    # Held-out prompts whose generations, ordered by the oracle, measure the critic.
+    oracle_pair_prompts: int = 48
+    # Critic fine-tuning (triplet, the paper's training mode), per-process batch and epochs.
+    critic_epochs: int = 6
+    critic_batch: int = 32
+    critic_lr: float = 1e-4
+    # ReFL: optimizer updates, prompts per update, LR, sampler steps and cut range of the ReFL step.
+    refl_updates: int = 60
+    refl_batch: int = 8
+    refl_lr: float = 3e-4
+    refl_steps: int = 20
+    refl_cut_range: list[int] = field(default_factory=lambda: [14, 19])
+    # Weight of the denoising (pre-training) regulariser on base-model samples.
+    refl_reg_weight: float = 1.0
+    # Comparison: held-out prompts and samples per prompt (best-of-N).
+    compare_prompts: int = 24
+    best_of: int = 64
+
+
+QUICK = {
+    "community_prompts": 48, "images_per_prompt": 6, "n_users": 20, "oracle_pair_prompts": 12,
+    "critic_epochs": 2, "refl_updates": 6, "refl_batch": 4, "refl_steps": 10, "refl_cut_range": [6, 9],
+    "sample_steps": 10, "compare_prompts": 4, "best_of": 8,
+}
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+def _sample(components, prompts: list[str], n: int, steps: int, guidance: float, seed: int) -> np.ndarray:
+    from toyworld.pretrain_sd import sample_images
+
+    expanded = [p for p in prompts for _ in range(n)]
+    return sample_images(components, expanded, steps, guidance, seed).reshape(len(prompts), n, *([32, 32, 3]))
+
+
+def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
+    """Generations for training prompts -> community pairs; held-out generations -> oracle pairs."""
+    from toyworld.community import build_pairs_with_stats
+    from toyworld.oracle import oracle_score
+    from toyworld.world import split_prompts
+
+    summary_file = out / "community.json"
+    if _done(summary_file):
+        return json.loads(summary_file.read_text())
+    train_prompts, held = split_prompts(seed=0)
+    rng = np.random.default_rng(cfg.seed)
+    chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), cfg.community_prompts, replace=False)]
+    t0 = time.perf_counter()
+    images = _sample(components, chosen, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed)
+    gen_seconds = time.perf_counter() - t0
+    result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, cfg.n_users, cfg.seed,
+                                    out / "train")
+    # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
+    held_chosen = held[: cfg.oracle_pair_prompts]
+    held_images = _sample(components, held_chosen, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
+                          cfg.seed + 1)
+    oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs", oracle_score)
+    summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
+               "generation_seconds": gen_seconds}
+    summary_file.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_oracle_pairs(images: np.ndarray, prompts: list[str], out: Path, oracle_score, min_gap: float = 0.02) -> Path:
+    """Every pair of one prompt's images whose oracle scores differ by at least `min_gap`, better first."""
+    import pandas as pd
+    from PIL import Image
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, prompt in enumerate(prompts):
+        scores = oracle_score(list(images[k]), [prompt] * images.shape[1])  # (n,)
+        names = []
+        for j in range(images.shape[1]):
+            name = f"images/{k:04d}_{j:02d}.png"
+            Image.fromarray(images[k, j]).save(out / name)
+            names.append(name)
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                if abs(scores[a] - scores[b]) < min_gap:
+                    continue
+                pos, neg = (a, b) if scores[a] > scores[b] else (b, a)
+                rows.append({"prompt": prompt, "pos_path": names[pos], "neg_path": names[neg]})
+    path = out / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> dict:
+    import reward
+    from reward.config import load_config
+    from reward.data import load_pairs
+    from reward.evaluate import evaluate_pairs
+    from reward.train import RewardExperiment, train
+
+    summary_file = out / "critic_summary.json"
+    if _done(summary_file):
+        return json.loads(summary_file.read_text())
+    exp = load_config(RewardExperiment, None, [
+        "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}",
+        f"data.train={pairs}", "data.val_fraction=0.1", f"train.epochs={cfg.critic_epochs}",
+        f"train.batch_size={cfg.critic_batch}", f"train.lr={cfg.critic_lr}", "train.lr_schedule=cosine",
+        "train.warmup_steps=10", f"train.seed={cfg.seed}", f"output_dir={out}",
+    ])
+    train(exp)
+    truth = load_pairs(oracle_pairs)
+    tuned = evaluate_pairs(reward.load(out / "critic"), truth)
+    zero_shot = evaluate_pairs(reward.load(cfg.clip_model), truth)
+    summary = {"critic": str(out / "critic"), "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
+               "chance": 0.5}
+    summary_file.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path) -> dict:
+    from refl.train import ReflConfig, train
+    from reward.config import load_config
+
+    result_file = out / "result.json"
+    if _done(result_file):
+        return json.loads(result_file.read_text())
+    prompts_file = out / "prompts.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_file.write_text("\n".join(train_prompts) + "\n")
+    rcfg = load_config(ReflConfig, None, [
+        f"model.name={cfg.sd_model}", f"reward.critic={critic}", f"data.prompts_file={prompts_file}",
+        f"refl.num_inference_steps={cfg.refl_steps}", f"refl.cut_range={cfg.refl_cut_range}",
+        f"refl.reg_weight={cfg.refl_reg_weight}", f"train.max_updates={cfg.refl_updates}",
+        f"train.batch_size={cfg.refl_batch}", "train.gradient_accumulation=1", f"train.lr={cfg.refl_lr}",
+        f"train.seed={cfg.seed}", f"train.output_dir={out}", f"train.validation_steps={cfg.sample_steps}",
+        f"train.validation_guidance={cfg.guidance_scale}", f"train.validate_every={max(1, cfg.refl_updates // 3)}",
+        f"train.checkpoint_every={max(1, cfg.refl_updates // 3)}", "train.resume=latest",
+    ])
+    return train(rcfg)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from refl.components import load_components
+    from toyworld.world import split_prompts
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    components = load_components(cfg.sd_model)
+    timings = {}
+    community = stage_community(cfg, components, out / "community")
+    timings["community_s"] = time.perf_counter() - t0
+    critic = stage_critic(cfg, community["community"]["parquet"], community["oracle_pairs"], out / "critic")
+    timings["critic_s"] = time.perf_counter() - t0 - sum(timings.values())
+    train_prompts, held = split_prompts(seed=0)
+    refl = stage_refl(cfg, critic["critic"], train_prompts, out / "refl")
+    timings["refl_s"] = time.perf_counter() - t0 - sum(timings.values())
+    summary = {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
