@@ -177,7 +177,7 @@ def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
     critic.float()
     weights = Path(cfg.out) / "critic.safetensors"
     report = {"config": asdict(cfg), "train_seconds": round(train_seconds, 1),
-              "logit_scale": float(critic.clip.logit_scale.exp()), "eval/before": before,
+              "logit_scale": round(critic.clip.logit_scale.exp().item(), 3), "eval/before": before,
               "eval/after": {k: v for k, v in after.items()}, "weights_bytes": weights.stat().st_size,
               "history": history}
     (Path(cfg.out) / "pretrain_report.json").write_text(json.dumps(report, indent=2))
