@@ -1,0 +1,33 @@
+"""Write a toy-world Social Reward pairs dataset: OUT/train/pairs.parquet and OUT/heldout/pairs.parquet.
+
+Candidates are renders of varied quality (a generator's stand-in); a simulated community remixes
+some of them; remixed vs seen-but-not-remixed images under one prompt become pairs. Prints a JSON
+summary with the pair counts and how often the hidden taste (the oracle) agrees with each pair.
+
+    python scripts/make_toy_pairs.py --set out=runs/toy_pairs
+    python scripts/make_toy_pairs.py --set n_train_prompts=200 --set community.judgement_noise=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from reward.config import add_config_args, load_config
+from toyworld.community import ToyPairsConfig, make_toy_pairs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(ToyPairsConfig, args.config, args.overrides)
+    summary = make_toy_pairs(cfg)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Pre-train the toy world's tiny CLIP and ship it as toyworld/assets/toy-clip (fp16).
+
+    python scripts/pretrain_toy_clip.py                     # reproduces the shipped asset
+    python scripts/pretrain_toy_clip.py --set steps=100 --set out=runs/clip-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+
+from reward.config import add_config_args, load_config
+from toyworld.pretrain_clip import PretrainClipConfig, pretrain_toy_clip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg = load_config(PretrainClipConfig, args.config, args.overrides)
+    report = pretrain_toy_clip(cfg)
+    summary = {k: v for k, v in report.items() if k != "history"}
+    print(json.dumps(summary, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

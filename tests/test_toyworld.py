@@ -1,0 +1,227 @@
+"""The toy world: grammar, renderer vs checker, oracle, community pairs, the shipped toy CLIP."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from toyworld.checker import check, prompt_fidelity, read_image
+from toyworld.community import CommunityConfig, build_pairs, build_pairs_with_stats
+from toyworld.oracle import TERMS, oracle_score, oracle_terms
+from toyworld.render import Look, draw_look, render, render_candidates
+from toyworld.world import (
+    ANCHORS,
+    ATTRIBUTES,
+    COLOURS,
+    Scene,
+    all_scenes,
+    parse_prompt,
+    render_dataset,
+    sample_scene,
+    scene_to_prompt,
+    split_prompts,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "toyworld" / "assets" / "toy-clip"
+
+
+def test_prompt_round_trip_and_rejects_other_text():
+    scenes = all_scenes()
+    assert len(scenes) > 1000
+    assert all(parse_prompt(scene_to_prompt(s)) == s for s in scenes)
+    rng = np.random.default_rng(0)
+    assert parse_prompt(scene_to_prompt(sample_scene(rng)).upper()) in scenes  # case-insensitive
+    with pytest.raises(ValueError, match="grammar"):
+        parse_prompt("a photo of a dog")
+    with pytest.raises(ValueError):
+        parse_prompt("a large red hexagon in the center on a blue background")
+
+
+def test_split_is_fixed_disjoint_and_covers_everything():
+    train, held = split_prompts(seed=0)
+    assert split_prompts(seed=0) == (train, held)
+    assert split_prompts(seed=1)[1] != held
+    assert not set(train) & set(held)
+    assert len(train) + len(held) == len(all_scenes())
+    assert len(held) >= 96  # enough held-out prompts for evaluation
+
+
+def test_prompts_fit_the_toy_clip_context():
+    from reward.model import CriticConfig, create_critic
+
+    critic = create_critic(CriticConfig(model_name="toy-clip", training_mode="all"))
+    prompts = [scene_to_prompt(s) for s in all_scenes()]
+    tokens = critic.tokenize(prompts)  # (P, 16)
+    assert tokens.shape[1] == 16
+    lengths = (tokens != 0).sum(1)  # start + words + end
+    assert int(lengths.max()) <= 14
+    eot = critic.tokenizer.eot_token_id
+    assert bool((tokens.gather(1, (lengths - 1)[:, None]) == eot).all())  # nothing truncated
+
+
+def test_renders_vary_and_are_reproducible():
+    scene = Scene("circle", "red", "blue", "large", "left")
+    a = np.asarray(render(scene, np.random.default_rng(0)))
+    b = np.asarray(render(scene, np.random.default_rng(0)))
+    c = np.asarray(render(scene, np.random.default_rng(1)))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
+    images, prompts = render_dataset(16, seed=0, split="heldout")
+    assert images.shape == (16, 32, 32, 3)
+    assert set(prompts) <= set(split_prompts(0)[1])
+
+
+def test_checker_agrees_with_renderer_on_300_renders():
+    images, prompts = render_dataset(300, seed=123, split="all")
+    per_attr = {a: [] for a in ATTRIBUTES}
+    for img, prompt in zip(images, prompts):
+        for attr, ok in check(img, prompt).items():
+            per_attr[attr].append(ok)
+    rates = {a: float(np.mean(v)) for a, v in per_attr.items()}
+    assert all(rate >= 0.99 for rate in rates.values()), rates
+    assert prompt_fidelity(images, prompts) >= 0.99
+
+
+def test_checker_notices_wrong_prompts():
+    images, prompts = render_dataset(60, seed=5, split="all")
+    wrong = []
+    for p in prompts:
+        s = parse_prompt(p)
+        other = next(c for c in COLOURS if c != s.colour and c != s.background)
+        wrong.append(scene_to_prompt(replace(s, colour=other, shape="square" if s.shape != "square" else "circle")))
+    assert prompt_fidelity(images, wrong) <= 0.05
+    # Float images in [0, 1] read the same as uint8 ones.
+    assert prompt_fidelity(images.astype(np.float32) / 255.0, prompts) >= 0.98
+
+
+def _look(scene: Scene, **kw) -> Look:
+    ax, ay = ANCHORS[scene.position]
+    base = dict(cx=ax, cy=ay, extent=0.56, fg=(240.0, 20.0, 20.0), bg=(40.0, 60.0, 140.0), texture=1.0, blur=0.0)
+    return Look(**{**base, **kw})
+
+
+def test_oracle_prefers_vivid_centred_large_crisp_over_faded_offcentre_tiny_blurred():
+    scene = Scene("circle", "red", "blue", "large", "center")
+    rng = np.random.default_rng(0)
+    good = draw_look(scene.shape, _look(scene), rng)
+    bad = draw_look(scene.shape, _look(scene, cx=0.58, cy=0.43, extent=0.40, fg=(165.0, 95.0, 100.0),
+                                      texture=14.0, blur=1.0), rng)
+    prompt = scene_to_prompt(scene)
+    terms = oracle_terms(np.stack([good, bad]), [prompt, prompt])  # each (2,)
+    assert set(terms) == set(TERMS)
+    for name in ("vivid", "placement", "size", "sharp", "clean"):
+        assert terms[name][0] > terms[name][1], (name, terms[name])
+    scores = oracle_score([good, bad], [prompt, prompt])
+    assert scores[0] > scores[1] + 0.2
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+def test_oracle_punishes_the_wrong_colour():
+    scene = Scene("square", "green", "white", "small", "top")
+    rng = np.random.default_rng(1)
+    right = draw_look("square", _look(scene, extent=0.28, fg=(40.0, 170.0, 60.0), bg=(240.0, 238.0, 230.0)), rng)
+    wrong = draw_look("square", _look(scene, extent=0.28, fg=(40.0, 80.0, 220.0), bg=(240.0, 238.0, 230.0)), rng)
+    prompt = scene_to_prompt(scene)
+    terms = oracle_terms([right, wrong], [prompt, prompt])
+    assert terms["fidelity"][0] == 1.0 and terms["fidelity"][1] < 1.0
+
+
+def _small_world(seed: int = 0, n_prompts: int = 8, n: int = 6) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = split_prompts(0)[0][::50][:n_prompts]
+    return {p: render_candidates(parse_prompt(p), rng, n) for p in prompts}
+
+
+def test_community_pairs_are_reproducible_from_the_seed(tmp_path):
+    world = _small_world()
+    cfg = CommunityConfig(prompts_per_user=4)
+    a = build_pairs(world, n_users=12, seed=7, out_dir=tmp_path / "a", config=cfg)
+    b = build_pairs(world, n_users=12, seed=7, out_dir=tmp_path / "b", config=cfg)
+    c = build_pairs(world, n_users=12, seed=8, out_dir=tmp_path / "c", config=cfg)
+    da, db, dc = (pd.read_parquet(p) for p in (a, b, c))
+    assert list(da.columns) == ["prompt", "pos_path", "neg_path"]
+    assert len(da) > 10
+    pd.testing.assert_frame_equal(da, db)
+    assert not da.equals(dc)
+    assert (da.pos_path != da.neg_path).all()
+    for rel in pd.concat([da.pos_path, da.neg_path]):
+        assert not Path(rel).is_absolute() and (tmp_path / "a" / rel).is_file()
+    summary = json.loads((tmp_path / "a" / "pairs_summary.json").read_text())
+    assert summary["n_pairs"] == len(da)
+
+
+def test_community_pairs_carry_the_taste_and_load_as_social_reward_data(tmp_path):
+    from reward.data import load_pairs
+
+    world = _small_world(seed=1, n_prompts=24, n=8)
+    # Exposure as in make_toy_pairs (about 6 looks per prompt): denser exposure leaves only the worst
+    # images un-remixed, which makes the pairs cleaner than implicit feedback is.
+    result = build_pairs_with_stats(world, n_users=12, seed=0, out_dir=tmp_path)
+    # Noisy like implicit feedback, but clearly better than a coin.
+    assert 0.6 <= result.oracle_agreement <= 0.95, result.oracle_agreement
+    records = load_pairs(result.parquet)
+    assert len(records) == result.n_pairs
+    assert Path(records[0].pos).is_file()
+
+
+def test_community_accepts_paths_and_arrays(tmp_path):
+    world = _small_world(seed=2, n_prompts=4, n=4)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    as_paths, as_arrays = {}, {}
+    for k, (p, imgs) in enumerate(world.items()):
+        as_paths[p] = []
+        for j, im in enumerate(imgs):
+            im.save(img_dir / f"{k}_{j}.png")
+            as_paths[p].append(str(img_dir / f"{k}_{j}.png"))
+        as_arrays[p] = np.stack([np.asarray(im) for im in imgs])  # (n, 32, 32, 3)
+    cfg = CommunityConfig(prompts_per_user=4)
+    by_path = pd.read_parquet(build_pairs(as_paths, 10, 3, tmp_path / "p", cfg))
+    by_array = pd.read_parquet(build_pairs(as_arrays, 10, 3, tmp_path / "q", cfg))
+    assert len(by_path) == len(by_array) > 0  # same pixels, same seed -> same choices
+    assert by_path.pos_path.str.startswith("../imgs/").all()
+    assert by_array.pos_path.str.startswith("images/").all()
+
+
+def test_make_toy_pairs_script_writes_train_and_heldout(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_toy_pairs", REPO / "scripts" / "make_toy_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
+    summary = main(["--set", f"out={tmp_path}", "--set", "n_train_prompts=12", "--set", "n_heldout_prompts=6",
+                    "--set", "candidates=4", "--set", "users_per_prompt=2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"]["n_pairs"] == summary["train"]["n_pairs"] > 0
+    held = pd.read_parquet(tmp_path / "heldout" / "pairs.parquet")
+    assert set(held.prompt) <= set(split_prompts(0)[1])
+
+
+def test_reading_reports_geometry():
+    scene = Scene("triangle", "yellow", "black", "large", "bottom")
+    r = read_image(render(scene, np.random.default_rng(3)))
+    assert r.found and r.shape == "triangle" and 0.4 < r.extent < 0.62
+    assert abs(r.cy - ANCHORS["bottom"][1]) < 0.07
+
+
+@pytest.mark.skipif(not (ASSET / "critic.safetensors").is_file(), reason="toy CLIP asset not built")
+def test_shipped_toy_clip_loads_fp16_and_beats_chance_on_colour():
+    import torch
+
+    import reward
+    from toyworld.pretrain_clip import zero_shot_accuracy
+
+    assert (ASSET / "critic.safetensors").stat().st_size <= 10.5e6
+    critic = reward.load(str(ASSET))
+    assert next(critic.parameters()).dtype == torch.float32  # fp16 on disk, upcast on load
+    images, prompts = render_dataset(160, seed=99, split="heldout")
+    acc = zero_shot_accuracy(critic, images, prompts)
+    assert acc["zero_shot_colour"] > 3 * acc["chance_colour"], acc
+    assert acc["zero_shot_background"] > 3 * acc["chance_background"], acc

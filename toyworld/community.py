@@ -1,0 +1,214 @@
+"""A simulated community whose remixes become Social Reward pairs.
+
+Each user shares the community's taste (the oracle's terms) but weighs the terms their own way
+(log-normal factors around the shared weights) and judges noisily (Gaussian noise per look).
+A user browses a few prompts; under each they see a few of its images and remix their favourite
+(with some probability: people do not always remix). Under one prompt, an image somebody remixed
+is a positive, an image that was seen but never remixed a negative (as in Picsart's data: the
+negative was exposed, so "not remixed" means "not chosen", not "not seen").
+
+The pairs are as noisy as implicit feedback is: `PairsResult.oracle_agreement` reports the share
+that the shared taste agrees with. The oracle's numbers go to the summary only, never into the
+parquet, which holds `prompt, pos_path, neg_path` (paths relative to the parquet's folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from toyworld.checker import read_image, to_array
+from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, reading_terms
+from toyworld.render import render_candidates
+from toyworld.world import parse_prompt, split_prompts
+
+logger = logging.getLogger(__name__)
+
+PAIRS_FILE = "pairs.parquet"
+SUMMARY_FILE = "pairs_summary.json"
+
+
+@dataclass
+class CommunityConfig:
+    # Exposure matters: the looks per prompt (n_users * prompts_per_user * shown / n_prompts / images
+    # per prompt) set how noisy the pairs are. With ~3 looks per image (make_toy_pairs' default)
+    # the oracle agrees with about 80% of pairs; much denser exposure leaves only the worst images
+    # un-remixed and the pairs get cleaner than implicit feedback is.
+    prompts_per_user: int = 12  # prompts each user browses
+    shown: int = 4  # images a user sees under one prompt
+    remix_prob: float = 0.8  # chance a user remixes their favourite of what they saw
+    taste_spread: float = 0.6  # sigma of the log-normal factor on each term's weight, per user
+    judgement_noise: float = 0.15  # std of the noise on each utility, in oracle-score units
+    max_pairs_per_prompt: int = 12  # keep at most this many (pos, neg) pairs per prompt (random)
+
+
+@dataclass
+class PairsResult:
+    parquet: Path
+    n_pairs: int
+    n_prompts: int  # prompts that produced at least one pair
+    n_images: int
+    n_remixed: int  # images remixed at least once
+    oracle_agreement: float  # share of pairs with oracle(pos) > oracle(neg) (ties count half)
+    oracle_ties: float  # share of pairs where the oracle ties
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out["parquet"] = str(self.parquet)
+        return out
+
+
+def _is_path(item) -> bool:
+    return isinstance(item, (str, os.PathLike))
+
+
+def _as_uint8(item) -> np.ndarray:
+    """Any accepted image (path, PIL, uint8 or [0, 1] float array) -> (H, W, 3) uint8."""
+    if _is_path(item):
+        with Image.open(item) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.clip(np.rint(to_array(item)), 0, 255).astype(np.uint8)
+
+
+def build_pairs(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: int, out_dir: str | os.PathLike,
+                config: CommunityConfig | None = None) -> Path:
+    """Simulate the community on these images and write `out_dir/pairs.parquet` (+ PNGs); returns its path.
+
+    `images_by_prompt`: prompt -> its images (file paths, PIL images, or (H, W, 3) arrays; an (n, H, W, 3)
+    array works too). Arrays and PIL images are written as PNGs under `out_dir/images/`; paths are
+    referenced where they are. Same inputs and seed -> the same parquet.
+    """
+    return build_pairs_with_stats(images_by_prompt, n_users, seed, out_dir, config).parquet
+
+
+def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: int,
+                           out_dir: str | os.PathLike, config: CommunityConfig | None = None) -> PairsResult:
+    """`build_pairs`, returning the counts and the oracle agreement too (also written as pairs_summary.json)."""
+    cfg = config or CommunityConfig()
+    if n_users < 1:
+        raise ValueError(f"n_users must be >= 1, got {n_users}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    prompts = sorted(images_by_prompt)  # a fixed order, whatever order the mapping came in
+    if not prompts:
+        raise ValueError("build_pairs() got no prompts")
+    items = [list(images_by_prompt[p]) for p in prompts]
+
+    # The terms of every image, once: (n_images, n_terms); users only reweigh them.
+    owner, index_in_prompt, term_rows = [], [], []
+    for k, (prompt, imgs) in enumerate(tqdm(list(zip(prompts, items)), desc="oracle terms", leave=False)):
+        scene = parse_prompt(prompt)
+        for j, img in enumerate(imgs):
+            t = reading_terms(read_image(_as_uint8(img)), scene)
+            term_rows.append([t[name] for name in TERMS])
+            owner.append(k)
+            index_in_prompt.append(j)
+    terms = np.asarray(term_rows)  # (I, T)
+    owner_arr = np.asarray(owner)  # (I,)
+    starts = np.searchsorted(owner_arr, np.arange(len(prompts)))  # first image of each prompt
+    shared = np.array([DEFAULT_WEIGHTS[t] for t in TERMS])  # (T,)
+    oracle = terms @ shared / shared.sum()  # (I,) the shared taste
+
+    seen = np.zeros(len(terms), dtype=np.int64)
+    remixed = np.zeros(len(terms), dtype=np.int64)
+    eligible = [k for k, imgs in enumerate(items) if len(imgs) >= 2]
+    for _ in range(n_users):
+        weights = shared * rng.lognormal(0.0, cfg.taste_spread, len(TERMS))  # (T,) this user's taste
+        weights /= weights.sum()
+        for k in rng.choice(eligible, size=min(cfg.prompts_per_user, len(eligible)), replace=False):
+            n_here = len(items[k])
+            shown = starts[k] + rng.choice(n_here, size=min(cfg.shown, n_here), replace=False)  # (s,)
+            utility = terms[shown] @ weights + rng.normal(0, cfg.judgement_noise, len(shown))  # (s,)
+            seen[shown] += 1
+            if rng.uniform() < cfg.remix_prob:
+                remixed[shown[int(np.argmax(utility))]] += 1
+
+    rows, agree = [], []
+    written: dict[int, str] = {}
+
+    def rel_path(i: int) -> str:
+        # Paths inside the parquet are relative to its folder, so the dataset can be moved whole.
+        if i not in written:
+            item = items[owner[i]][index_in_prompt[i]]
+            if _is_path(item):
+                written[i] = os.path.relpath(Path(item).resolve(), out_dir.resolve())
+            else:
+                name = f"images/p{owner[i]:05d}_{index_in_prompt[i]:03d}.png"
+                (out_dir / "images").mkdir(exist_ok=True)
+                Image.fromarray(_as_uint8(item)).save(out_dir / name)
+                written[i] = name
+        return written[i]
+
+    n_prompts = 0
+    for k, prompt in enumerate(prompts):
+        idx = starts[k] + np.arange(len(items[k]))  # (n,)
+        pos = idx[remixed[idx] > 0]
+        neg = idx[(remixed[idx] == 0) & (seen[idx] > 0)]
+        if len(pos) == 0 or len(neg) == 0:
+            continue
+        combos = np.array([(a, b) for a in pos for b in neg])  # (n_pos * n_neg, 2)
+        if len(combos) > cfg.max_pairs_per_prompt:
+            combos = combos[rng.choice(len(combos), size=cfg.max_pairs_per_prompt, replace=False)]
+        n_prompts += 1
+        for a, b in combos:
+            rows.append({"prompt": prompt, "pos_path": rel_path(int(a)), "neg_path": rel_path(int(b))})
+            agree.append(1.0 if oracle[a] > oracle[b] else 0.5 if oracle[a] == oracle[b] else 0.0)
+
+    df = pd.DataFrame(rows, columns=["prompt", "pos_path", "neg_path"])
+    parquet = out_dir / PAIRS_FILE
+    tmp = out_dir / (PAIRS_FILE + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, parquet)
+    agree_arr = np.asarray(agree)
+    result = PairsResult(
+        parquet=parquet, n_pairs=len(df), n_prompts=n_prompts, n_images=len(terms),
+        n_remixed=int((remixed > 0).sum()),
+        oracle_agreement=float(agree_arr.mean()) if len(agree_arr) else float("nan"),
+        oracle_ties=float((agree_arr == 0.5).mean()) if len(agree_arr) else float("nan"),
+        config={"n_users": n_users, "seed": seed, **asdict(cfg)},
+    )
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2))
+    logger.info("%d pairs from %d prompts (%d images, %d remixed); oracle agrees with %.1f%%",
+                result.n_pairs, n_prompts, result.n_images, result.n_remixed, 100 * result.oracle_agreement)
+    return result
+
+
+@dataclass
+class ToyPairsConfig:
+    out: str = "runs/toy_pairs"  # output folder: train/ and heldout/ below it
+    n_train_prompts: int = 600  # prompts drawn from the training split
+    n_heldout_prompts: int = 150  # prompts drawn from the held-out split (at most its size)
+    candidates: int = 8  # renders of varied quality per prompt (a generator's samples stand-in)
+    users_per_prompt: float = 0.5  # community size relative to the number of prompts
+    seed: int = 0
+    split_seed: int = 0  # the train / held-out prompt split (toyworld.world.split_prompts)
+    size: int = 32  # image side in pixels
+    community: CommunityConfig = field(default_factory=CommunityConfig)
+
+
+def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
+    """Render candidates for train and held-out prompts, simulate the community, write both pair sets."""
+    train, held = split_prompts(cfg.split_seed)
+    summary: dict = {}
+    for offset, (split, pool, n) in enumerate((("train", train, cfg.n_train_prompts),
+                                               ("heldout", held, cfg.n_heldout_prompts))):
+        rng = np.random.default_rng([cfg.seed, offset])
+        chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
+        images = {p: render_candidates(parse_prompt(p), rng, cfg.candidates, size=cfg.size)
+                  for p in tqdm(chosen, desc=f"render {split}", leave=False)}
+        n_users = max(1, round(cfg.users_per_prompt * len(chosen)))
+        result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset, Path(cfg.out) / split,
+                                        cfg.community)
+        summary[split] = result.summary()
+    return summary

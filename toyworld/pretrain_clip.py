@@ -1,0 +1,187 @@
+"""Pre-train the tiny open_clip CLIP ("toy-clip") on toy-world renders, and measure it zero-shot.
+
+Standard CLIP: symmetric InfoNCE over a batch of (render, prompt) pairs with the model's own
+learnable logit_scale. Renders come from the training prompts only; zero-shot accuracy is measured
+on renders of held-out prompts, per attribute: for each image, the true prompt competes with the
+same prompt with that one attribute swapped for every alternative (e.g. 8 colours).
+
+The result is saved with `SocialReward.save_pretrained` in fp16 (half the bytes; `reward.load`
+upcasts because `load_state_dict` copies into the fp32 model). Deterministic from the seed on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from reward.model import CriticConfig, SocialReward, create_critic
+from toyworld.world import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    parse_prompt,
+    render_dataset,
+    scene_to_prompt,
+)
+
+logger = logging.getLogger(__name__)
+
+# The alternatives each zero-shot probe chooses among.
+PROBES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "background": tuple(BACKGROUNDS),
+    "size": SIZES,
+    "position": POSITIONS,
+}
+
+
+@dataclass
+class PretrainClipConfig:
+    n_images: int = 20000  # rendered (image, prompt) training examples, training prompts only
+    steps: int = 500  # optimizer steps (fixed, not time-based, so the result is reproducible)
+    batch_size: int = 96  # examples per step (InfoNCE negatives = batch_size - 1)
+    lr: float = 1.5e-3  # AdamW peak learning rate, after linear warm-up
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (not applied to gains, biases, logit_scale)
+    seed: int = 0  # renders, initial weights and batch order
+    n_eval_images: int = 1000  # held-out renders for the zero-shot probes
+    out: str = "toyworld/assets/toy-clip"  # where the fp16 critic checkpoint is written
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)  # (N, 3, H, W) in [0, 1]
+
+
+def clip_loss(critic: SocialReward, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE; returns named terms (the loss and the accuracy of the image -> text direction)."""
+    img = F.normalize(critic.clip.encode_image(critic.preprocess_tensor(images)), dim=-1)  # (B, D)
+    txt = F.normalize(critic.clip.encode_text(tokens), dim=-1)  # (B, D)
+    logits = critic.clip.logit_scale.exp() * img @ txt.t()  # (B, B)
+    # Two renders of one prompt in a batch are both right: target the text of the same prompt,
+    # spreading the mass over duplicates so they are not pushed apart as false negatives.
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()  # (B, B)
+    target = same / same.sum(1, keepdim=True)  # (B, B), symmetric rows
+    loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
+    acc = same.gather(1, logits.argmax(1, keepdim=True)).mean()
+    return {"loss": loss, "contrastive_loss": loss.detach(), "i2t_acc": acc.detach()}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(critic: SocialReward, images: np.ndarray, prompts: list[str],
+                       batch_size: int = 256) -> dict[str, float]:
+    """Per attribute: share of images whose true prompt beats every one-attribute alternative."""
+    critic.eval()
+    feats = torch.cat([critic.encode_image(_to_tensor(images[i:i + batch_size]))
+                       for i in range(0, len(images), batch_size)])  # (N, D)
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def text(ps: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(ps) if p not in text_cache]
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i:i + batch_size]
+            for p, e in zip(chunk, critic.encode_text(chunk)):
+                text_cache[p] = e
+        return torch.stack([text_cache[p] for p in ps])  # (k, D)
+
+    out: dict[str, float] = {}
+    for attr, options in PROBES.items():
+        hits = []
+        for feat, prompt in zip(feats, prompts):
+            scene = parse_prompt(prompt)
+            alts = [scene_to_prompt(replace(scene, **{attr: o})) for o in options]
+            sims = text(alts) @ feat  # (k,)
+            hits.append(options[int(sims.argmax())] == getattr(scene, attr))
+        out[f"zero_shot_{attr}"] = float(np.mean(hits))
+        out[f"chance_{attr}"] = 1.0 / len(options)
+    # Full retrieval: the true prompt among all distinct evaluation prompts.
+    distinct = sorted(set(prompts))
+    sims = feats @ text(distinct).t()  # (N, P)
+    truth = torch.tensor([distinct.index(p) for p in prompts])
+    out["retrieval_top1"] = float((sims.argmax(1) == truth).float().mean())
+    out["chance_retrieval"] = 1.0 / len(distinct)
+    return out
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Gains, biases, embeddings' positions and the temperature are not shrunk toward 0.
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "positional" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
+    """Train, evaluate zero-shot (before and after), save fp16 to `cfg.out`; returns a report."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    images_np, prompts = render_dataset(cfg.n_images, seed=cfg.seed, split="train")  # (N, 32, 32, 3) uint8
+    eval_np, eval_prompts = render_dataset(cfg.n_eval_images, seed=cfg.seed + 1, split="heldout")
+    logger.info("rendered %d training and %d held-out images in %.1f s", len(prompts), len(eval_prompts),
+                time.perf_counter() - t0)
+    critic = create_critic(CriticConfig(model_name="toy-clip", training_mode="all"))
+    images = _to_tensor(images_np)  # (N, 3, 32, 32)
+    tokens = critic.tokenize(prompts)  # (N, 16)
+    before = zero_shot_accuracy(critic, eval_np, eval_prompts)
+    n_params = sum(p.numel() for p in critic.clip.parameters() if p.requires_grad)
+    logger.info("toy-clip: %.2fM trainable parameters; %d steps x batch %d = %.1f epochs over %d renders",
+                n_params / 1e6, cfg.steps, cfg.batch_size, cfg.steps * cfg.batch_size / len(prompts), len(prompts))
+
+    opt = torch.optim.AdamW(_param_groups(critic.clip, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(prompts), generator=gen)
+    cursor, history = 0, []
+    critic.train()
+    bar = tqdm(range(cfg.steps), desc="pretrain toy-clip")
+    for step in bar:
+        if cursor + cfg.batch_size > len(order):  # a new epoch: a new shuffle
+            order, cursor = torch.randperm(len(prompts), generator=gen), 0
+        idx = order[cursor:cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        terms = clip_loss(critic, images[idx], tokens[idx])
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        with torch.no_grad():  # as in CLIP: cap the temperature at 100 so logits cannot blow up
+            critic.clip.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            history.append({"step": step, "train/loss": float(terms["contrastive_loss"]),
+                            "train/i2t_acc": float(terms["i2t_acc"])})
+            bar.set_postfix(loss=f"{float(terms['contrastive_loss']):.3f}", acc=f"{float(terms['i2t_acc']):.2f}")
+    train_seconds = time.perf_counter() - t0
+    after = zero_shot_accuracy(critic, eval_np, eval_prompts)
+    critic.half().save_pretrained(cfg.out)  # fp16 on disk; `reward.load` upcasts into an fp32 model
+    critic.float()
+    weights = Path(cfg.out) / "critic.safetensors"
+    report = {"config": asdict(cfg), "train_seconds": round(train_seconds, 1),
+              "logit_scale": round(critic.clip.logit_scale.exp().item(), 3), "eval/before": before,
+              "eval/after": {k: v for k, v in after.items()}, "weights_bytes": weights.stat().st_size,
+              "history": history}
+    (Path(cfg.out) / "pretrain_report.json").write_text(json.dumps(report, indent=2))
+    logger.info("saved %s (%.1f MB); zero-shot colour %.3f shape %.3f background %.3f, retrieval %.3f",
+                weights, weights.stat().st_size / 1e6, after["zero_shot_colour"], after["zero_shot_shape"],
+                after["zero_shot_background"], after["retrieval_top1"])
+    return report
