@@ -341,11 +341,13 @@ def save_checkpoint(out: Path, accelerator, components: SDComponents, optimizer,
     return final
 
 
-def find_checkpoint(out: Path, resume: str) -> Path:
+def find_checkpoint(out: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from; None for "latest" when the run has none yet (a fresh start)."""
     if resume == "latest":
         found = sorted((out / "checkpoints").glob("update-*"))
         if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {out / 'checkpoints'}")
+            logger.info("--resume latest: no checkpoint under %s yet, starting fresh", out / "checkpoints")
+            return None
         return found[-1]
     path = Path(resume)
     if not (path / "state.json").is_file():
@@ -465,8 +467,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor)
 
     state = TrainState()
-    if t.resume:
-        ckpt = find_checkpoint(out, t.resume)
+    ckpt = find_checkpoint(out, t.resume) if t.resume else None
+    if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator, components, optimizer, lr_sched)
         logger.info("resumed from %s at update %d", ckpt, state.update)
     run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)

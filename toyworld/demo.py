@@ -210,3 +210,28 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+def setup_logging() -> None:
+    import logging as _logging
+
+    # open_clip and diffusers log through the root logger at INFO; keep the screen to our own lines.
+    _logging.basicConfig(level=_logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                         datefmt="%H:%M:%S")
+    for name in ("reward", "refl", "toyworld"):
+        _logging.getLogger(name).setLevel(_logging.INFO)
+
+
+def demo_main(out: str, quick: bool, overrides: list[str]) -> int:
+    from reward.config import ConfigError, load_config
+
+    setup_logging()
+    base = [f"{k}={v}" for k, v in QUICK.items()] if quick else []
+    try:
+        cfg = load_config(DemoConfig, None, base + list(overrides) + [f"output_dir={out}"])
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
+    summary = run_demo(cfg)
+    print(format_summary(summary))
+    return 0
