@@ -235,3 +235,32 @@ def demo_main(out: str, quick: bool, overrides: list[str]) -> int:
     summary = run_demo(cfg)
     print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The one screen a newcomer reads at the end."""
+    crit = summary["critic"]
+    acc, zs = crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"]
+    lines = [
+        "",
+        "=" * 72,
+        "social-refl demo (toy world)",
+        "-" * 72,
+        f"community pairs: {summary['community']['community']['n_pairs']} "
+        f"({summary['community']['community']['oracle_agreement']:.1%} agree with the hidden taste)",
+        f"critic vs oracle on held-out pairs: {acc['pairwise_accuracy']:.1%} "
+        f"[{acc['ci95'][0]:.1%}, {acc['ci95'][1]:.1%}]   zero-shot CLIP: {zs['pairwise_accuracy']:.1%}   "
+        f"chance: 50%",
+    ]
+    compare = summary.get("compare")
+    if compare:
+        lines += ["-" * 72] + compare_lines(compare)
+    lines += ["-" * 72, "stage seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in summary["timings"].items())]
+    if summary.get("report"):
+        lines.append(f"report: {summary['report']}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def compare_lines(compare: dict) -> list[str]:
+    return []
