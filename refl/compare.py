@@ -179,8 +179,19 @@ def _atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN / inf -> None, so the file is strict JSON (a browser's JSON.parse reads it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write_bytes(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
+    _atomic_write_bytes(Path(path), lambda f: f.write(json.dumps(_finite(data), indent=2, allow_nan=False).encode()))
 
 
 def samples_path(out: Path, arm: str, prompt_index: int) -> Path:
@@ -551,6 +562,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     results["sampling_images_per_s"] = {m: 1.0 / per_image[m] if per_image[m] > 0 else float("nan") for m in models}
     results["throughput"] = _throughput(cfg, out, lazy, prompts[0])
     results["config"] = to_dict(cfg)
+    results = _finite(results)
     write_json(out / "results.json", results)
     report = write_report(results, out, cfg)
     logger.info("wrote %s and %s", out / "results.json", report)
