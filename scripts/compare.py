@@ -4,6 +4,11 @@
 
 Samples are stored per prompt under <output_dir>/samples and reused on a rerun, so an interrupted
 run resumes. See refl/compare.py for the arms and refl/report.py for the report.
+
+Look at the report headless (Debian: `apt-get install -y chromium`):
+
+    chromium --headless --no-sandbox --disable-gpu --screenshot=out.png --window-size=1200,1600 \
+        file://$PWD/runs/compare_toy/report.html
 """
 
 from __future__ import annotations
