@@ -140,7 +140,7 @@ def write_report(results: dict, out: str | Path, cfg) -> Path:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Best-of-N vs ReFL</title>"
              f"<style>{CSS}</style></head><body>"]
     has_refl = "refl_random" in results["arms"]
-    parts.append(f"<h1>Best-of-{results['n_samples']} selection vs ReFL</h1>")
+    parts.append(f"<h1>Best-of-{results['n_samples']} selection" + (" vs ReFL" if has_refl else "") + "</h1>")
     parts.append(
         f"<p class='note'>{len(results['prompts'])} held-out prompts; model {html.escape(str(cfg.model.name))}"
         + (f"; LoRA {html.escape(cfg.lora)} (scale {cfg.lora_scale})" if has_refl else "; no LoRA given")
