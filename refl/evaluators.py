@@ -1,0 +1,155 @@
+"""Evaluators for the comparison harness: one interface, created from spec strings.
+
+An evaluator is a callable `(images, prompts) -> np.ndarray` of shape (N,), higher = better, where
+`images` is a uint8 array (N, H, W, 3) (the format samples are stored in) and `prompts` a list of N
+strings. Specs are `kind:argument` strings resolved through the `EVALUATORS` registry:
+
+- `critic:PATH_OR_NAME`  a Social Reward critic (`reward.load`): its calibrated score;
+- `clip:NAME`            CLIP score, 100 * cos(text, image), of an untuned open_clip model
+                         (`ViT-L-14:openai`, or a shipped config such as `tiny-clip`).
+
+Other packages add kinds with `register_evaluator(kind, factory)`; the factory is called only when a
+spec of that kind is created, and may be given as a `"module:function"` string so that registering
+imports nothing (the toy world registers `oracle` and `fidelity` this way).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol, Union
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    name: str  # the spec it was created from; the key of its numbers in results.json
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray: ...
+
+
+# factory(argument, device) -> Evaluator, or "module:function" naming such a factory (imported lazily).
+Factory = Union[Callable[[str, str], Evaluator], str]
+
+
+def images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"evaluators take uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # (N, H, W, 3)
+    return x.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+
+
+class CriticEvaluator:
+    """A `SocialReward` as an evaluator (also the selector); `clip_score` gives 100 * raw cosine."""
+
+    def __init__(self, name: str, model, clip_score: bool = False, batch_size: int = 64):
+        self.name = name
+        self.model = model
+        self.clip_score = clip_score  # True: 100 * cos of the untuned backbone; False: calibrated critic score
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score_and_embed(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, torch.Tensor]:
+        """Scores (N,) and the normalised image embeddings (N, D) they came from (one image pass)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        unique = list(dict.fromkeys(prompts))
+        txt = self.model.encode_text(unique)  # (P, D), one text pass per distinct prompt
+        rows = torch.tensor([unique.index(p) for p in prompts], device=txt.device)  # (N,)
+        img = self.embed(images)  # (N, D)
+        cos = (img * txt[rows]).sum(-1)  # (N,)
+        scores = 100.0 * cos if self.clip_score else self.model.calibrated(cos)
+        return scores.double().cpu().numpy(), img
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D), float32 on the model's device."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = images_to_tensor(images[start : start + self.batch_size], self.model.device)  # (b, 3, H, W)
+            out.append(self.model.encode_image(x))  # (b, D)
+        return torch.cat(out)  # (N, D)
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        return self.score_and_embed(images, prompts)[0]
+
+
+def _critic_factory(argument: str, device: str) -> CriticEvaluator:
+    import reward
+
+    return CriticEvaluator(f"critic:{argument}", reward.load(argument, device=device))
+
+
+def _clip_factory(argument: str, device: str) -> CriticEvaluator:
+    import reward
+
+    return CriticEvaluator(f"clip:{argument}", reward.load(argument, device=device), clip_score=True)
+
+
+EVALUATORS: dict[str, Factory] = {"critic": _critic_factory, "clip": _clip_factory}
+
+
+def register_evaluator(kind: str, factory: Factory, overwrite: bool = False) -> None:
+    """Make `kind:argument` specs create evaluators with `factory(argument, device)`.
+
+    `factory` may be a callable or a `"package.module:function"` string, imported on first use.
+    """
+    if not kind or ":" in kind:
+        raise ValueError(f"evaluator kind must be a non-empty name without ':', got {kind!r}")
+    if kind in EVALUATORS and not overwrite and EVALUATORS[kind] is not factory:
+        raise ValueError(f"evaluator kind {kind!r} is already registered; pass overwrite=True to replace it")
+    if isinstance(factory, str) and ":" not in factory:
+        raise ValueError(f"a lazy evaluator factory is 'module:function', got {factory!r}")
+    EVALUATORS[kind] = factory
+
+
+def _resolve(factory: Factory) -> Callable[[str, str], Evaluator]:
+    if callable(factory):
+        return factory
+    module, _, attr = factory.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"evaluator factory {factory!r} cannot be imported: {err}") from err
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`kind:argument` -> (kind, argument); the argument may itself contain ':' (`clip:ViT-L-14:openai`)."""
+    kind, sep, argument = spec.partition(":")
+    if kind not in EVALUATORS:
+        raise ValueError(f"unknown evaluator kind {kind!r} in spec {spec!r}; registered kinds: {sorted(EVALUATORS)} "
+                         "(specs look like 'critic:runs/critic' or 'clip:ViT-L-14:openai')")
+    return kind, argument
+
+
+class _Checked:
+    """Wraps a plug-in's callable: names it by its spec and checks what it returns."""
+
+    def __init__(self, name: str, fn: Callable):
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        scores = np.asarray(self.fn(images, list(prompts)), dtype=np.float64).reshape(-1)  # (N,)
+        if scores.shape != (len(images),):
+            raise ValueError(f"evaluator {self.name} returned {scores.shape[0]} scores for {len(images)} images")
+        return scores
+
+
+def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
+    """The one factory for evaluators: `kind:argument` through the registry."""
+    kind, argument = parse_spec(spec)
+    evaluator = _resolve(EVALUATORS[kind])(argument, device)
+    if not callable(evaluator):
+        raise TypeError(f"the factory of evaluator kind {kind!r} returned {type(evaluator).__name__}, not a callable")
+    if not isinstance(evaluator, CriticEvaluator):
+        evaluator = _Checked(spec, evaluator)
+    evaluator.name = spec
+    logger.info("evaluator %s ready", spec)
+    return evaluator

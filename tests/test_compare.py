@@ -1,0 +1,271 @@
+"""Best-of-N vs ReFL harness on tiny components: selection, statistics, report, resume, seeds."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refl import compare as C
+from refl.evaluators import EVALUATORS, create_evaluator, register_evaluator
+from reward.config import load_config
+
+PROMPTS = ["a red square", "a blue circle on a green background", "a yellow triangle at the top"]
+N = 8
+
+
+def _brightness_factory(argument: str, device: str):
+    """A plug-in evaluator as the toy world would register one: mean pixel value, torch-free."""
+    return lambda images, prompts: images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    # Two-thread OpenMP next to other busy processes on 2 shared cores spins and runs ~50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, single_thread):
+    """A prompts file, a perturbed tiny LoRA (ReFL is not run here) and the overrides of a tiny run."""
+    from refl.components import ModelConfig, load_components
+    from refl.lora import LoraSettings, add_lora, save_lora
+
+    root = tmp_path_factory.mktemp("compare")
+    components = load_components(ModelConfig(name="tiny"))
+    add_lora(components, LoraSettings(rank=4, alpha=4))
+    with torch.no_grad():
+        for name, p in components.unet.named_parameters():
+            if "lora_B" in name:  # B starts at zero (tuned == base); make the tuned model differ
+                p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    save_lora(components, root / "lora")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    register_evaluator("brightness", _brightness_factory, overwrite=True)
+    overrides = ["model.name=tiny", f"lora={root / 'lora'}", f"prompts={root / 'prompts.txt'}", f"n_samples={N}",
+                 "batch_size=3", "num_inference_steps=4", "guidance_scale=3.0", "selector=tiny-clip",
+                 "evaluators=[clip:tiny-clip, 'brightness:']", "bootstrap_resamples=300", "report_image_px=64"]
+    return {"root": root, "overrides": overrides}
+
+
+def _cfg(world, out, *extra) -> C.CompareConfig:
+    return load_config(C.CompareConfig, None, [*world["overrides"], f"output_dir={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def run(world):
+    out = world["root"] / "run"
+    cfg = _cfg(world, out)
+    return {"cfg": cfg, "out": out, "results": C.run_compare(cfg)}
+
+
+# ----------------------------------------------------------------------------- selection
+def test_best_of_n_monotone_and_nested(run):
+    res, cfg = run["results"], run["cfg"]
+    sel = cfg.selector_spec
+    assert res["n_grid"] == {"base": [1, 2, 4, 8], "refl": [1, 2, 4, 8]}
+    for model in ("base", "refl"):
+        raw = np.array([json.loads((run["out"] / "scores" / model / f"{p:04d}.json").read_text())["scores"][sel]
+                        for p in range(len(PROMPTS))])  # (P, N)
+        previous = None
+        for n in res["n_grid"][model]:
+            arm = res["arms"][f"{model}_best_of_{n}"]
+            idx = np.array(arm["chosen_index"])
+            assert (idx < n).all()  # nested: chosen among the first n samples
+            chosen = np.array(arm["per_prompt"][sel])
+            np.testing.assert_allclose(chosen, raw[np.arange(len(idx)), idx])
+            np.testing.assert_allclose(chosen, raw[:, :n].max(axis=1))
+            if previous is not None:
+                assert (chosen >= previous - 1e-12).all()  # monotone per prompt, hence in the mean
+            previous = chosen
+        assert res["arms"][f"{model}_best_of_1"]["chosen_index"] == [0] * len(PROMPTS)
+        np.testing.assert_allclose(res["arms"][f"{model}_random"]["per_prompt"][sel], raw.mean(axis=1))
+
+
+def test_every_arm_scored_by_every_evaluator_and_costs(run):
+    res = run["results"]
+    assert res["evaluators"] == ["critic:tiny-clip", "clip:tiny-clip", "brightness:"]
+    for arm in res["arms"].values():
+        assert set(arm["scores"]) == set(res["evaluators"])
+        assert arm["unet_evals_per_prompt"] == arm["n"] * 4 * 2  # n x steps x 2 (CFG)
+        assert arm["seconds_per_prompt"] > 0
+    for spec in res["evaluators"]:
+        assert set(res["win_rates"][spec]) == {"refl_random_vs_base_random", f"refl_random_vs_base_best_of_{N}",
+                                               f"refl_best_of_{N}_vs_base_random", f"refl_best_of_{N}_vs_base_best_of_{N}"}
+        for w in res["win_rates"][spec].values():
+            assert 0.0 <= w["mean"] <= 1.0
+    # the perturbed LoRA changes the pictures
+    base = np.load(run["out"] / "samples" / "base" / "0000.npz")["images"]
+    refl = np.load(run["out"] / "samples" / "refl" / "0000.npz")["images"]
+    assert base.shape == refl.shape == (N, 16, 16, 3) and base.dtype == np.uint8
+    assert np.abs(base.astype(int) - refl).max() > 10
+    assert all(0 <= d <= 2 for m in ("base", "refl") for d in res["diversity"][m]["per_prompt"])
+    assert res["throughput"]["ratio_vs_stock"] > 0 and res["sampling_images_per_s"]["base"] > 0
+
+
+def test_inflation_with_selector_as_evaluator(run):
+    res = run["results"]
+    sel = res["selector"]
+    infl = res["inflation"]
+    assert set(infl) == set(res["evaluators"])
+    assert infl[sel]["gain"] >= 0 and infl[sel]["standardised_gain"] >= 0
+    assert infl[sel]["selector_minus_evaluator"] == 0
+    for row in infl.values():
+        expected = infl[sel]["standardised_gain"] - row["standardised_gain"]
+        assert row["selector_minus_evaluator"] == pytest.approx(expected)
+        assert np.isfinite(row["refl_standardised_gain"])
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_mean_ci_contains_mean_and_shrinks_with_more_prompts():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n_prompts in (10, 40, 160):
+        values = rng.normal(1.0, 1.0, size=n_prompts)
+        ci = C.mean_ci(values, n_resamples=1000)
+        assert ci["ci95"][0] <= ci["mean"] <= ci["ci95"][1]
+        assert ci["mean"] == pytest.approx(values.mean())
+        widths.append(ci["ci95"][1] - ci["ci95"][0])
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_win_shares_ties_half_and_best_of_indices():
+    a = np.array([[1.0, 2.0], [0.0, 0.0]])
+    b = np.array([[1.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(C.win_shares(a, b), [0.75, 0.25])
+    np.testing.assert_allclose(C.win_shares(np.array([3.0, 0.0]), np.array([3.0, 1.0])), [0.5, 0.0])
+    s = np.array([[0.1, 0.5, 0.5, 0.9], [0.3, 0.2, 0.1, 0.0]])
+    assert C.best_of_n_indices(s, 1).tolist() == [0, 0]
+    assert C.best_of_n_indices(s, 3).tolist() == [1, 0]  # first of tied maxima
+    assert C.best_of_n_indices(s, 4).tolist() == [3, 0]
+    assert C.n_grid(8) == [1, 2, 4, 8] and C.n_grid(6) == [1, 2, 4, 6] and C.n_grid(1) == [1]
+    e = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    assert C.pairwise_diversity(e[:1].repeat(4, 1)) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < C.pairwise_diversity(e) < 2
+
+
+# ----------------------------------------------------------------------------- report
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def test_report_html_parses_and_images_exist(run):
+    out = run["out"]
+    parser = _Images()
+    parser.feed((out / "report.html").read_text(encoding="utf-8"))
+    parser.close()
+    plots = [s for s in parser.srcs if "reward_vs_n" in s]
+    assert len(plots) == 3  # one per evaluator
+    assert len(parser.srcs) == 3 + 4 * len(PROMPTS)  # plots + a 4-image grid per prompt
+    for src in parser.srcs:
+        assert not src.startswith(("/", "http")) and (out / src).is_file(), src
+    from PIL import Image
+
+    with Image.open(out / [s for s in parser.srcs if "p0000_base" in s][0]) as im:
+        assert im.size == (64, 64)  # 16 px upscaled x4 with NEAREST
+
+
+# ----------------------------------------------------------------------------- resume and seeds
+def test_interrupted_run_resumes_without_redrawing(world, run, monkeypatch):
+    out = world["root"] / "resume"
+    first = C.run_compare(_cfg(world, out, "max_prompts=2"))  # a run stopped after two prompts
+    assert len(first["prompts"]) == 2
+    files = sorted((out / "samples").rglob("*.npz"))
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    drawn = []
+    original = C.Sampler.sample
+
+    def counting(self, prompt, seeds, batch_size=None):
+        drawn.append((prompt, len(seeds)))
+        return original(self, prompt, seeds, batch_size)
+
+    monkeypatch.setattr(C.Sampler, "sample", counting)
+    full = C.run_compare(_cfg(world, out))
+    assert drawn == [(PROMPTS[2], N), (PROMPTS[2], N)]  # only the missing prompt, base and refl
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    # same seeds, same samples as the uninterrupted run
+    for f in (out / "samples").rglob("*.npz"):
+        ref = run["out"] / f.relative_to(out)
+        assert np.abs(np.load(f)["images"].astype(int) - np.load(ref)["images"]).max() <= 1
+
+    # finished run, results and report deleted: nothing is drawn, not even the model is loaded
+    (out / "results.json").unlink()
+    (out / "report.html").unlink()
+    all_mtimes = {f: f.stat().st_mtime_ns for f in (out / "samples").rglob("*.npz")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the rerun built a sampler")
+
+    monkeypatch.setattr(C.Sampler, "__init__", refuse)
+    again = C.run_compare(_cfg(world, out))
+    assert {f: f.stat().st_mtime_ns for f in (out / "samples").rglob("*.npz")} == all_mtimes
+    assert json.loads(json.dumps(again)) == json.loads((out / "results.json").read_text())
+    full_j, again_j = json.loads(json.dumps(full)), json.loads(json.dumps(again))
+    assert full_j == again_j
+    assert (out / "report.html").is_file()
+
+
+def test_stale_samples_fail_loudly(world, run):
+    with pytest.raises(RuntimeError, match="other settings"):
+        C.run_compare(_cfg(world, run["out"], "num_inference_steps=5"))
+
+
+def test_sample_identical_across_batch_sizes(world, single_thread):
+    cfg = _cfg(world, world["root"] / "unused", "lora=''")
+    sampler = C.Sampler(cfg)
+    seeds = np.arange(100, 106)
+    whole = sampler.sample(PROMPTS[0], seeds, batch_size=6)  # (6, 16, 16, 3)
+    pairs = sampler.sample(PROMPTS[0], seeds, batch_size=4)
+    alone = sampler.sample(PROMPTS[0], seeds[3:4], batch_size=1)
+    # batched float kernels differ in the last bits; after rounding to uint8 that is at most one grey level
+    assert np.abs(whole.astype(int) - pairs).max() <= 1
+    assert np.abs(whole[3:4].astype(int) - alone).max() <= 1
+    assert (whole == pairs).mean() > 0.99
+    other = sampler.sample(PROMPTS[0], seeds + 1, batch_size=6)
+    assert np.abs(whole.astype(int) - other).max() > 10  # the seeds do matter
+
+
+# ----------------------------------------------------------------------------- registry and CLI
+def test_evaluator_registry_fails_loudly_and_is_lazy():
+    with pytest.raises(ValueError, match="registered kinds: .*clip.*critic"):
+        create_evaluator("oracle-typo:x")
+    register_evaluator("later", "social_refl_no_such_module:make")  # registering imports nothing
+    try:
+        with pytest.raises(ImportError, match="social_refl_no_such_module"):
+            create_evaluator("later:")
+    finally:
+        EVALUATORS.pop("later")
+    with pytest.raises(ValueError, match="already registered"):
+        register_evaluator("critic", _brightness_factory)
+    ev = create_evaluator("brightness:x")
+    assert ev.name == "brightness:x"
+    np.testing.assert_allclose(ev(np.full((2, 4, 4, 3), 255, np.uint8), ["a", "b"]), [1.0, 1.0])
+
+
+def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
+    from scripts.compare import main
+
+    for name in ("compare_toy.yaml", "compare_sd15.yaml"):
+        cfg = load_config(C.CompareConfig, Path("configs") / name)
+        assert cfg.n_samples == 64 and cfg.lora and cfg.selector
+    sd15 = load_config(C.CompareConfig, Path("configs/compare_sd15.yaml"))
+    assert (sd15.num_inference_steps, sd15.guidance_scale, sd15.scheduler) == (50, 7.5, "ddim")
+    args = ["--config", "configs/compare_toy.yaml"]
+    for o in [*world["overrides"], f"output_dir={run['out']}"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["selector"] == "critic:tiny-clip" and "base_random" in summary["means"]
+    assert main(["--set", "no_such_key=1"]) == 2
