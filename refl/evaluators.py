@@ -92,7 +92,13 @@ def _clip_factory(argument: str, device: str) -> CriticEvaluator:
     return CriticEvaluator(f"clip:{argument}", reward.load(argument, device=device), clip_score=True)
 
 
-EVALUATORS: dict[str, Factory] = {"critic": _critic_factory, "clip": _clip_factory}
+EVALUATORS: dict[str, Factory] = {
+    "critic": _critic_factory,
+    "clip": _clip_factory,
+    # The toy world's ground truth; imported only when a spec names them.
+    "oracle": "toyworld.evaluators:oracle",
+    "fidelity": "toyworld.evaluators:fidelity",
+}
 
 
 def register_evaluator(kind: str, factory: Factory, overwrite: bool = False) -> None:

@@ -130,8 +130,10 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
     return cells
 
 
-def write_report(results: dict, out: str | Path, cfg) -> Path:
-    """Write report.html (and its PNGs) for a finished run; returns its path."""
+def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Path:
+    """Write report.html (and its PNGs) for a finished run; returns its path.
+
+    `preamble` is HTML placed after the title (the demo puts the critic's numbers there)."""
     out = Path(out)
     specs = results["evaluators"]
     sel = results["selector"]
@@ -147,6 +149,7 @@ def write_report(results: dict, out: str | Path, cfg) -> Path:
         + f"; {cfg.num_inference_steps} {html.escape(cfg.scheduler)} steps, CFG {cfg.guidance_scale}; "
         f"selector {html.escape(sel)}. Intervals are 95% bootstrap over prompts. "
         "Scores of the selector are inflated by selection: judge best-of-N by the other evaluators.</p>")
+    parts.append(preamble)
 
     # reward vs n
     parts.append("<h2>Reward versus n</h2><div class='plots'>")

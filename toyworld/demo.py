@@ -185,6 +185,48 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
     return train(rcfg)
 
 
+def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path) -> tuple[dict, object]:
+    """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and fidelity."""
+    from refl.compare import CompareConfig, run_compare
+    from reward.config import load_config
+    from toyworld.world import split_prompts
+
+    held = split_prompts(seed=0)[1]
+    prompts_file = out / "compare_prompts.txt"
+    prompts_file.write_text("\n".join(held[: cfg.compare_prompts]) + "\n")
+    ccfg = load_config(CompareConfig, None, [
+        f"model.name={cfg.sd_model}", f"lora={lora}", f"prompts={prompts_file}", f"n_samples={cfg.best_of}",
+        f"batch_size={min(cfg.best_of, 64)}", f"num_inference_steps={cfg.sample_steps}",
+        f"guidance_scale={cfg.guidance_scale}", f"seed={cfg.seed + 7}", f"selector={critic}",
+        f"evaluators=['clip:{cfg.clip_model}', 'oracle:', 'fidelity:']", f"output_dir={out}",
+    ])
+    return run_compare(ccfg, components=components), ccfg
+
+
+def critic_section(summary: dict) -> str:
+    """The demo's own numbers, placed at the top of report.html."""
+    import html
+
+    crit, comm = summary["critic"], summary["community"]["community"]
+    rows = [("fine-tuned critic (Social Reward, triplet)", crit["accuracy_vs_oracle"]),
+            ("pre-trained toy CLIP, zero-shot", crit["zero_shot_clip_vs_oracle"])]
+    table = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{r['pairwise_accuracy']:.1%}</td>"
+        f"<td>[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]</td><td>{r['n_pairs']}</td></tr>" for name, r in rows)
+    base_fid = summary.get("base_model", {}).get("eval_prompt_fidelity")
+    return (
+        "<h2>The critic against the hidden taste</h2>"
+        f"<p class='note'>The community remixed {comm['n_remixed']} of {comm['n_images']} base-model images "
+        f"over {comm['n_prompts']} training prompts, giving {comm['n_pairs']} Social Reward pairs, "
+        f"{comm['oracle_agreement']:.1%} of which agree with the oracle (real implicit feedback is noisy). "
+        "Below: pairwise accuracy against the oracle on pairs from held-out prompts, 95% bootstrap intervals."
+        + (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out prompts."
+           if base_fid is not None else "") + "</p>"
+        "<table><tr><th>critic</th><th>accuracy vs oracle</th><th>95% interval</th><th>pairs</th></tr>"
+        f"{table}<tr><td>chance</td><td>50.0%</td><td></td><td></td></tr></table>"
+    )
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from refl.components import load_components
     from toyworld.world import split_prompts
@@ -203,9 +245,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_prompts, held = split_prompts(seed=0)
     refl = stage_refl(cfg, critic["critic"], train_prompts, out / "refl")
     timings["refl_s"] = time.perf_counter() - t0 - sum(timings.values())
-    summary = {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    results, ccfg = stage_compare(cfg, components, critic["critic"], refl["lora"], out)
+    timings["compare_s"] = time.perf_counter() - t0 - sum(timings.values())
+    base_report = Path(cfg.sd_model) / "pretrain_report.json"
+    summary = {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings,
+               "base_model": json.loads(base_report.read_text()) if base_report.is_file() else {}}
+    summary["compare"] = headline(results)
+    # One results.json holds every number the report shows: the harness's and the demo's own.
+    from refl.compare import write_json
+    from refl.report import write_report
+
+    results["demo"] = _jsonable(summary)
+    write_json(out / "results.json", results)
+    summary["report"] = str(write_report(results, out, ccfg, preamble=critic_section(summary)))
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     return summary
+
+
+def headline(results: dict) -> dict:
+    """Mean and 95% interval per arm for each evaluator, for the arms a newcomer asks about."""
+    arms = results["arms"]
+    best = max((a for a in arms if a.startswith("base_best_of_")), key=lambda a: int(a.rsplit("_", 1)[1]))
+    chosen = {"base": "base_random", f"base best-of-{best.rsplit('_', 1)[1]}": best, "ReFL": "refl_random"}
+    return {label: {s: arms[arm]["scores"][s] for s in results["evaluators"]} for label, arm in chosen.items()
+            if arm in arms} | {"_evaluators": results["evaluators"], "_selector": results["selector"]}
 
 
 def _jsonable(obj):
@@ -263,4 +326,14 @@ def format_summary(summary: dict) -> str:
 
 
 def compare_lines(compare: dict) -> list[str]:
-    return []
+    evaluators = compare["_evaluators"]
+    short = {s: s.split(":")[0] if not s.startswith("clip:") else "CLIP" for s in evaluators}
+    short[compare["_selector"]] = "critic*"
+    lines = ["mean per held-out prompt [95% interval]   (* = the selector / the ReFL reward)",
+             f"{'arm':<18}" + "".join(f"{short[s]:>20}" for s in evaluators)]
+    for label, row in compare.items():
+        if label.startswith("_"):
+            continue
+        lines.append(f"{label:<18}" + "".join(
+            f"{row[s]['mean']:>8.3f} [{row[s]['ci95'][0]:.2f},{row[s]['ci95'][1]:.2f}]" for s in evaluators))
+    return lines

@@ -1,0 +1,58 @@
+"""The quick demo, end to end on the shipped toy world: community -> critic -> ReFL -> comparison -> report."""
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from toyworld.demo import demo_main
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert demo_main(str(out), quick=True, overrides=[]) == 0
+    return out
+
+
+def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
+    results = json.loads((quick_demo / "results.json").read_text())
+    page = (quick_demo / "report.html").read_text()
+    parser = _Images()
+    parser.feed(page)
+    assert parser.sources and all((quick_demo / src).is_file() for src in parser.sources)
+    demo = results["demo"]
+    acc = demo["critic"]["accuracy_vs_oracle"]["pairwise_accuracy"]
+    zero_shot = demo["critic"]["zero_shot_clip_vs_oracle"]["pairwise_accuracy"]
+    assert f"{acc:.1%}" in page and f"{zero_shot:.1%}" in page
+    # Every arm the harness scored appears with the oracle's mean as results.json has it.
+    oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
+    for arm in ("base_random", "refl_random"):
+        mean = results["arms"][arm]["scores"][oracle]["mean"]
+        assert re.search(rf"<td>{arm}</td>(?:(?!</tr>).)*?{mean:.3f}", page, flags=re.S), arm
+    assert {"base", "ReFL"} <= set(demo["compare"])
+    assert Path(demo["refl"]["lora"]).is_dir()
+
+
+def test_rerun_reuses_every_stage(quick_demo, capsys):
+    before = {p: p.stat().st_mtime for p in (quick_demo / "samples").rglob("*.npz")}
+    assert before
+    assert demo_main(str(quick_demo), quick=True, overrides=[]) == 0
+    assert {p: p.stat().st_mtime for p in (quick_demo / "samples").rglob("*.npz")} == before
+    assert "critic vs oracle" in capsys.readouterr().out
+
+
+def test_bad_override_is_named(tmp_path):
+    assert demo_main(str(tmp_path), quick=True, overrides=["refl_updatez=3"]) == 2

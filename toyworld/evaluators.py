@@ -1,0 +1,27 @@
+"""The toy world's evaluators for the comparison harness (refl/evaluators.py registers them lazily):
+`oracle:` is the community's hidden taste, `fidelity:` whether shape, colour and background match
+the prompt. Both read uint8 (N, H, W, 3) images and return (N,) scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from toyworld.checker import MAIN_ATTRIBUTES, check
+from toyworld.oracle import oracle_score
+
+
+def oracle(argument: str = "", device: str = "cpu"):
+    def score(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        return oracle_score(list(images), list(prompts))  # (N,)
+
+    return score
+
+
+def fidelity(argument: str = "", device: str = "cpu"):
+    def score(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        return np.array([float(all(check(img, p)[a] for a in MAIN_ATTRIBUTES))
+                         for img, p in zip(images, prompts)])  # (N,) 1 = all three right
+
+    return score
