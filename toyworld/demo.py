@@ -44,25 +44,31 @@ class DemoConfig:
     sample_steps: int = 20
     guidance_scale: float = 4.0
     # Community: training prompts shown, images generated per prompt, simulated users.
-    community_prompts: int = 240
+    community_prompts: int = 160
     images_per_prompt: int = 8
-    n_users: int = 60
+    n_users: int = 300
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
-    oracle_pair_prompts: int = 48
+    oracle_pair_prompts: int = 32
     # Critic fine-tuning (triplet, the paper's training mode), per-process batch and epochs.
     critic_epochs: int = 6
     critic_batch: int = 32
     critic_lr: float = 1e-4
     # ReFL: optimizer updates, prompts per update, LR, sampler steps and cut range of the ReFL step.
-    refl_updates: int = 60
+    refl_updates: int = 40
     refl_batch: int = 8
-    refl_lr: float = 3e-4
+    refl_lr: float = 1e-3
     refl_steps: int = 20
     refl_cut_range: list[int] = field(default_factory=lambda: [14, 19])
     # Weight of the denoising (pre-training) regulariser on base-model samples.
     refl_reg_weight: float = 1.0
+    # Multiplier of the reward hinge loss (ImageReward: 1e-3 next to a full-UNet lr of 1e-5; Adam
+    # normalises the overall scale, so what matters here is its balance with the regulariser).
+    refl_grad_scale: float = 1.0
+    # Classifier-free guidance inside the ReFL step: the toy SD needs guidance for prompt fidelity and
+    # every image the demo evaluates is guided, so the LoRA is trained on guided trajectories too.
+    refl_guidance_scale: float = 4.0
     # Comparison: held-out prompts and samples per prompt (best-of-N).
-    compare_prompts: int = 24
+    compare_prompts: int = 16
     best_of: int = 64
 
 
@@ -176,7 +182,8 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
     rcfg = load_config(ReflConfig, None, [
         f"model.name={cfg.sd_model}", f"reward.critic={critic}", f"data.prompts_file={prompts_file}",
         f"refl.num_inference_steps={cfg.refl_steps}", f"refl.cut_range={cfg.refl_cut_range}",
-        f"refl.reg_weight={cfg.refl_reg_weight}", f"train.max_updates={cfg.refl_updates}",
+        f"refl.reg_weight={cfg.refl_reg_weight}", f"refl.grad_scale={cfg.refl_grad_scale}",
+        f"refl.guidance_scale={cfg.refl_guidance_scale}", f"train.max_updates={cfg.refl_updates}",
         f"train.batch_size={cfg.refl_batch}", "train.gradient_accumulation=1", f"train.lr={cfg.refl_lr}",
         f"train.seed={cfg.seed}", f"train.output_dir={out}", f"train.validation_steps={cfg.sample_steps}",
         f"train.validation_guidance={cfg.guidance_scale}", f"train.validate_every={max(1, cfg.refl_updates // 3)}",
