@@ -161,7 +161,7 @@ def sample_images(components, prompts: list[str], steps: int, guidance: float, s
     pipe = build_pipeline(components, DDIMScheduler.from_config(components.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     out = []
-    for i in range(0, len(prompts), batch):
+    for i in tqdm(range(0, len(prompts), batch), desc=f"sampling {len(prompts)} images", leave=False):
         chunk = prompts[i:i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
