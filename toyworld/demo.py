@@ -44,9 +44,9 @@ class DemoConfig:
     sample_steps: int = 20
     guidance_scale: float = 4.0
     # Community: training prompts shown, images generated per prompt, simulated users.
-    community_prompts: int = 160
+    community_prompts: int = 240
     images_per_prompt: int = 8
-    n_users: int = 300
+    n_users: int = 60
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
     oracle_pair_prompts: int = 32
     # Critic fine-tuning (triplet, the paper's training mode), per-process batch and epochs.
