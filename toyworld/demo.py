@@ -54,7 +54,7 @@ class DemoConfig:
     critic_batch: int = 32
     critic_lr: float = 1e-4
     # ReFL: optimizer updates, prompts per update, LR, sampler steps and cut range of the ReFL step.
-    refl_updates: int = 40
+    refl_updates: int = 120
     refl_batch: int = 8
     refl_lr: float = 1e-3
     refl_steps: int = 20
