@@ -344,3 +344,48 @@ def compare_lines(compare: dict) -> list[str]:
         lines.append(f"{label:<18}" + "".join(
             f"{row[s]['mean']:>8.3f} [{row[s]['ci95'][0]:.2f},{row[s]['ci95'][1]:.2f}]" for s in evaluators))
     return lines
+
+
+def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
+    """Train the demo's critic on oracle-ordered pairs of the community's own images; accuracy vs oracle."""
+    import pandas as pd
+    from PIL import Image
+
+    import reward
+    from reward.config import load_config
+    from reward.data import load_pairs
+    from reward.evaluate import evaluate_pairs
+    from reward.train import RewardExperiment, train
+    from toyworld.oracle import oracle_score
+
+    cfg = load_config(DemoConfig, demo_dir / "config.yaml")
+    src = demo_dir / "community" / "train"
+    community = pd.read_parquet(src / "pairs.parquet")
+    by_prompt: dict[str, set] = {}
+    for row in community.itertuples():
+        by_prompt.setdefault(row.prompt, set()).update([row.pos_path, row.neg_path])
+    images, prompts = [], []
+    for prompt, paths in sorted(by_prompt.items()):
+        paths = sorted(paths)
+        images.append((paths, [np.asarray(Image.open(src / p).convert("RGB")) for p in paths]))
+        prompts.append(prompt)
+    rows = []
+    for prompt, (paths, arrays) in zip(prompts, images):
+        scores = oracle_score(arrays, [prompt] * len(arrays))
+        for a in range(len(paths)):
+            for b in range(a + 1, len(paths)):
+                if abs(scores[a] - scores[b]) >= 0.02:  # the same gap as the held-out oracle pairs
+                    pos, neg = (a, b) if scores[a] > scores[b] else (b, a)
+                    rows.append({"prompt": prompt, "pos_path": paths[pos], "neg_path": paths[neg]})
+    pairs = src / "oracle_labelled_pairs.parquet"
+    pd.DataFrame(rows).to_parquet(pairs)
+    out = demo_dir / "critic_ceiling"
+    exp = load_config(RewardExperiment, None, [
+        "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}", f"data.train={pairs}",
+        f"train.epochs={cfg.critic_epochs}", f"train.batch_size={cfg.critic_batch}", f"train.lr={cfg.critic_lr}",
+        "train.lr_schedule=cosine", "train.warmup_steps=10", f"train.seed={cfg.seed}", f"output_dir={out}",
+        *overrides])
+    train(exp)
+    truth = load_pairs(demo_dir / "community" / "oracle_pairs" / "pairs.parquet")
+    return {"oracle_labelled_train_pairs": len(rows),
+            "accuracy_vs_oracle": evaluate_pairs(reward.load(out / "critic"), truth)}
