@@ -240,7 +240,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    # config.yaml in this folder is the comparison harness's (it writes into the same folder).
+    save_config(cfg, out / "demo_config.yaml")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     components = load_components(cfg.sd_model)
@@ -358,7 +359,7 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     from reward.train import RewardExperiment, train
     from toyworld.oracle import oracle_score
 
-    cfg = load_config(DemoConfig, demo_dir / "config.yaml")
+    cfg = load_config(DemoConfig, demo_dir / "demo_config.yaml")
     src = demo_dir / "community" / "train"
     community = pd.read_parquet(src / "pairs.parquet")
     by_prompt: dict[str, set] = {}
