@@ -44,6 +44,9 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
         assert re.search(rf"<td>{arm}</td>(?:(?!</tr>).)*?{mean:.3f}", page, flags=re.S), arm
     assert {"base", "ReFL"} <= set(demo["compare"])
     assert Path(demo["refl"]["lora"]).is_dir()
+    # The demo's resolved config sits beside the harness's own, neither overwriting the other.
+    assert "community_prompts" in (quick_demo / "demo_config.yaml").read_text()
+    assert "n_samples" in (quick_demo / "config.yaml").read_text()
 
 
 def test_rerun_reuses_every_stage(quick_demo, capsys):
