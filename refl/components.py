@@ -305,6 +305,10 @@ def save_pipeline(components: SDComponents, directory: str | os.PathLike) -> Pat
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # mkdtemp makes the folder private (0700); the renamed result should have ordinary permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         build_pipeline(components).save_pretrained(tmp, safe_serialization=True)
         _replace_dir(tmp, directory)

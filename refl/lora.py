@@ -133,6 +133,10 @@ def save_lora(components: SDComponents, directory: str | os.PathLike) -> Path:
             {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(te).items()})
         kwargs["text_encoder_lora_adapter_metadata"] = te.peft_config[ADAPTER_NAME].to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # mkdtemp makes the folder private (0700); the renamed result should have ordinary permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         _replace_dir(tmp, directory)

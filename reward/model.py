@@ -223,6 +223,22 @@ def _load_weights(model: SocialReward, directory: Path) -> None:
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+class _quiet_random_init_warning:
+    """open_clip warns "initialized randomly" when we build a model whose weights we load right after."""
+
+    def __enter__(self):
+        self._filter = _DropRandomInitWarning()
+        logging.getLogger().addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self._filter)
+
+
 def create_critic(config: CriticConfig | None = None, **overrides) -> SocialReward:
     """The one factory for critics: real open_clip models by name, tiny ones from shipped configs.
 
@@ -234,7 +250,8 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
     name = resolve_model_name(config.model_name)
     pretrained = config.pretrained
     if is_critic_dir(pretrained):
-        model = create_critic(CriticConfig(config.model_name, None, config.training_mode))
+        with _quiet_random_init_warning():
+            model = create_critic(CriticConfig(config.model_name, None, config.training_mode))
         _load_weights(model, Path(pretrained))
         model.config = config
         return model
@@ -262,8 +279,9 @@ def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", tr
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint directory")
         meta = json.loads(cfg_file.read_text())
-        model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
-                                           training_mode=training_mode or meta.get("training_mode", "all")))
+        with _quiet_random_init_warning():
+            model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
+                                               training_mode=training_mode or meta.get("training_mode", "all")))
         _load_weights(model, path)
         model.config.pretrained = meta.get("pretrained")
     else:

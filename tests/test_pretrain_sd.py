@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import torch
@@ -24,5 +26,8 @@ def test_pretraining_writes_a_stock_loadable_fp16_pipeline(tmp_path):
     images = pipe(["a large red circle in the center on a black background"], num_inference_steps=2,
                   guidance_scale=2.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
     saved = json.loads((out / "pretrain_report.json").read_text())
     assert 0.0 <= saved["eval_prompt_fidelity"] <= 1.0 and saved["unet_steps"] == 3
