@@ -389,4 +389,4 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     train(exp)
     truth = load_pairs(demo_dir / "community" / "oracle_pairs" / "pairs.parquet")
     return {"oracle_labelled_train_pairs": len(rows),
-            "accuracy_vs_oracle": evaluate_pairs(reward.load(out / "critic"), truth)}
+            "accuracy_vs_oracle": evaluate_pairs(reward.load(Path(exp.output_dir) / "critic"), truth)}
