@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -258,9 +257,3 @@ def split_by_prompt(records: list[PairRecord], val_fraction: float, seed: int = 
     val_prompts = set(prompts[:n_val])
     return [r for r in records if r.prompt not in val_prompts], [r for r in records if r.prompt in val_prompts]
 
-
-def write_image(image: Image.Image, path: str | os.PathLike) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return str(path)

@@ -79,15 +79,12 @@ QUICK = {
 }
 
 
-def _done(path: Path) -> bool:
-    return path.is_file()
-
-
 def _sample(components, prompts: list[str], n: int, steps: int, guidance: float, seed: int) -> np.ndarray:
     from toyworld.pretrain_sd import sample_images
 
     expanded = [p for p in prompts for _ in range(n)]
-    return sample_images(components, expanded, steps, guidance, seed).reshape(len(prompts), n, *([32, 32, 3]))
+    images = sample_images(components, expanded, steps, guidance, seed)  # (P * n, H, W, 3)
+    return images.reshape(len(prompts), n, *images.shape[1:])  # (P, n, H, W, 3)
 
 
 def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
@@ -97,7 +94,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     from toyworld.world import split_prompts
 
     summary_file = out / "community.json"
-    if _done(summary_file):
+    if summary_file.is_file():
         return json.loads(summary_file.read_text())
     train_prompts, held = split_prompts(seed=0)
     rng = np.random.default_rng(cfg.seed)
@@ -151,7 +148,7 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
     from reward.train import RewardExperiment, train
 
     summary_file = out / "critic_summary.json"
-    if _done(summary_file):
+    if summary_file.is_file():
         return json.loads(summary_file.read_text())
     exp = load_config(RewardExperiment, None, [
         "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}",
@@ -174,7 +171,7 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
     from reward.config import load_config
 
     result_file = out / "result.json"
-    if _done(result_file):
+    if result_file.is_file():
         return json.loads(result_file.read_text())
     prompts_file = out / "prompts.txt"
     out.mkdir(parents=True, exist_ok=True)
