@@ -225,3 +225,24 @@ def test_shipped_toy_clip_loads_fp16_and_beats_chance_on_colour():
     acc = zero_shot_accuracy(critic, images, prompts)
     assert acc["zero_shot_colour"] > 3 * acc["chance_colour"], acc
     assert acc["zero_shot_background"] > 3 * acc["chance_background"], acc
+
+
+def test_clip_pretraining_batches_hold_one_attribute_hard_negatives():
+    from toyworld.pretrain_clip import hard_negative_prompts, render_batch
+    from toyworld.world import ATTRIBUTES
+
+    train = split_prompts(0)[0]
+    prompts = hard_negative_prompts(np.random.default_rng(0), train, batch_size=64, group_size=4)
+    assert len(prompts) == 64 and set(prompts) <= set(train)
+    scenes = [parse_prompt(p) for p in prompts]
+    # Every prompt has a batch-mate that differs from it in exactly one attribute.
+    for i, a in enumerate(scenes):
+        diffs = [sum(getattr(a, f) != getattr(b, f) for f in ATTRIBUTES) for j, b in enumerate(scenes) if j != i]
+        assert 1 in diffs, prompts[i]
+    plain = render_batch(prompts[:8], np.random.default_rng(1), varied_looks=0.0)
+    varied = render_batch(prompts[:8], np.random.default_rng(1), varied_looks=1.0)
+    assert plain.shape == varied.shape == (8, 32, 32, 3) and plain.dtype == np.uint8
+    assert all(check(img, s)["colour"] and check(img, s)["background"] for img, s in zip(plain, scenes))
+    # Varied looks scatter the aspects the oracle measures (placement, saturation, grain, ...).
+    spread = lambda imgs: oracle_score(imgs, prompts[:8]).std()  # noqa: E731
+    assert spread(varied) > spread(plain)
