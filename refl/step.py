@@ -14,7 +14,13 @@ Methods (`GRAD_METHODS`):
   last timestep and denoise it with gradient; the loss averages the n predictions (lower variance).
 - `alignprop` (AlignProp-style truncation): cut ~ U[cut_range] once per trajectory, gradient through
   every step from the cut to the end, each UNet call checkpointed to bound memory.
-Loss: relu(margin - reward).mean() * grad_scale (+ reg_weight * denoising MSE if a batch is given).
+Loss: relu(margin - reward).mean() * grad_scale, plus two optional regularisers:
+- `reg_weight` x the pre-training denoising MSE on a batch of clean latents (ImageReward's paper);
+- `kl_weight` x the mean squared difference between the tuned and the base model's noise
+  predictions at every step that has gradient. For two Gaussian sampler steps with the same variance
+  the KL divergence is proportional to the squared difference of their means, i.e. of the noise
+  predictions, so this bounds how far each step with gradient moves from the base model (DPOK's KL
+  term, evaluated on the states the method visits). One extra UNet call per step, without gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +73,9 @@ class StepConfig:
     grad_scale: float = 1e-3
     # Weight of the pre-training denoising MSE added to the reward loss (0 = off, as in ImageReward's code).
     reg_weight: float = 0.0
+    # Weight of the KL-to-base penalty: mean squared (tuned - base) noise prediction at each step with
+    # gradient (0 = off). Costs one extra UNet call (no gradient) per such step.
+    kl_weight: float = 0.0
     # AlignProp: recompute each UNet call in backward instead of storing its activations.
     gradient_checkpointing: bool = True
 
@@ -132,6 +141,19 @@ def _phase(timer: PhaseTimer | None, name: str):
 
 
 # ----------------------------------------------------------------------------- building blocks
+@contextmanager
+def base_weights(components: SDComponents):
+    """Run the base model: LoRA adapters of the UNet and (where attached) the text encoder are off inside."""
+    adapted = [m for m in (components.unet, components.text_encoder) if getattr(m, "peft_config", None)]
+    for module in adapted:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        for module in adapted:
+            module.enable_adapters()
+
+
 def encode_prompts(components: SDComponents, prompts: Sequence[str]) -> torch.Tensor:
     """Prompts -> text-encoder hidden states (B, L, D); differentiable if the encoder has trainable LoRA."""
     tok = components.tokenizer
@@ -183,20 +205,14 @@ def sample_latents(components: SDComponents, prompts: Sequence[str], scheduler_n
     generator = generator or torch.Generator().manual_seed(0)
     scheduler = make_scheduler(scheduler_name, components)
     scheduler.set_timesteps(num_inference_steps, device=components.unet.device)
-    cond = encode_prompts(components, prompts)  # (B, L, D)
-    uncond = encode_prompts(components, [""] * len(prompts)) if guidance_scale > 1 else None
-    peft_unet = getattr(components.unet, "peft_config", None)
-    if not use_lora and peft_unet:
-        components.unet.disable_adapters()
-    try:
+    with base_weights(components) if not use_lora else nullcontext():
+        cond = encode_prompts(components, prompts)  # (B, L, D)
+        uncond = encode_prompts(components, [""] * len(prompts)) if guidance_scale > 1 else None
         latents = initial_latents(components, len(prompts), scheduler, generator)
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(latents, t)
             eps = _eps(components, x, t, cond, uncond, guidance_scale)
             latents = _scheduler_step(scheduler, eps, t, latents, generator, eta).prev_sample
-    finally:
-        if not use_lora and peft_unet:
-            components.unet.enable_adapters()
     return latents
 
 
@@ -232,6 +248,8 @@ class _Ctx:
     uncond: torch.Tensor | None  # (B, L, D) when guidance is on
     generator: torch.Generator
     timer: PhaseTimer | None
+    base_cond: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond) of the base text encoder
+    kl_terms: list[torch.Tensor] = field(default_factory=list)  # one () tensor per step with gradient
 
     def eps(self, latents, t):
         x = self.scheduler.scale_model_input(latents, t)
@@ -246,6 +264,16 @@ class _Ctx:
                 latents = self.step(self.eps(latents, t), t, latents).prev_sample
         return latents
 
+    def track_kl(self, eps: torch.Tensor, latents: torch.Tensor, t) -> None:
+        """Record ||eps - eps_base||^2 for a step with gradient (eps: (B, C, h, w), with grad)."""
+        if self.cfg.kl_weight <= 0:
+            return
+        with torch.no_grad(), _phase(self.timer, "kl"), base_weights(self.components):
+            cond, uncond = self.base_cond if self.base_cond is not None else (self.cond, self.uncond)
+            x = self.scheduler.scale_model_input(latents.detach(), t)
+            eps_base = _eps(self.components, x, t, cond, uncond, self.cfg.guidance_scale)  # (B, C, h, w)
+        self.kl_terms.append(F.mse_loss(eps.float(), eps_base.float()))
+
     def draw_cut(self) -> int:
         lo, hi = self.cfg.cut_range
         return int(torch.randint(lo, hi + 1, (1,), generator=self.generator).item())
@@ -257,7 +285,9 @@ def _refl(ctx: _Ctx, latents):
     latents = ctx.run_no_grad(latents, timesteps[:cut])
     t = timesteps[cut]
     with _phase(ctx.timer, "grad_step"):
-        x0 = ctx.step(ctx.eps(latents, t), t, latents).pred_original_sample  # (B, C, h, w), one-step x0
+        eps = ctx.eps(latents, t)  # (B, C, h, w)
+        x0 = ctx.step(eps, t, latents).pred_original_sample  # (B, C, h, w), one-step x0
+    ctx.track_kl(eps, latents, t)
     return [x0], {"cut": cut}
 
 
@@ -267,7 +297,9 @@ def _draft_k(ctx: _Ctx, latents):
     latents = ctx.run_no_grad(latents, timesteps[: len(timesteps) - k])
     with _phase(ctx.timer, "grad_step"):
         for t in timesteps[len(timesteps) - k :]:
-            latents = ctx.step(ctx.eps(latents, t), t, latents).prev_sample  # grad flows through the K steps
+            eps = ctx.eps(latents, t)  # (B, C, h, w)
+            ctx.track_kl(eps, latents, t)
+            latents = ctx.step(eps, t, latents).prev_sample  # grad flows through the K steps
     return [latents], {"cut": len(timesteps) - k}
 
 
@@ -280,7 +312,9 @@ def _draft_lv(ctx: _Ctx, latents):
         for _ in range(ctx.cfg.draft_lv_n):
             noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)  # (B, C, h, w)
             xt = ctx.scheduler.add_noise(x0, noise, t.reshape(1))  # re-noise to the last timestep
-            outs.append(ctx.step(ctx.eps(xt, t), t, xt).pred_original_sample)
+            eps = ctx.eps(xt, t)  # (B, C, h, w)
+            ctx.track_kl(eps, xt, t)
+            outs.append(ctx.step(eps, t, xt).pred_original_sample)
     return outs, {"cut": len(timesteps) - 1}
 
 
@@ -294,6 +328,7 @@ def _alignprop(ctx: _Ctx, latents):
                 eps = checkpoint(ctx.eps, latents, t, use_reentrant=False)
             else:
                 eps = ctx.eps(latents, t)
+            ctx.track_kl(eps, latents, t)
             latents = ctx.step(eps, t, latents).prev_sample
     return [latents], {"cut": cut}
 
@@ -337,7 +372,12 @@ def reward_step(
     with _phase(timer, "text"):
         cond = encode_prompts(components, prompts)  # (B, L, D)
         uncond = encode_prompts(components, [""] * len(prompts)) if cfg.guidance_scale > 1 else None
-    ctx = _Ctx(components, cfg, scheduler, cond, uncond, generator, timer)
+    base_cond = None
+    if cfg.kl_weight > 0 and getattr(components.text_encoder, "peft_config", None):
+        with torch.no_grad(), base_weights(components):  # the base model reads the base text encoder
+            base_cond = (encode_prompts(components, prompts),
+                         encode_prompts(components, [""] * len(prompts)) if uncond is not None else None)
+    ctx = _Ctx(components, cfg, scheduler, cond, uncond, generator, timer, base_cond)
     latents = initial_latents(components, len(prompts), scheduler, generator)  # (B, C, h, w)
     predictions, info = GRAD_METHODS[cfg.method](ctx, latents)
 
@@ -361,6 +401,10 @@ def reward_step(
         reg = denoising_loss(components, reg_batch[0], reg_batch[1], generator)
         out["reg_loss"] = reg.detach()
         loss = loss + cfg.reg_weight * reg
+    if cfg.kl_weight > 0:
+        kl = torch.stack(ctx.kl_terms).mean()
+        out["kl_loss"] = kl.detach()
+        loss = loss + cfg.kl_weight * kl
     out["loss"] = loss
     if not torch.isfinite(loss.detach()).all():
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k != "loss" and v.numel() == 1)

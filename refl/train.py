@@ -33,6 +33,7 @@ from refl.step import (
     NonFiniteLossError,
     RewardFn,
     StepConfig,
+    encode_images,
     reward_step,
     sample_images,
     sample_latents,
@@ -62,9 +63,17 @@ class DataConfig:
     # Inline prompt list, used when prompts_file is None.
     prompts: list[str] = field(default_factory=lambda: ["a red square on a blue background", "a green circle",
                                                         "a yellow triangle", "a purple square at the top"])
-    # Denoising-regulariser pool: this many base-model samples (LoRA off) of the training prompts are
-    # drawn once at start when refl.reg_weight > 0 (global count, split across processes).
+    # Denoising-regulariser pool (used when refl.reg_weight > 0), built once at start: this many
+    # examples in all (global count, split across processes).
     reg_pool_size: int = 64
+    # Image-caption set for the denoising regulariser (the paper's pre-training data): a .parquet/.csv/
+    # .jsonl table of image paths (relative to the table) and captions; reg_pool_size rows are drawn.
+    # None = base-model samples (LoRA off) of the training prompts instead.
+    reg_images: str | None = None
+    # Column of reg_images holding the image paths.
+    reg_image_column: str = "image"
+    # Column of reg_images holding the captions.
+    reg_caption_column: str = "caption"
 
 
 @dataclass
@@ -412,11 +421,63 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
     return score
 
 
+def load_caption_images(path: str | os.PathLike, image_column: str, caption_column: str, size: int,
+                        limit: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to `limit` rows of an image-caption table (random rows, fixed by `seed`) -> images (N, 3, S, S)
+    in [0, 1] (shortest side resized to `size`, centre crop) and their captions."""
+    import pandas as pd
+
+    from reward.model import load_image_tensor
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.reg_images {path} does not exist (a .parquet, .csv or .jsonl table with "
+                                f"columns {image_column!r} and {caption_column!r})")
+    readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True)}
+    if path.suffix not in readers:
+        raise ValueError(f"data.reg_images {path}: unsupported suffix {path.suffix!r}; use one of {sorted(readers)}")
+    frame = readers[path.suffix](path)
+    missing = [c for c in (image_column, caption_column) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing} (columns: {list(frame.columns)}); set "
+                         "data.reg_image_column / data.reg_caption_column")
+    if len(frame) == 0:
+        raise ValueError(f"{path} has no rows")
+    rows = np.random.default_rng(seed).permutation(len(frame))[:limit]
+    images, captions = [], []
+    for i in sorted(rows.tolist()):
+        caption = frame[caption_column].iloc[i]
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{path} row {i}: empty caption in column {caption_column!r}; fill it or drop the row")
+        image = Path(str(frame[image_column].iloc[i]))
+        image = image if image.is_absolute() else path.parent / image
+        try:
+            images.append(load_image_tensor(image, size))  # (3, S, S)
+        except OSError as err:
+            raise type(err)(f"{path} row {i}: {err}") from err
+        captions.append(caption.strip())
+    return torch.stack(images), captions  # (N, 3, S, S), N captions
+
+
 def _reg_pool(components, cfg: ReflConfig, prompts, accelerator):
-    """Base-model (LoRA off) sample latents of training prompts for the denoising regulariser."""
+    """Clean latents and captions for the denoising regulariser: the configured image-caption set
+    (VAE-encoded) or base-model (LoRA off) samples of the training prompts."""
     n = max(1, cfg.data.reg_pool_size // accelerator.num_processes)
-    captions = prompts_for(prompts, _seed_for(cfg.train.seed, 7), accelerator.process_index * n, n)
     gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, 8, accelerator.process_index))
+    if cfg.data.reg_images:
+        d = cfg.data
+        size = components.image_size
+        images, captions = load_caption_images(d.reg_images, d.reg_image_column, d.reg_caption_column, size,
+                                               n * accelerator.num_processes, cfg.train.seed)
+        if len(captions) < accelerator.num_processes:
+            raise ValueError(f"data.reg_images {d.reg_images} has {len(captions)} row(s) for "
+                             f"{accelerator.num_processes} processes; every process needs at least one")
+        mine = slice(accelerator.process_index, None, accelerator.num_processes)
+        images, captions = images[mine], captions[mine]
+        latents = torch.cat([encode_images(components, images[i : i + 16], gen) for i in range(0, len(images), 16)])
+        logger.info("denoising regulariser: %d images from %s", len(captions), d.reg_images)
+        return latents, captions  # (n, C, h, w), n captions
+    captions = prompts_for(prompts, _seed_for(cfg.train.seed, 7), accelerator.process_index * n, n)
     chunks = [sample_latents(components, captions[i : i + 16], cfg.refl.scheduler, cfg.refl.num_inference_steps,
                              generator=gen, use_lora=False) for i in range(0, n, 16)]
     return torch.cat(chunks), captions  # (n, C, h, w), n captions

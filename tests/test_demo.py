@@ -5,6 +5,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from toyworld.demo import demo_main
@@ -43,6 +44,15 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
         mean = results["arms"][arm]["scores"][oracle]["mean"]
         assert re.search(rf"<td>{arm}</td>(?:(?!</tr>).)*?{mean:.3f}", page, flags=re.S), arm
     assert {"base", "ReFL"} <= set(demo["compare"])
+    # The per-term breakdown recombines, with the oracle's weights, into the harness's oracle means.
+    from toyworld.oracle import combine_terms
+
+    breakdown = demo["oracle_breakdown"]
+    best = max((a for a in results["arms"] if a.startswith("base_best_of_")), key=lambda a: int(a.rsplit("_", 1)[1]))
+    for label, arm in (("base", "base_random"), (f"base best-of-{results['n_samples']}", best), ("ReFL", "refl_random")):
+        recombined = float(combine_terms({t: np.asarray(v) for t, v in breakdown["mean"][label].items()}))
+        assert recombined == pytest.approx(results["arms"][arm]["scores"][oracle]["mean"], abs=1e-9), label
+    assert "Where the hidden taste moved" in page and f"{breakdown['mean']['ReFL']['size']:.3f}" in page
     assert Path(demo["refl"]["lora"]).is_dir()
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.
     assert "community_prompts" in (quick_demo / "demo_config.yaml").read_text()

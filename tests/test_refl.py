@@ -183,6 +183,31 @@ def test_alignprop_and_ddpm_with_guidance_run():
         reward_step(components, PROMPTS[:1], brightness, StepConfig(scheduler="euler"), torch.Generator())
 
 
+@pytest.mark.parametrize("method,text_lora", [("refl", False), ("alignprop", False), ("draft", True)])
+def test_kl_to_base_is_zero_for_identity_lora_and_pulls_back_otherwise(method, text_lora):
+    components, params = tiny_lora(train_text_encoder=text_lora)
+    cfg = StepConfig(method=method, num_inference_steps=6, cut_range=[3, 4], draft_k=2, guidance_scale=2.0,
+                     kl_weight=1.0)
+    out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0))
+    assert out["kl_loss"].item() == 0.0  # B = 0 at init: the tuned model is the base model
+    randomise_lora_b(components)
+    cfg_kl_only = StepConfig(**{**cfg.__dict__, "grad_scale": 0.0})
+    out = reward_step(components, PROMPTS[:2], brightness, cfg_kl_only, torch.Generator().manual_seed(0))
+    assert out["kl_loss"].item() > 1e-6 and torch.isclose(out["loss"], out["kl_loss"])
+    out["loss"].backward()
+    for module in components.modules().values():
+        for name, p in module.named_parameters():
+            assert ("lora_" in name) == (p.grad is not None), name
+    # A small step against the KL gradient lowers the KL: the penalty pulls toward the base model.
+    with torch.no_grad():
+        for p in params:
+            p -= 1e-2 * p.grad / (p.grad.norm() + 1e-12)
+    again = reward_step(components, PROMPTS[:2], brightness, cfg_kl_only, torch.Generator().manual_seed(0))
+    assert again["kl_loss"] < out["kl_loss"]
+    # Adapters are back on after the base-model passes.
+    assert all(not getattr(m, "_disable_adapters", False) for m in components.unet.modules())
+
+
 def test_nan_loss_raises_clear_error_before_any_update():
     components, params = tiny_lora()
     before = [p.detach().clone() for p in params]
@@ -330,6 +355,54 @@ def test_train_script_main_and_prompt_files(tmp_path):
     assert (out / "samples" / "update-000002.png").is_file() and any((out / "tb").iterdir())
     metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     assert any("eval/reward" in m for m in metrics) and any("train/grad_norm" in m for m in metrics)
+
+
+def _caption_table(tmp_path, n=3):
+    import pandas as pd
+    from PIL import Image
+
+    rows = []
+    for i in range(n):
+        arr = np.full((20, 28, 3), 40 * i, dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "caption": f"a grey square {i}"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "captions.parquet")
+    return tmp_path / "captions.parquet", rows
+
+
+def test_caption_images_for_the_regulariser_load_and_bad_rows_are_named(tmp_path):
+    import pandas as pd
+
+    from refl.train import load_caption_images
+
+    table, rows = _caption_table(tmp_path)
+    images, captions = load_caption_images(table, "image", "caption", size=16, limit=2, seed=0)
+    assert images.shape == (2, 3, 16, 16) and len(captions) == 2 and set(captions) < {r["caption"] for r in rows}
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    with pytest.raises(ValueError, match=r"no column\(s\) \['text'\]"):
+        load_caption_images(table, "image", "text", 16, 2, 0)
+    pd.DataFrame([*rows, {"image": "gone.png", "caption": "x"}]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(FileNotFoundError, match="row 3.*gone.png"):
+        load_caption_images(tmp_path / "bad.csv", "image", "caption", 16, 10, 0)
+    pd.DataFrame([*rows, {"image": "img0.png", "caption": " "}]).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(ValueError, match="row 3: empty caption"):
+        load_caption_images(tmp_path / "empty.csv", "image", "caption", 16, 10, 0)
+
+
+def test_training_with_an_image_caption_regulariser_set(tmp_path):
+    from refl.train import ReflConfig, train
+    from reward.config import load_config
+
+    table, _ = _caption_table(tmp_path, n=4)
+    out = tmp_path / "run"
+    cfg = load_config(ReflConfig, None, _tiny_train_overrides(out, updates=1) + [
+        "refl.reg_weight=1.0", f"data.reg_images={table}", "data.reg_pool_size=4", "refl.kl_weight=0.5"])
+    result = train(cfg)
+    assert result["train/reg_loss"] > 0 and "train/kl_loss" in result
+    bad = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "bad", updates=1) + [
+        "refl.reg_weight=1.0", f"data.reg_images={tmp_path / 'missing.parquet'}"])
+    with pytest.raises(FileNotFoundError, match="data.reg_images"):
+        train(bad)
 
 
 def test_two_process_cpu_launch_keeps_replicas_identical(tmp_path):

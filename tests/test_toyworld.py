@@ -246,3 +246,15 @@ def test_clip_pretraining_batches_hold_one_attribute_hard_negatives():
     # Varied looks scatter the aspects the oracle measures (placement, saturation, grain, ...).
     spread = lambda imgs: oracle_score(imgs, prompts[:8]).std()  # noqa: E731
     assert spread(varied) > spread(plain)
+
+
+def test_caption_set_feeds_the_refl_regulariser_loader(tmp_path):
+    from refl.train import load_caption_images
+    from toyworld.world import parse_prompt, split_prompts, write_caption_set
+
+    table = write_caption_set(tmp_path / "renders", n=6, seed=1)
+    images, captions = load_caption_images(table, "image", "caption", size=32, limit=6, seed=0)
+    assert images.shape == (6, 3, 32, 32) and len(captions) == 6
+    train = set(split_prompts(seed=0)[0])
+    assert all(c in train and parse_prompt(c) for c in captions)  # training-split prompts only
+    assert images.std() > 0.05  # real renders, not blank canvases

@@ -211,6 +211,58 @@ def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path
     return run_compare(ccfg, components=components), ccfg
 
 
+def oracle_breakdown(out: Path, results: dict) -> dict:
+    """What each arm changed in the hidden taste, term by term: mean oracle term per held-out prompt for
+    base (one sample), base best-of-N (the selector's pick) and ReFL (one sample), and the paired
+    difference of the latter two from base with a 95% bootstrap interval over prompts."""
+    from refl.compare import best_of_n_indices, mean_ci, samples_path
+    from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_terms
+
+    n, m, selector = results["n_samples"], results["refl_samples"], results["selector"]
+    best_label = f"base best-of-{n}"
+    per_prompt = {arm: {t: [] for t in TERMS} for arm in ("base", best_label, "ReFL")}
+    for p, prompt in enumerate(results["prompts"]):
+        base = np.load(samples_path(out, "base", p))["images"][:n]  # (n, H, W, 3)
+        terms = oracle_terms(base, [prompt] * n)  # term -> (n,)
+        chosen = np.asarray(json.loads((out / "scores" / "base" / f"{p:04d}.json").read_text())["scores"][selector])
+        pick = int(best_of_n_indices(chosen[None, :n], n)[0])
+        for t in TERMS:
+            per_prompt["base"][t].append(terms[t].mean())
+            per_prompt[best_label][t].append(terms[t][pick])
+        if m:
+            tuned = np.load(samples_path(out, "refl", p))["images"][:m]  # (m, H, W, 3)
+            for t, v in oracle_terms(tuned, [prompt] * m).items():
+                per_prompt["ReFL"][t].append(v.mean())
+    per_prompt = {arm: {t: np.asarray(v) for t, v in terms.items()}
+                  for arm, terms in per_prompt.items() if terms["fidelity"]}
+    base = per_prompt["base"]
+    return {
+        "weights": {t: DEFAULT_WEIGHTS[t] for t in TERMS},
+        "mean": {arm: {t: float(v.mean()) for t, v in terms.items()} for arm, terms in per_prompt.items()},
+        "difference_from_base": {arm: {t: mean_ci(v - base[t]) for t, v in terms.items()}
+                                 for arm, terms in per_prompt.items() if arm != "base"},
+    }
+
+
+def breakdown_section(breakdown: dict) -> str:
+    """The per-term table of `oracle_breakdown`, for report.html."""
+    import html
+
+    arms = list(breakdown["mean"])
+    diffs = breakdown["difference_from_base"]
+    head = "".join(f"<th>{html.escape(a)}</th>" for a in arms) + "".join(
+        f"<th>{html.escape(a)} - base [95%]</th>" for a in diffs)
+    rows = []
+    for term, weight in breakdown["weights"].items():
+        cells = "".join(f"<td>{breakdown['mean'][a][term]:.3f}</td>" for a in arms)
+        cells += "".join(f"<td>{d[term]['mean']:+.3f} [{d[term]['ci95'][0]:+.3f}, {d[term]['ci95'][1]:+.3f}]</td>"
+                         for d in diffs.values())
+        rows.append(f"<tr><td>{term} (x{weight:g})</td>{cells}</tr>")
+    return ("<h2>Where the hidden taste moved</h2><p class='note'>The oracle is a weighted mean of these terms. "
+            "A rise in the critic with a fall in a term the community values is reward hacking.</p>"
+            f"<table><tr><th>oracle term (weight)</th>{head}</tr>{''.join(rows)}</table>")
+
+
 def critic_section(summary: dict) -> str:
     """The demo's own numbers, placed at the top of report.html."""
     import html
@@ -260,13 +312,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings,
                "base_model": json.loads(base_report.read_text()) if base_report.is_file() else {}}
     summary["compare"] = headline(results)
+    summary["oracle_breakdown"] = oracle_breakdown(out, results)
     # One results.json holds every number the report shows: the harness's and the demo's own.
     from refl.compare import write_json
     from refl.report import write_report
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
-    summary["report"] = str(write_report(results, out, ccfg, preamble=critic_section(summary)))
+    preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"])
+    summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     return summary
 
@@ -327,6 +381,12 @@ def format_summary(summary: dict) -> str:
     compare = summary.get("compare")
     if compare:
         lines += ["-" * 72] + compare_lines(compare)
+    breakdown = summary.get("oracle_breakdown")
+    if breakdown:
+        for arm, diff in breakdown["difference_from_base"].items():
+            moves = sorted(diff.items(), key=lambda kv: -abs(kv[1]["mean"]))[:4]
+            lines.append(f"{arm} - base, largest oracle-term moves: "
+                         + ", ".join(f"{t} {d['mean']:+.3f}" for t, d in moves))
     lines += ["-" * 72, "stage seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in summary["timings"].items())]
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")

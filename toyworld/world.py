@@ -12,8 +12,10 @@ Nothing here imports torch: the world, the renderer, the checker and the oracle 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -179,3 +181,26 @@ def render_dataset(n: int, seed: int = 0, split: str = "train", size: int = 32,
     for i, prompt in enumerate(prompts):
         images[i] = render_array(parse_prompt(prompt), rng, size)
     return images, prompts
+
+
+def write_caption_set(out_dir: str | os.PathLike, n: int, seed: int = 0, split: str = "train",
+                      size: int = 32) -> Path:
+    """The world's pre-training data as an image-caption table: `n` renders as PNGs plus
+    `out_dir/captions.parquet` (`image` paths relative to it, `caption`). ReFL's denoising
+    regulariser reads it through `data.reg_images`. Returns the parquet's path."""
+    import pandas as pd
+    from PIL import Image
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, prompts = render_dataset(n, seed=seed, split=split, size=size)
+    rows = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = f"images/{i:05d}.png"
+        Image.fromarray(image).save(out / name)
+        rows.append({"image": name, "caption": prompt})
+    table = out / "captions.parquet"
+    tmp = out / "captions.parquet.tmp"
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    os.replace(tmp, table)
+    return table
