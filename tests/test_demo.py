@@ -69,3 +69,20 @@ def test_rerun_reuses_every_stage(quick_demo, capsys):
 
 def test_bad_override_is_named(tmp_path):
     assert demo_main(str(tmp_path), quick=True, overrides=["refl_updatez=3"]) == 2
+
+
+def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
+    from toyworld.ablation import run_ablation
+
+    summary = run_ablation(quick_demo, {"frozen": ["refl_lr=0", "refl_updates=1"],
+                                        "kl": ["refl_updates=1", "refl_kl_weight=1"]}, n_prompts=2, n_samples=2)
+    frozen, kl = summary["variants"]["frozen"], summary["variants"]["kl"]
+    # lr 0 leaves LoRA B at zero, so the tuned samples are the base samples: every paired difference is 0.
+    assert all(d["mean"] == 0.0 for d in frozen["difference_from_base"].values())
+    assert all(d["mean"] == 0.0 for d in frozen["oracle_terms_difference"].values())
+    assert "train/kl_loss" in kl["train"] and "train/kl_loss" not in frozen["train"]
+    root = quick_demo / "ablation"
+    for a, b in zip(sorted((root / "frozen" / "compare" / "samples" / "base").glob("*.npz")),
+                    sorted((root / "kl" / "compare" / "samples" / "base").glob("*.npz"))):
+        assert np.array_equal(np.load(a)["images"], np.load(b)["images"])
+    assert "| frozen |" in (root / "ablation.md").read_text()

@@ -60,11 +60,16 @@ class DemoConfig:
     # ReFL: optimizer updates, prompts per update, LR, sampler steps and cut range of the ReFL step.
     refl_updates: int = 120
     refl_batch: int = 8
-    refl_lr: float = 1e-3
+    refl_lr: float = 3e-3
     refl_steps: int = 20
     refl_cut_range: list[int] = field(default_factory=lambda: [14, 19])
-    # Weight of the denoising (pre-training) regulariser on base-model samples.
+    # Weight of the denoising (pre-training) regulariser.
     refl_reg_weight: float = 1.0
+    # Data of the denoising regulariser: this many renders of training prompts (the world's own
+    # pre-training data, as ImageReward uses its pre-training set); 0 = base-model samples instead.
+    refl_reg_renders: int = 0
+    # Weight of the KL-to-base penalty (refl.kl_weight; 0 = off).
+    refl_kl_weight: float = 0.0
     # Multiplier of the reward hinge loss (ImageReward: 1e-3 next to a full-UNet lr of 1e-5; Adam
     # normalises the overall scale, so what matters here is its balance with the regulariser).
     refl_grad_scale: float = 1.0
@@ -180,10 +185,17 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
     prompts_file = out / "prompts.txt"
     out.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(train_prompts) + "\n")
-    rcfg = load_config(ReflConfig, None, [
+    extra = []
+    if cfg.refl_reg_renders:
+        from toyworld.world import write_caption_set
+
+        table = write_caption_set(out / "reg_renders", cfg.refl_reg_renders, seed=cfg.seed + 3)
+        extra = [f"data.reg_images={table}", f"data.reg_pool_size={cfg.refl_reg_renders}"]
+    rcfg = load_config(ReflConfig, None, extra + [
         f"model.name={cfg.sd_model}", f"reward.critic={critic}", f"data.prompts_file={prompts_file}",
         f"refl.num_inference_steps={cfg.refl_steps}", f"refl.cut_range={cfg.refl_cut_range}",
-        f"refl.reg_weight={cfg.refl_reg_weight}", f"refl.grad_scale={cfg.refl_grad_scale}",
+        f"refl.reg_weight={cfg.refl_reg_weight}", f"refl.kl_weight={cfg.refl_kl_weight}",
+        f"refl.grad_scale={cfg.refl_grad_scale}",
         f"refl.guidance_scale={cfg.refl_guidance_scale}", f"train.max_updates={cfg.refl_updates}",
         f"train.batch_size={cfg.refl_batch}", "train.gradient_accumulation=1", f"train.lr={cfg.refl_lr}",
         f"train.seed={cfg.seed}", f"train.output_dir={out}", f"train.validation_steps={cfg.sample_steps}",
