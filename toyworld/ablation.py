@@ -90,7 +90,13 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
         table[name] = {"overrides": overrides, "selector": results["selector"], "difference_from_base": differences,
                        "oracle_terms_difference": terms, "train": {k: v for k, v in refl.items()
                                                                    if k.startswith("train/")}}
-    summary = {"demo": str(demo_dir), "prompts": n_prompts, "samples_per_prompt": n_samples, "variants": table}
+    summary = {"demo": str(demo_dir), "prompts": n_prompts, "samples_per_prompt": n_samples, "variants": {}}
+    previous = root / "ablation.json"
+    if previous.is_file():  # variants judged the same way earlier stay in the table
+        old = json.loads(previous.read_text())
+        if (old["prompts"], old["samples_per_prompt"]) == (n_prompts, n_samples):
+            summary["variants"] = old["variants"]
+    summary["variants"].update(table)
     (root / "ablation.json").write_text(json.dumps(summary, indent=2))
     (root / "ablation.md").write_text(markdown_table(summary))
     return summary

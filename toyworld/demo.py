@@ -57,6 +57,8 @@ class DemoConfig:
     critic_batch: int = 32
     critic_lr: float = 1e-4
     critic_training_mode: str = "visual_upper_layers"
+    # ReFL gradient method (refl.method: refl, draft, draft_lv, alignprop).
+    refl_method: str = "refl"
     # ReFL: optimizer updates, prompts per update, LR, sampler steps and cut range of the ReFL step.
     refl_updates: int = 120
     refl_batch: int = 8
@@ -193,7 +195,8 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
         extra = [f"data.reg_images={table}", f"data.reg_pool_size={cfg.refl_reg_renders}"]
     rcfg = load_config(ReflConfig, None, extra + [
         f"model.name={cfg.sd_model}", f"reward.critic={critic}", f"data.prompts_file={prompts_file}",
-        f"refl.num_inference_steps={cfg.refl_steps}", f"refl.cut_range={cfg.refl_cut_range}",
+        f"refl.method={cfg.refl_method}", f"refl.num_inference_steps={cfg.refl_steps}",
+        f"refl.cut_range={cfg.refl_cut_range}",
         f"refl.reg_weight={cfg.refl_reg_weight}", f"refl.kl_weight={cfg.refl_kl_weight}",
         f"refl.grad_scale={cfg.refl_grad_scale}",
         f"refl.guidance_scale={cfg.refl_guidance_scale}", f"train.max_updates={cfg.refl_updates}",
