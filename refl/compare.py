@@ -40,6 +40,7 @@ import torch
 
 from refl.components import ModelConfig
 from refl.evaluators import CriticEvaluator, create_evaluator
+from refl.prompts import read_prompt_file
 from reward.config import save_config, to_dict
 from reward.stats import bootstrap_ci
 
@@ -135,24 +136,8 @@ class CompareConfig:
 # ----------------------------------------------------------------------------- inputs and files
 def load_prompts(path: str | os.PathLike, column: str = "prompt", limit: int = 0) -> list[str]:
     """Prompts from a .txt file (one per line, blank lines skipped) or a .parquet/.csv `column`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist (set prompts=FILE: .txt, .parquet or .csv)")
-    if path.suffix in (".parquet", ".csv"):
-        import pandas as pd
-
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-        if column not in frame.columns:
-            raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)}); set prompt_column")
-        prompts = frame[column].astype(str).tolist()
-    else:
-        prompts = path.read_text(encoding="utf-8").splitlines()
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if limit:
-        prompts = prompts[:limit]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+    prompts = read_prompt_file(path, column, "prompts file", "prompt_column")
+    return prompts[:limit] if limit else prompts
 
 
 def sample_seeds(cfg: CompareConfig, prompt_index: int, n: int) -> np.ndarray:

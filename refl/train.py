@@ -29,6 +29,7 @@ import torch
 
 from refl.components import ModelConfig, SDComponents, _replace_dir, load_components
 from refl.lora import LoraSettings, add_lora, load_lora_state, lora_state, save_lora
+from refl.prompts import read_prompt_file
 from refl.step import (
     NonFiniteLossError,
     RewardFn,
@@ -197,23 +198,9 @@ def lr_lambda(cfg: TrainConfig):
 # ----------------------------------------------------------------------------- data
 def load_prompts(cfg: DataConfig) -> list[str]:
     """Prompts from a .txt (one per line), .parquet or .csv file, or the inline list."""
-    if cfg.prompts_file is None:
-        prompts = list(cfg.prompts)
-    else:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.prompts_file {path} does not exist")
-        if path.suffix in (".parquet", ".csv"):
-            import pandas as pd
-
-            frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-            if cfg.prompt_column not in frame.columns:
-                raise ValueError(f"{path} has no column {cfg.prompt_column!r} (columns: {list(frame.columns)}); "
-                                 "set data.prompt_column")
-            prompts = frame[cfg.prompt_column].astype(str).tolist()
-        else:
-            prompts = path.read_text(encoding="utf-8").splitlines()
-    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if cfg.prompts_file is not None:
+        return read_prompt_file(cfg.prompts_file, cfg.prompt_column, "data.prompts_file", "data.prompt_column")
+    prompts = [p.strip() for p in cfg.prompts if p and p.strip()]
     if not prompts:
         raise ValueError("no training prompts: set data.prompts_file or data.prompts")
     return prompts
