@@ -185,6 +185,10 @@ def samples_path(out: Path, arm: str, prompt_index: int) -> Path:
     return out / "samples" / arm / f"{prompt_index:04d}.npz"
 
 
+def scores_path(out: Path, arm: str, prompt_index: int) -> Path:
+    return out / "scores" / arm / f"{prompt_index:04d}.json"
+
+
 def load_samples(path: Path, fingerprint: str, seeds: np.ndarray) -> dict | None:
     """Stored samples of one prompt and arm, or None when absent; stale files fail loudly."""
     if not path.is_file():
@@ -536,7 +540,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
                 save_samples(path, images, seeds, prompt, fp, secs)
                 stored = {"images": images, "seeds": seeds, "seconds": secs}
                 drawn[model] += len(seeds)
-            cached = _scores_for(out / "scores" / model / f"{p:04d}.json", fp, stored["images"], prompt,
+            cached = _scores_for(scores_path(out, model, p), fp, stored["images"], prompt,
                                  evaluators, selector)
             for s in specs:
                 scores[model][s].append(cached["scores"][s])

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refl.compare import scores_path
+
 logger = logging.getLogger(__name__)
 
 ASSET_DIR = "report_files"
@@ -122,7 +124,7 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
         with np.load(out / "samples" / model / f"{p:04d}.npz") as data:
             image = data["images"][index]
             seed = int(data["seeds"][index])
-        cache = json.loads((out / "scores" / model / f"{p:04d}.json").read_text())
+        cache = json.loads(scores_path(out, model, p).read_text())
         scores = {s: cache["scores"][s][index] for s in specs}
         rel = f"{ASSET_DIR}/p{p:04d}_{model}_{index:03d}.png"
         save_image(image, out / rel, px)

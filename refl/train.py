@@ -409,9 +409,11 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
 
 
 def load_caption_images(path: str | os.PathLike, image_column: str, caption_column: str, size: int,
-                        limit: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+                        limit: int, seed: int, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, list[str]]:
     """Up to `limit` rows of an image-caption table (random rows, fixed by `seed`) -> images (N, 3, S, S)
-    in [0, 1] (shortest side resized to `size`, centre crop) and their captions."""
+    in [0, 1] (shortest side resized to `size`, centre crop) and their captions.
+
+    `shard` = (index, count): this process reads only every count-th of those rows, from `index`."""
     import pandas as pd
 
     from reward.model import load_image_tensor
@@ -431,8 +433,12 @@ def load_caption_images(path: str | os.PathLike, image_column: str, caption_colu
     if len(frame) == 0:
         raise ValueError(f"{path} has no rows")
     rows = np.random.default_rng(seed).permutation(len(frame))[:limit]
+    index, count = shard
+    if len(rows) < count:
+        raise ValueError(f"data.reg_images {path} has {len(rows)} row(s) for {count} processes; every process "
+                         "needs at least one")
     images, captions = [], []
-    for i in sorted(rows.tolist()):
+    for i in sorted(rows[index::count].tolist()):
         caption = frame[caption_column].iloc[i]
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"{path} row {i}: empty caption in column {caption_column!r}; fill it or drop the row")
@@ -455,12 +461,8 @@ def _reg_pool(components, cfg: ReflConfig, prompts, accelerator):
         d = cfg.data
         size = components.image_size
         images, captions = load_caption_images(d.reg_images, d.reg_image_column, d.reg_caption_column, size,
-                                               n * accelerator.num_processes, cfg.train.seed)
-        if len(captions) < accelerator.num_processes:
-            raise ValueError(f"data.reg_images {d.reg_images} has {len(captions)} row(s) for "
-                             f"{accelerator.num_processes} processes; every process needs at least one")
-        mine = slice(accelerator.process_index, None, accelerator.num_processes)
-        images, captions = images[mine], captions[mine]
+                                               n * accelerator.num_processes, cfg.train.seed,
+                                               shard=(accelerator.process_index, accelerator.num_processes))
         latents = torch.cat([encode_images(components, images[i : i + 16], gen) for i in range(0, len(images), 16)])
         logger.info("denoising regulariser: %d images from %s", len(captions), d.reg_images)
         return latents, captions  # (n, C, h, w), n captions

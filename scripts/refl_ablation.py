@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
+    from reward.config import ConfigError
     from toyworld.ablation import markdown_table, parse_variant, run_ablation
     from toyworld.demo import setup_logging
 
@@ -26,8 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=16, help="paired base/ReFL samples per prompt")
     args = parser.parse_args(argv)
     setup_logging()
-    variants = dict(parse_variant(v) for v in args.variant) or None
-    print(markdown_table(run_ablation(args.demo, variants, args.prompts, args.samples)))
+    try:
+        variants = dict(parse_variant(v) for v in args.variant) or None
+        summary = run_ablation(args.demo, variants, args.prompts, args.samples)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(summary))
     return 0
 
 

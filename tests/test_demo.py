@@ -86,3 +86,17 @@ def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
                     sorted((root / "kl" / "compare" / "samples" / "base").glob("*.npz"))):
         assert np.array_equal(np.load(a)["images"], np.load(b)["images"])
     assert "| frozen |" in (root / "ablation.md").read_text()
+
+
+def test_ablation_script_names_bad_input(quick_demo, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refl_ablation", Path("scripts") / "refl_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--demo", str(tmp_path)]) == 2
+    assert "is not a finished demo" in capsys.readouterr().err
+    assert script.main(["--demo", str(quick_demo), "--variant", "typo: refl_kl_wieght=1"]) == 2
+    assert "refl_kl_wieght" in capsys.readouterr().err
+    assert script.main(["--demo", str(quick_demo), "--variant", "no colon"]) == 2
+    assert "must look like" in capsys.readouterr().err

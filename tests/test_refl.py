@@ -379,6 +379,11 @@ def test_caption_images_for_the_regulariser_load_and_bad_rows_are_named(tmp_path
     images, captions = load_caption_images(table, "image", "caption", size=16, limit=2, seed=0)
     assert images.shape == (2, 3, 16, 16) and len(captions) == 2 and set(captions) < {r["caption"] for r in rows}
     assert 0.0 <= images.min() and images.max() <= 1.0
+    # Two processes read disjoint halves of the same drawn rows.
+    halves = [load_caption_images(table, "image", "caption", 16, 2, 0, shard=(k, 2))[1] for k in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(captions) and not set(halves[0]) & set(halves[1])
+    with pytest.raises(ValueError, match="1 row.* for 2 processes"):
+        load_caption_images(table, "image", "caption", 16, 1, 0, shard=(0, 2))
     with pytest.raises(ValueError, match=r"no column\(s\) \['text'\]"):
         load_caption_images(table, "image", "text", 16, 2, 0)
     pd.DataFrame([*rows, {"image": "gone.png", "caption": "x"}]).to_csv(tmp_path / "bad.csv", index=False)

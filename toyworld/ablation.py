@@ -48,7 +48,7 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = None, n_prompts: int = 32,
                  n_samples: int = 16) -> dict:
     """Train and judge each variant under `demo_dir/ablation/`; finished variants are reused."""
-    from refl.compare import CompareConfig, mean_ci, run_compare
+    from refl.compare import CompareConfig, mean_ci, run_compare, write_json
     from reward.config import load_config
     from toyworld.demo import DemoConfig, oracle_breakdown, stage_refl
     from toyworld.world import split_prompts
@@ -97,7 +97,7 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
         if (old["prompts"], old["samples_per_prompt"]) == (n_prompts, n_samples):
             summary["variants"] = old["variants"]
     summary["variants"].update(table)
-    (root / "ablation.json").write_text(json.dumps(summary, indent=2))
+    write_json(previous, summary)  # atomic: an interrupted write never loses the earlier variants
     (root / "ablation.md").write_text(markdown_table(summary))
     return summary
 

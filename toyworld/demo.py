@@ -51,8 +51,8 @@ class DemoConfig:
     oracle_pair_prompts: int = 32
     # Critic fine-tuning (triplet), per-process batch, epochs, LR and which layers train. The demo
     # trains only the upper vision blocks: on ~2k community pairs that agree ~65% with the taste,
-    # training the text tower too (the paper's mode) fitted the training prompts and lost ~5 points
-    # against the oracle on held-out prompts; the vision-only critic kept its zero-shot accuracy.
+    # training the text tower too (the paper's mode) fitted the training prompts and, in exploratory
+    # runs, lost ~5 points against the oracle on held-out prompts (try it: --set critic_training_mode=...).
     critic_epochs: int = 3
     critic_batch: int = 32
     critic_lr: float = 1e-4
@@ -163,7 +163,8 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
         return json.loads(summary_file.read_text())
     exp = load_config(RewardExperiment, None, [
         "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}",
-        f"critic.training_mode={cfg.critic_training_mode}", f"data.train={pairs}", "data.val_fraction=0.1", f"train.epochs={cfg.critic_epochs}",
+        f"critic.training_mode={cfg.critic_training_mode}", f"data.train={pairs}", "data.val_fraction=0.1",
+        f"train.epochs={cfg.critic_epochs}",
         f"train.batch_size={cfg.critic_batch}", f"train.lr={cfg.critic_lr}", "train.lr_schedule=cosine",
         "train.warmup_steps=10", f"train.seed={cfg.seed}", f"output_dir={out}",
     ])
@@ -230,7 +231,7 @@ def oracle_breakdown(out: Path, results: dict) -> dict:
     """What each arm changed in the hidden taste, term by term: mean oracle term per held-out prompt for
     base (one sample), base best-of-N (the selector's pick) and ReFL (one sample), and the paired
     difference of the latter two from base with a 95% bootstrap interval over prompts."""
-    from refl.compare import best_of_n_indices, mean_ci, samples_path
+    from refl.compare import best_of_n_indices, mean_ci, samples_path, scores_path
     from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_terms
 
     n, m, selector = results["n_samples"], results["refl_samples"], results["selector"]
@@ -239,7 +240,7 @@ def oracle_breakdown(out: Path, results: dict) -> dict:
     for p, prompt in enumerate(results["prompts"]):
         base = np.load(samples_path(out, "base", p))["images"][:n]  # (n, H, W, 3)
         terms = oracle_terms(base, [prompt] * n)  # term -> (n,)
-        chosen = np.asarray(json.loads((out / "scores" / "base" / f"{p:04d}.json").read_text())["scores"][selector])
+        chosen = np.asarray(json.loads(scores_path(out, "base", p).read_text())["scores"][selector])
         pick = int(best_of_n_indices(chosen[None, :n], n)[0])
         for t in TERMS:
             per_prompt["base"][t].append(terms[t].mean())
