@@ -52,6 +52,8 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     for label, arm in (("base", "base_random"), (f"base best-of-{results['n_samples']}", best), ("ReFL", "refl_random")):
         recombined = float(combine_terms({t: np.asarray(v) for t, v in breakdown["mean"][label].items()}))
         assert recombined == pytest.approx(results["arms"][arm]["scores"][oracle]["mean"], abs=1e-9), label
+    carried = demo["community"]["community"]["term_agreement"]
+    assert f"placement {carried['placement']:.0%}" in page and len(carried) == len(breakdown["weights"])
     assert "Where the hidden taste moved" in page and f"{breakdown['mean']['ReFL']['size']:.3f}" in page
     assert Path(demo["refl"]["lora"]).is_dir()
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.

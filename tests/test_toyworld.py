@@ -170,6 +170,18 @@ def test_community_pairs_carry_the_taste_and_load_as_social_reward_data(tmp_path
     records = load_pairs(result.parquet)
     assert len(records) == result.n_pairs
     assert Path(records[0].pos).is_file()
+    # Per-term agreement, recomputed independently from the written image files.
+    from PIL import Image
+
+    def terms_of(paths, prompts):
+        return oracle_terms([np.asarray(Image.open(p).convert("RGB")) for p in paths], prompts)
+
+    prompts = [r.prompt for r in records]
+    pos, neg = terms_of([r.pos for r in records], prompts), terms_of([r.neg for r in records], prompts)
+    assert set(result.term_agreement) == set(TERMS)
+    for t in TERMS:
+        expected = float(((np.sign(pos[t] - neg[t]) + 1) / 2).mean())
+        assert result.term_agreement[t] == pytest.approx(expected, abs=1e-9), t
 
 
 def test_community_accepts_paths_and_arrays(tmp_path):

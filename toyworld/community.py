@@ -60,6 +60,9 @@ class PairsResult:
     n_remixed: int  # images remixed at least once
     oracle_agreement: float  # share of pairs with oracle(pos) > oracle(neg) (ties count half)
     oracle_ties: float  # share of pairs where the oracle ties
+    # Per oracle term: share of pairs whose positive is better on that term (ties count half), i.e.
+    # how much of each part of the taste the pairs carry (0.5 = none).
+    term_agreement: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -134,7 +137,7 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
             if rng.uniform() < cfg.remix_prob:
                 remixed[shown[int(np.argmax(utility))]] += 1
 
-    rows, agree = [], []
+    rows, agree, pair_index = [], [], []
     written: dict[int, str] = {}
 
     def rel_path(i: int) -> str:
@@ -164,6 +167,7 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
         for a, b in combos:
             rows.append({"prompt": prompt, "pos_path": rel_path(int(a)), "neg_path": rel_path(int(b))})
             agree.append(1.0 if oracle[a] > oracle[b] else 0.5 if oracle[a] == oracle[b] else 0.0)
+            pair_index.append((a, b))
 
     df = pd.DataFrame(rows, columns=["prompt", "pos_path", "neg_path"])
     parquet = out_dir / PAIRS_FILE
@@ -171,11 +175,17 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
     df.to_parquet(tmp, index=False)
     os.replace(tmp, parquet)
     agree_arr = np.asarray(agree)
+    term_agreement = {}
+    if pair_index:
+        pos, neg = np.asarray(pair_index).T  # (P,), (P,)
+        better = np.sign(terms[pos] - terms[neg])  # (P, T): +1 positive better, 0 tie, -1 worse
+        term_agreement = {t: float(((better[:, j] + 1) / 2).mean()) for j, t in enumerate(TERMS)}
     result = PairsResult(
         parquet=parquet, n_pairs=len(df), n_prompts=n_prompts, n_images=len(terms),
         n_remixed=int((remixed > 0).sum()),
         oracle_agreement=float(agree_arr.mean()) if len(agree_arr) else float("nan"),
         oracle_ties=float((agree_arr == 0.5).mean()) if len(agree_arr) else float("nan"),
+        term_agreement=term_agreement,
         config={"n_users": n_users, "seed": seed, **asdict(cfg)},
     )
     (out_dir / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2))

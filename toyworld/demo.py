@@ -290,14 +290,18 @@ def critic_section(summary: dict) -> str:
         f"<tr><td>{html.escape(name)}</td><td>{r['pairwise_accuracy']:.1%}</td>"
         f"<td>[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]</td><td>{r['n_pairs']}</td></tr>" for name, r in rows)
     base_fid = summary.get("base_model", {}).get("eval_prompt_fidelity")
+    carried = comm.get("term_agreement")
+    carried_text = ("Share of pairs whose preferred image is better on each oracle term (ties half; 50% = no "
+                    "signal): " + ", ".join(f"{t} {v:.0%}" for t, v in carried.items()) + ". ") if carried else ""
+    fidelity_text = (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out "
+                     "prompts.") if base_fid is not None else ""
     return (
         "<h2>The critic against the hidden taste</h2>"
         f"<p class='note'>The community remixed {comm['n_remixed']} of {comm['n_images']} base-model images "
         f"over {comm['n_prompts']} training prompts, giving {comm['n_pairs']} Social Reward pairs, "
         f"{comm['oracle_agreement']:.1%} of which agree with the oracle (real implicit feedback is noisy). "
-        "Below: pairwise accuracy against the oracle on pairs from held-out prompts, 95% bootstrap intervals."
-        + (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out prompts."
-           if base_fid is not None else "") + "</p>"
+        f"{carried_text}Below: pairwise accuracy against the oracle on pairs from held-out prompts, 95% "
+        f"bootstrap intervals.{fidelity_text}</p>"
         "<table><tr><th>critic</th><th>accuracy vs oracle</th><th>95% interval</th><th>pairs</th></tr>"
         f"{table}<tr><td>chance</td><td>50.0%</td><td></td><td></td></tr></table>"
     )
