@@ -14,6 +14,7 @@ open_clip ships, so it gives the same ids as OpenAI CLIP (and open_clip) do.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -88,6 +89,8 @@ class SDComponents:
     scheduler: Any  # the training noise scheduler (DDPMScheduler config of the model)
     source: str = ""  # where they came from (preset name or path), for logs and metadata
     extra: dict = field(default_factory=dict)
+    # dtype of the frozen base weights (fp16/bf16 under mixed precision); LoRA tensors stay fp32.
+    dtype: torch.dtype = torch.float32
 
     @property
     def vae_scale(self) -> int:
@@ -104,7 +107,25 @@ class SDComponents:
     def to(self, device=None, dtype=None) -> SDComponents:
         for m in self.modules().values():
             m.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self.dtype = dtype
         return self
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        """Recompute UNet blocks and VAE decoder blocks in backward instead of storing their activations.
+        diffusers only checkpoints while gradients are enabled, so no-grad sampling is unaffected."""
+        for module in (self.unet, self.vae):
+            if enable:
+                module.enable_gradient_checkpointing()
+            else:
+                module.disable_gradient_checkpointing()
+
+    def autocast(self):
+        """Autocast to the base weights' dtype, so fp32 latents and fp32 LoRA tensors meet half-precision
+        weights without dtype errors; a no-op for an fp32 base. Every forward pass of the base runs in it."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.unet.device.type, dtype=self.dtype)
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -23,11 +23,14 @@ from typing import Protocol, Union
 import numpy as np
 import torch
 
+from reward.files import content_hash
+
 logger = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
     name: str  # the spec it was created from; the key of its numbers in results.json
+    fingerprint: str  # the spec plus a hash of the files it reads: cached scores are keyed by it
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray: ...
 
@@ -157,5 +160,7 @@ def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
     if not isinstance(evaluator, CriticEvaluator):
         evaluator = _Checked(spec, evaluator)
     evaluator.name = spec
+    # What its scores are cached under: the spec and the content of the files it names.
+    evaluator.fingerprint = f"{spec}|{content_hash(argument)}"
     logger.info("evaluator %s ready", spec)
     return evaluator

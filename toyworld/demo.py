@@ -334,8 +334,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["compare"] = headline(results)
     summary["oracle_breakdown"] = oracle_breakdown(out, results)
     # One results.json holds every number the report shows: the harness's and the demo's own.
-    from refl.compare import write_json
     from refl.report import write_report
+    from reward.files import write_json
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
