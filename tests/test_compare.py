@@ -309,3 +309,10 @@ def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["selector"] == "critic:tiny-clip" and "base_random" in summary["means"]
     assert main(["--set", "no_such_key=1"]) == 2
+
+
+def test_bf16_harness_with_a_lora(world, tmp_path):
+    results = C.run_compare(_cfg(world, tmp_path / "bf16", "dtype=bf16", "max_prompts=1", "n_samples=2",
+                                 "benchmark_throughput=false"))
+    assert set(results["arms"]) >= {"base_random", "refl_random", "base_best_of_2"}
+    assert all(np.isfinite(v["mean"]) for arm in results["arms"].values() for v in arm["scores"].values())
