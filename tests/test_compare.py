@@ -220,8 +220,9 @@ def test_interrupted_run_resumes_without_redrawing(world, run, monkeypatch):
 
 def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, monkeypatch):
     """Caches are keyed by content: a LoRA or critic rewritten in the same folder is never reused stale."""
-    import reward
     from safetensors.torch import load_file, save_file
+
+    import reward
 
     lora = tmp_path / "lora"
     shutil.copytree(world["root"] / "lora", lora)
