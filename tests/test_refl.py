@@ -572,3 +572,22 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     assert pipe.unet.dtype == torch.bfloat16
     rows = generate(pipe, ["a cat"], tmp_path / "gen", n=2, seed=0, num_inference_steps=2, batch_size=2)
     assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)
+
+
+def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_refl_script", os.path.join("scripts", "bench_refl.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "bench.json"
+    result = script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
+                          "--set", "repeats=1", "--set", "dtype=bf16", "--set", "best_of_batch=2", "--out", str(out)])
+    assert json.loads(out.read_text())["update_tflop"] == result["update_tflop"] > 0
+    for run in ("checkpointing", "no_checkpointing"):
+        assert {"sampling", "grad_step", "decode", "critic", "backward"} <= set(result[run]["seconds_by_phase"])
+        assert result[run]["seconds_per_update"] > 0
+    assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
+    assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
+    assert result["model_flop_utilisation"] is None  # no known peak for a CPU
