@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from refl.components import ModelConfig, SDComponents, build_pipeline, load_components
+from refl.components import ModelConfig, build_pipeline, load_components
 from refl.lora import LoraSettings, add_lora
 from refl.step import PhaseTimer, StepConfig, make_scheduler, reward_step
 
