@@ -591,3 +591,33 @@ def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
     assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
     assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
     assert result["model_flop_utilisation"] is None  # no known peak for a CPU
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
+    import sys
+
+    from refl.train import TrainConfig, build_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it now fails
+    with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit"))
+    with pytest.raises(ValueError, match="adamw8bit"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="sgd"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast and the loss scaler need CUDA")
+def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
+    import json
+
+    from refl.train import ReflConfig, train
+    from reward.config import load_config
+
+    cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=3) + [
+        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16", "train.validate_every=3",
+        "train.validation_steps=2", "refl.reg_weight=1.0", "refl.kl_weight=1.0", "data.reg_pool_size=4"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    blob = torch.load(tmp_path / "checkpoints" / "update-000003" / "training_state.pt", weights_only=False)
+    assert blob["scaler"] is not None  # the fp16 path ran with loss scaling
