@@ -27,12 +27,15 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-@pytest.mark.parametrize("method,extra", [("refl", {"cut_range": [2, 3]}), ("draft", {"draft_k": 1}),
+# bf16 is what users run; fp32 is here because this project's CPU has no bf16 instructions, where
+# one bf16 update at 512 px did not finish within 50 minutes, so the full-size path is checked in fp32 too.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("method,extra", [("refl", {"cut_range": [2, 3]}),
+                                          ("draft", {"draft_k": 1, "cut_range": [2, 3]}),
                                           ("alignprop", {"cut_range": [2, 2]})])
-def test_sd15_vitl14_update_in_bf16_at_512px(method, extra):
+def test_sd15_vitl14_update_at_512px(method, extra, dtype):
     import reward
 
-    dtype = torch.bfloat16
     components = load_components(ModelConfig(name="sd15"))
     assert components.image_size == 512
     components.to(dtype=dtype)
@@ -50,7 +53,7 @@ def test_sd15_vitl14_update_in_bf16_at_512px(method, extra):
                       torch.Generator().manual_seed(0))
     out["loss"].backward()
     grads = [p.grad for p in params]
-    print(f"\n{method}: loss {out['loss'].item():.4g}, peak RSS {_peak_rss_gib():.2f} GiB")
+    print(f"\n{method} {dtype}: loss {out['loss'].item():.4g}, peak RSS {_peak_rss_gib():.2f} GiB")
     assert torch.isfinite(out["loss"])
     assert all(p.dtype == torch.float32 for p in params)
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
