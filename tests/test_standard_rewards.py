@@ -60,6 +60,7 @@ def weights(tmp_path_factory):
     torch.save(mlp.state_dict(), root / "sac+logos+ava1-l14-linearMSE.pth")  # a plain state dict
     hf = _tiny_hf_clip()
     hf.save_pretrained(root / "pickscore")
+    _imagereward_release(root / "imagereward")
     return {
         "root": root, "clip": clip, "mlp": mlp, "hf": hf,
         "specs": {
@@ -67,6 +68,7 @@ def weights(tmp_path_factory):
             "aesthetic": f"aesthetic:{root},backbone=tiny-clip:{root / 'tiny_openclip.pt'}",
             "pickscore": f"pickscore:{root / 'pickscore'}",
             "hpsv2": f"hpsv2:{hps},model=tiny-clip",
+            "imagereward": f"imagereward:{root / 'imagereward'}",
         },
     }
 
@@ -147,7 +149,7 @@ def test_spec_parsing_and_unknown_kinds_or_options():
 
 
 # ----------------------------------------------------------------------------- scoring, ranking, gradients
-@pytest.mark.parametrize("kind", ["clipscore", "aesthetic", "pickscore", "hpsv2"])
+@pytest.mark.parametrize("kind", ["clipscore", "aesthetic", "pickscore", "hpsv2", "imagereward"])
 def test_tiny_models_score_rank_and_pass_gradients(weights, kind):
     model = load_standard(weights["specs"][kind])
     assert all(not p.requires_grad for p in model.parameters())
@@ -170,7 +172,7 @@ def test_tiny_models_score_rank_and_pass_gradients(weights, kind):
         assert (s[0] - s[1]).abs() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["clipscore", "aesthetic", "pickscore", "hpsv2"])
+@pytest.mark.parametrize("kind", ["clipscore", "aesthetic", "pickscore", "hpsv2", "imagereward"])
 def test_tiny_models_score_in_bf16(weights, kind):
     model = load_standard(weights["specs"][kind])
     images = _images(seed=3)
@@ -276,3 +278,147 @@ def test_transform_is_differentiable_and_refuses_bad_shapes():
         x.grad = None
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         transform_images(torch.rand(3, 8, 8), ImageTransform(size=16))
+
+
+# ----------------------------------------------------------------------------- ImageReward (BLIP)
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "on", "blue", "background", "green",
+         "circle", "##s"]
+
+
+def _imagereward_release(folder, seed=0, vocab=VOCAB):
+    """A tiny ImageReward.pt written with BLIP's own key names (vit.py / med.py / ImageReward's MLP) and a
+    med_config.json; widths: ViT 64 (one 64-dim head, like BLIP's), BERT 32, 16 px images, 8 px patches."""
+    import json
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    def ln(prefix, d, out):
+        out[prefix + ".weight"], out[prefix + ".bias"] = 1 + r(d), r(d)
+
+    def lin(prefix, o, i, out):
+        out[prefix + ".weight"], out[prefix + ".bias"] = r(o, i), r(o)
+
+    v, t, ff_v, ff_t, n_pos = 64, 32, 256, 64, 40
+    s = {"blip.visual_encoder.cls_token": r(1, 1, v), "blip.visual_encoder.pos_embed": r(1, 5, v),
+         "blip.visual_encoder.patch_embed.proj.weight": r(v, 3, 8, 8), "blip.visual_encoder.patch_embed.proj.bias": r(v)}
+    b = "blip.visual_encoder.blocks.0."
+    ln(b + "norm1", v, s), lin(b + "attn.qkv", 3 * v, v, s), lin(b + "attn.proj", v, v, s), ln(b + "norm2", v, s)
+    lin(b + "mlp.fc1", ff_v, v, s), lin(b + "mlp.fc2", v, ff_v, s), ln("blip.visual_encoder.norm", v, s)
+    e = "blip.text_encoder."
+    s[e + "embeddings.word_embeddings.weight"] = r(len(vocab), t)
+    s[e + "embeddings.position_embeddings.weight"] = r(n_pos, t)
+    s[e + "embeddings.position_ids"] = torch.arange(n_pos)[None]  # a persistent buffer in BLIP's med.py
+    ln(e + "embeddings.LayerNorm", t, s)
+    layer = e + "encoder.layer.0."
+    for name in ("query", "key", "value"):
+        lin(layer + f"attention.self.{name}", t, t, s)
+        lin(layer + f"crossattention.self.{name}", t, t if name == "query" else v, s)
+    for att in ("attention", "crossattention"):
+        lin(layer + f"{att}.output.dense", t, t, s), ln(layer + f"{att}.output.LayerNorm", t, s)
+    lin(layer + "intermediate.dense", ff_t, t, s), lin(layer + "output.dense", t, ff_t, s)
+    ln(layer + "output.LayerNorm", t, s)
+    lin("blip.vision_proj", 256, v, s), lin("blip.text_proj", 256, t, s)  # in the release, unused by scoring
+    for i, (o, n) in zip((0, 2, 4, 6, 7), [(1024, t), (128, 1024), (64, 128), (16, 64), (1, 16)]):
+        lin(f"mlp.layers.{i}", o, n, s)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(s, folder / "ImageReward.pt")
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": t, "initializer_range": 0.02, "intermediate_size": ff_t,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": n_pos, "model_type": "bert",
+           "num_attention_heads": 2, "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2,
+           "vocab_size": len(vocab), "encoder_width": 768, "add_cross_attention": True}
+    (folder / "med_config.json").write_text(json.dumps(med))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return s
+
+
+# BLIP vit.py names -> transformers BlipVisionModel names, written out for the one-block test model.
+_VIT_NAMES = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+              "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+              "patch_embed.proj.bias": "embeddings.patch_embedding.bias", "norm.weight": "post_layernorm.weight",
+              "norm.bias": "post_layernorm.bias"}
+for _p in ("weight", "bias"):
+    _VIT_NAMES.update({f"blocks.0.norm1.{_p}": f"encoder.layers.0.layer_norm1.{_p}",
+                       f"blocks.0.norm2.{_p}": f"encoder.layers.0.layer_norm2.{_p}",
+                       f"blocks.0.attn.qkv.{_p}": f"encoder.layers.0.self_attn.qkv.{_p}",
+                       f"blocks.0.attn.proj.{_p}": f"encoder.layers.0.self_attn.projection.{_p}",
+                       f"blocks.0.mlp.fc1.{_p}": f"encoder.layers.0.mlp.fc1.{_p}",
+                       f"blocks.0.mlp.fc2.{_p}": f"encoder.layers.0.mlp.fc2.{_p}"})
+
+
+@pytest.fixture(scope="module")
+def imagereward(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imagereward")
+    state = _imagereward_release(folder)
+    return folder, state
+
+
+def test_imagereward_round_trip_and_tokens(imagereward):
+    folder, state = imagereward
+    model = load_standard(f"imagereward:{folder}")
+    vision, text, mlp = model.vision.state_dict(), model.text.state_dict(), model.mlp.state_dict()
+    assert len(vision) == len(_VIT_NAMES)
+    for ours, theirs in _VIT_NAMES.items():
+        assert torch.equal(vision[theirs], state["blip.visual_encoder." + ours]), ours
+    for key, value in text.items():
+        assert torch.equal(value, state["blip.text_encoder." + key]), key
+    for key, value in mlp.items():
+        assert torch.equal(value, state["mlp." + key]), key
+    assert model.vision.config.layer_norm_eps == 1e-6 and model.vision.config.image_size == 16
+    # The same file given by path, and the prompt padded to 35 BERT tokens as ImageReward does.
+    again = load_standard(f"imagereward:{folder / 'ImageReward.pt'}")
+    assert torch.equal(again.mlp.layers[0].weight, model.mlp.layers[0].weight)
+    ids = model.tokenizer(["A red squares"], padding="max_length", truncation=True, max_length=35).input_ids[0]
+    assert ids[:6] == [2, 5, 6, 7, 13, 3] and ids[6:] == [0] * 29
+
+
+def test_imagereward_applies_the_published_normalisation(imagereward):
+    from reward.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+
+    folder, _ = imagereward
+    model = load_standard(f"imagereward:{folder}")
+    images = _images(h=20, w=28)
+    with torch.no_grad():
+        # The normalisation is the published one: undo it and the raw MLP output of the [CLS] token remains.
+        pixels = model.preprocess(images)
+        emb = model.vision(pixel_values=pixels).last_hidden_state
+        tok = model.tokenizer(["a red square"] * 2, padding="max_length", max_length=35, return_tensors="pt")
+        cls = model.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=emb,
+                         encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        raw = model.mlp(cls)[:, 0]
+        torch.testing.assert_close(model(images, "a red square"),
+                                   (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_imagereward_preprocess_like_its_transform(imagereward, shape):
+    """ImageReward's _transform: Resize(S, bicubic), CenterCrop(S), ToTensor, Normalize(OpenAI), on PIL."""
+    from torchvision import transforms as T
+
+    folder, _ = imagereward
+    model = load_standard(f"imagereward:{folder}")
+    s, t = model.transform.size, model.transform
+    im, x = _pil_and_tensor(*shape)
+    ref = T.Compose([T.Resize(s, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(s), T.ToTensor(),
+                     T.Normalize(t.mean, t.std)])(im)[None]
+    _close_to_pil(model.preprocess(x), ref, t.std)
+
+
+def test_imagereward_refuses_wrong_files(imagereward, tmp_path):
+    folder, state = imagereward
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("med_config.json", "vocab.txt"):
+        (bad / name).write_text((folder / name).read_text())
+    torch.save({k.replace("blocks.0.attn.qkv", "blocks.0.attn.qkv2"): v for k, v in state.items()}, bad / "ImageReward.pt")
+    with pytest.raises(WeightsError, match=rf"{bad}.*missing.*self_attn.qkv.*unexpected.*qkv2"):
+        load_standard(f"imagereward:{bad}")
+    torch.save({"model": state}, bad / "ImageReward.pt")  # nested one level too deep
+    with pytest.raises(WeightsError, match=r"ImageReward.pt does not look like ImageReward.pt"):
+        load_standard(f"imagereward:{bad}")
+    (bad / "med_config.json").unlink()
+    with pytest.raises(WeightsError, match=r"has no med_config.json"):
+        load_standard(f"imagereward:{bad}")
