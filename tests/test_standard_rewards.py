@@ -422,3 +422,71 @@ def test_imagereward_refuses_wrong_files(imagereward, tmp_path):
     (bad / "med_config.json").unlink()
     with pytest.raises(WeightsError, match=r"has no med_config.json"):
         load_standard(f"imagereward:{bad}")
+
+
+# ----------------------------------------------------------------------------- validate_reward baselines
+def _pickapic_file(path, n=12, n_first=8, ties=1):
+    """A Pick-a-Pic-style parquet of encoded non-square images: n_first rows prefer jpg_0, the rest jpg_1."""
+    import io
+
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n + ties):
+        enc = []
+        for _ in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(buf, format="PNG")
+            enc.append(buf.getvalue())
+        l0 = 0.5 if i >= n else float(i < n_first)
+        rows.append({"caption": PROMPTS[i % 2], "jpg_0": enc[0], "jpg_1": enc[1], "label_0": l0, "label_1": 1 - l0})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_validate_reward_with_two_standard_baselines_writes_the_table(weights, tmp_path):
+    import io
+    import json
+
+    import pandas as pd
+
+    from reward.cli import validate_main
+    from reward.model import CriticConfig, create_critic
+
+    pairs = _pickapic_file(tmp_path / "pairs.parquet")
+    critic = create_critic(CriticConfig(model_name="tiny-clip", training_mode="all"))
+    critic.save_pretrained(tmp_path / "critic")
+    out = tmp_path / "val.json"
+    code = validate_main([str(pairs), "--checkpoint", str(tmp_path / "critic"), "--out", str(out),
+                          "--baseline", weights["specs"]["hpsv2"], "--baseline", weights["specs"]["pickscore"]])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [b["model"] for b in report["baselines"]] == [weights["specs"]["hpsv2"], weights["specs"]["pickscore"]]
+    for row in [report["tuned"], *report["baselines"]]:
+        assert row["n_pairs"] == 12 and row["n_tied_labels"] == 1
+        lo, hi = row["ci95"]
+        assert 0 <= lo <= row["pairwise_accuracy"] <= hi <= 1
+    assert report["majority"] == {"rate": 8 / 12, "rule": "always the first image", "n_pairs": 12}
+    # The standard model's accuracy is the one its own scores give, pair by pair.
+    from reward.standard import load_standard
+
+    hps = load_standard(weights["specs"]["hpsv2"])
+    df = pd.read_parquet(pairs)
+    wins = []
+    for row in df.itertuples():
+        if row.label_0 == 0.5:
+            continue
+        ims = [torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+               .float() / 255 for b in (row.jpg_0, row.jpg_1)]
+        with torch.no_grad():
+            s = hps(torch.stack(ims), [row.caption])
+        pos, neg = (s[0], s[1]) if row.label_0 > row.label_1 else (s[1], s[0])
+        wins.append(1.0 if pos > neg else 0.5 if pos == neg else 0.0)
+    assert report["baselines"][0]["pairwise_accuracy"] == pytest.approx(np.mean(wins))
+    table = out.with_suffix(".md").read_text()
+    assert "| chance | 0.500 |" in table and "| majority (always the first image) | 0.667 |" in table
+    assert weights["specs"]["pickscore"] in table and f"critic {tmp_path / 'critic'}" in table
+    # A wrong baseline file stops with exit code 2 and a message naming it.
+    assert validate_main([str(pairs), "--checkpoint", str(tmp_path / "critic"), "--out", str(out),
+                          "--baseline", f"hpsv2:{tmp_path / 'nope.pt'}"]) == 2
