@@ -490,3 +490,37 @@ def test_validate_reward_with_two_standard_baselines_writes_the_table(weights, t
     # A wrong baseline file stops with exit code 2 and a message naming it.
     assert validate_main([str(pairs), "--checkpoint", str(tmp_path / "critic"), "--out", str(out),
                           "--baseline", f"hpsv2:{tmp_path / 'nope.pt'}"]) == 2
+
+
+# ----------------------------------------------------------------------------- harness evaluators
+def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
+    import json
+
+    from refl import compare as C
+    from refl.evaluators import create_evaluator
+    from reward.config import load_config
+
+    (tmp_path / "prompts.txt").write_text("a red square\na green circle\n")
+    hps, pick = weights["specs"]["hpsv2"], weights["specs"]["pickscore"]
+    cfg = load_config(C.CompareConfig, None, [
+        "model.name=tiny", f"prompts={tmp_path / 'prompts.txt'}", "n_samples=2", "batch_size=2",
+        "num_inference_steps=2", "guidance_scale=1.0", "selector=tiny-clip", f"evaluators=['{hps}', '{pick}']",
+        "bootstrap_resamples=50", "report_image_px=32", f"output_dir={tmp_path / 'run'}", "device=cpu"])
+    old = torch.get_num_threads()
+    try:
+        results = C.run_compare(cfg)
+    finally:
+        torch.set_num_threads(old)
+    assert results["evaluators"] == ["critic:tiny-clip", hps, pick]
+    for arm in results["arms"].values():
+        assert set(arm["scores"]) == set(results["evaluators"])
+        assert all(np.isfinite(arm["scores"][spec]["mean"]) for spec in (hps, pick))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["evaluators"] == results["evaluators"]
+    # The evaluator gives the model's own scores on the stored uint8 images.
+    ev = create_evaluator(hps)
+    images = np.random.default_rng(0).integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)
+    model = load_standard(hps)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, ["a", "b", "c"]).double().numpy()
+    np.testing.assert_allclose(ev(images, ["a", "b", "c"]), direct, rtol=1e-6)
