@@ -524,3 +524,38 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     with torch.no_grad():
         direct = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, ["a", "b", "c"]).double().numpy()
     np.testing.assert_allclose(ev(images, ["a", "b", "c"]), direct, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ReFL on a weighted mix
+def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_path):
+    import json
+
+    from refl.train import ReflConfig, build_reward, train
+    from reward.config import load_config
+
+    hps_arg = weights["specs"]["hpsv2"].partition(":")[2]
+    out = tmp_path / "run"
+    overrides = [f"train.output_dir={out}", "model.name=tiny", "train.max_updates=2", "train.batch_size=2",
+                 "train.gradient_accumulation=1", "train.lr=1e-2", "train.checkpoint_every=0", "train.log_with=none",
+                 "train.validate_every=0", "refl.num_inference_steps=3", "refl.cut_range=[1,2]",
+                 "train.mixed_precision=bf16", "reward.kind=mix", "reward.critic=tiny-clip",
+                 "reward.mix={critic: 1.0, hpsv2: 0.5}", f"reward.standard.hpsv2={hps_arg}"]
+    cfg = load_config(ReflConfig, None, overrides)
+    result = train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"train/reward/critic", "train/reward/hpsv2"} <= set(row)
+        # The logged reward is the weighted sum of the logged (unweighted) terms.
+        mixed = row["train/reward/critic"] + 0.5 * row["train/reward/hpsv2"]
+        assert row["train/reward"] == pytest.approx(mixed, abs=1e-5)
+        assert -1.0 <= row["train/reward/hpsv2"] <= 1.0 and row["train/reward/hpsv2"] != 0.0
+    assert result["train/grad_norm"] > 0
+    # A single standard model is a reward kind of its own; misspelt terms are refused.
+    alone = build_reward(load_config(ReflConfig, None, ["reward.kind=hpsv2", f"reward.standard.hpsv2={hps_arg}"]).reward,
+                         "cpu")
+    images = _images(seed=5).requires_grad_(True)
+    alone(images, PROMPTS).sum().backward()
+    assert images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"reward.mix terms \['hps'\] are not reward kinds"):
+        build_reward(load_config(ReflConfig, None, ["reward.kind=mix", "reward.mix={hps: 1.0}"]).reward, "cpu")
