@@ -9,7 +9,7 @@ Kinds (`STANDARD_KINDS`), each loaded from a spec `kind:ARGUMENT[,option=value..
 
 | kind        | score                                           | ARGUMENT (local path, or hub id; empty = default hub id) |
 |-------------|-------------------------------------------------|-----------------------------------------------------------|
-| clipscore   | 100 * cos(text, image) of an open_clip model    | open_clip `NAME[:PRETRAINED]` (default ViT-L-14:openai)   |
+| clipscore   | 100 * cos(text, image) of an open_clip model    | open_clip `NAME[:PRETRAINED]` (default ViT-L-14-quickgelu:openai) |
 | aesthetic   | LAION aesthetic v2 MLP(normalised ViT-L-14 emb) | the MLP file `sac+logos+ava1-l14-linearMSE.pth`           |
 | pickscore   | logit_scale.exp() * cos, transformers CLIPModel | a CLIPModel folder (hub: yuvalkirstain/PickScore_v1)      |
 | hpsv2       | cos of open_clip ViT-H-14 + HPS checkpoint      | `HPS_v2_compressed.pt` (hub: xswu/HPSv2)                  |
@@ -277,7 +277,12 @@ def _open_clip_model(name: str, pretrained: str | None):
     name = resolve_model_name(name)
     try:
         if pretrained:
-            model = open_clip.create_model(name, pretrained=pretrained)
+            # open_clip 3 builds `ViT-L-14` with GELU even for its `openai` tag, whose weights were trained
+            # with QuickGELU, and only warns; follow the tag instead (a file path: use NAME-quickgelu).
+            from open_clip.pretrained import get_pretrained_cfg
+
+            quick = bool(get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick)
         else:
             with _quiet_random_init_warning():
                 model = open_clip.create_model(name, pretrained=None)
@@ -305,10 +310,11 @@ def _open_clip_transform(clip: nn.Module, **changes) -> ImageTransform:
 # ----------------------------------------------------------------------------- loaders
 LAYOUTS = {
     "clipscore": "an open_clip NAME[:PRETRAINED] (pretrained: an open_clip tag whose weights are cached, "
-                 "or a checkpoint file path), e.g. ViT-L-14:openai",
+                 "or a checkpoint file path; OpenAI weights from a file need the -quickgelu name), e.g. "
+                 "ViT-L-14-quickgelu:openai",
     "aesthetic": "sac+logos+ava1-l14-linearMSE.pth (or a folder holding it): a torch state dict with keys "
                  "layers.{0,2,4,6,7}.{weight,bias} for Linear 768-1024-128-64-16-1; the image embedding comes "
-                 "from open_clip ViT-L-14:openai (option backbone=NAME:PRETRAINED)",
+                 "from open_clip ViT-L-14-quickgelu:openai (option backbone=NAME:PRETRAINED)",
     "pickscore": "a transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin), e.g. "
                  "a snapshot of yuvalkirstain/PickScore_v1",
     "hpsv2": "HPS_v2_compressed.pt (or a folder holding it): a torch file holding {'state_dict': open_clip "
@@ -322,17 +328,19 @@ LAYOUTS = {
 
 
 def load_clipscore(argument: str, options: dict) -> StandardReward:
-    name, _, pretrained = (argument or "ViT-L-14:openai").partition(":")
+    name, _, pretrained = (argument or "ViT-L-14-quickgelu:openai").partition(":")
     clip, tokenizer = _open_clip_model(name, pretrained or None)
     model = OpenClipCosine("clipscore", clip, tokenizer, _open_clip_transform(clip), scale=100.0)
-    model.source = argument or "ViT-L-14:openai"
+    model.source = argument or "ViT-L-14-quickgelu:openai"
     return model
 
 
 def load_aesthetic(argument: str, options: dict) -> StandardReward:
     layout = LAYOUTS["aesthetic"]
     path = _find_file(argument, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic", layout, hub_repo="")
-    name, _, pretrained = options.get("backbone", "ViT-L-14:openai").partition(":")
+    # The predictor was trained on OpenAI CLIP ViT-L/14 embeddings (QuickGELU), which open_clip holds as
+    # ViT-L-14-quickgelu:openai.
+    name, _, pretrained = options.get("backbone", "ViT-L-14-quickgelu:openai").partition(":")
     clip, _ = _open_clip_model(name, pretrained or None)
     mlp = ScoreMLP(clip.visual.output_dim)
     _load_exact(mlp, _torch_load(path, "aesthetic", layout), path, "aesthetic", layout)

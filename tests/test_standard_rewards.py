@@ -559,3 +559,24 @@ def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_p
     assert images.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"reward.mix terms \['hps'\] are not reward kinds"):
         build_reward(load_config(ReflConfig, None, ["reward.kind=mix", "reward.mix={hps: 1.0}"]).reward, "cpu")
+
+
+def test_openai_tags_get_quickgelu(monkeypatch):
+    """open_clip 3 builds ViT-L-14 with GELU for the `openai` tag (QuickGELU-trained) and only warns."""
+    import open_clip
+
+    from reward.standard import _open_clip_model
+
+    seen = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        seen.update(name=name, pretrained=pretrained, **kwargs)
+        raise RuntimeError("stop before downloading")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(WeightsError, match="ViT-L-14 weights 'openai'"):
+        _open_clip_model("ViT-L-14", "openai")
+    assert seen == {"name": "ViT-L-14", "pretrained": "openai", "force_quick_gelu": True}
+    with pytest.raises(WeightsError):
+        _open_clip_model("ViT-H-14", "laion2b_s32b_b79k")
+    assert seen["force_quick_gelu"] is False
