@@ -580,3 +580,19 @@ def test_openai_tags_get_quickgelu(monkeypatch):
     with pytest.raises(WeightsError):
         _open_clip_model("ViT-H-14", "laion2b_s32b_b79k")
     assert seen["force_quick_gelu"] is False
+
+
+def test_shipped_standard_configs_load_and_their_specs_parse():
+    from pathlib import Path
+
+    from refl.compare import CompareConfig
+    from refl.train import REWARDS, ReflConfig
+    from reward.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    compare = load_config(CompareConfig, root / "compare_sd15_standard.yaml")
+    kinds = [parse_standard_spec(spec)[0] for spec in compare.evaluators]
+    assert sorted(kinds) == sorted(STANDARD_KINDS)
+    refl = load_config(ReflConfig, root / "refl_sd15_mix.yaml")
+    assert refl.reward.kind == "mix" and refl.reward.mix == {"critic": 1.0, "hpsv21": 0.5}
+    assert set(refl.reward.mix) <= set(REWARDS) and set(refl.reward.standard) <= set(STANDARD_KINDS)
