@@ -382,7 +382,9 @@ def load_pickscore(argument: str, options: dict) -> StandardReward:
     elif not _hub_like(source):
         raise WeightsError(f"pickscore: {path} does not exist. Expected: {layout}")
     try:
-        model, info = CLIPModel.from_pretrained(str(path) if path.exists() else source, output_loading_info=True)
+        # fp32 like every other kind here (transformers 5 would keep the file's dtype); load_standard casts.
+        model, info = CLIPModel.from_pretrained(str(path) if path.exists() else source, output_loading_info=True,
+                                                dtype=torch.float32)
     except Exception as err:
         raise WeightsError(f"pickscore: cannot load {source} as a CLIPModel ({type(err).__name__}: {err}). "
                            f"Expected: {layout}") from err

@@ -596,3 +596,43 @@ def test_shipped_standard_configs_load_and_their_specs_parse():
     refl = load_config(ReflConfig, root / "refl_sd15_mix.yaml")
     assert refl.reward.kind == "mix" and refl.reward.mix == {"critic": 1.0, "hpsv21": 0.5}
     assert set(refl.reward.mix) <= set(REWARDS) and set(refl.reward.standard) <= set(STANDARD_KINDS)
+
+
+def test_open_clip_vit_h_14_has_the_key_names_of_hps_v2s_fork(tmp_path):
+    """HPS v2 saved its fork's ViT-H-14 state dict; our open_clip must build exactly those names and shapes
+    (fork: hpsv2/src/open_clip/{model.py, transformer.py, model_configs/ViT-H-14.json}). The fork's config
+    is compared as numbers, the names on a 2-block copy of it (the full model is a slow test)."""
+    import json
+
+    import open_clip
+
+    fork_config = {"embed_dim": 1024,
+                   "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+    assert open_clip.get_model_config("ViT-H-14") == fork_config
+    small = json.loads(json.dumps(fork_config))
+    small["vision_cfg"]["layers"], small["text_cfg"]["layers"] = 2, 2
+    (tmp_path / "ViT-H-14-2blocks.json").write_text(json.dumps(small))
+    open_clip.add_model_config(tmp_path / "ViT-H-14-2blocks.json")
+    model = open_clip.create_model("ViT-H-14-2blocks", pretrained=None)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def blocks(prefix, n, d, ff):
+        out = {}
+        for i in range(n):
+            b = f"{prefix}.resblocks.{i}."
+            out.update({b + "ln_1.weight": (d,), b + "ln_1.bias": (d,), b + "attn.in_proj_weight": (3 * d, d),
+                        b + "attn.in_proj_bias": (3 * d,), b + "attn.out_proj.weight": (d, d),
+                        b + "attn.out_proj.bias": (d,), b + "ln_2.weight": (d,), b + "ln_2.bias": (d,),
+                        b + "mlp.c_fc.weight": (ff, d), b + "mlp.c_fc.bias": (ff,), b + "mlp.c_proj.weight": (d, ff),
+                        b + "mlp.c_proj.bias": (d,)})
+        return out
+
+    vw, tw, e = 1280, 1024, 1024
+    fork = {"visual.conv1.weight": (vw, 3, 14, 14), "visual.class_embedding": (vw,),
+            "visual.positional_embedding": (257, vw), "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,),
+            "visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,), "visual.proj": (vw, e),
+            "token_embedding.weight": (49408, tw), "positional_embedding": (77, tw), "ln_final.weight": (tw,),
+            "ln_final.bias": (tw,), "text_projection": (tw, e), "logit_scale": (),
+            **blocks("visual.transformer", 2, vw, 4 * vw), **blocks("transformer", 2, tw, 4 * tw)}
+    assert ours == fork
