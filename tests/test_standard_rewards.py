@@ -285,9 +285,12 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "on
          "circle", "##s"]
 
 
-def _imagereward_release(folder, seed=0, vocab=VOCAB):
-    """A tiny ImageReward.pt written with BLIP's own key names (vit.py / med.py / ImageReward's MLP) and a
-    med_config.json; widths: ViT 64 (one 64-dim head, like BLIP's), BERT 32, 16 px images, 8 px patches."""
+def _imagereward_release(folder, seed=0, vocab=VOCAB, v=64, depth_v=1, patch=8, image=16, t=32, depth_t=1,
+                         heads_t=2, n_pos=40):
+    """An ImageReward.pt of random weights written with BLIP's own key names (vit.py / med.py / ImageReward's
+    MLP) and a med_config.json. Default: tiny (ViT 64 wide, one 64-dim head like BLIP's; BERT 32; 16 px
+    images in 8 px patches); the release is v=1024, depth_v=24, patch=16, image=224, t=768, depth_t=12,
+    heads_t=12, n_pos=512 with a 30524-token vocabulary."""
     import json
 
     g = torch.Generator().manual_seed(seed)
@@ -301,25 +304,29 @@ def _imagereward_release(folder, seed=0, vocab=VOCAB):
     def lin(prefix, o, i, out):
         out[prefix + ".weight"], out[prefix + ".bias"] = r(o, i), r(o)
 
-    v, t, ff_v, ff_t, n_pos = 64, 32, 256, 64, 40
-    s = {"blip.visual_encoder.cls_token": r(1, 1, v), "blip.visual_encoder.pos_embed": r(1, 5, v),
-         "blip.visual_encoder.patch_embed.proj.weight": r(v, 3, 8, 8), "blip.visual_encoder.patch_embed.proj.bias": r(v)}
-    b = "blip.visual_encoder.blocks.0."
-    ln(b + "norm1", v, s), lin(b + "attn.qkv", 3 * v, v, s), lin(b + "attn.proj", v, v, s), ln(b + "norm2", v, s)
-    lin(b + "mlp.fc1", ff_v, v, s), lin(b + "mlp.fc2", v, ff_v, s), ln("blip.visual_encoder.norm", v, s)
+    ff_v, ff_t, tokens = 4 * v, 2 * t if t < 64 else 4 * t, (image // patch) ** 2 + 1
+    s = {"blip.visual_encoder.cls_token": r(1, 1, v), "blip.visual_encoder.pos_embed": r(1, tokens, v),
+         "blip.visual_encoder.patch_embed.proj.weight": r(v, 3, patch, patch),
+         "blip.visual_encoder.patch_embed.proj.bias": r(v)}
+    for i in range(depth_v):
+        b = f"blip.visual_encoder.blocks.{i}."
+        ln(b + "norm1", v, s), lin(b + "attn.qkv", 3 * v, v, s), lin(b + "attn.proj", v, v, s), ln(b + "norm2", v, s)
+        lin(b + "mlp.fc1", ff_v, v, s), lin(b + "mlp.fc2", v, ff_v, s)
+    ln("blip.visual_encoder.norm", v, s)
     e = "blip.text_encoder."
     s[e + "embeddings.word_embeddings.weight"] = r(len(vocab), t)
     s[e + "embeddings.position_embeddings.weight"] = r(n_pos, t)
     s[e + "embeddings.position_ids"] = torch.arange(n_pos)[None]  # a persistent buffer in BLIP's med.py
     ln(e + "embeddings.LayerNorm", t, s)
-    layer = e + "encoder.layer.0."
-    for name in ("query", "key", "value"):
-        lin(layer + f"attention.self.{name}", t, t, s)
-        lin(layer + f"crossattention.self.{name}", t, t if name == "query" else v, s)
-    for att in ("attention", "crossattention"):
-        lin(layer + f"{att}.output.dense", t, t, s), ln(layer + f"{att}.output.LayerNorm", t, s)
-    lin(layer + "intermediate.dense", ff_t, t, s), lin(layer + "output.dense", t, ff_t, s)
-    ln(layer + "output.LayerNorm", t, s)
+    for i in range(depth_t):
+        layer = e + f"encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            lin(layer + f"attention.self.{name}", t, t, s)
+            lin(layer + f"crossattention.self.{name}", t, t if name == "query" else v, s)
+        for att in ("attention", "crossattention"):
+            lin(layer + f"{att}.output.dense", t, t, s), ln(layer + f"{att}.output.LayerNorm", t, s)
+        lin(layer + "intermediate.dense", ff_t, t, s), lin(layer + "output.dense", t, ff_t, s)
+        ln(layer + "output.LayerNorm", t, s)
     lin("blip.vision_proj", 256, v, s), lin("blip.text_proj", 256, t, s)  # in the release, unused by scoring
     for i, (o, n) in zip((0, 2, 4, 6, 7), [(1024, t), (128, 1024), (64, 128), (16, 64), (1, 16)]):
         lin(f"mlp.layers.{i}", o, n, s)
@@ -328,7 +335,7 @@ def _imagereward_release(folder, seed=0, vocab=VOCAB):
     med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
            "hidden_dropout_prob": 0.1, "hidden_size": t, "initializer_range": 0.02, "intermediate_size": ff_t,
            "layer_norm_eps": 1e-12, "max_position_embeddings": n_pos, "model_type": "bert",
-           "num_attention_heads": 2, "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2,
+           "num_attention_heads": heads_t, "num_hidden_layers": depth_t, "pad_token_id": 0, "type_vocab_size": 2,
            "vocab_size": len(vocab), "encoder_width": 768, "add_cross_attention": True}
     (folder / "med_config.json").write_text(json.dumps(med))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -636,3 +643,71 @@ def test_open_clip_vit_h_14_has_the_key_names_of_hps_v2s_fork(tmp_path):
             "ln_final.bias": (tw,), "text_projection": (tw, e), "logit_scale": (),
             **blocks("visual.transformer", 2, vw, 4 * vw), **blocks("transformer", 2, tw, 4 * tw)}
     assert ours == fork
+
+
+# ----------------------------------------------------------------------------- full size (slow; run by hand)
+def _full_size_release(kind, root):
+    """Random weights at the released architecture, written in the released layout; returns the spec."""
+    import gc
+
+    import open_clip
+
+    from reward.standard import ScoreMLP
+
+    if kind in ("clipscore", "aesthetic"):
+        clip = open_clip.create_model("ViT-L-14-quickgelu", pretrained=None)
+        torch.save(clip.state_dict(), root / "vit-l-14.pt")
+        del clip
+        if kind == "clipscore":
+            return f"clipscore:ViT-L-14-quickgelu:{root / 'vit-l-14.pt'}"
+        torch.save(ScoreMLP(768).state_dict(), root / "sac+logos+ava1-l14-linearMSE.pth")
+        return f"aesthetic:{root},backbone=ViT-L-14-quickgelu:{root / 'vit-l-14.pt'}"
+    if kind == "hpsv2":
+        clip = open_clip.create_model("ViT-H-14", pretrained=None)
+        torch.save({"state_dict": {k: v.half() for k, v in clip.state_dict().items()}}, root / "HPS_v2_compressed.pt")
+        del clip
+        gc.collect()
+        return f"hpsv2:{root / 'HPS_v2_compressed.pt'}"
+    if kind == "pickscore":
+        from transformers import CLIPConfig, CLIPModel
+
+        # PickScore_v1 = laion CLIP-ViT-H-14-laion2B-s32B-b79K's architecture.
+        config = CLIPConfig(
+            text_config={"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                         "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu"},
+            vision_config={"image_size": 224, "patch_size": 14, "hidden_size": 1280, "intermediate_size": 5120,
+                           "num_hidden_layers": 32, "num_attention_heads": 16, "hidden_act": "gelu"},
+            projection_dim=1024)
+        CLIPModel(config).save_pretrained(root / "PickScore_v1")
+        gc.collect()
+        return f"pickscore:{root / 'PickScore_v1'}"
+    vocab = VOCAB + [f"tok{i}" for i in range(30524 - len(VOCAB))]
+    _imagereward_release(root / "ImageReward", vocab=vocab, v=1024, depth_v=24, patch=16, image=224, t=768,
+                         depth_t=12, heads_t=12, n_pos=512)
+    gc.collect()
+    return f"imagereward:{root / 'ImageReward'}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["clipscore", "aesthetic", "pickscore", "hpsv2", "imagereward"])
+def test_full_size_models_load_score_and_pass_gradients(kind, tmp_path):
+    import resource
+    import time
+
+    spec = _full_size_release(kind, tmp_path)
+    start = time.perf_counter()
+    model = load_standard(spec)
+    loaded = time.perf_counter()
+    assert model.image_size == 224
+    images = torch.rand(2, 3, 512, 384, requires_grad=True)  # SD-sized, non-square
+    scores = model(images, PROMPTS)
+    scores.sum().backward()
+    assert scores.shape == (2,) and torch.isfinite(scores).all() and images.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(images.detach(), PROMPTS)
+    assert torch.isfinite(low).all()
+    done = time.perf_counter()
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\n{kind}: {params:.0f}M params, load {loaded - start:.1f} s, score+backward+bf16 {done - loaded:.1f} s, "
+          f"peak RSS {rss_gb:.1f} GB")
