@@ -89,11 +89,13 @@ def transform_images(images: torch.Tensor, t: ImageTransform) -> torch.Tensor:
         top, left = _crop_offset(nh - s, t.crop_offset), _crop_offset(nw - s, t.crop_offset)
         images = images[:, :, top : top + s, left : left + s]  # (B, 3, S, S)
     elif t.mode == "pad":
-        if max(h, w) != s:
-            scale = s / max(h, w)
-            nh, nw = round(h * scale), round(w * scale)
-            images = resize(images, (nh, nw))  # (B, 3, nh, nw)
-            ph, pw = s - nh, s - nw
+        scale = s / max(h, w)
+        nh, nw = round(h * scale), round(w * scale)
+        images = resize(images, (nh, nw))  # (B, 3, nh, nw)
+        # Upstream skips the padding too when the long side is already S, handing the ViT a non-square
+        # image it cannot take; padding it is the only input that works.
+        ph, pw = s - nh, s - nw
+        if ph or pw:
             images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)  # (B, 3, S, S)
     elif t.mode == "squash":
         images = resize(images, (s, s))  # (B, 3, S, S)

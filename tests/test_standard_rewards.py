@@ -201,8 +201,9 @@ def _pil_and_tensor(h, w, seed=0):
 
 # Sizes chosen so that the long side after resizing exceeds S by an odd amount whose half rounds up
 # (45 x 54 -> 16 x 19; 10 x 12 -> 16 x 19): torchvision's round() and transformers' floor() crops differ;
-# 10 x 13 -> 16 x 20.8, truncated to 20 by both (rounding would give 21).
-SHAPES = [(45, 54), (10, 12), (54, 45), (10, 13)]
+# 10 x 13 -> 16 x 20.8, truncated to 20 by both (rounding would give 21); 16 x 12 has HPS v2's long side
+# already at S (padded, not resized).
+SHAPES = [(45, 54), (10, 12), (54, 45), (10, 13), (16, 12)]
 
 
 def _pil_tolerance(std):
