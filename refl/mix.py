@@ -7,11 +7,11 @@ different scales (a calibrated critic ~N(0, 1), HPS v2 ~0.25, PickScore ~20, aes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+from refl.step import RewardFn
 
 
 class WeightedRewards:
