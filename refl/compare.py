@@ -29,11 +29,9 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +40,7 @@ from refl.components import ModelConfig
 from refl.evaluators import CriticEvaluator, create_evaluator
 from refl.prompts import read_prompt_file
 from reward.config import save_config, to_dict
+from reward.files import atomic_write_bytes, content_hash, finite_json, write_json
 from reward.stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
@@ -145,40 +144,14 @@ def sample_seeds(cfg: CompareConfig, prompt_index: int, n: int) -> np.ndarray:
 
 
 def arm_fingerprint(cfg: CompareConfig, arm: str) -> str:
-    """Everything that determines an arm's pixels; stored beside the samples to catch stale reuse."""
-    keys = {"model": to_dict(cfg.model), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale,
-            "scheduler": cfg.scheduler, "eta": cfg.eta, "seed": cfg.seed, "dtype": cfg.dtype}
+    """Everything that determines an arm's pixels, model and LoRA by the content of their files, so a
+    LoRA retrained into the same folder is drawn again; stored beside the samples."""
+    keys = {"model": to_dict(cfg.model), "model_content": content_hash(cfg.model.name),
+            "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "scheduler": cfg.scheduler,
+            "eta": cfg.eta, "seed": cfg.seed, "dtype": cfg.dtype}
     if arm == "refl":
-        keys.update(lora=str(Path(cfg.lora).resolve()), lora_scale=cfg.lora_scale)
+        keys.update(lora=content_hash(cfg.lora), lora_scale=cfg.lora_scale)
     return json.dumps(keys, sort_keys=True)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file_object)` into a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN / inf -> None, so the file is strict JSON (a browser's JSON.parse reads it)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, data: Any) -> None:
-    _atomic_write_bytes(Path(path), lambda f: f.write(json.dumps(_finite(data), indent=2, allow_nan=False).encode()))
 
 
 def samples_path(out: Path, arm: str, prompt_index: int) -> Path:
@@ -190,24 +163,24 @@ def scores_path(out: Path, arm: str, prompt_index: int) -> Path:
 
 
 def load_samples(path: Path, fingerprint: str, seeds: np.ndarray) -> dict | None:
-    """Stored samples of one prompt and arm, or None when absent; stale files fail loudly."""
+    """Stored samples of one prompt and arm; None when absent or drawn from other files or settings."""
     if not path.is_file():
         return None
     with np.load(path) as data:
         stored = {k: data[k] for k in data.files}
-    if str(stored["fingerprint"]) != fingerprint:
-        raise RuntimeError(f"{path} was drawn with other settings ({stored['fingerprint']}); samples are never "
-                           "redrawn in place: use a new output_dir, or delete the samples folder to redraw")
     n = len(seeds)
+    if str(stored["fingerprint"]) != fingerprint:
+        logger.info("%s was drawn from other model files or settings; drawing it again", path)
+        return None
     if len(stored["seeds"]) < n or not np.array_equal(stored["seeds"][:n], seeds):
-        raise RuntimeError(f"{path} holds seeds {stored['seeds'][:4]}... for {len(stored['seeds'])} samples, "
-                           f"this run needs {seeds[:4]}... for {n}: use a new output_dir")
+        logger.info("%s holds other seeds than this run needs; drawing it again", path)
+        return None
     return {"images": stored["images"][:n], "seeds": seeds, "seconds": float(stored["seconds"]) * n / len(stored["seeds"])}
 
 
 def save_samples(path: Path, images: np.ndarray, seeds: np.ndarray, prompt: str, fingerprint: str,
                  seconds: float) -> None:
-    _atomic_write_bytes(path, lambda f: np.savez(f, images=images, seeds=seeds, prompt=np.array(prompt),
+    atomic_write_bytes(path, lambda f: np.savez(f, images=images, seeds=seeds, prompt=np.array(prompt),
                                                  fingerprint=np.array(fingerprint), seconds=np.array(seconds)))
 
 
@@ -480,6 +453,12 @@ def _scores_for(path: Path, fingerprint: str, images: np.ndarray, prompt: str, e
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cached.get("fingerprint") != fingerprint or cached.get("n") != len(images):
         cached = {"fingerprint": fingerprint, "n": len(images), "scores": {}}
+    # A critic retrained into the same folder has new content: its old scores are dropped, not reused.
+    judged_by = cached.setdefault("evaluators", {})
+    for spec, evaluator in evaluators.items():
+        if judged_by.get(spec) != evaluator.fingerprint:
+            cached["scores"].pop(spec, None)
+            judged_by[spec] = evaluator.fingerprint
     changed = False
     prompts = [prompt] * len(images)
     if selector.name not in cached["scores"] or "diversity" not in cached:
@@ -558,7 +537,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     results["sampling_images_per_s"] = {m: 1.0 / per_image[m] if per_image[m] > 0 else float("nan") for m in models}
     results["throughput"] = _throughput(cfg, out, lazy, prompts[0])
     results["config"] = to_dict(cfg)
-    results = _finite(results)
+    results = finite_json(results)
     write_json(out / "results.json", results)
     report = write_report(results, out, cfg)
     logger.info("wrote %s and %s", out / "results.json", report)

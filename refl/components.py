@@ -3,10 +3,13 @@
 `load_components(ModelConfig(name=...))` returns UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
 CLIPTokenizer and the training (DDPM) scheduler, from
 - a diffusers directory (`model_index.json` + subfolders),
-- a model id already in the local Hugging Face cache (never downloaded: `local_files_only`),
-- or a named preset (`"tiny"` for tests, `"toy"` for the toy world) built from small configs with
-  seeded random weights. Presets use the real diffusers classes, so everything downstream (LoRA,
-  `save_lora_weights`, `StableDiffusionPipeline`) runs unchanged on them.
+- a hub model id (downloaded and cached as diffusers does; `HF_HUB_OFFLINE=1` uses the cache only),
+- or a named preset built with seeded random weights: `"tiny"` for tests, `"toy"` for the toy world,
+  `"sd15"` for SD 1.5's full-size architecture from the configs shipped in `refl/model_configs/sd15`.
+  Presets use the real diffusers classes, so everything downstream (LoRA, `save_lora_weights`,
+  `StableDiffusionPipeline`) runs unchanged on them.
+`ModelConfig.random_weights` builds any of these architectures without loading weights (a dry run of
+a real config, offline): a directory from its own config files, a known SD 1.x hub id from `sd15`.
 
 The tokenizer of a preset is a real `CLIPTokenizer` rebuilt offline from the BPE vocabulary that
 open_clip ships, so it gives the same ids as OpenAI CLIP (and open_clip) do.
@@ -14,6 +17,7 @@ open_clip ships, so it gives the same ids as OpenAI CLIP (and open_clip) do.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -35,14 +39,17 @@ CLIP_NUM_MERGES = 49152 - 256 - 2
 
 @dataclass
 class ModelConfig:
-    # "tiny" / "toy" (presets with seeded random weights), a diffusers directory, or a model id that
-    # is already in the local Hugging Face cache (nothing is ever downloaded).
+    # "tiny" / "toy" / "sd15" (presets with seeded random weights), a diffusers directory, or a hub
+    # model id (downloaded on first use and cached; HF_HUB_OFFLINE=1 reads the cache only).
     name: str = "toy"
     # Hub revision / weight variant (e.g. "fp16") for cached model ids; ignored by presets.
     revision: str | None = None
     variant: str | None = None
     # Seed for the random weights of a preset (same seed -> identical components).
     seed: int = 0
+    # Build the architecture with seeded random weights instead of loading weights: for tests and dry
+    # runs of a full-size config without its files (a directory's own configs; SD 1.x ids use "sd15").
+    random_weights: bool = False
     # Attention kernels: "sdpa" (torch scaled_dot_product_attention, diffusers' default) or
     # "xformers" (needs `pip install social-refl[xformers]` and CUDA).
     attention: str = "sdpa"
@@ -79,6 +86,17 @@ PRESETS: dict[str, PresetSpec] = {
 }
 
 
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Full-size architectures shipped as diffusers/transformers config files (no weights).
+ARCHITECTURES: dict[str, Path] = {"sd15": MODEL_CONFIG_DIR / "sd15"}
+# Hub ids whose architecture is one of ARCHITECTURES (for random_weights without a download).
+HUB_ARCHITECTURES: dict[str, str] = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "CompVis/stable-diffusion-v1-4": "sd15",
+}
+
+
 @dataclass
 class SDComponents:
     unet: Any  # UNet2DConditionModel
@@ -88,6 +106,8 @@ class SDComponents:
     scheduler: Any  # the training noise scheduler (DDPMScheduler config of the model)
     source: str = ""  # where they came from (preset name or path), for logs and metadata
     extra: dict = field(default_factory=dict)
+    # dtype of the frozen base weights (fp16/bf16 under mixed precision); LoRA tensors stay fp32.
+    dtype: torch.dtype = torch.float32
 
     @property
     def vae_scale(self) -> int:
@@ -104,7 +124,25 @@ class SDComponents:
     def to(self, device=None, dtype=None) -> SDComponents:
         for m in self.modules().values():
             m.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self.dtype = dtype
         return self
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        """Recompute UNet blocks and VAE decoder blocks in backward instead of storing their activations.
+        diffusers only checkpoints while gradients are enabled, so no-grad sampling is unaffected."""
+        for module in (self.unet, self.vae):
+            if enable:
+                module.enable_gradient_checkpointing()
+            else:
+                module.disable_gradient_checkpointing()
+
+    def autocast(self):
+        """Autocast to the base weights' dtype, so fp32 latents and fp32 LoRA tensors meet half-precision
+        weights without dtype errors; a no-op for an fp32 base. Every forward pass of the base runs in it."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.unet.device.type, dtype=self.dtype)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -219,6 +257,47 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=f"preset:{name}")
 
 
+def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dict, seed: int, source: str,
+                       tokenizer=None) -> SDComponents:
+    """Seeded random-weight components from config dicts (diffusers' and transformers' own formats)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    strip = {"architectures", "_class_name", "_diffusers_version", "_name_or_path", "transformers_version"}
+    torch.manual_seed(seed)
+    unet_model = UNet2DConditionModel.from_config({k: v for k, v in unet.items() if k not in strip})
+    torch.manual_seed(seed + 1)
+    vae_model = AutoencoderKL.from_config({k: v for k, v in vae.items() if k not in strip})
+    torch.manual_seed(seed + 2)
+    text_model = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_encoder.items() if k not in strip}))
+    sched = DDPMScheduler.from_config({k: v for k, v in scheduler.items() if k not in strip})
+    tokenizer = tokenizer or build_clip_tokenizer(text_encoder.get("max_position_embeddings", 77))
+    return SDComponents(unet_model, vae_model, text_model, tokenizer, sched, source=source)
+
+
+def build_architecture(name: str, seed: int = 0) -> SDComponents:
+    """A full-size architecture of ARCHITECTURES with seeded random weights (nothing downloaded)."""
+    root = ARCHITECTURES[name]
+    configs = {part: json.loads((root / f"{part}.json").read_text())
+               for part in ("unet", "vae", "text_encoder", "scheduler")}
+    return build_from_configs(**configs, seed=seed, source=f"preset:{name}")
+
+
+def _random_from_directory(name: str, seed: int) -> SDComponents:
+    from transformers import CLIPTokenizer
+
+    root = Path(name)
+    read = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+            "scheduler": "scheduler/scheduler_config.json"}
+    missing = [rel for rel in read.values() if not (root / rel).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model.random_weights: {root} lacks {missing} (a diffusers Stable Diffusion "
+                                "directory has unet/, vae/, text_encoder/, scheduler/ and tokenizer/)")
+    configs = {part: json.loads((root / rel).read_text()) for part, rel in read.items()}
+    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    return build_from_configs(**configs, seed=seed, source=f"random:{name}", tokenizer=tokenizer)
+
+
 # ----------------------------------------------------------------------------- loading
 def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -227,7 +306,9 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
     local = Path(name).is_dir()
     if local and not (Path(name) / "unet").is_dir():
         raise FileNotFoundError(f"{name} is not a diffusers Stable Diffusion directory (no unet/ subfolder)")
-    kw: dict[str, Any] = {} if local else {"local_files_only": True, "revision": revision}
+    # A hub id downloads once into the Hugging Face cache, as diffusers does; HF_HUB_OFFLINE=1 reads the
+    # cache only.
+    kw: dict[str, Any] = {} if local else {"revision": revision}
     try:
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
@@ -237,10 +318,13 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
     except OSError as err:
         if local:
             raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
         raise OSError(
-            f"model {name!r} is neither a preset ({sorted(PRESETS)}), a diffusers directory, nor in the local "
-            f"Hugging Face cache ({err}). This project never downloads: fetch it once with "
-            f"`huggingface-cli download {name}` on a connected machine, or point model.name at a directory."
+            f"model {name!r} is neither a preset ({sorted(PRESETS) + sorted(ARCHITECTURES)}), a diffusers "
+            f"directory, nor a Stable Diffusion model id that could be loaded ({err}). "
+            + ("HF_HUB_OFFLINE is set, so only the local cache was read: unset it to download, or "
+               if offline else "Check the id and your network, or ")
+            + "point model.name at a local diffusers directory."
         ) from err
     # Weights may be stored in fp16 (the shipped toy model is); diffusers upcasts its models on load,
     # transformers keeps the stored dtype. Start every module in fp32: training casts the frozen base
@@ -275,6 +359,17 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
         cfg = ModelConfig(name=cfg)
     if cfg.name in PRESETS:
         components = build_preset(cfg.name, seed=cfg.seed)
+    elif cfg.name in ARCHITECTURES:
+        components = build_architecture(cfg.name, seed=cfg.seed)
+    elif cfg.random_weights:
+        if Path(cfg.name).is_dir():
+            components = _random_from_directory(cfg.name, cfg.seed)
+        elif cfg.name in HUB_ARCHITECTURES:
+            components = build_architecture(HUB_ARCHITECTURES[cfg.name], seed=cfg.seed)
+        else:
+            raise ValueError(f"model.random_weights: no architecture known for {cfg.name!r}; use a diffusers "
+                             f"directory, a preset {sorted(PRESETS) + sorted(ARCHITECTURES)}, or one of "
+                             f"{sorted(HUB_ARCHITECTURES)}")
     else:
         components = _from_pretrained(cfg.name, cfg.revision, cfg.variant)
     enable_attention(components, cfg.attention)

@@ -21,11 +21,13 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol, Union
 
 import numpy as np
 import torch
 
+from reward.files import content_hash
 from reward.standard import STANDARD_KINDS
 
 STANDARD_KIND_NAMES = tuple(STANDARD_KINDS)
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 class Evaluator(Protocol):
     name: str  # the spec it was created from; the key of its numbers in results.json
+    fingerprint: str  # the spec plus a hash of the files it reads: cached scores are keyed by it
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray: ...
 
@@ -185,6 +188,15 @@ class _Checked:
         return scores
 
 
+def _standard_content_hash(argument: str) -> str:
+    """A standard reward's argument names files inside `PATH,option=VALUE` and `NAME:PATH`: hash each piece."""
+    pieces = []
+    for part in argument.split(","):
+        value = part.partition("=")[2] if "=" in part else part
+        pieces += [value] if Path(value).exists() else value.split(":")
+    return ";".join(content_hash(p) for p in pieces)
+
+
 def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
     """The one factory for evaluators: `kind:argument` through the registry."""
     kind, argument = parse_spec(spec)
@@ -194,5 +206,7 @@ def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
     if not isinstance(evaluator, CriticEvaluator):
         evaluator = _Checked(spec, evaluator)
     evaluator.name = spec
+    # What its scores are cached under: the spec and the content of the files it names.
+    evaluator.fingerprint = f"{spec}|{_standard_content_hash(argument) if kind in STANDARD_KINDS else content_hash(argument)}"
     logger.info("evaluator %s ready", spec)
     return evaluator

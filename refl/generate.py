@@ -12,15 +12,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from refl.components import ModelConfig, build_pipeline, load_components
+from reward.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, device: str | None = None,
-                  attention: str = "sdpa"):
-    """A stock StableDiffusionPipeline from a diffusers dir / cached id / preset, with an optional LoRA."""
+                  attention: str = "sdpa", dtype: str = "fp32"):
+    """A stock StableDiffusionPipeline from a diffusers dir / hub id / preset, with an optional LoRA,
+    its weights in `dtype` (fp16 needs a GPU; bf16 runs anywhere)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     pipe = build_pipeline(load_components(ModelConfig(name=model, attention=attention)))
     if lora is not None:
         if not Path(lora).exists():
@@ -29,29 +37,36 @@ def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, 
         pipe.set_adapters(["refl"], adapter_weights=[lora_scale])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, DTYPES[dtype])
 
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], out: str | os.PathLike, n: int = 4, seed: int = 0,
-             num_inference_steps: int = 40, guidance_scale: float = 7.5, critic=None) -> list[dict]:
-    """n images per prompt -> out/{prompt:04d}_{k:02d}.png and out/generations.jsonl (one record each)."""
+             num_inference_steps: int = 40, guidance_scale: float = 7.5, critic=None,
+             batch_size: int = 8) -> list[dict]:
+    """n images per prompt -> out/{prompt:04d}_{k:02d}.png and out/generations.jsonl (one record each).
+
+    Images are drawn `batch_size` per pipeline call (a GPU idles on one); each image keeps its own
+    CPU generator seeded seed + k, so the pictures do not depend on the batch size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, prompt, k) for i, prompt in enumerate(prompts) for k in range(n)]
     records = []
-    for i, prompt in enumerate(prompts):
-        for k in range(n):
-            gen = torch.Generator().manual_seed(seed + k)
-            image = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         generator=gen).images[0]
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch"):
+        chunk = jobs[start : start + batch_size]
+        images = pipe([p for _, p, _ in chunk], num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale,
+                      generator=[torch.Generator().manual_seed(seed + k) for _, _, k in chunk]).images
+        for (i, prompt, k), image in zip(chunk, images):
             name = f"{i:04d}_{k:02d}.png"
             image.save(out / name)
             record = {"prompt": prompt, "seed": seed + k, "file": name}
             if critic is not None:
                 record["critic_score"] = float(critic.score(prompt, image))
             records.append(record)
-    tmp = out / "generations.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, out / "generations.jsonl")
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write_bytes(out / "generations.jsonl", lambda f: f.write(text.encode()))
     logger.info("wrote %d images to %s", len(records), out)
     return records

@@ -76,7 +76,9 @@ class StepConfig:
     # Weight of the KL-to-base penalty: mean squared (tuned - base) noise prediction at each step with
     # gradient (0 = off). Costs one extra UNet call (no gradient) per such step.
     kl_weight: float = 0.0
-    # AlignProp: recompute each UNet call in backward instead of storing its activations.
+    # Recompute activations in backward instead of storing them: the UNet's and the VAE decoder's
+    # blocks and the critic's transformer blocks on the gradient path, and each AlignProp UNet call as a
+    # whole. Same numbers, about one extra forward pass of the gradient part; needed at 512 px.
     gradient_checkpointing: bool = True
 
 
@@ -192,7 +194,7 @@ def decode(components: SDComponents, latents: torch.Tensor) -> torch.Tensor:
 def encode_images(components: SDComponents, images01: torch.Tensor, generator=None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w) for the denoising regulariser."""
     vae = components.vae
-    with torch.no_grad():
+    with torch.no_grad(), components.autocast():
         dist = vae.encode((images01 * 2 - 1).to(vae.device, vae.dtype)).latent_dist
         return dist.sample(generator).float() * vae.config.scaling_factor  # (B, C, h, w)
 
@@ -205,7 +207,7 @@ def sample_latents(components: SDComponents, prompts: Sequence[str], scheduler_n
     generator = generator or torch.Generator().manual_seed(0)
     scheduler = make_scheduler(scheduler_name, components)
     scheduler.set_timesteps(num_inference_steps, device=components.unet.device)
-    with base_weights(components) if not use_lora else nullcontext():
+    with base_weights(components) if not use_lora else nullcontext(), components.autocast():
         cond = encode_prompts(components, prompts)  # (B, L, D)
         uncond = encode_prompts(components, [""] * len(prompts)) if guidance_scale > 1 else None
         latents = initial_latents(components, len(prompts), scheduler, generator)
@@ -216,10 +218,13 @@ def sample_latents(components: SDComponents, prompts: Sequence[str], scheduler_n
     return latents
 
 
-def sample_images(components: SDComponents, prompts: Sequence[str], **kwargs) -> torch.Tensor:
-    """Sampling without gradient: (B, 3, H, W) in [0, 1]."""
+def sample_images(components: SDComponents, prompts: Sequence[str], decode_batch: int = 4, **kwargs) -> torch.Tensor:
+    """Sampling without gradient: (B, 3, H, W) in [0, 1]. The VAE decodes `decode_batch` images at a
+    time: at 512 px its activations, not the UNet's, set the peak memory of a large batch."""
     with torch.no_grad():
-        return decode(components, sample_latents(components, prompts, **kwargs))
+        latents = sample_latents(components, prompts, **kwargs)  # (B, C, h, w)
+        return torch.cat([decode(components, latents[i : i + decode_batch])
+                          for i in range(0, len(latents), decode_batch)])  # (B, 3, H, W)
 
 
 def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],
@@ -366,6 +371,11 @@ def reward_step(
     reg_batch: (clean scaled latents (B', C, h, w), captions) for the denoising regulariser, used
     when cfg.reg_weight > 0. Raises NonFiniteLossError (naming `step_name`) on a NaN/inf loss.
     """
+    with components.autocast():
+        return _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step_name, timer)
+
+
+def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step_name, timer):
     validate_step_config(cfg)
     scheduler = make_scheduler(cfg.scheduler, components)
     scheduler.set_timesteps(cfg.num_inference_steps, device=components.unet.device)

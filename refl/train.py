@@ -100,6 +100,9 @@ class TrainConfig:
     batch_size: int = 2
     # Micro-batches per optimizer update, per process.
     gradient_accumulation: int = 4
+    # Optimizer of the LoRA tensors, a key of OPTIMIZERS: "adamw" or "adamw8bit" (bitsandbytes, CUDA;
+    # its states take a quarter of the memory, which matters for a large LoRA, hardly for rank 4).
+    optimizer: str = "adamw"
     # AdamW peak learning rate (per update).
     lr: float = 1e-5
     # AdamW decoupled weight decay.
@@ -152,19 +155,23 @@ class ReflConfig:
 
 
 # ----------------------------------------------------------------------------- registries
-def _critic_reward(cfg: RewardConfig, device) -> RewardFn:
+def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                   gradient_checkpointing: bool = False) -> RewardFn:
     import reward
 
     critic = reward.load(cfg.critic, device=device)
     critic.requires_grad_(False).eval()  # frozen: gradients pass through it to the images, never into it
+    # The towers in the base's dtype (a ViT-L-14 is 1.7 GB in fp32); calibration buffers stay fp32.
+    critic.clip.to(dtype)
+    critic.clip.set_grad_checkpointing(gradient_checkpointing)
     return critic
 
 
-def _brightness_reward(cfg: RewardConfig, device) -> RewardFn:
+def _brightness_reward(cfg: RewardConfig, device, **_) -> RewardFn:
     return lambda images, prompts: images.mean(dim=(1, 2, 3))  # (B,)
 
 
-def _contrast_reward(cfg: RewardConfig, device) -> RewardFn:
+def _contrast_reward(cfg: RewardConfig, device, **_) -> RewardFn:
     def fn(images, prompts):
         w = images.shape[-1] // 2
         return (images[..., :w].mean(dim=(1, 2, 3)) - images[..., w:].mean(dim=(1, 2, 3))) * 10  # (B,)
@@ -173,15 +180,18 @@ def _contrast_reward(cfg: RewardConfig, device) -> RewardFn:
 
 
 def _standard_reward(kind: str):
-    def factory(cfg: RewardConfig, device) -> RewardFn:
+    def factory(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                gradient_checkpointing: bool = False) -> RewardFn:
         from reward.standard import load_standard
 
-        return load_standard(f"{kind}:{cfg.standard.get(kind) or ''}", device=device)  # frozen, eval mode
+        model = load_standard(f"{kind}:{cfg.standard.get(kind) or ''}", device=device, dtype=dtype)  # frozen, eval
+        model.set_grad_checkpointing(gradient_checkpointing)
+        return model
 
     return factory
 
 
-def _mix_reward(cfg: RewardConfig, device) -> RewardFn:
+def _mix_reward(cfg: RewardConfig, device, **kwargs) -> RewardFn:
     from refl.mix import WeightedRewards
 
     if not cfg.mix:
@@ -190,20 +200,45 @@ def _mix_reward(cfg: RewardConfig, device) -> RewardFn:
     if bad:
         raise ValueError(f"reward.mix terms {bad} are not reward kinds; choose from "
                          f"{sorted(k for k in REWARDS if k != 'mix')}")
-    return WeightedRewards({name: REWARDS[name](cfg, device) for name in cfg.mix}, cfg.mix)
+    return WeightedRewards({name: REWARDS[name](cfg, device, **kwargs) for name in cfg.mix}, cfg.mix)
 
 
 REWARDS = {"critic": _critic_reward, "brightness": _brightness_reward, "contrast": _contrast_reward,
            **{kind: _standard_reward(kind) for kind in STANDARD_KINDS}, "mix": _mix_reward}
 
 
-def build_reward(cfg: RewardConfig, device) -> RewardFn:
+def build_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False) -> RewardFn:
+    """The frozen reward, its weights in `dtype`, checkpointed in backward if asked (where it can be)."""
     if cfg.kind not in REWARDS:
         raise ValueError(f"unknown reward.kind {cfg.kind!r}; choose one of {sorted(REWARDS)}")
     unused = sorted(set(cfg.standard) - set(STANDARD_KINDS))
     if unused:
         raise ValueError(f"reward.standard has unknown kinds {unused}; choose from {sorted(STANDARD_KINDS)}")
-    return REWARDS[cfg.kind](cfg, device)
+    return REWARDS[cfg.kind](cfg, device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+
+
+def _adamw(params, t: TrainConfig):
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
+def _adamw_8bit(params, t: TrainConfig):
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` (CUDA), or "
+                           "set train.optimizer=adamw") from err
+    return bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                               weight_decay=t.weight_decay)
+
+
+OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw_8bit}
+
+
+def build_optimizer(params, t: TrainConfig):
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown train.optimizer {t.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[t.optimizer](params, t)
 
 
 def _constant(progress: float) -> float:
@@ -434,7 +469,8 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
         images = sample_images(components, prompts, scheduler_name=cfg.refl.scheduler,
                                num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
                                generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
-        score = reward_fn(images, prompts).float().mean().item()
+        with components.autocast():  # the reward's weights are in the base's dtype too
+            score = reward_fn(images, prompts).float().mean().item()
     finally:
         components.unet.train(was_training)
     grid = make_grid(images.float().cpu(), nrow=t.validation_images_per_prompt * 4, padding=1)
@@ -515,6 +551,29 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return table[mixed_precision]
 
 
+def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float, name: str) -> tuple[float, bool]:
+    """Clip, step the optimizer and the LR schedule; returns (gradient norm, skipped).
+
+    Under fp16 the loss scaler skips an update whose gradients overflowed (and lowers its scale); the
+    LR schedule then does not step either, so the schedule counts updates that really happened.
+    Without a scaler a non-finite gradient is an error: nothing would ever repair it."""
+    if max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:
+        accelerator.unscale_gradients()
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    if not torch.isfinite(grad_norm) and accelerator.scaler is None:
+        raise NonFiniteLossError(f"{name}: gradient norm is {grad_norm}; no update was made")
+    optimizer.step()
+    skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    if skipped:
+        logger.warning("%s: fp16 gradients overflowed; the loss scaler skipped this update", name)
+    else:
+        lr_sched.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), skipped
+
+
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     """Run (or resume) ReFL LoRA training; returns paths and final metrics. reward_fn overrides cfg.reward."""
@@ -545,10 +604,10 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     torch.manual_seed(t.seed)
     params = add_lora(components, cfg.lora)
     components.unet.train()
-    reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device)
+    components.set_gradient_checkpointing(cfg.refl.gradient_checkpointing)
+    reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, weight_dtype, cfg.refl.gradient_checkpointing)
 
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
+    optimizer = build_optimizer(params, t)
     optimizer = accelerator.prepare(optimizer)  # wraps the fp16 GradScaler; the schedule stays ours
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor)
 
@@ -580,17 +639,9 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
             for k, v in step_out.items():
                 terms[k].append(v.detach().float())
         _all_reduce_grads(params, accelerator)
-        if t.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        else:
-            accelerator.unscale_gradients()
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        if not torch.isfinite(grad_norm) and accelerator.scaler is None:
-            raise NonFiniteLossError(f"update {state.update + 1}: gradient norm is {grad_norm}; no update was made")
         current_lr = lr_sched.get_last_lr()[0]
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = apply_update(accelerator, optimizer, lr_sched, params, t.max_grad_norm,
+                                          f"update {state.update + 1}")
         state.update += 1
         bar.update(1)
 
@@ -598,7 +649,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         means = {k: torch.stack(v).mean().to(accelerator.device) for k, v in terms.items()}
         means = {k: accelerator.reduce(v, reduction="mean").item() for k, v in means.items()}
         metrics = {"train/loss": means.pop("loss"), "train/reward": means.pop("reward"),
-                   "train/grad_norm": float(grad_norm), "train/lr": current_lr}
+                   "train/grad_norm": float(grad_norm), "train/lr": current_lr, "train/skipped": float(skipped)}
         metrics.update({f"train/{k}": v for k, v in means.items()})
         if state.update % t.log_every == 0 or state.update == t.max_updates:
             run_logger.scalars(state.update, metrics)

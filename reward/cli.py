@@ -109,8 +109,10 @@ def validate_main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(args.checkpoint) / "validation.json"
                                            if Path(args.checkpoint).is_dir() else None)
     if out:
-        out.write_text(text)
-        out.with_suffix(".md").write_text(table)
+        from reward.files import atomic_write_bytes, write_json
+
+        write_json(out, report)
+        atomic_write_bytes(out.with_suffix(".md"), lambda f: f.write(table.encode()))
     return 0
 
 

@@ -142,6 +142,11 @@ class StandardReward(nn.Module):
             raise ValueError(f"{batch} images but {len(prompts)} prompts")
         return prompts
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """Recompute the image tower in backward (less memory for ReFL); False where the model cannot:
+        transformers' models checkpoint only in train mode, and a reward runs in eval mode."""
+        return False
+
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -163,6 +168,10 @@ class OpenClipCosine(StandardReward):
         self.clip = clip
         self.tokenizer = tokenizer
         self.scale = scale
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.clip.set_grad_checkpointing(enable)
+        return True
 
     def score(self, pixels, prompts):
         img = _normalise(self.clip.encode_image(pixels))  # (B, D)
@@ -194,6 +203,10 @@ class AestheticScore(StandardReward):
         super().__init__(transform)
         self.clip = clip
         self.mlp = mlp
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        self.clip.set_grad_checkpointing(enable)
+        return True
 
     def score(self, pixels, prompts):
         emb = _normalise(self.clip.encode_image(pixels))  # (B, D)

@@ -7,9 +7,6 @@ Rerunning with the same --out resumes: finished stages are reused.
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Generate images with a base model and an optional ReFL LoRA.
 
     python scripts/generate.py --model DIR --lora runs/refl_toy/lora --prompts prompts.txt --n 4 --seed 0 \
-        [--lora-scale 1.0] [--critic CKPT] --out runs/gen
+        [--batch-size 8] [--dtype bf16] [--lora-scale 1.0] [--critic CKPT] --out runs/gen
 """
 
 from __future__ import annotations
@@ -25,18 +25,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=40, help="sampler steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--critic", default=None, help="critic checkpoint dir or open_clip name to score each image")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (seeds do not depend on it)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weights and activations (fp16 needs a GPU)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device)
+    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype)
     critic = None
     if args.critic:
         import reward
 
         critic = reward.load(args.critic, device=pipe.device)
     records = generate(pipe, load_prompts(DataConfig(prompts_file=args.prompts)), args.out, n=args.n, seed=args.seed,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance, critic=critic)
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, critic=critic,
+                       batch_size=args.batch_size)
     print(json.dumps({"images": len(records), "out": args.out}))
     return records
 

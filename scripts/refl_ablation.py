@@ -9,9 +9,6 @@ Writes <demo>/ablation/ablation.json and ablation.md and prints the table. Finis
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:

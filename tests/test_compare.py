@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -217,9 +218,49 @@ def test_interrupted_run_resumes_without_redrawing(world, run, monkeypatch):
     assert (out / "report.html").is_file()
 
 
-def test_stale_samples_fail_loudly(world, run):
-    with pytest.raises(RuntimeError, match="other settings"):
-        C.run_compare(_cfg(world, run["out"], "num_inference_steps=5"))
+def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, monkeypatch):
+    """Caches are keyed by content: a LoRA or critic rewritten in the same folder is never reused stale."""
+    from safetensors.torch import load_file, save_file
+
+    import reward
+
+    lora = tmp_path / "lora"
+    shutil.copytree(world["root"] / "lora", lora)
+    critic = tmp_path / "critic"
+    torch.manual_seed(0)
+    reward.create_critic(model_name="tiny-clip").save_pretrained(critic)
+    cfg = _cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2", f"selector={critic}",
+               "evaluators=['brightness:']", "benchmark_throughput=false")
+    first = C.run_compare(cfg)
+    drawn = []
+    original = C.Sampler.sample
+
+    def counting(self, prompt, seeds, batch_size=None):
+        drawn.append(self.arm)
+        return original(self, prompt, seeds, batch_size)
+
+    monkeypatch.setattr(C.Sampler, "sample", counting)
+    C.run_compare(cfg)
+    assert drawn == []  # same files, same settings: everything reused
+
+    weights = lora / "pytorch_lora_weights.safetensors"
+    state = load_file(weights)
+    save_file({k: v + 0.5 if "lora_B" in k else v for k, v in state.items()}, weights)  # "retrained"
+    torch.manual_seed(1)
+    reward.create_critic(model_name="tiny-clip").save_pretrained(critic)
+    second = C.run_compare(cfg)
+    assert drawn == ["refl"]  # the base model did not change; the LoRA did
+    sel = f"critic:{critic}"
+    base_first, base_second = (np.asarray(r["arms"]["base_random"]["per_prompt"][sel]) for r in (first, second))
+    assert not np.allclose(base_first, base_second)  # same base images, rescored by the new critic
+    assert np.allclose(first["arms"]["base_random"]["per_prompt"]["brightness:"],
+                       second["arms"]["base_random"]["per_prompt"]["brightness:"])
+
+    drawn.clear()
+    C.run_compare(_cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2",
+                       f"selector={critic}", "evaluators=['brightness:']", "benchmark_throughput=false",
+                       "num_inference_steps=5"))
+    assert drawn == ["base", "refl"]  # other settings: both arms drawn again in place
 
 
 def test_sample_identical_across_batch_sizes(world, single_thread):
@@ -269,3 +310,10 @@ def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["selector"] == "critic:tiny-clip" and "base_random" in summary["means"]
     assert main(["--set", "no_such_key=1"]) == 2
+
+
+def test_bf16_harness_with_a_lora(world, tmp_path):
+    results = C.run_compare(_cfg(world, tmp_path / "bf16", "dtype=bf16", "max_prompts=1", "n_samples=2",
+                                 "benchmark_throughput=false"))
+    assert set(results["arms"]) >= {"base_random", "refl_random", "base_best_of_2"}
+    assert all(np.isfinite(v["mean"]) for arm in results["arms"].values() for v in arm["scores"].values())

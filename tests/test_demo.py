@@ -69,6 +69,26 @@ def test_rerun_reuses_every_stage(quick_demo, capsys):
     assert "critic vs oracle" in capsys.readouterr().out
 
 
+def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo, tmp_path):
+    import shutil
+
+    from reward.files import content_hash
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_demo, out)
+
+    def stamps(folder):
+        return {p: p.stat().st_mtime_ns for p in (out / folder).rglob("*") if p.is_file()}
+
+    community, critic, base = stamps("community"), stamps("critic"), stamps("samples/base")
+    tuned, lora = stamps("samples/refl"), content_hash(out / "refl" / "lora")
+    assert demo_main(str(out), quick=True, overrides=["refl_lr=0.01"]) == 0
+    assert stamps("community") == community and stamps("critic") == critic  # their inputs did not change
+    assert stamps("samples/base") == base
+    assert content_hash(out / "refl" / "lora") != lora  # ReFL ran again with the new LR ...
+    assert all(stamps("samples/refl")[p] != t for p, t in tuned.items())  # ... and its samples were redrawn
+
+
 def test_bad_override_is_named(tmp_path):
     assert demo_main(str(tmp_path), quick=True, overrides=["refl_updatez=3"]) == 2
 

@@ -475,3 +475,149 @@ def test_sd15_architecture_takes_lora():
     # 16 transformer blocks x 2 attentions x 4 projections x (A, B)
     assert len(params) == 16 * 2 * 4 * 2
     assert 0.7e6 < sum(p.numel() for p in params) < 0.9e6
+
+
+# ----------------------------------------------------------------------------- mixed precision
+@pytest.mark.parametrize("method", ["refl", "draft", "draft_lv", "alignprop"])
+def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, method):
+    """The bf16 path end to end on CPU: base weights in bf16, LoRA and optimizer in fp32, validation,
+    the denoising regulariser's pool, the KL term and a real critic reward, every gradient method."""
+    import json
+
+    from refl.train import ReflConfig, train
+    from reward.config import load_config
+
+    cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
+        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=bf16", "train.validate_every=1",
+        "train.validation_steps=2", "train.gradient_accumulation=1", f"refl.method={method}", "refl.reg_weight=1.0",
+        "refl.kl_weight=1.0", "data.reg_pool_size=4", "lora.dropout=0.0", "train.lr_schedule=constant",
+        "train.warmup_updates=0"])
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 2 and all(np.isfinite(r["train/loss"]) for r in train_rows)
+    assert all(r["train/kl_loss"] >= 0 and np.isfinite(r["train/reg_loss"]) for r in train_rows)
+    assert [r["update"] for r in rows if "eval/reward" in r] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["update-000001.png", "update-000002.png"]
+    lora = _lora_file(tmp_path / "checkpoints" / "update-000002")
+    assert all(v.dtype == torch.float32 for v in lora.values())
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B moved off its zero init
+    assert result["updates"] == 2
+
+
+def test_lr_schedule_does_not_step_on_an_update_the_scaler_skipped():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from refl.train import apply_update
+
+    accelerator = Accelerator()
+    param = torch.nn.Parameter(torch.ones(3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    accelerator.scaler = scaler  # what accelerate sets up for fp16 on a GPU
+    optimizer = AcceleratedOptimizer(torch.optim.SGD([param], lr=0.1), scaler=scaler)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda u: 1.0 / (u + 1))
+
+    scaler.scale((param * float("inf")).sum()).backward()  # overflow: the scaler must skip this update
+    norm, skipped = apply_update(accelerator, optimizer, sched, [param], 1.0, "update 1")
+    assert skipped and not np.isfinite(norm)
+    assert torch.equal(param.detach(), torch.ones(3)) and sched.last_epoch == 0 and scaler.get_scale() < 4.0
+
+    scaler.scale(param.sum()).backward()
+    norm, skipped = apply_update(accelerator, optimizer, sched, [param], 1.0, "update 2")
+    assert not skipped and sched.last_epoch == 1 and not torch.equal(param.detach(), torch.ones(3))
+
+    plain = Accelerator()  # no scaler (fp32 / bf16): a non-finite gradient is an error, not a skip
+    param.grad = torch.full((3,), float("nan"))
+    with pytest.raises(NonFiniteLossError, match="update 3"):
+        apply_update(plain, plain.prepare(torch.optim.SGD([param], lr=0.1)), sched, [param], 1.0, "update 3")
+
+
+def test_batched_generation_keeps_per_image_seeds(base_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from refl.generate import generate, load_pipeline
+
+    pipe = load_pipeline(str(base_dir), device="cpu")
+    calls = []
+    original = type(pipe).__call__
+
+    def counting(self, prompt, *args, **kwargs):
+        calls.append(len(prompt))
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    prompts = ["a cat", "a dog"]
+    one = generate(pipe, prompts, tmp_path / "one", n=3, seed=5, num_inference_steps=2, batch_size=1)
+    four = generate(pipe, prompts, tmp_path / "four", n=3, seed=5, num_inference_steps=2, batch_size=4)
+    assert calls == [1] * 6 + [4, 2]
+    assert [(r["prompt"], r["seed"]) for r in four] == [(r["prompt"], r["seed"]) for r in one]
+    for r in one:
+        a = np.asarray(Image.open(tmp_path / "one" / r["file"])).astype(int)
+        b = np.asarray(Image.open(tmp_path / "four" / r["file"])).astype(int)
+        assert np.abs(a - b).max() <= 1  # batched kernels differ in the last bits only
+    first = np.asarray(Image.open(tmp_path / "one" / one[0]["file"])).astype(int)
+    other_seed = np.asarray(Image.open(tmp_path / "one" / one[1]["file"])).astype(int)
+    assert np.abs(first - other_seed).max() > 10  # the per-image seed matters
+
+
+def test_bf16_generation_with_a_lora(base_dir, tmp_path):
+    from refl.generate import generate, load_pipeline
+
+    components = load_components(str(base_dir))
+    add_lora(components, LoraSettings(rank=2, alpha=4.0))
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    pipe = load_pipeline(str(base_dir), lora=str(tmp_path / "lora"), device="cpu", dtype="bf16")
+    assert pipe.unet.dtype == torch.bfloat16
+    rows = generate(pipe, ["a cat"], tmp_path / "gen", n=2, seed=0, num_inference_steps=2, batch_size=2)
+    assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)
+
+
+def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_refl_script", os.path.join("scripts", "bench_refl.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "bench.json"
+    result = script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
+                          "--set", "repeats=1", "--set", "dtype=bf16", "--set", "best_of_batch=2", "--out", str(out)])
+    assert json.loads(out.read_text())["update_tflop"] == result["update_tflop"] > 0
+    for run in ("checkpointing", "no_checkpointing"):
+        assert {"sampling", "grad_step", "decode", "critic", "backward"} <= set(result[run]["seconds_by_phase"])
+        assert result[run]["seconds_per_update"] > 0
+    assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
+    assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
+    assert result["model_flop_utilisation"] is None  # no known peak for a CPU
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
+    import sys
+
+    from refl.train import TrainConfig, build_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it now fails
+    with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit"))
+    with pytest.raises(ValueError, match="adamw8bit"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="sgd"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast and the loss scaler need CUDA")
+def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
+    import json
+
+    from refl.train import ReflConfig, train
+    from reward.config import load_config
+
+    cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=3) + [
+        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16", "train.validate_every=3",
+        "train.validation_steps=2", "refl.reg_weight=1.0", "refl.kl_weight=1.0", "data.reg_pool_size=4"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    blob = torch.load(tmp_path / "checkpoints" / "update-000003" / "training_state.pt", weights_only=False)
+    assert blob["scaler"] is not None  # the fp16 path ran with loss scaling

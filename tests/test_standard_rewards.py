@@ -527,6 +527,8 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     assert saved["evaluators"] == results["evaluators"]
     # The evaluator gives the model's own scores on the stored uint8 images.
     ev = create_evaluator(hps)
+    # Cached scores are keyed by the weights file's content, not just the spec's text.
+    assert ev.fingerprint.startswith(f"{hps}|dir:") and ev.fingerprint.endswith(";name:tiny-clip")
     images = np.random.default_rng(0).integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)
     model = load_standard(hps)
     with torch.no_grad():

@@ -8,14 +8,17 @@
 4. the comparison harness draws base, best-of-64 and ReFL samples for held-out prompts and scores
    every arm with the critic, the untuned CLIP, the oracle and prompt fidelity -> report.html.
 
-Each stage writes into its own folder under `output_dir` and is skipped when its output exists, so
-an interrupted demo picks up where it stopped.
+Each stage writes into its own folder under `output_dir` and is skipped when its output exists and
+was made from the same settings and the same input files (content hashes, in the folder's
+stage.json), so an interrupted demo picks up where it stopped and a changed knob or a retrained
+critic is never answered with stale results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from reward.config import save_config
+from reward.files import content_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,27 @@ def _sample(components, prompts: list[str], n: int, steps: int, guidance: float,
     return images.reshape(len(prompts), n, *images.shape[1:])  # (P, n, H, W, 3)
 
 
+def enter_stage(out: Path, finished: Path, cfg: DemoConfig, fields: list[str], inputs: dict[str, str]) -> dict | None:
+    """A stage's finished output if it was made from the same settings and input files; else None, after
+    clearing the stage's folder (a retrained critic or a changed knob never resumes stale work).
+
+    The key (the settings `fields` of `cfg`, and the content hash of each input file or folder) is
+    written into out/stage.json before the stage runs, so an interrupted stage resumes only into the
+    same key."""
+    key = json.dumps({"settings": {f: getattr(cfg, f) for f in fields},
+                      "inputs": {name: content_hash(path) for name, path in inputs.items()}}, sort_keys=True)
+    stage_file = out / "stage.json"
+    stored = json.loads(stage_file.read_text()).get("key") if stage_file.is_file() else None
+    if stored == key:
+        if finished.is_file():
+            return json.loads(finished.read_text())
+    elif out.exists():
+        logger.info("%s: settings or input files changed since it ran; running the stage again", out)
+        shutil.rmtree(out)
+    write_json(stage_file, {"key": key})
+    return None
+
+
 def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     """Generations for training prompts -> community pairs; held-out generations -> oracle pairs."""
     from toyworld.community import build_pairs_with_stats
@@ -105,8 +130,11 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     from toyworld.world import split_prompts
 
     summary_file = out / "community.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text())
+    fields = ["seed", "community_prompts", "images_per_prompt", "n_users", "oracle_pair_prompts", "sample_steps",
+              "guidance_scale"]
+    done = enter_stage(out, summary_file, cfg, fields, {"sd_model": cfg.sd_model})
+    if done is not None:
+        return done
     train_prompts, held = split_prompts(seed=0)
     rng = np.random.default_rng(cfg.seed)
     chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), cfg.community_prompts, replace=False)]
@@ -122,7 +150,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs", oracle_score)
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "generation_seconds": gen_seconds}
-    summary_file.write_text(json.dumps(summary, indent=2))
+    write_json(summary_file, summary)
     return summary
 
 
@@ -159,8 +187,12 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
     from reward.train import RewardExperiment, train
 
     summary_file = out / "critic_summary.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text())
+    fields = ["seed", "critic_epochs", "critic_batch", "critic_lr", "critic_training_mode"]
+    done = enter_stage(out, summary_file, cfg, fields,
+                       {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
+                        "clip_model": cfg.clip_model})
+    if done is not None:
+        return done
     exp = load_config(RewardExperiment, None, [
         "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}",
         f"critic.training_mode={cfg.critic_training_mode}", f"data.train={pairs}", "data.val_fraction=0.1",
@@ -174,7 +206,7 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
     zero_shot = evaluate_pairs(reward.load(cfg.clip_model), truth)
     summary = {"critic": str(out / "critic"), "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
                "chance": 0.5}
-    summary_file.write_text(json.dumps(summary, indent=2))
+    write_json(summary_file, summary)
     return summary
 
 
@@ -183,8 +215,10 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
     from reward.config import load_config
 
     result_file = out / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    fields = ["seed", "sample_steps", "guidance_scale"] + [f for f in vars(cfg) if f.startswith("refl_")]
+    done = enter_stage(out, result_file, cfg, fields, {"sd_model": cfg.sd_model, "critic": critic})
+    if done is not None:
+        return done
     prompts_file = out / "prompts.txt"
     out.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(train_prompts) + "\n")
@@ -334,7 +368,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["compare"] = headline(results)
     summary["oracle_breakdown"] = oracle_breakdown(out, results)
     # One results.json holds every number the report shows: the harness's and the demo's own.
-    from refl.compare import write_json
     from refl.report import write_report
 
     results["demo"] = _jsonable(summary)

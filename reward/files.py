@@ -1,0 +1,105 @@
+"""File mechanisms every package shares: atomic writes and content fingerprints.
+
+- `atomic_write_bytes(path, write)`: readers never see half a file, and a crash leaves the old one.
+- `content_hash(ref)`: what a cache is keyed by. A model, LoRA or critic retrained into the same folder
+  gets a new hash, so results computed from the old files are never reused for the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+_CHUNK = 1 << 20
+# (resolved path, size, mtime_ns) -> digest: a run hashes each large file once, however often it asks.
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call `write(file_object)` into a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would otherwise survive the rename
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def finite_json(obj: Any) -> Any:
+    """NaN / inf -> None, so the file is strict JSON (a browser's JSON.parse reads it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Strict JSON (non-finite numbers as null), written atomically."""
+    text = json.dumps(finite_json(data), indent=2, allow_nan=False)
+    return atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def content_hash(ref: str | os.PathLike) -> str:
+    """A fingerprint of what `ref` names: the bytes of a file, every file of a folder (names included,
+    hidden temp files excluded), or, for a name that is no path (a preset, an open_clip name, a hub id),
+    the name itself: those are fixed by their name and version."""
+    if not str(ref):
+        return "name:"
+    path = Path(ref)
+    if path.is_file():
+        return "file:" + file_digest(path)
+    if path.is_dir():
+        h = hashlib.blake2b(digest_size=16)
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            h.update(f"{rel.as_posix()}\0{file_digest(f)}\0".encode())
+        return "dir:" + h.hexdigest()
+    revision = _cached_hub_revision(str(ref))
+    return "name:" + str(ref) + (f"@{revision}" if revision else "")
+
+
+def _cached_hub_revision(ref: str) -> str | None:
+    """The commit of a hub repo id's snapshot in the local cache (what from_pretrained would load)."""
+    if ref.count("/") != 1 or ref.startswith(("/", ".")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True)).name
+    except Exception:  # not cached, not a repo id, or no huggingface_hub: the name is all there is
+        return None

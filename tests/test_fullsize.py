@@ -1,0 +1,91 @@
+"""Full-size architectures with random weights (nothing downloaded): slow, run by hand.
+
+    .venv/bin/python -m pytest -m slow tests/test_fullsize.py -s
+
+One ReFL / DRaFT / AlignProp update of SD 1.5 at 512 px in bf16 against a ViT-L-14 critic, with
+gradient checkpointing, prints its peak RSS; every shipped config builds its architecture.
+Run one method per process (`-k refl-`) for a peak RSS that belongs to that method alone.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+
+from refl.components import ModelConfig, load_components
+from refl.lora import LoraSettings, add_lora
+from refl.step import StepConfig, reward_step
+
+pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@pytest.mark.parametrize("method,extra", [("refl", {"cut_range": [2, 3]}), ("draft", {"draft_k": 1}),
+                                          ("alignprop", {"cut_range": [2, 2]})])
+def test_sd15_vitl14_update_in_bf16_at_512px(method, extra):
+    import reward
+
+    dtype = torch.bfloat16
+    components = load_components(ModelConfig(name="sd15"))
+    assert components.image_size == 512
+    components.to(dtype=dtype)
+    params = add_lora(components, LoraSettings(rank=4, alpha=4))
+    with torch.no_grad():  # B starts at 0, which would leave A without gradient
+        for p in params[1::2]:
+            p.normal_(0.0, 1e-3)
+    components.unet.train()
+    components.set_gradient_checkpointing(True)
+    critic = reward.create_critic(model_name="ViT-L-14", training_mode="all").eval().requires_grad_(False)
+    critic.clip.to(dtype)
+    critic.clip.set_grad_checkpointing(True)
+    cfg = StepConfig(method=method, num_inference_steps=4, gradient_checkpointing=True, **extra)
+    out = reward_step(components, ["a photo of an astronaut riding a horse"], critic, cfg,
+                      torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grads = [p.grad for p in params]
+    print(f"\n{method}: loss {out['loss'].item():.4g}, peak RSS {_peak_rss_gib():.2f} GiB")
+    assert torch.isfinite(out["loss"])
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in critic.parameters())
+
+
+def test_every_shipped_config_loads_and_builds_its_architecture():
+    import reward
+    from refl.compare import CompareConfig
+    from refl.train import ReflConfig
+    from reward.config import load_config
+    from reward.train import RewardExperiment
+
+    kinds = {"refl_": ReflConfig, "reward_": RewardExperiment, "compare_": CompareConfig}
+    seen = []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        kind = next((k for k in kinds if path.name.startswith(k)), None)
+        assert kind is not None, f"{path.name}: no config class for this prefix; add it to this test"
+        cfg = load_config(kinds[kind], path, [])
+        if kind in ("refl_", "compare_"):
+            model = cfg.model
+            model.random_weights = True
+            components = load_components(model)
+            assert components.unet.config.sample_size * components.vae_scale == components.image_size
+            del components
+        if kind == "reward_":
+            critic = reward.create_critic(model_name=cfg.critic.model_name, training_mode=cfg.critic.training_mode)
+            assert any(p.requires_grad for p in critic.parameters())
+            del critic
+        seen.append(path.name)
+    assert {"refl_sd15.yaml", "reward_social_vitl14.yaml", "compare_sd15.yaml"} <= set(seen)
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 1, path.name
