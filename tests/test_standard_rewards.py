@@ -537,18 +537,7 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
 
 
 # ----------------------------------------------------------------------------- ReFL on a weighted mix
-@pytest.fixture()
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state and refuses a second mixed_precision in the same process;
-    clear it around a test that trains in bf16 (accelerate's own tests do the same)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_path, fresh_accelerate_state):
+def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_path):
     import json
 
     from refl.train import ReflConfig, build_reward, train
