@@ -6,7 +6,10 @@ strings. Specs are `kind:argument` strings resolved through the `EVALUATORS` reg
 
 - `critic:PATH_OR_NAME`  a Social Reward critic (`reward.load`): its calibrated score;
 - `clip:NAME`            CLIP score, 100 * cos(text, image), of an untuned open_clip model
-                         (`ViT-L-14:openai`, or a shipped config such as `tiny-clip`).
+                         (`ViT-L-14:openai`, or a shipped config such as `tiny-clip`);
+- `pickscore:PATH`, `hpsv2:PATH`, `hpsv21:PATH`, `imagereward:PATH`, `aesthetic:PATH`, `clipscore:NAME`:
+                         the standard reward models (reward/standard.py; PATH may be a hub id), each
+                         with its upstream preprocessing applied to the stored images.
 
 Other packages add kinds with `register_evaluator(kind, factory)`; the factory is called only when a
 spec of that kind is created, and may be given as a `"module:function"` string so that registering
@@ -18,12 +21,16 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol, Union
 
 import numpy as np
 import torch
 
 from reward.files import content_hash
+from reward.standard import STANDARD_KINDS
+
+STANDARD_KIND_NAMES = tuple(STANDARD_KINDS)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +90,34 @@ class CriticEvaluator:
         return self.score_and_embed(images, prompts)[0]
 
 
+class StandardEvaluator:
+    """A standard reward model (reward.standard) as an evaluator: its score, in batches, without gradient."""
+
+    def __init__(self, name: str, model, batch_size: int = 16):
+        self.name = name
+        self.model = model
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = images_to_tensor(images[start : start + self.batch_size], self.model.device)  # (b, 3, H, W)
+            out.append(self.model(x, list(prompts[start : start + self.batch_size])).double().cpu())  # (b,)
+        return torch.cat(out).numpy()  # (N,)
+
+
+def _standard_factory(kind: str) -> Callable[[str, str], StandardEvaluator]:
+    def factory(argument: str, device: str) -> StandardEvaluator:
+        from reward.standard import load_standard
+
+        return StandardEvaluator(f"{kind}:{argument}", load_standard(f"{kind}:{argument}", device=device))
+
+    return factory
+
+
 def _critic_factory(argument: str, device: str) -> CriticEvaluator:
     import reward
 
@@ -101,6 +136,8 @@ EVALUATORS: dict[str, Factory] = {
     # The toy world's ground truth; imported only when a spec names them.
     "oracle": "toyworld.evaluators:oracle",
     "fidelity": "toyworld.evaluators:fidelity",
+    # The standard reward models; their loaders import open_clip / transformers only when called.
+    **{kind: _standard_factory(kind) for kind in STANDARD_KIND_NAMES},
 }
 
 
@@ -151,6 +188,15 @@ class _Checked:
         return scores
 
 
+def _standard_content_hash(argument: str) -> str:
+    """A standard reward's argument names files inside `PATH,option=VALUE` and `NAME:PATH`: hash each piece."""
+    pieces = []
+    for part in argument.split(","):
+        value = part.partition("=")[2] if "=" in part else part
+        pieces += [value] if Path(value).exists() else value.split(":")
+    return ";".join(content_hash(p) for p in pieces)
+
+
 def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
     """The one factory for evaluators: `kind:argument` through the registry."""
     kind, argument = parse_spec(spec)
@@ -161,6 +207,6 @@ def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
         evaluator = _Checked(spec, evaluator)
     evaluator.name = spec
     # What its scores are cached under: the spec and the content of the files it names.
-    evaluator.fingerprint = f"{spec}|{content_hash(argument)}"
+    evaluator.fingerprint = f"{spec}|{_standard_content_hash(argument) if kind in STANDARD_KINDS else content_hash(argument)}"
     logger.info("evaluator %s ready", spec)
     return evaluator

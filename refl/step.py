@@ -392,6 +392,7 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
     predictions, info = GRAD_METHODS[cfg.method](ctx, latents)
 
     rewards = []
+    reward_terms: dict[str, list[torch.Tensor]] = {}
     for x0 in predictions:
         with _phase(timer, "decode"):
             images = decode(components, x0)  # (B, 3, H, W) in [0, 1]
@@ -400,10 +401,14 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
         if r.shape != (len(prompts),):
             raise ValueError(f"reward_fn returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
         rewards.append(r.float())
+        # A weighted mix (refl.mix.WeightedRewards) exposes its unweighted terms, (B,) each, for logging.
+        for name, term in (getattr(reward_fn, "last_terms", None) or {}).items():
+            reward_terms.setdefault(name, []).append(term.detach().float())
     reward = torch.stack(rewards)  # (n, B): n = 1 except for DRaFT-LV
     reward_loss = F.relu(cfg.reward_margin - reward).mean() * cfg.grad_scale
     out = {"reward_loss": reward_loss, "reward": reward.detach().mean(), "reward_std": reward.detach().std()
            if reward.numel() > 1 else torch.zeros(()), "cut": torch.tensor(float(info["cut"]))}
+    out.update({f"reward/{name}": torch.stack(terms).mean() for name, terms in reward_terms.items()})
     loss = reward_loss
     if cfg.reg_weight > 0:
         if reg_batch is None:

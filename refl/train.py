@@ -41,6 +41,7 @@ from refl.step import (
     validate_step_config,
 )
 from reward.config import save_config
+from reward.standard import STANDARD_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,21 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- config
 @dataclass
 class RewardConfig:
-    # Reward kind, a key of REWARDS: "critic" (a Social Reward checkpoint or open_clip name) or the
-    # synthetic "brightness" / "contrast" rewards for smoke tests.
+    # Reward kind, a key of REWARDS: "critic" (a Social Reward checkpoint or open_clip name), a standard
+    # reward model ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clipscore"; weights from
+    # `standard`), "mix" (the weighted sum in `mix`), or the synthetic "brightness" / "contrast" rewards
+    # for smoke tests.
     kind: str = "critic"
     # Critic checkpoint directory (reward/ training output) or open_clip "name[:pretrained]"; frozen.
     critic: str = "toy-clip"
+    # Weights of the standard reward models: kind -> argument of its spec, i.e. a local path (file layouts
+    # in reward/standard.py), a hub id, or "" for the default hub id; options follow commas, e.g.
+    # {hpsv2: weights/HPS_v2_compressed.pt, aesthetic: "weights,backbone=ViT-L-14:weights/vit-l-14.bin"}.
+    standard: dict[str, str] = field(default_factory=dict)
+    # kind "mix": reward = sum of weight * term, term -> weight, terms being REWARDS kinds other than "mix",
+    # e.g. {critic: 1.0, hpsv2: 0.5}. The terms keep their own scales (HPS v2 ~0.25, PickScore ~20), so a
+    # weight is an exchange rate. Each term is logged unweighted as train/reward/<term>.
+    mix: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,7 +179,32 @@ def _contrast_reward(cfg: RewardConfig, device, **_) -> RewardFn:
     return fn
 
 
-REWARDS = {"critic": _critic_reward, "brightness": _brightness_reward, "contrast": _contrast_reward}
+def _standard_reward(kind: str):
+    def factory(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                gradient_checkpointing: bool = False) -> RewardFn:
+        from reward.standard import load_standard
+
+        model = load_standard(f"{kind}:{cfg.standard.get(kind) or ''}", device=device, dtype=dtype)  # frozen, eval
+        model.set_grad_checkpointing(gradient_checkpointing)
+        return model
+
+    return factory
+
+
+def _mix_reward(cfg: RewardConfig, device, **kwargs) -> RewardFn:
+    from refl.mix import WeightedRewards
+
+    if not cfg.mix:
+        raise ValueError("reward.kind=mix needs reward.mix, e.g. {critic: 1.0, hpsv2: 0.5}")
+    bad = [name for name in cfg.mix if name not in REWARDS or name == "mix"]
+    if bad:
+        raise ValueError(f"reward.mix terms {bad} are not reward kinds; choose from "
+                         f"{sorted(k for k in REWARDS if k != 'mix')}")
+    return WeightedRewards({name: REWARDS[name](cfg, device, **kwargs) for name in cfg.mix}, cfg.mix)
+
+
+REWARDS = {"critic": _critic_reward, "brightness": _brightness_reward, "contrast": _contrast_reward,
+           **{kind: _standard_reward(kind) for kind in STANDARD_KINDS}, "mix": _mix_reward}
 
 
 def build_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
@@ -176,6 +212,9 @@ def build_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
     """The frozen reward, its weights in `dtype`, checkpointed in backward if asked (where it can be)."""
     if cfg.kind not in REWARDS:
         raise ValueError(f"unknown reward.kind {cfg.kind!r}; choose one of {sorted(REWARDS)}")
+    unused = sorted(set(cfg.standard) - set(STANDARD_KINDS))
+    if unused:
+        raise ValueError(f"reward.standard has unknown kinds {unused}; choose from {sorted(STANDARD_KINDS)}")
     return REWARDS[cfg.kind](cfg, device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
 
 

@@ -39,20 +39,41 @@ def train_main(argv=None) -> int:
     return 0
 
 
+def _accuracy_table(rows: list[tuple[str, dict]], majority: dict) -> str:
+    """Markdown: one row per metric (accuracy with its 95% interval), then chance and the majority rule."""
+    lines = ["| metric | pairwise accuracy | 95% interval | pairs |", "|---|---|---|---|"]
+    for name, rep in rows:
+        lo, hi = rep["ci95"]
+        lines.append(f"| {name} | {rep['pairwise_accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {rep['n_pairs']} |")
+    n = rows[0][1]["n_pairs"] if rows else 0
+    lines.append(f"| chance | 0.500 | | {n} |")
+    rate = majority.get("rate")
+    lines.append(f"| majority ({majority['rule']}) | {'n/a' if rate is None else f'{rate:.3f}'} | | "
+                 f"{majority.get('n_pairs', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def validate_main(argv=None) -> int:
+    import gc
+
     from reward.data import DataError, load_pairs
-    from reward.evaluate import evaluate_pairs
+    from reward.evaluate import evaluate_pairs, majority_baseline
     from reward.model import load
+    from reward.standard import STANDARD_KINDS, is_standard_spec, load_standard
 
     parser = argparse.ArgumentParser(
-        description="Pairwise accuracy of a critic on held-out pairs, next to its untuned backbone.")
+        description="Pairwise accuracy of a critic on held-out pairs, next to its untuned backbone and the "
+                    "standard reward models.")
     parser.add_argument("pairs", help="pairs file (parquet/csv/jsonl)")
     parser.add_argument("--checkpoint", required=True, help="critic directory, or open_clip name[:pretrained]")
-    parser.add_argument("--baseline", default=None,
-                        help="untuned critic to compare (default: the checkpoint's own backbone; 'none' to skip)")
+    parser.add_argument("--baseline", action="append", default=None,
+                        help="a model to compare, repeatable: a critic or open_clip name[:pretrained], or a standard "
+                             f"reward spec KIND:PATH ({', '.join(STANDARD_KINDS)}; e.g. hpsv2:weights/"
+                             "HPS_v2_compressed.pt). Default: the checkpoint's own backbone; 'none' to skip")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
-    parser.add_argument("--out", default=None, help="JSON file to write (default: beside the checkpoint)")
+    parser.add_argument("--out", default=None, help="JSON file to write (default: beside the checkpoint); "
+                                                    "the table goes beside it as .md")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     setup_logging()
@@ -62,23 +83,36 @@ def validate_main(argv=None) -> int:
         model = load(args.checkpoint, device=args.device)
         report = {"pairs": str(args.pairs), "checkpoint": str(args.checkpoint),
                   "tuned": evaluate_pairs(model, records, args.batch_size, progress=True)}
-        baseline = args.baseline
-        if baseline is None:
-            base = model.config.pretrained
-            baseline = base if base else f"{model.config.model_name}"
-        if baseline != "none":
-            base_model = load(baseline, device=args.device)
-            report["baseline"] = {"model": baseline, **evaluate_pairs(base_model, records, args.batch_size)}
-            report["gain"] = report["tuned"]["pairwise_accuracy"] - report["baseline"]["pairwise_accuracy"]
-    except (DataError, FileNotFoundError, ValueError, OSError) as err:
+        baselines = args.baseline or [model.config.pretrained or model.config.model_name]
+        baselines = [b for b in baselines if b != "none"]
+        del model
+        report["baselines"] = []
+        for spec in baselines:
+            base = load_standard(spec, device=args.device) if is_standard_spec(spec) else load(spec, device=args.device)
+            rep = evaluate_pairs(base, records, args.batch_size, progress=True)
+            rep["tuned_minus_this"] = report["tuned"]["pairwise_accuracy"] - rep["pairwise_accuracy"]
+            report["baselines"].append({"model": spec, **rep})
+            del base
+            gc.collect()
+        if len(report["baselines"]) == 1:  # the single-baseline keys earlier versions wrote
+            report["baseline"] = report["baselines"][0]
+            report["gain"] = report["baseline"]["tuned_minus_this"]
+        report["majority"] = majority_baseline(args.pairs)
+    except (DataError, FileNotFoundError, ValueError, OSError) as err:  # WeightsError is a ValueError
         log.error("%s", err)
         return 2
+    rows = [(f"critic {args.checkpoint}", report["tuned"])] + [(b["model"], b) for b in report["baselines"]]
+    table = _accuracy_table(rows, report["majority"])
     text = json.dumps(report, indent=2)
     print(text)
+    log.info("pairwise accuracy on %s:\n%s", args.pairs, table)
     out = Path(args.out) if args.out else (Path(args.checkpoint) / "validation.json"
                                            if Path(args.checkpoint).is_dir() else None)
     if out:
-        out.write_text(text)
+        from reward.files import atomic_write_bytes, write_json
+
+        write_json(out, report)
+        atomic_write_bytes(out.with_suffix(".md"), lambda f: f.write(table.encode()))
     return 0
 
 

@@ -20,3 +20,15 @@ def colour_pairs(tmp_path_factory):
         "train": make_colour_pairs(root / "train", n_pairs=384, size=16, seed=0),
         "val": make_colour_pairs(root / "val", n_pairs=96, size=16, seed=1),
     }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state and refuses a second `mixed_precision` in the same process
+    (a bf16 training test after an fp32 one fails with "AcceleratorState has already been initialized");
+    clear it after every test, as accelerate's own tests do."""
+    import sys
+
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
