@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from refl.components import ModelConfig
 from refl.evaluators import CriticEvaluator, create_evaluator
 from refl.prompts import read_prompt_file
+from reward.config import atomic_write_bytes as _atomic_write_bytes
 from reward.config import save_config, to_dict
 from reward.stats import bootstrap_ci
 
@@ -151,19 +151,6 @@ def arm_fingerprint(cfg: CompareConfig, arm: str) -> str:
     if arm == "refl":
         keys.update(lora=str(Path(cfg.lora).resolve()), lora_scale=cfg.lora_scale)
     return json.dumps(keys, sort_keys=True)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file_object)` into a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _finite(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -167,14 +168,26 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return _from_dict(cls, data)
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically) beside a run's outputs."""
+def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
+    """Call `write(file_object)` into a temp file beside `path`, then rename: readers never see half a
+    file, and a crash leaves the old file as it was. The project's one atomic file writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically) beside a run's outputs."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()
+    return atomic_write_bytes(path, lambda f: f.write(text))
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -705,3 +705,89 @@ def split_by_prompt(records: list[PairRecord], val_fraction: float, seed: int = 
     n_val = int(round(len(prompts) * val_fraction))
     val_prompts = set(prompts[:n_val])
     return [r for r in records if r.prompt not in val_prompts], [r for r in records if r.prompt in val_prompts]
+
+
+# ----- the checking pass (scripts/check_pairs.py) -----
+
+
+class _BlockCheck(Dataset):
+    """Item b = the bad rows of row group b as [(row in file, reason)], every image decoded (in workers)."""
+
+    def __init__(self, reader: ShardReader, fmt: str):
+        self.reader, self.fmt = reader, fmt
+
+    def __len__(self) -> int:
+        return len(self.reader.blocks)
+
+    def __getitem__(self, b: int) -> list[tuple[int, str]]:
+        data = self.reader.read(b).to_pydict()
+        n = self.reader.blocks[b][3]
+        bad = []
+        for r in range(n):
+            path, file_row, base = self.reader.where(b, r)
+            _, problems = row_problems(self.fmt, {c: v[r] for c, v in data.items()}, base, file_row, True)
+            if problems:
+                bad.append((file_row, "; ".join(problems)))
+        return bad
+
+
+def _absolute_paths(table, fmt: str, base: Path):
+    """Relative image paths made absolute, so the clean file works wherever it is written."""
+    import pyarrow as pa
+
+    cols = {"social": ["pos_path", "neg_path"], "ranked": ["image_path"]}.get(fmt, [])
+    for name in cols:
+        values = table.column(name).to_pylist()
+        if name == "image_path":
+            values = [[_resolve(p, base) for p in v] if v is not None else v for v in values]
+        else:
+            values = [_resolve(v, base) if v is not None else v for v in values]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+    return table
+
+
+def check_pairs(source, out: str | os.PathLike, report: str | os.PathLike | None = None, fmt: str = "auto",
+                num_workers: int = 0, row_group_size: int = 256, max_listed: int = 10_000) -> dict:
+    """Decode every image of every row once; write the good rows to `out` (parquet, written to a
+    temp file then renamed; relative image paths made absolute) and a JSON report of the bad rows
+    (file, row, reason) to `report`. Reads one row group at a time; workers decode in parallel."""
+    import pyarrow.parquet as pq
+
+    from reward.config import atomic_write_bytes
+
+    out = Path(out)
+    if out.suffix not in (".parquet", ".pq"):
+        raise DataError(f"--out {out}: the clean pairs file is written as parquet; name it *.parquet")
+    reader = ShardReader(source)
+    fmt = _check_format(fmt, reader.columns, reader.source)
+    loader = torch.utils.data.DataLoader(_BlockCheck(reader, fmt), batch_size=None, num_workers=num_workers)
+    problems: list[dict] = []
+    n_rows = n_bad = 0
+
+    def write(f):
+        nonlocal n_rows, n_bad
+        writer = None
+        for b, bad in enumerate(tqdm(loader, desc=f"checking {reader.source}", total=len(reader.blocks))):
+            si, _, start, n = reader.blocks[b]
+            n_rows += n
+            n_bad += len(bad)
+            for file_row, reason in bad:
+                if len(problems) < max_listed:
+                    problems.append({"file": reader.shards[si].path, "row": file_row, "reason": reason})
+            keep = np.ones(n, dtype=bool)
+            keep[[file_row - start for file_row, _ in bad]] = False
+            table = _absolute_paths(reader.read(b).filter(keep), fmt, Path(reader.shards[si].base))
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema)
+            writer.write_table(table.cast(writer.schema), row_group_size=row_group_size)
+        if writer is not None:
+            writer.close()
+
+    atomic_write_bytes(out, write)
+    result = {"source": reader.source, "format": fmt, "shards": len(reader.shards), "rows": n_rows,
+              "good_rows": n_rows - n_bad, "bad_rows": n_bad, "listed": len(problems), "clean": str(out),
+              "problems": problems}
+    if report is not None:
+        text = json.dumps(result, indent=2).encode()
+        atomic_write_bytes(report, lambda f: f.write(text))
+    return result
