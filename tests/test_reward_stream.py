@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.pairs import encoded_image, pickapic_rows, write_shards
 from PIL import Image
 
 from reward.data import DataError, PairShards, PairShardSampler, collate_pairs, load_pairs
@@ -20,37 +21,9 @@ from reward.data import DataError, PairShards, PairShardSampler, collate_pairs, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _png(rng, size=8, fmt="PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _pickapic_rows(n, seed=0, start=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(start, start + n):
-        label_0 = [1.0, 0.0, 0.5][i % 3]
-        rows.append({"caption": f"prompt {i}", "jpg_0": _png(rng), "jpg_1": _png(rng),
-                     "label_0": label_0, "label_1": 1.0 - label_0})
-    return rows
-
-
-def _write_shards(root: Path, rows, n_shards=3, row_group=8, split="train") -> list[Path]:
-    """Pick-a-Pic v2 as the hub serves it: data/<split>-0000k-of-0000n-<hash>.parquet."""
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(n_shards):
-        part = rows[k::n_shards]
-        path = root / f"{split}-{k:05d}-of-{n_shards:05d}-abc123.parquet"
-        pq.write_table(pa.Table.from_pylist(part), path, row_group_size=row_group)
-        paths.append(path)
-    return paths
-
-
 def test_shard_folder_streams_the_same_pairs_as_loading_it(tmp_path):
-    rows = _pickapic_rows(60)
-    _write_shards(tmp_path / "data", rows)
+    rows = pickapic_rows(60)
+    write_shards(tmp_path / "data", rows)
     ds = PairShards(tmp_path / "data", image_size=16, tie_policy="drop")
     in_memory = load_pairs(str(tmp_path / "data" / "train-*.parquet"), tie_policy="drop")
     assert len(ds) == len(in_memory) == 40 and ds.n_ties_dropped == 20
@@ -73,8 +46,8 @@ def test_shard_folder_streams_the_same_pairs_as_loading_it(tmp_path):
 
 
 def test_folder_with_several_splits_or_a_datasetdict_names_the_fix(tmp_path):
-    _write_shards(tmp_path / "data", _pickapic_rows(6), n_shards=1)
-    _write_shards(tmp_path / "data", _pickapic_rows(6), n_shards=1, split="validation_unique")
+    write_shards(tmp_path / "data", pickapic_rows(6), n_shards=1)
+    write_shards(tmp_path / "data", pickapic_rows(6), n_shards=1, split="validation_unique")
     with pytest.raises(DataError, match=r"several splits \(train, validation_unique\).*-\*\.parquet"):
         PairShards(tmp_path, image_size=16)
     assert len(PairShards(str(tmp_path / "data" / "validation_unique-*.parquet"), image_size=16)) == 4
@@ -84,7 +57,7 @@ def test_folder_with_several_splits_or_a_datasetdict_names_the_fix(tmp_path):
 
 def test_datasets_save_to_disk_folder_is_a_source(tmp_path):
     datasets = pytest.importorskip("datasets")
-    rows = _pickapic_rows(30)
+    rows = pickapic_rows(30)
     ds = datasets.Dataset.from_list(rows)
     ds.save_to_disk(tmp_path / "one", max_shard_size="2KB")  # several arrow shards
     assert len(list((tmp_path / "one").glob("*.arrow"))) > 1
@@ -98,7 +71,7 @@ def test_datasets_save_to_disk_folder_is_a_source(tmp_path):
 
 
 def test_processes_read_disjoint_row_groups_and_run_equal_batches(tmp_path):
-    _write_shards(tmp_path, _pickapic_rows(90), n_shards=3, row_group=7)
+    write_shards(tmp_path, pickapic_rows(90), n_shards=3, row_group=7)
     ds = PairShards(tmp_path, image_size=8, tie_policy="keep")
     sampler = PairShardSampler(ds, batch_size=4, seed=1, world=2, shuffle_blocks=2)
     batches = list(sampler)
@@ -119,7 +92,7 @@ def test_processes_read_disjoint_row_groups_and_run_equal_batches(tmp_path):
 @pytest.mark.parametrize("where", ["bytes", "files"])
 def test_same_image_pairs_are_bad_rows(tmp_path, where, caplog):
     rng = np.random.default_rng(0)
-    a, b = _png(rng), _png(rng)
+    a, b = encoded_image(rng), encoded_image(rng)
     if where == "bytes":
         df = pd.DataFrame({"caption": ["ok", "same"], "jpg_0": [a, b], "jpg_1": [b, b],
                            "label_0": [1.0, 1.0], "label_1": [0.0, 0.0]})
@@ -143,9 +116,9 @@ def test_same_image_pairs_are_bad_rows(tmp_path, where, caplog):
 
 
 def test_streamed_bad_row_names_its_shard_and_row(tmp_path):
-    rows = _pickapic_rows(30)
+    rows = pickapic_rows(30)
     rows[2 * 3 + 2]["jpg_1"] = b"not an image"  # shard 2 (rows 2, 5, 8, ...), row 2 of that file
-    paths = _write_shards(tmp_path, rows)
+    paths = write_shards(tmp_path, rows)
     ds = PairShards(tmp_path, image_size=8, tie_policy="keep")
     bad = next(i for i in range(len(ds)) if ds.reader.where(int(ds.block_of[i]), int(ds.row_of[i]))[:2]
                == (str(paths[2]), 2))
@@ -159,11 +132,11 @@ def test_streamed_bad_row_names_its_shard_and_row(tmp_path):
 
 
 def test_check_pairs_writes_a_report_and_a_clean_copy(tmp_path, colour_pairs):
-    rows = _pickapic_rows(24)
+    rows = pickapic_rows(24)
     rows[4]["jpg_0"] = rows[4]["jpg_0"][:40]  # truncated
     rows[9]["caption"] = " "
     rows[13]["jpg_1"] = rows[13]["jpg_0"]
-    _write_shards(tmp_path / "src", rows, n_shards=2, row_group=5)
+    write_shards(tmp_path / "src", rows, n_shards=2, row_group=5)
     from reward.cli import check_main
 
     out = tmp_path / "clean" / "train.parquet"
@@ -211,7 +184,7 @@ def _heavy_shards(root: Path, n_rows: int, n_shards: int) -> int:
     uncompressed and without dictionary so the shards really hold the bytes; returns their size.
     BMP, because it decodes in a third of PNG's time: this test is about memory, not codecs."""
     rng = np.random.default_rng(0)
-    pool = [_png(rng, size=64, fmt="BMP") for _ in range(40)]
+    pool = [encoded_image(rng, size=64, fmt="BMP") for _ in range(40)]
     root.mkdir(parents=True)
     for k in range(n_shards):
         idx = np.arange(k, n_rows, n_shards)
