@@ -132,3 +132,44 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
     scores = np.concatenate([s_pos, s_neg])
     assert scores.std(ddof=1) == pytest.approx(1.0, abs=1e-3) and abs(scores.mean()) < 1e-3
     assert tuned.score_scale.item() != pytest.approx(start.score_scale.item(), rel=0.1)
+
+
+@pytest.mark.slow
+def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
+    """configs/reward_social_vitl14.yaml (ViT-L-14 at 224 px, the paper's trained slices), random
+    weights, a few bf16 steps with gradient checkpointing on a Pick-a-Pic-style JPEG shard set read by
+    2 workers. Run by hand: `pytest -m slow -k vitl14` (see README for the measured time and RSS)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def jpeg(w, h):
+        buf = io.BytesIO()
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    data = tmp_path / "pickapic" / "data"
+    data.mkdir(parents=True)
+    for k in range(2):
+        rows = [{"caption": f"a picture number {k}-{i}", "jpg_0": jpeg(320, 256), "jpg_1": jpeg(256, 384),
+                 "label_0": float(i % 2), "label_1": float(1 - i % 2)} for i in range(12)]
+        pq.write_table(pa.Table.from_pylist(rows), data / f"train-{k:05d}-of-00002.parquet", row_group_size=4)
+    cfg = load_config(RewardExperiment, ROOT / "configs/reward_social_vitl14.yaml", [
+        "critic.pretrained=null", f"data.train={data}", "data.val=", "data.val_fraction=0.25",
+        "data.num_workers=2", "train.batch_size=2", "train.max_steps=2", "train.grad_checkpointing=true",
+        f"output_dir={tmp_path / 'run'}"])
+    assert cfg.critic.model_name == "ViT-L-14" and cfg.train.mixed_precision == "bf16"
+    result = train(cfg)
+    assert result["step"] == 2 and result["bad_rows_skipped"] == 0
+    critic = result["critic"]
+    assert critic.image_size == 224
+    start = create_critic(CriticConfig(model_name="ViT-L-14", pretrained=None)).state_dict()
+    moved = [k for k, v in critic.state_dict().items() if not torch.equal(v, start[k])]
+    assert any("visual.transformer.resblocks.23." in k for k in moved)
+    assert not any("visual.transformer.resblocks.0." in k for k in moved)  # frozen lower layers stay put
+    assert np.isfinite(result["history"][-1]["pairwise_accuracy"])
