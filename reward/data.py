@@ -269,6 +269,8 @@ def _check_format(fmt: str, columns: list[str], where: str) -> str:
 
 
 def _image_bytes(ref: ImageRef) -> bytes:
+    if ref is None:
+        raise ValueError("image is missing (an empty cell)")
     if isinstance(ref, (bytes, bytearray)):
         return bytes(ref)
     if isinstance(ref, dict) and "bytes" in ref:  # a `datasets` Image feature: {"bytes", "path"}

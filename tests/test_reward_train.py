@@ -168,6 +168,9 @@ def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
     assert result["step"] == 2 and result["bad_rows_skipped"] == 0
     critic = result["critic"]
     assert critic.image_size == 224
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)  # the run's own start: train() seeds the same way before building the critic
     start = create_critic(CriticConfig(model_name="ViT-L-14", pretrained=None)).state_dict()
     moved = [k for k, v in critic.state_dict().items() if not torch.equal(v, start[k])]
     assert any("visual.transformer.resblocks.23." in k for k in moved)
