@@ -211,6 +211,10 @@ class ShardReader:
         if not self.blocks:
             raise DataError(f"{self.source}: no rows")
 
+    def __getstate__(self) -> dict:
+        # Workers started by spawn get the shard list, not this process's open file.
+        return {k: v for k, v in self.__dict__.items() if k != "_open"}
+
     @staticmethod
     def _arrow_layout(path: str) -> tuple[list[str], list[int]]:
         import pyarrow as pa
@@ -226,7 +230,12 @@ class ShardReader:
         si, g, _, _ = self.blocks[block]
         sh = self.shards[si]
         if sh.kind == "parquet":
-            return pq.ParquetFile(sh.path).read_row_group(g, columns=columns)
+            # Reuse the open file (its footer is parsed once) while reading consecutive row groups
+            # of one shard; keyed by process so a forked worker opens its own.
+            key = (os.getpid(), si)
+            if getattr(self, "_open", (None, None))[0] != key:
+                self._open = (key, pq.ParquetFile(sh.path))
+            return self._open[1].read_row_group(g, columns=columns)
         if sh.kind == "arrow":
             table = _arrow_stream_table(sh.path, g)
         else:
@@ -495,11 +504,12 @@ class PairShards(Dataset):
         prompt_col = "caption" if self.fmt == "pickapic" else "prompt"
         if split is not None:
             cheap = cheap + [prompt_col]
-        block_ids, rows, subs, labels = [], [], [], []
+        parts: list[np.ndarray] = []  # per row group: (n_pairs, 4) block, row, sub, label
         self.n_ties_dropped = 0
         self.n_rows = 0
         for b, (_, _, _, n) in enumerate(self.reader.blocks):
             self.n_rows += n
+            block_ids, rows, subs, labels = [], [], [], []
             table = self.reader.read(b, cheap) if cheap else None
             data = table.to_pydict() if table is not None else {}
             for r in range(n):
@@ -518,10 +528,12 @@ class PairShards(Dataset):
                     rows.append(r)
                     subs.append(k)
                     labels.append(lab)
-        self.block_of = np.asarray(block_ids, dtype=np.int32)  # (N,)
-        self.row_of = np.asarray(rows, dtype=np.int32)  # (N,) row within the block
-        self.sub_of = np.asarray(subs, dtype=np.int32)  # (N,) pair within the row (ranked lists)
-        self.labels = np.asarray(labels, dtype=np.float32)  # (N,) 1.0, or 0.5 for a kept tie
+            parts.append(np.array([block_ids, rows, subs, labels], dtype=np.float64).reshape(4, -1).T)
+        index = np.concatenate(parts) if parts else np.zeros((0, 4))  # (N, 4)
+        self.block_of = index[:, 0].astype(np.int32)  # (N,)
+        self.row_of = index[:, 1].astype(np.int32)  # (N,) row within the block
+        self.sub_of = index[:, 2].astype(np.int32)  # (N,) pair within the row (ranked lists)
+        self.labels = index[:, 3].astype(np.float32)  # (N,) 1.0, or 0.5 for a kept tie
         if not len(self.block_of):
             raise DataError(f"{self.reader.source}: no preference pair ({self.n_rows} row(s), "
                             f"{self.n_ties_dropped} ties dropped, split={split}). Check the data or "
@@ -531,6 +543,10 @@ class PairShards(Dataset):
 
     def __len__(self) -> int:
         return len(self.block_of)
+
+    def __getstate__(self) -> dict:
+        # A worker started by spawn begins with an empty cache, not a copy of this process's.
+        return {**self.__dict__, "_cache": OrderedDict()}
 
     def block_ranges(self) -> list[tuple[int, int]]:
         """(start, stop) item ranges that share a row group: items are stored block by block."""
@@ -698,15 +714,11 @@ def collate_pairs(items: list[dict]) -> dict:
     }
 
 
-def split_by_prompt(records: list[PairRecord], val_fraction: float, seed: int = 0):
-    """Held-out prompts, not held-out pairs: a prompt's pairs all land on one side."""
-    import random
-
-    prompts = sorted({r.prompt for r in records})
-    random.Random(seed).shuffle(prompts)
-    n_val = int(round(len(prompts) * val_fraction))
-    val_prompts = set(prompts[:n_val])
-    return [r for r in records if r.prompt not in val_prompts], [r for r in records if r.prompt in val_prompts]
+def split_by_prompt(records: list[PairRecord], val_fraction: float):
+    """Held-out prompts, not held-out pairs: a prompt's pairs all land on one side, the side
+    `prompt_in_val` gives it (the same split training makes on a streamed source)."""
+    val = [prompt_in_val(r.prompt, val_fraction) for r in records]
+    return [r for r, v in zip(records, val) if not v], [r for r, v in zip(records, val) if v]
 
 
 # ----- the checking pass (scripts/check_pairs.py) -----

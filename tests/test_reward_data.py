@@ -136,6 +136,6 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 def test_split_by_prompt_keeps_prompts_whole(colour_pairs):
     records = load_pairs(colour_pairs["train"])
-    train, val = split_by_prompt(records, 0.25, seed=3)
+    train, val = split_by_prompt(records, 0.25)
     assert not {r.prompt for r in train} & {r.prompt for r in val}
     assert len(train) + len(val) == len(records) and val

@@ -106,28 +106,34 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
     (held-out prompts by hash): the new calibration is fitted on raw cosines, so its scores get std 1."""
     from helpers.pairs import pickapic_rows, write_shards
 
-    from reward.data import PairShards
+    from reward.data import PairShards, prompt_in_val
     from reward.evaluate import score_pairs
 
     torch.manual_seed(0)
     start = create_critic(CriticConfig(model_name="tiny-clip"))
     start.calibrate_(torch.tensor([0.0, 0.05, 0.1]))  # scale 20: far from 1, so a wrong fit shows
     start.save_pretrained(tmp_path / "start")
-    write_shards(tmp_path / "data", pickapic_rows(120, size=12), n_shards=3, row_group=10)
+    rows = pickapic_rows(120, size=12)
+    bad = next(i for i in range(120) if not prompt_in_val(f"prompt {i}", 0.25))
+    rows[bad]["jpg_0"] = b"truncated"  # met in the training share: skipped and counted
+    write_shards(tmp_path / "data", rows, n_shards=3, row_group=10)
     cfg = load_config(RewardExperiment, None, [
         "critic.model_name=tiny-clip", f"critic.pretrained={tmp_path / 'start'}", f"data.train={tmp_path / 'data'}",
-        "data.val_fraction=0.25", "data.num_workers=1", "loss.name=pickscore", "train.batch_size=16",
-        "train.max_steps=3", "train.mixed_precision=bf16", "train.grad_checkpointing=true", "train.lr=1e-3",
-        f"output_dir={tmp_path / 'run'}"])
+        "data.val_fraction=0.25", "data.num_workers=1", "data.on_bad_row=skip", "loss.name=pickscore",
+        "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16", "train.grad_checkpointing=true",
+        "train.lr=1e-3", f"output_dir={tmp_path / 'run'}"])
     result = train(cfg)
-    assert result["step"] == 3 and result["bad_rows_skipped"] == 0
+    assert result["bad_rows_skipped"] == 1  # one epoch: every training pair seen once
     tuned = reward.load(tmp_path / "run" / "critic")
     moved = [k for k, v in tuned.state_dict().items() if "resblocks.2" in k and not torch.equal(v, start.state_dict()[k])]
     assert moved  # the run trained
     val = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="val", val_fraction=0.25)
-    train_part = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="train", val_fraction=0.25)
+    train_part = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="train", val_fraction=0.25,
+                            on_bad_row="skip")
     assert len(val) + len(train_part) == 120 and 10 < len(val) < 50
-    assert not {val[i]["prompt"] for i in range(len(val))} & {train_part[i]["prompt"] for i in range(len(train_part))}
+    assert result["step"] == -(-len(train_part) // 16)
+    train_prompts = {train_part[i].get("prompt") for i in range(len(train_part))}
+    assert not {val[i]["prompt"] for i in range(len(val))} & train_prompts
     s_pos, s_neg = score_pairs(tuned, val)
     scores = np.concatenate([s_pos, s_neg])
     assert scores.std(ddof=1) == pytest.approx(1.0, abs=1e-3) and abs(scores.mean()) < 1e-3
