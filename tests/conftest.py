@@ -20,3 +20,14 @@ def colour_pairs(tmp_path_factory):
         "train": make_colour_pairs(root / "train", n_pairs=384, size=16, seed=0),
         "val": make_colour_pairs(root / "val", n_pairs=96, size=16, seed=1),
     }
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state and refuses a second mixed-precision setting in the
+    same process ("restart your runtime"); tests that switch precision start and end with a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

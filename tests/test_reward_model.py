@@ -202,7 +202,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert grads()[1] == plain_bytes
 
 
-def test_training_forward_runs_in_bf16_under_accelerate():
+def test_training_forward_runs_in_bf16_under_accelerate(fresh_accelerate_state):
     from accelerate import Accelerator
 
     from reward.losses import create_loss

@@ -101,7 +101,7 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
     assert "MULTI_CPU" in proc.stderr and "2 processes" in proc.stderr
 
 
-def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
+def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path, fresh_accelerate_state):
     """A calibrated critic directory fine-tuned in bf16 with gradient checkpointing on a shard folder
     (held-out prompts by hash): the new calibration is fitted on raw cosines, so its scores get std 1."""
     from helpers.pairs import pickapic_rows, write_shards
@@ -141,7 +141,7 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
 
 
 @pytest.mark.slow
-def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
+def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path, fresh_accelerate_state):
     """configs/reward_social_vitl14.yaml (ViT-L-14 at 224 px, the paper's trained slices), random
     weights, a few bf16 steps with gradient checkpointing on a Pick-a-Pic-style JPEG shard set read by
     2 workers. Run by hand: `pytest -m slow -k vitl14` (see README for the measured time and RSS)."""
