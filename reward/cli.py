@@ -116,5 +116,29 @@ def validate_main(argv=None) -> int:
     return 0
 
 
+def check_main(argv=None) -> int:
+    from reward.data import DataError, check_pairs
+
+    parser = argparse.ArgumentParser(
+        description="Decode every image of a pairs set once; write a report of the bad rows and a clean copy.")
+    parser.add_argument("source", help="pairs file, shard folder, glob (quote it) or datasets save_to_disk folder")
+    parser.add_argument("--out", required=True, help="clean pairs file to write (.parquet)")
+    parser.add_argument("--report", default=None, help="JSON report (default: <out>.report.json)")
+    parser.add_argument("--fmt", default="auto", choices=["auto", "social", "pickapic", "ranked"])
+    parser.add_argument("--num-workers", type=int, default=0, help="processes decoding images")
+    args = parser.parse_args(argv)
+    setup_logging()
+    report = args.report or str(Path(args.out).with_suffix(".report.json"))
+    try:
+        result = check_pairs(args.source, args.out, report, fmt=args.fmt, num_workers=args.num_workers)
+    except (DataError, FileNotFoundError) as err:
+        logging.getLogger("reward").error("%s", err)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=2))
+    for p in result["problems"][:10]:
+        logging.getLogger("reward").warning("%s, row %d: %s", p["file"], p["row"], p["reason"])
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from reward.files import atomic_write_bytes
+
 T = TypeVar("T")
 
 
@@ -169,12 +171,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically) beside a run's outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()
+    return atomic_write_bytes(path, lambda f: f.write(text))
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

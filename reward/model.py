@@ -106,25 +106,29 @@ class SocialReward(nn.Module):
     # ----- images -----
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised (B, 3, S, S); differentiable."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"critic expects images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        s = self.image_size
-        h, w = images.shape[-2:]
-        if (h, w) != (s, s):
-            scale = s / min(h, w)
-            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-            if (nh, nw) != (h, w):
-                images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-            top, left = (nh - s) // 2, (nw - s) // 2
-            images = images[:, :, top : top + s, left : left + s]  # (B, 3, S, S)
+        images = resize_center_crop(images, self.image_size)  # (B, 3, S, S)
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The towers' parameter dtype (float32 unless the critic was cast, e.g. `.to(torch.bfloat16)`)."""
+        return next(self.clip.visual.parameters()).dtype
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_image(self.preprocess_tensor(images)).float(), dim=-1)  # (B, D)
+        # Pixels are prepared in float32 and only then cast, so a bf16 critic sees the same crop.
+        pixels = self.preprocess_tensor(images).to(self.dtype)  # (B, 3, S, S)
+        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)  # (B, D)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> SocialReward:
+        """Recompute both towers' transformer blocks in the backward pass instead of storing their
+        activations: less memory for training (and ReFL's backward through the critic), one more forward."""
+        self.clip.set_grad_checkpointing(enable)
+        return self
 
     # ----- scores -----
     def calibrated(self, cosine: torch.Tensor) -> torch.Tensor:
-        return cosine * self.score_scale + self.score_shift
+        # In float32 whatever the critic's dtype: a bf16 scale would round every score.
+        return cosine.float() * self.score_scale.float() + self.score_shift.float()
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | torch.Tensor, return_embeddings: bool = False):
         """Differentiable calibrated scores, one per (image, prompt) pair: (B,).
@@ -187,8 +191,33 @@ class SocialReward(nn.Module):
         return directory
 
 
+def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size): shortest side resized (bicubic, antialiased), centre-cropped.
+
+    The one resize of the project: training data, file/PIL scoring and the differentiable path all
+    come through here, so an image gets the same pixels whichever way it reaches the critic.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"critic expects images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return images[:, :, top : top + size, left : left + size]  # (B, 3, S, S)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> (3, H, W) float in [0, 1] at its own size."""
+    arr = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
 def load_image_tensor(image: ImageLike, size: int) -> torch.Tensor:
-    """A file or PIL image -> (3, size, size) float in [0, 1]: shortest side resized, centre-cropped."""
+    """A file or PIL image -> (3, size, size) float in [0, 1] via `resize_center_crop` (torch)."""
     if not isinstance(image, Image.Image):
         path = Path(image)
         try:
@@ -198,16 +227,7 @@ def load_image_tensor(image: ImageLike, size: int) -> torch.Tensor:
             raise FileNotFoundError(f"image {path} does not exist") from err
         except OSError as err:
             raise OSError(f"image {path} cannot be decoded ({err}); re-export or remove it") from err
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    arr = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
+    return resize_center_crop(pil_to_tensor(image)[None], size)[0]  # (3, S, S)
 
 
 def is_critic_dir(path: str | os.PathLike | None) -> bool:

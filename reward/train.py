@@ -19,11 +19,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reward.config import save_config
-from reward.data import PairDataset, collate_pairs, load_pairs, split_by_prompt
+from reward.data import DataError, PairShards, PairShardSampler, collate_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import LOSSES, create_loss
 from reward.model import CriticConfig, SocialReward, create_critic
@@ -33,11 +33,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    # Training pairs: parquet / csv / json(l) in one of the formats of reward/data.py.
+    # Training pairs in one of the formats of reward/data.py: a parquet / csv / json(l) file, a folder
+    # or glob of parquet / arrow shards (e.g. a Pick-a-Pic v2 download's data/train-*.parquet), or a
+    # `datasets` save_to_disk folder. Streamed: rows are read a row group at a time.
     train: str = ""
-    # Held-out pairs; empty = hold out `val_fraction` of the training file's prompts.
+    # Held-out pairs (same kinds of source); empty = hold out `val_fraction` of the training prompts.
     val: str = ""
-    # Fraction of prompts (not pairs) held out when `val` is empty.
+    # Fraction of prompts (not pairs) held out when `val` is empty, chosen by a hash of the prompt.
     val_fraction: float = 0.1
     # social | pickapic | ranked | auto (detected from the columns).
     fmt: str = "auto"
@@ -45,10 +47,15 @@ class DataConfig:
     tie_policy: str = "auto"
     # error = stop at the first bad row; skip = drop bad rows and log how many and which.
     on_bad_row: str = "error"
-    # Decode every image once before training so a corrupt file fails now, not mid-run.
-    check_images: bool = True
-    # DataLoader worker processes per process.
+    # Decode every training image once before training so a corrupt file fails now, not mid-run
+    # (one full pass over the data; at scale run scripts/check_pairs.py once instead). Bad rows met
+    # while training are caught either way (error, or skipped and counted).
+    check_images: bool = False
+    # DataLoader worker processes per process; images are decoded and resized in them.
     num_workers: int = 0
+    # Row groups mixed together by the shuffle (per process). Each worker holds up to this many
+    # row groups (+1) in memory: memory ~ num_workers x this x row-group size.
+    shuffle_row_groups: int = 4
 
 
 @dataclass
@@ -83,8 +90,11 @@ class TrainConfig:
     grad_accum: int = 1
     # Clip the global grad norm to this; 0 = no clipping (as in the paper).
     max_grad_norm: float = 0.0
-    # no | fp16 | bf16 (accelerate autocast).
+    # no | fp16 | bf16 (accelerate autocast; weights and optimizer state stay float32).
     mixed_precision: str = "no"
+    # Recompute the open_clip towers' blocks in the backward pass: less activation memory, ~1/3 more
+    # compute. For large critics (ViT-L-14 at 224 px) and large batches.
+    grad_checkpointing: bool = False
     # Seed for weights, data order and every RNG.
     seed: int = 0
     # Validate every this many optimizer steps; 0 = at the end of each epoch.
@@ -117,6 +127,8 @@ class RewardExperiment:
             raise ValueError(f"train.mixed_precision={self.train.mixed_precision!r}; choose no, fp16 or bf16")
         if self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        if self.data.shuffle_row_groups < 1:
+            raise ValueError("data.shuffle_row_groups must be >= 1")
 
 
 class CriticWithLoss(nn.Module):
@@ -131,24 +143,6 @@ class CriticWithLoss(nn.Module):
         img, txt = self.critic(torch.cat([pos, neg]), prompts, return_embeddings=True)  # (2B, D), (B, D)
         img_pos, img_neg = img.chunk(2)  # (B, D) each
         return self.loss(txt, img_pos, img_neg, label=label, weight=weight)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order.
-
-    The epoch is set by the loop, not through a `set_epoch` method: accelerate calls that with its own
-    per-loader iteration count, which restarts at 0 for the loader that skips a resumed epoch's batches.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -222,29 +216,27 @@ def train(cfg: RewardExperiment, resume: str | None = None) -> dict:
         save_config(cfg, out / "config.yaml")
 
     critic = create_critic(cfg.critic)
+    if tc.grad_checkpointing:
+        critic.set_grad_checkpointing(True)
     loss_fn = create_loss(cfg.loss.name, **_loss_kwargs(cfg.loss))
     handles_ties = getattr(loss_fn, "handles_ties", False)
     dc = cfg.data
     if not dc.train:
         raise ValueError("data.train is empty: set it to a pairs file (e.g. --set data.train=pairs.parquet)")
-    load = dict(fmt=dc.fmt, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties,
-                on_bad_row=dc.on_bad_row, check_images=dc.check_images)
-    train_records = load_pairs(dc.train, **load)
-    if dc.val:
-        val_records = load_pairs(dc.val, **{**load, "tie_policy": "keep"})
-    else:
-        train_records, val_records = split_by_prompt(train_records, dc.val_fraction, seed=tc.seed)
-    if not train_records:
-        raise ValueError(f"{dc.train}: no training pairs left after holding out validation prompts")
+    train_set, val_set = _datasets(dc, critic.image_size, handles_ties)
+    if dc.check_images:
+        n_bad = check_all_images(train_set, tc.batch_size, dc.num_workers)
+        logger.info("data.check_images: every training image decodes (%d bad row(s) skipped)", n_bad)
 
-    sampler = EpochShuffleSampler(len(train_records), tc.seed)
-    loader = DataLoader(PairDataset(train_records, critic.image_size), batch_size=tc.batch_size,
-                        sampler=sampler, collate_fn=collate_pairs, num_workers=dc.num_workers, drop_last=False)
+    sampler = PairShardSampler(train_set, tc.batch_size, seed=tc.seed, world=accelerator.num_processes,
+                               shuffle_blocks=dc.shuffle_row_groups)
+    # accelerate deals the interleaved batches out, one per process in turn: each process loads only
+    # its own (and so reads only its own row groups).
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=dc.num_workers)
     module = CriticWithLoss(critic, loss_fn)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_records) / (tc.batch_size * accelerator.num_processes))
-                                / tc.grad_accum)
+    steps_per_epoch = math.ceil(sampler.batches_per_process() / tc.grad_accum)
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.lr_schedule, tc.warmup_steps, total_steps))
     # The LR scheduler is stepped by hand once per optimizer step (a prepared one steps once per
@@ -258,7 +250,7 @@ def train(cfg: RewardExperiment, resume: str | None = None) -> dict:
     logger.info("critic %s (%s): %d of %d parameters train (mode %s); %d train pairs, %d val pairs; "
                 "global batch %d; %d optimizer steps per epoch, %d in total",
                 cfg.critic.model_name, cfg.critic.pretrained, n_train, n_total, cfg.critic.training_mode,
-                len(train_records), len(val_records), tc.batch_size * accelerator.num_processes * tc.grad_accum,
+                len(train_set), len(val_set) if val_set is not None else 0, tc.batch_size * accelerator.num_processes * tc.grad_accum,
                 steps_per_epoch, total_steps)
 
     step, epoch, batches_done = 0, 0, 0
@@ -275,10 +267,17 @@ def train(cfg: RewardExperiment, resume: str | None = None) -> dict:
     save_every = tc.save_every or steps_per_epoch
     pbar = tqdm(total=total_steps, initial=step, desc="train critic", disable=not accelerator.is_local_main_process)
     running: dict[str, float] = {}
+    n_bad = 0  # bad rows skipped by this process (on_bad_row=skip)
     while step < total_steps:
         sampler.epoch = epoch
         epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
         for batch in epoch_loader:
+            n_bad += batch["n_bad"]
+            if batch["n_bad"] and n_bad <= batch["n_bad"] + 5:
+                logger.warning("skipped bad row(s) (data.on_bad_row=skip): %s", " | ".join(batch["bad"][:5]))
+            if not batch["prompt"]:
+                raise DataError(f"every row of a batch (epoch {epoch}, batch {batches_done}) was bad, e.g. "
+                                f"{batch['bad'][0]}; clean the set with scripts/check_pairs.py")
             with accelerator.accumulate(module):
                 terms = module(batch["pos"], batch["neg"], batch["prompt"], batch["label"], batch["weight"])
                 loss = terms["loss"]
@@ -309,7 +308,7 @@ def train(cfg: RewardExperiment, resume: str | None = None) -> dict:
                 pbar.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 running = {}
             if step % eval_every == 0 or step == total_steps:
-                metrics = _evaluate(accelerator, module, val_records)
+                metrics = _evaluate(accelerator, module, val_set)
                 if metrics:
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items() if np.isscalar(v)}, step=step)
                     history.append({"step": step, **metrics})
@@ -326,11 +325,16 @@ def train(cfg: RewardExperiment, resume: str | None = None) -> dict:
         break
     pbar.close()
 
-    final: dict = {"step": step, "history": history}
+    bad_total = int(accelerator.reduce(torch.tensor([n_bad], device=accelerator.device), reduction="sum").item())
+    if bad_total:
+        logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); scripts/check_pairs.py "
+                       "lists them all and writes a clean copy", bad_total)
+    final: dict = {"step": step, "history": history, "bad_rows_skipped": bad_total}
     critic = accelerator.unwrap_model(module).critic
     if accelerator.is_main_process:
-        if tc.calibrate and val_records:
-            s_pos, s_neg = score_pairs(critic, val_records)
+        if tc.calibrate and val_set is not None:
+            # Raw cosines, whatever calibration the critic arrived with: the fitted scores get std 1.
+            s_pos, s_neg = score_pairs(critic, val_set, raw=True)
             critic.calibrate_(torch.from_numpy(np.concatenate([s_pos, s_neg])))
         critic.save_pretrained(out / "critic")
         final["eval"] = history[-1] if history else None
@@ -347,11 +351,35 @@ def _loss_kwargs(lc: LossConfig) -> dict:
             "pickscore": {"logit_scale": lc.pickscore_logit_scale}}[lc.name]
 
 
-def _evaluate(accelerator: Accelerator, module, val_records) -> dict | None:
-    """Pairwise accuracy on the held-out pairs, computed on the main process (the set is small)."""
+def _datasets(dc: DataConfig, image_size: int, handles_ties: bool):
+    """Streaming train and validation sets (validation keeps ties: evaluation counts them apart)."""
+    common = dict(fmt=dc.fmt, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)
+    train_kw = dict(common, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties)
+    if dc.val:
+        return PairShards(dc.train, image_size, **train_kw), PairShards(dc.val, image_size, **common,
+                                                                         tie_policy="keep")
+    train_set = PairShards(dc.train, image_size, **train_kw, split="train", val_fraction=dc.val_fraction)
+    val_set = None
+    if dc.val_fraction > 0:
+        try:
+            val_set = PairShards(dc.train, image_size, **common, tie_policy="keep", split="val",
+                                 val_fraction=dc.val_fraction)
+        except DataError as err:
+            logger.warning("no validation pairs: %s", err)
+    return train_set, val_set
+
+
+def check_all_images(dataset: PairShards, batch_size: int, num_workers: int) -> int:
+    """Decode every item once (the training path itself); returns the bad rows skipped."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pairs, num_workers=num_workers)
+    return sum(batch["n_bad"] for batch in tqdm(loader, desc="checking images"))
+
+
+def _evaluate(accelerator: Accelerator, module, val_set) -> dict | None:
+    """Pairwise accuracy on the held-out pairs, computed on the main process."""
     metrics = None
-    if accelerator.is_main_process and val_records:
+    if accelerator.is_main_process and val_set is not None:
         critic = accelerator.unwrap_model(module).critic
-        metrics = evaluate_pairs(critic, val_records)
+        metrics = evaluate_pairs(critic, val_set)
     accelerator.wait_for_everyone()
     return metrics

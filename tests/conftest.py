@@ -26,9 +26,11 @@ def colour_pairs(tmp_path_factory):
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state and refuses a second `mixed_precision` in the same process
     (a bf16 training test after an fp32 one fails with "AcceleratorState has already been initialized");
-    clear it after every test, as accelerate's own tests do."""
+    clear it before and after every test, as accelerate's own tests do."""
     import sys
 
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
     yield
     if "accelerate.state" in sys.modules:
         sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)

@@ -23,8 +23,9 @@ def _png_bytes(colour):
 
 @pytest.fixture
 def social(tmp_path):
-    for name in ("a", "b", "c", "d"):
-        _png(tmp_path / "imgs" / f"{name}.png")
+    # Distinct images: a pair whose sides are the same image is a bad row.
+    for i, name in enumerate(("a", "b", "c", "d")):
+        _png(tmp_path / "imgs" / f"{name}.png", colour=(200, 30 + 40 * i, 30))
     df = pd.DataFrame({"prompt": ["a cat", "a dog"], "pos_path": ["imgs/a.png", "imgs/c.png"],
                        "neg_path": ["imgs/b.png", "imgs/d.png"]})
     path = tmp_path / "pairs.parquet"
@@ -60,8 +61,8 @@ def test_pickapic_ties_follow_the_policy():
 
 
 def test_ranked_lists_expand_to_pairs(tmp_path):
-    for n in "abc":
-        _png(tmp_path / f"{n}.png")
+    for i, n in enumerate("abc"):
+        _png(tmp_path / f"{n}.png", colour=(10 * i, 0, 0))
     df = pd.DataFrame({"prompt": ["p"], "image_path": [["a.png", "b.png", "c.png"]], "rank": [[2, 1, 2]]})
     path = tmp_path / "ranked.jsonl"
     df.to_json(path, orient="records", lines=True)
@@ -135,6 +136,6 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 def test_split_by_prompt_keeps_prompts_whole(colour_pairs):
     records = load_pairs(colour_pairs["train"])
-    train, val = split_by_prompt(records, 0.25, seed=3)
+    train, val = split_by_prompt(records, 0.25)
     assert not {r.prompt for r in train} & {r.prompt for r in val}
     assert len(train) + len(val) == len(records) and val

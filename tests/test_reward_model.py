@@ -131,3 +131,93 @@ def test_paper_critic_architecture_builds_with_random_weights():
     assert set(TRAINING_MODES) == {
         "all", "visual", "visual_upper_layers", "visual_upper_layers_textual_upper_layers",
         "visual_upper_layers_textual_upper_layers_deeper", "visual_last_layer"}
+
+
+def test_one_preprocessing_whatever_the_size_and_aspect(critic, tmp_path):
+    """Scoring a file, the differentiable tensor path and the training data path see the same pixels."""
+    import pandas as pd
+
+    from reward.data import PairShards
+    from reward.model import load_image_tensor, resize_center_crop
+
+    rng = np.random.default_rng(3)
+    arrs = [(rng.random((23, 40, 3)) * 255).astype(np.uint8), (rng.random((61, 29, 3)) * 255).astype(np.uint8)]
+    for i, arr in enumerate(arrs):  # landscape and portrait, neither at the critic's 16 px
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+    native = [torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in arrs]  # (1, 3, H, W) each
+    pd.DataFrame({"prompt": ["a red circle"], "pos_path": ["0.png"], "neg_path": ["1.png"]}).to_parquet(
+        tmp_path / "pairs.parquet")
+    item = PairShards(tmp_path / "pairs.parquet", critic.image_size)[0]
+    for i in range(2):
+        from_file = critic.score("a red circle", str(tmp_path / f"{i}.png"))
+        with torch.no_grad():
+            from_tensor = critic(native[i], ["a red circle"]).item()
+            from_data = critic(item["pos" if i == 0 else "neg"][None], ["a red circle"]).item()
+        assert from_file == pytest.approx(from_tensor, abs=1e-6)
+        assert from_data == pytest.approx(from_tensor, abs=1e-6)
+        assert torch.equal(load_image_tensor(str(tmp_path / f"{i}.png"), 16), resize_center_crop(native[i], 16)[0])
+
+
+def test_bf16_critic_scores_like_fp32(tmp_path):
+    torch.manual_seed(0)
+    fp32 = create_critic(CriticConfig(model_name="tiny-clip", training_mode="all"))
+    fp32.calibrate_(torch.tensor([0.1, 0.3, 0.2, 0.5]))
+    fp32.save_pretrained(tmp_path / "ck")
+    bf16 = reward.load(tmp_path / "ck").to(torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.score_scale.dtype == torch.bfloat16
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)) for _ in range(8)]
+    a, b = np.array(fp32.score("a red circle", images)), np.array(bf16.score("a red circle", images))
+    # bf16 keeps 8 bits of mantissa: cosines agree to ~1e-2; calibrated scores (x 1/std) to ~1e-1.
+    assert np.abs(a - b).max() < 0.15 * np.abs(a).max(), (a, b)
+    assert np.corrcoef(a, b)[0, 1] > 0.95
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    critic = create_critic(CriticConfig(model_name="tiny-clip"))  # the paper's mode: upper layers train
+    images, prompts = torch.rand(2, 3, 20, 16), ["a red circle", "a blue square"]
+
+    def grads():
+        critic.zero_grad(set_to_none=True)
+        saved = []
+
+        def pack(t):  # every activation the forward keeps for the backward pass
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scores = critic(images, prompts)
+        scores.sum().backward()
+        return {n: p.grad.clone() for n, p in critic.named_parameters() if p.requires_grad}, sum(saved)
+
+    plain, plain_bytes = grads()
+    assert critic.set_grad_checkpointing(True) is critic
+    ckpt, ckpt_bytes = grads()
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)  # the blocks' activations are not kept
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
+    critic.set_grad_checkpointing(False)
+    assert grads()[1] == plain_bytes
+
+
+def test_training_forward_runs_in_bf16_under_accelerate():
+    from accelerate import Accelerator
+
+    from reward.losses import create_loss
+    from reward.train import CriticWithLoss
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    critic = create_critic(CriticConfig(model_name="tiny-clip"))
+    module = accelerator.prepare(CriticWithLoss(critic, create_loss("triplet")))
+    dtypes = []
+    critic.clip.visual.transformer.resblocks[-1].mlp.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    terms = module(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), ["a cat", "a dog"], None, None)
+    accelerator.backward(terms["loss"])
+    assert dtypes == [torch.bfloat16]  # the towers computed in bf16...
+    assert torch.isfinite(terms["loss"])
+    trained = [p for p in critic.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trained)  # ...while weights and grads stay float32
+    assert sum(p.grad.abs().sum().item() for p in trained if p.grad is not None) > 0

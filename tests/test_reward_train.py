@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -98,3 +99,86 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["step"] == 4
     assert "MULTI_CPU" in proc.stderr and "2 processes" in proc.stderr
+
+
+def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
+    """A calibrated critic directory fine-tuned in bf16 with gradient checkpointing on a shard folder
+    (held-out prompts by hash): the new calibration is fitted on raw cosines, so its scores get std 1."""
+    from helpers.pairs import pickapic_rows, write_shards
+
+    from reward.data import PairShards, prompt_in_val
+    from reward.evaluate import score_pairs
+
+    torch.manual_seed(0)
+    start = create_critic(CriticConfig(model_name="tiny-clip"))
+    start.calibrate_(torch.tensor([0.0, 0.05, 0.1]))  # scale 20: far from 1, so a wrong fit shows
+    start.save_pretrained(tmp_path / "start")
+    rows = pickapic_rows(120, size=12)
+    bad = next(i for i in range(120) if not prompt_in_val(f"prompt {i}", 0.25))
+    rows[bad]["jpg_0"] = b"truncated"  # met in the training share: skipped and counted
+    write_shards(tmp_path / "data", rows, n_shards=3, row_group=10)
+    cfg = load_config(RewardExperiment, None, [
+        "critic.model_name=tiny-clip", f"critic.pretrained={tmp_path / 'start'}", f"data.train={tmp_path / 'data'}",
+        "data.val_fraction=0.25", "data.num_workers=1", "data.on_bad_row=skip", "loss.name=pickscore",
+        "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16", "train.grad_checkpointing=true",
+        "train.lr=1e-3", f"output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    assert result["bad_rows_skipped"] == 1  # one epoch: every training pair seen once
+    tuned = reward.load(tmp_path / "run" / "critic")
+    moved = [k for k, v in tuned.state_dict().items() if "resblocks.2" in k and not torch.equal(v, start.state_dict()[k])]
+    assert moved  # the run trained
+    val = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="val", val_fraction=0.25)
+    train_part = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="train", val_fraction=0.25,
+                            on_bad_row="skip")
+    assert len(val) + len(train_part) == 120 and 10 < len(val) < 50
+    assert result["step"] == -(-len(train_part) // 16)
+    train_prompts = {train_part[i].get("prompt") for i in range(len(train_part))}
+    assert not {val[i]["prompt"] for i in range(len(val))} & train_prompts
+    s_pos, s_neg = score_pairs(tuned, val)
+    scores = np.concatenate([s_pos, s_neg])
+    assert scores.std(ddof=1) == pytest.approx(1.0, abs=1e-3) and abs(scores.mean()) < 1e-3
+    assert tuned.score_scale.item() != pytest.approx(start.score_scale.item(), rel=0.1)
+
+
+@pytest.mark.slow
+def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
+    """configs/reward_social_vitl14.yaml (ViT-L-14 at 224 px, the paper's trained slices), random
+    weights, a few bf16 steps with gradient checkpointing on a Pick-a-Pic-style JPEG shard set read by
+    2 workers. Run by hand: `pytest -m slow -k vitl14` (see README for the measured time and RSS)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def jpeg(w, h):
+        buf = io.BytesIO()
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    data = tmp_path / "pickapic" / "data"
+    data.mkdir(parents=True)
+    for k in range(2):
+        rows = [{"caption": f"a picture number {k}-{i}", "jpg_0": jpeg(320, 256), "jpg_1": jpeg(256, 384),
+                 "label_0": float(i % 2), "label_1": float(1 - i % 2)} for i in range(12)]
+        pq.write_table(pa.Table.from_pylist(rows), data / f"train-{k:05d}-of-00002.parquet", row_group_size=4)
+    cfg = load_config(RewardExperiment, ROOT / "configs/reward_social_vitl14.yaml", [
+        "critic.pretrained=null", f"data.train={data}", "data.val=", "data.val_fraction=0.25",
+        "data.num_workers=2", "train.batch_size=2", "train.max_steps=2", "train.grad_checkpointing=true",
+        f"output_dir={tmp_path / 'run'}"])
+    assert cfg.critic.model_name == "ViT-L-14" and cfg.train.mixed_precision == "bf16"
+    result = train(cfg)
+    assert result["step"] == 2 and result["bad_rows_skipped"] == 0
+    critic = result["critic"]
+    assert critic.image_size == 224
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)  # the run's own start: train() seeds the same way before building the critic
+    start = create_critic(CriticConfig(model_name="ViT-L-14", pretrained=None)).state_dict()
+    moved = [k for k, v in critic.state_dict().items() if not torch.equal(v, start[k])]
+    assert any("visual.transformer.resblocks.23." in k for k in moved)
+    assert not any("visual.transformer.resblocks.0." in k for k in moved)  # frozen lower layers stay put
+    assert np.isfinite(result["history"][-1]["pairwise_accuracy"])
