@@ -75,7 +75,7 @@ class PairRecord:
 # ----- sources: files, shard sets, `datasets` folders -----
 
 
-def _read_tables(source):
+def read_tables(source):
     """(table, name, base folder) per shard of a small source, read whole."""
     if isinstance(source, pd.DataFrame):
         yield source.reset_index(drop=True), "<DataFrame>", Path.cwd()
@@ -433,7 +433,7 @@ def load_pairs(
     bad: list[str] = []
     n_ties_dropped = n_rows = 0
     where = "<DataFrame>" if isinstance(source, pd.DataFrame) else str(source)
-    for df, name, base in _read_tables(source):
+    for df, name, base in read_tables(source):
         fmt_here = _check_format(fmt, list(df.columns), name)
         rows = df.to_dict("records")
         n_rows += len(rows)

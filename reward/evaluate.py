@@ -98,25 +98,25 @@ def majority_baseline(source, fmt: str = "auto") -> dict:
 
     Pick-a-Pic: jpg_0 vs jpg_1; ranked lists: the earlier vs the later image of each expanded pair. A
     Social Reward file names the preferred image by its column, so no order exists: `rate` is None."""
-    from reward.data import _read_table, detect_format
+    from reward.data import detect_format, read_tables
 
-    df, where, _ = _read_table(source)
-    fmt = detect_format(df, where) if fmt == "auto" else fmt
     first = total = 0
-    if fmt == "pickapic":
-        l0, l1 = df["label_0"].astype(float).to_numpy(), df["label_1"].astype(float).to_numpy()
-        clear = l0 != l1
-        first, total = int((l0 > l1)[clear].sum()), int(clear.sum())
-    elif fmt == "ranked":
-        for ranks in df["rank"]:
-            ranks = list(ranks)
-            for i in range(len(ranks)):
-                for j in range(i + 1, len(ranks)):
-                    if ranks[i] != ranks[j]:
-                        total += 1
-                        first += int(ranks[i] < ranks[j])
-    else:
-        return {"rate": None, "rule": "none: the file names the preferred image by column, not by position"}
+    for df, where, _ in read_tables(source):
+        kind = detect_format(df, where) if fmt == "auto" else fmt
+        if kind == "pickapic":
+            l0, l1 = df["label_0"].astype(float).to_numpy(), df["label_1"].astype(float).to_numpy()
+            clear = l0 != l1
+            first, total = first + int((l0 > l1)[clear].sum()), total + int(clear.sum())
+        elif kind == "ranked":
+            for ranks in df["rank"]:
+                ranks = list(ranks)
+                for i in range(len(ranks)):
+                    for j in range(i + 1, len(ranks)):
+                        if ranks[i] != ranks[j]:
+                            total += 1
+                            first += int(ranks[i] < ranks[j])
+        else:
+            return {"rate": None, "rule": "none: the file names the preferred image by column, not by position"}
     if total == 0:
         return {"rate": None, "rule": "none: no pair with a clear preference"}
     rule = "always the first image" if first >= total - first else "always the second image"
