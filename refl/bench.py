@@ -98,7 +98,7 @@ def _update(components, params, critic, cfg: BenchConfig, prompts, seed: int, ti
 def time_updates(components, params, critic, cfg: BenchConfig, prompts, device, checkpointing: bool) -> dict:
     """Mean seconds per phase over `repeats` updates (after a warm-up) and the peak memory of one."""
     components.set_gradient_checkpointing(checkpointing)
-    critic.clip.set_grad_checkpointing(checkpointing)
+    critic.set_grad_checkpointing(checkpointing)
     _update(components, params, critic, cfg, prompts, 0)  # warm-up: kernels, allocator
     _reset_peak(device)
     rows = []
@@ -116,7 +116,7 @@ def update_flops(components, params, critic, cfg: BenchConfig, prompts) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     components.set_gradient_checkpointing(False)
-    critic.clip.set_grad_checkpointing(False)
+    critic.set_grad_checkpointing(False)
     counter = FlopCounterMode(display=False)
     with counter:
         _update(components, params, critic, cfg, prompts, 0)

@@ -163,7 +163,7 @@ def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32
     critic.requires_grad_(False).eval()  # frozen: gradients pass through it to the images, never into it
     # The towers in the base's dtype (a ViT-L-14 is 1.7 GB in fp32); calibration buffers stay fp32.
     critic.clip.to(dtype)
-    critic.clip.set_grad_checkpointing(gradient_checkpointing)
+    critic.set_grad_checkpointing(gradient_checkpointing)
     return critic
 
 
