@@ -18,13 +18,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from refl.components import ModelConfig, build_pipeline, load_components
+from refl.components import DTYPES, ModelConfig, build_pipeline, load_components
 from refl.lora import LoraSettings, add_lora
 from refl.step import PhaseTimer, StepConfig, make_scheduler, reward_step
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name substring.
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
                "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "A10G": 70.0, "L4": 121.0}

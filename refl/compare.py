@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refl.components import ModelConfig
+from refl.components import DTYPES, ModelConfig
 from refl.evaluators import CriticEvaluator, create_evaluator
 from refl.prompts import read_prompt_file
 from reward.config import save_config, to_dict
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 SEED_STRIDE = 100_003  # per-prompt seed offset; larger than any sensible N, so no two samples share a seed
 ARMS = ("base", "refl")  # sample sets on disk: the untuned model and base + LoRA
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

@@ -86,6 +86,10 @@ PRESETS: dict[str, PresetSpec] = {
 }
 
 
+# Names of the weight / activation dtypes in configs and CLIs ("no" is accelerate's word for fp32).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16,
+                                  "bf16": torch.bfloat16}
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Full-size architectures shipped as diffusers/transformers config files (no weights).
 ARCHITECTURES: dict[str, Path] = {"sd15": MODEL_CONFIG_DIR / "sd15"}

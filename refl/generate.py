@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from refl.components import ModelConfig, build_pipeline, load_components
+from refl.components import DTYPES, ModelConfig, build_pipeline, load_components
 from reward.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, device: str | None = None,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refl.components import ModelConfig, SDComponents, _replace_dir, load_components
+from refl.components import DTYPES, ModelConfig, SDComponents, _replace_dir, load_components
 from refl.lora import LoraSettings, add_lora, load_lora_state, lora_state, save_lora
 from refl.prompts import read_prompt_file
 from refl.step import (
@@ -545,10 +545,9 @@ def _reg_pool(components, cfg: ReflConfig, prompts, accelerator):
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    table = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mixed_precision not in table:
-        raise ValueError(f"train.mixed_precision must be one of {sorted(table)}, got {mixed_precision!r}")
-    return table[mixed_precision]
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"train.mixed_precision must be one of no, fp16, bf16, got {mixed_precision!r}")
+    return DTYPES[mixed_precision]
 
 
 def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float, name: str) -> tuple[float, bool]:
