@@ -259,6 +259,17 @@ class _quiet_random_init_warning:
         logging.getLogger().removeFilter(self._filter)
 
 
+def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's weights `pretrained` of `name` were trained with QuickGELU (OpenAI's are).
+    open_clip 3 builds `ViT-L-14` with GELU even for its `openai` tag and only warns, which silently
+    changes every embedding; the tag's own metadata says which activation its weights need."""
+    if not pretrained or Path(pretrained).exists():
+        return False  # random weights, or a file: the model name decides (use NAME-quickgelu for OpenAI's)
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return bool(get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
 def create_critic(config: CriticConfig | None = None, **overrides) -> SocialReward:
     """The one factory for critics: real open_clip models by name, tiny ones from shipped configs.
 
@@ -276,7 +287,7 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
         model.config = config
         return model
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained)
+        clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=uses_quick_gelu(name, pretrained))
     except Exception as err:  # open_clip raises several kinds when weights are not cached
         if pretrained and not Path(pretrained).exists():
             raise RuntimeError(

@@ -287,17 +287,13 @@ def _open_clip_model(name: str, pretrained: str | None):
     """(model, tokenizer) of an open_clip architecture; shipped tiny configs and JSON paths work too."""
     import open_clip
 
-    from reward.model import _quiet_random_init_warning, resolve_model_name
+    from reward.model import _quiet_random_init_warning, resolve_model_name, uses_quick_gelu
 
     name = resolve_model_name(name)
     try:
         if pretrained:
-            # open_clip 3 builds `ViT-L-14` with GELU even for its `openai` tag, whose weights were trained
-            # with QuickGELU, and only warns; follow the tag instead (a file path: use NAME-quickgelu).
-            from open_clip.pretrained import get_pretrained_cfg
-
-            quick = bool(get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
-            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick)
+            model = open_clip.create_model(name, pretrained=pretrained,
+                                           force_quick_gelu=uses_quick_gelu(name, pretrained))
         else:
             with _quiet_random_init_warning():
                 model = open_clip.create_model(name, pretrained=None)

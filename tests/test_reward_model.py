@@ -221,3 +221,23 @@ def test_training_forward_runs_in_bf16_under_accelerate():
     trained = [p for p in critic.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in trained)  # ...while weights and grads stay float32
     assert sum(p.grad.abs().sum().item() for p in trained if p.grad is not None) > 0
+
+
+def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
+    """open_clip 3 builds ViT-L-14 with GELU even for its `openai` tag; the critic follows the tag."""
+    import open_clip
+
+    from reward.model import create_critic, uses_quick_gelu
+
+    assert uses_quick_gelu("ViT-L-14", "openai") and uses_quick_gelu("ViT-B-32", "openai")
+    assert not uses_quick_gelu("ViT-L-14", "laion2b_s32b_b82k") and not uses_quick_gelu("ViT-L-14", None)
+    seen = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):  # stands in for the download
+        seen.update(name=name, pretrained=pretrained, **kwargs)
+        raise RuntimeError("stop before downloading")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(RuntimeError):
+        create_critic(model_name="ViT-L-14", pretrained="openai")
+    assert seen == {"name": "ViT-L-14", "pretrained": "openai", "force_quick_gelu": True}
