@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from refl.components import DTYPES, ModelConfig, build_pipeline, load_components
+from refl.components import DTYPES, ModelConfig, load_components
 from refl.lora import LoraSettings, add_lora
-from refl.step import PhaseTimer, StepConfig, make_scheduler, reward_step
+from refl.step import PhaseTimer, StepConfig, reward_step
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +123,17 @@ def update_flops(components, params, critic, cfg: BenchConfig, prompts) -> int:
 
 
 def stock_sampling_ratio(components, cfg: BenchConfig, prompts, device) -> dict:
-    """Our no-grad sampling per step against a stock pipeline call with the same sampler, steps, batch."""
-    from refl.step import sample_latents
+    """Our no-grad sampling (refl.sampling.sample, which drives the stock pipeline) against a bare
+    stock pipeline call with the same sampler, steps and batch: the cost of our wrapper."""
+    from refl.sampling import make_pipeline, sample
 
     dtype = DTYPES[cfg.dtype]
-    pipe = build_pipeline(components, scheduler=make_scheduler(cfg.scheduler, components))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_pipeline(components, cfg.scheduler)
 
     def ours():
-        sample_latents(components, prompts, cfg.scheduler, cfg.steps, generator=torch.Generator().manual_seed(0))
+        with components.autocast():
+            sample(pipe, prompts, generator=torch.Generator().manual_seed(0), num_inference_steps=cfg.steps,
+                   batch_size=len(prompts), output="latent")
 
     def stock():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

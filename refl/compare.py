@@ -39,9 +39,10 @@ import torch
 from refl.components import DTYPES, ModelConfig
 from refl.evaluators import CriticEvaluator, create_evaluator
 from refl.prompts import read_prompt_file
-from reward.config import save_config, to_dict
-from reward.files import atomic_write_bytes, content_hash, finite_json, write_json
+from refl.sampling import sample, seed_generators
 from reward.stats import bootstrap_ci
+from runkit.config import save_config, to_dict
+from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class CompareConfig:
     num_inference_steps: int = 50
     # Classifier-free guidance scale; <= 1 disables CFG (then one UNet call per step instead of two).
     guidance_scale: float = 7.5
-    # Sampling scheduler: "ddim" (deterministic with eta 0) or "ddpm" (see refl.step.SCHEDULERS).
+    # Sampling scheduler: "ddim" (deterministic with eta 0) or "ddpm" (see refl.sampling.SCHEDULERS).
     scheduler: str = "ddim"
     # DDIM eta (0 = deterministic given the initial noise); ignored by other schedulers.
     eta: float = 0.0
@@ -189,25 +190,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3)."""
-    x = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
-    return x.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-
-
 class Sampler:
     """A stock StableDiffusionPipeline driven for best-of-N: one text encoding per prompt and arm,
     one CPU generator per image, LoRA switched on and off in place (no second copy of the model)."""
 
     def __init__(self, cfg: CompareConfig, components=None):
-        from refl.components import build_pipeline, load_components
-        from refl.step import make_scheduler
+        from refl.components import load_components
+        from refl.sampling import make_pipeline
 
         self.cfg = cfg
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         components = components if components is not None else load_components(cfg.model)
-        self.pipe = build_pipeline(components, make_scheduler(cfg.scheduler, components))
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = make_pipeline(components, cfg.scheduler)
         self.pipe.to(self.device, DTYPES[cfg.dtype])
         self.has_lora = bool(cfg.lora)
         if self.has_lora:
@@ -244,21 +238,12 @@ class Sampler:
     def sample(self, prompt: str, seeds: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Images of `prompt` for these seeds, uint8 (n, H, W, 3), drawn `batch_size` at a time."""
         batch_size = batch_size or self.cfg.batch_size
-        cond, uncond = self.encode(prompt)  # once per prompt, repeated per batch below
-        out = []
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start : start + batch_size]
-            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
-            b = len(chunk)
-            images = self.pipe(
-                prompt_embeds=cond.expand(b, -1, -1),  # (b, T, C)
-                negative_prompt_embeds=None if uncond is None else uncond.expand(b, -1, -1),  # (b, T, C)
-                num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
-                eta=self.cfg.eta, generator=gens, output_type="pt",
-            ).images  # (b, 3, H, W) in [0, 1]
-            out.append(to_uint8(images))
-            self.images_drawn += b
-        return np.concatenate(out)  # (n, H, W, 3)
+        cond, uncond = self.encode(prompt)  # once per prompt, repeated per batch
+        images = sample(self.pipe, prompt_embeds=cond, negative_prompt_embeds=uncond, seeds=seeds,
+                        num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
+                        eta=self.cfg.eta, batch_size=batch_size)  # (n, H, W, 3) uint8
+        self.images_drawn += len(seeds)
+        return images
 
     def timed_sample(self, prompt: str, seeds: np.ndarray) -> tuple[np.ndarray, float]:
         _sync(self.device)
@@ -270,7 +255,7 @@ class Sampler:
     @torch.no_grad()
     def stock_call(self, prompt: str, seeds: np.ndarray) -> float:
         """Seconds for the stock way to draw the same batch: `pipe(prompt=[p] * B, ...)`."""
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        gens = seed_generators(seeds)
         _sync(self.device)
         t0 = time.perf_counter()
         self.pipe(prompt=[prompt] * len(seeds), num_inference_steps=self.cfg.num_inference_steps,

@@ -22,13 +22,13 @@ import gzip
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from runkit.files import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -175,13 +175,9 @@ def clip_vocab_files(directory: str | os.PathLike | None = None) -> Path:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     if len(tokens) != CLIP_VOCAB_SIZE:
         raise RuntimeError(f"rebuilt CLIP vocabulary has {len(tokens)} tokens, expected {CLIP_VOCAB_SIZE}")
-    directory.mkdir(parents=True, exist_ok=True)
-    # Write both into a temp dir on the same file system, then move: concurrent builders never see half files.
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        os.replace(Path(tmp) / "merges.txt", directory / "merges.txt")
-        os.replace(Path(tmp) / "vocab.json", directory / "vocab.json")
+    # Concurrent builders never see half files; vocab.json last, as the check above reads it first.
+    atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(directory / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     return directory
 
 
@@ -400,28 +396,7 @@ def build_pipeline(components: SDComponents, scheduler=None):
 
 def save_pipeline(components: SDComponents, directory: str | os.PathLike) -> Path:
     """Save as a standard diffusers directory (`StableDiffusionPipeline.from_pretrained(dir)` loads it),
-    written into a temp dir and renamed so a crash never leaves a half-written model."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    # mkdtemp makes the folder private (0700); the renamed result should have ordinary permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    atomically: a crash never leaves a half-written model."""
+    with atomic_dir(directory) as tmp:
         build_pipeline(components).save_pretrained(tmp, safe_serialization=True)
-        _replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing an existing `dst` with at most a moment where neither exists."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return Path(directory)

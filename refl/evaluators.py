@@ -27,8 +27,8 @@ from typing import Protocol, Union
 import numpy as np
 import torch
 
-from reward.files import content_hash
 from reward.standard import STANDARD_KINDS
+from runkit.files import content_hash
 
 STANDARD_KIND_NAMES = tuple(STANDARD_KINDS)
 

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from refl.components import DTYPES, ModelConfig, build_pipeline, load_components
-from reward.files import atomic_write_bytes
+from refl.sampling import sample
+from runkit.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def generate(pipe, prompts: Sequence[str], out: str | os.PathLike, n: int = 4, s
     records = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch"):
         chunk = jobs[start : start + batch_size]
-        images = pipe([p for _, p, _ in chunk], num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale,
-                      generator=[torch.Generator().manual_seed(seed + k) for _, _, k in chunk]).images
+        images = sample(pipe, [p for _, p, _ in chunk], seeds=[seed + k for _, _, k in chunk], output="pil",
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        batch_size=batch_size)
         for (i, prompt, k), image in zip(chunk, images):
             name = f"{i:04d}_{k:02d}.png"
             image.save(out / name)

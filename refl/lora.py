@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from refl.components import SDComponents, _replace_dir
+from refl.components import SDComponents
+from runkit.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +131,6 @@ def save_lora(components: SDComponents, directory: str | os.PathLike) -> Path:
         kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
             {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(te).items()})
         kwargs["text_encoder_lora_adapter_metadata"] = te.peft_config[ADAPTER_NAME].to_dict()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    # mkdtemp makes the folder private (0700); the renamed result should have ordinary permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with atomic_dir(directory) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
-        _replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from refl.compare import scores_path
+from runkit.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,4 @@ def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Pat
         parts.append("</div>")
     parts.append("</body></html>")
     path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "\n".join(parts))

@@ -29,7 +29,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from refl.components import SDComponents
+from refl.sampling import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -83,28 +84,6 @@ class StepConfig:
 
 
 # ----------------------------------------------------------------------------- schedulers
-def _ddim(config):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(config)
-
-
-def _ddpm(config):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(config)
-
-
-SCHEDULERS: dict[str, Callable] = {"ddim": _ddim, "ddpm": _ddpm}
-
-
-def make_scheduler(name: str, components: SDComponents):
-    """A sampling scheduler sharing the model's noise schedule (betas, prediction type)."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name](components.scheduler.config)
-
-
 def _scheduler_step(scheduler, eps, t, latents, generator, eta):
     kwargs = {"generator": generator, "return_dict": True}
     if "eta" in inspect.signature(scheduler.step).parameters:  # DDIM's knob; DDPM has none
@@ -197,34 +176,6 @@ def encode_images(components: SDComponents, images01: torch.Tensor, generator=No
     with torch.no_grad(), components.autocast():
         dist = vae.encode((images01 * 2 - 1).to(vae.device, vae.dtype)).latent_dist
         return dist.sample(generator).float() * vae.config.scaling_factor  # (B, C, h, w)
-
-
-@torch.no_grad()
-def sample_latents(components: SDComponents, prompts: Sequence[str], scheduler_name: str = "ddim",
-                   num_inference_steps: int = 40, guidance_scale: float = 1.0, eta: float = 0.0,
-                   generator: torch.Generator | None = None, use_lora: bool = True) -> torch.Tensor:
-    """Plain sampling without gradient: (B, C, h, w) final latents. use_lora=False samples the base model."""
-    generator = generator or torch.Generator().manual_seed(0)
-    scheduler = make_scheduler(scheduler_name, components)
-    scheduler.set_timesteps(num_inference_steps, device=components.unet.device)
-    with base_weights(components) if not use_lora else nullcontext(), components.autocast():
-        cond = encode_prompts(components, prompts)  # (B, L, D)
-        uncond = encode_prompts(components, [""] * len(prompts)) if guidance_scale > 1 else None
-        latents = initial_latents(components, len(prompts), scheduler, generator)
-        for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(latents, t)
-            eps = _eps(components, x, t, cond, uncond, guidance_scale)
-            latents = _scheduler_step(scheduler, eps, t, latents, generator, eta).prev_sample
-    return latents
-
-
-def sample_images(components: SDComponents, prompts: Sequence[str], decode_batch: int = 4, **kwargs) -> torch.Tensor:
-    """Sampling without gradient: (B, 3, H, W) in [0, 1]. The VAE decodes `decode_batch` images at a
-    time: at 512 px its activations, not the UNet's, set the peak memory of a large batch."""
-    with torch.no_grad():
-        latents = sample_latents(components, prompts, **kwargs)  # (B, C, h, w)
-        return torch.cat([decode(components, latents[i : i + decode_batch])
-                          for i in range(0, len(latents), decode_batch)])  # (B, 3, H, W)
 
 
 def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],

@@ -30,18 +30,18 @@ import torch
 from refl.components import DTYPES, ModelConfig, SDComponents, _replace_dir, load_components
 from refl.lora import LoraSettings, add_lora, load_lora_state, lora_state, save_lora
 from refl.prompts import read_prompt_file
+from refl.sampling import make_pipeline, sample
 from refl.step import (
     NonFiniteLossError,
     RewardFn,
     StepConfig,
+    base_weights,
     encode_images,
     reward_step,
-    sample_images,
-    sample_latents,
     validate_step_config,
 )
-from reward.config import save_config
 from reward.standard import STANDARD_KINDS
+from runkit.config import save_config
 
 logger = logging.getLogger(__name__)
 
@@ -466,10 +466,11 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
     was_training = components.unet.training
     components.unet.eval()
     try:
-        images = sample_images(components, prompts, scheduler_name=cfg.refl.scheduler,
-                               num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
-                               generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
         with components.autocast():  # the reward's weights are in the base's dtype too
+            # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
+            images = sample(make_pipeline(components, cfg.refl.scheduler), prompts, output="pt", batch_size=4,
+                            num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
+                            generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
             score = reward_fn(images, prompts).float().mean().item()
     finally:
         components.unet.train(was_training)
@@ -539,9 +540,10 @@ def _reg_pool(components, cfg: ReflConfig, prompts, accelerator):
         logger.info("denoising regulariser: %d images from %s", len(captions), d.reg_images)
         return latents, captions  # (n, C, h, w), n captions
     captions = prompts_for(prompts, _seed_for(cfg.train.seed, 7), accelerator.process_index * n, n)
-    chunks = [sample_latents(components, captions[i : i + 16], cfg.refl.scheduler, cfg.refl.num_inference_steps,
-                             generator=gen, use_lora=False) for i in range(0, n, 16)]
-    return torch.cat(chunks), captions  # (n, C, h, w), n captions
+    with base_weights(components), components.autocast():
+        latents = sample(make_pipeline(components, cfg.refl.scheduler), captions, generator=gen, batch_size=16,
+                         num_inference_steps=cfg.refl.num_inference_steps, output="latent")  # (n, C, h, w)
+    return latents, captions
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from reward.config import ConfigError, add_config_args, load_config
+from runkit.config import ConfigError, add_config_args, load_config
 
 
 def setup_logging() -> None:
@@ -109,7 +109,7 @@ def validate_main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(args.checkpoint) / "validation.json"
                                            if Path(args.checkpoint).is_dir() else None)
     if out:
-        from reward.files import atomic_write_bytes, write_json
+        from runkit.files import atomic_write_bytes, write_json
 
         write_json(out, report)
         atomic_write_bytes(out.with_suffix(".md"), lambda f: f.write(table.encode()))

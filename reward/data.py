@@ -767,7 +767,7 @@ def check_pairs(source, out: str | os.PathLike, report: str | os.PathLike | None
     (file, row, reason) to `report`. Reads one row group at a time; workers decode in parallel."""
     import pyarrow.parquet as pq
 
-    from reward.files import atomic_write_bytes
+    from runkit.files import atomic_write_bytes
 
     out = Path(out)
     if out.suffix not in (".parquet", ".pq"):

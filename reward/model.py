@@ -22,7 +22,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -177,17 +177,15 @@ class SocialReward(nn.Module):
     # ----- persistence -----
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Atomically write weights (safetensors) and config (JSON) into `directory`."""
+        from runkit.files import atomic_write_bytes, write_json
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (CHECKPOINT_WEIGHTS + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, directory / CHECKPOINT_WEIGHTS)
-        meta = {"model_name": self.config.model_name, "pretrained": self.config.pretrained,
-                "training_mode": self.config.training_mode, "image_size": self.image_size}
-        tmp = directory / (CHECKPOINT_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, directory / CHECKPOINT_CONFIG)
+        atomic_write_bytes(directory / CHECKPOINT_WEIGHTS, lambda f: f.write(save(state)))
+        write_json(directory / CHECKPOINT_CONFIG, {"model_name": self.config.model_name,
+                                                   "pretrained": self.config.pretrained,
+                                                   "training_mode": self.config.training_mode,
+                                                   "image_size": self.image_size})
         return directory
 
 

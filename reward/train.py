@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reward.config import save_config
 from reward.data import DataError, PairShards, PairShardSampler, collate_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import LOSSES, create_loss
 from reward.model import CriticConfig, SocialReward, create_critic
+from runkit.config import save_config
 
 logger = logging.getLogger(__name__)
 

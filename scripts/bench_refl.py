@@ -16,8 +16,8 @@ import logging
 import torch
 
 from refl.bench import BenchConfig, run_benchmark
-from reward.config import load_config
-from reward.files import write_json
+from runkit.config import load_config
+from runkit.files import write_json
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,7 +18,7 @@ import json
 import logging
 
 from refl.compare import CompareConfig, run_compare
-from reward.config import ConfigError, add_config_args, load_config
+from runkit.config import ConfigError, add_config_args, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

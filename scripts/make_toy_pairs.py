@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 
-from reward.config import add_config_args, load_config
+from runkit.config import add_config_args, load_config
 from toyworld.community import ToyPairsConfig, make_toy_pairs
 
 

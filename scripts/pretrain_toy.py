@@ -13,7 +13,7 @@ import sys
 def main(argv=None) -> int:
     import torch
 
-    from reward.config import add_config_args, load_config
+    from runkit.config import add_config_args, load_config
     from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

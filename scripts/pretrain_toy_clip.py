@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from reward.config import add_config_args, load_config
+from runkit.config import add_config_args, load_config
 from toyworld.pretrain_clip import PretrainClipConfig, pretrain_toy_clip
 
 

@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from reward.config import ConfigError
+    from runkit.config import ConfigError
     from toyworld.ablation import markdown_table, parse_variant, run_ablation
     from toyworld.demo import setup_logging
 

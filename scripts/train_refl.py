@@ -10,7 +10,7 @@ import argparse
 import json
 
 from refl.train import ReflConfig, setup_logging, train
-from reward.config import add_config_args, load_config
+from runkit.config import add_config_args, load_config
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from refl.lora import lora_state
 from refl.train import ReflConfig, train
-from reward.config import load_config
+from runkit.config import load_config
 
 torch.set_num_threads(1)
 

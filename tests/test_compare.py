@@ -13,7 +13,7 @@ import torch
 
 from refl import compare as C
 from refl.evaluators import EVALUATORS, create_evaluator, register_evaluator
-from reward.config import load_config
+from runkit.config import load_config
 
 PROMPTS = ["a red square", "a blue circle on a green background", "a yellow triangle at the top"]
 N = 8

@@ -1,7 +1,7 @@
 import pytest
 
-from reward.config import ConfigError, load_config, save_config
 from reward.train import RewardExperiment
+from runkit.config import ConfigError, load_config, save_config
 
 
 def test_yaml_and_overrides_apply_in_order(tmp_path):

@@ -72,7 +72,7 @@ def test_rerun_reuses_every_stage(quick_demo, capsys):
 def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo, tmp_path):
     import shutil
 
-    from reward.files import content_hash
+    from runkit.files import content_hash
 
     out = tmp_path / "demo"
     shutil.copytree(quick_demo, out)

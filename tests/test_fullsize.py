@@ -65,8 +65,8 @@ def test_every_shipped_config_loads_and_builds_its_architecture():
     import reward
     from refl.compare import CompareConfig
     from refl.train import ReflConfig
-    from reward.config import load_config
     from reward.train import RewardExperiment
+    from runkit.config import load_config
 
     kinds = {"refl_": ReflConfig, "reward_": RewardExperiment, "compare_": CompareConfig}
     seen = []

@@ -247,13 +247,14 @@ def left_right_contrast(images, prompts):
 
 
 def test_short_run_raises_learnable_reward():
-    from refl.step import sample_images
+    from refl.sampling import make_pipeline, sample
 
     components, params = tiny_lora(rank=4, alpha=4.0)
     cfg = StepConfig(num_inference_steps=4, cut_range=[1, 3], reward_margin=2.0)
 
     def held_out_score():  # fresh samples (fixed seed) on all prompts, not the training trajectories
-        images = sample_images(components, PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(123))
+        images = sample(make_pipeline(components), PROMPTS, num_inference_steps=4, output="pt",
+                        generator=torch.Generator().manual_seed(123))  # (B, 3, H, W)
         return left_right_contrast(images, PROMPTS).mean().item()
 
     start = held_out_score()
@@ -294,7 +295,7 @@ def _lora_file(path):
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     from refl.train import ReflConfig, train
-    from reward.config import load_config
+    from runkit.config import load_config
 
     full = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "full"))
     result = train(full)
@@ -396,7 +397,7 @@ def test_caption_images_for_the_regulariser_load_and_bad_rows_are_named(tmp_path
 
 def test_training_with_an_image_caption_regulariser_set(tmp_path):
     from refl.train import ReflConfig, train
-    from reward.config import load_config
+    from runkit.config import load_config
 
     table, _ = _caption_table(tmp_path, n=4)
     out = tmp_path / "run"
@@ -485,7 +486,7 @@ def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, met
     import json
 
     from refl.train import ReflConfig, train
-    from reward.config import load_config
+    from runkit.config import load_config
 
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=bf16", "train.validate_every=1",
@@ -611,7 +612,7 @@ def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
     import json
 
     from refl.train import ReflConfig, train
-    from reward.config import load_config
+    from runkit.config import load_config
 
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=3) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16", "train.validate_every=3",

@@ -114,8 +114,8 @@ def test_load_errors_are_clear(tmp_path):
 @pytest.mark.slow
 def test_paper_critic_architecture_builds_with_random_weights():
     """configs/reward_social_vitl14.yaml's model, without its weights: the exact ViT-L/14 slices."""
-    from reward.config import load_config
     from reward.train import RewardExperiment
+    from runkit.config import load_config
 
     cfg = load_config(RewardExperiment, "configs/reward_social_vitl14.yaml", ["critic.pretrained=null"])
     critic = create_critic(cfg.critic)

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import reward
-from reward.config import load_config
 from reward.data import load_pairs
 from reward.evaluate import evaluate_pairs
 from reward.model import CriticConfig, create_critic
 from reward.train import RewardExperiment, train
+from runkit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -506,7 +506,7 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
 
     from refl import compare as C
     from refl.evaluators import create_evaluator
-    from reward.config import load_config
+    from runkit.config import load_config
 
     (tmp_path / "prompts.txt").write_text("a red square\na green circle\n")
     hps, pick = weights["specs"]["hpsv2"], weights["specs"]["pickscore"]
@@ -541,7 +541,7 @@ def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_p
     import json
 
     from refl.train import ReflConfig, build_reward, train
-    from reward.config import load_config
+    from runkit.config import load_config
 
     hps_arg = weights["specs"]["hpsv2"].partition(":")[2]
     out = tmp_path / "run"
@@ -597,7 +597,7 @@ def test_shipped_standard_configs_load_and_their_specs_parse():
 
     from refl.compare import CompareConfig
     from refl.train import REWARDS, ReflConfig
-    from reward.config import load_config
+    from runkit.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     compare = load_config(CompareConfig, root / "compare_sd15_standard.yaml")

@@ -49,8 +49,8 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
                  n_samples: int = 16) -> dict:
     """Train and judge each variant under `demo_dir/ablation/`; finished variants are reused."""
     from refl.compare import CompareConfig, mean_ci, run_compare
-    from reward.config import load_config
-    from reward.files import write_json
+    from runkit.config import load_config
+    from runkit.files import write_json
     from toyworld.demo import DemoConfig, oracle_breakdown, stage_refl
     from toyworld.world import split_prompts
 

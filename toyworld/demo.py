@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reward.config import save_config
-from reward.files import content_hash, write_json
+from runkit.config import save_config
+from runkit.files import content_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +181,10 @@ def write_oracle_pairs(images: np.ndarray, prompts: list[str], out: Path, oracle
 
 def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> dict:
     import reward
-    from reward.config import load_config
     from reward.data import load_pairs
     from reward.evaluate import evaluate_pairs
     from reward.train import RewardExperiment, train
+    from runkit.config import load_config
 
     summary_file = out / "critic_summary.json"
     fields = ["seed", "critic_epochs", "critic_batch", "critic_lr", "critic_training_mode"]
@@ -212,7 +212,7 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
 
 def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path) -> dict:
     from refl.train import ReflConfig, train
-    from reward.config import load_config
+    from runkit.config import load_config
 
     result_file = out / "result.json"
     fields = ["seed", "sample_steps", "guidance_scale"] + [f for f in vars(cfg) if f.startswith("refl_")]
@@ -246,7 +246,7 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
 def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path) -> tuple[dict, object]:
     """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and fidelity."""
     from refl.compare import CompareConfig, run_compare
-    from reward.config import load_config
+    from runkit.config import load_config
     from toyworld.world import split_prompts
 
     held = split_prompts(seed=0)[1]
@@ -402,7 +402,7 @@ def setup_logging() -> None:
 
 
 def demo_main(out: str, quick: bool, overrides: list[str]) -> int:
-    from reward.config import ConfigError, load_config
+    from runkit.config import ConfigError, load_config
 
     setup_logging()
     base = [f"{k}={v}" for k, v in QUICK.items()] if quick else []
@@ -467,10 +467,10 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     from PIL import Image
 
     import reward
-    from reward.config import load_config
     from reward.data import load_pairs
     from reward.evaluate import evaluate_pairs
     from reward.train import RewardExperiment, train
+    from runkit.config import load_config
     from toyworld.oracle import oracle_score
 
     cfg = load_config(DemoConfig, demo_dir / "demo_config.yaml")

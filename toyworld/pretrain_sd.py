@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from refl.components import ModelConfig, build_pipeline, load_components, save_pipeline
+from refl.components import ModelConfig, load_components, save_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -153,21 +153,13 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
             "unet_minutes": (time.perf_counter() - start) / 60}
 
 
-@torch.no_grad()
 def sample_images(components, prompts: list[str], steps: int, guidance: float, seed: int,
                   batch: int = 64) -> np.ndarray:
-    from diffusers import DDIMScheduler
+    """uint8 (N, H, W, 3): image i from seed + i, DDIM."""
+    from refl.sampling import make_pipeline, sample
 
-    pipe = build_pipeline(components, DDIMScheduler.from_config(components.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for i in tqdm(range(0, len(prompts), batch), desc=f"sampling {len(prompts)} images", leave=False):
-        chunk = prompts[i:i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      output_type="np").images  # (b, H, W, 3) float in [0, 1]
-        out.append((images * 255).round().astype(np.uint8))
-    return np.concatenate(out)
+    return sample(make_pipeline(components, "ddim"), prompts, seeds=range(seed, seed + len(prompts)),
+                  num_inference_steps=steps, guidance_scale=guidance, batch_size=batch)
 
 
 def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:

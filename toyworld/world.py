@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runkit.files import atomic_write_bytes
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 # Shape colours (RGB 0-255) as the renderer draws them before jitter. Not fully saturated on
@@ -200,7 +202,5 @@ def write_caption_set(out_dir: str | os.PathLike, n: int, seed: int = 0, split: 
         Image.fromarray(image).save(out / name)
         rows.append({"image": name, "caption": prompt})
     table = out / "captions.parquet"
-    tmp = out / "captions.parquet.tmp"
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    os.replace(tmp, table)
+    atomic_write_bytes(table, lambda f: pd.DataFrame(rows).to_parquet(f, index=False))
     return table

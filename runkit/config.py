@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from reward.files import atomic_write_bytes
+from runkit.files import atomic_write_bytes
 
 T = TypeVar("T")
 

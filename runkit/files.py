@@ -1,6 +1,9 @@
 """File mechanisms every package shares: atomic writes and content fingerprints.
 
-- `atomic_write_bytes(path, write)`: readers never see half a file, and a crash leaves the old one.
+- `atomic_write_bytes(path, write)` / `atomic_write_text` / `write_json`: readers never see half a file,
+  and a crash leaves the old one.
+- `atomic_dir(path)`: the same for a folder (a model, a LoRA, a checkpoint): fill the temp folder it
+  yields; on success it replaces `path` in one rename.
 - `content_hash(ref)`: what a cache is keyed by. A model, LoRA or critic retrained into the same folder
   gets a new hash, so results computed from the old files are never reused for the new ones.
 """
@@ -11,8 +14,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +42,36 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; when the block ends without error it becomes `path`
+    (an existing `path` is replaced, with at most a moment where neither exists). On error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise survive the rename
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`, replacing an existing `dst`."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -56,8 +91,7 @@ def finite_json(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Strict JSON (non-finite numbers as null), written atomically."""
-    text = json.dumps(finite_json(data), indent=2, allow_nan=False)
-    return atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    return atomic_write_text(path, json.dumps(finite_json(data), indent=2, allow_nan=False))
 
 
 def file_digest(path: Path) -> str:
