@@ -37,8 +37,6 @@ class LoraSettings:
     train_text_encoder: bool = False
     # Text-encoder modules that get adapters when train_text_encoder is true.
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    # Seed of the Gaussian LoRA-A initialisation (B starts at zero, so the tuned model starts as the base).
-    seed: int = 0
 
 
 def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
@@ -48,11 +46,13 @@ def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
                       target_modules=list(targets))
 
 
-def add_lora(components: SDComponents, cfg: LoraSettings) -> list[torch.nn.Parameter]:
-    """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params."""
+def add_lora(components: SDComponents, cfg: LoraSettings, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params.
+    `seed` (the run's train.seed) fixes the Gaussian LoRA-A initialisation (B starts at zero, so the
+    tuned model starts as the base)."""
     for module in components.modules().values():
         module.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     components.unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
     modules = [components.unet]
     if cfg.train_text_encoder:

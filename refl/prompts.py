@@ -1,9 +1,12 @@
-"""Reading prompt lists from files, shared by training, generation and the comparison harness."""
+"""Prompts: reading prompt lists from files (shared by training, generation and the comparison harness)
+and the order in which ReFL training sees them."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str = "prompts",
@@ -29,3 +32,29 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
+
+
+def load_prompts(cfg) -> list[str]:
+    """Training prompts of a ReFL config's `data`: a .txt (one per line), .parquet or .csv file, or the inline list."""
+    if cfg.prompts_file is not None:
+        return read_prompt_file(cfg.prompts_file, cfg.prompt_column, "data.prompts_file", "data.prompt_column")
+    prompts = [p.strip() for p in cfg.prompts if p and p.strip()]
+    if not prompts:
+        raise ValueError("no training prompts: set data.prompts_file or data.prompts")
+    return prompts
+
+
+def seed_for(*parts: int) -> int:
+    """A seed derived from several integers (run seed, update, micro-batch, rank): distinct tuples, unrelated seeds."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def prompts_for(prompts: list[str], seed: int, start: int, count: int) -> list[str]:
+    """Items [start, start + count) of the endless stream of per-epoch shuffles of `prompts`."""
+    n = len(prompts)
+    out = []
+    for i in range(start, start + count):
+        epoch, pos = divmod(i, n)
+        perm = np.random.default_rng(seed_for(seed, epoch)).permutation(n)
+        out.append(prompts[perm[pos]])
+    return out

@@ -77,10 +77,6 @@ class StepConfig:
     # Weight of the KL-to-base penalty: mean squared (tuned - base) noise prediction at each step with
     # gradient (0 = off). Costs one extra UNet call (no gradient) per such step.
     kl_weight: float = 0.0
-    # Recompute activations in backward instead of storing them: the UNet's and the VAE decoder's
-    # blocks and the critic's transformer blocks on the gradient path, and each AlignProp UNet call as a
-    # whole. Same numbers, about one extra forward pass of the gradient part; needed at 512 px.
-    gradient_checkpointing: bool = True
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -280,7 +276,9 @@ def _alignprop(ctx: _Ctx, latents):
     latents = ctx.run_no_grad(latents, timesteps[:cut])
     with _phase(ctx.timer, "grad_step"):
         for t in timesteps[cut:]:
-            if ctx.cfg.gradient_checkpointing:
+            # With the UNet checkpointing its blocks (train.gradient_checkpointing), each AlignProp call is
+            # recomputed whole too: otherwise every step's activations between blocks stay alive.
+            if ctx.components.unet.is_gradient_checkpointing:
                 eps = checkpoint(ctx.eps, latents, t, use_reentrant=False)
             else:
                 eps = ctx.eps(latents, t)

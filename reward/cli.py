@@ -8,15 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from runkit.config import ConfigError, add_config_args, load_config
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    # accelerate logs every file of every checkpoint at INFO; one line per checkpoint is ours to write.
-    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+from runkit.config import ConfigError, add_config_args, config_overrides, load_config
+from runkit.logs import setup_logging
 
 
 def train_main(argv=None) -> int:
@@ -25,12 +18,11 @@ def train_main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description="Fine-tune a Social Reward critic on preference pairs.")
     add_config_args(parser)
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(RewardExperiment, args.config, args.overrides)
-        metrics = train(cfg, resume=args.resume)
+        cfg = load_config(RewardExperiment, args.config, config_overrides(args))
+        metrics = train(cfg)
     except (ConfigError, DataError, FileNotFoundError) as err:
         logging.getLogger("reward").error("%s", err)
         return 2

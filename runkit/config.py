@@ -1,14 +1,19 @@
-"""Typed experiment configs shared by `reward` and `refl`.
+"""Typed experiment configs of every package, and the training settings both trainers share.
 
 A config is a tree of dataclasses. A YAML file under `configs/` holds only the overrides of one
 experiment; `--set a.b=c` on the command line overrides further. Unknown keys are refused with
-their full dotted name, so a typo never silently falls back to a default.
+their full dotted name, so a typo never silently falls back to a default; a key that was renamed is
+refused with its new name (the root class's `RENAMED`: old dotted key -> new one, or -> a sentence).
+
+`TrainSettings` is the one vocabulary of a training loop (`train:` of the critic trainer and of ReFL):
+the same key means the same thing in both, and each trainer only changes defaults and adds its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -24,6 +29,103 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key and the fix."""
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    # Run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, and the trained weights.
+    output_dir: str = "runs/run"
+    # Seed of everything random in the run (weights' init, data order, noise).
+    seed: int = 0
+    # Optimizer updates in total (global, not per process). Trainers with epochs: 0 = as many as `epochs` give.
+    max_updates: int = 100
+    # Examples per micro-batch, per process (prompts for ReFL, pairs for the critic).
+    batch_size: int = 2
+    # Micro-batches per optimizer update, per process: an update sees
+    # batch_size x gradient_accumulation x processes examples.
+    gradient_accumulation: int = 1
+    # Optimizer, a key of runkit.optim.OPTIMIZERS: "adamw" or "adamw8bit" (bitsandbytes, CUDA).
+    optimizer: str = "adamw"
+    # Peak learning rate.
+    lr: float = 1e-5
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.0
+    # AdamW betas.
+    adam_betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    # AdamW epsilon.
+    adam_eps: float = 1e-8
+    # Clip the global gradient norm to this; 0 = no clipping.
+    max_grad_norm: float = 0.0
+    # LR schedule after the warm-up, a key of runkit.schedules.LR_SCHEDULES: constant, cosine, linear.
+    lr_schedule: str = "constant"
+    # Linear warm-up length, in updates.
+    warmup_updates: int = 0
+    # "no", "fp16" or "bf16": autocast dtype (and the frozen weights' dtype); trained tensors stay fp32.
+    mixed_precision: str = "no"
+    # Recompute activations in backward (less memory, about one more forward pass).
+    gradient_checkpointing: bool = False
+    # Log scalars every this many updates.
+    log_every: int = 10
+    # "tensorboard" (scalars and images under output_dir/tb, plus metrics.jsonl) or "none" (metrics.jsonl).
+    log_with: str = "tensorboard"
+    # Validate every this many updates and at the end; 0 = once per epoch (trainers without epochs: at the end).
+    validate_every: int = 0
+    # Write a resumable checkpoint every this many updates and at the end; 0 = once per epoch (trainers
+    # without epochs: at the end).
+    checkpoint_every: int = 0
+    # Keep this many newest checkpoints; 0 keeps all.
+    checkpoints_keep: int = 2
+    # "latest" (the newest checkpoint under output_dir/checkpoints, or a fresh start if none) or a
+    # checkpoint folder; empty starts fresh. `--resume` on the command line sets it.
+    resume: str = ""
+
+    def check(self) -> None:
+        """The invariants every trainer needs; raises ConfigError naming the key."""
+        from runkit.optim import OPTIMIZERS
+        from runkit.schedules import LR_SCHEDULES
+
+        if self.batch_size < 1 or self.gradient_accumulation < 1:
+            raise ConfigError("train.batch_size and train.gradient_accumulation must be >= 1")
+        if self.max_updates < 0:
+            raise ConfigError("train.max_updates must be >= 0")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.log_with not in ("tensorboard", "none"):
+            raise ConfigError(f"train.log_with={self.log_with!r}; choose tensorboard or none")
+
+
+# Keys the trainers used before they shared TrainSettings; both trainers' root configs refuse them.
+TRAIN_RENAMED: dict[str, str] = {
+    "train.grad_accum": "train.gradient_accumulation",
+    "train.max_steps": "train.max_updates",
+    "train.warmup_steps": "train.warmup_updates",
+    "train.save_every": "train.checkpoint_every",
+    "train.keep_checkpoints": "train.checkpoints_keep",
+    "train.eval_every": "train.validate_every",
+    "train.grad_checkpointing": "train.gradient_checkpointing",
+}
+
+
+def _renamed_message(cls: type, data: dict) -> str | None:
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+
+    def walk(node: dict, prefix: str):
+        for k, v in node.items():
+            key = prefix + str(k)
+            if key in renamed:
+                yield key
+            if isinstance(v, dict):
+                yield from walk(v, key + ".")
+
+    hits = list(walk(data, ""))
+    if not hits:
+        return None
+    return "; ".join(f"{k} was renamed: use {renamed[k]}" if "." in renamed[k] and " " not in renamed[k]
+                     else f"{k} is gone: {renamed[k]}" for k in hits)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -155,18 +257,38 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        if message := _renamed_message(cls, loaded):
+            raise ConfigError(f"{path}: {message}")
         try:
             _from_dict(cls, _merge(data, loaded))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
         data = _merge(data, loaded)
     for text in overrides or ():
-        data = _merge(data, parse_override(text))
+        update = parse_override(text)
+        if message := _renamed_message(cls, update):
+            raise ConfigError(f"--set {text}: {message}")
+        data = _merge(data, update)
         try:
             _from_dict(cls, data)
         except ConfigError as err:
             raise ConfigError(f"--set {text}: {err}") from err
     return _from_dict(cls, data)
+
+
+def override(cfg: T, overrides: list[str] = ()) -> T:
+    """`cfg` with `a.b=c` overrides applied, validated like load_config's."""
+    data = to_dict(cfg)
+    for text in overrides or ():
+        update = parse_override(text)
+        if message := _renamed_message(type(cfg), update):
+            raise ConfigError(f"--set {text}: {message}")
+        data = _merge(data, update)
+        try:
+            _from_dict(type(cfg), data)
+        except ConfigError as err:
+            raise ConfigError(f"--set {text}: {err}") from err
+    return _from_dict(type(cfg), data)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
@@ -175,7 +297,8 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, lambda f: f.write(text))
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
+    """--config FILE, --set KEY=VALUE (repeatable) and, for trainers, --resume (sets train.resume)."""
     parser.add_argument("--config", type=str, default=None, help="experiment YAML (overrides only)")
     parser.add_argument(
         "--set",
@@ -185,3 +308,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one field, e.g. --set train.lr=1e-4 (repeatable)",
     )
+    if resume:
+        parser.add_argument("--resume", default=None, metavar="latest|DIR",
+                            help="continue from the newest checkpoint of train.output_dir ('latest') or a checkpoint "
+                                 "folder (same as --set train.resume=...)")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, then --resume as train.resume (quoted, so any path survives YAML parsing)."""
+    extra = [f"train.resume={json.dumps(args.resume)}"] if getattr(args, "resume", None) else []
+    return list(args.overrides) + extra

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from refl.generate import generate, load_pipeline
-from refl.train import DataConfig, load_prompts
+from refl.prompts import read_prompt_file
+from runkit.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype)
     critic = None
     if args.critic:
         import reward
 
         critic = reward.load(args.critic, device=pipe.device)
-    records = generate(pipe, load_prompts(DataConfig(prompts_file=args.prompts)), args.out, n=args.n, seed=args.seed,
+    records = generate(pipe, read_prompt_file(args.prompts, key="--prompts", column_key="the prompt column"), args.out, n=args.n, seed=args.seed,
                        num_inference_steps=args.steps, guidance_scale=args.guidance, critic=critic,
                        batch_size=args.batch_size)
     print(json.dumps({"images": len(records), "out": args.out}))

@@ -1,7 +1,7 @@
 """Pre-train the toy world's tiny Stable Diffusion and save it as a diffusers directory (see
 toyworld/pretrain_sd.py). Reproduces `toyworld/assets/toy-sd` from its seed:
 
-    python scripts/pretrain_toy.py --set out=toyworld/assets/toy-sd
+    python scripts/pretrain_toy.py --set output_dir=toyworld/assets/toy-sd
 """
 
 import argparse
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    add_config_args(parser, resume=False)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,7 +1,7 @@
 """Pre-train the toy world's tiny CLIP and ship it as toyworld/assets/toy-clip (fp16).
 
     python scripts/pretrain_toy_clip.py                     # reproduces the shipped asset
-    python scripts/pretrain_toy_clip.py --set steps=100 --set out=runs/clip-smoke
+    python scripts/pretrain_toy_clip.py --set steps=100 --set output_dir=runs/clip-smoke
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from toyworld.pretrain_clip import PretrainClipConfig, pretrain_toy_clip
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    add_config_args(parser, resume=False)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

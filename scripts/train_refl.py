@@ -9,17 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from refl.train import ReflConfig, setup_logging, train
-from runkit.config import add_config_args, load_config
+from refl.config import ReflConfig
+from refl.train import train
+from runkit.config import add_config_args, config_overrides, load_config
+from runkit.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--resume", default=None, help='"latest" or a checkpoint directory (sets train.resume)')
     args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(ReflConfig, args.config, overrides)
+    cfg = load_config(ReflConfig, args.config, config_overrides(args))
     setup_logging()
     result = train(cfg)
     if "lora" in result:  # the main process reports

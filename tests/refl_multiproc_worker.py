@@ -22,9 +22,9 @@ def main() -> None:
 
     real_add_lora = rt.add_lora
 
-    def add_lora_and_keep(components, settings):  # keep a handle on this rank's components
+    def add_lora_and_keep(components, settings, seed=0):  # keep a handle on this rank's components
         captured["components"] = components
-        return real_add_lora(components, settings)
+        return real_add_lora(components, settings, seed=seed)
 
     rt.add_lora = add_lora_and_keep
     train(cfg)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from reward.train import RewardExperiment
 from runkit.config import ConfigError, load_config, save_config
@@ -35,7 +36,7 @@ def test_wrong_type_and_bad_choice_are_refused():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(RewardExperiment, None, ["train.epochs=3", "output_dir=somewhere"])
+    cfg = load_config(RewardExperiment, None, ["train.epochs=3", "train.output_dir=somewhere"])
     path = save_config(cfg, tmp_path / "config.yaml")
     again = load_config(RewardExperiment, path)
     assert again == cfg
@@ -49,3 +50,102 @@ def test_shipped_configs_load():
     assert files, "no reward configs shipped"
     for f in files:
         load_config(RewardExperiment, f)
+
+
+# ----------------------------------------------------------------------------- one vocabulary for both trainers
+def test_both_trainers_share_the_training_vocabulary():
+    import dataclasses
+
+    from refl.config import ReflConfig
+    from refl.config import TrainConfig as ReflTrain
+    from reward.train import TrainConfig as RewardTrain
+    from runkit.config import TrainSettings
+
+    shared = {f.name for f in dataclasses.fields(TrainSettings)}
+    for cls in (RewardTrain, ReflTrain):
+        assert issubclass(cls, TrainSettings) and shared <= {f.name for f in dataclasses.fields(cls)}
+    # The same key lands in the same place in both: output_dir, resume, gradient checkpointing.
+    for root in (RewardExperiment, ReflConfig):
+        cfg = load_config(root, None, ["train.output_dir=x/y", "train.resume=latest",
+                                       "train.gradient_checkpointing=true", "train.gradient_accumulation=3"])
+        assert (cfg.train.output_dir, cfg.train.resume, cfg.train.gradient_checkpointing,
+                cfg.train.gradient_accumulation) == ("x/y", "latest", True, 3)
+
+
+@pytest.mark.parametrize("old, new", [("train.grad_accum=2", "train.gradient_accumulation"),
+                                      ("train.max_steps=5", "train.max_updates"),
+                                      ("train.save_every=5", "train.checkpoint_every"),
+                                      ("train.keep_checkpoints=1", "train.checkpoints_keep"),
+                                      ("train.eval_every=5", "train.validate_every"),
+                                      ("train.warmup_steps=5", "train.warmup_updates"),
+                                      ("output_dir=somewhere", "train.output_dir")])
+def test_old_critic_keys_name_the_new_ones(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=new.replace(".", r"\.")):
+        load_config(RewardExperiment, None, [old])
+    key, value = old.split("=")
+    f = tmp_path / "old.yaml"
+    parts = key.split(".")
+    f.write_text(f"{parts[0]}:\n  {parts[1]}: {value}\n" if len(parts) == 2 else f"{key}: {value}\n")
+    with pytest.raises(ConfigError, match=str(f).replace(".", r"\.")):
+        load_config(RewardExperiment, f)
+
+
+def test_old_refl_keys_name_the_new_ones():
+    from refl.config import ReflConfig
+
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing"):
+        load_config(ReflConfig, None, ["refl.gradient_checkpointing=false"])
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        load_config(ReflConfig, None, ["lora.seed=3"])
+
+
+def test_resume_flag_sets_train_resume_on_both_clis():
+    import argparse
+
+    from runkit.config import add_config_args, config_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    args = parser.parse_args(["--set", "train.lr=1e-4", "--resume", "runs/x: y/checkpoints/update-000002"])
+    cfg = load_config(RewardExperiment, None, config_overrides(args))
+    assert cfg.train.resume == "runs/x: y/checkpoints/update-000002"  # a path with ': ' survives
+
+
+def test_lora_init_follows_train_seed():
+    from refl.components import load_components
+    from refl.lora import LoraSettings, add_lora
+
+    def lora_a(seed):
+        components = load_components("tiny")
+        add_lora(components, LoraSettings(rank=2, alpha=2.0), seed=seed)
+        return next(p.detach().clone() for n, p in components.unet.named_parameters() if "lora_A" in n)
+
+    assert torch.equal(lora_a(0), lora_a(0)) and not torch.equal(lora_a(0), lora_a(1))
+
+
+def test_checkpoint_lookup(tmp_path):
+    from runkit.checkpoints import checkpoint_dirs, find_checkpoint
+
+    for n, complete in ((9, True), (10, True), (11, False)):
+        folder = tmp_path / "checkpoints" / f"update-{n:06d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "state.json").write_text("{}")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["update-000009", "update-000010"]
+    assert find_checkpoint(tmp_path, "latest").name == "update-000010"  # the incomplete 11 is skipped
+    assert find_checkpoint(tmp_path / "fresh", "latest") is None and find_checkpoint(tmp_path, "") is None
+    with pytest.raises(FileNotFoundError, match="update-000011"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "update-000011"))
+
+
+def test_atomic_dir_keeps_the_old_folder_on_error(tmp_path):
+    from runkit.files import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert (target / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left behind

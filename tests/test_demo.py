@@ -57,7 +57,8 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     assert "Where the hidden taste moved" in page and f"{breakdown['mean']['ReFL']['size']:.3f}" in page
     assert Path(demo["refl"]["lora"]).is_dir()
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.
-    assert "community_prompts" in (quick_demo / "demo_config.yaml").read_text()
+    saved = (quick_demo / "demo_config.yaml").read_text()
+    assert "images_per_prompt" in saved and "gradient_accumulation" in saved  # the stage configs, nested
     assert "n_samples" in (quick_demo / "config.yaml").read_text()
 
 
@@ -82,22 +83,28 @@ def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo,
 
     community, critic, base = stamps("community"), stamps("critic"), stamps("samples/base")
     tuned, lora = stamps("samples/refl"), content_hash(out / "refl" / "lora")
-    assert demo_main(str(out), quick=True, overrides=["refl_lr=0.01"]) == 0
+    assert demo_main(str(out), quick=True, overrides=["refl.train.lr=0.01"]) == 0
     assert stamps("community") == community and stamps("critic") == critic  # their inputs did not change
     assert stamps("samples/base") == base
     assert content_hash(out / "refl" / "lora") != lora  # ReFL ran again with the new LR ...
     assert all(stamps("samples/refl")[p] != t for p, t in tuned.items())  # ... and its samples were redrawn
 
 
-def test_bad_override_is_named(tmp_path):
+def test_bad_override_is_named(tmp_path, caplog):
     assert demo_main(str(tmp_path), quick=True, overrides=["refl_updatez=3"]) == 2
+    # A key of the flat demo config of earlier versions names its new place.
+    assert demo_main(str(tmp_path), quick=True, overrides=["refl_lr=0.01"]) == 2
+    assert "refl.train.lr" in caplog.text
+    # What ties the stages together is the demo's to set, not the stage config's.
+    assert demo_main(str(tmp_path), quick=True, overrides=["refl.train.output_dir=elsewhere"]) == 2
+    assert "set by the demo" in caplog.text
 
 
 def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
     from toyworld.ablation import run_ablation
 
-    summary = run_ablation(quick_demo, {"frozen": ["refl_lr=0", "refl_updates=1"],
-                                        "kl": ["refl_updates=1", "refl_kl_weight=1"]}, n_prompts=2, n_samples=2)
+    summary = run_ablation(quick_demo, {"frozen": ["refl.train.lr=0", "refl.train.max_updates=1"],
+                                        "kl": ["refl.train.max_updates=1", "refl.refl.kl_weight=1"]}, n_prompts=2, n_samples=2)
     frozen, kl = summary["variants"]["frozen"], summary["variants"]["kl"]
     # lr 0 leaves LoRA B at zero, so the tuned samples are the base samples: every paired difference is 0.
     assert all(d["mean"] == 0.0 for d in frozen["difference_from_base"].values())

@@ -48,7 +48,7 @@ def test_sd15_vitl14_update_at_512px(method, extra, dtype):
     critic = reward.create_critic(model_name="ViT-L-14", training_mode="all").eval().requires_grad_(False)
     critic.clip.to(dtype)
     critic.set_grad_checkpointing(True)
-    cfg = StepConfig(method=method, num_inference_steps=4, gradient_checkpointing=True, **extra)
+    cfg = StepConfig(method=method, num_inference_steps=4, **extra)
     out = reward_step(components, ["a photo of an astronaut riding a horse"], critic, cfg,
                       torch.Generator().manual_seed(0))
     out["loss"].backward()

@@ -11,7 +11,7 @@ from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 def test_pretraining_writes_a_stock_loadable_fp16_pipeline(tmp_path):
     out = tmp_path / "toy-sd"
     cfg = PretrainSDConfig(n_images=128, vae_steps=3, vae_batch=16, unet_steps=3, unet_batch=16,
-                           unet_minutes=0, eval_prompts=4, eval_steps=2, out=str(out))
+                           unet_minutes=0, eval_prompts=4, eval_steps=2, output_dir=str(out))
     report = pretrain_toy_sd(cfg)
     from diffusers import StableDiffusionPipeline
 

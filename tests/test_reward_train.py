@@ -25,7 +25,7 @@ def _cfg(colour_pairs, out, *extra):
     return load_config(RewardExperiment, None, [
         "critic.model_name=tiny-clip", "critic.training_mode=all",
         f"data.train={colour_pairs['train']}", f"data.val={colour_pairs['val']}",
-        "train.lr=2e-3", "train.batch_size=32", "train.log_every=2", f"output_dir={out}", *extra,
+        "train.lr=2e-3", "train.batch_size=32", "train.log_every=2", f"train.output_dir={out}", *extra,
     ])
 
 
@@ -42,20 +42,22 @@ def test_training_raises_pairwise_accuracy(colour_pairs, tmp_path):
     assert evaluate_pairs(exported, val)["pairwise_accuracy"] == pytest.approx(after, abs=1e-6)
     assert exported.score_scale.item() != 1.0
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
-    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in logged) and any("eval/pairwise_accuracy" in r for r in logged)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
 def test_resume_reproduces_the_uninterrupted_run(colour_pairs, tmp_path):
     # 384 pairs / batch 32 = 12 steps per epoch; the checkpoint at step 8 sits mid-epoch.
-    extra = ["train.max_steps=16", "train.save_every=8", "train.keep_checkpoints=0", "train.eval_every=100",
-             "train.lr_schedule=cosine", "train.warmup_steps=3", "loss.name=pairwise"]
+    extra = ["train.max_updates=16", "train.checkpoint_every=8", "train.checkpoints_keep=0", "train.validate_every=100",
+             "train.lr_schedule=cosine", "train.warmup_updates=3", "loss.name=pairwise"]
     full = train(_cfg(colour_pairs, tmp_path / "full", *extra))["critic"]
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000008", resumed_dir / "checkpoints" / "step_0000008")
-    resumed = train(_cfg(colour_pairs, resumed_dir, *extra), resume="latest")
-    assert resumed["step"] == 16
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "update-000008", resumed_dir / "checkpoints" / "update-000008")
+    resumed = train(_cfg(colour_pairs, resumed_dir, *extra, "train.resume=latest"))
+    assert resumed["update"] == 16
     diff = max((a - b).abs().max().item() for a, b in zip(full.state_dict().values(),
                                                           resumed["critic"].state_dict().values()))
     assert diff < 1e-6, diff
@@ -63,7 +65,7 @@ def test_resume_reproduces_the_uninterrupted_run(colour_pairs, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message(colour_pairs, tmp_path):
     with pytest.raises(FloatingPointError, match="no update was applied"):
-        train(_cfg(colour_pairs, tmp_path, "train.max_steps=2", "train.lr=1e30", "loss.name=pairwise",
+        train(_cfg(colour_pairs, tmp_path, "train.max_updates=2", "train.lr=1e30", "loss.name=pairwise",
                    "loss.init_logit_scale=1e30"))
 
 
@@ -85,8 +87,8 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
            str(ROOT / "tests/helpers/ddp_train_reward.py"), str(tmp_path),
            "critic.model_name=tiny-clip", "critic.training_mode=visual_upper_layers_textual_upper_layers",
            f"data.train={colour_pairs['train']}", f"data.val={colour_pairs['val']}", "loss.name=pairwise",
-           "train.max_steps=4", "train.batch_size=16", "train.lr=1e-3", "train.calibrate=false",
-           f"output_dir={tmp_path / 'run'}"]
+           "train.max_updates=4", "train.batch_size=16", "train.lr=1e-3", "train.calibrate=false",
+           f"train.output_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
@@ -97,7 +99,7 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
         moved += int(not torch.equal(a[k], start[k]) and "resblocks.2" in k)
     assert moved > 0  # training really changed the replicas (same seed gives the same start)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["step"] == 4
+    assert metrics["update"] == 4
     assert "MULTI_CPU" in proc.stderr and "2 processes" in proc.stderr
 
 
@@ -120,8 +122,8 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
     cfg = load_config(RewardExperiment, None, [
         "critic.model_name=tiny-clip", f"critic.pretrained={tmp_path / 'start'}", f"data.train={tmp_path / 'data'}",
         "data.val_fraction=0.25", "data.num_workers=1", "data.on_bad_row=skip", "loss.name=pickscore",
-        "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16", "train.grad_checkpointing=true",
-        "train.lr=1e-3", f"output_dir={tmp_path / 'run'}"])
+        "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+        "train.lr=1e-3", f"train.output_dir={tmp_path / 'run'}"])
     result = train(cfg)
     assert result["bad_rows_skipped"] == 1  # one epoch: every training pair seen once
     tuned = reward.load(tmp_path / "run" / "critic")
@@ -131,7 +133,7 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
     train_part = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="train", val_fraction=0.25,
                             on_bad_row="skip")
     assert len(val) + len(train_part) == 120 and 10 < len(val) < 50
-    assert result["step"] == -(-len(train_part) // 16)
+    assert result["update"] == -(-len(train_part) // 16)
     train_prompts = {train_part[i].get("prompt") for i in range(len(train_part))}
     assert not {val[i]["prompt"] for i in range(len(val))} & train_prompts
     s_pos, s_neg = score_pairs(tuned, val)
@@ -167,11 +169,11 @@ def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), data / f"train-{k:05d}-of-00002.parquet", row_group_size=4)
     cfg = load_config(RewardExperiment, ROOT / "configs/reward_social_vitl14.yaml", [
         "critic.pretrained=null", f"data.train={data}", "data.val=", "data.val_fraction=0.25",
-        "data.num_workers=2", "train.batch_size=2", "train.max_steps=2", "train.grad_checkpointing=true",
-        f"output_dir={tmp_path / 'run'}"])
+        "data.num_workers=2", "train.batch_size=2", "train.max_updates=2", "train.gradient_checkpointing=true",
+        f"train.output_dir={tmp_path / 'run'}"])
     assert cfg.critic.model_name == "ViT-L-14" and cfg.train.mixed_precision == "bf16"
     result = train(cfg)
-    assert result["step"] == 2 and result["bad_rows_skipped"] == 0
+    assert result["update"] == 2 and result["bad_rows_skipped"] == 0
     critic = result["critic"]
     assert critic.image_size == 224
     from accelerate.utils import set_seed

@@ -540,14 +540,16 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
 def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_path):
     import json
 
-    from refl.train import ReflConfig, build_reward, train
+    from refl.config import ReflConfig
+    from refl.rewards import build_reward
+    from refl.train import train
     from runkit.config import load_config
 
     hps_arg = weights["specs"]["hpsv2"].partition(":")[2]
     out = tmp_path / "run"
     overrides = [f"train.output_dir={out}", "model.name=tiny", "train.max_updates=2", "train.batch_size=2",
                  "train.gradient_accumulation=1", "train.lr=1e-2", "train.checkpoint_every=0", "train.log_with=none",
-                 "train.validate_every=0", "refl.num_inference_steps=3", "refl.cut_range=[1,2]",
+                 "train.validation_prompts=[]", "refl.num_inference_steps=3", "refl.cut_range=[1,2]",
                  "train.mixed_precision=bf16", "reward.kind=mix", "reward.critic=tiny-clip",
                  "reward.mix={critic: 1.0, hpsv2: 0.5}", f"reward.standard.hpsv2={hps_arg}"]
     cfg = load_config(ReflConfig, None, overrides)
@@ -596,7 +598,8 @@ def test_shipped_standard_configs_load_and_their_specs_parse():
     from pathlib import Path
 
     from refl.compare import CompareConfig
-    from refl.train import REWARDS, ReflConfig
+    from refl.config import ReflConfig
+    from refl.rewards import REWARDS
     from runkit.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"

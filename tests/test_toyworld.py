@@ -261,7 +261,7 @@ def test_clip_pretraining_batches_hold_one_attribute_hard_negatives():
 
 
 def test_caption_set_feeds_the_refl_regulariser_loader(tmp_path):
-    from refl.train import load_caption_images
+    from refl.reg_pool import load_caption_images
     from toyworld.world import parse_prompt, split_prompts, write_caption_set
 
     table = write_caption_set(tmp_path / "renders", n=6, seed=1)

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
-    "no regulariser": ["refl_reg_weight=0"],
+    "no regulariser": ["refl.refl.reg_weight=0"],
     "denoising on base samples": [],
-    "denoising on renders": ["refl_reg_renders=512"],
-    "KL to base": ["refl_reg_weight=0", "refl_kl_weight=10"],
-    "denoising + KL": ["refl_kl_weight=10"],
-    "regulariser only (no reward)": ["refl_grad_scale=0"],
+    "denoising on renders": ["reg_renders=512"],
+    "KL to base": ["refl.refl.reg_weight=0", "refl.refl.kl_weight=10"],
+    "denoising + KL": ["refl.refl.kl_weight=10"],
+    "regulariser only (no reward)": ["refl.refl.grad_scale=0"],
 }
 
 
@@ -48,10 +49,10 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = None, n_prompts: int = 32,
                  n_samples: int = 16) -> dict:
     """Train and judge each variant under `demo_dir/ablation/`; finished variants are reused."""
-    from refl.compare import CompareConfig, mean_ci, run_compare
+    from refl.compare import mean_ci, run_compare
     from runkit.config import load_config
-    from runkit.files import write_json
-    from toyworld.demo import DemoConfig, oracle_breakdown, stage_refl
+    from runkit.files import atomic_write_text, write_json
+    from toyworld.demo import DemoConfig, compare_config, oracle_breakdown, stage_refl
     from toyworld.world import split_prompts
 
     demo_dir = Path(demo_dir)
@@ -65,7 +66,7 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
     root.mkdir(exist_ok=True)
     train_prompts, held = split_prompts(seed=0)
     prompts_file = root / "eval_prompts.txt"
-    prompts_file.write_text("\n".join(held[:n_prompts]) + "\n")
+    atomic_write_text(prompts_file, "\n".join(held[:n_prompts]) + "\n")
     shared_base = None
     table = {}
     for name, overrides in variants.items():
@@ -77,12 +78,9 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
         if shared_base is not None and not (compare_dir / "samples" / "base").exists():
             for part in ("samples", "scores"):  # the base arm is the same for every variant: draw it once
                 shutil.copytree(shared_base / part / "base", compare_dir / part / "base")
-        ccfg = load_config(CompareConfig, None, [
-            f"model.name={cfg.sd_model}", f"lora={refl['lora']}", f"prompts={prompts_file}",
-            f"n_samples={n_samples}", f"batch_size={n_samples}", f"num_inference_steps={cfg.sample_steps}",
-            f"guidance_scale={cfg.guidance_scale}", f"seed={cfg.seed + 11}", f"selector={critic}",
-            "evaluators=['oracle:', 'fidelity:']", "tuned_best_of=false", f"output_dir={compare_dir}",
-        ])
+        ccfg = replace(compare_config(cfg, str(critic), refl["lora"], prompts_file, compare_dir,
+                                      evaluators=["oracle:", "fidelity:"]),
+                       n_samples=n_samples, batch_size=n_samples, seed=11, tuned_best_of=False)
         results = run_compare(ccfg)
         shared_base = shared_base or compare_dir
         base, tuned = results["arms"]["base_random"]["per_prompt"], results["arms"]["refl_random"]["per_prompt"]
@@ -99,7 +97,7 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
             summary["variants"] = old["variants"]
     summary["variants"].update(table)
     write_json(previous, summary)  # atomic: an interrupted write never loses the earlier variants
-    (root / "ablation.md").write_text(markdown_table(summary))
+    atomic_write_text(root / "ablation.md", markdown_table(summary))
     return summary
 
 

@@ -20,77 +20,143 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from runkit.config import save_config
-from runkit.files import content_hash, write_json
+from refl.compare import CompareConfig
+from refl.config import ReflConfig
+from refl.config import TrainConfig as ReflTrainConfig
+from refl.step import StepConfig
+from reward.model import CriticConfig
+from reward.train import DataConfig as RewardDataConfig
+from reward.train import RewardExperiment
+from reward.train import TrainConfig as RewardTrainConfig
+from runkit.config import ConfigError, save_config, to_dict
+from runkit.files import atomic_write_text, content_hash, write_json
 
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
+def _demo_critic() -> RewardExperiment:
+    # Trains only the upper vision blocks: on ~2k community pairs that agree ~65% with the taste, training
+    # the text tower too (the paper's mode) fitted the training prompts and, in exploratory runs, lost ~5
+    # points against the oracle on held-out prompts (try it: --set critic.critic.training_mode=all).
+    return RewardExperiment(
+        critic=CriticConfig(model_name="toy-clip", training_mode="visual_upper_layers"),
+        data=RewardDataConfig(val_fraction=0.1),
+        train=RewardTrainConfig(epochs=3, batch_size=32, lr=1e-4, lr_schedule="cosine", warmup_updates=10))
+
+
+def _demo_refl() -> ReflConfig:
+    return ReflConfig(
+        refl=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0,
+                        # The toy SD needs guidance for prompt fidelity and every image the demo evaluates is
+                        # guided, so the LoRA is trained on guided trajectories too.
+                        guidance_scale=4.0),
+        train=ReflTrainConfig(max_updates=120, batch_size=8, gradient_accumulation=1, lr=3e-3, validate_every=40,
+                              checkpoint_every=40, resume="latest"))
+
+
+def _demo_compare() -> CompareConfig:
+    return CompareConfig(n_samples=64, batch_size=64, seed=7)
+
+
+@dataclass
+class CommunitySettings:
+    # Training prompts shown to the community.
+    prompts: int = 240
+    # Base-model images generated per prompt (the community's feed, and per held-out prompt).
+    images_per_prompt: int = 8
+    # Simulated users.
+    users: int = 60
+    # Held-out prompts whose generations, ordered by the oracle, measure the critic.
+    oracle_pair_prompts: int = 32
+
+
 @dataclass
 class DemoConfig:
-    # Where every stage writes (community/, critic/, refl/, compare/, summary.json).
+    """The demo's own knobs plus the real config of each stage. The demo fills in what ties the stages
+    together (FILLED_BY_DEMO: model paths, input and output folders, sampling settings); everything
+    else in `critic`, `refl` and `compare` is the user's, e.g. --set refl.train.lr=1e-3."""
+
+    # Where every stage writes (community/, critic/, refl/, samples/, report.html, summary.json).
     output_dir: str = "runs/demo"
-    # Seed of every stage.
+    # Seed of the community stage (which prompts, which images); each stage config has its own seed.
     seed: int = 0
     # The base model: a diffusers directory (default: the shipped toy SD).
     sd_model: str = str(ASSETS / "toy-sd")
-    # The critic's starting point: a critic directory (default: the shipped toy CLIP).
+    # The critic's starting point and the zero-shot judge: a critic directory (default: the shipped toy CLIP).
     clip_model: str = str(ASSETS / "toy-clip")
-    # Sampler steps and guidance for every base/tuned image the demo draws.
+    # Sampler steps and guidance of every image the demo draws outside the ReFL step.
     sample_steps: int = 20
     guidance_scale: float = 4.0
-    # Community: training prompts shown, images generated per prompt, simulated users.
-    community_prompts: int = 240
-    images_per_prompt: int = 8
-    n_users: int = 60
-    # Held-out prompts whose generations, ordered by the oracle, measure the critic.
-    oracle_pair_prompts: int = 32
-    # Critic fine-tuning (triplet), per-process batch, epochs, LR and which layers train. The demo
-    # trains only the upper vision blocks: on ~2k community pairs that agree ~65% with the taste,
-    # training the text tower too (the paper's mode) fitted the training prompts and, in exploratory
-    # runs, lost ~5 points against the oracle on held-out prompts (try it: --set critic_training_mode=...).
-    critic_epochs: int = 3
-    critic_batch: int = 32
-    critic_lr: float = 1e-4
-    critic_training_mode: str = "visual_upper_layers"
-    # ReFL gradient method (refl.method: refl, draft, draft_lv, alignprop).
-    refl_method: str = "refl"
-    # ReFL: optimizer updates, prompts per update, LR, sampler steps and cut range of the ReFL step.
-    refl_updates: int = 120
-    refl_batch: int = 8
-    refl_lr: float = 3e-3
-    refl_steps: int = 20
-    refl_cut_range: list[int] = field(default_factory=lambda: [14, 19])
-    # Weight of the denoising (pre-training) regulariser.
-    refl_reg_weight: float = 1.0
-    # Data of the denoising regulariser: this many renders of training prompts (the world's own
-    # pre-training data, as ImageReward uses its pre-training set); 0 = base-model samples instead.
-    refl_reg_renders: int = 0
-    # Weight of the KL-to-base penalty (refl.kl_weight; 0 = off).
-    refl_kl_weight: float = 0.0
-    # Multiplier of the reward hinge loss (ImageReward: 1e-3 next to a full-UNet lr of 1e-5; Adam
-    # normalises the overall scale, so what matters here is its balance with the regulariser).
-    refl_grad_scale: float = 1.0
-    # Classifier-free guidance inside the ReFL step: the toy SD needs guidance for prompt fidelity and
-    # every image the demo evaluates is guided, so the LoRA is trained on guided trajectories too.
-    refl_guidance_scale: float = 4.0
-    # Comparison: held-out prompts and samples per prompt (best-of-N).
+    # Held-out prompts in the comparison.
     compare_prompts: int = 16
-    best_of: int = 64
+    # Denoising-regulariser data: this many renders of training prompts (the world's own pre-training data,
+    # as ImageReward uses its pre-training set); 0 = base-model samples (refl.data.reg_images unset).
+    reg_renders: int = 0
+    community: CommunitySettings = field(default_factory=CommunitySettings)
+    critic: RewardExperiment = field(default_factory=_demo_critic)  # reward/ trainer config
+    refl: ReflConfig = field(default_factory=_demo_refl)  # refl/ trainer config
+    compare: CompareConfig = field(default_factory=_demo_compare)  # the best-of-N harness config
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "community_prompts": "community.prompts", "images_per_prompt": "community.images_per_prompt",
+        "n_users": "community.users", "oracle_pair_prompts": "community.oracle_pair_prompts",
+        "critic_epochs": "critic.train.epochs", "critic_batch": "critic.train.batch_size",
+        "critic_lr": "critic.train.lr", "critic_training_mode": "critic.critic.training_mode",
+        "refl_method": "refl.refl.method", "refl_updates": "refl.train.max_updates",
+        "refl_batch": "refl.train.batch_size", "refl_lr": "refl.train.lr", "refl_steps": "refl.refl.num_inference_steps",
+        "refl_cut_range": "refl.refl.cut_range", "refl_reg_weight": "refl.refl.reg_weight",
+        "refl_reg_renders": "reg_renders", "refl_kl_weight": "refl.refl.kl_weight",
+        "refl_grad_scale": "refl.refl.grad_scale", "refl_guidance_scale": "refl.refl.guidance_scale",
+        "best_of": "compare.n_samples",
+    }
+
+    def __post_init__(self):
+        defaults = {"critic": _demo_critic(), "refl": _demo_refl(), "compare": _demo_compare()}
+        for stage, keys in FILLED_BY_DEMO.items():
+            for key in keys:
+                if _get(getattr(self, stage), key) != _get(defaults[stage], key):
+                    raise ConfigError(f"{stage}.{key} is set by the demo ({FILLED_BY_DEMO_WHY[stage]}); "
+                                      "change the demo's own keys instead")
+
+
+# Fields of the stage configs the demo sets from its own keys and from the stages before.
+FILLED_BY_DEMO = {
+    "critic": ["critic.pretrained", "data.train", "train.output_dir"],
+    "refl": ["model.name", "reward.critic", "data.prompts_file", "data.reg_images", "data.reg_pool_size",
+             "train.output_dir", "train.validation_steps", "train.validation_guidance"],
+    "compare": ["model.name", "lora", "prompts", "num_inference_steps", "guidance_scale", "selector", "evaluators",
+                "output_dir"],
+}
+FILLED_BY_DEMO_WHY = {
+    "critic": "clip_model, the community's pairs, output_dir/critic",
+    "refl": "sd_model, the trained critic, the training prompts, reg_renders, output_dir/refl, sample_steps, "
+            "guidance_scale",
+    "compare": "sd_model, the ReFL LoRA, compare_prompts, sample_steps, guidance_scale, the critic, clip_model, "
+               "output_dir",
+}
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 QUICK = {
-    "community_prompts": 48, "images_per_prompt": 6, "n_users": 20, "oracle_pair_prompts": 12,
-    "critic_epochs": 2, "refl_updates": 6, "refl_batch": 4, "refl_steps": 10, "refl_cut_range": [6, 9],
-    "sample_steps": 10, "compare_prompts": 4, "best_of": 8,
+    "community.prompts": 48, "community.images_per_prompt": 6, "community.users": 20,
+    "community.oracle_pair_prompts": 12, "critic.train.epochs": 2, "refl.train.max_updates": 6,
+    "refl.train.batch_size": 4, "refl.train.validate_every": 2, "refl.train.checkpoint_every": 2,
+    "refl.refl.num_inference_steps": 10, "refl.refl.cut_range": [6, 9], "sample_steps": 10, "compare_prompts": 4,
+    "compare.n_samples": 8, "compare.batch_size": 8,
 }
 
 
@@ -102,15 +168,15 @@ def _sample(components, prompts: list[str], n: int, steps: int, guidance: float,
     return images.reshape(len(prompts), n, *images.shape[1:])  # (P, n, H, W, 3)
 
 
-def enter_stage(out: Path, finished: Path, cfg: DemoConfig, fields: list[str], inputs: dict[str, str]) -> dict | None:
+def enter_stage(out: Path, finished: Path, settings: dict, inputs: dict[str, str]) -> dict | None:
     """A stage's finished output if it was made from the same settings and input files; else None, after
     clearing the stage's folder (a retrained critic or a changed knob never resumes stale work).
 
-    The key (the settings `fields` of `cfg`, and the content hash of each input file or folder) is
+    The key (the stage's resolved settings, and the content hash of each input file or folder) is
     written into out/stage.json before the stage runs, so an interrupted stage resumes only into the
     same key."""
-    key = json.dumps({"settings": {f: getattr(cfg, f) for f in fields},
-                      "inputs": {name: content_hash(path) for name, path in inputs.items()}}, sort_keys=True)
+    key = json.dumps({"settings": settings, "inputs": {name: content_hash(path) for name, path in inputs.items()}},
+                     sort_keys=True, default=str)
     stage_file = out / "stage.json"
     stored = json.loads(stage_file.read_text()).get("key") if stage_file.is_file() else None
     if stored == key:
@@ -130,22 +196,23 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     from toyworld.world import split_prompts
 
     summary_file = out / "community.json"
-    fields = ["seed", "community_prompts", "images_per_prompt", "n_users", "oracle_pair_prompts", "sample_steps",
-              "guidance_scale"]
-    done = enter_stage(out, summary_file, cfg, fields, {"sd_model": cfg.sd_model})
+    c = cfg.community
+    settings = {"seed": cfg.seed, "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
+                **to_dict(c)}
+    done = enter_stage(out, summary_file, settings, {"sd_model": cfg.sd_model})
     if done is not None:
         return done
     train_prompts, held = split_prompts(seed=0)
     rng = np.random.default_rng(cfg.seed)
-    chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), cfg.community_prompts, replace=False)]
+    chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), c.prompts, replace=False)]
     t0 = time.perf_counter()
-    images = _sample(components, chosen, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed)
+    images = _sample(components, chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed)
     gen_seconds = time.perf_counter() - t0
-    result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, cfg.n_users, cfg.seed,
+    result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.users, cfg.seed,
                                     out / "train")
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
-    held_chosen = held[: cfg.oracle_pair_prompts]
-    held_images = _sample(components, held_chosen, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
+    held_chosen = held[: c.oracle_pair_prompts]
+    held_images = _sample(components, held_chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
                           cfg.seed + 1)
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs", oracle_score)
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
@@ -179,27 +246,27 @@ def write_oracle_pairs(images: np.ndarray, prompts: list[str], out: Path, oracle
     return path
 
 
+def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardExperiment:
+    """The demo's critic config with the fields the demo fills."""
+    return replace(cfg.critic, critic=replace(cfg.critic.critic, pretrained=cfg.clip_model),
+                   data=replace(cfg.critic.data, train=str(pairs)),
+                   train=replace(cfg.critic.train, output_dir=str(out)))
+
+
 def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> dict:
     import reward
     from reward.data import load_pairs
     from reward.evaluate import evaluate_pairs
-    from reward.train import RewardExperiment, train
-    from runkit.config import load_config
+    from reward.train import train
 
     summary_file = out / "critic_summary.json"
-    fields = ["seed", "critic_epochs", "critic_batch", "critic_lr", "critic_training_mode"]
-    done = enter_stage(out, summary_file, cfg, fields,
+    exp = critic_config(cfg, pairs, out)
+    settings = to_dict(replace(exp, train=replace(exp.train, output_dir="", resume="")))
+    done = enter_stage(out, summary_file, settings,
                        {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
                         "clip_model": cfg.clip_model})
     if done is not None:
         return done
-    exp = load_config(RewardExperiment, None, [
-        "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}",
-        f"critic.training_mode={cfg.critic_training_mode}", f"data.train={pairs}", "data.val_fraction=0.1",
-        f"train.epochs={cfg.critic_epochs}",
-        f"train.batch_size={cfg.critic_batch}", f"train.lr={cfg.critic_lr}", "train.lr_schedule=cosine",
-        "train.warmup_steps=10", f"train.seed={cfg.seed}", f"output_dir={out}",
-    ])
     train(exp)
     truth = load_pairs(oracle_pairs)
     tuned = evaluate_pairs(reward.load(out / "critic"), truth)
@@ -210,54 +277,56 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
     return summary
 
 
+def refl_config(cfg: DemoConfig, critic: str, prompts_file: Path, out: Path, reg_table: Path | None) -> ReflConfig:
+    """The demo's ReFL config with the fields the demo fills."""
+    r = cfg.refl
+    data = replace(r.data, prompts_file=str(prompts_file))
+    if reg_table is not None:
+        data = replace(data, reg_images=str(reg_table), reg_pool_size=cfg.reg_renders)
+    return replace(r, model=replace(r.model, name=cfg.sd_model), reward=replace(r.reward, critic=critic), data=data,
+                   train=replace(r.train, output_dir=str(out), validation_steps=cfg.sample_steps,
+                                 validation_guidance=cfg.guidance_scale))
+
+
 def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path) -> dict:
-    from refl.train import ReflConfig, train
-    from runkit.config import load_config
+    from refl.train import train
 
     result_file = out / "result.json"
-    fields = ["seed", "sample_steps", "guidance_scale"] + [f for f in vars(cfg) if f.startswith("refl_")]
-    done = enter_stage(out, result_file, cfg, fields, {"sd_model": cfg.sd_model, "critic": critic})
+    rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "reg_renders" / "captions.parquet"
+                       if cfg.reg_renders else None)
+    settings = to_dict(replace(rcfg, train=replace(rcfg.train, output_dir="", resume="")))
+    done = enter_stage(out, result_file, settings, {"sd_model": cfg.sd_model, "critic": critic})
     if done is not None:
         return done
-    prompts_file = out / "prompts.txt"
     out.mkdir(parents=True, exist_ok=True)
-    prompts_file.write_text("\n".join(train_prompts) + "\n")
-    extra = []
-    if cfg.refl_reg_renders:
+    atomic_write_text(out / "prompts.txt", "\n".join(train_prompts) + "\n")
+    if cfg.reg_renders:
         from toyworld.world import write_caption_set
 
-        table = write_caption_set(out / "reg_renders", cfg.refl_reg_renders, seed=cfg.seed + 3)
-        extra = [f"data.reg_images={table}", f"data.reg_pool_size={cfg.refl_reg_renders}"]
-    rcfg = load_config(ReflConfig, None, extra + [
-        f"model.name={cfg.sd_model}", f"reward.critic={critic}", f"data.prompts_file={prompts_file}",
-        f"refl.method={cfg.refl_method}", f"refl.num_inference_steps={cfg.refl_steps}",
-        f"refl.cut_range={cfg.refl_cut_range}",
-        f"refl.reg_weight={cfg.refl_reg_weight}", f"refl.kl_weight={cfg.refl_kl_weight}",
-        f"refl.grad_scale={cfg.refl_grad_scale}",
-        f"refl.guidance_scale={cfg.refl_guidance_scale}", f"train.max_updates={cfg.refl_updates}",
-        f"train.batch_size={cfg.refl_batch}", "train.gradient_accumulation=1", f"train.lr={cfg.refl_lr}",
-        f"train.seed={cfg.seed}", f"train.output_dir={out}", f"train.validation_steps={cfg.sample_steps}",
-        f"train.validation_guidance={cfg.guidance_scale}", f"train.validate_every={max(1, cfg.refl_updates // 3)}",
-        f"train.checkpoint_every={max(1, cfg.refl_updates // 3)}", "train.resume=latest",
-    ])
+        write_caption_set(out / "reg_renders", cfg.reg_renders, seed=cfg.seed + 3)
     return train(rcfg)
+
+
+def compare_config(cfg: DemoConfig, critic: str, lora: str, prompts_file: Path, out: Path,
+                   evaluators: list[str] | None = None) -> CompareConfig:
+    """The demo's comparison config with the fields the demo fills."""
+    c = cfg.compare
+    return replace(c, model=replace(c.model, name=cfg.sd_model), lora=lora, prompts=str(prompts_file),
+                   num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, selector=critic,
+                   evaluators=evaluators if evaluators is not None else [f"clip:{cfg.clip_model}", "oracle:",
+                                                                         "fidelity:"],
+                   output_dir=str(out))
 
 
 def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path) -> tuple[dict, object]:
     """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and fidelity."""
-    from refl.compare import CompareConfig, run_compare
-    from runkit.config import load_config
+    from refl.compare import run_compare
     from toyworld.world import split_prompts
 
     held = split_prompts(seed=0)[1]
     prompts_file = out / "compare_prompts.txt"
-    prompts_file.write_text("\n".join(held[: cfg.compare_prompts]) + "\n")
-    ccfg = load_config(CompareConfig, None, [
-        f"model.name={cfg.sd_model}", f"lora={lora}", f"prompts={prompts_file}", f"n_samples={cfg.best_of}",
-        f"batch_size={min(cfg.best_of, 64)}", f"num_inference_steps={cfg.sample_steps}",
-        f"guidance_scale={cfg.guidance_scale}", f"seed={cfg.seed + 7}", f"selector={critic}",
-        f"evaluators=['clip:{cfg.clip_model}', 'oracle:', 'fidelity:']", f"output_dir={out}",
-    ])
+    atomic_write_text(prompts_file, "\n".join(held[: cfg.compare_prompts]) + "\n")
+    ccfg = compare_config(cfg, critic, lora, prompts_file, out)
     return run_compare(ccfg, components=components), ccfg
 
 
@@ -374,7 +443,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_json(out / "results.json", results)
     preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"])
     summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    write_json(out / "summary.json", _jsonable(summary))
     return summary
 
 
@@ -392,22 +461,23 @@ def _jsonable(obj):
 
 
 def setup_logging() -> None:
-    import logging as _logging
+    """The project's format; open_clip and diffusers log through the root logger at INFO, so the screen keeps
+    to the project's own lines."""
+    from runkit.logs import setup_logging as setup
 
-    # open_clip and diffusers log through the root logger at INFO; keep the screen to our own lines.
-    _logging.basicConfig(level=_logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                         datefmt="%H:%M:%S")
-    for name in ("reward", "refl", "toyworld"):
-        _logging.getLogger(name).setLevel(_logging.INFO)
+    setup(level=logging.WARNING)
+    for name in ("runkit", "reward", "refl", "toyworld"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def demo_main(out: str, quick: bool, overrides: list[str]) -> int:
-    from runkit.config import ConfigError, load_config
+    from runkit.config import load_config
 
     setup_logging()
-    base = [f"{k}={v}" for k, v in QUICK.items()] if quick else []
+    # JSON values are YAML too, so the quick settings parse exactly as written here.
+    base = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()] if quick else []
     try:
-        cfg = load_config(DemoConfig, None, base + list(overrides) + [f"output_dir={out}"])
+        cfg = replace(load_config(DemoConfig, None, base + list(overrides)), output_dir=str(out))
     except ConfigError as err:
         logger.error("%s", err)
         return 2
@@ -469,8 +539,8 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     import reward
     from reward.data import load_pairs
     from reward.evaluate import evaluate_pairs
-    from reward.train import RewardExperiment, train
-    from runkit.config import load_config
+    from reward.train import train
+    from runkit.config import load_config, override
     from toyworld.oracle import oracle_score
 
     cfg = load_config(DemoConfig, demo_dir / "demo_config.yaml")
@@ -495,12 +565,8 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     pairs = src / "oracle_labelled_pairs.parquet"
     pd.DataFrame(rows).to_parquet(pairs)
     out = demo_dir / "critic_ceiling"
-    exp = load_config(RewardExperiment, None, [
-        "critic.model_name=toy-clip", f"critic.pretrained={cfg.clip_model}", f"data.train={pairs}",
-        f"train.epochs={cfg.critic_epochs}", f"train.batch_size={cfg.critic_batch}", f"train.lr={cfg.critic_lr}",
-        "train.lr_schedule=cosine", "train.warmup_steps=10", f"train.seed={cfg.seed}", f"output_dir={out}",
-        *overrides])
+    exp = override(critic_config(cfg, pairs, out), overrides)
     train(exp)
     truth = load_pairs(demo_dir / "community" / "oracle_pairs" / "pairs.parquet")
     return {"oracle_labelled_train_pairs": len(rows),
-            "accuracy_vs_oracle": evaluate_pairs(reward.load(Path(exp.output_dir) / "critic"), truth)}
+            "accuracy_vs_oracle": evaluate_pairs(reward.load(Path(exp.train.output_dir) / "critic"), truth)}

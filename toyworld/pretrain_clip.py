@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from reward.model import CriticConfig, SocialReward, create_critic
 from toyworld.render import draw_look, sample_look
 from toyworld.world import (
+from runkit.files import write_json
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
@@ -68,7 +70,9 @@ class PretrainClipConfig:
     weight_decay: float = 0.1  # AdamW decoupled weight decay (not applied to gains, biases, logit_scale)
     seed: int = 0  # renders, initial weights and batch order
     n_eval_images: int = 1000  # held-out renders for the zero-shot probes
-    out: str = "toyworld/assets/toy-clip"  # where the fp16 critic checkpoint is written
+    output_dir: str = "toyworld/assets/toy-clip"  # where the fp16 critic checkpoint is written
+
+    RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
 
 def hard_negative_prompts(rng: np.random.Generator, pool: list[str], batch_size: int,
@@ -167,7 +171,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
-    """Train, evaluate zero-shot (before and after), save fp16 to `cfg.out`; returns a report."""
+    """Train, evaluate zero-shot (before and after), save fp16 to `cfg.output_dir`; returns a report."""
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     train_prompts = split_prompts()[0]
@@ -208,14 +212,14 @@ def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
             bar.set_postfix(loss=f"{float(terms['contrastive_loss']):.3f}", acc=f"{float(terms['i2t_acc']):.2f}")
     train_seconds = time.perf_counter() - t0
     after = zero_shot_accuracy(critic, eval_np, eval_prompts)
-    critic.half().save_pretrained(cfg.out)  # fp16 on disk; `reward.load` upcasts into an fp32 model
+    critic.half().save_pretrained(cfg.output_dir)  # fp16 on disk; `reward.load` upcasts into an fp32 model
     critic.float()
-    weights = Path(cfg.out) / "critic.safetensors"
+    weights = Path(cfg.output_dir) / "critic.safetensors"
     report = {"config": asdict(cfg), "train_seconds": round(train_seconds, 1),
               "logit_scale": round(critic.clip.logit_scale.exp().item(), 3), "eval/before": before,
               "eval/after": {k: v for k, v in after.items()}, "weights_bytes": weights.stat().st_size,
               "history": history}
-    (Path(cfg.out) / "pretrain_report.json").write_text(json.dumps(report, indent=2))
+    write_json(Path(cfg.output_dir) / "pretrain_report.json", report)
     logger.info("saved %s (%.1f MB); zero-shot colour %.3f shape %.3f background %.3f, retrieval %.3f",
                 weights, weights.stat().st_size / 1e6, after["zero_shot_colour"], after["zero_shot_shape"],
                 after["zero_shot_background"], after["retrieval_top1"])

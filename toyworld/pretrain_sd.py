@@ -9,12 +9,12 @@ standard diffusers pipeline directory; `StableDiffusionPipeline.from_pretrained(
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from refl.components import ModelConfig, load_components, save_pipeline
+from runkit.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ class PretrainSDConfig:
     eval_steps: int = 20
     eval_guidance: float = 4.0
     # Where the diffusers pipeline directory goes.
-    out: str = "toyworld/assets/toy-sd"
+    output_dir: str = "toyworld/assets/toy-sd"
+
+    RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -183,9 +186,9 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     report["eval_n_prompts"] = len(eval_prompts)
     half = copy.copy(components)
     half.to(dtype=torch.float16)
-    save_pipeline(half, cfg.out)
+    save_pipeline(half, cfg.output_dir)
     components.to(dtype=torch.float32)
-    (Path(cfg.out) / "pretrain_report.json").write_text(json.dumps(report, indent=2))
-    logger.info("toy SD saved to %s: prompt fidelity %.3f on %d held-out prompts", cfg.out,
+    write_json(Path(cfg.output_dir) / "pretrain_report.json", report)
+    logger.info("toy SD saved to %s: prompt fidelity %.3f on %d held-out prompts", cfg.output_dir,
                 report["eval_prompt_fidelity"], len(eval_prompts))
     return report

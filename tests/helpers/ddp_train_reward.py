@@ -6,11 +6,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from reward.cli import setup_logging  # noqa: E402
-from reward.train import RewardExperiment, train  # noqa: E402
-from runkit.config import load_config  # noqa: E402
+from reward.train import RewardExperiment, train
+from runkit.config import load_config
+from runkit.logs import setup_logging
 
 if __name__ == "__main__":
     setup_logging()

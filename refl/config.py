@@ -1,0 +1,116 @@
+"""The ReFL experiment config: `model`, `lora`, `refl` (the step), `train`, `reward`, `data`.
+
+`train` is the shared training vocabulary (runkit.config.TrainSettings) with ReFL's defaults and its
+validation settings. Batch sizes: `train.batch_size` prompts per micro-batch per process,
+`train.gradient_accumulation` micro-batches per update, so one update sees
+batch_size x gradient_accumulation x processes prompts (ImageReward: 2 x 4 x 8 = 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from refl.components import ModelConfig
+from refl.lora import LoraSettings
+from refl.step import StepConfig
+from runkit.config import TRAIN_RENAMED, TrainSettings
+
+
+@dataclass
+class RewardConfig:
+    # Reward kind, a key of REWARDS: "critic" (a Social Reward checkpoint or open_clip name), a standard
+    # reward model ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clipscore"; weights from
+    # `standard`), "mix" (the weighted sum in `mix`), or the synthetic "brightness" / "contrast" rewards
+    # for smoke tests.
+    kind: str = "critic"
+    # Critic checkpoint directory (reward/ training output) or open_clip "name[:pretrained]"; frozen.
+    critic: str = "toy-clip"
+    # Weights of the standard reward models: kind -> argument of its spec, i.e. a local path (file layouts
+    # in reward/standard.py), a hub id, or "" for the default hub id; options follow commas, e.g.
+    # {hpsv2: weights/HPS_v2_compressed.pt, aesthetic: "weights,backbone=ViT-L-14:weights/vit-l-14.bin"}.
+    standard: dict[str, str] = field(default_factory=dict)
+    # kind "mix": reward = sum of weight * term, term -> weight, terms being REWARDS kinds other than "mix",
+    # e.g. {critic: 1.0, hpsv2: 0.5}. The terms keep their own scales (HPS v2 ~0.25, PickScore ~20), so a
+    # weight is an exchange rate. Each term is logged unweighted as train/reward/<term>.
+    mix: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # Training prompts: a .txt file (one per line), a .parquet/.csv with a `prompt_column`; or None to use `prompts`.
+    prompts_file: str | None = None
+    # Column holding prompts in a parquet/csv file.
+    prompt_column: str = "prompt"
+    # Inline prompt list, used when prompts_file is None.
+    prompts: list[str] = field(default_factory=lambda: ["a red square on a blue background", "a green circle",
+                                                        "a yellow triangle", "a purple square at the top"])
+    # Denoising-regulariser pool (used when refl.reg_weight > 0), built once at start: this many
+    # examples in all (global count, split across processes).
+    reg_pool_size: int = 64
+    # Image-caption set for the denoising regulariser (the paper's pre-training data): a .parquet/.csv/
+    # .jsonl table of image paths (relative to the table) and captions; reg_pool_size rows are drawn.
+    # None = base-model samples (LoRA off) of the training prompts instead.
+    reg_images: str | None = None
+    # Column of reg_images holding the image paths.
+    reg_image_column: str = "image"
+    # Column of reg_images holding the captions.
+    reg_caption_column: str = "caption"
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """The shared training vocabulary with ReFL's defaults, plus what validation draws."""
+
+    # Run folder: config.yaml, metrics.jsonl, tb/, samples/, checkpoints/, lora/, training_curve.png.
+    output_dir: str = "runs/refl"
+    # Prompts per micro-batch, per process.
+    batch_size: int = 2
+    # Micro-batches per optimizer update, per process.
+    gradient_accumulation: int = 4
+    # AdamW weight decay of the LoRA tensors.
+    weight_decay: float = 1e-2
+    # Gradient clipping on the global LoRA gradient norm; 0 disables.
+    max_grad_norm: float = 1.0
+    # Recompute activations in backward instead of storing them: the UNet's and the VAE decoder's
+    # blocks and the reward model's transformer blocks on the gradient path, and each AlignProp UNet
+    # call as a whole. Same numbers, about one extra forward pass of the gradient part; needed at 512 px.
+    gradient_checkpointing: bool = True
+    # Log scalars every this many updates.
+    log_every: int = 1
+    # Sample the validation prompts every this many updates and at the end (0: only at the end).
+    validate_every: int = 25
+    # Save a resumable checkpoint every this many updates and at the end (0: only at the end).
+    checkpoint_every: int = 50
+    # Fixed validation prompts shown in the image grid; empty = no validation.
+    validation_prompts: list[str] = field(default_factory=lambda: ["a red square on a blue background",
+                                                                   "a green circle", "a yellow triangle"])
+    # Validation images per prompt.
+    validation_images_per_prompt: int = 2
+    # Seed of the validation noise (the same images every time, so grids compare across updates).
+    validation_seed: int = 1234
+    # Sampler steps for validation images.
+    validation_steps: int = 40
+    # Classifier-free guidance for validation images (1 = off).
+    validation_guidance: float = 1.0
+
+
+@dataclass
+class ReflConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the Stable Diffusion base
+    lora: LoraSettings = field(default_factory=LoraSettings)  # the adapters that train
+    refl: StepConfig = field(default_factory=StepConfig)  # the reward-gradient step
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, logging, checkpoints
+    reward: RewardConfig = field(default_factory=RewardConfig)  # what is maximised
+    data: DataConfig = field(default_factory=DataConfig)  # training prompts
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        **TRAIN_RENAMED,
+        "refl.gradient_checkpointing": "train.gradient_checkpointing",
+        "lora.seed": "the LoRA's initialisation is seeded by train.seed; delete lora.seed",
+    }
+
+    def __post_init__(self):
+        self.train.check()
+        if self.train.max_updates < 1:
+            raise ValueError("train.max_updates must be >= 1")

@@ -1,0 +1,76 @@
+"""What ReFL maximises: reward factories by `reward.kind`, all frozen, all differentiable in the images.
+
+A reward is a callable `(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`. Add a kind by adding a
+factory `(cfg: RewardConfig, device, dtype=..., gradient_checkpointing=...) -> RewardFn` to REWARDS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refl.config import RewardConfig
+from refl.step import RewardFn
+from reward.standard import STANDARD_KINDS
+
+
+def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                   gradient_checkpointing: bool = False) -> RewardFn:
+    import reward
+
+    critic = reward.load(cfg.critic, device=device)
+    critic.requires_grad_(False).eval()  # frozen: gradients pass through it to the images, never into it
+    # The towers in the base's dtype (a ViT-L-14 is 1.7 GB in fp32); calibration buffers stay fp32.
+    critic.clip.to(dtype)
+    critic.set_grad_checkpointing(gradient_checkpointing)
+    return critic
+
+
+def _brightness_reward(cfg: RewardConfig, device, **_) -> RewardFn:
+    return lambda images, prompts: images.mean(dim=(1, 2, 3))  # (B,)
+
+
+def _contrast_reward(cfg: RewardConfig, device, **_) -> RewardFn:
+    def fn(images, prompts):
+        w = images.shape[-1] // 2
+        return (images[..., :w].mean(dim=(1, 2, 3)) - images[..., w:].mean(dim=(1, 2, 3))) * 10  # (B,)
+
+    return fn
+
+
+def _standard_reward(kind: str):
+    def factory(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                gradient_checkpointing: bool = False) -> RewardFn:
+        from reward.standard import load_standard
+
+        model = load_standard(f"{kind}:{cfg.standard.get(kind) or ''}", device=device, dtype=dtype)  # frozen, eval
+        model.set_grad_checkpointing(gradient_checkpointing)
+        return model
+
+    return factory
+
+
+def _mix_reward(cfg: RewardConfig, device, **kwargs) -> RewardFn:
+    from refl.mix import WeightedRewards
+
+    if not cfg.mix:
+        raise ValueError("reward.kind=mix needs reward.mix, e.g. {critic: 1.0, hpsv2: 0.5}")
+    bad = [name for name in cfg.mix if name not in REWARDS or name == "mix"]
+    if bad:
+        raise ValueError(f"reward.mix terms {bad} are not reward kinds; choose from "
+                         f"{sorted(k for k in REWARDS if k != 'mix')}")
+    return WeightedRewards({name: REWARDS[name](cfg, device, **kwargs) for name in cfg.mix}, cfg.mix)
+
+
+REWARDS = {"critic": _critic_reward, "brightness": _brightness_reward, "contrast": _contrast_reward,
+           **{kind: _standard_reward(kind) for kind in STANDARD_KINDS}, "mix": _mix_reward}
+
+
+def build_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False) -> RewardFn:
+    """The frozen reward, its weights in `dtype`, checkpointed in backward if asked (where it can be)."""
+    if cfg.kind not in REWARDS:
+        raise ValueError(f"unknown reward.kind {cfg.kind!r}; choose one of {sorted(REWARDS)}")
+    unused = sorted(set(cfg.standard) - set(STANDARD_KINDS))
+    if unused:
+        raise ValueError(f"reward.standard has unknown kinds {unused}; choose from {sorted(STANDARD_KINDS)}")
+    return REWARDS[cfg.kind](cfg, device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)

@@ -1,0 +1,80 @@
+"""Resumable checkpoints of both trainers, one layout: `<run>/checkpoints/update-NNNNNN/`.
+
+Inside: accelerate's `save_state` (prepared models and optimizers, registered schedulers and custom
+objects, the loss scaler, every process's RNG state), the trainer's own files (the critic, or the
+LoRA in diffusers format) and `state.json` (the update count and the loop position). `state.json`
+is written last and the folder appears by one rename, so a folder with it is complete.
+`--resume latest` picks the newest complete one; a run without any starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from runkit.files import replace_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "update-"
+
+
+def checkpoint_name(update: int) -> str:
+    return f"{PREFIX}{update:06d}"
+
+
+def checkpoint_dirs(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    found = [p for p in (Path(out) / "checkpoints").glob(PREFIX + "*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_checkpoint(out: str | os.PathLike, resume: str | None) -> Path | None:
+    """What `train.resume` names: None/"" (start fresh), "latest" (None if the run has none yet) or a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(out)
+        if not found:
+            logger.info("resume latest: no checkpoint under %s yet, starting fresh", Path(out) / "checkpoints")
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"resume {path}: not a complete checkpoint directory (no state.json); use "
+                                f"'latest' or a folder like <run>/checkpoints/{checkpoint_name(8)}")
+    return path
+
+
+def save_checkpoint(accelerator, out: str | os.PathLike, state: dict, keep: int,
+                    write_files: Callable[[Path], None] | None = None) -> Path:
+    """Every process calls this. `state["update"]` names the folder; `write_files(folder)` (main process)
+    adds the trainer's own files; the `keep` newest checkpoints stay (0 keeps all)."""
+    root = Path(out) / "checkpoints"
+    final = root / checkpoint_name(state["update"])
+    tmp = root / f".{final.name}.tmp"  # one name every process knows
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if write_files is not None:
+            write_files(tmp)
+        write_json(tmp / "state.json", state)
+        replace_dir(tmp, final)
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+    """Restore what save_state saved (same registration order as when saving); returns state.json."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / "state.json").read_text())
