@@ -18,7 +18,6 @@ upcasts because `load_state_dict` copies into the fp32 model). Deterministic fro
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -32,9 +31,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reward.model import CriticConfig, SocialReward, create_critic
+from runkit.files import write_json
 from toyworld.render import draw_look, sample_look
 from toyworld.world import (
-from runkit.files import write_json
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
