@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reward.model import CriticConfig, SocialReward, create_critic
+from toyworld.datasets import render_dataset
 from toyworld.render import draw_look, sample_look
 from toyworld.world import (
     ATTRIBUTES,
@@ -40,7 +41,6 @@ from toyworld.world import (
     SHAPES,
     SIZES,
     parse_prompt,
-    render_dataset,
     scene_to_prompt,
     split_prompts,
 )
