@@ -1,7 +1,8 @@
 """ReFL at real size, measured: seconds per update by phase, peak memory with and without gradient
 checkpointing, model-FLOP utilisation, and our sampling against a stock StableDiffusionPipeline.
 
-`run_benchmark(BenchConfig(...))` returns one JSON-able dict; `scripts/bench_refl.py` prints it and
+`run_benchmark(BenchConfig(...))` returns one JSON-able dict; `scripts/bench_refl.py` adds the
+comparison harness's best-of-N sampler (evaluation.harness.best_of_n_throughput), prints it and
 writes it under benchmarks/. On CUDA the default is the issue's setting: SD 1.5's architecture at
 512 px (random weights: speed does not depend on them), batch 8, 40 DDPM steps, bf16, LoRA r4, a
 ViT-L-14 critic. On a CPU it runs the toy preset so the script itself stays tested.
@@ -13,6 +14,7 @@ import logging
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -154,17 +156,6 @@ def stock_sampling_ratio(components, cfg: BenchConfig, prompts, device) -> dict:
             "ratio": min(times["ours"]) / min(times["stock"])}
 
 
-def best_of_n_throughput(components, cfg: BenchConfig, device) -> dict:
-    """The comparison harness's best-of-N sampler against stock `pipe(prompt=[p] * B)`, CFG 7.5, base."""
-    from refl.compare import CompareConfig, Sampler, measure_throughput
-
-    harness = CompareConfig(model=ModelConfig(name=cfg.model), n_samples=64, batch_size=cfg.best_of_batch,
-                            num_inference_steps=cfg.steps, guidance_scale=7.5, scheduler="ddim",
-                            device=str(device), dtype=cfg.dtype)
-    return measure_throughput(Sampler(harness, components), "a photo of an astronaut riding a horse",
-                              repeats=cfg.repeats)
-
-
 def peak_tflops(cfg: BenchConfig, device: torch.device) -> float | None:
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops
@@ -174,7 +165,11 @@ def peak_tflops(cfg: BenchConfig, device: torch.device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> dict:
+def run_benchmark(cfg: BenchConfig, device: torch.device | None = None,
+                  extras: dict[str, Callable[[object, BenchConfig, torch.device], dict]] | None = None) -> dict:
+    """Every measurement of the module docstring, as one dict. `extras`: further timings of the same loaded
+    components, `name -> fn(components, cfg, device)`, from layers above refl/ (scripts/bench_refl.py adds
+    the comparison harness's best-of-N sampler this way, since refl/ may not import evaluation/)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
@@ -193,6 +188,7 @@ def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     result["peak_tflops"] = peak
     result["model_flop_utilisation"] = flops / seconds / (peak * 1e12) if peak else None
     result["sampling_vs_stock_pipeline"] = stock_sampling_ratio(components, cfg, prompts, device)
-    result["best_of_n_vs_stock_pipeline"] = best_of_n_throughput(components, cfg, device)
+    for name, measure in (extras or {}).items():
+        result[name] = measure(components, cfg, device)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result

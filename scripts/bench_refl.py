@@ -1,5 +1,6 @@
 """ReFL at real size: seconds per update by phase, peak memory with and without checkpointing, MFU,
-and our sampling / best-of-N against a stock StableDiffusionPipeline (refl/bench.py).
+and our sampling / best-of-N against a stock StableDiffusionPipeline (refl/bench.py,
+evaluation/harness.py).
 
     python scripts/bench_refl.py                          # CUDA: SD 1.5 arch, 512 px, batch 8, 40 DDPM steps, bf16
     python scripts/bench_refl.py --set batch=4 --out benchmarks/refl_h100.json
@@ -15,6 +16,7 @@ import logging
 
 import torch
 
+from evaluation.harness import best_of_n_throughput
 from refl.bench import BenchConfig, run_benchmark
 from runkit.config import load_config
 from runkit.files import write_json
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # shared CPU cores: one thread avoids OpenMP spin-waits
-    result = run_benchmark(load_config(BenchConfig, None, args.overrides))
+    result = run_benchmark(load_config(BenchConfig, None, args.overrides),
+                           extras={"best_of_n_vs_stock_pipeline": best_of_n_throughput})
     print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)

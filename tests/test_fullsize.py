@@ -63,7 +63,7 @@ def test_sd15_vitl14_update_at_512px(method, extra, dtype):
 
 def test_every_shipped_config_loads_and_builds_its_architecture():
     import reward
-    from refl.compare import CompareConfig
+    from evaluation.config import CompareConfig
     from refl.train import ReflConfig
     from reward.train import RewardExperiment
     from runkit.config import load_config

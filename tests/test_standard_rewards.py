@@ -504,19 +504,20 @@ def test_validate_reward_with_two_standard_baselines_writes_the_table(weights, t
 def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     import json
 
-    from refl import compare as C
-    from refl.evaluators import create_evaluator
+    from evaluation import harness as H
+    from evaluation.config import CompareConfig
+    from reward.evaluators import create_evaluator
     from runkit.config import load_config
 
     (tmp_path / "prompts.txt").write_text("a red square\na green circle\n")
     hps, pick = weights["specs"]["hpsv2"], weights["specs"]["pickscore"]
-    cfg = load_config(C.CompareConfig, None, [
+    cfg = load_config(CompareConfig, None, [
         "model.name=tiny", f"prompts={tmp_path / 'prompts.txt'}", "n_samples=2", "batch_size=2",
         "num_inference_steps=2", "guidance_scale=1.0", "selector=tiny-clip", f"evaluators=['{hps}', '{pick}']",
         "bootstrap_resamples=50", "report_image_px=32", f"output_dir={tmp_path / 'run'}", "device=cpu"])
     old = torch.get_num_threads()
     try:
-        results = C.run_compare(cfg)
+        results = H.run_compare(cfg)
     finally:
         torch.set_num_threads(old)
     assert results["evaluators"] == ["critic:tiny-clip", hps, pick]
@@ -597,7 +598,7 @@ def test_openai_tags_get_quickgelu(monkeypatch):
 def test_shipped_standard_configs_load_and_their_specs_parse():
     from pathlib import Path
 
-    from refl.compare import CompareConfig
+    from evaluation.config import CompareConfig
     from refl.config import ReflConfig
     from refl.rewards import REWARDS
     from runkit.config import load_config

@@ -13,6 +13,7 @@ import pytest
 
 from toyworld.checker import check, prompt_fidelity, read_image
 from toyworld.community import CommunityConfig, build_pairs, build_pairs_with_stats
+from toyworld.datasets import render_dataset
 from toyworld.oracle import TERMS, oracle_score, oracle_terms
 from toyworld.render import Look, draw_look, render, render_candidates
 from toyworld.world import (
@@ -22,7 +23,6 @@ from toyworld.world import (
     Scene,
     all_scenes,
     parse_prompt,
-    render_dataset,
     sample_scene,
     scene_to_prompt,
     split_prompts,
@@ -262,7 +262,8 @@ def test_clip_pretraining_batches_hold_one_attribute_hard_negatives():
 
 def test_caption_set_feeds_the_refl_regulariser_loader(tmp_path):
     from refl.reg_pool import load_caption_images
-    from toyworld.world import parse_prompt, split_prompts, write_caption_set
+    from toyworld.datasets import write_caption_set
+    from toyworld.world import parse_prompt, split_prompts
 
     table = write_caption_set(tmp_path / "renders", n=6, seed=1)
     images, captions = load_caption_images(table, "image", "caption", size=32, limit=6, seed=0)

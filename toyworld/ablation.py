@@ -49,7 +49,8 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = None, n_prompts: int = 32,
                  n_samples: int = 16) -> dict:
     """Train and judge each variant under `demo_dir/ablation/`; finished variants are reused."""
-    from refl.compare import mean_ci, run_compare
+    from evaluation.harness import run_compare
+    from evaluation.stats import mean_ci
     from runkit.config import load_config
     from runkit.files import atomic_write_text, write_json
     from toyworld.demo import DemoConfig, compare_config, oracle_breakdown, stage_refl

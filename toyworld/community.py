@@ -26,8 +26,9 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from runkit.files import atomic_write_bytes, atomic_write_text
 from toyworld.checker import read_image, to_array
-from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, reading_terms
+from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_score, reading_terms
 from toyworld.render import render_candidates
 from toyworld.world import parse_prompt, split_prompts
 
@@ -96,7 +97,10 @@ def build_pairs(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: in
 
 def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: int,
                            out_dir: str | os.PathLike, config: CommunityConfig | None = None) -> PairsResult:
-    """`build_pairs`, returning the counts and the oracle agreement too (also written as pairs_summary.json)."""
+    """`build_pairs`, returning the counts and the oracle agreement too (also written as pairs_summary.json).
+
+    Measure every image once, let the users browse and remix, then pair remixed with seen-but-not-remixed
+    images; the last two steps draw from one generator in that order, so a seed fixes the pairs."""
     cfg = config or CommunityConfig()
     if n_users < 1:
         raise ValueError(f"n_users must be >= 1, got {n_users}")
@@ -108,7 +112,32 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
         raise ValueError("build_pairs() got no prompts")
     items = [list(images_by_prompt[p]) for p in prompts]
 
-    # The terms of every image, once: (n_images, n_terms); users only reweigh them.
+    terms, owner, index_in_prompt = _image_terms(prompts, items)  # (I, T), (I,), (I,)
+    starts = np.searchsorted(owner, np.arange(len(prompts)))  # first image of each prompt
+    seen, remixed = _browse_and_remix(terms, items, starts, n_users, cfg, rng)
+    chosen = _pick_pairs(items, starts, seen, remixed, cfg.max_pairs_per_prompt, rng)
+
+    paths = _PairImages(items, owner, index_in_prompt, out_dir)
+    rows = [{"prompt": prompts[k], "pos_path": paths(int(a)), "neg_path": paths(int(b))}
+            for k, combos in chosen for a, b in combos]
+    df = pd.DataFrame(rows, columns=["prompt", "pos_path", "neg_path"])
+    parquet = atomic_write_bytes(out_dir / PAIRS_FILE, lambda f: df.to_parquet(f, index=False))
+    pair_index = [(a, b) for _, combos in chosen for a, b in combos]
+    result = PairsResult(
+        parquet=parquet, n_pairs=len(df), n_prompts=len(chosen), n_images=len(terms),
+        n_remixed=int((remixed > 0).sum()), **_oracle_agreement(terms, pair_index),
+        config={"n_users": n_users, "seed": seed, **asdict(cfg)},
+    )
+    # Not write_json: a pair-less run's NaN agreement stays NaN, as the summary has always shown it.
+    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(result.summary(), indent=2))
+    logger.info("%d pairs from %d prompts (%d images, %d remixed); oracle agrees with %.1f%%",
+                result.n_pairs, result.n_prompts, result.n_images, result.n_remixed, 100 * result.oracle_agreement)
+    return result
+
+
+def _image_terms(prompts: list[str], items: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The oracle terms of every image, once (users only reweigh them): terms (I, T), and per image the
+    index of its prompt (I,) and its index among that prompt's images (I,)."""
     owner, index_in_prompt, term_rows = [], [], []
     for k, (prompt, imgs) in enumerate(tqdm(list(zip(prompts, items)), desc="oracle terms", leave=False)):
         scene = parse_prompt(prompt)
@@ -117,12 +146,18 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
             term_rows.append([t[name] for name in TERMS])
             owner.append(k)
             index_in_prompt.append(j)
-    terms = np.asarray(term_rows)  # (I, T)
-    owner_arr = np.asarray(owner)  # (I,)
-    starts = np.searchsorted(owner_arr, np.arange(len(prompts)))  # first image of each prompt
-    shared = np.array([DEFAULT_WEIGHTS[t] for t in TERMS])  # (T,)
-    oracle = terms @ shared / shared.sum()  # (I,) the shared taste
+    return np.asarray(term_rows), np.asarray(owner), np.asarray(index_in_prompt)
 
+
+def _shared_weights() -> np.ndarray:
+    return np.array([DEFAULT_WEIGHTS[t] for t in TERMS])  # (T,)
+
+
+def _browse_and_remix(terms: np.ndarray, items: list[list], starts: np.ndarray, n_users: int,
+                      cfg: CommunityConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each user, with their own weights on the shared taste, browses prompts and remixes the favourite
+    of the images shown (noisy judgement). Returns per image how often it was seen and remixed, (I,) each."""
+    shared = _shared_weights()  # (T,)
     seen = np.zeros(len(terms), dtype=np.int64)
     remixed = np.zeros(len(terms), dtype=np.int64)
     eligible = [k for k, imgs in enumerate(items) if len(imgs) >= 2]
@@ -136,62 +171,92 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
             seen[shown] += 1
             if rng.uniform() < cfg.remix_prob:
                 remixed[shown[int(np.argmax(utility))]] += 1
+    return seen, remixed
 
-    rows, agree, pair_index = [], [], []
-    written: dict[int, str] = {}
 
-    def rel_path(i: int) -> str:
-        # Paths inside the parquet are relative to its folder, so the dataset can be moved whole.
-        if i not in written:
-            item = items[owner[i]][index_in_prompt[i]]
-            if _is_path(item):
-                written[i] = os.path.relpath(Path(item).resolve(), out_dir.resolve())
-            else:
-                name = f"images/p{owner[i]:05d}_{index_in_prompt[i]:03d}.png"
-                (out_dir / "images").mkdir(exist_ok=True)
-                Image.fromarray(_as_uint8(item)).save(out_dir / name)
-                written[i] = name
-        return written[i]
-
-    n_prompts = 0
-    for k, prompt in enumerate(prompts):
+def _pick_pairs(items: list[list], starts: np.ndarray, seen: np.ndarray, remixed: np.ndarray,
+                max_per_prompt: int, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+    """(prompt index, (k, 2) image indices (positive, negative)) for every prompt with both a remixed image
+    and a seen-but-never-remixed one; at most `max_per_prompt` random pairs each."""
+    chosen = []
+    for k in range(len(items)):
         idx = starts[k] + np.arange(len(items[k]))  # (n,)
         pos = idx[remixed[idx] > 0]
         neg = idx[(remixed[idx] == 0) & (seen[idx] > 0)]
         if len(pos) == 0 or len(neg) == 0:
             continue
         combos = np.array([(a, b) for a in pos for b in neg])  # (n_pos * n_neg, 2)
-        if len(combos) > cfg.max_pairs_per_prompt:
-            combos = combos[rng.choice(len(combos), size=cfg.max_pairs_per_prompt, replace=False)]
-        n_prompts += 1
-        for a, b in combos:
-            rows.append({"prompt": prompt, "pos_path": rel_path(int(a)), "neg_path": rel_path(int(b))})
-            agree.append(1.0 if oracle[a] > oracle[b] else 0.5 if oracle[a] == oracle[b] else 0.0)
-            pair_index.append((a, b))
+        if len(combos) > max_per_prompt:
+            combos = combos[rng.choice(len(combos), size=max_per_prompt, replace=False)]
+        chosen.append((k, combos))
+    return chosen
 
-    df = pd.DataFrame(rows, columns=["prompt", "pos_path", "neg_path"])
-    parquet = out_dir / PAIRS_FILE
-    tmp = out_dir / (PAIRS_FILE + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, parquet)
-    agree_arr = np.asarray(agree)
+
+class _PairImages:
+    """Image index -> its path in the parquet, relative to the parquet's folder (so the data set can be
+    moved whole); arrays and PIL images are written as PNGs the first time a pair uses them."""
+
+    def __init__(self, items: list[list], owner: np.ndarray, index_in_prompt: np.ndarray, out_dir: Path):
+        self.items, self.owner, self.index_in_prompt, self.out_dir = items, owner, index_in_prompt, out_dir
+        self.written: dict[int, str] = {}
+
+    def __call__(self, i: int) -> str:
+        if i not in self.written:
+            k, j = self.owner[i], self.index_in_prompt[i]
+            item = self.items[k][j]
+            if _is_path(item):
+                self.written[i] = os.path.relpath(Path(item).resolve(), self.out_dir.resolve())
+            else:
+                name = f"images/p{k:05d}_{j:03d}.png"
+                (self.out_dir / "images").mkdir(exist_ok=True)
+                Image.fromarray(_as_uint8(item)).save(self.out_dir / name)
+                self.written[i] = name
+        return self.written[i]
+
+
+def _oracle_agreement(terms: np.ndarray, pair_index: list[tuple[int, int]]) -> dict:
+    """How much of the shared taste the pairs carry: the PairsResult fields oracle_agreement, oracle_ties
+    and term_agreement (ties count half)."""
+    shared = _shared_weights()
+    oracle = terms @ shared / shared.sum()  # (I,) the shared taste
+    agree = np.asarray([1.0 if oracle[a] > oracle[b] else 0.5 if oracle[a] == oracle[b] else 0.0
+                        for a, b in pair_index])
     term_agreement = {}
     if pair_index:
         pos, neg = np.asarray(pair_index).T  # (P,), (P,)
         better = np.sign(terms[pos] - terms[neg])  # (P, T): +1 positive better, 0 tie, -1 worse
         term_agreement = {t: float(((better[:, j] + 1) / 2).mean()) for j, t in enumerate(TERMS)}
-    result = PairsResult(
-        parquet=parquet, n_pairs=len(df), n_prompts=n_prompts, n_images=len(terms),
-        n_remixed=int((remixed > 0).sum()),
-        oracle_agreement=float(agree_arr.mean()) if len(agree_arr) else float("nan"),
-        oracle_ties=float((agree_arr == 0.5).mean()) if len(agree_arr) else float("nan"),
-        term_agreement=term_agreement,
-        config={"n_users": n_users, "seed": seed, **asdict(cfg)},
-    )
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2))
-    logger.info("%d pairs from %d prompts (%d images, %d remixed); oracle agrees with %.1f%%",
-                result.n_pairs, n_prompts, result.n_images, result.n_remixed, 100 * result.oracle_agreement)
-    return result
+    return {"oracle_agreement": float(agree.mean()) if len(agree) else float("nan"),
+            "oracle_ties": float((agree == 0.5).mean()) if len(agree) else float("nan"),
+            "term_agreement": term_agreement}
+
+
+def oracle_pair_rows(prompt: str, images: Sequence, paths: Sequence[str], min_gap: float = 0.02) -> list[dict]:
+    """Every pair of one prompt's images whose oracle scores differ by at least `min_gap`, better first, as
+    rows `prompt, pos_path, neg_path`: the truth a critic is measured against (no community noise)."""
+    scores = oracle_score(list(images), [prompt] * len(images))  # (n,)
+    rows = []
+    for a in range(len(paths)):
+        for b in range(a + 1, len(paths)):
+            if abs(scores[a] - scores[b]) < min_gap:
+                continue
+            pos, neg = (a, b) if scores[a] > scores[b] else (b, a)
+            rows.append({"prompt": prompt, "pos_path": paths[pos], "neg_path": paths[neg]})
+    return rows
+
+
+def write_oracle_pairs(images: np.ndarray, prompts: list[str], out: Path, min_gap: float = 0.02) -> Path:
+    """`oracle_pair_rows` of each prompt's images (P, n, H, W, 3), written as PNGs plus out/pairs.parquet."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, prompt in enumerate(prompts):
+        names = []
+        for j in range(images.shape[1]):
+            name = f"images/{k:04d}_{j:02d}.png"
+            Image.fromarray(images[k, j]).save(out / name)
+            names.append(name)
+        rows += oracle_pair_rows(prompt, images[k], names, min_gap)
+    return atomic_write_bytes(out / PAIRS_FILE, lambda f: pd.DataFrame(rows).to_parquet(f))
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from refl.compare import CompareConfig
+from evaluation.config import CompareConfig
 from refl.config import ReflConfig
 from refl.config import TrainConfig as ReflTrainConfig
 from refl.step import StepConfig
@@ -191,8 +191,7 @@ def enter_stage(out: Path, finished: Path, settings: dict, inputs: dict[str, str
 
 def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     """Generations for training prompts -> community pairs; held-out generations -> oracle pairs."""
-    from toyworld.community import build_pairs_with_stats
-    from toyworld.oracle import oracle_score
+    from toyworld.community import build_pairs_with_stats, write_oracle_pairs
     from toyworld.world import split_prompts
 
     summary_file = out / "community.json"
@@ -214,36 +213,11 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     held_chosen = held[: c.oracle_pair_prompts]
     held_images = _sample(components, held_chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
                           cfg.seed + 1)
-    oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs", oracle_score)
+    oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "generation_seconds": gen_seconds}
     write_json(summary_file, summary)
     return summary
-
-
-def write_oracle_pairs(images: np.ndarray, prompts: list[str], out: Path, oracle_score, min_gap: float = 0.02) -> Path:
-    """Every pair of one prompt's images whose oracle scores differ by at least `min_gap`, better first."""
-    import pandas as pd
-    from PIL import Image
-
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k, prompt in enumerate(prompts):
-        scores = oracle_score(list(images[k]), [prompt] * images.shape[1])  # (n,)
-        names = []
-        for j in range(images.shape[1]):
-            name = f"images/{k:04d}_{j:02d}.png"
-            Image.fromarray(images[k, j]).save(out / name)
-            names.append(name)
-        for a in range(len(names)):
-            for b in range(a + 1, len(names)):
-                if abs(scores[a] - scores[b]) < min_gap:
-                    continue
-                pos, neg = (a, b) if scores[a] > scores[b] else (b, a)
-                rows.append({"prompt": prompt, "pos_path": names[pos], "neg_path": names[neg]})
-    path = out / "pairs.parquet"
-    pd.DataFrame(rows).to_parquet(path)
-    return path
 
 
 def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardExperiment:
@@ -301,7 +275,7 @@ def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "prompts.txt", "\n".join(train_prompts) + "\n")
     if cfg.reg_renders:
-        from toyworld.world import write_caption_set
+        from toyworld.datasets import write_caption_set
 
         write_caption_set(out / "reg_renders", cfg.reg_renders, seed=cfg.seed + 3)
     return train(rcfg)
@@ -320,7 +294,7 @@ def compare_config(cfg: DemoConfig, critic: str, lora: str, prompts_file: Path, 
 
 def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path) -> tuple[dict, object]:
     """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and fidelity."""
-    from refl.compare import run_compare
+    from evaluation.harness import run_compare
     from toyworld.world import split_prompts
 
     held = split_prompts(seed=0)[1]
@@ -334,7 +308,8 @@ def oracle_breakdown(out: Path, results: dict) -> dict:
     """What each arm changed in the hidden taste, term by term: mean oracle term per held-out prompt for
     base (one sample), base best-of-N (the selector's pick) and ReFL (one sample), and the paired
     difference of the latter two from base with a 95% bootstrap interval over prompts."""
-    from refl.compare import best_of_n_indices, mean_ci, samples_path, scores_path
+    from evaluation.layout import samples_path, scores_path
+    from evaluation.stats import best_of_n_indices, mean_ci
     from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_terms
 
     n, m, selector = results["n_samples"], results["refl_samples"], results["selector"]
@@ -437,7 +412,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["compare"] = headline(results)
     summary["oracle_breakdown"] = oracle_breakdown(out, results)
     # One results.json holds every number the report shows: the harness's and the demo's own.
-    from refl.report import write_report
+    from evaluation.report import write_report
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
@@ -541,7 +516,7 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     from reward.evaluate import evaluate_pairs
     from reward.train import train
     from runkit.config import load_config, override
-    from toyworld.oracle import oracle_score
+    from toyworld.community import oracle_pair_rows
 
     cfg = load_config(DemoConfig, demo_dir / "demo_config.yaml")
     src = demo_dir / "community" / "train"
@@ -556,12 +531,7 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
         prompts.append(prompt)
     rows = []
     for prompt, (paths, arrays) in zip(prompts, images):
-        scores = oracle_score(arrays, [prompt] * len(arrays))
-        for a in range(len(paths)):
-            for b in range(a + 1, len(paths)):
-                if abs(scores[a] - scores[b]) >= 0.02:  # the same gap as the held-out oracle pairs
-                    pos, neg = (a, b) if scores[a] > scores[b] else (b, a)
-                    rows.append({"prompt": prompt, "pos_path": paths[pos], "neg_path": paths[neg]})
+        rows += oracle_pair_rows(prompt, arrays, paths)  # the same gap as the held-out oracle pairs
     pairs = src / "oracle_labelled_pairs.parquet"
     pd.DataFrame(rows).to_parquet(pairs)
     out = demo_dir / "critic_ceiling"

@@ -1,4 +1,5 @@
-"""The toy world's evaluators for the comparison harness (refl/evaluators.py registers them lazily):
+"""The toy world's evaluators for the comparison harness, declared as entry points (group
+`social_refl.evaluators` in pyproject.toml; reward/evaluators.py imports them only when a spec names them):
 `oracle:` is the community's hidden taste, `fidelity:` whether shape, colour and background match
 the prompt. Both read uint8 (N, H, W, 3) images and return (N,) scores."""
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from reward.model import CriticConfig, SocialReward, create_critic
 from runkit.files import write_json
+from toyworld.datasets import render_dataset
 from toyworld.render import draw_look, sample_look
 from toyworld.world import (
     ATTRIBUTES,
@@ -41,7 +42,6 @@ from toyworld.world import (
     SHAPES,
     SIZES,
     parse_prompt,
-    render_dataset,
     scene_to_prompt,
     split_prompts,
 )

@@ -167,7 +167,8 @@ def sample_images(components, prompts: list[str], steps: int, guidance: float, s
 
 def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     from toyworld.checker import prompt_fidelity
-    from toyworld.world import render_dataset, split_prompts
+    from toyworld.datasets import render_dataset
+    from toyworld.world import split_prompts
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -115,7 +115,7 @@ def draw_look(shape: str, look: Look, rng: np.random.Generator, size: int = 32) 
 
 
 def render_array(scene: Scene, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """One plain render as (size, size, 3) uint8 (the fast path behind `render_dataset`)."""
+    """One plain render as (size, size, 3) uint8 (the fast path behind `datasets.render_dataset`)."""
     return draw_look(scene.shape, sample_look(scene, rng), rng, size)
 
 

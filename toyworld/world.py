@@ -12,14 +12,10 @@ Nothing here imports torch: the world, the renderer, the checker and the oracle 
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-from runkit.files import atomic_write_bytes
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
@@ -165,42 +161,3 @@ def split_prompts(seed: int = 0, heldout_fraction: float = 0.1) -> tuple[list[st
     held = sorted(prompts[i] for i in order[:n_held])
     train = sorted(prompts[i] for i in order[n_held:])
     return train, held
-
-
-def render_dataset(n: int, seed: int = 0, split: str = "train", size: int = 32,
-                   split_seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """`n` renders of prompts drawn uniformly from one split: (images (n, size, size, 3) uint8, prompts)."""
-    from toyworld.render import render_array  # local: render imports world
-
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
-    train, held = split_prompts(split_seed)
-    pool = {"train": train, "heldout": held, "all": train + held}[split]
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(pool), size=n)
-    prompts = [pool[i] for i in picks]
-    images = np.empty((n, size, size, 3), dtype=np.uint8)  # (n, H, W, 3)
-    for i, prompt in enumerate(prompts):
-        images[i] = render_array(parse_prompt(prompt), rng, size)
-    return images, prompts
-
-
-def write_caption_set(out_dir: str | os.PathLike, n: int, seed: int = 0, split: str = "train",
-                      size: int = 32) -> Path:
-    """The world's pre-training data as an image-caption table: `n` renders as PNGs plus
-    `out_dir/captions.parquet` (`image` paths relative to it, `caption`). ReFL's denoising
-    regulariser reads it through `data.reg_images`. Returns the parquet's path."""
-    import pandas as pd
-    from PIL import Image
-
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    images, prompts = render_dataset(n, seed=seed, split=split, size=size)
-    rows = []
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        name = f"images/{i:05d}.png"
-        Image.fromarray(image).save(out / name)
-        rows.append({"image": name, "caption": prompt})
-    table = out / "captions.parquet"
-    atomic_write_bytes(table, lambda f: pd.DataFrame(rows).to_parquet(f, index=False))
-    return table

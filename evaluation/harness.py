@@ -13,10 +13,11 @@ seeds, and optionally best-of-n on top of it. Arms (rows of the report):
 Every arm is scored by every evaluator (the selector is always one of them: selecting on a critic
 inflates that critic, exactly as fine-tuning on it does, so the other evaluators are the honest ones).
 
-Output folder: `samples/{base,refl}/PPPP.npz` (uint8 images + seeds, written once, never redrawn),
-`scores/{base,refl}/PPPP.json` (per-image scores per evaluator, cached), `throughput.json`,
-`results.json` (every number) and `report.html` (see refl/report.py). A rerun reuses everything on
-disk, so an interrupted run resumes where it stopped and the numbers of a finished run reproduce.
+Output folder (evaluation/layout.py): `samples/{base,refl}/PPPP.npz` (uint8 images + seeds, written
+once, never redrawn), `scores/{base,refl}/PPPP.json` (per-image scores per evaluator, cached),
+`throughput.json`, `results.json` (every number, evaluation/stats.py) and `report.html`
+(evaluation/report.py). A rerun reuses everything on disk, so an interrupted run resumes where it
+stopped and the numbers of a finished run reproduce.
 
 Seeds: sample i of prompt p uses `seed + SEED_STRIDE * p + i`, each with its own CPU `torch.Generator`,
 so sample i is the same whatever the batch size (up to float rounding of batched kernels: at most 1
@@ -27,109 +28,27 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from evaluation.config import CompareConfig
+from evaluation.layout import ARMS, samples_path, scores_path
+from evaluation.report import write_report
+from evaluation.stats import compute_statistics, pairwise_diversity
 from refl.components import DTYPES, ModelConfig
-from refl.evaluators import CriticEvaluator, create_evaluator
 from refl.prompts import read_prompt_file
 from refl.sampling import sample, seed_generators
-from reward.stats import bootstrap_ci
+from reward.evaluators import CriticEvaluator, create_evaluator
 from runkit.config import save_config, to_dict
 from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
 
 logger = logging.getLogger(__name__)
 
 SEED_STRIDE = 100_003  # per-prompt seed offset; larger than any sensible N, so no two samples share a seed
-ARMS = ("base", "refl")  # sample sets on disk: the untuned model and base + LoRA
-
-
-@dataclass
-class CompareConfig:
-    # The base Stable Diffusion: preset ("toy", "tiny"), diffusers directory, or cached model id.
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="toy"))
-    # ReFL LoRA directory in diffusers format (refl training writes <output_dir>/lora); "" = base arms only.
-    lora: str = ""
-    # Multiplier of the LoRA update when sampling the tuned model (1 = as trained).
-    lora_scale: float = 1.0
-    # Held-out prompts: a .txt file (one per line) or a .parquet/.csv file with a `prompt_column`.
-    prompts: str = "configs/prompts_toy_heldout.txt"
-    # Column holding the prompts in a parquet/csv file.
-    prompt_column: str = "prompt"
-    # Use only the first this many prompts (0 = all of them).
-    max_prompts: int = 0
-    # N: base samples per prompt; best-of-n is reported for n = 1, 2, 4, ..., N.
-    n_samples: int = 64
-    # Tuned samples per prompt (same seeds as base samples 0..M-1); 0 = n_samples.
-    refl_samples: int = 0
-    # Images per sampler call (per device); results do not depend on it.
-    batch_size: int = 16
-    # Sampler steps per image.
-    num_inference_steps: int = 50
-    # Classifier-free guidance scale; <= 1 disables CFG (then one UNet call per step instead of two).
-    guidance_scale: float = 7.5
-    # Sampling scheduler: "ddim" (deterministic with eta 0) or "ddpm" (see refl.sampling.SCHEDULERS).
-    scheduler: str = "ddim"
-    # DDIM eta (0 = deterministic given the initial noise); ignored by other schedulers.
-    eta: float = 0.0
-    # Base of the per-sample seeds (sample i of prompt p uses seed + 100003 * p + i).
-    seed: int = 0
-    # The critic best-of-N selects with: a critic directory or an open_clip name (`name:pretrained`).
-    selector: str = "toy-clip"
-    # Further evaluators as specs (refl.evaluators): "critic:DIR", "clip:ViT-L-14:openai", plug-ins
-    # such as the toy world's "oracle:" once registered. The selector is always evaluated too.
-    evaluators: list[str] = field(default_factory=list)
-    # Also report best-of-n on top of the tuned model (needs refl_samples >= 2).
-    tuned_best_of: bool = True
-    # Run folder: samples/, scores/, results.json, report.html.
-    output_dir: str = "runs/compare"
-    # "cuda", "cpu", ...; "" = cuda when available.
-    device: str = ""
-    # Weights and activations while sampling: fp32, fp16 or bf16 (fp16 needs a GPU).
-    dtype: str = "fp32"
-    # Time best-of-N sampling against a stock StableDiffusionPipeline call (cached in throughput.json).
-    benchmark_throughput: bool = True
-    # Timed calls of each kind, alternating; the fastest of each counts (shared machines are noisy).
-    throughput_repeats: int = 3
-    # Bootstrap resamples for the 95% intervals (resampling prompts).
-    bootstrap_resamples: int = 2000
-    # Prompts shown as image grids in report.html (the first ones; the tables use all prompts).
-    report_prompts: int = 24
-    # Side in pixels of images in the report (small images are upscaled with NEAREST).
-    report_image_px: int = 128
-
-    def __post_init__(self):
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.refl_samples < 0 or self.refl_samples > self.n_samples:
-            raise ValueError(f"refl_samples must be in [0, n_samples={self.n_samples}], got {self.refl_samples}")
-
-    @property
-    def n_refl(self) -> int:
-        return self.refl_samples or self.n_samples
-
-    @property
-    def cfg_factor(self) -> int:
-        """UNet evaluations per step: 2 with classifier-free guidance (uncond + cond), else 1."""
-        return 2 if self.guidance_scale > 1.0 else 1
-
-    @property
-    def selector_spec(self) -> str:
-        return f"critic:{self.selector}"
-
-    def evaluator_specs(self) -> list[str]:
-        """The selector first, then the other evaluators, without duplicates."""
-        return list(dict.fromkeys([self.selector_spec, *self.evaluators]))
 
 
 # ----------------------------------------------------------------------------- inputs and files
@@ -152,14 +71,6 @@ def arm_fingerprint(cfg: CompareConfig, arm: str) -> str:
     if arm == "refl":
         keys.update(lora=content_hash(cfg.lora), lora_scale=cfg.lora_scale)
     return json.dumps(keys, sort_keys=True)
-
-
-def samples_path(out: Path, arm: str, prompt_index: int) -> Path:
-    return out / "samples" / arm / f"{prompt_index:04d}.npz"
-
-
-def scores_path(out: Path, arm: str, prompt_index: int) -> Path:
-    return out / "scores" / arm / f"{prompt_index:04d}.json"
 
 
 def load_samples(path: Path, fingerprint: str, seeds: np.ndarray) -> dict | None:
@@ -289,132 +200,14 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- statistics
-def best_of_n_indices(selector_scores: np.ndarray, n: int) -> np.ndarray:
-    """(P, N) selector scores -> (P,) index of the best among the FIRST n samples (first one on ties)."""
-    if not 1 <= n <= selector_scores.shape[1]:
-        raise ValueError(f"n must be in [1, {selector_scores.shape[1]}], got {n}")
-    return np.argmax(selector_scores[:, :n], axis=1)
-
-
-def n_grid(n_max: int) -> list[int]:
-    """1, 2, 4, ... up to n_max, with n_max itself appended when it is not a power of two."""
-    grid = [2**k for k in range(int(math.log2(n_max)) + 1)]
-    return grid if grid[-1] == n_max else [*grid, n_max]
-
-
-def mean_ci(values, n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Mean over prompts and its 95% percentile-bootstrap interval (resampling prompts)."""
-    values = np.asarray(values, dtype=np.float64)
-    lo, hi = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
-    return {"mean": float(values.mean()), "ci95": [lo, hi], "n": int(values.size)}
-
-
-def win_shares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per prompt, the share of comparisons a wins (ties count half). a, b: (P,) or (P, k), broadcast."""
-    a, b = np.broadcast_arrays(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
-    outcome = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
-    return outcome.reshape(outcome.shape[0], -1).mean(axis=1)  # (P,)
-
-
-def pairwise_diversity(embeddings: torch.Tensor) -> float:
-    """Mean over pairs i != j of 1 - cos(e_i, e_j) for normalised embeddings (n, D)."""
-    n = embeddings.shape[0]
-    if n < 2:
-        return float("nan")
-    e = embeddings.double()
-    sim = e @ e.T  # (n, n)
-    return float((1.0 - (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item())
-
-
-def compute_statistics(cfg: CompareConfig, prompts: list[str], scores: dict[str, dict[str, np.ndarray]],
-                       diversity: dict[str, np.ndarray], seconds: dict[str, float]) -> dict:
-    """Every number of results.json from per-image scores.
-
-    scores[arm][spec]: (P, n_arm) per-image scores; diversity[arm]: (P,); seconds: per-image sampling
-    seconds per arm and selector seconds per image ("selector").
-    """
-    boot = {"n_resamples": cfg.bootstrap_resamples}
-    sel = cfg.selector_spec
-    specs = cfg.evaluator_specs()
-    steps_cost = cfg.num_inference_steps * cfg.cfg_factor  # UNet evaluations per image
-    arms: dict[str, dict] = {}
-
-    def add_arm(name, model, n, per_prompt, chosen=None):
-        selection = chosen is not None and n > 1  # best-of-n with n > 1 also pays for scoring its n samples
-        arms[name] = {
-            "model": model, "n": n,
-            "unet_evals_per_prompt": n * steps_cost,
-            "seconds_per_prompt": n * seconds[model] + (n * seconds["selector"] if selection else 0.0),
-            "scores": {s: mean_ci(v, **boot) for s, v in per_prompt.items()},
-            "per_prompt": {s: v.tolist() for s, v in per_prompt.items()},
-        }
-        if chosen is not None:
-            arms[name]["chosen_index"] = chosen.tolist()
-
-    models = ["base", "refl"] if "refl" in scores else ["base"]
-    curves: dict[str, list[int]] = {}
-    for model in models:
-        s_model = scores[model]
-        add_arm(f"{model}_random", model, 1, {s: s_model[s].mean(axis=1) for s in specs})
-        if model == "refl" and not cfg.tuned_best_of:
-            continue
-        n_max = s_model[sel].shape[1]
-        curves[model] = n_grid(n_max)
-        for n in curves[model]:
-            idx = best_of_n_indices(s_model[sel], n)  # (P,)
-            rows = np.arange(len(idx))
-            add_arm(f"{model}_best_of_{n}", model, n, {s: s_model[s][rows, idx] for s in specs}, chosen=idx)
-
-    n_base = cfg.n_samples
-    best_base = f"base_best_of_{n_base}"
-    base_std = {s: float(np.sqrt(np.mean(scores["base"][s].var(axis=1, ddof=1)))) if n_base > 1 else float("nan")
-                for s in specs}  # within-prompt spread: what selection among one prompt's samples acts on
-    inflation = {}
-    for s in specs:
-        gain = arms[best_base]["scores"][s]["mean"] - arms["base_random"]["scores"][s]["mean"]
-        inflation[s] = {"gain": gain, "std_within_prompt": base_std[s],
-                        "standardised_gain": gain / base_std[s] if base_std[s] > 0 else float("nan")}
-        if "refl" in scores:
-            g = arms["refl_random"]["scores"][s]["mean"] - arms["base_random"]["scores"][s]["mean"]
-            inflation[s]["refl_gain"] = g
-            inflation[s]["refl_standardised_gain"] = g / base_std[s] if base_std[s] > 0 else float("nan")
-    sel_gain = inflation[sel]["standardised_gain"]
-    for s in specs:
-        inflation[s]["selector_minus_evaluator"] = sel_gain - inflation[s]["standardised_gain"]
-
-    win_rates: dict[str, dict] = {}
-    if "refl" in scores:
-        m = scores["refl"][sel].shape[1]
-        refl_best = f"refl_best_of_{m}" if cfg.tuned_best_of else None
-        for s in specs:
-            base_all, refl_all = scores["base"][s], scores["refl"][s]  # (P, N), (P, M)
-            best_b = np.asarray(arms[best_base]["per_prompt"][s])[:, None]  # (P, 1)
-            pairs = {
-                # same seeds: refl sample i against base sample i
-                "refl_random_vs_base_random": win_shares(refl_all, base_all[:, :m]),
-                f"refl_random_vs_{best_base}": win_shares(refl_all, best_b),
-            }
-            if refl_best:
-                best_r = np.asarray(arms[refl_best]["per_prompt"][s])[:, None]  # (P, 1)
-                pairs[f"{refl_best}_vs_base_random"] = win_shares(best_r, base_all)
-                pairs[f"{refl_best}_vs_{best_base}"] = win_shares(best_r, best_b)
-            win_rates[s] = {k: mean_ci(v, **boot) for k, v in pairs.items()}
-
-    return {
-        "prompts": prompts,
-        "selector": sel,
-        "evaluators": specs,
-        "n_samples": n_base,
-        "refl_samples": cfg.n_refl if "refl" in scores else 0,
-        "n_grid": curves,
-        "unet_evals_per_image": steps_cost,
-        "seconds_per_image": seconds,
-        "arms": arms,
-        "win_rates": win_rates,
-        "inflation": inflation,
-        "diversity": {m: mean_ci(d[~np.isnan(d)], **boot) | {"per_prompt": d.tolist()} for m, d in diversity.items()},
-    }
+def best_of_n_throughput(components, cfg, device) -> dict:
+    """The harness's best-of-N sampler against stock `pipe(prompt=[p] * B)`, CFG 7.5, base model, for the
+    ReFL benchmark (refl.bench.run_benchmark's `extras`; cfg is its BenchConfig)."""
+    harness = CompareConfig(model=ModelConfig(name=cfg.model), n_samples=64, batch_size=cfg.best_of_batch,
+                            num_inference_steps=cfg.steps, guidance_scale=7.5, scheduler="ddim",
+                            device=str(device), dtype=cfg.dtype)
+    return measure_throughput(Sampler(harness, components), "a photo of an astronaut riding a horse",
+                              repeats=cfg.repeats)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -429,6 +222,19 @@ class _Lazy:
             self.sampler = Sampler(self.cfg, self.components)
             self.components = None
         return self.sampler
+
+
+def _samples_for(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str, arm: str,
+                 lazy: _Lazy) -> tuple[dict, int]:
+    """One prompt's samples of one arm from the cache file, or drawn and stored; and how many were drawn."""
+    stored = load_samples(path, fingerprint, seeds)
+    if stored is not None:
+        return stored, 0
+    sampler = lazy.get()
+    sampler.set_arm(arm)
+    images, secs = sampler.timed_sample(prompt, seeds)
+    save_samples(path, images, seeds, prompt, fingerprint, secs)
+    return {"images": images, "seeds": seeds, "seconds": secs}, len(seeds)
 
 
 def _scores_for(path: Path, fingerprint: str, images: np.ndarray, prompt: str, evaluators: dict,
@@ -466,8 +272,6 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     report.html into cfg.output_dir; returns the results. `components` (optional) replaces loading."""
     from tqdm.auto import tqdm
 
-    from refl.report import write_report
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -494,15 +298,8 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
         for model in models:
             seeds = sample_seeds(cfg, p, counts[model])
             fp = arm_fingerprint(cfg, model)
-            path = samples_path(out, model, p)
-            stored = load_samples(path, fp, seeds)
-            if stored is None:
-                sampler = lazy.get()
-                sampler.set_arm(model)
-                images, secs = sampler.timed_sample(prompt, seeds)
-                save_samples(path, images, seeds, prompt, fp, secs)
-                stored = {"images": images, "seeds": seeds, "seconds": secs}
-                drawn[model] += len(seeds)
+            stored, new = _samples_for(samples_path(out, model, p), fp, seeds, prompt, model, lazy)
+            drawn[model] += new
             cached = _scores_for(scores_path(out, model, p), fp, stored["images"], prompt,
                                  evaluators, selector)
             for s in specs:

@@ -1,4 +1,4 @@
-"""Best-of-N vs ReFL harness on tiny components: selection, statistics, report, resume, seeds."""
+"""Best-of-N vs ReFL (evaluation/) on tiny components: selection, statistics, report, resume, seeds, CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from refl import compare as C
-from refl.evaluators import EVALUATORS, create_evaluator, register_evaluator
+from evaluation import harness as H
+from evaluation import stats as S
+from evaluation.config import CompareConfig
+from reward.evaluators import register_evaluator
 from runkit.config import load_config
 
 PROMPTS = ["a red square", "a blue circle on a green background", "a yellow triangle at the top"]
@@ -55,15 +57,15 @@ def world(tmp_path_factory, single_thread):
     return {"root": root, "overrides": overrides}
 
 
-def _cfg(world, out, *extra) -> C.CompareConfig:
-    return load_config(C.CompareConfig, None, [*world["overrides"], f"output_dir={out}", *extra])
+def _cfg(world, out, *extra) -> CompareConfig:
+    return load_config(CompareConfig, None, [*world["overrides"], f"output_dir={out}", *extra])
 
 
 @pytest.fixture(scope="module")
 def run(world):
     out = world["root"] / "run"
     cfg = _cfg(world, out)
-    return {"cfg": cfg, "out": out, "results": C.run_compare(cfg)}
+    return {"cfg": cfg, "out": out, "results": H.run_compare(cfg)}
 
 
 # ----------------------------------------------------------------------------- selection
@@ -129,7 +131,7 @@ def test_mean_ci_contains_mean_and_shrinks_with_more_prompts():
     widths = []
     for n_prompts in (10, 40, 160):
         values = rng.normal(1.0, 1.0, size=n_prompts)
-        ci = C.mean_ci(values, n_resamples=1000)
+        ci = S.mean_ci(values, n_resamples=1000)
         assert ci["ci95"][0] <= ci["mean"] <= ci["ci95"][1]
         assert ci["mean"] == pytest.approx(values.mean())
         widths.append(ci["ci95"][1] - ci["ci95"][0])
@@ -139,16 +141,16 @@ def test_mean_ci_contains_mean_and_shrinks_with_more_prompts():
 def test_win_shares_ties_half_and_best_of_indices():
     a = np.array([[1.0, 2.0], [0.0, 0.0]])
     b = np.array([[1.0, 1.0], [1.0, 0.0]])
-    np.testing.assert_allclose(C.win_shares(a, b), [0.75, 0.25])
-    np.testing.assert_allclose(C.win_shares(np.array([3.0, 0.0]), np.array([3.0, 1.0])), [0.5, 0.0])
+    np.testing.assert_allclose(S.win_shares(a, b), [0.75, 0.25])
+    np.testing.assert_allclose(S.win_shares(np.array([3.0, 0.0]), np.array([3.0, 1.0])), [0.5, 0.0])
     s = np.array([[0.1, 0.5, 0.5, 0.9], [0.3, 0.2, 0.1, 0.0]])
-    assert C.best_of_n_indices(s, 1).tolist() == [0, 0]
-    assert C.best_of_n_indices(s, 3).tolist() == [1, 0]  # first of tied maxima
-    assert C.best_of_n_indices(s, 4).tolist() == [3, 0]
-    assert C.n_grid(8) == [1, 2, 4, 8] and C.n_grid(6) == [1, 2, 4, 6] and C.n_grid(1) == [1]
+    assert S.best_of_n_indices(s, 1).tolist() == [0, 0]
+    assert S.best_of_n_indices(s, 3).tolist() == [1, 0]  # first of tied maxima
+    assert S.best_of_n_indices(s, 4).tolist() == [3, 0]
+    assert S.n_grid(8) == [1, 2, 4, 8] and S.n_grid(6) == [1, 2, 4, 6] and S.n_grid(1) == [1]
     e = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    assert C.pairwise_diversity(e[:1].repeat(4, 1)) == pytest.approx(0.0, abs=1e-6)
-    assert 0 < C.pairwise_diversity(e) < 2
+    assert S.pairwise_diversity(e[:1].repeat(4, 1)) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < S.pairwise_diversity(e) < 2
 
 
 # ----------------------------------------------------------------------------- report
@@ -181,19 +183,19 @@ def test_report_html_parses_and_images_exist(run):
 # ----------------------------------------------------------------------------- resume and seeds
 def test_interrupted_run_resumes_without_redrawing(world, run, monkeypatch):
     out = world["root"] / "resume"
-    first = C.run_compare(_cfg(world, out, "max_prompts=2"))  # a run stopped after two prompts
+    first = H.run_compare(_cfg(world, out, "max_prompts=2"))  # a run stopped after two prompts
     assert len(first["prompts"]) == 2
     files = sorted((out / "samples").rglob("*.npz"))
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     drawn = []
-    original = C.Sampler.sample
+    original = H.Sampler.sample
 
     def counting(self, prompt, seeds, batch_size=None):
         drawn.append((prompt, len(seeds)))
         return original(self, prompt, seeds, batch_size)
 
-    monkeypatch.setattr(C.Sampler, "sample", counting)
-    full = C.run_compare(_cfg(world, out))
+    monkeypatch.setattr(H.Sampler, "sample", counting)
+    full = H.run_compare(_cfg(world, out))
     assert drawn == [(PROMPTS[2], N), (PROMPTS[2], N)]  # only the missing prompt, base and refl
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
     # same seeds, same samples as the uninterrupted run
@@ -209,8 +211,8 @@ def test_interrupted_run_resumes_without_redrawing(world, run, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the rerun built a sampler")
 
-    monkeypatch.setattr(C.Sampler, "__init__", refuse)
-    again = C.run_compare(_cfg(world, out))
+    monkeypatch.setattr(H.Sampler, "__init__", refuse)
+    again = H.run_compare(_cfg(world, out))
     assert {f: f.stat().st_mtime_ns for f in (out / "samples").rglob("*.npz")} == all_mtimes
     assert json.loads(json.dumps(again)) == json.loads((out / "results.json").read_text())
     full_j, again_j = json.loads(json.dumps(full)), json.loads(json.dumps(again))
@@ -231,16 +233,16 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     reward.create_critic(model_name="tiny-clip").save_pretrained(critic)
     cfg = _cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2", f"selector={critic}",
                "evaluators=['brightness:']", "benchmark_throughput=false")
-    first = C.run_compare(cfg)
+    first = H.run_compare(cfg)
     drawn = []
-    original = C.Sampler.sample
+    original = H.Sampler.sample
 
     def counting(self, prompt, seeds, batch_size=None):
         drawn.append(self.arm)
         return original(self, prompt, seeds, batch_size)
 
-    monkeypatch.setattr(C.Sampler, "sample", counting)
-    C.run_compare(cfg)
+    monkeypatch.setattr(H.Sampler, "sample", counting)
+    H.run_compare(cfg)
     assert drawn == []  # same files, same settings: everything reused
 
     weights = lora / "pytorch_lora_weights.safetensors"
@@ -248,7 +250,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     save_file({k: v + 0.5 if "lora_B" in k else v for k, v in state.items()}, weights)  # "retrained"
     torch.manual_seed(1)
     reward.create_critic(model_name="tiny-clip").save_pretrained(critic)
-    second = C.run_compare(cfg)
+    second = H.run_compare(cfg)
     assert drawn == ["refl"]  # the base model did not change; the LoRA did
     sel = f"critic:{critic}"
     base_first, base_second = (np.asarray(r["arms"]["base_random"]["per_prompt"][sel]) for r in (first, second))
@@ -257,7 +259,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
                        second["arms"]["base_random"]["per_prompt"]["brightness:"])
 
     drawn.clear()
-    C.run_compare(_cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2",
+    H.run_compare(_cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2",
                        f"selector={critic}", "evaluators=['brightness:']", "benchmark_throughput=false",
                        "num_inference_steps=5"))
     assert drawn == ["base", "refl"]  # other settings: both arms drawn again in place
@@ -265,7 +267,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
 
 def test_sample_identical_across_batch_sizes(world, single_thread):
     cfg = _cfg(world, world["root"] / "unused", "lora=''")
-    sampler = C.Sampler(cfg)
+    sampler = H.Sampler(cfg)
     seeds = np.arange(100, 106)
     whole = sampler.sample(PROMPTS[0], seeds, batch_size=6)  # (6, 16, 16, 3)
     pairs = sampler.sample(PROMPTS[0], seeds, batch_size=4)
@@ -278,30 +280,14 @@ def test_sample_identical_across_batch_sizes(world, single_thread):
     assert np.abs(whole.astype(int) - other).max() > 10  # the seeds do matter
 
 
-# ----------------------------------------------------------------------------- registry and CLI
-def test_evaluator_registry_fails_loudly_and_is_lazy():
-    with pytest.raises(ValueError, match="registered kinds: .*clip.*critic"):
-        create_evaluator("oracle-typo:x")
-    register_evaluator("later", "social_refl_no_such_module:make")  # registering imports nothing
-    try:
-        with pytest.raises(ImportError, match="social_refl_no_such_module"):
-            create_evaluator("later:")
-    finally:
-        EVALUATORS.pop("later")
-    with pytest.raises(ValueError, match="already registered"):
-        register_evaluator("critic", _brightness_factory)
-    ev = create_evaluator("brightness:x")
-    assert ev.name == "brightness:x"
-    np.testing.assert_allclose(ev(np.full((2, 4, 4, 3), 255, np.uint8), ["a", "b"]), [1.0, 1.0])
-
-
+# ----------------------------------------------------------------------------- CLI
 def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
     from scripts.compare import main
 
     for name in ("compare_toy.yaml", "compare_sd15.yaml"):
-        cfg = load_config(C.CompareConfig, Path("configs") / name)
+        cfg = load_config(CompareConfig, Path("configs") / name)
         assert cfg.n_samples == 64 and cfg.lora and cfg.selector
-    sd15 = load_config(C.CompareConfig, Path("configs/compare_sd15.yaml"))
+    sd15 = load_config(CompareConfig, Path("configs/compare_sd15.yaml"))
     assert (sd15.num_inference_steps, sd15.guidance_scale, sd15.scheduler) == (50, 7.5, "ddim")
     args = ["--config", "configs/compare_toy.yaml"]
     for o in [*world["overrides"], f"output_dir={run['out']}"]:
@@ -313,7 +299,7 @@ def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
 
 
 def test_bf16_harness_with_a_lora(world, tmp_path):
-    results = C.run_compare(_cfg(world, tmp_path / "bf16", "dtype=bf16", "max_prompts=1", "n_samples=2",
+    results = H.run_compare(_cfg(world, tmp_path / "bf16", "dtype=bf16", "max_prompts=1", "n_samples=2",
                                  "benchmark_throughput=false"))
     assert set(results["arms"]) >= {"base_random", "refl_random", "base_best_of_2"}
     assert all(np.isfinite(v["mean"]) for arm in results["arms"].values() for v in arm["scores"].values())

@@ -1,4 +1,4 @@
-"""Evaluators for the comparison harness: one interface, created from spec strings.
+"""Evaluators: one interface for scoring stored images, created from spec strings.
 
 An evaluator is a callable `(images, prompts) -> np.ndarray` of shape (N,), higher = better, where
 `images` is a uint8 array (N, H, W, 3) (the format samples are stored in) and `prompts` a list of N
@@ -11,14 +11,23 @@ strings. Specs are `kind:argument` strings resolved through the `EVALUATORS` reg
                          the standard reward models (reward/standard.py; PATH may be a hub id), each
                          with its upstream preprocessing applied to the stored images.
 
-Other packages add kinds with `register_evaluator(kind, factory)`; the factory is called only when a
-spec of that kind is created, and may be given as a `"module:function"` string so that registering
-imports nothing (the toy world registers `oracle` and `fidelity` this way).
+The registry lives here, below refl/, so that training and the comparison harness (evaluation/) can
+both use it; it names no package above reward/. Other packages add kinds in two ways:
+
+- at run time, `register_evaluator(kind, factory)`;
+- declaratively, as a Python entry point in the group `social_refl.evaluators` (`kind =
+  "module:function"`), looked up the first time a spec names a kind that is not registered. The
+  toy world declares `oracle` and `fidelity` this way in pyproject.toml (they exist once the package
+  is installed, `pip install -e .`).
+
+A factory is called only when a spec of its kind is created, and may be given as a
+`"module:function"` string, so that registering imports nothing.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +40,8 @@ from reward.standard import STANDARD_KINDS
 from runkit.files import content_hash
 
 STANDARD_KIND_NAMES = tuple(STANDARD_KINDS)
+# Entry-point group through which installed packages declare evaluator kinds.
+ENTRY_POINT_GROUP = "social_refl.evaluators"
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +144,6 @@ def _clip_factory(argument: str, device: str) -> CriticEvaluator:
 EVALUATORS: dict[str, Factory] = {
     "critic": _critic_factory,
     "clip": _clip_factory,
-    # The toy world's ground truth; imported only when a spec names them.
-    "oracle": "toyworld.evaluators:oracle",
-    "fidelity": "toyworld.evaluators:fidelity",
     # The standard reward models; their loaders import open_clip / transformers only when called.
     **{kind: _standard_factory(kind) for kind in STANDARD_KIND_NAMES},
 }
@@ -165,12 +173,24 @@ def _resolve(factory: Factory) -> Callable[[str, str], Evaluator]:
         raise ImportError(f"evaluator factory {factory!r} cannot be imported: {err}") from err
 
 
+def _entry_point_factories() -> dict[str, str]:
+    """kind -> "module:function" for every evaluator an installed package declares (nothing imported)."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
-    """`kind:argument` -> (kind, argument); the argument may itself contain ':' (`clip:ViT-L-14:openai`)."""
+    """`kind:argument` -> (kind, argument); the argument may itself contain ':' (`clip:ViT-L-14:openai`).
+
+    A kind not registered yet is looked up among the entry points and registered from there."""
     kind, sep, argument = spec.partition(":")
     if kind not in EVALUATORS:
-        raise ValueError(f"unknown evaluator kind {kind!r} in spec {spec!r}; registered kinds: {sorted(EVALUATORS)} "
-                         "(specs look like 'critic:runs/critic' or 'clip:ViT-L-14:openai')")
+        declared = _entry_point_factories()
+        if kind not in declared:
+            raise ValueError(
+                f"unknown evaluator kind {kind!r} in spec {spec!r}; registered kinds: {sorted(EVALUATORS)}; "
+                f"entry-point kinds (group {ENTRY_POINT_GROUP!r}): {sorted(declared)} "
+                "(specs look like 'critic:runs/critic' or 'clip:ViT-L-14:openai')")
+        register_evaluator(kind, declared[kind])
     return kind, argument
 
 

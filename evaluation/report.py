@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refl.compare import scores_path
+from evaluation.layout import samples_path, scores_path
 from runkit.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
             wanted.append(("refl", f"refl_best_of_{n_refl}", f"ReFL best-of-{n_refl}"))
     for model, arm, label in wanted:
         index = 0 if arm is None else int(arms[arm]["chosen_index"][p])  # sample 0 is a random draw
-        with np.load(out / "samples" / model / f"{p:04d}.npz") as data:
+        with np.load(samples_path(out, model, p)) as data:
             image = data["images"][index]
             seed = int(data["seeds"][index])
         cache = json.loads(scores_path(out, model, p).read_text())
@@ -133,66 +133,72 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
     return cells
 
 
-def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Path:
-    """Write report.html (and its PNGs) for a finished run; returns its path.
-
-    `preamble` is HTML placed after the title (the demo puts the critic's numbers there)."""
-    out = Path(out)
-    specs = results["evaluators"]
-    sel = results["selector"]
-    names = {s: html.escape(short_name(s)) + (" <span class='sel'>(selector)</span>" if s == sel else "")
-             for s in specs}
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Best-of-N vs ReFL</title>"
-             f"<style>{CSS}</style></head><body>"]
+def _title(results: dict, cfg) -> list[str]:
     has_refl = "refl_random" in results["arms"]
-    parts.append(f"<h1>Best-of-{results['n_samples']} selection" + (" vs ReFL" if has_refl else "") + "</h1>")
-    parts.append(
+    return [
+        f"<h1>Best-of-{results['n_samples']} selection" + (" vs ReFL" if has_refl else "") + "</h1>",
         f"<p class='note'>{len(results['prompts'])} held-out prompts; model {html.escape(str(cfg.model.name))}"
         + (f"; LoRA {html.escape(cfg.lora)} (scale {cfg.lora_scale})" if has_refl else "; no LoRA given")
         + f"; {cfg.num_inference_steps} {html.escape(cfg.scheduler)} steps, CFG {cfg.guidance_scale}; "
-        f"selector {html.escape(sel)}. Intervals are 95% bootstrap over prompts. "
-        "Scores of the selector are inflated by selection: judge best-of-N by the other evaluators.</p>")
-    parts.append(preamble)
+        f"selector {html.escape(results['selector'])}. Intervals are 95% bootstrap over prompts. "
+        "Scores of the selector are inflated by selection: judge best-of-N by the other evaluators.</p>",
+    ]
 
-    # reward vs n
-    parts.append("<h2>Reward versus n</h2><div class='plots'>")
-    for k, spec in enumerate(specs):
+
+def _reward_vs_n(results: dict, out: Path) -> list[str]:
+    parts = ["<h2>Reward versus n</h2><div class='plots'>"]
+    for k, spec in enumerate(results["evaluators"]):
         rel = f"{ASSET_DIR}/reward_vs_n_{k}.png"
         plot_reward_vs_n(results, spec, out / rel)
         parts.append(f"<img src='{rel}' alt='reward versus n, {html.escape(spec)}'>")
     parts.append("</div>")
+    return parts
 
-    # arms table
-    parts.append("<h2>Arms: mean score per prompt</h2><table><tr><th>arm</th><th>UNet evals / prompt</th>"
-                 "<th>seconds / prompt</th>" + "".join(f"<th>{names[s]}</th>" for s in specs) + "</tr>")
+
+def _arms_table(results: dict, names: dict[str, str]) -> list[str]:
+    specs = results["evaluators"]
+    parts = ["<h2>Arms: mean score per prompt</h2><table><tr><th>arm</th><th>UNet evals / prompt</th>"
+             "<th>seconds / prompt</th>" + "".join(f"<th>{names[s]}</th>" for s in specs) + "</tr>"]
     for arm, row in results["arms"].items():
         parts.append(f"<tr><td>{arm}</td><td>{row['unet_evals_per_prompt']}</td>"
                      f"<td>{_fmt(row['seconds_per_prompt'])}</td>"
                      + "".join(f"<td>{_ci(row['scores'][s])}</td>" for s in specs) + "</tr>")
     parts.append("</table><p class='note'>UNet evals = n x steps x (2 with CFG); seconds = sampling plus "
                  "selector scoring, measured on this machine.</p>")
+    return parts
 
-    if results["win_rates"]:
-        comparisons = list(next(iter(results["win_rates"].values())))
-        parts.append("<h2>Win rates of ReFL (ties count half)</h2><table><tr><th>comparison</th>"
-                     + "".join(f"<th>{names[s]}</th>" for s in specs) + "</tr>")
-        for c in comparisons:
-            parts.append(f"<tr><td>{c.replace('_vs_', ' vs ')}</td>"
-                         + "".join(f"<td>{_ci(results['win_rates'][s][c])}</td>" for s in specs) + "</tr>")
-        parts.append("</table>")
 
-    parts.append("<h2>Selection inflates its own critic</h2><table><tr><th>evaluator</th><th>best-of-N gain</th>"
-                 "<th>std within prompt</th><th>standardised gain</th><th>selector minus this</th>"
-                 + ("<th>ReFL standardised gain</th>" if has_refl else "") + "</tr>")
-    for s in specs:
+def _win_rates_table(results: dict, names: dict[str, str]) -> list[str]:
+    if not results["win_rates"]:
+        return []
+    specs = results["evaluators"]
+    comparisons = list(next(iter(results["win_rates"].values())))
+    parts = ["<h2>Win rates of ReFL (ties count half)</h2><table><tr><th>comparison</th>"
+             + "".join(f"<th>{names[s]}</th>" for s in specs) + "</tr>"]
+    for c in comparisons:
+        parts.append(f"<tr><td>{c.replace('_vs_', ' vs ')}</td>"
+                     + "".join(f"<td>{_ci(results['win_rates'][s][c])}</td>" for s in specs) + "</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _inflation_table(results: dict, names: dict[str, str]) -> list[str]:
+    has_refl = "refl_random" in results["arms"]
+    parts = ["<h2>Selection inflates its own critic</h2><table><tr><th>evaluator</th><th>best-of-N gain</th>"
+             "<th>std within prompt</th><th>standardised gain</th><th>selector minus this</th>"
+             + ("<th>ReFL standardised gain</th>" if has_refl else "") + "</tr>"]
+    for s in results["evaluators"]:
         r = results["inflation"][s]
         parts.append(f"<tr><td>{names[s]}</td><td>{_fmt(r['gain'])}</td><td>{_fmt(r['std_within_prompt'])}</td>"
                      f"<td>{_fmt(r['standardised_gain'])}</td><td>{_fmt(r['selector_minus_evaluator'])}</td>"
                      + (f"<td>{_fmt(r['refl_standardised_gain'])}</td>" if has_refl else "") + "</tr>")
     parts.append("</table>")
+    return parts
 
-    parts.append("<h2>Diversity and throughput</h2><table><tr><th>samples</th><th>mean pairwise 1 - cos "
-                 "(selector image embeddings)</th><th>images / s</th></tr>")
+
+def _diversity_and_throughput(results: dict) -> list[str]:
+    parts = ["<h2>Diversity and throughput</h2><table><tr><th>samples</th><th>mean pairwise 1 - cos "
+             "(selector image embeddings)</th><th>images / s</th></tr>"]
     for model, d in results["diversity"].items():
         parts.append(f"<tr><td>{model}</td><td>{_ci(d)}</td>"
                      f"<td>{_fmt(results['sampling_images_per_s'].get(model, float('nan')))}</td></tr>")
@@ -203,10 +209,13 @@ def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Pat
                      f"StableDiffusionPipeline call {_fmt(tp['stock_images_per_s'])} images/s "
                      f"(batch {tp['batch_size']}, {tp['steps']} steps, {html.escape(tp['device'])}): "
                      f"<b>ratio {_fmt(tp['ratio_vs_stock'])}</b>.</p>")
+    return parts
 
-    # per-prompt grids
+
+def _sample_grids(results: dict, out: Path, cfg) -> list[str]:
+    """The first `cfg.report_prompts` prompts, each a row of images with every evaluator's score."""
     shown = min(len(results["prompts"]), cfg.report_prompts)
-    parts.append(f"<h2>Samples ({shown} of {len(results['prompts'])} prompts)</h2>")
+    parts = [f"<h2>Samples ({shown} of {len(results['prompts'])} prompts)</h2>"]
     for p in range(shown):
         parts.append(f"<div class='prompt'>{p}. {html.escape(results['prompts'][p])}</div><div class='grid'>")
         for label, note, rel, scores in _grid_cells(results, out, p, cfg.report_image_px):
@@ -214,6 +223,26 @@ def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Pat
             parts.append(f"<div class='cell'><img src='{rel}' width='{cfg.report_image_px}' alt='{label}'>"
                          f"<b>{label}</b> <span class='note'>{note}</span><br>{lines}</div>")
         parts.append("</div>")
-    parts.append("</body></html>")
-    path = out / "report.html"
-    return atomic_write_text(path, "\n".join(parts))
+    return parts
+
+
+def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Path:
+    """Write report.html (and its PNGs) for a finished run; returns its path.
+
+    `cfg` is the run's CompareConfig; `preamble` is HTML placed after the title (the demo puts the
+    critic's numbers there)."""
+    out = Path(out)
+    # Evaluator names for table headers; the selector is marked because its own scores are inflated.
+    names = {s: html.escape(short_name(s)) + (" <span class='sel'>(selector)</span>" if s == results["selector"] else "")
+             for s in results["evaluators"]}
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Best-of-N vs ReFL</title>"
+             f"<style>{CSS}</style></head><body>",
+             *_title(results, cfg), preamble,
+             *_reward_vs_n(results, out),
+             *_arms_table(results, names),
+             *_win_rates_table(results, names),
+             *_inflation_table(results, names),
+             *_diversity_and_throughput(results),
+             *_sample_grids(results, out, cfg),
+             "</body></html>"]
+    return atomic_write_text(out / "report.html", "\n".join(parts))
