@@ -282,7 +282,7 @@ def test_real_critic_plugs_in():
 def _tiny_train_overrides(out, updates=4):
     return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", f"train.max_updates={updates}",
             "train.batch_size=2", "train.gradient_accumulation=2", "train.lr=1e-2", "train.lr_schedule=cosine",
-            "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none", "train.validation_prompts=[]",
+            "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none", "train.validation_steps=2",
             "refl.num_inference_steps=4", "refl.cut_range=[1,3]", "refl.scheduler=ddpm", "lora.dropout=0.1",
             "refl.grad_scale=1.0"]
 

@@ -182,6 +182,42 @@ def test_community_pairs_carry_the_taste_and_load_as_social_reward_data(tmp_path
     for t in TERMS:
         expected = float(((np.sign(pos[t] - neg[t]) + 1) / 2).mean())
         assert result.term_agreement[t] == pytest.approx(expected, abs=1e-9), t
+    # The realism figures: each term's spread across a prompt's images, recomputed from the images given.
+    for t in ("vivid", "size"):
+        per_prompt = [oracle_terms(list(images), [prompt] * len(images))[t].std() for prompt, images in world.items()]
+        assert result.term_spread[t] == pytest.approx(float(np.mean(per_prompt)), abs=1e-9), t
+    summary = json.loads((tmp_path / "pairs_summary.json").read_text())
+    assert summary["realism"]["agreement_in_human_range"] == (0.65 <= result.oracle_agreement <= 0.78)
+    assert set(summary["realism"]["varying_terms"]) <= set(TERMS)
+
+
+def test_realism_criteria_name_what_fails():
+    from toyworld.community import realism
+
+    r = realism(0.70, {"vivid": 0.60, "size": 0.52}, {"vivid": 0.10, "size": 0.20, "sharp": 0.01})
+    assert r["agreement_in_human_range"] and r["varying_terms"] == ["vivid", "size"]
+    assert r["uncarried_varying_terms"] == ["size"] and not r["realistic"]
+    assert realism(0.70, {"vivid": 0.60}, {"vivid": 0.10})["realistic"]
+    assert not realism(0.80, {"vivid": 0.60}, {"vivid": 0.10})["realistic"]  # cleaner than any human panel
+
+
+def test_pretraining_renders_span_the_quality_range_the_config_asks_for():
+    from toyworld.datasets import render_dataset
+    from toyworld.oracle import combine_terms
+
+    plain, prompts = render_dataset(300, seed=0)
+    mixed, mixed_prompts, quality = render_dataset(300, seed=0, quality_fraction=0.6, return_quality=True)
+    assert mixed_prompts == prompts
+    varied = ~np.isnan(quality)
+    assert abs(varied.mean() - 0.6) < 0.08
+    assert quality[varied].min() < 0.1 and quality[varied].max() > 0.9  # the whole range
+    plain_terms, mixed_terms = oracle_terms(plain, prompts), oracle_terms(mixed, prompts)
+    for t in ("vivid", "contrast", "sharp", "clean"):
+        assert mixed_terms[t].std() > plain_terms[t].std(), t
+    score = combine_terms(mixed_terms)
+    assert score[varied & (quality > 0.7)].mean() > score[varied & (quality < 0.3)].mean() + 0.05
+    _, _, none = render_dataset(20, seed=0, return_quality=True)
+    assert np.isnan(none).all()
 
 
 def test_community_accepts_paths_and_arrays(tmp_path):

@@ -64,6 +64,11 @@ class PairsResult:
     # Per oracle term: share of pairs whose positive is better on that term (ties count half), i.e.
     # how much of each part of the taste the pairs carry (0.5 = none).
     term_agreement: dict = field(default_factory=dict)
+    # Per oracle term: mean over prompts of the spread (std) of that term across one prompt's images,
+    # i.e. how much the generator's samples differ in it (what feedback can select at all).
+    term_spread: dict = field(default_factory=dict)
+    # The realism criteria (REALISM) and whether these pairs meet them: see `realism`.
+    realism: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -126,8 +131,9 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
     result = PairsResult(
         parquet=parquet, n_pairs=len(df), n_prompts=len(chosen), n_images=len(terms),
         n_remixed=int((remixed > 0).sum()), **_oracle_agreement(terms, pair_index),
-        config={"n_users": n_users, "seed": seed, **asdict(cfg)},
+        term_spread=term_spread(terms, owner), config={"n_users": n_users, "seed": seed, **asdict(cfg)},
     )
+    result.realism = realism(result.oracle_agreement, result.term_agreement, result.term_spread)
     # Not write_json: a pair-less run's NaN agreement stays NaN, as the summary has always shown it.
     atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(result.summary(), indent=2))
     logger.info("%d pairs from %d prompts (%d images, %d remixed); oracle agrees with %.1f%%",
@@ -147,6 +153,34 @@ def _image_terms(prompts: list[str], items: list[list]) -> tuple[np.ndarray, np.
             owner.append(k)
             index_in_prompt.append(j)
     return np.asarray(term_rows), np.asarray(owner), np.asarray(index_in_prompt)
+
+
+# What makes simulated feedback realistic, fixed before any method is measured against it:
+# - pairs agree with the shared taste as often as human annotators agree with each other's preference
+#   labels (ImageReward's annotators 65.3%, HPD v2's 78.1%);
+# - every oracle term on which the generator's samples of one prompt really vary (mean within-prompt
+#   std above `term_varies_above`) is carried by the pairs (term agreement at least `term_carried_from`).
+REALISM = {"agreement_range": (0.65, 0.78), "term_varies_above": 0.05, "term_carried_from": 0.55}
+
+
+def term_spread(terms: np.ndarray, owner: np.ndarray) -> dict[str, float]:
+    """Per term, the mean over prompts of the std of that term across the prompt's images; terms (I, T)."""
+    stds = [terms[owner == k].std(axis=0) for k in np.unique(owner) if (owner == k).sum() > 1]  # each (T,)
+    if not stds:
+        return {}
+    mean = np.mean(stds, axis=0)  # (T,)
+    return {t: float(mean[j]) for j, t in enumerate(TERMS)}
+
+
+def realism(oracle_agreement: float, term_agreement: dict, spread: dict) -> dict:
+    """The REALISM criteria applied: which hold, and the terms that vary but are not carried."""
+    lo, hi = REALISM["agreement_range"]
+    varying = [t for t, v in spread.items() if v > REALISM["term_varies_above"]]
+    uncarried = [t for t in varying if term_agreement.get(t, 0.5) < REALISM["term_carried_from"]]
+    in_range = bool(lo <= oracle_agreement <= hi)
+    return {"criteria": {k: list(v) if isinstance(v, tuple) else v for k, v in REALISM.items()},
+            "agreement_in_human_range": in_range, "varying_terms": varying, "uncarried_varying_terms": uncarried,
+            "realistic": in_range and not uncarried}
 
 
 def _shared_weights() -> np.ndarray:

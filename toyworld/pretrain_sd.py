@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 class PretrainSDConfig:
     # Rendered (image, prompt) training examples.
     n_images: int = 20000
+    # Share of them whose look is drawn across the whole quality range (datasets.render_dataset); the rest
+    # are plain renders. Web-like data of every quality, so the model's samples of one prompt vary in every
+    # oracle term and feedback has something to select (0 = the first edition's plain renders only).
+    quality_fraction: float = 0.75
     # Seed for rendering, weights and sampling.
     seed: int = 0
     # AutoencoderKL optimisation steps and batch (images).
@@ -168,12 +172,13 @@ def sample_images(components, prompts: list[str], steps: int, guidance: float, s
 def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     from toyworld.checker import prompt_fidelity
     from toyworld.datasets import render_dataset
-    from toyworld.world import split_prompts
+    from toyworld.world import ATTRIBUTES, split_prompts
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    images_np, prompts = render_dataset(cfg.n_images, seed=cfg.seed, split="train")  # (N, 32, 32, 3) uint8
+    images_np, prompts = render_dataset(cfg.n_images, seed=cfg.seed, split="train",
+                                        quality_fraction=cfg.quality_fraction)  # (N, 32, 32, 3) uint8
     logger.info("rendered %d training scenes in %.1f s", len(prompts), time.perf_counter() - t0)
     images = _to_tensor(images_np)
     components = load_components(ModelConfig(name="toy", seed=cfg.seed))
@@ -184,6 +189,9 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     eval_prompts = split_prompts(seed=0)[1][: cfg.eval_prompts]
     samples = sample_images(components, eval_prompts, cfg.eval_steps, cfg.eval_guidance, seed=cfg.seed)
     report["eval_prompt_fidelity"] = float(prompt_fidelity(samples, eval_prompts))
+    # Each attribute alone (size and position too), read back from the pixels.
+    report["eval_attribute_accuracy"] = {a: float(prompt_fidelity(samples, eval_prompts, attributes=[a]))
+                                         for a in ATTRIBUTES}
     report["eval_n_prompts"] = len(eval_prompts)
     half = copy.copy(components)
     half.to(dtype=torch.float16)
