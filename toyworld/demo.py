@@ -55,7 +55,9 @@ def _demo_critic() -> RewardExperiment:
 
 def _demo_refl() -> ReflConfig:
     return ReflConfig(
-        refl=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0,
+        # grad_scale 1 (not ImageReward's 1e-3 next to a full-UNet lr of 1e-5): Adam normalises the overall
+        # scale, so what matters here is the reward's balance with the regulariser.
+        refl=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0, grad_scale=1.0,
                         # The toy SD needs guidance for prompt fidelity and every image the demo evaluates is
                         # guided, so the LoRA is trained on guided trajectories too.
                         guidance_scale=4.0),
