@@ -4,7 +4,7 @@ Candidates are renders of varied quality (a generator's stand-in); a simulated c
 some of them; remixed vs seen-but-not-remixed images under one prompt become pairs. Prints a JSON
 summary with the pair counts and how often the hidden taste (the oracle) agrees with each pair.
 
-    python scripts/make_toy_pairs.py --set out=runs/toy_pairs
+    python scripts/make_toy_pairs.py --set output_dir=runs/toy_pairs
     python scripts/make_toy_pairs.py --set n_train_prompts=200 --set community.judgement_noise=0.1
 """
 

@@ -2,23 +2,13 @@
 
 import json
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from html_images import image_sources
 
 from toyworld.demo import demo_main
-
-
-class _Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs)["src"])
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +21,8 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     results = json.loads((quick_demo / "results.json").read_text())
     page = (quick_demo / "report.html").read_text()
-    parser = _Images()
-    parser.feed(page)
-    assert parser.sources and all((quick_demo / src).is_file() for src in parser.sources)
+    sources = image_sources(page)
+    assert sources and all((quick_demo / src).is_file() for src in sources)
     demo = results["demo"]
     acc = demo["critic"]["accuracy_vs_oracle"]["pairwise_accuracy"]
     zero_shot = demo["critic"]["zero_shot_clip_vs_oracle"]["pairwise_accuracy"]
@@ -129,3 +118,26 @@ def test_ablation_script_names_bad_input(quick_demo, tmp_path, capsys):
     assert "refl_kl_wieght" in capsys.readouterr().err
     assert script.main(["--demo", str(quick_demo), "--variant", "no colon"]) == 2
     assert "must look like" in capsys.readouterr().err
+
+
+def test_world_study_trains_each_seed_and_reports_the_spread(quick_demo):
+    from runkit.files import content_hash
+    from toyworld.study import run_study
+
+    results = json.loads((quick_demo / "results.json").read_text())
+    summary = run_study(quick_demo, seeds=(0, 1))
+    assert summary["seeds"] == [0, 1]
+    oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
+    seed0, seed1 = summary["per_seed"][0]["judges"][oracle], summary["per_seed"][1]["judges"][oracle]
+    # Seed 0 is the demo's own run; base and best-of-N are the same samples for every seed.
+    assert seed0["refl"] == results["arms"]["refl_random"]["scores"][oracle]
+    assert seed0["base"] == seed1["base"] and seed0["best_of_n"] == seed1["best_of_n"]
+    assert content_hash(quick_demo / "refl" / "lora") != content_hash(quick_demo / "study" / "seed-1" / "refl" / "lora")
+    spread = summary["across_seeds"]["judges"][oracle]["refl"]
+    values = [seed0["refl"]["mean"], seed1["refl"]["mean"]]
+    assert spread["mean"] == pytest.approx(np.mean(values)) and spread["std"] == pytest.approx(np.std(values, ddof=1))
+    assert set(summary["across_seeds"]["terms"]) >= {"vivid", "size", "placement"}
+    table = (quick_demo / "study" / "study.md").read_text()
+    assert "ReFL - base, seed 1" in table and "oracle term: size" in table
+    # The demo's own report is left as the demo wrote it.
+    assert json.loads((quick_demo / "results.json").read_text()) == results

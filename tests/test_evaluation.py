@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from html_images import image_sources
 
 from evaluation import harness as H
 from evaluation import stats as S
@@ -154,29 +154,17 @@ def test_win_shares_ties_half_and_best_of_indices():
 
 
 # ----------------------------------------------------------------------------- report
-class _Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.srcs = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.srcs.append(dict(attrs)["src"])
-
-
 def test_report_html_parses_and_images_exist(run):
     out = run["out"]
-    parser = _Images()
-    parser.feed((out / "report.html").read_text(encoding="utf-8"))
-    parser.close()
-    plots = [s for s in parser.srcs if "reward_vs_n" in s]
+    sources = image_sources((out / "report.html").read_text(encoding="utf-8"))
+    plots = [s for s in sources if "reward_vs_n" in s]
     assert len(plots) == 3  # one per evaluator
-    assert len(parser.srcs) == 3 + 4 * len(PROMPTS)  # plots + a 4-image grid per prompt
-    for src in parser.srcs:
+    assert len(sources) == 3 + 4 * len(PROMPTS)  # plots + a 4-image grid per prompt
+    for src in sources:
         assert not src.startswith(("/", "http")) and (out / src).is_file(), src
     from PIL import Image
 
-    with Image.open(out / [s for s in parser.srcs if "p0000_base" in s][0]) as im:
+    with Image.open(out / [s for s in sources if "p0000_base" in s][0]) as im:
         assert im.size == (64, 64)  # 16 px upscaled x4 with NEAREST
 
 

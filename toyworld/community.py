@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -295,7 +296,7 @@ def write_oracle_pairs(images: np.ndarray, prompts: list[str], out: Path, min_ga
 
 @dataclass
 class ToyPairsConfig:
-    out: str = "runs/toy_pairs"  # output folder: train/ and heldout/ below it
+    output_dir: str = "runs/toy_pairs"  # output folder: train/ and heldout/ below it
     n_train_prompts: int = 600  # prompts drawn from the training split
     n_heldout_prompts: int = 150  # prompts drawn from the held-out split (at most its size)
     candidates: int = 8  # renders of varied quality per prompt (a generator's samples stand-in)
@@ -304,6 +305,8 @@ class ToyPairsConfig:
     split_seed: int = 0  # the train / held-out prompt split (toyworld.world.split_prompts)
     size: int = 32  # image side in pixels
     community: CommunityConfig = field(default_factory=CommunityConfig)
+
+    RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
 
 def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
@@ -317,7 +320,7 @@ def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
         images = {p: render_candidates(parse_prompt(p), rng, cfg.candidates, size=cfg.size)
                   for p in tqdm(chosen, desc=f"render {split}", leave=False)}
         n_users = max(1, round(cfg.users_per_prompt * len(chosen)))
-        result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset, Path(cfg.out) / split,
+        result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset, Path(cfg.output_dir) / split,
                                         cfg.community)
         summary[split] = result.summary()
     return summary
