@@ -59,8 +59,12 @@ class CompareConfig:
     bootstrap_resamples: int = 2000
     # Prompts shown as image grids in report.html (the first ones; the tables use all prompts).
     report_prompts: int = 24
-    # Side in pixels of images in the report (small images are upscaled with NEAREST).
+    # Side in pixels of images in the report (small images are upscaled with NEAREST, by a whole factor).
     report_image_px: int = 128
+    # Side-by-side grids per arm (base and ReFL, the same seeds) for this many prompts (the first ones).
+    report_grid_prompts: int = 4
+    # Samples per arm in each of those grids.
+    report_grid_samples: int = 8
 
     def __post_init__(self):
         if self.n_samples < 1:

@@ -226,20 +226,46 @@ def _sample_grids(results: dict, out: Path, cfg) -> list[str]:
     return parts
 
 
+def _arm_grids(results: dict, out: Path, cfg) -> list[str]:
+    """For a few prompts, the first samples of every drawn arm side by side (the same seeds in each
+    column), large enough to judge: what best-of-N picks from, and what the tuned model draws instead."""
+    models = ["base"] + (["refl"] if "refl_random" in results["arms"] else [])
+    shown = min(len(results["prompts"]), cfg.report_grid_prompts)
+    if not shown or cfg.report_grid_samples < 1:
+        return []
+    parts = [f"<h2>Samples per arm ({shown} prompts, the same seeds in each column)</h2>"]
+    for p in range(shown):
+        parts.append(f"<div class='prompt'>{p}. {html.escape(results['prompts'][p])}</div>")
+        for model in models:
+            with np.load(samples_path(out, model, p)) as data:
+                images, seeds = data["images"][: cfg.report_grid_samples], data["seeds"]
+            cells = []
+            for k, image in enumerate(images):
+                rel = f"{ASSET_DIR}/p{p:04d}_{model}_{k:03d}.png"
+                save_image(image, out / rel, cfg.report_image_px)
+                cells.append(f"<div class='cell'><img src='{rel}' width='{cfg.report_image_px}' "
+                             f"alt='{model} {k}'>seed {int(seeds[k])}</div>")
+            label = {"base": "base", "refl": "ReFL"}[model]
+            parts.append(f"<div class='grid'><div class='cell'><b>{label}</b></div>{''.join(cells)}</div>")
+    return parts
+
+
 def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Path:
     """Write report.html (and its PNGs) for a finished run; returns its path.
 
-    `cfg` is the run's CompareConfig; `preamble` is HTML placed after the title (the demo puts the
-    critic's numbers there)."""
+    `cfg` is the run's CompareConfig; `preamble` is HTML placed after the summary table (the demo puts
+    the critic's numbers there)."""
     out = Path(out)
     # Evaluator names for table headers; the selector is marked because its own scores are inflated.
     names = {s: html.escape(short_name(s)) + (" <span class='sel'>(selector)</span>" if s == results["selector"] else "")
              for s in results["evaluators"]}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Best-of-N vs ReFL</title>"
              f"<style>{CSS}</style></head><body>",
-             *_title(results, cfg), preamble,
+             *_title(results, cfg),
+             *_arms_table(results, names),  # the summary first, then the run's own story
+             preamble,
+             *_arm_grids(results, out, cfg),
              *_reward_vs_n(results, out),
-             *_arms_table(results, names),
              *_win_rates_table(results, names),
              *_inflation_table(results, names),
              *_diversity_and_throughput(results),

@@ -159,7 +159,11 @@ def test_report_html_parses_and_images_exist(run):
     sources = image_sources((out / "report.html").read_text(encoding="utf-8"))
     plots = [s for s in sources if "reward_vs_n" in s]
     assert len(plots) == 3  # one per evaluator
-    assert len(sources) == 3 + 4 * len(PROMPTS)  # plots + a 4-image grid per prompt
+    grids = [s for s in sources if s not in plots][: 2 * N * len(PROMPTS)]  # base and ReFL, N each, per prompt
+    assert len(grids) == 2 * N * len(PROMPTS) and len(set(grids)) == len(grids)  # every sample, the same seeds
+    assert len(sources) == 3 + 2 * N * len(PROMPTS) + 4 * len(PROMPTS)  # + a 4-image row per prompt
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.index("Arms: mean score") < page.index("Samples per arm") < page.index("Reward versus n")
     for src in sources:
         assert not src.startswith(("/", "http")) and (out / src).is_file(), src
     from PIL import Image

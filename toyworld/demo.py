@@ -66,7 +66,8 @@ def _demo_refl() -> ReflConfig:
 
 
 def _demo_compare() -> CompareConfig:
-    return CompareConfig(n_samples=64, batch_size=64, seed=7)
+    # 32 px samples shown at 160 px (5x, nearest neighbour): large enough to judge colour, size and edges.
+    return CompareConfig(n_samples=64, batch_size=64, seed=7, report_image_px=160)
 
 
 @dataclass
