@@ -20,6 +20,7 @@ from evaluation.harness import best_of_n_throughput
 from refl.bench import BenchConfig, run_benchmark
 from runkit.config import load_config
 from runkit.files import write_json
+from runkit.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="override a BenchConfig field (model, critic, batch, steps, scheduler, dtype, repeats, ...)")
     p.add_argument("--out", default=None, help="also write the JSON here, e.g. benchmarks/refl_<gpu>.json")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # shared CPU cores: one thread avoids OpenMP spin-waits
     result = run_benchmark(load_config(BenchConfig, None, args.overrides),

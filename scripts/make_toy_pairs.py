@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from runkit.config import add_config_args, load_config
+from runkit.logs import setup_logging
 from toyworld.community import ToyPairsConfig, make_toy_pairs
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, resume=False)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = load_config(ToyPairsConfig, args.config, args.overrides)
     summary = make_toy_pairs(cfg)
     print(json.dumps(summary, indent=2))

@@ -6,7 +6,6 @@ toyworld/pretrain_sd.py). Reproduces `toyworld/assets/toy-sd` from its seed:
 
 import argparse
 import json
-import logging
 import sys
 
 
@@ -14,13 +13,14 @@ def main(argv=None) -> int:
     import torch
 
     from runkit.config import add_config_args, load_config
+    from runkit.logs import setup_logging
     from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, resume=False)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(PretrainSDConfig, args.config, args.overrides)

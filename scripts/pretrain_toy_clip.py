@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 import torch
 
 from runkit.config import add_config_args, load_config
+from runkit.logs import setup_logging
 from toyworld.pretrain_clip import PretrainClipConfig, pretrain_toy_clip
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_config_args(parser, resume=False)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     torch.set_num_threads(args.threads)
     cfg = load_config(PretrainClipConfig, args.config, args.overrides)
     report = pretrain_toy_clip(cfg)

@@ -60,6 +60,9 @@ class PretrainSDConfig:
     eval_guidance: float = 4.0
     # Where the diffusers pipeline directory goes.
     output_dir: str = "toyworld/assets/toy-sd"
+    # "cpu", "cuda", or "" for cuda when available. Random draws come from CPU generators either way, so
+    # a GPU run sees the same batches, noise and timesteps (it runs more steps in the same minutes).
+    device: str = ""
 
     RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
@@ -75,9 +78,10 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainSDConfig, gen: torch.Gener
     pbar = tqdm(range(cfg.vae_steps), desc="toy VAE")
     for _ in pbar:
         idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=gen)
-        x = images[idx]  # (B, 3, H, W)
+        x = images[idx].to(vae.device)  # (B, 3, H, W)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(vae.device)  # what .sample(gen) draws, on CPU
+        recon = vae.decode(posterior.mean + posterior.std * eps).sample
         kl = posterior.kl().mean()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
@@ -87,7 +91,7 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainSDConfig, gen: torch.Gener
         pbar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        sample = images[:512]
+        sample = images[:512].to(vae.device)
         latents = vae.encode(sample).latent_dist.mode()  # (512, 4, h, w)
         recon = vae.decode(latents).sample
     std = latents.std().item()
@@ -98,7 +102,7 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainSDConfig, gen: torch.Gener
 
 @torch.no_grad()
 def _encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    out = [vae.encode(images[i:i + batch]).latent_dist.mode() for i in range(0, images.shape[0], batch)]
+    out = [vae.encode(images[i:i + batch].to(vae.device)).latent_dist.mode() for i in range(0, images.shape[0], batch)]
     return torch.cat(out) * vae.config.scaling_factor  # (N, 4, h, w)
 
 
@@ -126,14 +130,15 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
     step = 0
     for step in pbar:
         idx = torch.randint(0, latents.shape[0], (cfg.unet_batch,), generator=gen)
-        x0 = latents[idx]  # (B, 4, h, w)
+        x0 = latents[idx.to(latents.device)]  # (B, 4, h, w)
         ids = tokens[idx].clone()  # (B, L)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
         ids[drop] = empty
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t)
-        hidden = text_encoder(ids)[0]  # (B, L, D)
+        noisy = scheduler.add_noise(x0, noise, t.to(x0.device))
+        t = t.to(x0.device)
+        hidden = text_encoder(ids.to(x0.device))[0]  # (B, L, D)
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -182,7 +187,10 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     logger.info("rendered %d training scenes in %.1f s", len(prompts), time.perf_counter() - t0)
     images = _to_tensor(images_np)
     components = load_components(ModelConfig(name="toy", seed=cfg.seed))
-    report = {"config": cfg.__dict__.copy()}
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    components.to(device)
+    report = {"config": cfg.__dict__.copy(), "device": torch.cuda.get_device_name(device) if device == "cuda"
+              else "cpu"}
     report.update(train_vae(components.vae, images, cfg, gen))
     latents = _encode_all(components.vae, images)
     report.update(train_unet(components, latents, prompts, cfg, gen))
@@ -194,7 +202,7 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
                                          for a in ATTRIBUTES}
     report["eval_n_prompts"] = len(eval_prompts)
     half = copy.copy(components)
-    half.to(dtype=torch.float16)
+    half.to(device="cpu", dtype=torch.float16)
     save_pipeline(half, cfg.output_dir)
     components.to(dtype=torch.float32)
     write_json(Path(cfg.output_dir) / "pretrain_report.json", report)
