@@ -16,6 +16,7 @@ critic is never answered with stale results.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import shutil
@@ -37,6 +38,7 @@ from reward.train import RewardExperiment
 from reward.train import TrainConfig as RewardTrainConfig
 from runkit.config import ConfigError, save_config, to_dict
 from runkit.files import atomic_write_text, content_hash, write_json
+from toyworld.community import CommunityConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class CommunitySettings:
     users: int = 60
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
     oracle_pair_prompts: int = 32
+    # How the simulated users browse, judge and remix (toyworld.community.CommunityConfig).
+    behaviour: CommunityConfig = field(default_factory=CommunityConfig)
 
 
 @dataclass
@@ -211,7 +215,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     images = _sample(components, chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed)
     gen_seconds = time.perf_counter() - t0
     result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.users, cfg.seed,
-                                    out / "train")
+                                    out / "train", config=c.behaviour)
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
     held_chosen = held[: c.oracle_pair_prompts]
     held_images = _sample(components, held_chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
@@ -343,8 +347,6 @@ def oracle_breakdown(out: Path, results: dict) -> dict:
 
 def breakdown_section(breakdown: dict) -> str:
     """The per-term table of `oracle_breakdown`, for report.html."""
-    import html
-
     arms = list(breakdown["mean"])
     diffs = breakdown["difference_from_base"]
     head = "".join(f"<th>{html.escape(a)}</th>" for a in arms) + "".join(
@@ -360,10 +362,26 @@ def breakdown_section(breakdown: dict) -> str:
             f"<table><tr><th>oracle term (weight)</th>{head}</tr>{''.join(rows)}</table>")
 
 
+def realism_text(comm: dict) -> str:
+    """The community's realism criteria and where these pairs stand, as a sentence for the report."""
+    r, spread = comm.get("realism"), comm.get("term_spread")
+    if not r:
+        return ""
+    lo, hi = r["criteria"]["agreement_range"]
+    varies, carried_from = r["criteria"]["term_varies_above"], r["criteria"]["term_carried_from"]
+    verdict = "meets both" if r["realistic"] else "misses " + " and ".join(
+        (["the agreement range"] if not r["agreement_in_human_range"] else [])
+        + ([f"the carried-term rule for {', '.join(r['uncarried_varying_terms'])}"] if r["uncarried_varying_terms"]
+           else []))
+    spread_text = ", ".join(f"{t} {v:.2f}" for t, v in spread.items()) if spread else "n/a"
+    return (f"Realism criteria, fixed before any method was measured: pairs agree with the oracle within human "
+            f"annotators' range ({lo:.0%}-{hi:.0%}), and every term on which one prompt's samples vary (std above "
+            f"{varies}; here {spread_text}) is carried by at least {carried_from:.0%} of pairs. This community "
+            f"{html.escape(verdict)}. ")
+
+
 def critic_section(summary: dict) -> str:
     """The demo's own numbers, placed at the top of report.html."""
-    import html
-
     crit, comm = summary["critic"], summary["community"]["community"]
     rows = [("fine-tuned critic (Social Reward, triplet)", crit["accuracy_vs_oracle"]),
             ("pre-trained toy CLIP, zero-shot", crit["zero_shot_clip_vs_oracle"])]
@@ -374,6 +392,7 @@ def critic_section(summary: dict) -> str:
     carried = comm.get("term_agreement")
     carried_text = ("Share of pairs whose preferred image is better on each oracle term (ties half; 50% = no "
                     "signal): " + ", ".join(f"{t} {v:.0%}" for t, v in carried.items()) + ". ") if carried else ""
+    carried_text += realism_text(comm)
     fidelity_text = (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out "
                      "prompts.") if base_fid is not None else ""
     return (
