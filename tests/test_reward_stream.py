@@ -210,5 +210,6 @@ def test_streaming_an_epoch_keeps_memory_far_below_the_shards(tmp_path):
     assert out["pairs"] == n_rows
     assert shard_bytes > 450e6
     # The epoch reads every byte of the shards (index included); its peak RSS grows by under a
-    # twentieth of them (the sampler mixes 4 row groups of 1.6 MB; the dataset caches as many).
-    assert growth < shard_bytes / 20, (growth, shard_bytes)
+    # twelfth of them (the sampler mixes 4 row groups of 1.6 MB; the dataset caches as many). Measured
+    # growth is 20-27 MB of 495 MB, varying with allocator timing; loading the shards whole would be 495 MB.
+    assert growth < shard_bytes / 12, (growth, shard_bytes)
