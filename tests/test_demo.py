@@ -141,3 +141,23 @@ def test_world_study_trains_each_seed_and_reports_the_spread(quick_demo):
     assert "ReFL - base, seed 1" in table and "oracle term: size" in table
     # The demo's own report is left as the demo wrote it.
     assert json.loads((quick_demo / "results.json").read_text()) == results
+
+
+def test_a_changed_community_behaviour_rebuilds_pairs_without_drawing_again(quick_demo, tmp_path):
+    import shutil
+
+    from refl.components import load_components
+    from runkit.config import load_config, override
+    from toyworld.demo import DemoConfig, stage_community
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_demo, out)
+    cache = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("samples-*.npz")}
+    assert len(cache) == 2  # the community's feed and the held-out generations
+    cfg = override(load_config(DemoConfig, out / "demo_config.yaml"),
+                   [f"output_dir={out}", "community.behaviour.judgement_noise=0.5"])
+    before = json.loads((out / "community" / "community.json").read_text())["community"]
+    after = stage_community(cfg, load_components(cfg.sd_model), out / "community")["community"]
+    assert after["config"]["judgement_noise"] == 0.5 and after != before
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("samples-*.npz")} == cache
+    assert "realism" in after and set(after["term_spread"]) == set(before["term_spread"])

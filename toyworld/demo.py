@@ -37,7 +37,7 @@ from reward.train import DataConfig as RewardDataConfig
 from reward.train import RewardExperiment
 from reward.train import TrainConfig as RewardTrainConfig
 from runkit.config import ConfigError, save_config, to_dict
-from runkit.files import atomic_write_text, content_hash, write_json
+from runkit.files import atomic_write_bytes, atomic_write_text, content_hash, write_json
 from toyworld.community import CommunityConfig
 
 logger = logging.getLogger(__name__)
@@ -167,12 +167,24 @@ QUICK = {
 }
 
 
-def _sample(components, prompts: list[str], n: int, steps: int, guidance: float, seed: int) -> np.ndarray:
+def _sample(components, prompts: list[str], n: int, steps: int, guidance: float, seed: int,
+            cache: Path, model: str) -> np.ndarray:
+    """`n` base-model images per prompt, (P, n, H, W, 3) uint8, kept in `cache` under a key of the model's
+    content and the settings, so a change in how the community behaves does not draw them again."""
+    import hashlib
+
     from toyworld.pretrain_sd import sample_images
 
+    key = json.dumps({"model": content_hash(model), "prompts": prompts, "n": n, "steps": steps,
+                      "guidance": guidance, "seed": seed}, sort_keys=True)
+    path = cache / f"samples-{hashlib.blake2b(key.encode(), digest_size=10).hexdigest()}.npz"
+    if path.is_file():
+        return np.load(path)["images"]
     expanded = [p for p in prompts for _ in range(n)]
     images = sample_images(components, expanded, steps, guidance, seed)  # (P * n, H, W, 3)
-    return images.reshape(len(prompts), n, *images.shape[1:])  # (P, n, H, W, 3)
+    images = images.reshape(len(prompts), n, *images.shape[1:])  # (P, n, H, W, 3)
+    atomic_write_bytes(path, lambda f: np.savez(f, images=images))
+    return images
 
 
 def enter_stage(out: Path, finished: Path, settings: dict, inputs: dict[str, str]) -> dict | None:
@@ -212,14 +224,16 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     rng = np.random.default_rng(cfg.seed)
     chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), c.prompts, replace=False)]
     t0 = time.perf_counter()
-    images = _sample(components, chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed)
+    cache = Path(cfg.output_dir) / "cache"
+    images = _sample(components, chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed,
+                     cache, cfg.sd_model)
     gen_seconds = time.perf_counter() - t0
     result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.users, cfg.seed,
                                     out / "train", config=c.behaviour)
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
     held_chosen = held[: c.oracle_pair_prompts]
     held_images = _sample(components, held_chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
-                          cfg.seed + 1)
+                          cfg.seed + 1, cache, cfg.sd_model)
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "generation_seconds": gen_seconds}
