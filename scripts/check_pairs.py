@@ -6,7 +6,7 @@ See reward/cli.py (check_main) and reward/data.py (check_pairs)."""
 
 import sys
 
-from reward.cli import check_main
+from reward.cli import check_main as main
 
 if __name__ == "__main__":
-    sys.exit(check_main())
+    sys.exit(main())

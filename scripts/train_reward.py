@@ -2,7 +2,7 @@
 
 import sys
 
-from reward.cli import train_main
+from reward.cli import train_main as main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

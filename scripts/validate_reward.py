@@ -2,7 +2,7 @@
 
 import sys
 
-from reward.cli import validate_main
+from reward.cli import validate_main as main
 
 if __name__ == "__main__":
-    sys.exit(validate_main())
+    sys.exit(main())
