@@ -106,7 +106,7 @@ def test_lora_best_is_the_update_the_heldout_judge_liked_best(tmp_path, scripted
 
     scripted(Script([0.1, 0.5, 0.9, 0.3, 0.2]))
     out = tmp_path / "run"
-    result = train(_config(out, 5, "train.select_by=scripted:"))
+    result = train(_config(out, 5, "train.select_by=scripted:judge"))
     assert result["best_update"] == 3 and result["best_score"] == 0.9 and result["stopped_early_at"] is None
     ckpts = out / "checkpoints"
     assert _same(_lora(out / "lora_best"), _lora(ckpts / "update-000003" / "lora"))
@@ -114,7 +114,7 @@ def test_lora_best_is_the_update_the_heldout_judge_liked_best(tmp_path, scripted
     assert not _same(_lora(out / "lora_best"), _lora(out / "lora"))  # training moved the LoRA after update 3
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/reward" in r]
     assert [r["update"] for r in evals] == [1, 2, 3, 4, 5]
-    assert [r["eval/heldout/scripted:"] for r in evals] == [0.1, 0.5, 0.9, 0.3, 0.2]
+    assert [r["eval/heldout/scripted:judge"] for r in evals] == [0.1, 0.5, 0.9, 0.3, 0.2]
     assert all(r["eval/diversity"] > 0 for r in evals)
     assert (out / "training_curve.png").is_file()
     state = json.loads((ckpts / "update-000005" / "state.json").read_text())
@@ -146,7 +146,7 @@ def test_stop_after_k_drops_while_the_reward_rises(tmp_path, scripted):
     judge = [0.1, 0.5, 0.4, 0.3, 0.2, 0.1]
     script = scripted(Script(judge, reward=[0, 1, 2, 3, 4, 5]))
     out = tmp_path / "stops"
-    args = ("train.select_by=scripted:", "train.stop_after_drops=2")
+    args = ("train.select_by=scripted:judge", "train.stop_after_drops=2")
     result = train(_config(out, 6, *args), reward_fn=script.reward_fn)
     assert result["stopped_early_at"] == 4 and result["updates"] == 4 and result["best_update"] == 2
     assert json.loads((out / "result.json").read_text())["stopped_early_at"] == 4
@@ -164,7 +164,7 @@ def test_resume_keeps_the_best_so_far_and_the_drop_count(tmp_path, scripted):
     from refl.train import train
 
     judge, reward = [0.1, 0.9, 0.5, 0.3, 0.2, 0.1], [0, 1, 2, 3, 4, 5]
-    args = ("train.select_by=scripted:", "train.stop_after_drops=3")
+    args = ("train.select_by=scripted:judge", "train.stop_after_drops=3")
     script = scripted(Script(judge, reward))
     full = train(_config(tmp_path / "full", 6, *args), reward_fn=script.reward_fn)
     assert full["stopped_early_at"] == 5 and full["best_update"] == 2
@@ -273,7 +273,7 @@ def test_bf16_run_with_judges_and_ensemble_logs_finite_numbers(tmp_path, critic_
     paths = ",".join(str(d) for d in critic_dirs)
     out = tmp_path / "bf16"
     cfg = _config(out, 3, "train.mixed_precision=bf16", "reward.kind=critic", f"reward.critic=[{paths}]",
-                  "reward.ensemble_penalty=1.0", "train.heldout_evaluators=[clip:tiny-clip, scripted:]",
+                  "reward.ensemble_penalty=1.0", "train.heldout_evaluators=[clip:tiny-clip, scripted:judge]",
                   f"train.select_by=ensemble:{paths},penalty=1", "train.stop_after_drops=1")
     result = train(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -283,7 +283,7 @@ def test_bf16_run_with_judges_and_ensemble_logs_finite_numbers(tmp_path, critic_
     for key in ("train/reward/critic_0", "train/reward/critic_1", "train/reward/critic_std"):
         assert all(math.isfinite(r[key]) for r in trains), key
     assert all(r["train/reward/critic_std"] > 0 for r in trains)
-    for key in ("eval/heldout/clip:tiny-clip", "eval/heldout/scripted:", f"eval/heldout/ensemble:{paths},penalty=1",
+    for key in ("eval/heldout/clip:tiny-clip", "eval/heldout/scripted:judge", f"eval/heldout/ensemble:{paths},penalty=1",
                 "eval/diversity"):
         assert all(math.isfinite(r[key]) for r in evals), key
     assert (out / "lora_best" / "pytorch_lora_weights.safetensors").is_file()
@@ -299,3 +299,25 @@ def test_curve_marks_the_best_update(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png", best_update=2)
     assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_two_processes_stop_together(tmp_path):
+    """Validation and its judges run on the main process only; the stop must reach the other rank too
+    (otherwise it waits forever in the next update's all-reduce)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    out = tmp_path / "ddp"
+    overrides = [o for o in _overrides(out, 6) if not o.startswith("train.output_dir")]
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "tests/guard_multiproc_worker.py", str(out), *overrides,
+           "train.select_by=scripted:judge", "train.stop_after_drops=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"updates": 4, "stopped_early_at": 4}
+    state = json.loads((out / "checkpoints" / "update-000004" / "state.json").read_text())
+    assert state["best_update"] == 2 and state["drops"] == 2
