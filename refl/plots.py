@@ -7,6 +7,8 @@ from pathlib import Path
 
 from runkit.logs import read_metrics
 
+HELDOUT = "eval/heldout/"  # refl.guard.HELDOUT_PREFIX (plots stay importable without the guard's imports)
+
 
 def _eval_keys(records: list[dict]) -> list[str]:
     """eval/reward, then each eval/heldout/<spec> judge, then eval/diversity: what validation logged."""
@@ -34,9 +36,11 @@ def plot_curve(metrics_path: Path, out_png: Path, best_update: int | None = None
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, panels):
         source = rows if key.startswith("train/") else [r for r in records if key in r]
-        ax.plot([r["update"] for r in source], [r[key] for r in source], "-" if key.startswith("train/") else "o-")
+        ax.plot([r["update"] for r in source], [r[key] for r in source], "-" if key.startswith("train/") else "o-",
+                label="training batches" if key == "train/reward" else None)
         ax.set_xlabel("update")
-        ax.set_title(key.removeprefix("eval/heldout/"), fontsize=9)
+        title = "held-out " + key.removeprefix(HELDOUT) if key.startswith(HELDOUT) else key
+        ax.set_title(title, fontsize=9)
         if best_update is not None:
             ax.axvline(best_update, color="tab:red", linestyle="--", linewidth=1, label=f"best (update {best_update})")
     for ax in list(axes.flat)[len(panels):]:

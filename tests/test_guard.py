@@ -274,7 +274,8 @@ def test_bf16_run_with_judges_and_ensemble_logs_finite_numbers(tmp_path, critic_
     out = tmp_path / "bf16"
     cfg = _config(out, 3, "train.mixed_precision=bf16", "reward.kind=critic", f"reward.critic=[{paths}]",
                   "reward.ensemble_penalty=1.0", "train.heldout_evaluators=[clip:tiny-clip, scripted:judge]",
-                  f"train.select_by=ensemble:{paths},penalty=1", "train.stop_after_drops=1")
+                  f"train.select_by=ensemble:{paths},penalty=1", "train.stop_after_drops=1",
+                  "train.log_with=tensorboard")
     result = train(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in records if "train/reward" in r]
@@ -287,7 +288,7 @@ def test_bf16_run_with_judges_and_ensemble_logs_finite_numbers(tmp_path, critic_
                 "eval/diversity"):
         assert all(math.isfinite(r[key]) for r in evals), key
     assert (out / "lora_best" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "training_curve.png").is_file()
+    assert (out / "training_curve.png").is_file() and any((out / "tb").iterdir())
 
 
 def test_curve_marks_the_best_update(tmp_path):
