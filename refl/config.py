@@ -29,7 +29,7 @@ class RewardConfig:
     # x their population std, the uncertainty-penalised objective of Coste et al., ICLR 2024.
     critic: str | list[str] = "toy-clip"
     # Ensemble only: weight k of the members' standard deviation subtracted from their mean, in reward units
-    # per std (0 = the plain mean; Coste et al. use k ~ 1 for calibrated members).
+    # per std (0 = the plain mean of the members).
     ensemble_penalty: float = 0.0
     # Weights of the standard reward models: kind -> argument of its spec, i.e. a local path (file layouts
     # in reward/standard.py), a hub id, or "" for the default hub id; options follow commas, e.g.
