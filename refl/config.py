@@ -24,8 +24,13 @@ class RewardConfig:
     # `standard`), "mix" (the weighted sum in `mix`), or the synthetic "brightness" / "contrast" rewards
     # for smoke tests.
     kind: str = "critic"
-    # Critic checkpoint directory (reward/ training output) or open_clip "name[:pretrained]"; frozen.
-    critic: str = "toy-clip"
+    # Critic checkpoint directory (reward/ training output) or open_clip "name[:pretrained]"; frozen. A list
+    # of several makes an ensemble (reward.ensemble.CriticEnsemble): reward = members' mean - ensemble_penalty
+    # x their population std, the uncertainty-penalised objective of Coste et al., ICLR 2024.
+    critic: str | list[str] = "toy-clip"
+    # Ensemble only: weight k of the members' standard deviation subtracted from their mean, in reward units
+    # per std (0 = the plain mean of the members).
+    ensemble_penalty: float = 0.0
     # Weights of the standard reward models: kind -> argument of its spec, i.e. a local path (file layouts
     # in reward/standard.py), a hub id, or "" for the default hub id; options follow commas, e.g.
     # {hpsv2: weights/HPS_v2_compressed.pt, aesthetic: "weights,backbone=ViT-L-14:weights/vit-l-14.bin"}.
@@ -93,6 +98,17 @@ class TrainConfig(TrainSettings):
     validation_steps: int = 40
     # Classifier-free guidance for validation images (1 = off).
     validation_guidance: float = 1.0
+    # Held-out judges of the validation images, evaluator specs of reward.evaluators (e.g. "clip:tiny-clip",
+    # "critic:runs/critic_b", "oracle:", "hpsv2:weights/HPS_v2_compressed.pt"); each judge's mean score is
+    # logged as eval/heldout/<spec> beside eval/reward. They never reach the gradient. On the command line
+    # quote a spec that ends in ':' (YAML reads `oracle:` as a mapping): --set 'train.select_by="oracle:"'.
+    heldout_evaluators: list[str] = field(default_factory=list)
+    # Evaluator spec that selects the LoRA (a judge; added to heldout_evaluators if not listed): the
+    # validation with its highest mean score saves <output_dir>/lora_best/. "" = no selection.
+    select_by: str = ""
+    # Stop once the select_by judge has dropped this many validations in a row (see refl/guard.py for
+    # what a drop is: the judge falls while eval/reward rises); 0 = never stop early.
+    stop_after_drops: int = 0
 
 
 @dataclass
@@ -114,3 +130,23 @@ class ReflConfig:
         self.train.check()
         if self.train.max_updates < 1:
             raise ValueError("train.max_updates must be >= 1")
+        check_guard_config(self.train)
+        critics = [self.reward.critic] if isinstance(self.reward.critic, str) else self.reward.critic
+        if not critics or not all(critics):
+            raise ValueError(f"reward.critic needs a checkpoint or a non-empty list of them, got {self.reward.critic!r}")
+        if self.reward.ensemble_penalty < 0:
+            raise ValueError(f"reward.ensemble_penalty must be >= 0, got {self.reward.ensemble_penalty}")
+
+
+def check_guard_config(t: TrainConfig) -> None:
+    """Selection and early stopping act at validations: without validation prompts they never could, which
+    is a config error (the run would silently train without its guard). Too few validations for them to
+    matter is only warned about at start-up (refl.guard.warn_if_too_few_validations): a shortened smoke
+    run of a real experiment config (e.g. --set train.max_updates=2) should still run."""
+    if t.stop_after_drops < 0:
+        raise ValueError(f"train.stop_after_drops must be >= 0, got {t.stop_after_drops}")
+    if t.stop_after_drops > 0 and not t.select_by:
+        raise ValueError("train.stop_after_drops needs train.select_by: the judge whose drops stop the run")
+    if (t.select_by or t.stop_after_drops) and not t.validation_prompts:
+        raise ValueError("train.select_by / train.stop_after_drops act at validations, but "
+                         "train.validation_prompts is empty (no validation happens); add validation prompts")

@@ -6,23 +6,41 @@ factory `(cfg: RewardConfig, device, dtype=..., gradient_checkpointing=...) -> R
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from refl.config import RewardConfig
 from refl.step import RewardFn
 from reward.standard import STANDARD_KINDS
 
+logger = logging.getLogger(__name__)
 
-def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
-                   gradient_checkpointing: bool = False) -> RewardFn:
+
+def _frozen_critic(path: str, device, dtype: torch.dtype, gradient_checkpointing: bool):
     import reward
 
-    critic = reward.load(cfg.critic, device=device)
+    critic = reward.load(path, device=device)
     critic.requires_grad_(False).eval()  # frozen: gradients pass through it to the images, never into it
     # The towers in the base's dtype (a ViT-L-14 is 1.7 GB in fp32); calibration buffers stay fp32.
     critic.clip.to(dtype)
     critic.set_grad_checkpointing(gradient_checkpointing)
     return critic
+
+
+def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+                   gradient_checkpointing: bool = False) -> RewardFn:
+    """One critic, or with several in reward.critic their ensemble (mean - ensemble_penalty x std)."""
+    from reward.ensemble import CriticEnsemble
+
+    paths = [cfg.critic] if isinstance(cfg.critic, str) else list(cfg.critic)
+    members = [_frozen_critic(p, device, dtype, gradient_checkpointing) for p in paths]
+    if len(members) == 1:
+        if cfg.ensemble_penalty:
+            logger.warning("reward.ensemble_penalty=%g has no effect with a single critic", cfg.ensemble_penalty)
+        return members[0]
+    logger.info("critic ensemble of %d: reward = mean - %g x std", len(members), cfg.ensemble_penalty)
+    return CriticEnsemble(members, cfg.ensemble_penalty)
 
 
 def _brightness_reward(cfg: RewardConfig, device, **_) -> RewardFn:

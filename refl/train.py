@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from refl import guard
 from refl.components import DTYPES, SDComponents, load_components
-from refl.config import ReflConfig
+from refl.config import ReflConfig, TrainConfig
 from refl.lora import add_lora, load_lora_state, lora_state, save_lora
 from refl.plots import plot_curve
 from refl.prompts import load_prompts, prompts_for, seed_for
@@ -40,7 +41,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainState:
+    """Saved as each checkpoint's state.json (flat, JSON-able), restored on --resume."""
+
     update: int = 0  # optimizer updates done
+    # train.select_by (refl/guard.py): the judge's best mean score so far (None before the first
+    # validation) and the update whose LoRA scored it (saved as lora_best/).
+    best_score: float | None = None
+    best_update: int = 0
+    # train.stop_after_drops: drops in a row so far, and the previous validation's judge score and
+    # eval/reward that the next validation is compared with (None before the first validation).
+    drops: int = 0
+    prev_score: float | None = None
+    prev_reward: float | None = None
+    # The update the run stopped at because the judge dropped stop_after_drops times (None: it did not).
+    stopped_early_at: int | None = None
 
 
 class LoraCheckpointState:
@@ -73,8 +87,10 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
 
 @torch.no_grad()
 def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, update: int, out: Path,
-             run_logger: RunLogger) -> float:
-    """Fixed prompts and seeds -> image grid PNG (+ TensorBoard) and mean reward."""
+             run_logger: RunLogger, judges: dict | None = None) -> dict[str, float]:
+    """Fixed prompts and seeds -> image grid PNG (+ TensorBoard) and eval metrics: the mean reward
+    (eval/reward), each held-out judge's mean score (eval/heldout/<spec>) and the images' diversity
+    (eval/diversity, when there are 2+ images per prompt); see refl/guard.py."""
     from torchvision.utils import make_grid, save_image
 
     t = cfg.train
@@ -87,14 +103,18 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
             images = sample(make_pipeline(components, cfg.refl.scheduler), prompts, output="pt", batch_size=4,
                             num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
                             generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
-            score = reward_fn(images, prompts).float().mean().item()
+            metrics = {"eval/reward": reward_fn(images, prompts).float().mean().item()}
     finally:
         components.unet.train(was_training)
+    metrics.update(guard.judge(judges or {}, images, prompts))
+    diversity = guard.pixel_diversity(images, t.validation_images_per_prompt)
+    if diversity is not None:
+        metrics["eval/diversity"] = diversity
     grid = make_grid(images.float().cpu(), nrow=t.validation_images_per_prompt * 4, padding=1)
     (out / "samples").mkdir(exist_ok=True)
     save_image(grid, out / "samples" / f"update-{update:06d}.png")
     run_logger.image(update, "eval/samples", grid)
-    return score
+    return metrics
 
 
 def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float, name: str) -> tuple[float, bool]:
@@ -171,6 +191,20 @@ def _update_metrics(terms, accelerator, grad_norm: float, lr: float, skipped: bo
     return metrics
 
 
+def _select(components: SDComponents, state: TrainState, evals: dict[str, float], t: TrainConfig,
+            out: Path) -> bool:
+    """Main process: fold a validation into the selection, save lora_best/ on a new best; returns
+    whether the run should stop (the select_by judge dropped stop_after_drops times in a row)."""
+    score = evals[guard.HELDOUT_PREFIX + t.select_by]
+    if guard.track(state, score, evals["eval/reward"]):
+        save_lora(components, out / "lora_best")  # atomic: a crash never leaves half a lora_best
+        logger.info("update %d: %s = %.4g, the best so far: saved lora_best", state.update, t.select_by, score)
+    if state.drops:
+        logger.info("update %d: %s dropped while eval/reward rose, %d time(s) in a row", state.update,
+                    t.select_by, state.drops)
+    return t.stop_after_drops > 0 and state.drops >= t.stop_after_drops
+
+
 def _due(every: int, update: int, last: int) -> bool:
     return update == last or (every > 0 and update % every == 0)
 
@@ -196,6 +230,9 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     components, params, optimizer, lr_sched = _prepare(cfg, accelerator)
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
                                           t.gradient_checkpointing)
+    guard.warn_if_too_few_validations(t)
+    # Validation runs on the main process only, and so do its judges.
+    judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
     state = TrainState()
     ckpt = find_checkpoint(out, t.resume)
     if ckpt is not None:
@@ -206,7 +243,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
 
     bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process, desc="ReFL")
     metrics: dict[str, float] = {}
-    while state.update < t.max_updates:
+    while state.update < t.max_updates and state.stopped_early_at is None:
         terms = _micro_batches(components, cfg, prompts, reward_fn, reg_pool, state.update, accelerator)
         _all_reduce_grads(params, accelerator)
         current_lr = lr_sched.get_last_lr()[0]
@@ -218,18 +255,32 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         if _due(t.log_every, state.update, t.max_updates):
             run_logger.scalars(state.update, metrics)
             bar.set_postfix(reward=f"{metrics['train/reward']:.4f}", loss=f"{metrics['train/loss']:.4g}")
-        if t.validation_prompts and _due(t.validate_every, state.update, t.max_updates) and accelerator.is_main_process:
-            score = validate(components, cfg, reward_fn, state.update, out, run_logger)
-            run_logger.scalars(state.update, {"eval/reward": score})
-        if _due(t.checkpoint_every, state.update, t.max_updates):
+        stop = False
+        if t.validation_prompts and _due(t.validate_every, state.update, t.max_updates):
+            if accelerator.is_main_process:
+                evals = validate(components, cfg, reward_fn, state.update, out, run_logger, judges)
+                run_logger.scalars(state.update, evals)
+                if t.select_by:
+                    stop = _select(components, state, evals, t, out)
+            if t.select_by:
+                stop = guard.share(state, stop, accelerator)
+        if stop:
+            state.stopped_early_at = state.update
+            logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward rose; "
+                           "lora_best/ is update %d", state.update, t.select_by, state.drops, state.best_update)
+        if stop or _due(t.checkpoint_every, state.update, t.max_updates):
             save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
                             write_files=lambda folder: save_lora(components, folder / "lora"))
     bar.close()
 
-    result = {"output_dir": str(out), "updates": state.update, **metrics}
+    result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at, **metrics}
+    if t.select_by:
+        result.update({"lora_best": str(out / "lora_best"), "best_update": state.best_update,
+                       "best_score": state.best_score})
     if accelerator.is_main_process:
         result["lora"] = str(save_lora(components, out / "lora"))
-        curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png")
+        curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",
+                           best_update=state.best_update if t.select_by else None)
         result["curve"] = str(curve) if curve else None
         write_json(out / "result.json", result)
     run_logger.close()

@@ -5,6 +5,8 @@ An evaluator is a callable `(images, prompts) -> np.ndarray` of shape (N,), high
 strings. Specs are `kind:argument` strings resolved through the `EVALUATORS` registry:
 
 - `critic:PATH_OR_NAME`  a Social Reward critic (`reward.load`): its calibrated score;
+- `ensemble:A,B[,...][,penalty=K]`  critics A, B, ... (each as `critic:` reads it) as one
+                         reward.ensemble.CriticEnsemble: mean - K x std of their calibrated scores (K = 0);
 - `clip:NAME`            CLIP score, 100 * cos(text, image), of an untuned open_clip model
                          (`ViT-L-14:openai`, or a shipped config such as `tiny-clip`);
 - `pickscore:PATH`, `hpsv2:PATH`, `hpsv21:PATH`, `imagereward:PATH`, `aesthetic:PATH`, `clipscore:NAME`:
@@ -135,6 +137,38 @@ def _critic_factory(argument: str, device: str) -> CriticEvaluator:
     return CriticEvaluator(f"critic:{argument}", reward.load(argument, device=device))
 
 
+class EnsembleEvaluator:
+    """A reward.ensemble.CriticEnsemble as an evaluator: mean - penalty x std, in batches, without gradient."""
+
+    def __init__(self, name: str, model, batch_size: int = 64):
+        self.name = name
+        self.model = model
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = images_to_tensor(images[start : start + self.batch_size], self.model.device)  # (b, 3, H, W)
+            out.append(self.model(x, list(prompts[start : start + self.batch_size])).double().cpu())  # (b,)
+        return torch.cat(out).numpy()  # (N,)
+
+
+def _ensemble_factory(argument: str, device: str) -> EnsembleEvaluator:
+    import reward
+    from reward.ensemble import CriticEnsemble
+
+    parts = [p for p in argument.split(",") if p]
+    options = dict(p.split("=", 1) for p in parts if "=" in p)
+    unknown = sorted(set(options) - {"penalty"})
+    if unknown:
+        raise ValueError(f"ensemble:{argument}: unknown option(s) {unknown}; the one option is penalty=K")
+    members = [reward.load(p, device=device) for p in parts if "=" not in p]
+    return EnsembleEvaluator(f"ensemble:{argument}", CriticEnsemble(members, float(options.get("penalty", 0.0))))
+
+
 def _clip_factory(argument: str, device: str) -> CriticEvaluator:
     import reward
 
@@ -144,6 +178,7 @@ def _clip_factory(argument: str, device: str) -> CriticEvaluator:
 EVALUATORS: dict[str, Factory] = {
     "critic": _critic_factory,
     "clip": _clip_factory,
+    "ensemble": _ensemble_factory,
     # The standard reward models; their loaders import open_clip / transformers only when called.
     **{kind: _standard_factory(kind) for kind in STANDARD_KIND_NAMES},
 }
@@ -227,6 +262,8 @@ def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
         evaluator = _Checked(spec, evaluator)
     evaluator.name = spec
     # What its scores are cached under: the spec and the content of the files it names.
-    evaluator.fingerprint = f"{spec}|{_standard_content_hash(argument) if kind in STANDARD_KINDS else content_hash(argument)}"
+    # Standard and ensemble arguments name several files (comma-separated): each one is hashed.
+    several = kind in STANDARD_KINDS or kind == "ensemble"
+    evaluator.fingerprint = f"{spec}|{_standard_content_hash(argument) if several else content_hash(argument)}"
     logger.info("evaluator %s ready", spec)
     return evaluator
