@@ -63,7 +63,7 @@ def _demo_refl() -> ReflConfig:
                         # The toy SD needs guidance for prompt fidelity and every image the demo evaluates is
                         # guided, so the LoRA is trained on guided trajectories too.
                         guidance_scale=4.0),
-        train=ReflTrainConfig(max_updates=120, batch_size=8, gradient_accumulation=1, lr=3e-3, validate_every=40,
+        train=ReflTrainConfig(max_updates=120, batch_size=8, gradient_accumulation=1, lr=3e-3, validate_every=10,
                               checkpoint_every=40, resume="latest"))
 
 
@@ -105,6 +105,14 @@ class DemoConfig:
     guidance_scale: float = 4.0
     # Held-out prompts in the comparison.
     compare_prompts: int = 16
+    # Critics trained on the community's pairs: 1 = one critic; k > 1 trains k - 1 more members (seeds
+    # critic.train.seed + 1, ...) and ReFL's reward is their ensemble (mean - refl.reward.ensemble_penalty x
+    # std). The selector of best-of-N stays the first critic.
+    critic_members: int = 1
+    # Held-out validation prompts for ReFL's judges (refl.train.heldout_evaluators, default: the zero-shot
+    # CLIP, the oracle and prompt fidelity): the last ones of the held-out split, apart from those that
+    # measure the critic and the comparison, so selecting by a judge never sees the evaluation's prompts.
+    validation_prompts: int = 8
     # Denoising-regulariser data: this many renders of training prompts (the world's own pre-training data,
     # as ImageReward uses its pre-training set); 0 = base-model samples (refl.data.reg_images unset).
     reg_renders: int = 0
@@ -139,14 +147,14 @@ class DemoConfig:
 FILLED_BY_DEMO = {
     "critic": ["critic.pretrained", "data.train", "train.output_dir"],
     "refl": ["model.name", "reward.critic", "data.prompts_file", "data.reg_images", "data.reg_pool_size",
-             "train.output_dir", "train.validation_steps", "train.validation_guidance"],
+             "train.output_dir", "train.validation_steps", "train.validation_guidance", "train.validation_prompts"],
     "compare": ["model.name", "lora", "prompts", "num_inference_steps", "guidance_scale", "selector", "evaluators",
                 "output_dir"],
 }
 FILLED_BY_DEMO_WHY = {
     "critic": "clip_model, the community's pairs, output_dir/critic",
-    "refl": "sd_model, the trained critic, the training prompts, reg_renders, output_dir/refl, sample_steps, "
-            "guidance_scale",
+    "refl": "sd_model, the trained critic(s), the training prompts, reg_renders, output_dir/refl, sample_steps, "
+            "guidance_scale, validation_prompts",
     "compare": "sd_model, the ReFL LoRA, compare_prompts, sample_steps, guidance_scale, the critic, clip_model, "
                "output_dir",
 }
@@ -163,7 +171,7 @@ QUICK = {
     "community.oracle_pair_prompts": 12, "critic.train.epochs": 2, "refl.train.max_updates": 6,
     "refl.train.batch_size": 4, "refl.train.validate_every": 2, "refl.train.checkpoint_every": 2,
     "refl.refl.num_inference_steps": 10, "refl.refl.cut_range": [6, 9], "sample_steps": 10, "compare_prompts": 4,
-    "compare.n_samples": 8, "compare.batch_size": 8,
+    "compare.n_samples": 8, "compare.batch_size": 8, "validation_prompts": 4,
 }
 
 
@@ -256,7 +264,8 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
 
     summary_file = out / "critic_summary.json"
     exp = critic_config(cfg, pairs, out)
-    settings = to_dict(replace(exp, train=replace(exp.train, output_dir="", resume="")))
+    settings = {**to_dict(replace(exp, train=replace(exp.train, output_dir="", resume=""))),
+                "members": cfg.critic_members}
     done = enter_stage(out, summary_file, settings,
                        {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
                         "clip_model": cfg.clip_model})
@@ -266,31 +275,48 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
     truth = load_pairs(oracle_pairs)
     tuned = evaluate_pairs(reward.load(out / "critic"), truth)
     zero_shot = evaluate_pairs(reward.load(cfg.clip_model), truth)
+    members = [str(out / "critic")]
+    # The ensemble: the same pairs and starting CLIP; another seed gives another data order (and head init).
+    for k in range(1, cfg.critic_members):
+        member_dir = out / f"member-{k}"
+        train(replace(exp, train=replace(exp.train, seed=exp.train.seed + k, output_dir=str(member_dir))))
+        members.append(str(member_dir / "critic"))
     summary = {"critic": str(out / "critic"), "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
-               "chance": 0.5}
+               "chance": 0.5, "members": members,
+               "members_accuracy_vs_oracle": [evaluate_pairs(reward.load(m), truth)["pairwise_accuracy"]
+                                              for m in members[1:]]}
     write_json(summary_file, summary)
     return summary
 
 
-def refl_config(cfg: DemoConfig, critic: str, prompts_file: Path, out: Path, reg_table: Path | None) -> ReflConfig:
+def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, out: Path,
+                reg_table: Path | None) -> ReflConfig:
     """The demo's ReFL config with the fields the demo fills."""
+    from toyworld.world import split_prompts
+
     r = cfg.refl
     data = replace(r.data, prompts_file=str(prompts_file))
     if reg_table is not None:
         data = replace(data, reg_images=str(reg_table), reg_pool_size=cfg.reg_renders)
+    held = split_prompts(seed=0)[1]
+    judges = r.train.heldout_evaluators or [f"clip:{cfg.clip_model}", "oracle:", "fidelity:"]
+    train = replace(r.train, output_dir=str(out), validation_steps=cfg.sample_steps,
+                    validation_guidance=cfg.guidance_scale, heldout_evaluators=judges,
+                    validation_prompts=held[len(held) - cfg.validation_prompts:] if cfg.validation_prompts else [])
     return replace(r, model=replace(r.model, name=cfg.sd_model), reward=replace(r.reward, critic=critic), data=data,
-                   train=replace(r.train, output_dir=str(out), validation_steps=cfg.sample_steps,
-                                 validation_guidance=cfg.guidance_scale))
+                   train=train)
 
 
-def stage_refl(cfg: DemoConfig, critic: str, train_prompts: list[str], out: Path) -> dict:
+def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str], out: Path) -> dict:
     from refl.train import train
 
     result_file = out / "result.json"
     rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "reg_renders" / "captions.parquet"
                        if cfg.reg_renders else None)
     settings = to_dict(replace(rcfg, train=replace(rcfg.train, output_dir="", resume="")))
-    done = enter_stage(out, result_file, settings, {"sd_model": cfg.sd_model, "critic": critic})
+    critics = [critic] if isinstance(critic, str) else critic
+    done = enter_stage(out, result_file, settings,
+                       {"sd_model": cfg.sd_model, **{f"critic_{k}": c for k, c in enumerate(critics)}})
     if done is not None:
         return done
     out.mkdir(parents=True, exist_ok=True)
@@ -394,6 +420,16 @@ def realism_text(comm: dict) -> str:
             f"{html.escape(verdict)}. ")
 
 
+def training_section(out: Path) -> str:
+    """ReFL's training curve with its held-out judges (refl/training_curve.png), for report.html."""
+    if not (out / "refl" / "training_curve.png").is_file():
+        return ""
+    return ("<h2>ReFL while training</h2><p class='note'>The training reward against updates, and at every "
+            "validation the held-out judges (never in the gradient) on validation prompts apart from the "
+            "comparison's: a reward that rises while they fall is being hacked. A dashed line marks the update "
+            "train.select_by chose, when set.</p><img src='refl/training_curve.png' style='max-width:100%'>")
+
+
 def critic_section(summary: dict) -> str:
     """The demo's own numbers, placed at the top of report.html."""
     crit, comm = summary["critic"], summary["community"]["community"]
@@ -438,7 +474,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     critic = stage_critic(cfg, community["community"]["parquet"], community["oracle_pairs"], out / "critic")
     timings["critic_s"] = time.perf_counter() - t0 - sum(timings.values())
     train_prompts, held = split_prompts(seed=0)
-    refl = stage_refl(cfg, critic["critic"], train_prompts, out / "refl")
+    members = critic.get("members", [critic["critic"]])
+    refl = stage_refl(cfg, members if len(members) > 1 else critic["critic"], train_prompts, out / "refl")
     timings["refl_s"] = time.perf_counter() - t0 - sum(timings.values())
     results, ccfg = stage_compare(cfg, components, critic["critic"], refl["lora"], out)
     timings["compare_s"] = time.perf_counter() - t0 - sum(timings.values())
@@ -452,7 +489,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
-    preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"])
+    preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"]) + training_section(out)
     summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
     write_json(out / "summary.json", _jsonable(summary))
     return summary
