@@ -16,9 +16,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/demo", help="output folder (report.html lands here)")
     parser.add_argument("--quick", action="store_true", help="a small run (about 3 minutes) for smoke tests")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a DemoConfig field, e.g. --set refl_updates=30")
+                        help="override a DemoConfig field, e.g. --set refl.train.max_updates=30")
+    parser.add_argument("--until", default="compare", choices=["community", "critic", "refl", "compare"],
+                        help="stop after this stage (e.g. community: look at the feedback before training on it)")
     args = parser.parse_args(argv)
-    return demo_main(args.out, args.quick, args.overrides)
+    return demo_main(args.out, args.quick, args.overrides, args.until)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ def test_rerun_reuses_every_stage(quick_demo, capsys):
     assert demo_main(str(quick_demo), quick=True, overrides=[]) == 0
     assert {p: p.stat().st_mtime for p in (quick_demo / "samples").rglob("*.npz")} == before
     assert "critic vs oracle" in capsys.readouterr().out
+    # Stopping after the community stage reports the feedback and its realism, nothing after it.
+    assert demo_main(str(quick_demo), quick=True, overrides=[], until="community") == 0
+    printed = capsys.readouterr().out
+    assert "realistic:" in printed and "critic vs oracle" not in printed
 
 
 def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo, tmp_path):

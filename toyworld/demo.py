@@ -457,8 +457,16 @@ def critic_section(summary: dict) -> str:
     )
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+STAGES = ("community", "critic", "refl", "compare")
+
+
+def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
+    """Every stage up to and including `until` (e.g. "community" to look at the feedback before any
+    method is trained on it); the report needs all of them."""
     from refl.components import load_components
+
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     from toyworld.world import split_prompts
 
     out = Path(cfg.output_dir)
@@ -471,12 +479,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings = {}
     community = stage_community(cfg, components, out / "community")
     timings["community_s"] = time.perf_counter() - t0
+    if until == "community":
+        return {"community": community, "timings": timings}
     critic = stage_critic(cfg, community["community"]["parquet"], community["oracle_pairs"], out / "critic")
     timings["critic_s"] = time.perf_counter() - t0 - sum(timings.values())
+    if until == "critic":
+        return {"community": community, "critic": critic, "timings": timings}
     train_prompts, held = split_prompts(seed=0)
     members = critic.get("members", [critic["critic"]])
     refl = stage_refl(cfg, members if len(members) > 1 else critic["critic"], train_prompts, out / "refl")
     timings["refl_s"] = time.perf_counter() - t0 - sum(timings.values())
+    if until == "refl":
+        return {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings}
     results, ccfg = stage_compare(cfg, components, critic["critic"], refl["lora"], out)
     timings["compare_s"] = time.perf_counter() - t0 - sum(timings.values())
     base_report = Path(cfg.sd_model) / "pretrain_report.json"
@@ -518,7 +532,7 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def demo_main(out: str, quick: bool, overrides: list[str]) -> int:
+def demo_main(out: str, quick: bool, overrides: list[str], until: str = "compare") -> int:
     from runkit.config import load_config
 
     setup_logging()
@@ -529,26 +543,30 @@ def demo_main(out: str, quick: bool, overrides: list[str]) -> int:
     except ConfigError as err:
         logger.error("%s", err)
         return 2
-    summary = run_demo(cfg)
+    summary = run_demo(cfg, until)
     print(format_summary(summary))
     return 0
 
 
 def format_summary(summary: dict) -> str:
     """The one screen a newcomer reads at the end."""
-    crit = summary["critic"]
-    acc, zs = crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"]
+    comm = summary["community"]["community"]
+    realism = comm.get("realism", {})
     lines = [
         "",
         "=" * 72,
         "social-refl demo (toy world)",
         "-" * 72,
-        f"community pairs: {summary['community']['community']['n_pairs']} "
-        f"({summary['community']['community']['oracle_agreement']:.1%} agree with the hidden taste)",
-        f"critic vs oracle on held-out pairs: {acc['pairwise_accuracy']:.1%} "
-        f"[{acc['ci95'][0]:.1%}, {acc['ci95'][1]:.1%}]   zero-shot CLIP: {zs['pairwise_accuracy']:.1%}   "
-        f"chance: 50%",
+        f"community pairs: {comm['n_pairs']} ({comm['oracle_agreement']:.1%} agree with the hidden taste; "
+        f"realistic: {realism.get('realistic')}, terms varying but not carried: "
+        f"{realism.get('uncarried_varying_terms')})",
     ]
+    if "critic" in summary:
+        crit = summary["critic"]
+        acc, zs = crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"]
+        lines.append(f"critic vs oracle on held-out pairs: {acc['pairwise_accuracy']:.1%} "
+                     f"[{acc['ci95'][0]:.1%}, {acc['ci95'][1]:.1%}]   zero-shot CLIP: {zs['pairwise_accuracy']:.1%}"
+                     "   chance: 50%")
     compare = summary.get("compare")
     if compare:
         lines += ["-" * 72] + compare_lines(compare)
