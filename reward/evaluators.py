@@ -103,8 +103,9 @@ class CriticEvaluator:
         return self.score_and_embed(images, prompts)[0]
 
 
-class StandardEvaluator:
-    """A standard reward model (reward.standard) as an evaluator: its score, in batches, without gradient."""
+class ModelEvaluator:
+    """A differentiable reward model `(images (B, 3, H, W) in [0, 1], prompts) -> (B,)` (a standard reward
+    model of reward.standard, or a critic ensemble) as an evaluator: its score, in batches, without gradient."""
 
     def __init__(self, name: str, model, batch_size: int = 16):
         self.name = name
@@ -122,11 +123,11 @@ class StandardEvaluator:
         return torch.cat(out).numpy()  # (N,)
 
 
-def _standard_factory(kind: str) -> Callable[[str, str], StandardEvaluator]:
-    def factory(argument: str, device: str) -> StandardEvaluator:
+def _standard_factory(kind: str) -> Callable[[str, str], ModelEvaluator]:
+    def factory(argument: str, device: str) -> ModelEvaluator:
         from reward.standard import load_standard
 
-        return StandardEvaluator(f"{kind}:{argument}", load_standard(f"{kind}:{argument}", device=device))
+        return ModelEvaluator(f"{kind}:{argument}", load_standard(f"{kind}:{argument}", device=device))
 
     return factory
 
@@ -137,26 +138,7 @@ def _critic_factory(argument: str, device: str) -> CriticEvaluator:
     return CriticEvaluator(f"critic:{argument}", reward.load(argument, device=device))
 
 
-class EnsembleEvaluator:
-    """A reward.ensemble.CriticEnsemble as an evaluator: mean - penalty x std, in batches, without gradient."""
-
-    def __init__(self, name: str, model, batch_size: int = 64):
-        self.name = name
-        self.model = model
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = images_to_tensor(images[start : start + self.batch_size], self.model.device)  # (b, 3, H, W)
-            out.append(self.model(x, list(prompts[start : start + self.batch_size])).double().cpu())  # (b,)
-        return torch.cat(out).numpy()  # (N,)
-
-
-def _ensemble_factory(argument: str, device: str) -> EnsembleEvaluator:
+def _ensemble_factory(argument: str, device: str) -> ModelEvaluator:
     import reward
     from reward.ensemble import CriticEnsemble
 
@@ -166,7 +148,8 @@ def _ensemble_factory(argument: str, device: str) -> EnsembleEvaluator:
     if unknown:
         raise ValueError(f"ensemble:{argument}: unknown option(s) {unknown}; the one option is penalty=K")
     members = [reward.load(p, device=device) for p in parts if "=" not in p]
-    return EnsembleEvaluator(f"ensemble:{argument}", CriticEnsemble(members, float(options.get("penalty", 0.0))))
+    return ModelEvaluator(f"ensemble:{argument}", CriticEnsemble(members, float(options.get("penalty", 0.0))),
+                          batch_size=64)
 
 
 def _clip_factory(argument: str, device: str) -> CriticEvaluator:
