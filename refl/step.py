@@ -275,10 +275,12 @@ def _alignprop(ctx: _Ctx, latents):
     cut = ctx.draw_cut()
     latents = ctx.run_no_grad(latents, timesteps[:cut])
     with _phase(ctx.timer, "grad_step"):
+        # With the UNet checkpointing its blocks (train.gradient_checkpointing), each AlignProp call is
+        # recomputed whole too: otherwise every step's activations between blocks stay alive. (The flag
+        # walks every module, so it is read once per trajectory.)
+        whole_calls = ctx.components.unet.is_gradient_checkpointing
         for t in timesteps[cut:]:
-            # With the UNet checkpointing its blocks (train.gradient_checkpointing), each AlignProp call is
-            # recomputed whole too: otherwise every step's activations between blocks stay alive.
-            if ctx.components.unet.is_gradient_checkpointing:
+            if whole_calls:
                 eps = checkpoint(ctx.eps, latents, t, use_reentrant=False)
             else:
                 eps = ctx.eps(latents, t)

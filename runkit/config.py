@@ -264,6 +264,16 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
         data = _merge(data, loaded)
+    return _apply_overrides(cls, data, overrides)
+
+
+def override(cfg: T, overrides: list[str] = ()) -> T:
+    """`cfg` with `a.b=c` overrides applied, validated like load_config's."""
+    return _apply_overrides(type(cfg), to_dict(cfg), overrides)
+
+
+def _apply_overrides(cls: type[T], data: dict, overrides) -> T:
+    """Each `a.b=c` merged into `data` in turn, checked as it comes (the error names that override)."""
     for text in overrides or ():
         update = parse_override(text)
         if message := _renamed_message(cls, update):
@@ -274,21 +284,6 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         except ConfigError as err:
             raise ConfigError(f"--set {text}: {err}") from err
     return _from_dict(cls, data)
-
-
-def override(cfg: T, overrides: list[str] = ()) -> T:
-    """`cfg` with `a.b=c` overrides applied, validated like load_config's."""
-    data = to_dict(cfg)
-    for text in overrides or ():
-        update = parse_override(text)
-        if message := _renamed_message(type(cfg), update):
-            raise ConfigError(f"--set {text}: {message}")
-        data = _merge(data, update)
-        try:
-            _from_dict(type(cfg), data)
-        except ConfigError as err:
-            raise ConfigError(f"--set {text}: {err}") from err
-    return _from_dict(type(cfg), data)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

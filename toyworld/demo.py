@@ -195,6 +195,11 @@ def _sample(components, prompts: list[str], n: int, steps: int, guidance: float,
     return images
 
 
+def _trainer_settings(cfg) -> dict:
+    """A trainer stage's key settings: its resolved config without where it writes and how it resumes."""
+    return to_dict(replace(cfg, train=replace(cfg.train, output_dir="", resume="")))
+
+
 def enter_stage(out: Path, finished: Path, settings: dict, inputs: dict[str, str]) -> dict | None:
     """A stage's finished output if it was made from the same settings and input files; else None, after
     clearing the stage's folder (a retrained critic or a changed knob never resumes stale work).
@@ -264,8 +269,7 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
 
     summary_file = out / "critic_summary.json"
     exp = critic_config(cfg, pairs, out)
-    settings = {**to_dict(replace(exp, train=replace(exp.train, output_dir="", resume=""))),
-                "members": cfg.critic_members}
+    settings = {**_trainer_settings(exp), "members": cfg.critic_members}
     done = enter_stage(out, summary_file, settings,
                        {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
                         "clip_model": cfg.clip_model})
@@ -313,7 +317,7 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
     result_file = out / "result.json"
     rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "reg_renders" / "captions.parquet"
                        if cfg.reg_renders else None)
-    settings = to_dict(replace(rcfg, train=replace(rcfg.train, output_dir="", resume="")))
+    settings = _trainer_settings(rcfg)
     critics = [critic] if isinstance(critic, str) else critic
     done = enter_stage(out, result_file, settings,
                        {"sd_model": cfg.sd_model, **{f"critic_{k}": c for k, c in enumerate(critics)}})

@@ -135,9 +135,8 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
         ids[drop] = empty
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t.to(x0.device))
-        t = t.to(x0.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen).to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, t)
         hidden = text_encoder(ids.to(x0.device))[0]  # (B, L, D)
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         loss = F.mse_loss(pred, noise)

@@ -29,6 +29,11 @@ def _spread(values: list[float]) -> dict:
             "min": float(v.min()), "max": float(v.max()), "per_seed": v.tolist()}
 
 
+def _mean(entry) -> float:
+    """A judge's entry is the harness's {mean, ci95}; an oracle term's is its mean."""
+    return entry["mean"] if isinstance(entry, dict) else entry
+
+
 def _judge_seed(results: dict, breakdown: dict) -> dict:
     """One seed's numbers: per judge and per oracle term, the arms' means and ReFL minus base per prompt."""
     from evaluation.stats import mean_ci
@@ -59,9 +64,9 @@ def _aggregate(per_seed: dict[int, dict]) -> dict:
         for key, row in first[group].items():
             rows = [s[group][key] for s in per_seed.values()]
             out[group][key] = {
-                "base": row["base"]["mean"] if isinstance(row["base"], dict) else row["base"],
-                "best_of_n": row["best_of_n"]["mean"] if isinstance(row["best_of_n"], dict) else row["best_of_n"],
-                "refl": _spread([r["refl"]["mean"] if isinstance(r["refl"], dict) else r["refl"] for r in rows]),
+                "base": _mean(row["base"]),
+                "best_of_n": _mean(row["best_of_n"]),
+                "refl": _spread([_mean(r["refl"]) for r in rows]),
                 "refl_minus_base": _spread([r["refl_minus_base"]["mean"] for r in rows]),
                 "seeds_above_zero": sum(r["refl_minus_base"]["ci95"][0] > 0 for r in rows),
                 "seeds_below_zero": sum(r["refl_minus_base"]["ci95"][1] < 0 for r in rows),
