@@ -67,11 +67,14 @@ class PresetSpec:
     layers_per_block: int  # resnets per UNet level
     attention_heads: int  # attention heads per transformer block (diffusers' legacy attention_head_dim)
     cross_attention_dim: int  # text hidden size the UNet attends to
-    norm_num_groups: int  # GroupNorm groups in UNet and VAE
+    norm_num_groups: int  # GroupNorm groups in the UNet (and the VAE unless vae_norm_num_groups is set)
     text_hidden: int  # CLIPTextModel width (must equal cross_attention_dim)
     text_layers: int  # CLIPTextModel transformer layers
     text_heads: int  # CLIPTextModel attention heads
     context_length: int  # tokens per prompt (SD: 77)
+    # GroupNorm groups in the VAE; None = norm_num_groups. One channel per group normalises each channel's
+    # mean away, and with it the colour the VAE must reconstruct.
+    vae_norm_num_groups: int | None = None
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -82,7 +85,8 @@ PRESETS: dict[str, PresetSpec] = {
     # The toy world (design.md section 9): 32 px images, 4x8x8 latents, UNet about 3.9M parameters.
     "toy": PresetSpec(image_size=32, vae_block_out=(32, 32, 64), latent_channels=4, vae_scaling_factor=1.0,
                       unet_block_out=(64, 128), layers_per_block=1, attention_heads=8, cross_attention_dim=64,
-                      norm_num_groups=32, text_hidden=64, text_layers=2, text_heads=4, context_length=16),
+                      norm_num_groups=32, text_hidden=64, text_layers=2, text_heads=4, context_length=16,
+                      vae_norm_num_groups=8),
 }
 
 
@@ -225,6 +229,9 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
         attention_head_dim=spec.attention_heads,
         norm_num_groups=spec.norm_num_groups,
     )
+    vae_groups = spec.vae_norm_num_groups or spec.norm_num_groups
+    if min(spec.vae_block_out) % vae_groups:
+        vae_groups = 8
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -233,7 +240,7 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
         up_block_types=("UpDecoderBlock2D",) * vae_levels,
         block_out_channels=spec.vae_block_out,
         latent_channels=spec.latent_channels,
-        norm_num_groups=spec.norm_num_groups if min(spec.vae_block_out) % spec.norm_num_groups == 0 else 8,
+        norm_num_groups=vae_groups,
         sample_size=spec.image_size,
         scaling_factor=spec.vae_scaling_factor,
     )

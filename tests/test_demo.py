@@ -126,25 +126,57 @@ def test_ablation_script_names_bad_input(quick_demo, tmp_path, capsys):
 
 def test_world_study_trains_each_seed_and_reports_the_spread(quick_demo):
     from runkit.files import content_hash
-    from toyworld.study import run_study
+    from toyworld.study import PLAIN, run_study
 
     results = json.loads((quick_demo / "results.json").read_text())
     summary = run_study(quick_demo, seeds=(0, 1))
-    assert summary["seeds"] == [0, 1]
+    assert summary["seeds"] == [0, 1] and list(summary["variants"]) == [PLAIN]
+    plain = summary["variants"][PLAIN]
     oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
-    seed0, seed1 = summary["per_seed"][0]["judges"][oracle], summary["per_seed"][1]["judges"][oracle]
+    seed0, seed1 = plain["per_seed"][0]["judges"][oracle], plain["per_seed"][1]["judges"][oracle]
     # Seed 0 is the demo's own run; base and best-of-N are the same samples for every seed.
     assert seed0["refl"] == results["arms"]["refl_random"]["scores"][oracle]
     assert seed0["base"] == seed1["base"] and seed0["best_of_n"] == seed1["best_of_n"]
-    assert content_hash(quick_demo / "refl" / "lora") != content_hash(quick_demo / "study" / "seed-1" / "refl" / "lora")
-    spread = summary["across_seeds"]["judges"][oracle]["refl"]
+    seed1_lora = quick_demo / "study" / "refl" / "seed-1" / "refl" / "lora"
+    assert content_hash(quick_demo / "refl" / "lora") != content_hash(seed1_lora)
+    spread = plain["across_seeds"]["judges"][oracle]["refl"]
     values = [seed0["refl"]["mean"], seed1["refl"]["mean"]]
     assert spread["mean"] == pytest.approx(np.mean(values)) and spread["std"] == pytest.approx(np.std(values, ddof=1))
-    assert set(summary["across_seeds"]["terms"]) >= {"vivid", "size", "placement"}
-    table = (quick_demo / "study" / "study.md").read_text()
+    assert set(plain["across_seeds"]["terms"]) >= {"vivid", "size", "placement"}
+    table = (quick_demo / "study" / "world.md").read_text()
     assert "ReFL - base, seed 1" in table and "oracle term: size" in table
     # The demo's own report is left as the demo wrote it.
     assert json.loads((quick_demo / "results.json").read_text()) == results
+
+
+def test_guard_study_trains_the_ensemble_and_compares_the_selected_lora(quick_demo):
+    from refl.config import ReflConfig
+    from runkit.config import load_config
+    from toyworld.demo import DemoConfig
+    from toyworld.study import PLAIN, run_study
+
+    results = json.loads((quick_demo / "results.json").read_text())
+    oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
+    variants = {PLAIN: [], "guarded": ["critic_members=2", "refl.reward.ensemble_penalty=1",
+                                       "refl.train.select_by=clip:{clip_model}"]}
+    summary = run_study(quick_demo, seeds=(0,), study="guard", variants=variants)
+    guarded = summary["variants"]["guarded"]
+    assert guarded["overrides"][-1] == f"refl.train.select_by=clip:{load_config(DemoConfig, quick_demo / 'demo_config.yaml').clip_model}"
+    run = quick_demo / "study" / "guarded" / "seed-0"
+    refl = json.loads((run / "refl" / "result.json").read_text())
+    # The ensemble's second member was trained for the study, and ReFL's reward read both members.
+    member = quick_demo / "study" / "critics" / "member-1" / "critic"
+    trained = load_config(ReflConfig, run / "refl" / "config.yaml")
+    assert trained.reward.critic == [str(quick_demo / "critic" / "critic"), str(member)] and member.is_dir()
+    # The comparison judged the LoRA that selection kept, not the last one.
+    compared = json.loads((run / "results.json").read_text())
+    assert compared["config"]["lora"] == refl["lora_best"] != refl["lora"]
+    assert guarded["per_seed"][0]["selected_update"] == refl["best_update"]
+    # The plain variant at the demo's seed is the demo's own run; the table names both variants.
+    assert summary["variants"][PLAIN]["per_seed"][0]["judges"][oracle]["refl"] == \
+        results["arms"]["refl_random"]["scores"][oracle]
+    table = (quick_demo / "study" / "guard.md").read_text()
+    assert "| guarded - base |" in table and "### guarded" in table
 
 
 def test_a_changed_community_behaviour_rebuilds_pairs_without_drawing_again(quick_demo, tmp_path):

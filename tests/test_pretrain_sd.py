@@ -31,3 +31,7 @@ def test_pretraining_writes_a_stock_loadable_fp16_pipeline(tmp_path):
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
     saved = json.loads((out / "pretrain_report.json").read_text())
     assert 0.0 <= saved["eval_prompt_fidelity"] <= 1.0 and saved["unet_steps"] == 3
+    # The VAE's ceiling is measured against renders the checker reads perfectly.
+    assert saved["vae_ceiling_fidelity"]["renders"] == 1.0
+    assert 0.0 <= saved["vae_ceiling_fidelity"]["vae_reconstructions"] <= 1.0
+    assert pipe.vae.config.norm_num_groups == 8  # not one channel per group (that normalises colour away)

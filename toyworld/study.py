@@ -1,12 +1,18 @@
-"""The world study: ReFL trained with several seeds on a finished demo, each judged like the demo's own.
+"""Studies on a finished demo: ReFL variants, each trained with several seeds and judged like the demo's own.
 
 One training seed is an anecdote (float differences between CPUs alone moved the demo's ReFL arm), so
-the study trains the demo's ReFL config once per seed (`refl.train.seed`), against the demo's critic,
+every variant trains the demo's ReFL config plus its own overrides once per seed (`refl.train.seed`),
 and draws the same held-out prompts with the same sampling seeds. Base and base best-of-N do not
-depend on the training seed: they are the demo's own samples, copied once. Reported per judge (the
-critic, the zero-shot CLIP, the oracle, prompt fidelity) and per oracle term: base, best-of-N, ReFL
-per seed with its per-prompt 95% interval, and the mean and spread (std, min, max) across seeds of
-ReFL and of ReFL minus base.
+depend on the variant or the seed: they are the demo's own samples, copied once. Reported per judge
+(the critic, the zero-shot CLIP, the oracle, prompt fidelity) and per oracle term: base, best-of-N,
+ReFL per seed with its per-prompt 95% interval, and the mean and spread (std, min, max) across seeds
+of ReFL and of ReFL minus base.
+
+Two studies are defined; both keep their runs in <demo>/study/<variant>/seed-N, so the plain ReFL
+seeds are trained once for both:
+- "world": plain ReFL (the toy world's own result);
+- "guard": plain ReFL against the hacking guards (selection by a held-out judge that is not the
+  oracle, a critic ensemble with an uncertainty penalty, and both).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,22 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = (0, 1, 2)
+PLAIN = "ReFL"
+# Variants are demo-config overrides; "{clip_model}" is filled with the demo's zero-shot CLIP.
+# The guards and their settings were fixed before any of them was measured on the second-edition world:
+# selection by the zero-shot CLIP (a judge the critic was not trained from, and not the oracle), a 3-member
+# ensemble of critics trained with different seeds with penalty 1 (mean - 1 x std, Coste et al. 2024),
+# and both together.
+STUDIES: dict[str, dict[str, list[str]]] = {
+    "world": {PLAIN: []},
+    "guard": {
+        PLAIN: [],
+        "ReFL + select by zero-shot CLIP": ["refl.train.select_by=clip:{clip_model}"],
+        "ReFL + 3-critic ensemble, penalty 1": ["critic_members=3", "refl.reward.ensemble_penalty=1"],
+        "ReFL + ensemble + select": ["critic_members=3", "refl.reward.ensemble_penalty=1",
+                                     "refl.train.select_by=clip:{clip_model}"],
+    },
+}
 
 
 def _spread(values: list[float]) -> dict:
@@ -74,46 +97,83 @@ def _aggregate(per_seed: dict[int, dict]) -> dict:
     return out
 
 
-def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS) -> dict:
-    """Train and judge ReFL once per seed under `demo_dir/study/`; finished seeds are reused."""
+def ensemble_members(cfg, demo_critic: dict, pairs: str, out: Path) -> list[str]:
+    """`cfg.critic_members` critic directories: the demo's own, then members trained here (seed + k) as the
+    demo would have trained them; a finished member is reused while its settings and pairs are unchanged."""
+    from runkit.files import write_json
+    from toyworld.demo import _trainer_settings, critic_config, enter_stage, train_critic_member
+
+    members = list(demo_critic.get("members", [demo_critic["critic"]]))[: cfg.critic_members]
+    for k in range(len(members), cfg.critic_members):
+        member_dir = out / f"member-{k}"
+        settings = {**_trainer_settings(critic_config(cfg, pairs, member_dir)), "member": k}
+        if enter_stage(member_dir, member_dir / "member.json", settings,
+                       {"pairs": str(Path(pairs).parent), "clip_model": cfg.clip_model}) is None:
+            write_json(member_dir / "member.json", {"critic": train_critic_member(cfg, pairs, member_dir, k)})
+        members.append(str(member_dir / "critic"))
+    return members
+
+
+def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",
+              variants: dict[str, list[str]] | None = None) -> dict:
+    """Train and judge each variant once per seed under `demo_dir/study/`; finished runs are reused.
+    Writes study/<study>.json and study/<study>.md."""
     from evaluation.harness import run_compare
     from runkit.config import load_config, override
     from runkit.files import atomic_write_text, write_json
+    from toyworld.ablation import slug
     from toyworld.demo import DemoConfig, compare_config, oracle_breakdown, stage_refl
     from toyworld.world import split_prompts
 
     demo_dir = Path(demo_dir)
     config_file, critic = demo_dir / "demo_config.yaml", demo_dir / "critic" / "critic"
-    prompts_file = demo_dir / "compare_prompts.txt"
-    if not (config_file.is_file() and critic.is_dir() and (demo_dir / "results.json").is_file()):
+    prompts_file, summary_file = demo_dir / "compare_prompts.txt", demo_dir / "summary.json"
+    if not (config_file.is_file() and critic.is_dir() and summary_file.is_file()):
         raise FileNotFoundError(f"{demo_dir} is not a finished demo (needs demo_config.yaml, critic/critic and "
-                                "results.json); run `python scripts/demo.py --out DIR` first")
+                                "summary.json); run `python scripts/demo.py --out DIR` first")
+    if study not in STUDIES and variants is None:
+        raise ValueError(f"unknown study {study!r}; studies are {sorted(STUDIES)}")
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    variants = STUDIES[study] if variants is None else variants
     cfg = load_config(DemoConfig, config_file)
+    demo = json.loads(summary_file.read_text())
+    pairs = demo["community"]["community"]["parquet"]
     train_prompts = split_prompts(seed=0)[0]
-    per_seed = {}
-    for seed in seeds:
-        seed_cfg = override(cfg, [f"refl.train.seed={int(seed)}"])
-        if seed == cfg.refl.train.seed:  # the demo's own run: its LoRA and its comparison
-            refl_dir, compare_dir = demo_dir / "refl", demo_dir
-        else:
-            refl_dir, compare_dir = demo_dir / "study" / f"seed-{seed}" / "refl", demo_dir / "study" / f"seed-{seed}"
-            for part in ("samples", "scores"):  # base samples do not depend on the training seed
-                if not (compare_dir / part / "base").exists():
-                    shutil.copytree(demo_dir / part / "base", compare_dir / part / "base")
-        logger.info("study seed %d: ReFL in %s", seed, refl_dir)
-        refl = stage_refl(seed_cfg, str(critic), train_prompts, refl_dir)
-        if compare_dir == demo_dir:  # judged by the demo already (running the harness there would replace its report)
-            results = json.loads((demo_dir / "results.json").read_text())
-        else:
-            results = run_compare(compare_config(seed_cfg, str(critic), refl["lora"], prompts_file, compare_dir))
-        per_seed[int(seed)] = _judge_seed(results, oracle_breakdown(compare_dir, results))
-    summary = {"demo": str(demo_dir), "seeds": [int(s) for s in seeds], "selector": str(critic),
-               "n_prompts": len(results["prompts"]), "n_samples": results["n_samples"],
-               "per_seed": per_seed, "across_seeds": _aggregate(per_seed)}
-    write_json(demo_dir / "study" / "study.json", summary)
-    atomic_write_text(demo_dir / "study" / "study.md", markdown_table(summary))
+    root = demo_dir / "study"
+    table = {}
+    for name, overrides in variants.items():
+        resolved = [o.format(clip_model=cfg.clip_model) for o in overrides]
+        vcfg = override(cfg, resolved)
+        members = ensemble_members(vcfg, demo["critic"], pairs, root / "critics")
+        reward_critic = members if len(members) > 1 else str(critic)
+        per_seed = {}
+        for seed in seeds:
+            seed_cfg = override(vcfg, [f"refl.train.seed={int(seed)}"])
+            if not resolved and seed == cfg.refl.train.seed:  # the demo's own run: its LoRA and its comparison
+                refl_dir, compare_dir = demo_dir / "refl", demo_dir
+            else:
+                compare_dir = root / slug(name) / f"seed-{seed}"
+                refl_dir = compare_dir / "refl"
+                for part in ("samples", "scores"):  # base samples depend on neither the variant nor the seed
+                    if not (compare_dir / part / "base").exists():
+                        shutil.copytree(demo_dir / part / "base", compare_dir / part / "base")
+            logger.info("study %s, %s, seed %d: ReFL in %s", study, name, seed, refl_dir)
+            refl = stage_refl(seed_cfg, reward_critic, train_prompts, refl_dir)
+            lora = refl["lora_best"] if seed_cfg.refl.train.select_by else refl["lora"]
+            if compare_dir == demo_dir:  # judged by the demo already (running the harness there would replace its report)
+                results = json.loads((demo_dir / "results.json").read_text())
+            else:
+                ccfg = compare_config(seed_cfg, str(critic), lora, prompts_file, compare_dir)
+                results = run_compare(replace(ccfg, tuned_best_of=False))  # only ReFL's random samples are read
+            per_seed[int(seed)] = _judge_seed(results, oracle_breakdown(compare_dir, results))
+            if seed_cfg.refl.train.select_by:
+                per_seed[int(seed)]["selected_update"] = refl.get("best_update")
+        table[name] = {"overrides": resolved, "per_seed": per_seed, "across_seeds": _aggregate(per_seed)}
+    summary = {"demo": str(demo_dir), "study": study, "seeds": [int(s) for s in seeds], "selector": str(critic),
+               "n_prompts": len(results["prompts"]), "n_samples": results["n_samples"], "variants": table}
+    write_json(root / f"{study}.json", summary)
+    atomic_write_text(root / f"{study}.md", markdown_table(summary))
     return summary
 
 
@@ -123,23 +183,58 @@ def _short(spec: str, selector: str) -> str:
     return {"clip": "zero-shot CLIP", "oracle": "oracle", "fidelity": "prompt fidelity"}.get(spec.split(":")[0], spec)
 
 
-def markdown_table(summary: dict) -> str:
+def _cell(d: dict) -> str:
+    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
+def variant_table(summary: dict, row: dict) -> list[str]:
     """Per judge and oracle term: base, best-of-N, ReFL mean +- std over seeds, ReFL minus base per seed."""
-    seeds = summary["seeds"]
-    n = summary["n_samples"]
-    lines = [f"ReFL with {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on {summary['n_prompts']} "
-             f"held-out prompts; base and best-of-{n} are the same samples for every seed. ReFL minus base per "
-             "seed: mean over prompts [95% interval].", "",
-             f"| judge | base | best-of-{n} | ReFL (mean ± std over seeds) | "
+    seeds, n = summary["seeds"], summary["n_samples"]
+    lines = [f"| judge | base | best-of-{n} | ReFL (mean ± std over seeds) | "
              + " | ".join(f"ReFL - base, seed {s}" for s in seeds) + " |",
              "|---|---|---|---|" + "---|" * len(seeds)]
     for group in ("judges", "terms"):
-        for key, agg in summary["across_seeds"][group].items():
+        for key, agg in row["across_seeds"][group].items():
             name = _short(key, summary["selector"]) if group == "judges" else f"oracle term: {key}"
             cells = [f"{agg['base']:.3f}", f"{agg['best_of_n']:.3f}",
                      f"{agg['refl']['mean']:.3f} ± {agg['refl']['std']:.3f}"]
-            for s in seeds:
-                d = summary["per_seed"][s][group][key]["refl_minus_base"]
-                cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+            cells += [_cell(row["per_seed"][s][group][key]["refl_minus_base"]) for s in seeds]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def overview_table(summary: dict) -> list[str]:
+    """One row per variant: ReFL minus base per judge as mean ± std over seeds, and how many seeds have a
+    per-prompt interval above / below 0."""
+    first = next(iter(summary["variants"].values()))["across_seeds"]["judges"]
+    judges = list(first)
+    n = summary["n_samples"]
+    lines = ["| variant | " + " | ".join(_short(j, summary["selector"]) for j in judges) + " |",
+             "|---|" + "---|" * len(judges),
+             "| base (score) | " + " | ".join(f"{first[j]['base']:.3f}" for j in judges) + " |",
+             f"| best-of-{n} - base | " + " | ".join(f"{first[j]['best_of_n'] - first[j]['base']:+.3f}"
+                                                     for j in judges) + " |"]
+    for name, row in summary["variants"].items():
+        cells = []
+        for j in judges:
+            agg = row["across_seeds"]["judges"][j]
+            d = agg["refl_minus_base"]
+            cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({agg['seeds_above_zero']}↑ {agg['seeds_below_zero']}↓)")
+        lines.append(f"| {name} - base | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_table(summary: dict) -> str:
+    """The study as markdown: an overview of the variants (when there are several), then each variant's table."""
+    seeds = summary["seeds"]
+    lines = [f"ReFL with {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on {summary['n_prompts']} "
+             f"held-out prompts; base and best-of-{summary['n_samples']} are the same samples for every variant "
+             "and seed. ReFL minus base per seed: mean over prompts [95% interval].", ""]
+    if len(summary["variants"]) > 1:
+        lines += ["ReFL minus base, mean ± std over seeds (seeds whose per-prompt 95% interval is above / below 0):",
+                  "", *overview_table(summary), ""]
+    for name, row in summary["variants"].items():
+        if len(summary["variants"]) > 1:
+            lines += [f"### {name}" + (f" (`{' '.join(row['overrides'])}`)" if row["overrides"] else ""), ""]
+        lines += variant_table(summary, row) + [""]
+    return "\n".join(lines)
