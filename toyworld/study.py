@@ -143,7 +143,7 @@ def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",
     root = demo_dir / "study"
     table = {}
     for name, overrides in variants.items():
-        resolved = [o.format(clip_model=cfg.clip_model) for o in overrides]
+        resolved = [o.replace("{clip_model}", cfg.clip_model) for o in overrides]  # other braces are YAML
         vcfg = override(cfg, resolved)
         members = ensemble_members(vcfg, demo["critic"], pairs, root / "critics")
         reward_critic = members if len(members) > 1 else str(critic)
