@@ -1,6 +1,6 @@
 """Best-of-N selection against ReFL on held-out prompts -> results.json + report.html.
 
-    python scripts/compare.py --config configs/compare_toy.yaml [--set n_samples=16 --set lora=runs/refl_toy/lora]
+    social-refl-compare --config configs/compare_toy.yaml [--set n_samples=16 --set lora=runs/refl_toy/lora]
 
 Samples are stored per prompt under <output_dir>/samples and reused on a rerun, so an interrupted
 run resumes. See evaluation/harness.py for the arms and evaluation/report.py for the report.
@@ -19,7 +19,9 @@ import logging
 
 from evaluation.config import CompareConfig
 from evaluation.harness import run_compare
-from runkit.config import ConfigError, add_config_args, load_config
+from runkit.cli import command
+from runkit.config import add_config_args, load_config
+from runkit.logs import setup_logging
 
 
 def headline(results: dict, output_dir: str) -> dict:
@@ -33,16 +35,47 @@ def headline(results: dict, output_dir: str) -> dict:
                       if not arm.startswith(("base_best_of", "refl_best_of")) or arm.endswith(largest)}}
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def compare_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(CompareConfig, args.config, args.overrides)
-    except ConfigError as err:
-        logging.getLogger("compare").error("%s", err)
-        return 2
+    setup_logging()
+    cfg = load_config(CompareConfig, args.config, args.overrides)
     results = run_compare(cfg)
     print(json.dumps(headline(results, cfg.output_dir), indent=2))
+    return 0
+
+
+@command
+def bench_refl_main(argv: list[str] | None = None) -> int:
+    """ReFL at real size: seconds per update by phase, peak memory with and without checkpointing, MFU,
+    and our sampling / best-of-N against a stock StableDiffusionPipeline (refl/bench.py,
+    evaluation/harness.py).
+
+        social-refl-bench-refl                          # CUDA: SD 1.5 arch, 512 px, batch 8, 40 DDPM steps, bf16
+        social-refl-bench-refl --set batch=4 --out benchmarks/refl_h100.json
+        social-refl-bench-refl --set model=toy --set critic=toy-clip --set batch=4   # CPU smoke run
+    Prints one JSON object and, with --out, writes it there (atomically).
+    """
+    import torch
+
+    from evaluation.harness import best_of_n_throughput
+    from refl.bench import BenchConfig, run_benchmark
+    from runkit.files import write_json
+
+    p = argparse.ArgumentParser(description=bench_refl_main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a BenchConfig field (model, critic, batch, steps, scheduler, dtype, repeats, ...)")
+    p.add_argument("--out", default=None, help="also write the JSON here, e.g. benchmarks/refl_<gpu>.json")
+    args = p.parse_args(argv)
+    setup_logging(level=logging.WARNING)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # shared CPU cores: one thread avoids OpenMP spin-waits
+    result = run_benchmark(load_config(BenchConfig, None, args.overrides),
+                           extras={"best_of_n_vs_stock_pipeline": best_of_n_throughput})
+    print(json.dumps(result, indent=2))
+    if args.out:
+        write_json(args.out, result)
     return 0

@@ -116,10 +116,12 @@ class Sampler:
         self.pipe.to(self.device, DTYPES[cfg.dtype])
         self.has_lora = bool(cfg.lora)
         if self.has_lora:
+            from refl.lora import load_lora_into
+
             if not Path(cfg.lora).is_dir():
                 raise FileNotFoundError(f"lora={cfg.lora} is not a directory (expected a LoRA saved by refl "
                                         "training, e.g. runs/refl_toy/lora); set lora='' for base arms only")
-            self.pipe.load_lora_weights(cfg.lora, adapter_name="refl")
+            load_lora_into(self.pipe, cfg.lora, adapter_name="refl")
         self.arm = None
         self.set_arm("base")
         self.images_drawn = 0  # counts every generated image (tests check resumed runs draw none)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refl.components import DTYPES, ModelConfig, build_pipeline, load_components
+from refl.lora import load_lora_into
 from refl.sampling import sample
 from runkit.files import atomic_write_bytes
 
@@ -31,9 +32,7 @@ def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     pipe = build_pipeline(load_components(ModelConfig(name=model, attention=attention)))
     if lora is not None:
-        if not Path(lora).exists():
-            raise FileNotFoundError(f"LoRA {lora} does not exist (expected a directory written by refl training)")
-        pipe.load_lora_weights(lora, adapter_name="refl")
+        load_lora_into(pipe, lora, adapter_name="refl")
         pipe.set_adapters(["refl"], adapter_weights=[lora_scale])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,3 +135,48 @@ def save_lora(components: SDComponents, directory: str | os.PathLike) -> Path:
     with atomic_dir(directory) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
     return directory
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+
+
+def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl") -> None:
+    """Load a diffusers-format LoRA folder (what `save_lora` writes) into a stock pipeline, as adapter
+    `adapter_name`; an error names the folder and what it should hold."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"LoRA folder {directory} does not exist (the lora/ or lora_best/ folder of a "
+                                "ReFL run)")
+    weights = directory / LORA_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"LoRA folder {directory} holds no {LORA_WEIGHTS} (ReFL writes it into the "
+                                "lora/ and lora_best/ folders of a run); point at one of those")
+    with safe_open(str(weights), "pt") as f:
+        text_keys = any(k.startswith("text_encoder.") for k in f.keys())
+    # diffusers warns that a LoRA without text-encoder weights has none for the text encoder; here that is
+    # known and intended (train.train_text_encoder off), so exactly that warning is dropped.
+    with _dropping(logging.getLogger("diffusers.loaders.lora_base"), "No LoRA keys associated to",
+                   active=not text_keys):
+        try:
+            pipe.load_lora_weights(str(directory), adapter_name=adapter_name)
+        except (RuntimeError, ValueError) as err:
+            mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
+            if mismatch is None:
+                raise
+            raise ValueError(f"LoRA {directory} does not fit this base model: it was trained on another base model "
+                             f"({mismatch}); load it with the model it was trained on") from None
+
+
+@contextmanager
+def _dropping(log: logging.Logger, message_start: str, active: bool = True):
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(message_start)
+
+    if active:
+        log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)

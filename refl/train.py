@@ -31,7 +31,7 @@ from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError, RewardFn, reward_step, validate_step_config
 from runkit.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from runkit.config import save_config
-from runkit.files import write_json
+from runkit.files import paths_relative_to, write_json
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
@@ -282,7 +282,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",
                            best_update=state.best_update if t.select_by else None)
         result["curve"] = str(curve) if curve else None
-        write_json(out / "result.json", result)
+        write_json(out / "result.json", paths_relative_to(result, out))  # the folder may be copied or moved
     run_logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,17 +1,19 @@
-"""Command-line entry points of `reward` (scripts/ wraps these)."""
+"""Command-line entry points of `reward` (scripts/ and the console scripts wrap these; runkit.cli gives
+every command its error convention)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
+from runkit.cli import command
 from runkit.config import ConfigError, add_config_args, config_overrides, load_config
 from runkit.logs import setup_logging
 
 
+@command
 def train_main(argv=None) -> int:
     from reward.data import DataError
     from reward.train import RewardExperiment, train
@@ -45,6 +47,7 @@ def _accuracy_table(rows: list[tuple[str, dict]], majority: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@command
 def validate_main(argv=None) -> int:
     import gc
 
@@ -66,10 +69,14 @@ def validate_main(argv=None) -> int:
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
     parser.add_argument("--out", default=None, help="JSON file to write (default: beside the checkpoint); "
                                                     "the table goes beside it as .md")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = parser.parse_args(argv)
     setup_logging()
     log = logging.getLogger("reward.validate")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         records = load_pairs(args.pairs, tie_policy="keep", loss_handles_ties=True, on_bad_row=args.on_bad_row)
         model = load(args.checkpoint, device=args.device)
@@ -108,6 +115,7 @@ def validate_main(argv=None) -> int:
     return 0
 
 
+@command
 def check_main(argv=None) -> int:
     from reward.data import DataError, check_pairs
 
@@ -132,5 +140,31 @@ def check_main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(train_main())
+@command
+def bench_main(argv=None) -> int:
+    """Critic throughput benchmark; prints JSON (reward/bench.py)."""
+    import torch
+
+    from reward.bench import run_benchmarks
+
+    parser = argparse.ArgumentParser(description=bench_main.__doc__)
+    parser.add_argument("--models", nargs="+", default=["toy-clip", "ViT-B-32"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast dtype for the training step and the extra scoring figure")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--stream-rows", type=int, default=512,
+                        help="pairs in the synthetic shard set for streamed loading pairs/s; 0 = skip")
+    parser.add_argument("--stream-image-px", type=int, default=512,
+                        help="side of the encoded JPEGs (Pick-a-Pic: 512+)")
+    parser.add_argument("--stream-image-size", type=int, default=224, help="critic input size they are resized to")
+    parser.add_argument("--stream-workers", type=int, nargs="+", default=[0, 2],
+                        help="DataLoader worker counts to time")
+    args = parser.parse_args(argv)
+    report = run_benchmarks(args.models, args.batch, args.repeats, args.device, args.precision,
+                            args.grad_checkpointing, args.stream_rows, args.stream_image_px,
+                            args.stream_image_size, tuple(args.stream_workers))
+    print(json.dumps(report, indent=2))
+    return 0

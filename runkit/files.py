@@ -89,6 +89,33 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+def paths_relative_to(obj: Any, root: str | os.PathLike) -> Any:
+    """A copy of `obj` in which every string naming a path inside `root` (spelled from `root`, or absolute)
+    is relative to `root`, so a run folder that is copied or moved names its own files, never the original's.
+    Readers join such a path to the folder they read it from."""
+    root = Path(root)
+    prefix, resolved = str(root) + os.sep, root.resolve()
+
+    def convert(value):
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, os.PathLike):
+            value = str(value)
+        if not isinstance(value, str):
+            return value
+        if value == str(root):
+            return "."
+        if value.startswith(prefix):
+            return value[len(prefix):]
+        if os.path.isabs(value) and Path(value).resolve().is_relative_to(resolved):
+            return str(Path(value).resolve().relative_to(resolved))
+        return value
+
+    return convert(obj)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Strict JSON (non-finite numbers as null), written atomically."""
     return atomic_write_text(path, json.dumps(finite_json(data), indent=2, allow_nan=False))

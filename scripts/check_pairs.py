@@ -1,8 +1,6 @@
-"""Check every image of a pairs set once: a JSON report of the bad rows and a clean parquet copy.
+"""Decode every image of a pairs set once: a report of the bad rows and a clean copy.
 
-    python scripts/check_pairs.py 'pickapic_v2/data/train-*.parquet' --out clean/train.parquet --num-workers 8
-
-See reward/cli.py (check_main) and reward/data.py (check_pairs)."""
+Thin wrapper over `reward.cli.check_main` (`python scripts/check_pairs.py --help`); installed as `social-refl-check-pairs`."""
 
 import sys
 

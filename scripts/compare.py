@@ -1,13 +1,10 @@
 """Best-of-N selection against ReFL on held-out prompts -> results.json + report.html.
 
-    python scripts/compare.py --config configs/compare_toy.yaml [--set n_samples=16 --set lora=runs/refl_toy/lora]
+Thin wrapper over `evaluation.cli.compare_main` (`python scripts/compare.py --help`); installed as `social-refl-compare`."""
 
-Everything happens in evaluation/cli.py (`--help` prints its description).
-"""
+import sys
 
-from __future__ import annotations
-
-from evaluation.cli import main
+from evaluation.cli import compare_main as main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,28 +1,10 @@
-"""How well can the critic learn the hidden taste at all? Re-labels a demo run's community images
-with the oracle itself (no community noise), fine-tunes the same critic on those pairs, and scores it
-against the oracle on the demo's held-out pairs. Prints JSON.
+"""The critic trained on oracle-labelled pairs of a demo's images: its ceiling.
 
-    python scripts/critic_ceiling.py --demo runs/demo
-"""
+Thin wrapper over `toyworld.cli.critic_ceiling_main` (`python scripts/critic_ceiling.py --help`); installed as `social-refl-critic-ceiling`."""
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-
-def main(argv=None) -> int:
-    from toyworld.demo import critic_ceiling, setup_logging
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the critic's training config, e.g. --set critic.training_mode=all")
-    args = parser.parse_args(argv)
-    setup_logging()
-    print(json.dumps(critic_ceiling(Path(args.demo), args.overrides), indent=2))
-    return 0
-
+from toyworld.cli import critic_ceiling_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,49 +1,10 @@
 """Generate images with a base model and an optional ReFL LoRA.
 
-    python scripts/generate.py --model DIR --lora runs/refl_toy/lora --prompts prompts.txt --n 4 --seed 0 \
-        [--batch-size 8] [--dtype bf16] [--lora-scale 1.0] [--critic CKPT] --out runs/gen
-"""
+Thin wrapper over `refl.cli.generate_main` (`python scripts/generate.py --help`); installed as `social-refl-generate`."""
 
-from __future__ import annotations
+import sys
 
-import argparse
-import json
-
-from refl.generate import generate, load_pipeline
-from refl.prompts import read_prompt_file
-from runkit.logs import setup_logging
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers directory, cached model id, or preset (toy/tiny)")
-    p.add_argument("--lora", default=None, help="LoRA directory in diffusers format")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the LoRA update")
-    p.add_argument("--prompts", required=True, help="prompts file: .txt (one per line), .parquet or .csv (prompt column)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
-    p.add_argument("--steps", type=int, default=40, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--critic", default=None, help="critic checkpoint dir or open_clip name to score each image")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (seeds do not depend on it)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="weights and activations (fp16 needs a GPU)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--out", required=True, help="output directory")
-    args = p.parse_args(argv)
-    setup_logging()
-    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype)
-    critic = None
-    if args.critic:
-        import reward
-
-        critic = reward.load(args.critic, device=pipe.device)
-    records = generate(pipe, read_prompt_file(args.prompts, key="--prompts", column_key="the prompt column"), args.out, n=args.n, seed=args.seed,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance, critic=critic,
-                       batch_size=args.batch_size)
-    print(json.dumps({"images": len(records), "out": args.out}))
-    return records
-
+from refl.cli import generate_main as main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,6 @@
-"""Thin wrapper: see reward/cli.py (train_main)."""
+"""Fine-tune a Social Reward critic on preference pairs.
+
+Thin wrapper over `reward.cli.train_main` (`python scripts/train_reward.py --help`); installed as `social-refl-train-reward`."""
 
 import sys
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from html_images import image_sources
 
-from toyworld.demo import demo_main
+from toyworld.cli import demo_main
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert demo_main(str(out), quick=True, overrides=[]) == 0
+    assert demo_main(["--out", str(out), "--quick"]) == 0
     return out
 
 
@@ -45,21 +45,28 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     assert f"placement {carried['placement']:.0%}" in page and len(carried) == len(breakdown["weights"])
     assert "Where the hidden taste moved" in page and f"{breakdown['mean']['ReFL']['size']:.3f}" in page
     assert Path(demo["refl"]["lora"]).is_dir()
+    # The stage files name their outputs relative to the run folder, so a copied folder names its own.
+    assert json.loads((quick_demo / "critic" / "critic_summary.json").read_text())["critic"] == "critic/critic"
+    assert json.loads((quick_demo / "refl" / "result.json").read_text())["lora"] == "lora"
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.
     saved = (quick_demo / "demo_config.yaml").read_text()
     assert "images_per_prompt" in saved and "gradient_accumulation" in saved  # the stage configs, nested
     assert "n_samples" in (quick_demo / "config.yaml").read_text()
 
 
-def test_rerun_reuses_every_stage(quick_demo, capsys):
+def test_rerun_reuses_every_stage(quick_demo, capfd):
     before = {p: p.stat().st_mtime for p in (quick_demo / "samples").rglob("*.npz")}
     assert before
-    assert demo_main(str(quick_demo), quick=True, overrides=[]) == 0
+    assert demo_main(["--out", str(quick_demo), "--quick"]) == 0
     assert {p: p.stat().st_mtime for p in (quick_demo / "samples").rglob("*.npz")} == before
-    assert "critic vs oracle" in capsys.readouterr().out
+    printed = capfd.readouterr()
+    assert "critic vs oracle" in printed.out
+    # The comparison loads the base model in its dtype and the LoRA: no warning a user cannot act on.
+    for needless in ("should be kept in float32: []", "No LoRA keys associated to"):
+        assert needless not in printed.err
     # Stopping after the community stage reports the feedback and its realism, nothing after it.
-    assert demo_main(str(quick_demo), quick=True, overrides=[], until="community") == 0
-    printed = capsys.readouterr().out
+    assert demo_main(["--out", str(quick_demo), "--quick", "--until", "community"]) == 0
+    printed = capfd.readouterr().out
     assert "realistic:" in printed and "critic vs oracle" not in printed
 
 
@@ -76,21 +83,32 @@ def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo,
 
     community, critic, base = stamps("community"), stamps("critic"), stamps("samples/base")
     tuned, lora = stamps("samples/refl"), content_hash(out / "refl" / "lora")
-    assert demo_main(str(out), quick=True, overrides=["refl.train.lr=0.01"]) == 0
+    # The original out of reach: the copy must read its own community pairs, critic and LoRA.
+    away = quick_demo.with_name(quick_demo.name + "-away")
+    quick_demo.rename(away)
+    try:
+        assert demo_main(["--out", str(out), "--quick", "--set", "refl.train.lr=0.01"]) == 0
+    finally:
+        away.rename(quick_demo)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["lora"] == str(out / "refl" / "lora")
+    assert results["selector"] == f"critic:{out / 'critic' / 'critic'}"
+    trained = (out / "refl" / "config.yaml").read_text()
+    assert str(quick_demo) not in trained and str(out / "critic" / "critic") in trained
     assert stamps("community") == community and stamps("critic") == critic  # their inputs did not change
     assert stamps("samples/base") == base
     assert content_hash(out / "refl" / "lora") != lora  # ReFL ran again with the new LR ...
     assert all(stamps("samples/refl")[p] != t for p, t in tuned.items())  # ... and its samples were redrawn
 
 
-def test_bad_override_is_named(tmp_path, caplog):
-    assert demo_main(str(tmp_path), quick=True, overrides=["refl_updatez=3"]) == 2
+def test_bad_override_is_named(tmp_path, capsys):
+    assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl_updatez=3"]) == 2
     # A key of the flat demo config of earlier versions names its new place.
-    assert demo_main(str(tmp_path), quick=True, overrides=["refl_lr=0.01"]) == 2
-    assert "refl.train.lr" in caplog.text
+    assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl_lr=0.01"]) == 2
+    assert "refl.train.lr" in capsys.readouterr().err
     # What ties the stages together is the demo's to set, not the stage config's.
-    assert demo_main(str(tmp_path), quick=True, overrides=["refl.train.output_dir=elsewhere"]) == 2
-    assert "set by the demo" in caplog.text
+    assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl.train.output_dir=elsewhere"]) == 2
+    assert "set by the demo" in capsys.readouterr().err
 
 
 def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
@@ -170,7 +188,7 @@ def test_guard_study_trains_the_ensemble_and_compares_the_selected_lora(quick_de
     assert trained.reward.critic == [str(quick_demo / "critic" / "critic"), str(member)] and member.is_dir()
     # The comparison judged the LoRA that selection kept, not the last one.
     compared = json.loads((run / "results.json").read_text())
-    assert compared["config"]["lora"] == refl["lora_best"] != refl["lora"]
+    assert compared["config"]["lora"] == str(run / "refl" / refl["lora_best"]) != str(run / "refl" / refl["lora"])
     assert guarded["per_seed"][0]["selected_update"] == refl["best_update"]
     # The plain variant at the demo's seed is the demo's own run; the table names both variants.
     assert summary["variants"][PLAIN]["per_seed"][0]["judges"][oracle]["refl"] == \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -328,7 +329,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
 
 
-def test_train_script_main_and_prompt_files(tmp_path):
+def test_train_script_main_and_prompt_files(tmp_path, capsys):
     import pandas as pd
 
     from refl.config import DataConfig
@@ -353,7 +354,8 @@ def test_train_script_main_and_prompt_files(tmp_path):
                                                       "train.validation_steps=2", "refl.reg_weight=0.1",
                                                       "data.reg_pool_size=4", "reward.kind=critic"]:
         argv += ["--set", o]
-    result = script.main(argv)
+    assert script.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["updates"] == 2 and "train/reg_loss" in result
     assert (out / "samples" / "update-000002.png").is_file() and any((out / "tb").iterdir())
     metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
@@ -440,7 +442,6 @@ def test_two_process_cpu_launch_keeps_replicas_identical(tmp_path):
 
 def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
     import importlib.util
-    import json
 
     components = load_components(str(base_dir))
     add_lora(components, LoraSettings(rank=2, alpha=8.0))
@@ -450,9 +451,9 @@ def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
     spec = importlib.util.spec_from_file_location("generate_script", os.path.join("scripts", "generate.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts", str(tmp_path / "prompts.txt"),
-                 "--n", "2", "--seed", "3", "--steps", "2", "--critic", "toy-clip", "--device", "cpu",
-                 "--out", str(tmp_path / "gen")])
+    assert script.main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts",
+                        str(tmp_path / "prompts.txt"), "--n", "2", "--seed", "3", "--steps", "2", "--critic",
+                        "toy-clip", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 3), ("a cat", 4), ("a dog", 3), ("a dog", 4)]
     assert all((tmp_path / "gen" / r["file"]).is_file() and isinstance(r["critic_score"], float) for r in rows)
@@ -485,7 +486,6 @@ def test_sd15_architecture_takes_lora():
 def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, method):
     """The bf16 path end to end on CPU: base weights in bf16, LoRA and optimizer in fp32, validation,
     the denoising regulariser's pool, the KL term and a real critic reward, every gradient method."""
-    import json
 
     from refl.train import ReflConfig, train
     from runkit.config import load_config
@@ -579,15 +579,15 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
 
 def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
     import importlib.util
-    import json
 
     spec = importlib.util.spec_from_file_location("bench_refl_script", os.path.join("scripts", "bench_refl.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
-    result = script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
-                          "--set", "repeats=1", "--set", "dtype=bf16", "--set", "best_of_batch=2", "--out", str(out)])
-    assert json.loads(out.read_text())["update_tflop"] == result["update_tflop"] > 0
+    assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
+                        "--set", "repeats=1", "--set", "dtype=bf16", "--set", "best_of_batch=2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["update_tflop"] > 0
     for run in ("checkpointing", "no_checkpointing"):
         assert {"sampling", "grad_step", "decode", "critic", "backward"} <= set(result[run]["seconds_by_phase"])
         assert result[run]["seconds_per_update"] > 0
@@ -612,7 +612,6 @@ def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast and the loss scaler need CUDA")
 def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
-    import json
 
     from refl.train import ReflConfig, train
     from runkit.config import load_config

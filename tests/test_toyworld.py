@@ -246,10 +246,11 @@ def test_make_toy_pairs_script_writes_train_and_heldout(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     main = module.main
-    summary = main(["--set", f"output_dir={tmp_path}", "--set", "n_train_prompts=12", "--set", "n_heldout_prompts=6",
-                    "--set", "candidates=4", "--set", "users_per_prompt=2"])
+    assert main(["--set", f"output_dir={tmp_path}", "--set", "n_train_prompts=12", "--set", "n_heldout_prompts=6",
+                 "--set", "candidates=4", "--set", "users_per_prompt=2"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["train"]["n_pairs"] == summary["train"]["n_pairs"] > 0
+    train = pd.read_parquet(tmp_path / "train" / "pairs.parquet")
+    assert printed["train"]["n_pairs"] == len(train) > 0
     held = pd.read_parquet(tmp_path / "heldout" / "pairs.parquet")
     assert set(held.prompt) <= set(split_prompts(0)[1])
 

@@ -37,7 +37,7 @@ from reward.train import DataConfig as RewardDataConfig
 from reward.train import RewardExperiment
 from reward.train import TrainConfig as RewardTrainConfig
 from runkit.config import ConfigError, save_config, to_dict
-from runkit.files import atomic_write_bytes, atomic_write_text, content_hash, write_json
+from runkit.files import atomic_write_bytes, atomic_write_text, content_hash, paths_relative_to, write_json
 from toyworld.community import CommunityConfig
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,35 @@ def _get(obj, dotted: str):
     return obj
 
 
+# Where each stage's outputs lie in a run folder. Stages read their inputs from here, never from paths stored in
+# an earlier stage's JSON (which are relative to the run folder anyway): a copied run folder uses its own files.
+def community_pairs_file(run: Path) -> Path:
+    return run / "community" / "train" / "pairs.parquet"
+
+
+def oracle_pairs_file(run: Path) -> Path:
+    return run / "community" / "oracle_pairs" / "pairs.parquet"
+
+
+def critic_dirs(critic_stage: Path, members: int) -> list[str]:
+    """The critic directories of a critic stage's folder: the first critic, then members 1 .. members - 1."""
+    return [str(critic_stage / "critic")] + [str(critic_stage / f"member-{k}" / "critic") for k in range(1, members)]
+
+
+def refl_result(refl_stage: Path, result: dict) -> dict:
+    """A ReFL stage's result with its LoRA folders in `refl_stage`, wherever the stage first ran."""
+    located = dict(result, output_dir=str(refl_stage), lora=str(refl_stage / "lora"))
+    if "lora_best" in result:
+        located["lora_best"] = str(refl_stage / "lora_best")
+    return located
+
+
+def finish_stage(summary_file: Path, summary: dict) -> dict:
+    """Write a stage's finished output with its paths relative to the run folder; returns `summary`."""
+    write_json(summary_file, paths_relative_to(summary, summary_file.parent.parent))
+    return summary
+
+
 QUICK = {
     "community.prompts": 48, "community.images_per_prompt": 6, "community.users": 20,
     "community.oracle_pair_prompts": 12, "critic.train.epochs": 2, "refl.train.max_updates": 6,
@@ -213,7 +242,9 @@ def enter_stage(out: Path, finished: Path, settings: dict, inputs: dict[str, str
     The key (the stage's resolved settings, and the content hash of each input file or folder) is
     written into out/stage.json before the stage runs, so an interrupted stage resumes only into the
     same key."""
-    key = json.dumps({"settings": settings, "inputs": {name: content_hash(path) for name, path in inputs.items()}},
+    # Paths inside the run folder count by their place in it, so a copied run folder reuses its finished stages.
+    key = json.dumps({"settings": paths_relative_to(settings, out.parent),
+                      "inputs": {name: content_hash(path) for name, path in inputs.items()}},
                      sort_keys=True, default=str)
     stage_file = out / "stage.json"
     stored = json.loads(stage_file.read_text()).get("key") if stage_file.is_file() else None
@@ -256,8 +287,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "generation_seconds": gen_seconds}
-    write_json(summary_file, summary)
-    return summary
+    return finish_stage(summary_file, summary)
 
 
 def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardExperiment:
@@ -289,19 +319,19 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> d
                        {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
                         "clip_model": cfg.clip_model})
     if done is not None:
-        return done
+        return dict(done, critic=str(out / "critic"), members=critic_dirs(out, cfg.critic_members))
     train_critic_member(cfg, pairs, out, 0)
     truth = load_pairs(oracle_pairs)
     tuned = evaluate_pairs(reward.load(out / "critic"), truth)
     zero_shot = evaluate_pairs(reward.load(cfg.clip_model), truth)
-    members = [str(out / "critic")] + [train_critic_member(cfg, pairs, out / f"member-{k}", k)
-                                       for k in range(1, cfg.critic_members)]
-    summary = {"critic": str(out / "critic"), "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
+    for k in range(1, cfg.critic_members):
+        train_critic_member(cfg, pairs, out / f"member-{k}", k)
+    members = critic_dirs(out, cfg.critic_members)
+    summary = {"critic": members[0], "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
                "chance": 0.5, "members": members,
                "members_accuracy_vs_oracle": [evaluate_pairs(reward.load(m), truth)["pairwise_accuracy"]
                                               for m in members[1:]]}
-    write_json(summary_file, summary)
-    return summary
+    return finish_stage(summary_file, summary)
 
 
 def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, out: Path,
@@ -333,14 +363,14 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
     done = enter_stage(out, result_file, settings,
                        {"sd_model": cfg.sd_model, **{f"critic_{k}": c for k, c in enumerate(critics)}})
     if done is not None:
-        return done
+        return refl_result(out, done)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "prompts.txt", "\n".join(train_prompts) + "\n")
     if cfg.reg_renders:
         from toyworld.datasets import write_caption_set
 
         write_caption_set(out / "reg_renders", cfg.reg_renders, seed=cfg.seed + 3)
-    return train(rcfg)
+    return refl_result(out, train(rcfg))
 
 
 def compare_config(cfg: DemoConfig, critic: str, lora: str, prompts_file: Path, out: Path,
@@ -496,7 +526,7 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
     timings["community_s"] = time.perf_counter() - t0
     if until == "community":
         return {"community": community, "timings": timings}
-    critic = stage_critic(cfg, community["community"]["parquet"], community["oracle_pairs"], out / "critic")
+    critic = stage_critic(cfg, str(community_pairs_file(out)), str(oracle_pairs_file(out)), out / "critic")
     timings["critic_s"] = time.perf_counter() - t0 - sum(timings.values())
     if until == "critic":
         return {"community": community, "critic": critic, "timings": timings}
@@ -520,7 +550,7 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
     write_json(out / "results.json", results)
     preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"]) + training_section(out)
     summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
-    write_json(out / "summary.json", _jsonable(summary))
+    write_json(out / "summary.json", paths_relative_to(_jsonable(summary), out))
     return summary
 
 
@@ -535,32 +565,6 @@ def headline(results: dict) -> dict:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
-
-
-def setup_logging() -> None:
-    """The project's format; open_clip and diffusers log through the root logger at INFO, so the screen keeps
-    to the project's own lines."""
-    from runkit.logs import setup_logging as setup
-
-    setup(level=logging.WARNING)
-    for name in ("runkit", "reward", "refl", "toyworld"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
-def demo_main(out: str, quick: bool, overrides: list[str], until: str = "compare") -> int:
-    from runkit.config import load_config
-
-    setup_logging()
-    # JSON values are YAML too, so the quick settings parse exactly as written here.
-    base = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()] if quick else []
-    try:
-        cfg = replace(load_config(DemoConfig, None, base + list(overrides)), output_dir=str(out))
-    except ConfigError as err:
-        logger.error("%s", err)
-        return 2
-    summary = run_demo(cfg, until)
-    print(format_summary(summary))
-    return 0
 
 
 def format_summary(summary: dict) -> str:

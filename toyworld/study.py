@@ -97,13 +97,13 @@ def _aggregate(per_seed: dict[int, dict]) -> dict:
     return out
 
 
-def ensemble_members(cfg, demo_critic: dict, pairs: str, out: Path) -> list[str]:
+def ensemble_members(cfg, demo_members: list[str], pairs: str, out: Path) -> list[str]:
     """`cfg.critic_members` critic directories: the demo's own, then members trained here (seed + k) as the
     demo would have trained them; a finished member is reused while its settings and pairs are unchanged."""
     from runkit.files import write_json
     from toyworld.demo import _trainer_settings, critic_config, enter_stage, train_critic_member
 
-    members = list(demo_critic.get("members", [demo_critic["critic"]]))[: cfg.critic_members]
+    members = list(demo_members)[: cfg.critic_members]
     for k in range(len(members), cfg.critic_members):
         member_dir = out / f"member-{k}"
         settings = {**_trainer_settings(critic_config(cfg, pairs, member_dir)), "member": k}
@@ -122,7 +122,14 @@ def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",
     from runkit.config import load_config, override
     from runkit.files import atomic_write_text, write_json
     from toyworld.ablation import slug
-    from toyworld.demo import DemoConfig, compare_config, oracle_breakdown, stage_refl
+    from toyworld.demo import (
+        DemoConfig,
+        community_pairs_file,
+        compare_config,
+        critic_dirs,
+        oracle_breakdown,
+        stage_refl,
+    )
     from toyworld.world import split_prompts
 
     demo_dir = Path(demo_dir)
@@ -138,14 +145,15 @@ def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",
     variants = STUDIES[study] if variants is None else variants
     cfg = load_config(DemoConfig, config_file)
     demo = json.loads(summary_file.read_text())
-    pairs = demo["community"]["community"]["parquet"]
+    pairs = str(community_pairs_file(demo_dir))
+    demo_members = critic_dirs(demo_dir / "critic", len(demo["critic"].get("members", [None])))
     train_prompts = split_prompts(seed=0)[0]
     root = demo_dir / "study"
     table = {}
     for name, overrides in variants.items():
         resolved = [o.replace("{clip_model}", cfg.clip_model) for o in overrides]  # other braces are YAML
         vcfg = override(cfg, resolved)
-        members = ensemble_members(vcfg, demo["critic"], pairs, root / "critics")
+        members = ensemble_members(vcfg, demo_members, pairs, root / "critics")
         reward_critic = members if len(members) > 1 else str(critic)
         per_seed = {}
         for seed in seeds:
