@@ -40,7 +40,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     social-refl-generate --model DIR --lora runs/refl_toy/lora --prompts prompts.txt --n 4 --seed 0 \\
         [--batch-size 8] [--dtype bf16] [--lora-scale 1.0] [--critic CKPT] --out runs/gen
     """
-    from refl.generate import generate, load_pipeline
+    from refl.generate import generate, load_pipeline, prepare_output
     from refl.prompts import read_prompt_file
 
     p = argparse.ArgumentParser(description=generate_main.__doc__,
@@ -60,9 +60,14 @@ def generate_main(argv: list[str] | None = None) -> int:
                    help="weights and activations (fp16 needs a GPU)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images of an earlier generation in --out (refused without it)")
     args = p.parse_args(argv)
     setup_logging()
+    if args.n < 1 or args.batch_size < 1:
+        raise ValueError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
     prompts = read_prompt_file(args.prompts, key="--prompts", column_key="the prompt column")
+    prepare_output(args.out, args.overwrite)  # before the model loads: a refused folder costs nothing
     pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype)
     critic = None
     if args.critic:
@@ -70,6 +75,6 @@ def generate_main(argv: list[str] | None = None) -> int:
 
         critic = reward.load(args.critic, device=pipe.device)
     records = generate(pipe, prompts, args.out, n=args.n, seed=args.seed, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, critic=critic, batch_size=args.batch_size)
+                       guidance_scale=args.guidance, critic=critic, batch_size=args.batch_size, overwrite=True)
     print(json.dumps({"images": len(records), "out": args.out}))
     return 0

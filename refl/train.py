@@ -29,7 +29,7 @@ from refl.reg_pool import build_reg_pool
 from refl.rewards import build_reward
 from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError, RewardFn, reward_step, validate_step_config
-from runkit.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import save_config
 from runkit.files import paths_relative_to, write_json
 from runkit.logs import RunLogger
@@ -255,6 +255,11 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         if _due(t.log_every, state.update, t.max_updates):
             run_logger.scalars(state.update, metrics)
             bar.set_postfix(reward=f"{metrics['train/reward']:.4f}", loss=f"{metrics['train/loss']:.4g}")
+        # The update's checkpoint is written before its validation runs, so a crash in validation loses nothing.
+        checkpoint = None
+        if _due(t.checkpoint_every, state.update, t.max_updates):
+            checkpoint = save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
+                                         write_files=lambda folder: save_lora(components, folder / "lora"))
         stop = False
         if t.validation_prompts and _due(t.validate_every, state.update, t.max_updates):
             if accelerator.is_main_process:
@@ -268,9 +273,11 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
             state.stopped_early_at = state.update
             logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward rose; "
                            "lora_best/ is update %d", state.update, t.select_by, state.drops, state.best_update)
-        if stop or _due(t.checkpoint_every, state.update, t.max_updates):
+        if checkpoint is None and stop:
             save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
                             write_files=lambda folder: save_lora(components, folder / "lora"))
+        elif checkpoint is not None and t.select_by and accelerator.is_main_process:
+            rewrite_state(checkpoint, vars(state).copy())  # the selection this validation made resumes too
     bar.close()
 
     result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at, **metrics}

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from runkit.files import replace_dir, write_json
+from runkit.files import replace_dir, write_json, writing
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +61,30 @@ def save_checkpoint(accelerator, out: str | os.PathLike, state: dict, keep: int,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with writing(final):
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                if write_files is not None:
+                    write_files(tmp)
+                write_json(tmp / "state.json", state)
+                replace_dir(tmp, final)
+    except BaseException:
+        # A half-written checkpoint would keep a full disk full until the next run; the earlier ones stay.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if write_files is not None:
-            write_files(tmp)
-        write_json(tmp / "state.json", state)
-        replace_dir(tmp, final)
         for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint written: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def rewrite_state(checkpoint: Path, state: dict) -> None:
+    """Main process: replace a complete checkpoint's state.json (what happened after it was written in the
+    same update, e.g. a validation's selection), atomically, so the folder stays complete."""
+    write_json(checkpoint / "state.json", state)
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:

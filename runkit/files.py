@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -26,9 +27,40 @@ _CHUNK = 1 << 20
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+# How a full disk or a failed write shows up from the writers the project uses: OSError from Python, a
+# RuntimeError from torch.save's zip writer, a SafetensorError (an Exception) from safetensors.
+_WRITE_FAILURE_MARKS = ("No space left", "StorageFull", "Disk quota", "unexpected pos", "PytorchStreamWriter",
+                        "file write failed", "Error while serializing")
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a failed write (a full disk, no permission) as an OSError that names `path` and the fix;
+    other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        text = str(err)
+        code = getattr(err, "errno", None) if isinstance(err, OSError) else (
+            errno.ENOSPC if any(mark in text for mark in _WRITE_FAILURE_MARKS) else None)
+        if text.startswith("could not write ") or code not in _FULL | _DENIED:
+            raise  # named already by an inner writer, or not a failed write
+        fix = "free space there (or write elsewhere)" if code in _FULL else "make the folder writable"
+        raise OSError(code, f"could not write {path}: {os.strerror(code)}; {fix} and run again") from err
+
+
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(file_object)` into a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
+    with writing(path):
+        return _atomic_write_bytes(path, write)
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -55,8 +87,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise survive the rename
     try:
-        yield tmp
-        replace_dir(tmp, path)
+        with writing(path):
+            yield tmp
+            replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from runkit.lockfile import canonical, drift, read_pins
 

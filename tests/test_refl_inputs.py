@@ -1,0 +1,124 @@
+"""Bad input to ReFL and generation: a clear error before the work (exit 2, one line naming the file and
+the fix), nothing already written lost, nothing stale reused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from refl.cli import generate_main
+from refl.components import load_components, save_pipeline
+from refl.lora import LoraSettings, add_lora, save_lora
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny-sd"
+    save_pipeline(load_components("tiny"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_dir(tmp_path_factory):
+    components = load_components("tiny")
+    add_lora(components, LoraSettings(rank=2, alpha=4.0))
+    return save_lora(components, tmp_path_factory.mktemp("lora") / "lora")
+
+
+def _generate(base, out, *extra):
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    return generate_main(["--model", str(base), "--prompts", str(prompts), "--steps", "2", "--device", "cpu",
+                          "--out", str(out), *extra])
+
+
+def _error_line(capsys) -> str:
+    """The command's one error line (progress bars may come before it)."""
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def test_generate_refuses_a_used_folder_and_overwrite_leaves_only_the_new_images(tiny_base, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert _generate(tiny_base, out, "--n", "3") == 0
+    assert len(list(out.glob("*.png"))) == 6
+    (out / "notes.txt").write_text("mine")
+    assert _generate(tiny_base, out, "--n", "1") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert len(list(out.glob("*.png"))) == 6  # refused: nothing touched
+    assert _generate(tiny_base, out, "--n", "1", "--overwrite") == 0
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(r["file"] for r in rows) and len(rows) == 2
+    assert (out / "notes.txt").read_text() == "mine"  # a file generate did not write stays
+
+
+def test_generate_refuses_zero_images_before_loading_the_model(tmp_path, capsys):
+    # The model does not exist: the --n check must come first.
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--n", "0") == 2
+    assert "--n" in capsys.readouterr().err and not (tmp_path / "gen").exists()
+
+
+def test_an_empty_lora_folder_names_the_file_it_needs(tiny_base, tmp_path, capsys):
+    (tmp_path / "lora").mkdir()
+    assert _generate(tiny_base, tmp_path / "gen", "--n", "1", "--lora", str(tmp_path / "lora")) == 2
+    err = _error_line(capsys)
+    assert "pytorch_lora_weights.safetensors" in err and ".bin" not in err
+
+
+def test_a_lora_of_another_base_model_says_so(tiny_lora_dir, tmp_path, capsys):
+    other = tmp_path / "toy-sd"
+    save_pipeline(load_components("toy"), other)
+    assert _generate(other, tmp_path / "gen", "--n", "1", "--lora", str(tiny_lora_dir)) == 2
+    assert "another base model" in _error_line(capsys)
+
+
+def test_a_failed_checkpoint_write_names_the_folder_and_leaves_no_partial_copy(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from refl.train import ReflConfig, train
+    from runkit.checkpoints import checkpoint_dirs
+    from runkit.config import load_config
+
+    real_save = Accelerator.save_state
+    calls = {"n": 0}
+
+    def disk_fills_up(self, output_dir=None, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_save(self, output_dir, **kw)
+        (torch.zeros(1000).numpy().tofile(f"{output_dir}/partial.bin"))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240")
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_fills_up)
+    out = tmp_path / "run"
+    cfg = load_config(ReflConfig, None, [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast",
+                                         "train.max_updates=2", "train.batch_size=1", "train.checkpoint_every=1",
+                                         "train.log_with=none", "refl.num_inference_steps=2", "refl.cut_range=[0,1]"])
+    with pytest.raises(OSError, match=r"could not write .*update-000002: No space left on device"):
+        train(cfg)
+    assert [p.name for p in checkpoint_dirs(out)] == ["update-000001"]  # the earlier one stays whole
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_last_checkpoint_is_written_before_the_last_validation(tmp_path, monkeypatch):
+    import refl.train as refl_train
+    from runkit.checkpoints import checkpoint_dirs
+    from runkit.config import load_config
+
+    def validation_crashes(*args, **kwargs):
+        raise RuntimeError("a bug in a judge")
+
+    monkeypatch.setattr(refl_train, "validate", validation_crashes)
+    out = tmp_path / "run"
+    cfg = load_config(refl_train.ReflConfig, None, [
+        f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", "train.max_updates=2",
+        "train.batch_size=1", "train.checkpoint_every=2", "train.validate_every=2", "train.log_with=none",
+        "train.validation_prompts=[a cat]", "train.validation_steps=2", "refl.num_inference_steps=2",
+        "refl.cut_range=[0,1]"])
+    with pytest.raises(RuntimeError, match="a bug in a judge"):
+        refl_train.train(cfg)
+    (last,) = checkpoint_dirs(out)
+    assert last.name == "update-000002" and (last / "lora" / "pytorch_lora_weights.safetensors").is_file()
