@@ -1,4 +1,6 @@
-"""Best-of-N selection against ReFL fine-tuning, on held-out prompts (design.md sections 6 and 7).
+"""Best-of-N selection against ReFL fine-tuning, on held-out prompts: the tuned model against the base
+model with the critic picking 1 of N samples, scored by judges other than the selector, with the sampling
+cost of each.
 
 For every prompt the harness draws N base samples with fixed per-sample seeds, scores them with the
 selector critic and keeps the best; it draws samples from the tuned model (base + LoRA) with the same

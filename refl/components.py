@@ -82,7 +82,7 @@ PRESETS: dict[str, PresetSpec] = {
     "tiny": PresetSpec(image_size=16, vae_block_out=(8, 16), latent_channels=4, vae_scaling_factor=1.0,
                        unet_block_out=(32, 64), layers_per_block=1, attention_heads=4, cross_attention_dim=32,
                        norm_num_groups=8, text_hidden=32, text_layers=2, text_heads=4, context_length=16),
-    # The toy world (design.md section 9): 32 px images, 4x8x8 latents, UNet about 3.9M parameters.
+    # The toy world: 32 px images, 4x8x8 latents, UNet about 3.9M parameters.
     "toy": PresetSpec(image_size=32, vae_block_out=(32, 32, 64), latent_channels=4, vae_scaling_factor=1.0,
                       unet_block_out=(64, 128), layers_per_block=1, attention_heads=8, cross_attention_dim=64,
                       norm_num_groups=32, text_hidden=64, text_layers=2, text_heads=4, context_length=16,
