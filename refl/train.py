@@ -55,6 +55,9 @@ class TrainState:
     prev_reward: float | None = None
     # The update the run stopped at because the judge dropped stop_after_drops times (None: it did not).
     stopped_early_at: int | None = None
+    # The last update whose validation ran. An update's checkpoint is written before its validation (a crash
+    # there loses no training), so a run resumed from it validates that update first.
+    validated: int = 0
 
 
 class LoraCheckpointState:
@@ -205,6 +208,42 @@ def _select(components: SDComponents, state: TrainState, evals: dict[str, float]
     return t.stop_after_drops > 0 and state.drops >= t.stop_after_drops
 
 
+def _save(accelerator, out: Path, state: TrainState, t: TrainConfig, components: SDComponents) -> Path:
+    return save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
+                           write_files=lambda folder: save_lora(components, folder / "lora"))
+
+
+def _validation_pending(t: TrainConfig, state: TrainState) -> bool:
+    return (bool(t.validation_prompts) and state.update > 0 and state.validated < state.update
+            and _due(t.validate_every, state.update, t.max_updates))
+
+
+def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, state: TrainState,
+                         out: Path, run_logger: RunLogger, judges: dict, accelerator,
+                         checkpoint: Path | None) -> Path | None:
+    """Validate update `state.update` (main process), fold it into the selection, stop early if the guard
+    says so; the update's checkpoint then records it. Returns that checkpoint."""
+    t = cfg.train
+    stop = False
+    if accelerator.is_main_process:
+        evals = validate(components, cfg, reward_fn, state.update, out, run_logger, judges)
+        run_logger.scalars(state.update, evals)
+        if t.select_by:
+            stop = _select(components, state, evals, t, out)
+    if t.select_by:
+        stop = guard.share(state, stop, accelerator)
+    state.validated = state.update
+    if stop:
+        state.stopped_early_at = state.update
+        logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward rose; "
+                       "lora_best/ is update %d", state.update, t.select_by, state.drops, state.best_update)
+    if checkpoint is None and stop:
+        return _save(accelerator, out, state, t, components)
+    if checkpoint is not None and accelerator.is_main_process:
+        rewrite_state(checkpoint, vars(state).copy())
+    return checkpoint
+
+
 def _due(every: int, update: int, last: int) -> bool:
     return update == last or (every > 0 and update % every == 0)
 
@@ -243,7 +282,13 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
 
     bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process, desc="ReFL")
     metrics: dict[str, float] = {}
-    while state.update < t.max_updates and state.stopped_early_at is None:
+    checkpoint = ckpt  # the checkpoint of update state.update, when there is one
+    while True:
+        if _validation_pending(t, state):
+            checkpoint = _validate_and_select(components, cfg, reward_fn, state, out, run_logger, judges,
+                                              accelerator, checkpoint)
+        if state.update >= t.max_updates or state.stopped_early_at is not None:
+            break
         terms = _micro_batches(components, cfg, prompts, reward_fn, reg_pool, state.update, accelerator)
         _all_reduce_grads(params, accelerator)
         current_lr = lr_sched.get_last_lr()[0]
@@ -255,29 +300,9 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         if _due(t.log_every, state.update, t.max_updates):
             run_logger.scalars(state.update, metrics)
             bar.set_postfix(reward=f"{metrics['train/reward']:.4f}", loss=f"{metrics['train/loss']:.4g}")
-        # The update's checkpoint is written before its validation runs, so a crash in validation loses nothing.
         checkpoint = None
         if _due(t.checkpoint_every, state.update, t.max_updates):
-            checkpoint = save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
-                                         write_files=lambda folder: save_lora(components, folder / "lora"))
-        stop = False
-        if t.validation_prompts and _due(t.validate_every, state.update, t.max_updates):
-            if accelerator.is_main_process:
-                evals = validate(components, cfg, reward_fn, state.update, out, run_logger, judges)
-                run_logger.scalars(state.update, evals)
-                if t.select_by:
-                    stop = _select(components, state, evals, t, out)
-            if t.select_by:
-                stop = guard.share(state, stop, accelerator)
-        if stop:
-            state.stopped_early_at = state.update
-            logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward rose; "
-                           "lora_best/ is update %d", state.update, t.select_by, state.drops, state.best_update)
-        if checkpoint is None and stop:
-            save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
-                            write_files=lambda folder: save_lora(components, folder / "lora"))
-        elif checkpoint is not None and t.select_by and accelerator.is_main_process:
-            rewrite_state(checkpoint, vars(state).copy())  # the selection this validation made resumes too
+            checkpoint = _save(accelerator, out, state, t, components)
     bar.close()
 
     result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at, **metrics}

@@ -169,14 +169,17 @@ def test_resume_keeps_the_best_so_far_and_the_drop_count(tmp_path, scripted):
     full = train(_config(tmp_path / "full", 6, *args), reward_fn=script.reward_fn)
     assert full["stopped_early_at"] == 5 and full["best_update"] == 2
 
-    # Crash in the 4th validation (update 4): the newest checkpoint is update 3, one drop in, best at 2.
+    # Crash in the 4th validation (update 4): checkpoint 3 holds one drop, best at 2.
     crash = Script(judge[:3], reward)
     scripted(crash)
     with pytest.raises(IndexError):
         train(_config(tmp_path / "resumed", 6, *args), reward_fn=crash.reward_fn)
     state3 = json.loads((tmp_path / "resumed" / "checkpoints" / "update-000003" / "state.json").read_text())
     assert state3 == {"update": 3, "best_score": 0.9, "best_update": 2, "drops": 1, "prev_score": 0.5,
-                      "prev_reward": 2.0, "stopped_early_at": None}
+                      "prev_reward": 2.0, "stopped_early_at": None, "validated": 3}
+    # Update 4's checkpoint was written before the validation that crashed; the resumed run validates it first.
+    state4 = json.loads((tmp_path / "resumed" / "checkpoints" / "update-000004" / "state.json").read_text())
+    assert state4["update"] == 4 and state4["validated"] == 3
     script = scripted(Script(judge, reward, start=3))  # the judge and reward go on at the 4th validation
     resumed = train(_config(tmp_path / "resumed", 6, *args, "train.resume=latest"), reward_fn=script.reward_fn)
     assert resumed["stopped_early_at"] == 5 and resumed["best_update"] == 2
