@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Packages `make test-latest` takes at their newest release even past an upper bound in pyproject.toml, to see
 # whether the bound can go (e.g. UNCAP=transformers).
 UNCAP ?=
+# Extra pytest arguments for `make test-latest` (e.g. PYTEST_ARGS="-k lora").
+PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -65,7 +67,7 @@ test-latest:
 	.venv-latest/bin/python -m pip freeze --all --exclude social-refl | \
 	  .venv-latest/bin/python -m runkit.lockfile $(LOCK)
 	.venv-latest/bin/ruff check .
-	.venv-latest/bin/python -m pytest -q
+	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) scripts/bench_reward.py
