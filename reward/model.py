@@ -25,6 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file, save
 from torch import nn
 
+from reward.images import ImageSource, decode_image
+
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -209,23 +211,16 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """A PIL image -> (3, H, W) float in [0, 1] at its own size."""
-    arr = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    """A PIL image -> (3, H, W) float in [0, 1] at its own size (any mode, via `decode_image`)."""
+    rgb = image if image.mode == "RGB" and "transparency" not in image.info else decode_image(image)
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def load_image_tensor(image: ImageLike, size: int) -> torch.Tensor:
-    """A file or PIL image -> (3, size, size) float in [0, 1] via `resize_center_crop` (torch)."""
-    if not isinstance(image, Image.Image):
-        path = Path(image)
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"image {path} does not exist") from err
-        except OSError as err:
-            raise OSError(f"image {path} cannot be decoded ({err}); re-export or remove it") from err
-    return resize_center_crop(pil_to_tensor(image)[None], size)[0]  # (3, S, S)
+def load_image_tensor(image: ImageSource, size: int, name: str | None = None) -> torch.Tensor:
+    """A file, encoded bytes or PIL image -> (3, size, size) float in [0, 1]: decoded by `decode_image`,
+    resized by `resize_center_crop` (torch). Raises FileNotFoundError or ImageError (a ValueError)."""
+    return resize_center_crop(pil_to_tensor(decode_image(image, name))[None], size)[0]  # (3, S, S)
 
 
 def is_critic_dir(path: str | os.PathLike | None) -> bool:
