@@ -6,6 +6,7 @@ not cost the run; a typo in a `validate_reward` baseline stops before any scorin
 """
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+import reward
 from reward.data import DataError, PairDataset, PairShards, check_pairs, collate_pairs, load_pairs
 from reward.train import RewardExperiment, train
 from runkit.config import load_config
@@ -242,3 +244,70 @@ def test_datasets_image_cells_without_bytes_read_their_path_beside_the_file(tmp_
     assert batch["prompt"] == ["by path"] and batch["n_bad"] == 1
     assert torch.allclose(batch["pos"][0, 0], torch.full((4, 4), 200 / 255))
     assert "image is missing" in batch["bad"][0]
+
+
+# ----------------------------------------------------------------------------- held-out splits that hold nothing
+def _cfg(colour_pairs, val, out, *extra):
+    return load_config(RewardExperiment, None, [
+        "critic.model_name=tiny-clip", "critic.training_mode=all", f"data.train={colour_pairs['train']}",
+        f"data.val={val}", "train.batch_size=32", "train.lr=1e-3", f"train.output_dir={out}", *extra])
+
+
+def _val_file(tmp_path, kind: str) -> Path:
+    """A held-out pickapic set whose every row is bad: missing files (seen at start), corrupt bytes (seen
+    only when decoded), or ties only (nothing to score)."""
+    rows = []
+    for i in range(6):
+        if kind == "corrupt":
+            rows.append(_row(f"v {i}", b"not an image", _rgb_png((i, 1, 1))))
+        elif kind == "ties":
+            rows.append(_row(f"v {i}", _rgb_png((i, 2, 2)), _rgb_png((2, i, 3)), 0.5, 0.5))
+        else:
+            rows.append(_row(f"v {i}", _rgb_png((i, 3, 3)), _rgb_png((3, i, 4)), label_0=-1.0))
+    return _pickapic(tmp_path / f"val_{kind}.parquet", rows)
+
+
+@pytest.mark.parametrize("kind", ["labels", "corrupt", "ties"])
+def test_a_held_out_split_with_nothing_to_score_costs_validation_not_the_run(colour_pairs, tmp_path, kind, caplog):
+    val = _val_file(tmp_path, kind)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        result = train(_cfg(colour_pairs, val, out, "data.on_bad_row=skip", "train.max_updates=2",
+                            "train.validate_every=1"))
+    assert result["update"] == 2 and result["eval"] is None
+    assert (out / "critic" / "critic.safetensors").is_file()
+    assert json.loads((out / "metrics.json").read_text())["eval"] is None
+    assert "without validation" in caplog.text
+
+
+def test_scoring_a_set_with_no_scorable_pair_is_a_clear_result(tmp_path):
+    from reward.evaluate import evaluate_pairs, score_pairs
+    from reward.model import CriticConfig, create_critic
+
+    critic = create_critic(CriticConfig(model_name="tiny-clip"))
+    ds = PairShards(_val_file(tmp_path, "corrupt"), critic.image_size, on_bad_row="skip")
+    s_pos, s_neg = score_pairs(critic, ds)
+    assert s_pos.shape == s_neg.shape == (0,)
+    with pytest.raises(DataError, match="no pair could be scored"):
+        evaluate_pairs(critic, ds)
+
+
+def test_a_checkpoint_due_at_an_update_is_written_before_its_validation(colour_pairs, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(colour_pairs, _val_file(tmp_path, "corrupt"), out, "train.max_updates=3", "train.validate_every=1",
+               "train.checkpoint_every=1")
+    with pytest.raises(DataError, match="is corrupt"):
+        train(cfg)  # on_bad_row=error: the first validation meets the corrupt images
+    assert (out / "checkpoints" / "update-000001").is_dir()
+    assert not (out / "critic").exists()  # not the end of training: no final critic
+
+
+def test_a_crash_in_the_final_validation_leaves_the_checkpoint_and_the_critic(colour_pairs, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(colour_pairs, _val_file(tmp_path, "corrupt"), out, "train.max_updates=2",
+               "train.validate_every=100", "train.checkpoint_every=100")
+    with pytest.raises(DataError, match="is corrupt"):
+        train(cfg)
+    assert (out / "checkpoints" / "update-000002").is_dir()
+    critic = reward.load(out / "critic")  # the trained critic, uncalibrated
+    assert critic.score_scale.item() == 1.0
