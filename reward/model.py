@@ -295,14 +295,49 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
     return SocialReward(clip, tokenizer, config)
 
 
-def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", training_mode: str | None = None):
-    """A saved critic directory, or an open_clip `name` / `name:pretrained` (untuned backbone)."""
+def _looks_like_path(text: str) -> bool:
+    """A critic source naming a path rather than an open_clip model: has a separator or starts like one."""
+    return os.sep in text or "/" in text or text.startswith(("~", "."))
+
+
+def check_pretrained(name: str, pretrained: str | None) -> None:
+    """Refuse an open_clip `pretrained` that is neither one of `name`'s tags (open_clip's own listing, any
+    case, as open_clip reads it) nor an existing checkpoint file, before anything is built."""
+    if not pretrained or Path(pretrained).expanduser().is_file():
+        return
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(f"open_clip weights file {pretrained} does not exist; pass the checkpoint file's "
+                                f"path, or one of {name}'s pretrained tags")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained.lower() not in [t.lower() for t in tags]:
+        known = ", ".join(tags) if tags else "none (pass a checkpoint file path)"
+        raise ValueError(f"unknown open_clip pretrained tag {pretrained!r} for model {name}; its tags: {known}")
+
+
+def check_source(path_or_name: str | os.PathLike) -> None:
+    """What `load` would read, resolved without building a model: a critic folder holding its files, or an
+    open_clip `name[:pretrained]` that open_clip knows. Raises FileNotFoundError / ValueError with the fix."""
     path = Path(path_or_name)
     if path.is_dir():
-        cfg_file = path / CHECKPOINT_CONFIG
-        if not cfg_file.is_file():
+        if not (path / CHECKPOINT_CONFIG).is_file():
             raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint directory")
-        meta = json.loads(cfg_file.read_text())
+        return
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file; pass the critic folder that holds {CHECKPOINT_CONFIG} and "
+                                f"{CHECKPOINT_WEIGHTS}")
+    name, _, pretrained = str(path_or_name).partition(":")
+    if _looks_like_path(name) and not name.endswith(".json"):  # a model-config JSON path is a model name
+        raise FileNotFoundError(f"critic folder {path} does not exist; it should hold {CHECKPOINT_CONFIG} and "
+                                f"{CHECKPOINT_WEIGHTS} (the <output_dir>/critic folder reward training writes)")
+    check_pretrained(resolve_model_name(name), pretrained or None)
+
+
+def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", training_mode: str | None = None):
+    """A saved critic directory, or an open_clip `name` / `name:pretrained` (untuned backbone)."""
+    check_source(path_or_name)
+    path = Path(path_or_name)
+    if path.is_dir():
+        meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
         with _quiet_random_init_warning():
             model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
                                                training_mode=training_mode or meta.get("training_mode", "all")))

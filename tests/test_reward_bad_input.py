@@ -311,3 +311,58 @@ def test_a_crash_in_the_final_validation_leaves_the_checkpoint_and_the_critic(co
     assert (out / "checkpoints" / "update-000002").is_dir()
     critic = reward.load(out / "critic")  # the trained critic, uncalibrated
     assert critic.score_scale.item() == 1.0
+
+
+# ----------------------------------------------------------------------------- models named on the command line
+@pytest.fixture
+def tiny_critic_and_pairs(tmp_path):
+    from reward.model import CriticConfig, create_critic
+
+    create_critic(CriticConfig(model_name="tiny-clip", training_mode="all")).save_pretrained(tmp_path / "critic")
+    rows = [_row(f"p {i}", _rgb_png((i, 0, 0), 8), _rgb_png((0, i, 1), 8)) for i in range(4)]
+    return tmp_path / "critic", _pickapic(tmp_path / "pairs.parquet", rows)
+
+
+@pytest.mark.parametrize("spec,names", [
+    ("hpsv3:weights/HPS_v2_compressed.pt", ["hpsv3", "hpsv2"]),  # unknown kind
+    ("ViT-L-14-quickgelu:opneai", ["opneai", "openai"]),  # unknown pretrained tag
+    ("ViT-Q-99", ["ViT-Q-99", "open_clip"]),  # unknown open_clip model
+    ("hpsv2:{tmp}/missing/HPS_v2_compressed.pt", ["missing"]),  # a standard kind's missing weights file
+    ("clipscore:tiny-clip:{tmp}/nope.pt", ["nope.pt"]),  # a missing open_clip weights file
+])
+def test_validate_reward_refuses_a_bad_baseline_before_scoring(tiny_critic_and_pairs, tmp_path, monkeypatch,
+                                                               capsys, spec, names):
+    import reward.evaluate
+    from reward.cli import validate_main
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scored pairs before every baseline was resolved")
+
+    monkeypatch.setattr(reward.evaluate, "evaluate_pairs", must_not_score)
+    critic, pairs = tiny_critic_and_pairs
+    spec = spec.format(tmp=tmp_path)
+    out = tmp_path / "v.json"
+    assert validate_main([str(pairs), "--checkpoint", str(critic), "--out", str(out), "--baseline", spec]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and spec in err[0] and all(n in err[0] for n in names), err
+    assert not out.exists()
+
+
+def test_a_missing_critic_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"critic folder .*nowhere.* does not exist.*critic.json"):
+        reward.load(tmp_path / "nowhere" / "critic")
+    weights = tmp_path / "critic.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"is a file.*folder"):
+        reward.load(weights)
+
+
+# ----------------------------------------------------------------------------- the checking command
+def test_csv_missing_a_column_stops_the_checking_command(tmp_path, capsys):
+    from reward.cli import check_main
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,pos_path\na cat,a.png\n")
+    assert check_main([str(path), "--out", str(tmp_path / "clean.parquet"), "--fmt", "social"]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.csv" in err and "missing column(s) ['neg_path']" in err
