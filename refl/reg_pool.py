@@ -59,7 +59,7 @@ def load_caption_images(path: str | os.PathLike, image_column: str, caption_colu
         image = image if image.is_absolute() else path.parent / image
         try:
             images.append(load_image_tensor(image, size))  # (3, S, S)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # missing, corrupt, or refused by reward.images.decode_image
             raise type(err)(f"{path} row {i}: {err}") from err
         captions.append(caption.strip())
     return torch.stack(images), captions  # (N, 3, S, S), N captions

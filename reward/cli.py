@@ -47,14 +47,20 @@ def _accuracy_table(rows: list[tuple[str, dict]], majority: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_specs(flag: str, specs: list[str]) -> None:
+    """Every model a command will load, resolved before its work starts (reward.standard.check_spec)."""
+    from reward.standard import check_spec
+
+    for spec in specs:
+        try:
+            check_spec(spec)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{flag} {spec}: {err}") from err
+
+
 @command
 def validate_main(argv=None) -> int:
-    import gc
-
-    from reward.data import DataError, load_pairs
-    from reward.evaluate import evaluate_pairs, majority_baseline
-    from reward.model import load
-    from reward.standard import STANDARD_KINDS, is_standard_spec, load_standard
+    from reward.standard import STANDARD_KINDS
 
     parser = argparse.ArgumentParser(
         description="Pairwise accuracy of a critic on held-out pairs, next to its untuned backbone and the "
@@ -71,40 +77,19 @@ def validate_main(argv=None) -> int:
                                                     "the table goes beside it as .md")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = parser.parse_args(argv)
+    # Every model named is resolved first: a typo in the last baseline must not cost the scoring before it.
+    _check_specs("--checkpoint", [args.checkpoint])
+    _check_specs("--baseline", [b for b in args.baseline or [] if b != "none"])
     setup_logging()
-    log = logging.getLogger("reward.validate")
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        records = load_pairs(args.pairs, tie_policy="keep", loss_handles_ties=True, on_bad_row=args.on_bad_row)
-        model = load(args.checkpoint, device=args.device)
-        report = {"pairs": str(args.pairs), "checkpoint": str(args.checkpoint),
-                  "tuned": evaluate_pairs(model, records, args.batch_size, progress=True)}
-        baselines = args.baseline or [model.config.pretrained or model.config.model_name]
-        baselines = [b for b in baselines if b != "none"]
-        del model
-        report["baselines"] = []
-        for spec in baselines:
-            base = load_standard(spec, device=args.device) if is_standard_spec(spec) else load(spec, device=args.device)
-            rep = evaluate_pairs(base, records, args.batch_size, progress=True)
-            rep["tuned_minus_this"] = report["tuned"]["pairwise_accuracy"] - rep["pairwise_accuracy"]
-            report["baselines"].append({"model": spec, **rep})
-            del base
-            gc.collect()
-        if len(report["baselines"]) == 1:  # the single-baseline keys earlier versions wrote
-            report["baseline"] = report["baselines"][0]
-            report["gain"] = report["baseline"]["tuned_minus_this"]
-        report["majority"] = majority_baseline(args.pairs)
-    except (DataError, FileNotFoundError, ValueError, OSError) as err:  # WeightsError is a ValueError
-        log.error("%s", err)
-        return 2
+    report = _validate(args)
     rows = [(f"critic {args.checkpoint}", report["tuned"])] + [(b["model"], b) for b in report["baselines"]]
     table = _accuracy_table(rows, report["majority"])
-    text = json.dumps(report, indent=2)
-    print(text)
-    log.info("pairwise accuracy on %s:\n%s", args.pairs, table)
+    print(json.dumps(report, indent=2))
+    logging.getLogger("reward.validate").info("pairwise accuracy on %s:\n%s", args.pairs, table)
     out = Path(args.out) if args.out else (Path(args.checkpoint) / "validation.json"
                                            if Path(args.checkpoint).is_dir() else None)
     if out:
@@ -115,25 +100,51 @@ def validate_main(argv=None) -> int:
     return 0
 
 
+def _validate(args) -> dict:
+    """The report of `validate_main`: the tuned critic, then each baseline in turn (one model in memory)."""
+    import gc
+
+    from reward.data import load_pairs
+    from reward.evaluate import evaluate_pairs, majority_baseline
+    from reward.model import load
+    from reward.standard import is_standard_spec, load_standard
+
+    records = load_pairs(args.pairs, tie_policy="keep", loss_handles_ties=True, on_bad_row=args.on_bad_row)
+    model = load(args.checkpoint, device=args.device)
+    baselines = [b for b in args.baseline or [model.config.pretrained or model.config.model_name] if b != "none"]
+    _check_specs("--baseline (the critic's own backbone)", [] if args.baseline else baselines)
+    report = {"pairs": str(args.pairs), "checkpoint": str(args.checkpoint),
+              "tuned": evaluate_pairs(model, records, args.batch_size, progress=True), "baselines": []}
+    del model
+    for spec in baselines:
+        base = load_standard(spec, device=args.device) if is_standard_spec(spec) else load(spec, device=args.device)
+        rep = evaluate_pairs(base, records, args.batch_size, progress=True)
+        rep["tuned_minus_this"] = report["tuned"]["pairwise_accuracy"] - rep["pairwise_accuracy"]
+        report["baselines"].append({"model": spec, **rep})
+        del base
+        gc.collect()
+    if len(report["baselines"]) == 1:  # the single-baseline keys earlier versions wrote
+        report["baseline"] = report["baselines"][0]
+        report["gain"] = report["baseline"]["tuned_minus_this"]
+    report["majority"] = majority_baseline(args.pairs)
+    return report
+
+
 @command
 def check_main(argv=None) -> int:
-    from reward.data import DataError, check_pairs
+    from reward.data import FORMATS, check_pairs
 
     parser = argparse.ArgumentParser(
         description="Decode every image of a pairs set once; write a report of the bad rows and a clean copy.")
     parser.add_argument("source", help="pairs file, shard folder, glob (quote it) or datasets save_to_disk folder")
     parser.add_argument("--out", required=True, help="clean pairs file to write (.parquet)")
     parser.add_argument("--report", default=None, help="JSON report (default: <out>.report.json)")
-    parser.add_argument("--fmt", default="auto", choices=["auto", "social", "pickapic", "ranked"])
+    parser.add_argument("--fmt", default="auto", choices=["auto", *FORMATS])
     parser.add_argument("--num-workers", type=int, default=0, help="processes decoding images")
     args = parser.parse_args(argv)
     setup_logging()
     report = args.report or str(Path(args.out).with_suffix(".report.json"))
-    try:
-        result = check_pairs(args.source, args.out, report, fmt=args.fmt, num_workers=args.num_workers)
-    except (DataError, FileNotFoundError) as err:
-        logging.getLogger("reward").error("%s", err)
-        return 2
+    result = check_pairs(args.source, args.out, report, fmt=args.fmt, num_workers=args.num_workers)
     print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=2))
     for p in result["problems"][:10]:
         logging.getLogger("reward").warning("%s, row %d: %s", p["file"], p["row"], p["reason"])

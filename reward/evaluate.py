@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from reward.data import PairDataset, PairRecord, PairShards, collate_pairs
-from reward.model import SocialReward
+from reward.data import (
+    EmptySplitError,
+    PairDataset,
+    PairRecord,
+    PairShards,
+    check_format,
+    collate_pairs,
+    read_tables,
+)
+from reward.images import decode_image
+from reward.model import SocialReward, pil_to_tensor
 from reward.standard import StandardReward
 from reward.stats import pairwise_accuracy_report
 
@@ -21,7 +27,7 @@ def score_pairs(model: SocialReward, records: list[PairRecord] | Dataset, batch_
                 progress: bool = False, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated scores (raw cosines with `raw`) of the preferred and the rejected image of every
     pair: two (N,) arrays. `records` is a list of PairRecords or a pairs dataset (e.g. PairShards;
-    rows it skips as bad are left out)."""
+    rows it skips as bad are left out, so N may be 0: two empty arrays)."""
     was_training = model.training
     model.eval()
     dataset = records if isinstance(records, Dataset) else PairDataset(records, model.image_size)
@@ -37,18 +43,15 @@ def score_pairs(model: SocialReward, records: list[PairRecord] | Dataset, batch_
         pos.append((s_pos if raw else model.calibrated(s_pos)).float().cpu())
         neg.append((s_neg if raw else model.calibrated(s_neg)).float().cpu())
     model.train(was_training)
+    if not pos:  # every pair was a bad row (on_bad_row=skip), or there were none
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
     return torch.cat(pos).numpy(), torch.cat(neg).numpy()
 
 
 def _image_at_own_size(ref) -> torch.Tensor:
     """A pair's image (path or encoded bytes) -> (3, H, W) in [0, 1] at its own size: each standard model
     resizes, crops or pads it itself, as its upstream code does with the original image."""
-    try:
-        with Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-    except OSError as err:
-        raise OSError(f"image {ref if isinstance(ref, str) else '<bytes>'} cannot be decoded ({err})") from err
-    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+    return pil_to_tensor(decode_image(ref))  # (3, H, W)
 
 
 @torch.no_grad()
@@ -87,6 +90,9 @@ def evaluate_pairs(model: SocialReward | StandardReward, records: list[PairRecor
         s_pos, s_neg = score_pairs_standard(model, clear, min(batch_size, 16), progress)
     else:
         s_pos, s_neg = score_pairs(model, clear, batch_size, progress)
+    if not len(s_pos):
+        raise EmptySplitError(f"no pair could be scored: all {len(clear)} pair(s) with a clear preference were bad rows "
+                        "(skipped with on_bad_row=skip); scripts/check_pairs.py lists why")
     report = pairwise_accuracy_report(s_pos, s_neg)
     report["n_tied_labels"] = len(records) - len(clear)
     return report
@@ -98,26 +104,24 @@ def majority_baseline(source, fmt: str = "auto") -> dict:
 
     Pick-a-Pic: jpg_0 vs jpg_1; ranked lists: the earlier vs the later image of each expanded pair. A
     Social Reward file names the preferred image by its column, so no order exists: `rate` is None."""
-    from reward.data import detect_format, read_tables
-
     first = total = 0
     for df, where, _ in read_tables(source):
-        kind = detect_format(df, where) if fmt == "auto" else fmt
-        if kind == "pickapic":
-            l0, l1 = df["label_0"].astype(float).to_numpy(), df["label_1"].astype(float).to_numpy()
-            clear = l0 != l1
-            first, total = first + int((l0 > l1)[clear].sum()), total + int(clear.sum())
-        elif kind == "ranked":
-            for ranks in df["rank"]:
-                ranks = list(ranks)
-                for i in range(len(ranks)):
-                    for j in range(i + 1, len(ranks)):
-                        if ranks[i] != ranks[j]:
-                            total += 1
-                            first += int(ranks[i] < ranks[j])
-        else:
+        spec = check_format(fmt, list(df.columns), where)
+        if not spec.ordered:
             return {"rate": None, "rule": "none: the file names the preferred image by column, not by position"}
+        for row in df[spec.cheap].to_dict("records"):
+            clear = [p for p in _row_preferences(spec, row) if p != 0.5]
+            total, first = total + len(clear), first + sum(p > 0.5 for p in clear)
     if total == 0:
         return {"rate": None, "rule": "none: no pair with a clear preference"}
     rule = "always the first image" if first >= total - first else "always the second image"
     return {"rate": max(first, total - first) / total, "rule": rule, "n_pairs": total}
+
+
+def _row_preferences(spec, row) -> list[float]:
+    """P(first listed image preferred) of each of a row's pairs; none for a row whose labels are bad (loading
+    it refused or skipped it)."""
+    try:
+        return [p for _, _, p in spec.preferences(row)]
+    except ValueError:
+        return []

@@ -157,7 +157,9 @@ def _bert_tokenizer(folder: Path | None, option: str | None):
                            "bert-base-uncased's vocab.txt beside ImageReward.pt or pass tokenizer=PATH.") from err
 
 
-def load_imagereward(argument: str, options: dict) -> ImageReward:
+def imagereward_files(argument: str) -> tuple[Path, Path, Path | None]:
+    """(ImageReward.pt, med_config.json, folder holding a tokenizer or None) of a spec's argument: a local
+    folder or file, or a hub id (empty: THUDM/ImageReward), fetched like ImageReward.load fetches it."""
     layout = LAYOUTS["imagereward"]
     local = Path(argument).expanduser() if argument else None
     if local is not None and local.exists():
@@ -165,12 +167,15 @@ def load_imagereward(argument: str, options: dict) -> ImageReward:
         med = weights.parent / "med_config.json"
         if not med.is_file():
             raise WeightsError(f"imagereward: {weights.parent} has no med_config.json. Expected: {layout}")
-        tokenizer_folder = weights.parent
-    else:  # a hub id (empty: THUDM/ImageReward), fetched like ImageReward.load fetches it
-        repo = argument if argument and _hub_like(argument) else "THUDM/ImageReward"
-        weights = _find_file(argument, "ImageReward.pt", "imagereward", layout, hub_repo=repo)
-        med = _find_file(argument, "med_config.json", "imagereward", layout, hub_repo=repo)
-        tokenizer_folder = None
+        return weights, med, weights.parent
+    repo = argument if argument and _hub_like(argument) else "THUDM/ImageReward"
+    weights = _find_file(argument, "ImageReward.pt", "imagereward", layout, hub_repo=repo)
+    return weights, _find_file(argument, "med_config.json", "imagereward", layout, hub_repo=repo), None
+
+
+def load_imagereward(argument: str, options: dict) -> ImageReward:
+    layout = LAYOUTS["imagereward"]
+    weights, med, tokenizer_folder = imagereward_files(argument)
     from transformers import BlipTextModel, BlipVisionModel
 
     state = _torch_load(weights, "imagereward", layout)

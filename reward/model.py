@@ -25,6 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file, save
 from torch import nn
 
+from reward.images import ImageSource, decode_image
+
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -209,23 +211,16 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """A PIL image -> (3, H, W) float in [0, 1] at its own size."""
-    arr = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    """A PIL image -> (3, H, W) float in [0, 1] at its own size (any mode, via `decode_image`)."""
+    rgb = image if image.mode == "RGB" and "transparency" not in image.info else decode_image(image)
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def load_image_tensor(image: ImageLike, size: int) -> torch.Tensor:
-    """A file or PIL image -> (3, size, size) float in [0, 1] via `resize_center_crop` (torch)."""
-    if not isinstance(image, Image.Image):
-        path = Path(image)
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"image {path} does not exist") from err
-        except OSError as err:
-            raise OSError(f"image {path} cannot be decoded ({err}); re-export or remove it") from err
-    return resize_center_crop(pil_to_tensor(image)[None], size)[0]  # (3, S, S)
+def load_image_tensor(image: ImageSource, size: int, name: str | None = None) -> torch.Tensor:
+    """A file, encoded bytes or PIL image -> (3, size, size) float in [0, 1]: decoded by `decode_image`,
+    resized by `resize_center_crop` (torch). Raises FileNotFoundError or ImageError (a ValueError)."""
+    return resize_center_crop(pil_to_tensor(decode_image(image, name))[None], size)[0]  # (3, S, S)
 
 
 def is_critic_dir(path: str | os.PathLike | None) -> bool:
@@ -300,14 +295,49 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
     return SocialReward(clip, tokenizer, config)
 
 
-def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", training_mode: str | None = None):
-    """A saved critic directory, or an open_clip `name` / `name:pretrained` (untuned backbone)."""
+def _looks_like_path(text: str) -> bool:
+    """A critic source naming a path rather than an open_clip model: has a separator or starts like one."""
+    return os.sep in text or "/" in text or text.startswith(("~", "."))
+
+
+def check_pretrained(name: str, pretrained: str | None) -> None:
+    """Refuse an open_clip `pretrained` that is neither one of `name`'s tags (open_clip's own listing, any
+    case, as open_clip reads it) nor an existing checkpoint file, before anything is built."""
+    if not pretrained or Path(pretrained).expanduser().is_file():
+        return
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(f"open_clip weights file {pretrained} does not exist; pass the checkpoint file's "
+                                f"path, or one of {name}'s pretrained tags")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained.lower() not in [t.lower() for t in tags]:
+        known = ", ".join(tags) if tags else "none (pass a checkpoint file path)"
+        raise ValueError(f"unknown open_clip pretrained tag {pretrained!r} for model {name}; its tags: {known}")
+
+
+def check_source(path_or_name: str | os.PathLike) -> None:
+    """What `load` would read, resolved without building a model: a critic folder holding its files, or an
+    open_clip `name[:pretrained]` that open_clip knows. Raises FileNotFoundError / ValueError with the fix."""
     path = Path(path_or_name)
     if path.is_dir():
-        cfg_file = path / CHECKPOINT_CONFIG
-        if not cfg_file.is_file():
+        if not (path / CHECKPOINT_CONFIG).is_file():
             raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint directory")
-        meta = json.loads(cfg_file.read_text())
+        return
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file; pass the critic folder that holds {CHECKPOINT_CONFIG} and "
+                                f"{CHECKPOINT_WEIGHTS}")
+    name, _, pretrained = str(path_or_name).partition(":")
+    if _looks_like_path(name) and not name.endswith(".json"):  # a model-config JSON path is a model name
+        raise FileNotFoundError(f"critic folder {path} does not exist; it should hold {CHECKPOINT_CONFIG} and "
+                                f"{CHECKPOINT_WEIGHTS} (the <output_dir>/critic folder reward training writes)")
+    check_pretrained(resolve_model_name(name), pretrained or None)
+
+
+def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", training_mode: str | None = None):
+    """A saved critic directory, or an open_clip `name` / `name:pretrained` (untuned backbone)."""
+    check_source(path_or_name)
+    path = Path(path_or_name)
+    if path.is_dir():
+        meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
         with _quiet_random_init_warning():
             model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
                                                training_mode=training_mode or meta.get("training_mode", "all")))

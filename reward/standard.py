@@ -380,10 +380,8 @@ def _load_hps(kind: str, filename: str):
     return loader
 
 
-def load_pickscore(argument: str, options: dict) -> StandardReward:
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPModel
-
+def _pickscore_source(argument: str) -> tuple[str, Path]:
+    """(source, local path) of a PickScore spec: a CLIPModel folder with its config.json, or a hub id."""
     layout = LAYOUTS["pickscore"]
     source = argument or "yuvalkirstain/PickScore_v1"
     path = Path(source).expanduser()
@@ -392,6 +390,15 @@ def load_pickscore(argument: str, options: dict) -> StandardReward:
             raise WeightsError(f"pickscore: {path} has no config.json. Expected: {layout}")
     elif not _hub_like(source):
         raise WeightsError(f"pickscore: {path} does not exist. Expected: {layout}")
+    return source, path
+
+
+def load_pickscore(argument: str, options: dict) -> StandardReward:
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPModel
+
+    layout = LAYOUTS["pickscore"]
+    source, path = _pickscore_source(argument)
     try:
         # fp32 like every other kind here (transformers 5 would keep the file's dtype); load_standard casts.
         model, info = CLIPModel.from_pretrained(str(path) if path.exists() else source, output_loading_info=True,
@@ -423,19 +430,59 @@ def load_imagereward(argument: str, options: dict) -> StandardReward:
     return load(argument, options)
 
 
+def _check_open_clip(name_and_pretrained: str) -> None:
+    """An open_clip NAME[:PRETRAINED] that open_clip knows, its weights file present when it is a path."""
+    from reward.model import check_pretrained, resolve_model_name
+
+    name, _, pretrained = name_and_pretrained.partition(":")
+    check_pretrained(resolve_model_name(name), pretrained or None)
+
+
+def check_clipscore(argument: str, options: dict) -> None:
+    _check_open_clip(argument or "ViT-L-14-quickgelu:openai")
+
+
+def check_aesthetic(argument: str, options: dict) -> None:
+    _find_file(argument, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic", LAYOUTS["aesthetic"], hub_repo="")
+    _check_open_clip(options.get("backbone", "ViT-L-14-quickgelu:openai"))
+
+
+def check_pickscore(argument: str, options: dict) -> None:
+    _pickscore_source(argument)
+
+
+def _check_hps(kind: str, filename: str):
+    def check(argument: str, options: dict) -> None:
+        _find_file(argument, filename, kind, LAYOUTS[kind], hub_repo="xswu/HPSv2")
+        _check_open_clip(options.get("model", "ViT-H-14"))
+
+    return check
+
+
+def check_imagereward(argument: str, options: dict) -> None:
+    from reward.imagereward import imagereward_files
+
+    imagereward_files(argument)
+
+
 @dataclass(frozen=True)
 class StandardKind:
     loader: Callable[[str, dict], StandardReward]  # (argument, options) -> model on the CPU, eval mode
+    # (argument, options) -> None: resolves the files and names the loader will read, without loading weights;
+    # raises WeightsError / ValueError / FileNotFoundError naming what is wrong.
+    check: Callable[[str, dict], None]
     options: tuple[str, ...] = ()  # option names allowed after the argument (`,name=value`)
 
 
 STANDARD_KINDS: dict[str, StandardKind] = {
-    "clipscore": StandardKind(load_clipscore),
-    "aesthetic": StandardKind(load_aesthetic, ("backbone",)),
-    "pickscore": StandardKind(load_pickscore),
-    "hpsv2": StandardKind(_load_hps("hpsv2", "HPS_v2_compressed.pt"), ("model",)),
-    "hpsv21": StandardKind(_load_hps("hpsv21", "HPS_v2.1_compressed.pt"), ("model",)),
-    "imagereward": StandardKind(load_imagereward, ("tokenizer",)),
+    "clipscore": StandardKind(load_clipscore, check_clipscore),
+    "aesthetic": StandardKind(load_aesthetic, check_aesthetic, ("backbone",)),
+    "pickscore": StandardKind(load_pickscore, check_pickscore),
+    "hpsv2": StandardKind(_load_hps("hpsv2", "HPS_v2_compressed.pt"), _check_hps("hpsv2", "HPS_v2_compressed.pt"),
+                          ("model",)),
+    "hpsv21": StandardKind(_load_hps("hpsv21", "HPS_v2.1_compressed.pt"),
+                           _check_hps("hpsv21", "HPS_v2.1_compressed.pt"), ("model",)),
+    "imagereward": StandardKind(load_imagereward, check_imagereward, ("tokenizer",)),
 }
 
 
@@ -457,6 +504,26 @@ def parse_standard_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
 def is_standard_spec(spec: str) -> bool:
     return spec.partition(":")[0] in STANDARD_KINDS
+
+
+def check_spec(spec: str) -> None:
+    """A model spec resolved without loading any weights, so a typo stops a command before its work: a
+    standard reward `kind:ARGUMENT[,options]` (kind, options, weight files), or a critic (a saved critic
+    folder, or an open_clip NAME[:PRETRAINED] open_clip lists). Raises a one-line error naming the fix."""
+    if is_standard_spec(spec):
+        kind, argument, options = parse_standard_spec(spec)
+        STANDARD_KINDS[kind].check(argument, options)
+        return
+    from reward.model import check_source, resolve_model_name
+
+    kind = spec.partition(":")[0]
+    if ":" in spec and "/" not in kind and not Path(spec).exists():
+        try:
+            resolve_model_name(kind)
+        except ValueError as err:
+            raise ValueError(f"unknown model {kind!r}: neither a standard reward kind ({', '.join(STANDARD_KINDS)}) "
+                             "nor an open_clip model name (open_clip.list_models()); check the spelling") from err
+    check_source(spec)
 
 
 def load_standard(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> StandardReward:

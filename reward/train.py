@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reward.data import DataError, PairShards, PairShardSampler, collate_pairs
+from reward.data import DataError, EmptySplitError, PairShards, PairShardSampler, collate_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import LOSSES, create_loss
 from reward.model import CriticConfig, SocialReward, create_critic
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    # Training pairs in one of the formats of reward/data.py: a parquet / csv / json(l) file, a folder
+    # Training pairs in one of the formats of reward.data (reward/data/formats.py): a parquet / csv / json(l) file, a folder
     # or glob of parquet / arrow shards (e.g. a Pick-a-Pic v2 download's data/train-*.parquet), or a
     # `datasets` save_to_disk folder. Streamed: rows are read a row group at a time.
     train: str = ""
@@ -48,7 +48,8 @@ class DataConfig:
     fmt: str = "auto"
     # keep | drop | half | auto (keep ties if the loss handles them, else drop).
     tie_policy: str = "auto"
-    # error = stop at the first bad row; skip = drop bad rows and log how many and which.
+    # error = stop at the first bad row; skip = drop bad rows and log how many and which. Labels, prompts and
+    # image paths are checked for every row before training (no image decoded); images when they are read.
     on_bad_row: str = "error"
     # Decode every training image once before training so a corrupt file fails now, not mid-run
     # (one full pass over the data; at scale run scripts/check_pairs.py once instead). Bad rows met
@@ -183,15 +184,16 @@ def train(cfg: RewardExperiment) -> dict:
                     state.batches_done)
     run_logger = RunLogger(out, accelerator.is_main_process, tc.log_with, state.update)
     every = {"validate": tc.validate_every or updates_per_epoch, "checkpoint": tc.checkpoint_every or updates_per_epoch}
-    history, n_bad = _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc, state,
-                          total, every, run_logger, out)
+    history, n_bad, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc,
+                                   state, total, every, run_logger, out)
     run_logger.close()
-    return _finish(accelerator, module, val_set, tc, state, history, n_bad, out)
+    return _finish(accelerator, module, val_set, tc, state, history, n_bad, out, train_set.n_bad_rows)
 
 
 def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc: TrainConfig,
-         state: LoopState, total: int, every: dict, run_logger: RunLogger, out: Path) -> tuple[list[dict], int]:
-    """The epochs; returns the validation history and the bad rows this process skipped."""
+         state: LoopState, total: int, every: dict, run_logger: RunLogger, out: Path):
+    """The epochs; returns the validation history, the bad rows this process skipped and the validation set
+    (None once it turned out to hold no scorable pair)."""
     history: list[dict] = []
     pbar = tqdm(total=total, initial=state.update, desc="train critic", disable=not accelerator.is_local_main_process)
     running: dict[str, float] = {}
@@ -201,20 +203,7 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
         epoch_loader = accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
         for batch in epoch_loader:
             n_bad += _check_batch(batch, n_bad, state)
-            with accelerator.accumulate(module):
-                terms = module(batch["pos"], batch["neg"], batch["prompt"], batch["label"], batch["weight"])
-                if not torch.isfinite(terms["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {terms['loss'].item()} at update {state.update} (epoch {state.epoch}, batch "
-                        f"{state.batches_done}); no update was applied. Lower train.lr, use mixed_precision=no or "
-                        "bf16, or check the data.")
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            terms = _step(accelerator, module, optimizer, scheduler, params, batch, tc, state)
             state.batches_done += 1
             for k, v in terms.items():
                 running[k] = running.get(k, 0.0) + float(v.detach())
@@ -225,22 +214,12 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
             pbar.update(1)
             last = state.update == total
             if state.update % tc.log_every == 0 or last:
-                n = running.pop("_n")
-                logs = {f"train/{k}": v / n for k, v in running.items()}
-                logs["train/lr"] = scheduler.get_last_lr()[0]
-                run_logger.scalars(state.update, logs)
-                pbar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                _log_train(run_logger, scheduler, state, running, pbar)
                 running = {}
+            if state.update % every["checkpoint"] == 0 or last:  # before validation, which may fail
+                _save(accelerator, module, out, state, tc)
             if state.update % every["validate"] == 0 or last:
-                metrics = _evaluate(accelerator, module, val_set)
-                if metrics:
-                    run_logger.scalars(state.update, {f"eval/{k}": v for k, v in metrics.items() if np.isscalar(v)})
-                    history.append({"update": state.update, **metrics})
-                    logger.info("update %d: eval pairwise accuracy %.3f", state.update, metrics["pairwise_accuracy"])
-            if state.update % every["checkpoint"] == 0 or last:
-                critic = accelerator.unwrap_model(module).critic
-                save_checkpoint(accelerator, out, vars(state).copy(), tc.checkpoints_keep,
-                                write_files=lambda folder, critic=critic: critic.save_pretrained(folder / "critic"))
+                val_set = _validate(accelerator, module, val_set, state, run_logger, history, last, out)
             if last:
                 break
         else:
@@ -249,7 +228,62 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
             continue
         break
     pbar.close()
-    return history, n_bad
+    return history, n_bad, val_set
+
+
+def _step(accelerator, module, optimizer, scheduler, params, batch, tc: TrainConfig, state: LoopState) -> dict:
+    """One micro-batch forward and backward; the optimizer steps when gradients sync. Returns the loss terms."""
+    with accelerator.accumulate(module):
+        terms = module(batch["pos"], batch["neg"], batch["prompt"], batch["label"], batch["weight"])
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"loss is {terms['loss'].item()} at update {state.update} (epoch {state.epoch}, batch "
+                f"{state.batches_done}); no update was applied. Lower train.lr, use mixed_precision=no or "
+                "bf16, or check the data.")
+        accelerator.backward(terms["loss"])
+        if accelerator.sync_gradients and tc.max_grad_norm:
+            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return terms
+
+
+def _log_train(run_logger: RunLogger, scheduler, state: LoopState, running: dict, pbar) -> None:
+    n = running.pop("_n")
+    logs = {f"train/{k}": v / n for k, v in running.items()}
+    logs["train/lr"] = scheduler.get_last_lr()[0]
+    run_logger.scalars(state.update, logs)
+    pbar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+
+
+def _save(accelerator, module, out: Path, state: LoopState, tc: TrainConfig) -> None:
+    critic = accelerator.unwrap_model(module).critic
+    save_checkpoint(accelerator, out, vars(state).copy(), tc.checkpoints_keep,
+                    write_files=lambda folder: critic.save_pretrained(folder / "critic"))
+
+
+def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLogger, history: list[dict],
+              last: bool, out: Path):
+    """Validate and log; returns the validation set to use from now on: None once it has no scorable pair
+    (every held-out row bad, skipped), so training goes on without validation. A crash in the final
+    validation first writes the trained critic (uncalibrated), so the run's work is not lost."""
+    try:
+        metrics = _evaluate(accelerator, module, val_set)
+    except EmptySplitError as err:
+        logger.warning("training without validation from update %d on: %s", state.update, err)
+        return None
+    except Exception:
+        if last and accelerator.is_main_process:
+            accelerator.unwrap_model(module).critic.save_pretrained(out / "critic")
+            logger.error("the final validation failed; the trained critic (uncalibrated) is in %s", out / "critic")
+        raise
+    if metrics:
+        run_logger.scalars(state.update, {f"eval/{k}": v for k, v in metrics.items() if np.isscalar(v)})
+        history.append({"update": state.update, **metrics})
+        logger.info("update %d: eval pairwise accuracy %.3f", state.update, metrics["pairwise_accuracy"])
+    return val_set
 
 
 def _check_batch(batch: dict, n_bad_before: int, state: LoopState) -> int:
@@ -263,9 +297,11 @@ def _check_batch(batch: dict, n_bad_before: int, state: LoopState) -> int:
 
 
 def _finish(accelerator, module, val_set, tc: TrainConfig, state: LoopState, history: list[dict], n_bad: int,
-            out: Path) -> dict:
-    """Calibrate and save the final critic (main process); the metrics every process returns."""
+            out: Path, n_bad_indexed: int = 0) -> dict:
+    """Calibrate and save the final critic (main process); the metrics every process returns. Bad rows: those
+    each process met decoding (summed) and those the index dropped before training (the same in every process)."""
     bad_total = int(accelerator.reduce(torch.tensor([n_bad], device=accelerator.device), reduction="sum").item())
+    bad_total += n_bad_indexed
     if bad_total:
         logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); scripts/check_pairs.py "
                        "lists them all and writes a clean copy", bad_total)
@@ -273,9 +309,7 @@ def _finish(accelerator, module, val_set, tc: TrainConfig, state: LoopState, his
     critic = accelerator.unwrap_model(module).critic
     if accelerator.is_main_process:
         if tc.calibrate and val_set is not None:
-            # Raw cosines, whatever calibration the critic arrived with: the fitted scores get std 1.
-            s_pos, s_neg = score_pairs(critic, val_set, raw=True)
-            critic.calibrate_(torch.from_numpy(np.concatenate([s_pos, s_neg])))
+            _calibrate(critic, val_set)
         critic.save_pretrained(out / "critic")
         final["eval"] = history[-1] if history else None
         write_json(out / "metrics.json", final)
@@ -286,27 +320,50 @@ def _finish(accelerator, module, val_set, tc: TrainConfig, state: LoopState, his
     return final
 
 
+def _calibrate(critic: SocialReward, val_set) -> None:
+    """Fit the score calibration on the held-out images' raw cosines (whatever calibration the critic
+    arrived with: the fitted scores get std 1); skipped, with a warning, when fewer than two score."""
+    s_pos, s_neg = score_pairs(critic, val_set, raw=True)
+    cosines = np.concatenate([s_pos, s_neg])
+    if len(cosines) < 2:
+        logger.warning("no held-out pair could be scored: the critic is saved uncalibrated")
+        return
+    critic.calibrate_(torch.from_numpy(cosines))
+
+
 def _loss_kwargs(lc: LossConfig) -> dict:
     return {"triplet": {"margin": lc.margin}, "pairwise": {"init_logit_scale": lc.init_logit_scale},
             "pickscore": {"logit_scale": lc.pickscore_logit_scale}}[lc.name]
 
 
 def _datasets(dc: DataConfig, image_size: int, handles_ties: bool):
-    """Streaming train and validation sets (validation keeps ties: evaluation counts them apart)."""
+    """Streaming train and validation sets (validation keeps ties: evaluation counts them apart), both
+    indexed and checked now, before training."""
     common = dict(fmt=dc.fmt, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)
     train_kw = dict(common, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties)
     if dc.val:
-        return PairShards(dc.train, image_size, **train_kw), PairShards(dc.val, image_size, **common,
-                                                                         tie_policy="keep")
+        train_set = PairShards(dc.train, image_size, **train_kw)
+        return train_set, _validation_set(lambda: PairShards(dc.val, image_size, **common, tie_policy="keep"))
     train_set = PairShards(dc.train, image_size, **train_kw, split="train", val_fraction=dc.val_fraction)
-    val_set = None
-    if dc.val_fraction > 0:
-        try:
-            val_set = PairShards(dc.train, image_size, **common, tie_policy="keep", split="val",
-                                 val_fraction=dc.val_fraction)
-        except DataError as err:
-            logger.warning("no validation pairs: %s", err)
-    return train_set, val_set
+    if dc.val_fraction <= 0:
+        return train_set, None
+    return train_set, _validation_set(lambda: PairShards(dc.train, image_size, **common, tie_policy="keep",
+                                                         split="val", val_fraction=dc.val_fraction))
+
+
+def _validation_set(make) -> PairShards | None:
+    """The held-out set `make()` builds, or None (with a warning; training goes on without validation) when
+    it holds no pair with a clear preference: empty, every row bad and skipped, or only ties."""
+    try:
+        val_set = make()
+    except EmptySplitError as err:
+        logger.warning("no validation pairs, training without validation: %s", err)
+        return None
+    if not (val_set.labels != 0.5).any():
+        logger.warning("%s: every held-out pair is a tie, nothing to score; training without validation",
+                       val_set.reader.source)
+        return None
+    return val_set
 
 
 def check_all_images(dataset: PairShards, batch_size: int, num_workers: int) -> int:
@@ -316,10 +373,16 @@ def check_all_images(dataset: PairShards, batch_size: int, num_workers: int) -> 
 
 
 def _evaluate(accelerator: Accelerator, module, val_set) -> dict | None:
-    """Pairwise accuracy on the held-out pairs, computed on the main process."""
-    metrics = None
+    """Pairwise accuracy on the held-out pairs, computed on the main process. A set with no scorable pair
+    raises `EmptySplitError` after the barrier, so the other processes are not left waiting."""
+    metrics, empty = None, None
     if accelerator.is_main_process and val_set is not None:
         critic = accelerator.unwrap_model(module).critic
-        metrics = evaluate_pairs(critic, val_set)
+        try:
+            metrics = evaluate_pairs(critic, val_set)
+        except EmptySplitError as err:
+            empty = err
     accelerator.wait_for_everyone()
+    if empty is not None:
+        raise empty
     return metrics

@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from reward.images import decode_image
 from runkit.files import atomic_write_bytes, atomic_write_text
 from toyworld.checker import read_image, to_array
 from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_score, reading_terms
@@ -85,8 +86,7 @@ def _is_path(item) -> bool:
 def _as_uint8(item) -> np.ndarray:
     """Any accepted image (path, PIL, uint8 or [0, 1] float array) -> (H, W, 3) uint8."""
     if _is_path(item):
-        with Image.open(item) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.asarray(decode_image(item), dtype=np.uint8)  # the pairs set's own decoder: any mode, real range
     return np.clip(np.rint(to_array(item)), 0, 255).astype(np.uint8)
 
 

@@ -619,11 +619,11 @@ def compare_lines(compare: dict) -> list[str]:
 def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     """Train the demo's critic on oracle-ordered pairs of the community's own images; accuracy vs oracle."""
     import pandas as pd
-    from PIL import Image
 
     import reward
     from reward.data import load_pairs
     from reward.evaluate import evaluate_pairs
+    from reward.images import decode_image
     from reward.train import train
     from runkit.config import load_config, override
     from toyworld.community import oracle_pair_rows
@@ -637,7 +637,7 @@ def critic_ceiling(demo_dir: Path, overrides: list[str] = ()) -> dict:
     images, prompts = [], []
     for prompt, paths in sorted(by_prompt.items()):
         paths = sorted(paths)
-        images.append((paths, [np.asarray(Image.open(src / p).convert("RGB")) for p in paths]))
+        images.append((paths, [np.asarray(decode_image(src / p)) for p in paths]))
         prompts.append(prompt)
     rows = []
     for prompt, (paths, arrays) in zip(prompts, images):

@@ -1,0 +1,120 @@
+"""Rows to pairs to items: what is wrong with a row, ties, the held-out split, and the one way a pair
+becomes a training item (both images decoded by `reward.images.decode_image`), shared by the in-memory
+and the streaming datasets."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from reward.data.errors import DataError
+from reward.data.formats import Format, PairRecord, cheap_problems, row_records
+from reward.images import decode_image, describe, image_bytes
+from reward.model import load_image_tensor
+
+TIE_POLICIES = ("auto", "keep", "drop", "half")
+SAME_IMAGE = "both sides of the pair are the same image (same file or same bytes); such a pair teaches nothing"
+
+
+def same_image(rec: PairRecord, check_bytes: bool) -> bool:
+    """Whether a pair's two sides are one image: the same file always; the same bytes with `check_bytes`
+    (bytes held in the table are always compared: they are in memory)."""
+    if isinstance(rec.pos, str) and isinstance(rec.neg, str):
+        if os.path.realpath(rec.pos) == os.path.realpath(rec.neg):
+            return True
+        if not check_bytes or not (Path(rec.pos).is_file() and Path(rec.neg).is_file()):
+            return False
+    try:
+        return image_bytes(rec.pos) == image_bytes(rec.neg)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _image_problems(records: list[PairRecord]) -> list[str]:
+    """Why a row's images do not decode (each distinct image decoded once)."""
+    seen, problems = [], []
+    for ref in (ref for rec in records for ref in (rec.pos, rec.neg)):
+        if ref in seen:
+            continue
+        seen.append(ref)
+        try:
+            decode_image(ref)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(str(err))
+    return list(dict.fromkeys(problems))
+
+
+def row_problems(spec: Format, row: Mapping, base: Path, idx: int,
+                 check_images: bool) -> tuple[list[PairRecord], list[str]]:
+    """A row's pairs and what is wrong with it (empty when the row is good): its cheap columns, then with
+    `check_images` every image decoded, then whether a pair's two sides are the same image."""
+    problems = cheap_problems(spec, row, base)
+    if problems:
+        return [], problems
+    records = row_records(spec, row, base, idx)
+    problems = _image_problems(records) if check_images else []
+    if not problems and any(same_image(rec, check_bytes=check_images) for rec in records):
+        problems.append(SAME_IMAGE)
+    return records, problems
+
+
+def resolve_tie_policy(tie_policy: str, loss_handles_ties: bool) -> str:
+    if tie_policy not in TIE_POLICIES:
+        raise DataError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+    if tie_policy == "auto":
+        return "keep" if loss_handles_ties else "drop"
+    return tie_policy
+
+
+def apply_tie_policy(rec: PairRecord, tie_policy: str) -> PairRecord | None:
+    """keep: a tie stays at label 0.5; drop: None; half: an ordinary pair at weight 0.5."""
+    if rec.label == 0.5:
+        if tie_policy == "drop":
+            return None
+        if tie_policy == "half":
+            rec.label, rec.weight = 1.0, 0.5
+    return rec
+
+
+def prompt_in_val(prompt, val_fraction: float) -> bool:
+    """Held-out prompts by a stable hash: the same prompt lands on the same side in every process
+    and every run, without a global list of prompts."""
+    return zlib.crc32(str(prompt).encode()) % 1_000_000 < val_fraction * 1_000_000
+
+
+def pair_item(rec: PairRecord, image_size: int) -> dict:
+    """A pair as datasets hand it over: prompt, pos/neg (3, S, S) in [0, 1], label, weight.
+
+    Both datasets build items here, so the same pair gives the same tensors in memory and streamed. Raises
+    FileNotFoundError or ValueError (a corrupt or refused image, or two sides with the same bytes)."""
+    pos_bytes, neg_bytes = image_bytes(rec.pos), image_bytes(rec.neg)
+    if pos_bytes == neg_bytes:
+        raise ValueError(SAME_IMAGE)
+    return {
+        "prompt": rec.prompt,
+        "pos": load_image_tensor(pos_bytes, image_size, describe(rec.pos)),  # (3, S, S)
+        "neg": load_image_tensor(neg_bytes, image_size, describe(rec.neg)),  # (3, S, S)
+        "label": torch.tensor(rec.label, dtype=torch.float32),
+        "weight": torch.tensor(rec.weight, dtype=torch.float32),
+    }
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Stack good items; bad ones (on_bad_row=skip) are dropped and counted in `n_bad` / `bad`."""
+    bad = [it["bad"] for it in items if "bad" in it]
+    items = [it for it in items if "bad" not in it]
+    if not items:
+        return {"prompt": [], "n_bad": len(bad), "bad": bad}
+    return {
+        "prompt": [it["prompt"] for it in items],
+        "pos": torch.stack([it["pos"] for it in items]),  # (B, 3, S, S)
+        "neg": torch.stack([it["neg"] for it in items]),  # (B, 3, S, S)
+        "label": torch.stack([it["label"] for it in items]),  # (B,)
+        "weight": torch.stack([it["weight"] for it in items]),  # (B,)
+        "n_bad": len(bad),
+        "bad": bad,
+    }
