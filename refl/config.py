@@ -32,7 +32,7 @@ class RewardConfig:
     # per std (0 = the plain mean of the members).
     ensemble_penalty: float = 0.0
     # Weights of the standard reward models: kind -> argument of its spec, i.e. a local path (file layouts
-    # in reward/standard.py), a hub id, or "" for the default hub id; options follow commas, e.g.
+    # in reward/standard/files.py), a hub id, or "" for the default hub id; options follow commas, e.g.
     # {hpsv2: weights/HPS_v2_compressed.pt, aesthetic: "weights,backbone=ViT-L-14:weights/vit-l-14.bin"}.
     standard: dict[str, str] = field(default_factory=dict)
     # kind "mix": reward = sum of weight * term, term -> weight, terms being REWARDS kinds other than "mix",

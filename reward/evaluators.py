@@ -10,7 +10,7 @@ strings. Specs are `kind:argument` strings resolved through the `EVALUATORS` reg
 - `clip:NAME`            CLIP score, 100 * cos(text, image), of an untuned open_clip model
                          (`ViT-L-14:openai`, or a shipped config such as `tiny-clip`);
 - `pickscore:PATH`, `hpsv2:PATH`, `hpsv21:PATH`, `imagereward:PATH`, `aesthetic:PATH`, `clipscore:NAME`:
-                         the standard reward models (reward/standard.py; PATH may be a hub id), each
+                         the standard reward models (reward/standard/; PATH may be a hub id), each
                          with its upstream preprocessing applied to the stored images.
 
 The registry lives here, below refl/, so that training and the comparison harness (evaluation/) can

@@ -241,7 +241,7 @@ class _DropRandomInitWarning(logging.Filter):
         return "Model initialized randomly" not in record.getMessage()
 
 
-class _quiet_random_init_warning:
+class quiet_random_init_warning:
     """open_clip warns "initialized randomly" when we build a model whose weights we load right after."""
 
     def __enter__(self):
@@ -274,7 +274,7 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
     name = resolve_model_name(config.model_name)
     pretrained = config.pretrained
     if is_critic_dir(pretrained):
-        with _quiet_random_init_warning():
+        with quiet_random_init_warning():
             model = create_critic(CriticConfig(config.model_name, None, config.training_mode))
         _load_weights(model, Path(pretrained))
         model.config = config
@@ -338,7 +338,7 @@ def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", tr
     path = Path(path_or_name)
     if path.is_dir():
         meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
-        with _quiet_random_init_warning():
+        with quiet_random_init_warning():
             model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
                                                training_mode=training_mode or meta.get("training_mode", "all")))
         _load_weights(model, path)

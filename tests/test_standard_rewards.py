@@ -1,4 +1,4 @@
-"""reward/standard.py: the standard reward models, built tiny, saved as released, checked against upstream.
+"""reward/standard/: the standard reward models, built tiny, saved as released, checked against upstream.
 
 Tiny variants go through the loaders' own code (spec strings, file layouts, transforms); only the
 architecture is small (`model=tiny-clip`, a 16 px transformers CLIP). Full sizes are `slow` tests.
@@ -384,7 +384,7 @@ def test_imagereward_round_trip_and_tokens(imagereward):
 
 
 def test_imagereward_applies_the_published_normalisation(imagereward):
-    from reward.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+    from reward.standard.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD
 
     folder, _ = imagereward
     model = load_standard(f"imagereward:{folder}")
@@ -578,7 +578,7 @@ def test_openai_tags_get_quickgelu(monkeypatch):
     """open_clip 3 builds ViT-L-14 with GELU for the `openai` tag (QuickGELU-trained) and only warns."""
     import open_clip
 
-    from reward.standard import _open_clip_model
+    from reward.standard.clip import open_clip_model
 
     seen = {}
 
@@ -588,10 +588,10 @@ def test_openai_tags_get_quickgelu(monkeypatch):
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     with pytest.raises(WeightsError, match="ViT-L-14 weights 'openai'"):
-        _open_clip_model("ViT-L-14", "openai")
+        open_clip_model("ViT-L-14", "openai")
     assert seen == {"name": "ViT-L-14", "pretrained": "openai", "force_quick_gelu": True}
     with pytest.raises(WeightsError):
-        _open_clip_model("ViT-H-14", "laion2b_s32b_b79k")
+        open_clip_model("ViT-H-14", "laion2b_s32b_b79k")
     assert seen["force_quick_gelu"] is False
 
 

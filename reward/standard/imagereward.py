@@ -19,17 +19,8 @@ from pathlib import Path
 
 import torch
 
-from reward.standard import (
-    LAYOUTS,
-    ImageTransform,
-    ScoreMLP,
-    StandardReward,
-    WeightsError,
-    _find_file,
-    _hub_like,
-    _load_exact,
-    _torch_load,
-)
+from reward.standard.base import ImageTransform, ScoreMLP, StandardReward, WeightsError
+from reward.standard.files import LAYOUTS, find_file, hub_like, load_exact, torch_load
 
 # Published normalisation of ImageReward v1.0's raw MLP output (mean and std on its test set).
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -163,14 +154,14 @@ def imagereward_files(argument: str) -> tuple[Path, Path, Path | None]:
     layout = LAYOUTS["imagereward"]
     local = Path(argument).expanduser() if argument else None
     if local is not None and local.exists():
-        weights = _find_file(argument, "ImageReward.pt", "imagereward", layout, hub_repo="")
+        weights = find_file(argument, "ImageReward.pt", "imagereward", layout, hub_repo="")
         med = weights.parent / "med_config.json"
         if not med.is_file():
             raise WeightsError(f"imagereward: {weights.parent} has no med_config.json. Expected: {layout}")
         return weights, med, weights.parent
-    repo = argument if argument and _hub_like(argument) else "THUDM/ImageReward"
-    weights = _find_file(argument, "ImageReward.pt", "imagereward", layout, hub_repo=repo)
-    return weights, _find_file(argument, "med_config.json", "imagereward", layout, hub_repo=repo), None
+    repo = argument if argument and hub_like(argument) else "THUDM/ImageReward"
+    weights = find_file(argument, "ImageReward.pt", "imagereward", layout, hub_repo=repo)
+    return weights, find_file(argument, "med_config.json", "imagereward", layout, hub_repo=repo), None
 
 
 def load_imagereward(argument: str, options: dict) -> ImageReward:
@@ -178,7 +169,7 @@ def load_imagereward(argument: str, options: dict) -> ImageReward:
     weights, med, tokenizer_folder = imagereward_files(argument)
     from transformers import BlipTextModel, BlipVisionModel
 
-    state = _torch_load(weights, "imagereward", layout)
+    state = torch_load(weights, "imagereward", layout)
     if not isinstance(state, dict):
         raise WeightsError(f"imagereward: {weights} holds a {type(state).__name__}, not a state dict. Expected: {layout}")
     vision_state, text_state, mlp_state = split_release_state(state, weights)
@@ -187,11 +178,15 @@ def load_imagereward(argument: str, options: dict) -> ImageReward:
     vision = BlipVisionModel(vision_cfg)
     text = BlipTextModel(text_cfg, add_pooling_layer=False)
     mlp = ScoreMLP(text_cfg.hidden_size)
-    _load_exact(vision, vision_state, weights, "imagereward", layout)
-    _load_exact(text, text_state, weights, "imagereward", layout)
-    _load_exact(mlp, mlp_state, weights, "imagereward", layout)
+    load_exact(vision, vision_state, weights, "imagereward", layout)
+    load_exact(text, text_state, weights, "imagereward", layout)
+    load_exact(mlp, mlp_state, weights, "imagereward", layout)
     tokenizer = _bert_tokenizer(tokenizer_folder, options.get("tokenizer"))
     # ImageReward's _transform: Resize(S, bicubic) + CenterCrop(S) on PIL images, OpenAI CLIP mean/std.
     model = ImageReward(vision, text, mlp, tokenizer, ImageTransform(size=vision_cfg.image_size))
     model.source = str(weights)
     return model
+
+
+def check_imagereward(argument: str, options: dict) -> None:
+    imagereward_files(argument)
