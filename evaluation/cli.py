@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 
+from evaluation.arms import parse_arm
 from evaluation.config import CompareConfig
 from evaluation.harness import run_compare
 from runkit.cli import command
@@ -24,15 +25,15 @@ from runkit.config import add_config_args, load_config
 from runkit.logs import setup_logging
 
 
-def headline(results: dict, output_dir: str) -> dict:
-    """What the script prints: where the report is, and the mean score of each arm a reader compares
+def printed_summary(results: dict, output_dir: str) -> dict:
+    """What the command prints: where the report is, and the mean score of each arm a reader compares
     (one sample, and best-of the most samples drawn; the intermediate n are in results.json)."""
-    largest = (f"_of_{results['n_samples']}", f"_of_{results['refl_samples']}")
+    largest = {"base": results["n_samples"], "refl": results["refl_samples"]}
     return {"output_dir": output_dir, "report": f"{output_dir}/report.html", "selector": results["selector"],
             "throughput_ratio_vs_stock": (results["throughput"] or {}).get("ratio_vs_stock"),
             "means": {arm: {s: round(v["mean"], 4) for s, v in row["scores"].items()}
-                      for arm, row in results["arms"].items()
-                      if not arm.startswith(("base_best_of", "refl_best_of")) or arm.endswith(largest)}}
+                      for arm, row in results["arms"].items() for model, n in [parse_arm(arm)]
+                      if n is None or n == largest[model]}}
 
 
 @command
@@ -43,7 +44,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(CompareConfig, args.config, args.overrides)
     results = run_compare(cfg)
-    print(json.dumps(headline(results, cfg.output_dir), indent=2))
+    print(json.dumps(printed_summary(results, cfg.output_dir), indent=2))
     return 0
 
 

@@ -4,7 +4,8 @@ cost of each.
 
 For every prompt the harness draws N base samples with fixed per-sample seeds, scores them with the
 selector critic and keeps the best; it draws samples from the tuned model (base + LoRA) with the same
-seeds, and optionally best-of-n on top of it. Arms (rows of the report):
+seeds, and optionally best-of-n on top of it. Arms (rows of the report; names made and read by
+evaluation/arms.py):
 
 - `base_random`        one random base sample (the mean over the N, i.e. its expectation);
 - `base_best_of_{n}`   the selector's favourite among the FIRST n base samples, n = 1, 2, 4, ..., N
@@ -37,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.arms import MODELS
 from evaluation.config import CompareConfig
-from evaluation.layout import ARMS, samples_path, scores_path
+from evaluation.layout import samples_path, scores_path
 from evaluation.report import write_report
 from evaluation.stats import compute_statistics, pairwise_diversity
 from refl.components import DTYPES, ModelConfig
@@ -54,8 +56,9 @@ SEED_STRIDE = 100_003  # per-prompt seed offset; larger than any sensible N, so 
 
 
 # ----------------------------------------------------------------------------- inputs and files
-def load_prompts(path: str | os.PathLike, column: str = "prompt", limit: int = 0) -> list[str]:
-    """Prompts from a .txt file (one per line, blank lines skipped) or a .parquet/.csv `column`."""
+def read_heldout_prompts(path: str | os.PathLike, column: str = "prompt", limit: int = 0) -> list[str]:
+    """The comparison's held-out prompts, the first `limit` of them (0: all), from a .txt file (one per
+    line, blank lines skipped) or a .parquet/.csv `column`."""
     prompts = read_prompt_file(path, column, "prompts file", "prompt_column")
     return prompts[:limit] if limit else prompts
 
@@ -64,19 +67,20 @@ def sample_seeds(cfg: CompareConfig, prompt_index: int, n: int) -> np.ndarray:
     return cfg.seed + SEED_STRIDE * prompt_index + np.arange(n, dtype=np.int64)  # (n,)
 
 
-def arm_fingerprint(cfg: CompareConfig, arm: str) -> str:
-    """Everything that determines an arm's pixels, model and LoRA by the content of their files, so a
-    LoRA retrained into the same folder is drawn again; stored beside the samples."""
+def samples_fingerprint(cfg: CompareConfig, model: str) -> str:
+    """Everything that determines the pixels of a model's samples ("base" or "refl"), model and LoRA by
+    the content of their files, so a LoRA retrained into the same folder is drawn again; stored beside
+    the samples."""
     keys = {"model": to_dict(cfg.model), "model_content": content_hash(cfg.model.name),
             "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "scheduler": cfg.scheduler,
             "eta": cfg.eta, "seed": cfg.seed, "dtype": cfg.dtype}
-    if arm == "refl":
+    if model == "refl":
         keys.update(lora=content_hash(cfg.lora), lora_scale=cfg.lora_scale)
     return json.dumps(keys, sort_keys=True)
 
 
 def load_samples(path: Path, fingerprint: str, seeds: np.ndarray) -> dict | None:
-    """Stored samples of one prompt and arm; None when absent or drawn from other files or settings."""
+    """Stored samples of one prompt and model; None when absent or drawn from other files or settings."""
     if not path.is_file():
         return None
     with np.load(path) as data:
@@ -104,7 +108,7 @@ def _sync(device) -> None:
 
 
 class Sampler:
-    """A stock StableDiffusionPipeline driven for best-of-N: one text encoding per prompt and arm,
+    """A stock StableDiffusionPipeline driven for best-of-N: one text encoding per prompt and model,
     one CPU generator per image, LoRA switched on and off in place (no second copy of the model)."""
 
     def __init__(self, cfg: CompareConfig, components=None):
@@ -124,23 +128,23 @@ class Sampler:
                 raise FileNotFoundError(f"lora={cfg.lora} is not a directory (expected a LoRA saved by refl "
                                         "training, e.g. runs/refl_toy/lora); set lora='' for base arms only")
             load_lora_into(self.pipe, cfg.lora, adapter_name="refl")
-        self.arm = None
-        self.set_arm("base")
+        self.model = None  # the model drawn from: "base", or "refl" (the LoRA switched on)
+        self.set_model("base")
         self.images_drawn = 0  # counts every generated image (tests check resumed runs draw none)
 
-    def set_arm(self, arm: str) -> None:
-        if arm not in ARMS:
-            raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
-        if arm == self.arm:
+    def set_model(self, model: str) -> None:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; models are {MODELS}")
+        if model == self.model:
             return
-        if arm == "refl":
+        if model == "refl":
             if not self.has_lora:
-                raise RuntimeError("the refl arm needs cfg.lora")
+                raise RuntimeError("the refl model needs cfg.lora")
             self.pipe.enable_lora()
             self.pipe.set_adapters(["refl"], adapter_weights=[self.cfg.lora_scale])
         elif self.has_lora:
             self.pipe.disable_lora()
-        self.arm = arm
+        self.model = model
 
     @torch.no_grad()
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,7 +187,7 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
     """Images/s of our best-of-N batch against a stock `pipe(prompt=[p] * B, ...)` call on the same batch
     and prompt (base model): one warm-up of each, then `repeats` alternating timed calls, fastest of each."""
     cfg = sampler.cfg
-    sampler.set_arm("base")
+    sampler.set_model("base")
     seeds = np.arange(cfg.batch_size, dtype=np.int64)
     drawn = sampler.images_drawn
     sampler.sample(prompt, seeds[:1])  # warm-up: kernels, allocator
@@ -228,14 +232,14 @@ class _Lazy:
         return self.sampler
 
 
-def _samples_for(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str, arm: str,
+def _samples_for(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str, model: str,
                  lazy: _Lazy) -> tuple[dict, int]:
-    """One prompt's samples of one arm from the cache file, or drawn and stored; and how many were drawn."""
+    """One prompt's samples of one model from the cache file, or drawn and stored; and how many were drawn."""
     stored = load_samples(path, fingerprint, seeds)
     if stored is not None:
         return stored, 0
     sampler = lazy.get()
-    sampler.set_arm(arm)
+    sampler.set_model(model)
     images, secs = sampler.timed_sample(prompt, seeds)
     save_samples(path, images, seeds, prompt, fingerprint, secs)
     return {"images": images, "seeds": seeds, "seconds": secs}, len(seeds)
@@ -279,7 +283,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.max_prompts)
+    prompts = read_heldout_prompts(cfg.prompts, cfg.prompt_column, cfg.max_prompts)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = ["base", "refl"] if cfg.lora else ["base"]
     counts = {"base": cfg.n_samples, "refl": cfg.n_refl}
@@ -301,7 +305,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     for p, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
         for model in models:
             seeds = sample_seeds(cfg, p, counts[model])
-            fp = arm_fingerprint(cfg, model)
+            fp = samples_fingerprint(cfg, model)
             stored, new = _samples_for(samples_path(out, model, p), fp, seeds, prompt, model, lazy)
             drawn[model] += new
             cached = _scores_for(scores_path(out, model, p), fp, stored["images"], prompt,
@@ -333,7 +337,8 @@ def _throughput(cfg: CompareConfig, out: Path, lazy: _Lazy, prompt: str) -> dict
     if not cfg.benchmark_throughput:
         return None
     path = out / "throughput.json"
-    key = arm_fingerprint(cfg, "base") + f"|batch={cfg.batch_size}|device={cfg.device}|repeats={cfg.throughput_repeats}"
+    key = (samples_fingerprint(cfg, "base")
+           + f"|batch={cfg.batch_size}|device={cfg.device}|repeats={cfg.throughput_repeats}")
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARMS = ("base", "refl")  # sample sets on disk: the untuned model and base + LoRA
+
+def samples_path(out: Path, model: str, prompt_index: int) -> Path:
+    """`model`: "base" or "refl" (evaluation.arms.MODELS)."""
+    return out / "samples" / model / f"{prompt_index:04d}.npz"
 
 
-def samples_path(out: Path, arm: str, prompt_index: int) -> Path:
-    return out / "samples" / arm / f"{prompt_index:04d}.npz"
-
-
-def scores_path(out: Path, arm: str, prompt_index: int) -> Path:
-    return out / "scores" / arm / f"{prompt_index:04d}.json"
+def scores_path(out: Path, model: str, prompt_index: int) -> Path:
+    return out / "scores" / model / f"{prompt_index:04d}.json"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.arms import arm_name
 from evaluation.layout import samples_path, scores_path
 from runkit.files import atomic_write_text
 
@@ -42,9 +43,14 @@ th { background: #f3f3f3; }
 """
 
 
-def short_name(spec: str) -> str:
-    """`critic:/long/path/critic` -> `critic:critic`; keeps names short under images and in legends."""
+def short_name(spec: str, labels: dict[str, str] | None = None) -> str:
+    """An evaluator spec's name under images, in legends and in tables: its label in `labels` (keyed by the
+    whole spec or by its kind, e.g. {"critic:runs/demo/critic/critic": "critic", "clip": "zero-shot CLIP"}),
+    else the kind and the last part of its path (`critic:/long/path/critic` -> `critic:critic`)."""
     kind, _, arg = spec.partition(":")
+    labels = labels or {}
+    if spec in labels or kind in labels:
+        return labels.get(spec, labels.get(kind))
     tail = Path(arg).name if "/" in arg else arg
     return f"{kind}:{tail}" if tail else kind
 
@@ -79,14 +85,14 @@ def plot_reward_vs_n(results: dict, spec: str, path: Path) -> None:
     ax = fig.add_subplot()
     colours = {"base": "#1f5fa8", "refl": "#c8501e"}
     for model, grid in results["n_grid"].items():
-        rows = [arms[f"{model}_best_of_{n}"]["scores"][spec] for n in grid]
+        rows = [arms[arm_name(model, n)]["scores"][spec] for n in grid]
         mean = [r["mean"] for r in rows]
         ax.plot(grid, mean, "o-", color=colours[model], ms=3, label=f"{model} best-of-n")
         ax.fill_between(grid, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows], color=colours[model],
                         alpha=0.15, lw=0)
     x_max = max(max(g) for g in results["n_grid"].values())
     for model, style in (("base", ":"), ("refl", "--")):
-        arm = arms.get(f"{model}_random")
+        arm = arms.get(arm_name(model))
         if arm is None:
             continue
         entry = arm["scores"][spec]
@@ -114,12 +120,12 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
     specs = results["evaluators"]
     wanted = [("base", None, "base random")]
     n_base = results["n_samples"]
-    wanted.append(("base", f"base_best_of_{n_base}", f"base best-of-{n_base}"))
-    if "refl_random" in arms:
+    wanted.append(("base", arm_name("base", n_base), f"base best-of-{n_base}"))
+    if arm_name("refl") in arms:
         wanted.append(("refl", None, "ReFL"))
         n_refl = results["refl_samples"]
-        if f"refl_best_of_{n_refl}" in arms and n_refl > 1:
-            wanted.append(("refl", f"refl_best_of_{n_refl}", f"ReFL best-of-{n_refl}"))
+        if arm_name("refl", n_refl) in arms and n_refl > 1:
+            wanted.append(("refl", arm_name("refl", n_refl), f"ReFL best-of-{n_refl}"))
     for model, arm, label in wanted:
         index = 0 if arm is None else int(arms[arm]["chosen_index"][p])  # sample 0 is a random draw
         with np.load(samples_path(out, model, p)) as data:
@@ -134,7 +140,7 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
 
 
 def _title(results: dict, cfg) -> list[str]:
-    has_refl = "refl_random" in results["arms"]
+    has_refl = arm_name("refl") in results["arms"]
     return [
         f"<h1>Best-of-{results['n_samples']} selection" + (" vs ReFL" if has_refl else "") + "</h1>",
         f"<p class='note'>{len(results['prompts'])} held-out prompts; model {html.escape(str(cfg.model.name))}"
@@ -183,7 +189,7 @@ def _win_rates_table(results: dict, names: dict[str, str]) -> list[str]:
 
 
 def _inflation_table(results: dict, names: dict[str, str]) -> list[str]:
-    has_refl = "refl_random" in results["arms"]
+    has_refl = arm_name("refl") in results["arms"]
     parts = ["<h2>Selection inflates its own critic</h2><table><tr><th>evaluator</th><th>best-of-N gain</th>"
              "<th>std within prompt</th><th>standardised gain</th><th>selector minus this</th>"
              + ("<th>ReFL standardised gain</th>" if has_refl else "") + "</tr>"]
@@ -229,7 +235,7 @@ def _sample_grids(results: dict, out: Path, cfg) -> list[str]:
 def _arm_grids(results: dict, out: Path, cfg) -> list[str]:
     """For a few prompts, the first samples of every drawn arm side by side (the same seeds in each
     column), large enough to judge: what best-of-N picks from, and what the tuned model draws instead."""
-    models = ["base"] + (["refl"] if "refl_random" in results["arms"] else [])
+    models = ["base"] + (["refl"] if arm_name("refl") in results["arms"] else [])
     shown = min(len(results["prompts"]), cfg.report_grid_prompts)
     if not shown or cfg.report_grid_samples < 1:
         return []

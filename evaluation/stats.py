@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from evaluation.arms import arm_name
 from evaluation.config import CompareConfig
 from reward.stats import bootstrap_ci
 
@@ -84,14 +85,14 @@ def arm_rows(cfg: CompareConfig, scores: dict[str, dict[str, np.ndarray]],
     curves: dict[str, list[int]] = {}
     for model in ["base", "refl"] if "refl" in scores else ["base"]:
         s_model = scores[model]
-        arms[f"{model}_random"] = arm_row(cfg, model, 1, {s: s_model[s].mean(axis=1) for s in specs}, seconds)
+        arms[arm_name(model)] = arm_row(cfg, model, 1, {s: s_model[s].mean(axis=1) for s in specs}, seconds)
         if model == "refl" and not cfg.tuned_best_of:
             continue
         curves[model] = n_grid(s_model[sel].shape[1])
         for n in curves[model]:
             idx = best_of_n_indices(s_model[sel], n)  # (P,)
             rows = np.arange(len(idx))
-            arms[f"{model}_best_of_{n}"] = arm_row(cfg, model, n, {s: s_model[s][rows, idx] for s in specs},
+            arms[arm_name(model, n)] = arm_row(cfg, model, n, {s: s_model[s][rows, idx] for s in specs},
                                                    seconds, chosen=idx)
     return arms, curves
 
@@ -100,7 +101,7 @@ def selection_inflation(cfg: CompareConfig, scores: dict[str, dict[str, np.ndarr
     """Per evaluator: best-of-N's gain over one random sample, raw and in within-prompt standard deviations
     (comparable across evaluators), ReFL's gain likewise, and how much more the selector gained."""
     sel, specs, n_base = cfg.selector_spec, cfg.evaluator_specs(), cfg.n_samples
-    base_random, best_base = arms["base_random"]["scores"], arms[f"base_best_of_{n_base}"]["scores"]
+    base_random, best_base = arms[arm_name("base")]["scores"], arms[arm_name("base", n_base)]["scores"]
     inflation = {}
     for s in specs:
         # Within-prompt spread: what selection among one prompt's samples acts on.
@@ -109,7 +110,7 @@ def selection_inflation(cfg: CompareConfig, scores: dict[str, dict[str, np.ndarr
         inflation[s] = {"gain": gain, "std_within_prompt": std,
                         "standardised_gain": gain / std if std > 0 else float("nan")}
         if "refl" in scores:
-            g = arms["refl_random"]["scores"][s]["mean"] - base_random[s]["mean"]
+            g = arms[arm_name("refl")]["scores"][s]["mean"] - base_random[s]["mean"]
             inflation[s]["refl_gain"] = g
             inflation[s]["refl_standardised_gain"] = g / std if std > 0 else float("nan")
     sel_gain = inflation[sel]["standardised_gain"]
@@ -123,21 +124,22 @@ def refl_win_rates(cfg: CompareConfig, scores: dict[str, dict[str, np.ndarray]],
     best-of-N): per-prompt win shares, mean and 95% interval. Empty without a ReFL arm."""
     if "refl" not in scores:
         return {}
-    sel, best_base = cfg.selector_spec, f"base_best_of_{cfg.n_samples}"
+    sel, best_base = cfg.selector_spec, arm_name("base", cfg.n_samples)
     m = scores["refl"][sel].shape[1]
-    refl_best = f"refl_best_of_{m}" if cfg.tuned_best_of else None
+    refl_best = arm_name("refl", m) if cfg.tuned_best_of else None
+    base_random, refl_random = arm_name("base"), arm_name("refl")
     win_rates = {}
     for s in cfg.evaluator_specs():
         base_all, refl_all = scores["base"][s], scores["refl"][s]  # (P, N), (P, M)
         best_b = np.asarray(arms[best_base]["per_prompt"][s])[:, None]  # (P, 1)
         pairs = {
             # same seeds: refl sample i against base sample i
-            "refl_random_vs_base_random": win_shares(refl_all, base_all[:, :m]),
-            f"refl_random_vs_{best_base}": win_shares(refl_all, best_b),
+            f"{refl_random}_vs_{base_random}": win_shares(refl_all, base_all[:, :m]),
+            f"{refl_random}_vs_{best_base}": win_shares(refl_all, best_b),
         }
         if refl_best:
             best_r = np.asarray(arms[refl_best]["per_prompt"][s])[:, None]  # (P, 1)
-            pairs[f"{refl_best}_vs_base_random"] = win_shares(best_r, base_all)
+            pairs[f"{refl_best}_vs_{base_random}"] = win_shares(best_r, base_all)
             pairs[f"{refl_best}_vs_{best_base}"] = win_shares(best_r, best_b)
         win_rates[s] = {k: mean_ci(v, n_resamples=cfg.bootstrap_resamples) for k, v in pairs.items()}
     return win_rates

@@ -34,7 +34,7 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
     return prompts
 
 
-def load_prompts(cfg) -> list[str]:
+def training_prompts(cfg) -> list[str]:
     """Training prompts of a ReFL config's `data`: a .txt (one per line), .parquet or .csv file, or the inline list."""
     if cfg.prompts_file is not None:
         return read_prompt_file(cfg.prompts_file, cfg.prompt_column, "data.prompts_file", "data.prompt_column")

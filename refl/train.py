@@ -24,7 +24,7 @@ from refl.components import DTYPES, SDComponents, load_components
 from refl.config import ReflConfig, TrainConfig
 from refl.lora import add_lora, load_lora_state, lora_state, save_lora
 from refl.plots import plot_curve
-from refl.prompts import load_prompts, prompts_for, seed_for
+from refl.prompts import prompts_for, seed_for, training_prompts
 from refl.reg_pool import build_reg_pool
 from refl.rewards import build_reward
 from refl.sampling import make_pipeline, sample
@@ -265,7 +265,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     logger.info("processes %d, prompts per update %d (= %d per micro-batch x %d accumulation x %d processes), "
                 "%d updates, %d prompts seen", world, per_update, t.batch_size, t.gradient_accumulation, world,
                 t.max_updates, per_update * t.max_updates)
-    prompts = load_prompts(cfg.data)
+    prompts = training_prompts(cfg.data)
     components, params, optimizer, lr_sched = _prepare(cfg, accelerator)
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
                                           t.gradient_checkpointing)

@@ -154,6 +154,33 @@ def test_win_shares_ties_half_and_best_of_indices():
 
 
 # ----------------------------------------------------------------------------- report
+def test_arm_names_are_made_and_read_in_one_place(run):
+    from evaluation.arms import arm_name, largest_best_of, parse_arm
+
+    assert [arm_name("base"), arm_name("refl", 4)] == ["base_random", "refl_best_of_4"]
+    assert [parse_arm(a) for a in ("base_random", "refl_best_of_16")] == [("base", None), ("refl", 16)]
+    for bad in ("tuned_random", "base_best_of_", "base_best_of_x", "base", "refl_best_of_2_vs_base_random"):
+        with pytest.raises(ValueError):
+            parse_arm(bad)
+    with pytest.raises(ValueError):
+        arm_name("tuned")
+    arms = run["results"]["arms"]
+    assert all(arm_name(*parse_arm(a)) == a for a in arms)
+    assert largest_best_of(arms, "base") == (f"base_best_of_{N}", N)
+    assert largest_best_of(["base_random"], "base") is None
+
+
+def test_short_names_of_evaluators():
+    from evaluation.report import short_name
+
+    assert short_name("critic:/long/path/critic") == "critic:critic"
+    assert short_name("oracle:") == "oracle" and short_name("clip:ViT-L-14:openai") == "clip:ViT-L-14:openai"
+    labels = {"critic:/long/path/critic": "critic*", "clip": "zero-shot CLIP"}
+    assert short_name("critic:/long/path/critic", labels) == "critic*"
+    assert short_name("critic:/other/critic", labels) == "critic:critic"
+    assert short_name("clip:ViT-L-14:openai", labels) == "zero-shot CLIP"
+
+
 def test_report_html_parses_and_images_exist(run):
     out = run["out"]
     sources = image_sources((out / "report.html").read_text(encoding="utf-8"))
@@ -230,7 +257,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     original = H.Sampler.sample
 
     def counting(self, prompt, seeds, batch_size=None):
-        drawn.append(self.arm)
+        drawn.append(self.model)
         return original(self, prompt, seeds, batch_size)
 
     monkeypatch.setattr(H.Sampler, "sample", counting)
@@ -254,7 +281,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     H.run_compare(_cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2",
                        f"selector={critic}", "evaluators=['brightness:']", "benchmark_throughput=false",
                        "num_inference_steps=5"))
-    assert drawn == ["base", "refl"]  # other settings: both arms drawn again in place
+    assert drawn == ["base", "refl"]  # other settings: both models drawn again in place
 
 
 def test_sample_identical_across_batch_sizes(world, single_thread):
@@ -287,6 +314,8 @@ def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["selector"] == "critic:tiny-clip" and "base_random" in summary["means"]
+    # One sample and best-of the most samples drawn, per model; the intermediate n only in results.json.
+    assert set(summary["means"]) == {"base_random", f"base_best_of_{N}", "refl_random", f"refl_best_of_{N}"}
     assert main(["--set", "no_such_key=1"]) == 2
 
 

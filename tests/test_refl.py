@@ -333,14 +333,14 @@ def test_train_script_main_and_prompt_files(tmp_path, capsys):
     import pandas as pd
 
     from refl.config import DataConfig
-    from refl.prompts import load_prompts
+    from refl.prompts import training_prompts
 
     (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
     pd.DataFrame({"prompt": ["x", "y"]}).to_parquet(tmp_path / "p.parquet")
-    assert load_prompts(DataConfig(prompts_file=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
-    assert load_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"))) == ["x", "y"]
+    assert training_prompts(DataConfig(prompts_file=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
+    assert training_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"))) == ["x", "y"]
     with pytest.raises(ValueError, match="no column"):
-        load_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"), prompt_column="caption"))
+        training_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"), prompt_column="caption"))
 
     import importlib.util
 
