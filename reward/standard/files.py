@@ -69,7 +69,8 @@ def torch_load(path: Path, kind: str, layout: str):
         raise WeightsError(f"{kind}: {path} cannot be read as a torch checkpoint ({err}). Expected: {layout}") from err
 
 
-def load_exact(module: nn.Module, state: dict, path: Path, kind: str, layout: str, ignore: tuple[str, ...] = ()):
+def load_exact(module: nn.Module, state: dict, path: Path, kind: str, layout: str,
+               ignore: tuple[str, ...] = ()):
     """load_state_dict that names the file, the missing and the unexpected keys (ignoring `ignore` prefixes)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{kind}: {path} does not hold a state dict of tensors. Expected: {layout}")
