@@ -34,11 +34,13 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
         assert re.search(rf"<td>{arm}</td>(?:(?!</tr>).)*?{mean:.3f}", page, flags=re.S), arm
     assert {"base", "ReFL"} <= set(demo["compare"])
     # The per-term breakdown recombines, with the oracle's weights, into the harness's oracle means.
+    from evaluation.arms import largest_best_of
     from toyworld.oracle import combine_terms
 
     breakdown = demo["oracle_breakdown"]
-    best = max((a for a in results["arms"] if a.startswith("base_best_of_")), key=lambda a: int(a.rsplit("_", 1)[1]))
-    for label, arm in (("base", "base_random"), (f"base best-of-{results['n_samples']}", best), ("ReFL", "refl_random")):
+    best, n = largest_best_of(results["arms"], "base")
+    assert n == results["n_samples"]
+    for label, arm in (("base", "base_random"), (f"base best-of-{n}", best), ("ReFL", "refl_random")):
         recombined = float(combine_terms({t: np.asarray(v) for t, v in breakdown["mean"][label].items()}))
         assert recombined == pytest.approx(results["arms"][arm]["scores"][oracle]["mean"], abs=1e-9), label
     carried = demo["community"]["community"]["term_agreement"]
@@ -122,8 +124,9 @@ def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
     assert all(d["mean"] == 0.0 for d in frozen["oracle_terms_difference"].values())
     assert "train/kl_loss" in kl["train"] and "train/kl_loss" not in frozen["train"]
     root = quick_demo / "ablation"
-    for a, b in zip(sorted((root / "frozen" / "compare" / "samples" / "base").glob("*.npz")),
-                    sorted((root / "kl" / "compare" / "samples" / "base").glob("*.npz"))):
+    frozen_base = sorted((root / "frozen" / "seed-0" / "samples" / "base").glob("*.npz"))
+    assert frozen_base
+    for a, b in zip(frozen_base, sorted((root / "kl" / "seed-0" / "samples" / "base").glob("*.npz"))):
         assert np.array_equal(np.load(a)["images"], np.load(b)["images"])
     assert "| frozen |" in (root / "ablation.md").read_text()
 
@@ -202,7 +205,8 @@ def test_a_changed_community_behaviour_rebuilds_pairs_without_drawing_again(quic
 
     from refl.components import load_components
     from runkit.config import load_config, override
-    from toyworld.demo import DemoConfig, stage_community
+    from toyworld.demo import DemoConfig
+    from toyworld.demo.stages import stage_community
 
     out = tmp_path / "demo"
     shutil.copytree(quick_demo, out)

@@ -134,7 +134,8 @@ def ablation_main(argv: list[str] | None = None) -> int:
         social-refl-ablation --demo runs/demo --variant "kl 1: refl.refl.kl_weight=1" \\
             --variant "longer: refl.train.max_updates=240"
     """
-    from toyworld.ablation import markdown_table, parse_variant, run_ablation
+    from toyworld.ablation import ablation_markdown, run_ablation
+    from toyworld.variants import parse_variant
 
     parser = argparse.ArgumentParser(description=ablation_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +147,7 @@ def ablation_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     variants = dict(parse_variant(v) for v in args.variant) or None
-    print(markdown_table(run_ablation(args.demo, variants, args.prompts, args.samples)))
+    print(ablation_markdown(run_ablation(args.demo, variants, args.prompts, args.samples)))
     return 0
 
 
@@ -160,7 +161,7 @@ def study_main(argv: list[str] | None = None) -> int:
         social-refl-world-study --demo runs/demo --study guard    # ReFL against the hacking guards
         social-refl-world-study --demo runs/demo --seeds 0 1 2 3
     """
-    from toyworld.study import DEFAULT_SEEDS, STUDIES, markdown_table, run_study
+    from toyworld.study import DEFAULT_SEEDS, STUDIES, run_study, study_markdown
 
     parser = argparse.ArgumentParser(description=study_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,7 +171,7 @@ def study_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="ReFL training seeds")
     args = parser.parse_args(argv)
     setup_logging()
-    print(markdown_table(run_study(args.demo, args.seeds, study=args.study)))
+    print(study_markdown(run_study(args.demo, args.seeds, study=args.study)))
     return 0
 
 
@@ -182,7 +183,7 @@ def critic_ceiling_main(argv: list[str] | None = None) -> int:
 
         social-refl-critic-ceiling --demo runs/demo
     """
-    from toyworld.demo import critic_ceiling
+    from toyworld.ceiling import critic_ceiling
 
     parser = argparse.ArgumentParser(description=critic_ceiling_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,3 +26,8 @@ def fidelity(argument: str = "", device: str = "cpu"):
                          for img, p in zip(images, prompts)])  # (N,) 1 = all three right
 
     return score
+
+
+# How the toy world's tables and summaries name its judges (evaluation.report.short_name labels, by kind):
+# the zero-shot toy CLIP and the two judges above.
+JUDGE_LABELS = {"clip": "zero-shot CLIP", "oracle": "oracle", "fidelity": "prompt fidelity"}

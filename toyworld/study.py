@@ -8,8 +8,8 @@ depend on the variant or the seed: they are the demo's own samples, copied once.
 ReFL per seed with its per-prompt 95% interval, and the mean and spread (std, min, max) across seeds
 of ReFL and of ReFL minus base.
 
-Two studies are defined; both keep their runs in <demo>/study/<variant>/seed-N, so the plain ReFL
-seeds are trained once for both:
+Two studies are defined; both keep their runs in <demo>/study/<variant>/seed-N (toyworld/variants.py
+runs them), so the plain ReFL seeds are trained once for both:
 - "world": plain ReFL (the toy world's own result);
 - "guard": plain ReFL against the hacking guards (selection by a held-out judge that is not the
   oracle, a critic ensemble with an uncertainty penalty, and both).
@@ -17,15 +17,15 @@ seeds are trained once for both:
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from evaluation.arms import arm_name
+from evaluation.report import short_name
+from toyworld.demo.analysis import arm_label, oracle_breakdown
+from toyworld.evaluators import JUDGE_LABELS
+from toyworld.variants import interval_cell, markdown_table, open_demo, run_variants
 
 DEFAULT_SEEDS = (0, 1, 2)
 PLAIN = "ReFL"
@@ -61,19 +61,18 @@ def _judge_seed(results: dict, breakdown: dict) -> dict:
     """One seed's numbers: per judge and per oracle term, the arms' means and ReFL minus base per prompt."""
     from evaluation.stats import mean_ci
 
-    arms = results["arms"]
-    best = f"base_best_of_{results['n_samples']}"
+    n, arms = results["n_samples"], results["arms"]
+    base, best, refl = arms[arm_name("base")], arms[arm_name("base", n)], arms[arm_name("refl")]
     out = {"judges": {}, "terms": {}}
     for spec in results["evaluators"]:
-        base = np.asarray(arms["base_random"]["per_prompt"][spec])
-        tuned = np.asarray(arms["refl_random"]["per_prompt"][spec])
-        out["judges"][spec] = {"base": arms["base_random"]["scores"][spec], "best_of_n": arms[best]["scores"][spec],
-                               "refl": arms["refl_random"]["scores"][spec], "refl_minus_base": mean_ci(tuned - base)}
-    best_label = next(a for a in breakdown["mean"] if a.startswith("base best-of"))
-    for term, diff in breakdown["difference_from_base"]["ReFL"].items():
-        out["terms"][term] = {"base": breakdown["mean"]["base"][term],
-                              "best_of_n": breakdown["mean"][best_label][term],
-                              "refl": breakdown["mean"]["ReFL"][term], "refl_minus_base": diff}
+        difference = np.asarray(refl["per_prompt"][spec]) - np.asarray(base["per_prompt"][spec])
+        out["judges"][spec] = {"base": base["scores"][spec], "best_of_n": best["scores"][spec],
+                               "refl": refl["scores"][spec], "refl_minus_base": mean_ci(difference)}
+    labels = arm_label("base"), arm_label("base", n), arm_label("refl")
+    for term, diff in breakdown["difference_from_base"][labels[2]].items():
+        base_term, best_term, refl_term = (breakdown["mean"][label][term] for label in labels)
+        out["terms"][term] = {"base": base_term, "best_of_n": best_term, "refl": refl_term,
+                              "refl_minus_base": diff}
     return out
 
 
@@ -97,118 +96,55 @@ def _aggregate(per_seed: dict[int, dict]) -> dict:
     return out
 
 
-def ensemble_members(cfg, demo_members: list[str], pairs: str, out: Path) -> list[str]:
-    """`cfg.critic_members` critic directories: the demo's own, then members trained here (seed + k) as the
-    demo would have trained them; a finished member is reused while its settings and pairs are unchanged."""
-    from runkit.files import write_json
-    from toyworld.demo import _trainer_settings, critic_config, enter_stage, train_critic_member
-
-    members = list(demo_members)[: cfg.critic_members]
-    for k in range(len(members), cfg.critic_members):
-        member_dir = out / f"member-{k}"
-        settings = {**_trainer_settings(critic_config(cfg, pairs, member_dir)), "member": k}
-        if enter_stage(member_dir, member_dir / "member.json", settings,
-                       {"pairs": str(Path(pairs).parent), "clip_model": cfg.clip_model}) is None:
-            write_json(member_dir / "member.json", {"critic": train_critic_member(cfg, pairs, member_dir, k)})
-        members.append(str(member_dir / "critic"))
-    return members
-
-
 def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",
               variants: dict[str, list[str]] | None = None) -> dict:
     """Train and judge each variant once per seed under `demo_dir/study/`; finished runs are reused.
     Writes study/<study>.json and study/<study>.md."""
-    from evaluation.harness import run_compare
-    from runkit.config import load_config, override
     from runkit.files import atomic_write_text, write_json
-    from toyworld.ablation import slug
-    from toyworld.demo import (
-        DemoConfig,
-        community_pairs_file,
-        compare_config,
-        critic_dirs,
-        oracle_breakdown,
-        stage_refl,
-    )
-    from toyworld.world import split_prompts
 
-    demo_dir = Path(demo_dir)
-    config_file, critic = demo_dir / "demo_config.yaml", demo_dir / "critic" / "critic"
-    prompts_file, summary_file = demo_dir / "compare_prompts.txt", demo_dir / "summary.json"
-    if not (config_file.is_file() and critic.is_dir() and summary_file.is_file()):
-        raise FileNotFoundError(f"{demo_dir} is not a finished demo (needs demo_config.yaml, critic/critic and "
-                                "summary.json); run `python scripts/demo.py --out DIR` first")
+    demo = open_demo(demo_dir)
     if study not in STUDIES and variants is None:
         raise ValueError(f"unknown study {study!r}; studies are {sorted(STUDIES)}")
-    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     variants = STUDIES[study] if variants is None else variants
-    cfg = load_config(DemoConfig, config_file)
-    demo = json.loads(summary_file.read_text())
-    pairs = str(community_pairs_file(demo_dir))
-    demo_members = critic_dirs(demo_dir / "critic", len(demo["critic"].get("members", [None])))
-    train_prompts = split_prompts(seed=0)[0]
-    root = demo_dir / "study"
+    root = demo.folder / "study"
+    runs = run_variants(demo, root, variants, seeds)
     table = {}
-    for name, overrides in variants.items():
-        resolved = [o.replace("{clip_model}", cfg.clip_model) for o in overrides]  # other braces are YAML
-        vcfg = override(cfg, resolved)
-        members = ensemble_members(vcfg, demo_members, pairs, root / "critics")
-        reward_critic = members if len(members) > 1 else str(critic)
+    for name, by_seed in runs.items():
         per_seed = {}
-        for seed in seeds:
-            seed_cfg = override(vcfg, [f"refl.train.seed={int(seed)}"])
-            if not resolved and seed == cfg.refl.train.seed:  # the demo's own run: its LoRA and its comparison
-                refl_dir, compare_dir = demo_dir / "refl", demo_dir
-            else:
-                compare_dir = root / slug(name) / f"seed-{seed}"
-                refl_dir = compare_dir / "refl"
-                for part in ("samples", "scores"):  # base samples depend on neither the variant nor the seed
-                    if not (compare_dir / part / "base").exists():
-                        shutil.copytree(demo_dir / part / "base", compare_dir / part / "base")
-            logger.info("study %s, %s, seed %d: ReFL in %s", study, name, seed, refl_dir)
-            refl = stage_refl(seed_cfg, reward_critic, train_prompts, refl_dir)
-            lora = refl["lora_best"] if seed_cfg.refl.train.select_by else refl["lora"]
-            if compare_dir == demo_dir:  # judged by the demo already (running the harness there would replace its report)
-                results = json.loads((demo_dir / "results.json").read_text())
-            else:
-                ccfg = compare_config(seed_cfg, str(critic), lora, prompts_file, compare_dir)
-                results = run_compare(replace(ccfg, tuned_best_of=False))  # only ReFL's random samples are read
-            per_seed[int(seed)] = _judge_seed(results, oracle_breakdown(compare_dir, results))
-            if seed_cfg.refl.train.select_by:
-                per_seed[int(seed)]["selected_update"] = refl.get("best_update")
-        table[name] = {"overrides": resolved, "per_seed": per_seed, "across_seeds": _aggregate(per_seed)}
-    summary = {"demo": str(demo_dir), "study": study, "seeds": [int(s) for s in seeds], "selector": str(critic),
-               "n_prompts": len(results["prompts"]), "n_samples": results["n_samples"], "variants": table}
+        for seed, run in by_seed.items():
+            per_seed[seed] = _judge_seed(run.results, oracle_breakdown(run.folder, run.results))
+            if run.cfg.refl.train.select_by:
+                per_seed[seed]["selected_update"] = run.refl.get("best_update")
+        overrides = [o.replace("{clip_model}", demo.cfg.clip_model) for o in variants[name]]
+        table[name] = {"overrides": overrides, "per_seed": per_seed, "across_seeds": _aggregate(per_seed)}
+    results = next(iter(next(iter(runs.values())).values())).results
+    summary = {"demo": str(demo.folder), "study": study, "seeds": [int(s) for s in seeds],
+               "selector": str(demo.critic), "n_prompts": len(results["prompts"]),
+               "n_samples": results["n_samples"], "variants": table}
     write_json(root / f"{study}.json", summary)
-    atomic_write_text(root / f"{study}.md", markdown_table(summary))
+    atomic_write_text(root / f"{study}.md", study_markdown(summary))
     return summary
 
 
-def _short(spec: str, selector: str) -> str:
-    if spec == f"critic:{selector}" or spec.endswith(selector):
-        return "critic"
-    return {"clip": "zero-shot CLIP", "oracle": "oracle", "fidelity": "prompt fidelity"}.get(spec.split(":")[0], spec)
-
-
-def _cell(d: dict) -> str:
-    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+def _judge(spec: str, selector: str) -> str:
+    """A judge's name in the tables: "critic" for the selector, the toy world's names for its judges."""
+    return short_name(spec, {f"critic:{selector}": "critic", **JUDGE_LABELS})
 
 
 def variant_table(summary: dict, row: dict) -> list[str]:
     """Per judge and oracle term: base, best-of-N, ReFL mean +- std over seeds, ReFL minus base per seed."""
     seeds, n = summary["seeds"], summary["n_samples"]
-    lines = [f"| judge | base | best-of-{n} | ReFL (mean ± std over seeds) | "
-             + " | ".join(f"ReFL - base, seed {s}" for s in seeds) + " |",
-             "|---|---|---|---|" + "---|" * len(seeds)]
+    rows = []
     for group in ("judges", "terms"):
         for key, agg in row["across_seeds"][group].items():
-            name = _short(key, summary["selector"]) if group == "judges" else f"oracle term: {key}"
-            cells = [f"{agg['base']:.3f}", f"{agg['best_of_n']:.3f}",
+            name = _judge(key, summary["selector"]) if group == "judges" else f"oracle term: {key}"
+            cells = [name, f"{agg['base']:.3f}", f"{agg['best_of_n']:.3f}",
                      f"{agg['refl']['mean']:.3f} ± {agg['refl']['std']:.3f}"]
-            cells += [_cell(row["per_seed"][s][group][key]["refl_minus_base"]) for s in seeds]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+            rows.append(cells + [interval_cell(row["per_seed"][s][group][key]["refl_minus_base"])
+                                 for s in seeds])
+    header = ["judge", "base", f"best-of-{n}", "ReFL (mean ± std over seeds)",
+              *(f"ReFL - base, seed {s}" for s in seeds)]
+    return markdown_table(header, rows)
 
 
 def overview_table(summary: dict) -> list[str]:
@@ -216,23 +152,20 @@ def overview_table(summary: dict) -> list[str]:
     per-prompt interval above / below 0."""
     first = next(iter(summary["variants"].values()))["across_seeds"]["judges"]
     judges = list(first)
-    n = summary["n_samples"]
-    lines = ["| variant | " + " | ".join(_short(j, summary["selector"]) for j in judges) + " |",
-             "|---|" + "---|" * len(judges),
-             "| base (score) | " + " | ".join(f"{first[j]['base']:.3f}" for j in judges) + " |",
-             f"| best-of-{n} - base | " + " | ".join(f"{first[j]['best_of_n'] - first[j]['base']:+.3f}"
-                                                     for j in judges) + " |"]
+    rows = [["base (score)", *(f"{first[j]['base']:.3f}" for j in judges)],
+            [f"best-of-{summary['n_samples']} - base", *(f"{first[j]['best_of_n'] - first[j]['base']:+.3f}"
+                                                          for j in judges)]]
     for name, row in summary["variants"].items():
-        cells = []
+        cells = [f"{name} - base"]
         for j in judges:
             agg = row["across_seeds"]["judges"][j]
             d = agg["refl_minus_base"]
             cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({agg['seeds_above_zero']}↑ {agg['seeds_below_zero']}↓)")
-        lines.append(f"| {name} - base | " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return markdown_table(["variant", *(_judge(j, summary["selector"]) for j in judges)], rows)
 
 
-def markdown_table(summary: dict) -> str:
+def study_markdown(summary: dict) -> str:
     """The study as markdown: an overview of the variants (when there are several), then each variant's table."""
     seeds = summary["seeds"]
     lines = [f"ReFL with {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on {summary['n_prompts']} "

@@ -1,0 +1,60 @@
+"""What the demo reads out of a finished comparison: the oracle's terms per arm, and the arms a newcomer
+asks about."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.arms import arm_name, largest_best_of
+
+
+def arm_label(model: str, n: int | None = None) -> str:
+    """An arm as the demo's summary and breakdown name it: "base", "base best-of-64", "ReFL"."""
+    return {"base": "base", "refl": "ReFL"}[model] + ("" if n is None else f" best-of-{n}")
+
+
+def oracle_breakdown(out: Path, results: dict) -> dict:
+    """What each arm changed in the hidden taste, term by term: mean oracle term per held-out prompt for
+    base (one sample), base best-of-N (the selector's pick) and ReFL (one sample), and the paired
+    difference of the latter two from base with a 95% bootstrap interval over prompts."""
+    from evaluation.layout import samples_path, scores_path
+    from evaluation.stats import best_of_n_indices, mean_ci
+    from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_terms
+
+    n, m, selector = results["n_samples"], results["refl_samples"], results["selector"]
+    base_label, best_label, refl_label = arm_label("base"), arm_label("base", n), arm_label("refl")
+    per_prompt = {arm: {t: [] for t in TERMS} for arm in (base_label, best_label, refl_label)}
+    for p, prompt in enumerate(results["prompts"]):
+        base = np.load(samples_path(out, "base", p))["images"][:n]  # (n, H, W, 3)
+        terms = oracle_terms(base, [prompt] * n)  # term -> (n,)
+        chosen = np.asarray(json.loads(scores_path(out, "base", p).read_text())["scores"][selector])
+        pick = int(best_of_n_indices(chosen[None, :n], n)[0])
+        for t in TERMS:
+            per_prompt[base_label][t].append(terms[t].mean())
+            per_prompt[best_label][t].append(terms[t][pick])
+        if m:
+            tuned = np.load(samples_path(out, "refl", p))["images"][:m]  # (m, H, W, 3)
+            for t, v in oracle_terms(tuned, [prompt] * m).items():
+                per_prompt[refl_label][t].append(v.mean())
+    per_prompt = {arm: {t: np.asarray(v) for t, v in terms.items()}
+                  for arm, terms in per_prompt.items() if terms["fidelity"]}
+    base = per_prompt[base_label]
+    return {
+        "weights": {t: DEFAULT_WEIGHTS[t] for t in TERMS},
+        "mean": {arm: {t: float(v.mean()) for t, v in terms.items()} for arm, terms in per_prompt.items()},
+        "difference_from_base": {arm: {t: mean_ci(v - base[t]) for t, v in terms.items()}
+                                 for arm, terms in per_prompt.items() if arm != base_label},
+    }
+
+
+def compare_summary(results: dict) -> dict:
+    """Mean and 95% interval per arm for each evaluator, for the arms a newcomer asks about."""
+    arms = results["arms"]
+    best, n = largest_best_of(arms, "base")
+    chosen = {arm_label("base"): arm_name("base"), arm_label("base", n): best,
+              arm_label("refl"): arm_name("refl")}
+    return {label: {s: arms[arm]["scores"][s] for s in results["evaluators"]} for label, arm in chosen.items()
+            if arm in arms} | {"_evaluators": results["evaluators"], "_selector": results["selector"]}

@@ -1,0 +1,78 @@
+"""The demo's own sections of report.html, placed after the comparison's summary table."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+
+def breakdown_section(breakdown: dict) -> str:
+    """The per-term table of `oracle_breakdown`, for report.html."""
+    arms = list(breakdown["mean"])
+    diffs = breakdown["difference_from_base"]
+    head = "".join(f"<th>{html.escape(a)}</th>" for a in arms) + "".join(
+        f"<th>{html.escape(a)} - base [95%]</th>" for a in diffs)
+    rows = []
+    for term, weight in breakdown["weights"].items():
+        cells = "".join(f"<td>{breakdown['mean'][a][term]:.3f}</td>" for a in arms)
+        cells += "".join(f"<td>{d[term]['mean']:+.3f} [{d[term]['ci95'][0]:+.3f}, {d[term]['ci95'][1]:+.3f}]</td>"
+                         for d in diffs.values())
+        rows.append(f"<tr><td>{term} (x{weight:g})</td>{cells}</tr>")
+    return ("<h2>Where the hidden taste moved</h2><p class='note'>The oracle is a weighted mean of these terms. "
+            "A rise in the critic with a fall in a term the community values is reward hacking.</p>"
+            f"<table><tr><th>oracle term (weight)</th>{head}</tr>{''.join(rows)}</table>")
+
+
+def realism_text(comm: dict) -> str:
+    """The community's realism criteria and where these pairs stand, as a sentence for the report."""
+    r, spread = comm.get("realism"), comm.get("term_spread")
+    if not r:
+        return ""
+    lo, hi = r["criteria"]["agreement_range"]
+    varies, carried_from = r["criteria"]["term_varies_above"], r["criteria"]["term_carried_from"]
+    verdict = "meets both" if r["realistic"] else "misses " + " and ".join(
+        (["the agreement range"] if not r["agreement_in_human_range"] else [])
+        + ([f"the carried-term rule for {', '.join(r['uncarried_varying_terms'])}"] if r["uncarried_varying_terms"]
+           else []))
+    spread_text = ", ".join(f"{t} {v:.2f}" for t, v in spread.items()) if spread else "n/a"
+    return (f"Realism criteria, fixed before any method was measured: pairs agree with the oracle within human "
+            f"annotators' range ({lo:.0%}-{hi:.0%}), and every term on which one prompt's samples vary (std above "
+            f"{varies}; here {spread_text}) is carried by at least {carried_from:.0%} of pairs. This community "
+            f"{html.escape(verdict)}. ")
+
+
+def training_section(out: Path) -> str:
+    """ReFL's training curve with its held-out judges (refl/training_curve.png), for report.html."""
+    if not (out / "refl" / "training_curve.png").is_file():
+        return ""
+    return ("<h2>ReFL while training</h2><p class='note'>The training reward against updates, and at every "
+            "validation the held-out judges (never in the gradient) on validation prompts apart from the "
+            "comparison's: a reward that rises while they fall is being hacked. A dashed line marks the update "
+            "train.select_by chose, when set.</p><img src='refl/training_curve.png' style='max-width:100%'>")
+
+
+def critic_section(summary: dict) -> str:
+    """The demo's own numbers, placed at the top of report.html."""
+    crit, comm = summary["critic"], summary["community"]["community"]
+    rows = [("fine-tuned critic (Social Reward, triplet)", crit["accuracy_vs_oracle"]),
+            ("pre-trained toy CLIP, zero-shot", crit["zero_shot_clip_vs_oracle"])]
+    table = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{r['pairwise_accuracy']:.1%}</td>"
+        f"<td>[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]</td><td>{r['n_pairs']}</td></tr>" for name, r in rows)
+    base_fid = summary.get("base_model", {}).get("eval_prompt_fidelity")
+    carried = comm.get("term_agreement")
+    carried_text = ("Share of pairs whose preferred image is better on each oracle term (ties half; 50% = no "
+                    "signal): " + ", ".join(f"{t} {v:.0%}" for t, v in carried.items()) + ". ") if carried else ""
+    carried_text += realism_text(comm)
+    fidelity_text = (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out "
+                     "prompts.") if base_fid is not None else ""
+    return (
+        "<h2>The critic against the hidden taste</h2>"
+        f"<p class='note'>The community remixed {comm['n_remixed']} of {comm['n_images']} base-model images "
+        f"over {comm['n_prompts']} training prompts, giving {comm['n_pairs']} Social Reward pairs, "
+        f"{comm['oracle_agreement']:.1%} of which agree with the oracle (real implicit feedback is noisy). "
+        f"{carried_text}Below: pairwise accuracy against the oracle on pairs from held-out prompts, 95% "
+        f"bootstrap intervals.{fidelity_text}</p>"
+        "<table><tr><th>critic</th><th>accuracy vs oracle</th><th>95% interval</th><th>pairs</th></tr>"
+        f"{table}<tr><td>chance</td><td>50.0%</td><td></td><td></td></tr></table>"
+    )

@@ -1,0 +1,70 @@
+"""The demo end to end: every stage, then results.json, report.html and summary.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from runkit.config import save_config
+from runkit.files import paths_relative_to, write_json
+from toyworld.demo.analysis import compare_summary, oracle_breakdown
+from toyworld.demo.config import DemoConfig
+from toyworld.demo.layout import community_pairs_file, oracle_pairs_file
+from toyworld.demo.report import breakdown_section, critic_section, training_section
+from toyworld.demo.stages import STAGES, stage_community, stage_compare, stage_critic, stage_refl
+
+
+def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
+    """Every stage up to and including `until` (e.g. "community" to look at the feedback before any
+    method is trained on it); the report needs all of them."""
+    from refl.components import load_components
+
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    from toyworld.world import split_prompts
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # config.yaml in this folder is the comparison harness's (it writes into the same folder).
+    save_config(cfg, out / "demo_config.yaml")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    components = load_components(cfg.sd_model)
+    timings = {}
+    community = stage_community(cfg, components, out / "community")
+    timings["community_s"] = time.perf_counter() - t0
+    if until == "community":
+        return {"community": community, "timings": timings}
+    critic = stage_critic(cfg, str(community_pairs_file(out)), str(oracle_pairs_file(out)), out / "critic")
+    timings["critic_s"] = time.perf_counter() - t0 - sum(timings.values())
+    if until == "critic":
+        return {"community": community, "critic": critic, "timings": timings}
+    train_prompts, held = split_prompts(seed=0)
+    members = critic.get("members", [critic["critic"]])
+    refl = stage_refl(cfg, members if len(members) > 1 else critic["critic"], train_prompts, out / "refl")
+    timings["refl_s"] = time.perf_counter() - t0 - sum(timings.values())
+    if until == "refl":
+        return {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings}
+    results, ccfg = stage_compare(cfg, components, critic["critic"], refl["lora"], out)
+    timings["compare_s"] = time.perf_counter() - t0 - sum(timings.values())
+    base_report = Path(cfg.sd_model) / "pretrain_report.json"
+    summary = {"community": community, "critic": critic, "refl": _jsonable(refl), "timings": timings,
+               "base_model": json.loads(base_report.read_text()) if base_report.is_file() else {}}
+    summary["compare"] = compare_summary(results)
+    summary["oracle_breakdown"] = oracle_breakdown(out, results)
+    # One results.json holds every number the report shows: the harness's and the demo's own.
+    from evaluation.report import write_report
+
+    results["demo"] = _jsonable(summary)
+    write_json(out / "results.json", results)
+    preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"]) + training_section(out)
+    summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
+    write_json(out / "summary.json", paths_relative_to(_jsonable(summary), out))
+    return summary
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
