@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from refl.components import DTYPES, ModelConfig, load_components
-from refl.lora import LoraSettings, add_lora
+from refl.lora import LoraConfig, add_lora
 from refl.step import PhaseTimer, StepConfig, reward_step
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _setup(cfg: BenchConfig, device: torch.device):
 
     dtype = DTYPES[cfg.dtype]
     components = load_components(ModelConfig(name=cfg.model)).to(device, dtype)
-    params = add_lora(components, LoraSettings(rank=4, alpha=4))
+    params = add_lora(components, LoraConfig(rank=4, alpha=4))
     with torch.no_grad():  # B starts at 0, which would leave A without gradient and skip its kernels
         for p in params[1::2]:
             p.normal_(0.0, 1e-3)

@@ -1,4 +1,4 @@
-"""The ReFL experiment config: `model`, `lora`, `refl` (the step), `train`, `reward`, `data`.
+"""The ReFL experiment config: `model`, `lora`, `step`, `train`, `reward`, `data`.
 
 `train` is the shared training vocabulary (runkit.config.TrainSettings) with ReFL's defaults and its
 validation settings. Batch sizes: `train.batch_size` prompts per micro-batch per process,
@@ -9,16 +9,17 @@ batch_size x gradient_accumulation x processes prompts (ImageReward: 2 x 4 x 8 =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from refl.components import ModelConfig
-from refl.lora import LoraSettings
+from refl.lora import LoraConfig
 from refl.step import StepConfig
-from runkit.config import TRAIN_RENAMED, TrainSettings
+from runkit.config import TrainSettings
 
 
 @dataclass
-class RewardConfig:
+class RewardSourceConfig:
+    """Where ReFL's reward comes from: a trained critic (or an ensemble), a standard reward model, a mix."""
+
     # Reward kind, a key of REWARDS: "critic" (a Social Reward checkpoint or open_clip name), a standard
     # reward model ("pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clipscore"; weights from
     # `standard`), "mix" (the weighted sum in `mix`), or the synthetic "brightness" / "contrast" rewards
@@ -42,7 +43,7 @@ class RewardConfig:
 
 
 @dataclass
-class DataConfig:
+class ReflDataConfig:
     # Training prompts: a .txt file (one per line), a .parquet/.csv with a `prompt_column`; or None to use `prompts`.
     prompts_file: str | None = None
     # Column holding prompts in a parquet/csv file.
@@ -50,7 +51,7 @@ class DataConfig:
     # Inline prompt list, used when prompts_file is None.
     prompts: list[str] = field(default_factory=lambda: ["a red square on a blue background", "a green circle",
                                                         "a yellow triangle", "a purple square at the top"])
-    # Denoising-regulariser pool (used when refl.reg_weight > 0), built once at start: this many
+    # Denoising-regulariser pool (used when step.reg_weight > 0), built once at start: this many
     # examples in all (global count, split across processes).
     reg_pool_size: int = 64
     # Image-caption set for the denoising regulariser (the paper's pre-training data): a .parquet/.csv/
@@ -64,7 +65,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig(TrainSettings):
+class ReflTrainConfig(TrainSettings):
     """The shared training vocabulary with ReFL's defaults, plus what validation draws."""
 
     # Run folder: config.yaml, metrics.jsonl, tb/, samples/, checkpoints/, lora/, training_curve.png.
@@ -114,17 +115,11 @@ class TrainConfig(TrainSettings):
 @dataclass
 class ReflConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the Stable Diffusion base
-    lora: LoraSettings = field(default_factory=LoraSettings)  # the adapters that train
-    refl: StepConfig = field(default_factory=StepConfig)  # the reward-gradient step
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, logging, checkpoints
-    reward: RewardConfig = field(default_factory=RewardConfig)  # what is maximised
-    data: DataConfig = field(default_factory=DataConfig)  # training prompts
-
-    RENAMED: ClassVar[dict[str, str]] = {
-        **TRAIN_RENAMED,
-        "refl.gradient_checkpointing": "train.gradient_checkpointing",
-        "lora.seed": "the LoRA's initialisation is seeded by train.seed; delete lora.seed",
-    }
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters that train
+    step: StepConfig = field(default_factory=StepConfig)  # the reward-gradient step
+    train: ReflTrainConfig = field(default_factory=ReflTrainConfig)  # optimisation, logging, checkpoints
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)  # what is maximised
+    data: ReflDataConfig = field(default_factory=ReflDataConfig)  # training prompts
 
     def __post_init__(self):
         self.train.check()
@@ -138,7 +133,7 @@ class ReflConfig:
             raise ValueError(f"reward.ensemble_penalty must be >= 0, got {self.reward.ensemble_penalty}")
 
 
-def check_guard_config(t: TrainConfig) -> None:
+def check_guard_config(t: ReflTrainConfig) -> None:
     """Selection and early stopping act at validations: without validation prompts they never could, which
     is a config error (the run would silently train without its guard). Too few validations for them to
     matter is only warned about at start-up (refl.guard.warn_if_too_few_validations): a shortened smoke

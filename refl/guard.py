@@ -22,14 +22,14 @@ from collections.abc import Sequence
 
 import torch
 
-from refl.config import TrainConfig
+from refl.config import ReflTrainConfig
 
 logger = logging.getLogger(__name__)
 
 HELDOUT_PREFIX = "eval/heldout/"
 
 
-def judge_specs(t: TrainConfig) -> list[str]:
+def judge_specs(t: ReflTrainConfig) -> list[str]:
     """The held-out judges to create: heldout_evaluators, plus select_by if it is not among them."""
     specs = list(dict.fromkeys(t.heldout_evaluators))
     if t.select_by and t.select_by not in specs:
@@ -37,7 +37,7 @@ def judge_specs(t: TrainConfig) -> list[str]:
     return specs
 
 
-def create_judges(t: TrainConfig, device) -> dict:
+def create_judges(t: ReflTrainConfig, device) -> dict:
     """spec -> evaluator, each created once through the one factory (reward.evaluators.create_evaluator)."""
     from reward.evaluators import create_evaluator
 
@@ -68,7 +68,7 @@ def pixel_diversity(images: torch.Tensor, per_prompt: int) -> float | None:
     return float((dist.sum(dim=(1, 2)) / pairs).mean())
 
 
-def count_validations(t: TrainConfig) -> int:
+def count_validations(t: ReflTrainConfig) -> int:
     """How many validations a run from update 0 makes (every validate_every updates and at the end)."""
     if not t.validation_prompts:
         return 0
@@ -77,7 +77,7 @@ def count_validations(t: TrainConfig) -> int:
     return t.max_updates // t.validate_every + (1 if t.max_updates % t.validate_every else 0)
 
 
-def warn_if_too_few_validations(t: TrainConfig) -> None:
+def warn_if_too_few_validations(t: ReflTrainConfig) -> None:
     """select_by needs 2 validations to choose, stop_after_drops needs K + 1 to ever fire. Only a
     warning (refl.config.check_guard_config says why): the run is valid, the guard just idles."""
     n = count_validations(t)

@@ -25,7 +25,7 @@ ADAPTER_NAME = "default"
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     # LoRA rank r (the inner dimension of the low-rank update).
     rank: int = 4
     # LoRA alpha; the update is scaled by alpha / rank.
@@ -47,7 +47,7 @@ def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
                       target_modules=list(targets))
 
 
-def add_lora(components: SDComponents, cfg: LoraSettings, seed: int = 0) -> list[torch.nn.Parameter]:
+def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
     """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params.
     `seed` (the run's train.seed) fixes the Gaussian LoRA-A initialisation (B starts at zero, so the
     tuned model starts as the base)."""

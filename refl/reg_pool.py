@@ -1,4 +1,4 @@
-"""Data of the denoising regulariser (`refl.reg_weight`): clean latents and their captions, built once.
+"""Data of the denoising regulariser (`step.reg_weight`): clean latents and their captions, built once.
 
 Either an image-caption table (`data.reg_images`, the paper's pre-training data) encoded by the VAE,
 or base-model samples (LoRA off) of the training prompts.
@@ -81,6 +81,6 @@ def build_reg_pool(components: SDComponents, cfg, prompts: list[str], accelerato
         return latents, captions  # (n, C, h, w), n captions
     captions = prompts_for(prompts, seed_for(cfg.train.seed, 7), accelerator.process_index * n, n)
     with base_weights(components), components.autocast():
-        latents = sample(make_pipeline(components, cfg.refl.scheduler), captions, generator=gen, batch_size=16,
-                         num_inference_steps=cfg.refl.num_inference_steps, output="latent")  # (n, C, h, w)
+        latents = sample(make_pipeline(components, cfg.step.scheduler), captions, generator=gen, batch_size=16,
+                         num_inference_steps=cfg.step.num_inference_steps, output="latent")  # (n, C, h, w)
     return latents, captions

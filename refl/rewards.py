@@ -1,7 +1,7 @@
 """What ReFL maximises: reward factories by `reward.kind`, all frozen, all differentiable in the images.
 
 A reward is a callable `(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`. Add a kind by adding a
-factory `(cfg: RewardConfig, device, dtype=..., gradient_checkpointing=...) -> RewardFn` to REWARDS.
+factory `(cfg: RewardSourceConfig, device, dtype=..., gradient_checkpointing=...) -> RewardFn` to REWARDS.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from refl.config import RewardConfig
+from refl.config import RewardSourceConfig
 from refl.step import RewardFn
 from reward.standard import STANDARD_KINDS
 
@@ -28,7 +28,7 @@ def _frozen_critic(path: str, device, dtype: torch.dtype, gradient_checkpointing
     return critic
 
 
-def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+def _critic_reward(cfg: RewardSourceConfig, device, dtype: torch.dtype = torch.float32,
                    gradient_checkpointing: bool = False) -> RewardFn:
     """One critic, or with several in reward.critic their ensemble (mean - ensemble_penalty x std)."""
     from reward.ensemble import CriticEnsemble
@@ -43,11 +43,11 @@ def _critic_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32
     return CriticEnsemble(members, cfg.ensemble_penalty)
 
 
-def _brightness_reward(cfg: RewardConfig, device, **_) -> RewardFn:
+def _brightness_reward(cfg: RewardSourceConfig, device, **_) -> RewardFn:
     return lambda images, prompts: images.mean(dim=(1, 2, 3))  # (B,)
 
 
-def _contrast_reward(cfg: RewardConfig, device, **_) -> RewardFn:
+def _contrast_reward(cfg: RewardSourceConfig, device, **_) -> RewardFn:
     def fn(images, prompts):
         w = images.shape[-1] // 2
         return (images[..., :w].mean(dim=(1, 2, 3)) - images[..., w:].mean(dim=(1, 2, 3))) * 10  # (B,)
@@ -56,7 +56,7 @@ def _contrast_reward(cfg: RewardConfig, device, **_) -> RewardFn:
 
 
 def _standard_reward(kind: str):
-    def factory(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+    def factory(cfg: RewardSourceConfig, device, dtype: torch.dtype = torch.float32,
                 gradient_checkpointing: bool = False) -> RewardFn:
         from reward.standard import load_standard
 
@@ -67,7 +67,7 @@ def _standard_reward(kind: str):
     return factory
 
 
-def _mix_reward(cfg: RewardConfig, device, **kwargs) -> RewardFn:
+def _mix_reward(cfg: RewardSourceConfig, device, **kwargs) -> RewardFn:
     from refl.mix import WeightedRewards
 
     if not cfg.mix:
@@ -83,7 +83,7 @@ REWARDS = {"critic": _critic_reward, "brightness": _brightness_reward, "contrast
            **{kind: _standard_reward(kind) for kind in STANDARD_KINDS}, "mix": _mix_reward}
 
 
-def build_reward(cfg: RewardConfig, device, dtype: torch.dtype = torch.float32,
+def build_reward(cfg: RewardSourceConfig, device, dtype: torch.dtype = torch.float32,
                  gradient_checkpointing: bool = False) -> RewardFn:
     """The frozen reward, its weights in `dtype`, checkpointed in backward if asked (where it can be)."""
     if cfg.kind not in REWARDS:

@@ -21,7 +21,7 @@ import torch
 
 from refl import guard
 from refl.components import DTYPES, SDComponents, load_components
-from refl.config import ReflConfig, TrainConfig
+from refl.config import ReflConfig, ReflTrainConfig
 from refl.lora import add_lora, load_lora_state, lora_state, save_lora
 from refl.plots import plot_curve
 from refl.prompts import prompts_for, seed_for, training_prompts
@@ -103,7 +103,7 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
     try:
         with components.autocast():  # the reward's weights are in the base's dtype too
             # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
-            images = sample(make_pipeline(components, cfg.refl.scheduler), prompts, output="pt", batch_size=4,
+            images = sample(make_pipeline(components, cfg.step.scheduler), prompts, output="pt", batch_size=4,
                             num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
                             generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
             metrics = {"eval/reward": reward_fn(images, prompts).float().mean().item()}
@@ -176,7 +176,7 @@ def _micro_batches(components, cfg: ReflConfig, prompts, reward_fn, reg_pool, up
             idx = torch.randint(0, len(reg_pool[1]), (t.batch_size,), generator=gen)
             reg_batch = (reg_pool[0][idx], [reg_pool[1][i] for i in idx.tolist()])
         with accelerator.autocast():
-            step_out = reward_step(components, batch, reward_fn, cfg.refl, gen, reg_batch=reg_batch,
+            step_out = reward_step(components, batch, reward_fn, cfg.step, gen, reg_batch=reg_batch,
                                    step_name=f"update {update + 1} micro-batch {micro + 1} (rank {rank})")
         accelerator.backward(step_out["loss"] / t.gradient_accumulation)
         for k, v in step_out.items():
@@ -194,7 +194,7 @@ def _update_metrics(terms, accelerator, grad_norm: float, lr: float, skipped: bo
     return metrics
 
 
-def _select(components: SDComponents, state: TrainState, evals: dict[str, float], t: TrainConfig,
+def _select(components: SDComponents, state: TrainState, evals: dict[str, float], t: ReflTrainConfig,
             out: Path) -> bool:
     """Main process: fold a validation into the selection, save lora_best/ on a new best; returns
     whether the run should stop (the select_by judge dropped stop_after_drops times in a row)."""
@@ -208,12 +208,12 @@ def _select(components: SDComponents, state: TrainState, evals: dict[str, float]
     return t.stop_after_drops > 0 and state.drops >= t.stop_after_drops
 
 
-def _save(accelerator, out: Path, state: TrainState, t: TrainConfig, components: SDComponents) -> Path:
+def _save(accelerator, out: Path, state: TrainState, t: ReflTrainConfig, components: SDComponents) -> Path:
     return save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
                            write_files=lambda folder: save_lora(components, folder / "lora"))
 
 
-def _validation_pending(t: TrainConfig, state: TrainState) -> bool:
+def _validation_pending(t: ReflTrainConfig, state: TrainState) -> bool:
     return (bool(t.validation_prompts) and state.update > 0 and state.validated < state.update
             and _due(t.validate_every, state.update, t.max_updates))
 
@@ -254,7 +254,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     from tqdm.auto import tqdm
 
     t = cfg.train
-    validate_step_config(cfg.refl)
+    validate_step_config(cfg.step)
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     out = Path(t.output_dir)
     if accelerator.is_main_process:
@@ -278,7 +278,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         state = TrainState(**load_checkpoint(accelerator, ckpt))
         logger.info("resumed from %s at update %d", ckpt, state.update)
     run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)
-    reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.refl.reg_weight > 0 else None
+    reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
 
     bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process, desc="ReFL")
     metrics: dict[str, float] = {}

@@ -15,15 +15,16 @@ from runkit.logs import setup_logging
 
 @command
 def train_main(argv=None) -> int:
+    from reward.config import RewardConfig
     from reward.data import DataError
-    from reward.train import RewardExperiment, train
+    from reward.train import train
 
     parser = argparse.ArgumentParser(description="Fine-tune a Social Reward critic on preference pairs.")
     add_config_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(RewardExperiment, args.config, config_overrides(args))
+        cfg = load_config(RewardConfig, args.config, config_overrides(args))
         metrics = train(cfg)
     except (ConfigError, DataError, FileNotFoundError) as err:
         logging.getLogger("reward").error("%s", err)
@@ -123,9 +124,6 @@ def _validate(args) -> dict:
         report["baselines"].append({"model": spec, **rep})
         del base
         gc.collect()
-    if len(report["baselines"]) == 1:  # the single-baseline keys earlier versions wrote
-        report["baseline"] = report["baselines"][0]
-        report["gain"] = report["baseline"]["tuned_minus_this"]
     report["majority"] = majority_baseline(args.pairs)
     return report
 

@@ -285,7 +285,8 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
         if pretrained and not Path(pretrained).exists():
             raise RuntimeError(
                 f"could not load open_clip weights {name}/{pretrained!r} ({err}). This machine may be offline: "
-                "put the checkpoint file on disk and set critic.pretrained to its path."
+                "put the checkpoint file on disk and pass its path as the pretrained weights "
+                "(model.pretrained in a critic training config)."
             ) from err
         raise
     tokenizer = open_clip.get_tokenizer(name)

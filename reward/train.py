@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,98 +19,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from reward.config import CriticDataConfig, CriticTrainConfig, LossConfig, RewardConfig
 from reward.data import DataError, EmptySplitError, PairShards, PairShardSampler, collate_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
-from reward.losses import LOSSES, create_loss
-from reward.model import CriticConfig, SocialReward, create_critic
+from reward.losses import create_loss
+from reward.model import SocialReward, create_critic
 from runkit.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
-from runkit.config import TRAIN_RENAMED, TrainSettings, save_config
+from runkit.config import save_config
 from runkit.files import write_json
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    # Training pairs in one of the formats of reward.data (reward/data/formats.py): a parquet / csv / json(l) file, a folder
-    # or glob of parquet / arrow shards (e.g. a Pick-a-Pic v2 download's data/train-*.parquet), or a
-    # `datasets` save_to_disk folder. Streamed: rows are read a row group at a time.
-    train: str = ""
-    # Held-out pairs (same kinds of source); empty = hold out `val_fraction` of the training prompts.
-    val: str = ""
-    # Fraction of prompts (not pairs) held out when `val` is empty, chosen by a hash of the prompt.
-    val_fraction: float = 0.1
-    # social | pickapic | ranked | auto (detected from the columns).
-    fmt: str = "auto"
-    # keep | drop | half | auto (keep ties if the loss handles them, else drop).
-    tie_policy: str = "auto"
-    # error = stop at the first bad row; skip = drop bad rows and log how many and which. Labels, prompts and
-    # image paths are checked for every row before training (no image decoded); images when they are read.
-    on_bad_row: str = "error"
-    # Decode every training image once before training so a corrupt file fails now, not mid-run
-    # (one full pass over the data; at scale run scripts/check_pairs.py once instead). Bad rows met
-    # while training are caught either way (error, or skipped and counted).
-    check_images: bool = False
-    # DataLoader worker processes per process; images are decoded and resized in them.
-    num_workers: int = 0
-    # Row groups mixed together by the shuffle (per process). Each worker holds up to this many
-    # row groups (+1) in memory: memory ~ num_workers x this x row-group size.
-    shuffle_row_groups: int = 4
-
-
-@dataclass
-class LossConfig:
-    # triplet (Social Reward) | pairwise (Bradley-Terry) | pickscore (2-way softmax, soft labels).
-    name: str = "triplet"
-    # Triplet margin on squared distances of unit vectors.
-    margin: float = 0.3
-    # Initial logit scale of the pairwise loss (learned).
-    init_logit_scale: float = 10.0
-    # Fixed logit scale of the pickscore loss (CLIP's temperature).
-    pickscore_logit_scale: float = 100.0
-
-
-@dataclass
-class TrainConfig(TrainSettings):
-    """The shared training vocabulary (runkit.config.TrainSettings) with the critic's defaults."""
-
-    # Run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, critic/ (the final critic), metrics.json.
-    output_dir: str = "runs/reward"
-    # Optimizer updates to stop after (global); 0 = run all `epochs`.
-    max_updates: int = 0
-    # Pairs per process per micro-batch.
-    batch_size: int = 32
-    # AdamW learning rate (Social Reward's script: 3e-5).
-    lr: float = 3e-5
-    # Clip the global grad norm to this; 0 = no clipping (as in the paper).
-    max_grad_norm: float = 0.0
-    # Recompute the open_clip towers' blocks in the backward pass: less activation memory, ~1/3 more
-    # compute. For large critics (ViT-L-14 at 224 px) and large batches.
-    gradient_checkpointing: bool = False
-    # Passes over the training pairs.
-    epochs: int = 10
-    # After training, fit the affine score calibration on the held-out images (mean 0, std 1).
-    calibrate: bool = True
-
-
-@dataclass
-class RewardExperiment:
-    critic: CriticConfig = field(default_factory=CriticConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    RENAMED: ClassVar[dict[str, str]] = {**TRAIN_RENAMED, "output_dir": "train.output_dir"}
-
-    def __post_init__(self):
-        if self.loss.name not in LOSSES:
-            raise ValueError(f"loss.name={self.loss.name!r}; choose one of {', '.join(LOSSES)}")
-        self.train.check()
-        if self.data.shuffle_row_groups < 1:
-            raise ValueError("data.shuffle_row_groups must be >= 1")
 
 
 class CriticWithLoss(nn.Module):
@@ -135,7 +55,7 @@ class LoopState:
     batches_done: int = 0  # micro-batches of this epoch already consumed (skipped on resume)
 
 
-def train(cfg: RewardExperiment) -> dict:
+def train(cfg: RewardConfig) -> dict:
     """Run (or, with train.resume, resume) training; returns the final metrics. Writes under train.output_dir."""
     tc = cfg.train
     out = Path(tc.output_dir)
@@ -145,7 +65,7 @@ def train(cfg: RewardExperiment) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    critic = create_critic(cfg.critic)
+    critic = create_critic(cfg.model)
     critic.set_grad_checkpointing(tc.gradient_checkpointing)
     loss_fn = create_loss(cfg.loss.name, **_loss_kwargs(cfg.loss))
     if not cfg.data.train:
@@ -171,9 +91,9 @@ def train(cfg: RewardExperiment) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     logger.info("%s, %d processes; critic %s (%s): %d of %d parameters train (mode %s); %d train pairs, %d val "
                 "pairs; global batch %d; %d optimizer updates per epoch, %d in total",
-                accelerator.distributed_type, accelerator.num_processes, cfg.critic.model_name, cfg.critic.pretrained,
+                accelerator.distributed_type, accelerator.num_processes, cfg.model.model_name, cfg.model.pretrained,
                 sum(p.numel() for p in params), sum(p.numel() for p in critic.parameters()),
-                cfg.critic.training_mode, len(train_set), len(val_set) if val_set is not None else 0,
+                cfg.model.training_mode, len(train_set), len(val_set) if val_set is not None else 0,
                 tc.batch_size * accelerator.num_processes * tc.gradient_accumulation, updates_per_epoch, total)
 
     state = LoopState()
@@ -190,7 +110,7 @@ def train(cfg: RewardExperiment) -> dict:
     return _finish(accelerator, module, val_set, tc, state, history, n_bad, out, train_set.n_bad_rows)
 
 
-def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc: TrainConfig,
+def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc: CriticTrainConfig,
          state: LoopState, total: int, every: dict, run_logger: RunLogger, out: Path):
     """The epochs; returns the validation history, the bad rows this process skipped and the validation set
     (None once it turned out to hold no scorable pair)."""
@@ -231,7 +151,8 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
     return history, n_bad, val_set
 
 
-def _step(accelerator, module, optimizer, scheduler, params, batch, tc: TrainConfig, state: LoopState) -> dict:
+def _step(accelerator, module, optimizer, scheduler, params, batch, tc: CriticTrainConfig,
+          state: LoopState) -> dict:
     """One micro-batch forward and backward; the optimizer steps when gradients sync. Returns the loss terms."""
     with accelerator.accumulate(module):
         terms = module(batch["pos"], batch["neg"], batch["prompt"], batch["label"], batch["weight"])
@@ -258,7 +179,7 @@ def _log_train(run_logger: RunLogger, scheduler, state: LoopState, running: dict
     pbar.set_postfix(loss=f"{logs['train/loss']:.4f}")
 
 
-def _save(accelerator, module, out: Path, state: LoopState, tc: TrainConfig) -> None:
+def _save(accelerator, module, out: Path, state: LoopState, tc: CriticTrainConfig) -> None:
     critic = accelerator.unwrap_model(module).critic
     save_checkpoint(accelerator, out, vars(state).copy(), tc.checkpoints_keep,
                     write_files=lambda folder: critic.save_pretrained(folder / "critic"))
@@ -296,8 +217,8 @@ def _check_batch(batch: dict, n_bad_before: int, state: LoopState) -> int:
     return batch["n_bad"]
 
 
-def _finish(accelerator, module, val_set, tc: TrainConfig, state: LoopState, history: list[dict], n_bad: int,
-            out: Path, n_bad_indexed: int = 0) -> dict:
+def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopState, history: list[dict],
+            n_bad: int, out: Path, n_bad_indexed: int = 0) -> dict:
     """Calibrate and save the final critic (main process); the metrics every process returns. Bad rows: those
     each process met decoding (summed) and those the index dropped before training (the same in every process)."""
     bad_total = int(accelerator.reduce(torch.tensor([n_bad], device=accelerator.device), reduction="sum").item())
@@ -336,7 +257,7 @@ def _loss_kwargs(lc: LossConfig) -> dict:
             "pickscore": {"logit_scale": lc.pickscore_logit_scale}}[lc.name]
 
 
-def _datasets(dc: DataConfig, image_size: int, handles_ties: bool):
+def _datasets(dc: CriticDataConfig, image_size: int, handles_ties: bool):
     """Streaming train and validation sets (validation keeps ties: evaluation counts them apart), both
     indexed and checked now, before training."""
     common = dict(fmt=dc.fmt, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)

@@ -4,6 +4,8 @@ A config is a tree of dataclasses. A YAML file under `configs/` holds only the o
 experiment; `--set a.b=c` on the command line overrides further. Unknown keys are refused with
 their full dotted name, so a typo never silently falls back to a default; a key that was renamed is
 refused with its new name (the root class's `RENAMED`: old dotted key -> new one, or -> a sentence).
+Keys renamed before the first release are not kept there (CHANGELOG.md lists them); from the first
+release on, a renamed key stays in its root class's `RENAMED` for one release.
 
 `TrainSettings` is the one vocabulary of a training loop (`train:` of the critic trainer and of ReFL):
 the same key means the same thing in both, and each trainer only changes defaults and adds its own.
@@ -96,18 +98,6 @@ class TrainSettings:
             raise ConfigError(f"train.optimizer={self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.log_with not in ("tensorboard", "none"):
             raise ConfigError(f"train.log_with={self.log_with!r}; choose tensorboard or none")
-
-
-# Keys the trainers used before they shared TrainSettings; both trainers' root configs refuse them.
-TRAIN_RENAMED: dict[str, str] = {
-    "train.grad_accum": "train.gradient_accumulation",
-    "train.max_steps": "train.max_updates",
-    "train.warmup_steps": "train.warmup_updates",
-    "train.save_every": "train.checkpoint_every",
-    "train.keep_checkpoints": "train.checkpoints_keep",
-    "train.eval_every": "train.validate_every",
-    "train.grad_checkpointing": "train.gradient_checkpointing",
-}
 
 
 def _renamed_message(cls: type, data: dict) -> str | None:

@@ -103,9 +103,13 @@ def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo,
     assert all(stamps("samples/refl")[p] != t for p, t in tuned.items())  # ... and its samples were redrawn
 
 
-def test_bad_override_is_named(tmp_path, capsys):
+def test_bad_override_is_named(tmp_path, capsys, monkeypatch):
+    from toyworld.demo import DemoConfig
+
     assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl_updatez=3"]) == 2
-    # A key of the flat demo config of earlier versions names its new place.
+    assert "refl_updatez" in capsys.readouterr().err
+    # A renamed key names its new place (shown on an example: no table is kept before the first release).
+    monkeypatch.setattr(DemoConfig, "RENAMED", {"refl_lr": "refl.train.lr"}, raising=False)
     assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl_lr=0.01"]) == 2
     assert "refl.train.lr" in capsys.readouterr().err
     # What ties the stages together is the demo's to set, not the stage config's.
@@ -117,7 +121,7 @@ def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
     from toyworld.ablation import run_ablation
 
     summary = run_ablation(quick_demo, {"frozen": ["refl.train.lr=0", "refl.train.max_updates=1"],
-                                        "kl": ["refl.train.max_updates=1", "refl.refl.kl_weight=1"]}, n_prompts=2, n_samples=2)
+                                        "kl": ["refl.train.max_updates=1", "refl.step.kl_weight=1"]}, n_prompts=2, n_samples=2)
     frozen, kl = summary["variants"]["frozen"], summary["variants"]["kl"]
     # lr 0 leaves LoRA B at zero, so the tuned samples are the base samples: every paired difference is 0.
     assert all(d["mean"] == 0.0 for d in frozen["difference_from_base"].values())

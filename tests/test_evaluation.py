@@ -39,11 +39,11 @@ def single_thread():
 def world(tmp_path_factory, single_thread):
     """A prompts file, a perturbed tiny LoRA (ReFL is not run here) and the overrides of a tiny run."""
     from refl.components import ModelConfig, load_components
-    from refl.lora import LoraSettings, add_lora, save_lora
+    from refl.lora import LoraConfig, add_lora, save_lora
 
     root = tmp_path_factory.mktemp("compare")
     components = load_components(ModelConfig(name="tiny"))
-    add_lora(components, LoraSettings(rank=4, alpha=4))
+    add_lora(components, LoraConfig(rank=4, alpha=4))
     with torch.no_grad():
         for name, p in components.unet.named_parameters():
             if "lora_B" in name:  # B starts at zero (tuned == base); make the tuned model differ

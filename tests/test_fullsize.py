@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from refl.components import ModelConfig, load_components
-from refl.lora import LoraSettings, add_lora
+from refl.lora import LoraConfig, add_lora
 from refl.step import StepConfig, reward_step
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def test_sd15_vitl14_update_at_512px(method, extra, dtype):
     components = load_components(ModelConfig(name="sd15"))
     assert components.image_size == 512
     components.to(dtype=dtype)
-    params = add_lora(components, LoraSettings(rank=4, alpha=4))
+    params = add_lora(components, LoraConfig(rank=4, alpha=4))
     with torch.no_grad():  # B starts at 0, which would leave A without gradient
         for p in params[1::2]:
             p.normal_(0.0, 1e-3)
@@ -65,10 +65,10 @@ def test_every_shipped_config_loads_and_builds_its_architecture():
     import reward
     from evaluation.config import CompareConfig
     from refl.train import ReflConfig
-    from reward.train import RewardExperiment
+    from reward.config import RewardConfig
     from runkit.config import load_config
 
-    kinds = {"refl_": ReflConfig, "reward_": RewardExperiment, "compare_": CompareConfig}
+    kinds = {"refl_": ReflConfig, "reward_": RewardConfig, "compare_": CompareConfig}
     seen = []
     for path in sorted(CONFIGS.glob("*.yaml")):
         kind = next((k for k in kinds if path.name.startswith(k)), None)
@@ -81,7 +81,7 @@ def test_every_shipped_config_loads_and_builds_its_architecture():
             assert components.unet.config.sample_size * components.vae_scale == components.image_size
             del components
         if kind == "reward_":
-            critic = reward.create_critic(model_name=cfg.critic.model_name, training_mode=cfg.critic.training_mode)
+            critic = reward.create_critic(model_name=cfg.model.model_name, training_mode=cfg.model.training_mode)
             assert any(p.requires_grad for p in critic.parameters())
             del critic
         seen.append(path.name)

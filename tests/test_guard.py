@@ -26,8 +26,8 @@ def _overrides(out, updates: int) -> list[str]:
             "train.batch_size=1", "train.gradient_accumulation=1", "train.lr=1e-2", "train.log_with=none",
             "train.gradient_checkpointing=false", "train.validate_every=1", "train.checkpoint_every=1",
             "train.checkpoints_keep=0", "train.validation_steps=2", VALIDATION_PROMPTS,
-            "train.validation_images_per_prompt=2", "refl.num_inference_steps=3", "refl.cut_range=[1,2]",
-            "refl.grad_scale=1.0"]
+            "train.validation_images_per_prompt=2", "step.num_inference_steps=3", "step.cut_range=[1,2]",
+            "step.grad_scale=1.0"]
 
 
 def _config(out, updates: int, *extra: str):
@@ -217,15 +217,15 @@ def test_guard_config_errors_and_warnings(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- the ensemble
 def test_ensemble_of_identical_members_is_the_single_critic(critic_dirs):
-    from refl.config import RewardConfig
+    from refl.config import RewardSourceConfig
     from refl.rewards import build_reward
     from reward.ensemble import CriticEnsemble
 
     images = torch.rand(3, 3, 16, 16)
     prompts = ["a red square", "a green circle", "a cat"]
-    single = build_reward(RewardConfig(kind="critic", critic=str(critic_dirs[0])), "cpu")
+    single = build_reward(RewardSourceConfig(kind="critic", critic=str(critic_dirs[0])), "cpu")
     for penalty in (0.0, 2.5):
-        ensemble = build_reward(RewardConfig(kind="critic", critic=[str(critic_dirs[0])] * 3,
+        ensemble = build_reward(RewardSourceConfig(kind="critic", critic=[str(critic_dirs[0])] * 3,
                                              ensemble_penalty=penalty), "cpu", gradient_checkpointing=True)
         assert isinstance(ensemble, CriticEnsemble)
         assert all(not p.requires_grad for p in ensemble.parameters())
@@ -244,13 +244,13 @@ def test_ensemble_of_identical_members_is_the_single_critic(critic_dirs):
 
 def test_ensemble_of_different_members_is_mean_minus_k_std(critic_dirs):
     import reward
-    from refl.config import RewardConfig
+    from refl.config import RewardSourceConfig
     from refl.rewards import build_reward
 
     images = torch.rand(4, 3, 16, 16)
     prompts = ["a red square", "a green circle", "a cat", "a dog"]
     paths = [str(d) for d in critic_dirs]
-    ensemble = build_reward(RewardConfig(kind="critic", critic=paths, ensemble_penalty=1.5), "cpu",
+    ensemble = build_reward(RewardSourceConfig(kind="critic", critic=paths, ensemble_penalty=1.5), "cpu",
                             dtype=torch.float32)
     got = ensemble(images, prompts)
     with torch.no_grad():

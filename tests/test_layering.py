@@ -111,3 +111,16 @@ def test_no_import_cycles():
     graph = import_graph(LAYERS)
     assert {"reward.standard", "reward.standard.base", "reward.standard.imagereward"} <= set(graph)
     assert not _cycles(graph)
+
+
+def test_one_class_name_for_one_thing():
+    # Two configs (or any classes) with one name force aliases on import; `Settings` is kept for the shared
+    # training vocabulary the trainers' configs subclass, every other config is a `Config`.
+    defined: dict[str, list[str]] = {}
+    for package in LAYERS:
+        for path in package_sources(package):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ClassDef):
+                    defined.setdefault(node.name, []).append(module_name(path))
+    assert not {name: where for name, where in defined.items() if len(where) > 1}
+    assert [name for name in defined if name.endswith("Settings")] == ["TrainSettings"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from refl.components import PRESETS, build_clip_tokenizer, build_pipeline, load_components, save_pipeline
-from refl.lora import LoraSettings, add_lora, save_lora, trainable_parameters
+from refl.lora import LoraConfig, add_lora, save_lora, trainable_parameters
 from refl.step import NonFiniteLossError, StepConfig, reward_step
 
 # Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting (100x slower).
@@ -34,7 +34,7 @@ def base_dir(tmp_path_factory):
 
 def tiny_lora(rank=4, alpha=4.0, **kw):
     components = load_components("tiny")
-    params = add_lora(components, LoraSettings(rank=rank, alpha=alpha, **kw))
+    params = add_lora(components, LoraConfig(rank=rank, alpha=alpha, **kw))
     return components, params
 
 
@@ -109,7 +109,7 @@ def test_lora_round_trip_through_stock_pipeline(base_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     components = load_components(str(base_dir))
-    add_lora(components, LoraSettings(rank=4, alpha=16.0, train_text_encoder=True))  # alpha != rank
+    add_lora(components, LoraConfig(rank=4, alpha=16.0, train_text_encoder=True))  # alpha != rank
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")
 
@@ -130,7 +130,7 @@ def test_lora_round_trip_through_stock_pipeline(base_dir, tmp_path):
 def test_only_lora_params_train_and_stay_fp32():
     components = load_components("tiny")
     components.to(dtype=torch.bfloat16)
-    params = add_lora(components, LoraSettings())
+    params = add_lora(components, LoraConfig())
     assert params and all(p.dtype == torch.float32 for p in params)
     assert trainable_parameters(components) == params
     assert any(p.dtype == torch.bfloat16 for p in components.unet.parameters())
@@ -284,8 +284,8 @@ def _tiny_train_overrides(out, updates=4):
     return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", f"train.max_updates={updates}",
             "train.batch_size=2", "train.gradient_accumulation=2", "train.lr=1e-2", "train.lr_schedule=cosine",
             "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none", "train.validation_steps=2",
-            "refl.num_inference_steps=4", "refl.cut_range=[1,3]", "refl.scheduler=ddpm", "lora.dropout=0.1",
-            "refl.grad_scale=1.0"]
+            "step.num_inference_steps=4", "step.cut_range=[1,3]", "step.scheduler=ddpm", "lora.dropout=0.1",
+            "step.grad_scale=1.0"]
 
 
 def _lora_file(path):
@@ -332,15 +332,15 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_train_script_main_and_prompt_files(tmp_path, capsys):
     import pandas as pd
 
-    from refl.config import DataConfig
+    from refl.config import ReflDataConfig
     from refl.prompts import training_prompts
 
     (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
     pd.DataFrame({"prompt": ["x", "y"]}).to_parquet(tmp_path / "p.parquet")
-    assert training_prompts(DataConfig(prompts_file=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
-    assert training_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"))) == ["x", "y"]
+    assert training_prompts(ReflDataConfig(prompts_file=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
+    assert training_prompts(ReflDataConfig(prompts_file=str(tmp_path / "p.parquet"))) == ["x", "y"]
     with pytest.raises(ValueError, match="no column"):
-        training_prompts(DataConfig(prompts_file=str(tmp_path / "p.parquet"), prompt_column="caption"))
+        training_prompts(ReflDataConfig(prompts_file=str(tmp_path / "p.parquet"), prompt_column="caption"))
 
     import importlib.util
 
@@ -351,7 +351,7 @@ def test_train_script_main_and_prompt_files(tmp_path, capsys):
     argv = ["--config", "configs/refl_toy.yaml"]
     for o in _tiny_train_overrides(out, updates=2) + [f"data.prompts_file={tmp_path / 'p.txt'}",
                                                       "train.validate_every=2", "train.log_with=tensorboard",
-                                                      "train.validation_steps=2", "refl.reg_weight=0.1",
+                                                      "train.validation_steps=2", "step.reg_weight=0.1",
                                                       "data.reg_pool_size=4", "reward.kind=critic"]:
         argv += ["--set", o]
     assert script.main(argv) == 0
@@ -406,11 +406,11 @@ def test_training_with_an_image_caption_regulariser_set(tmp_path):
     table, _ = _caption_table(tmp_path, n=4)
     out = tmp_path / "run"
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(out, updates=1) + [
-        "refl.reg_weight=1.0", f"data.reg_images={table}", "data.reg_pool_size=4", "refl.kl_weight=0.5"])
+        "step.reg_weight=1.0", f"data.reg_images={table}", "data.reg_pool_size=4", "step.kl_weight=0.5"])
     result = train(cfg)
     assert result["train/reg_loss"] > 0 and "train/kl_loss" in result
     bad = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "bad", updates=1) + [
-        "refl.reg_weight=1.0", f"data.reg_images={tmp_path / 'missing.parquet'}"])
+        "step.reg_weight=1.0", f"data.reg_images={tmp_path / 'missing.parquet'}"])
     with pytest.raises(FileNotFoundError, match="data.reg_images"):
         train(bad)
 
@@ -444,7 +444,7 @@ def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
     import importlib.util
 
     components = load_components(str(base_dir))
-    add_lora(components, LoraSettings(rank=2, alpha=8.0))
+    add_lora(components, LoraConfig(rank=2, alpha=8.0))
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
@@ -475,7 +475,7 @@ def test_sd15_architecture_takes_lora():
     from refl.components import SDComponents
 
     components = SDComponents(unet, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, None)
-    params = add_lora(components, LoraSettings(rank=4, alpha=4))
+    params = add_lora(components, LoraConfig(rank=4, alpha=4))
     # 16 transformer blocks x 2 attentions x 4 projections x (A, B)
     assert len(params) == 16 * 2 * 4 * 2
     assert 0.7e6 < sum(p.numel() for p in params) < 0.9e6
@@ -492,8 +492,8 @@ def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, met
 
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=bf16", "train.validate_every=1",
-        "train.validation_steps=2", "train.gradient_accumulation=1", f"refl.method={method}", "refl.reg_weight=1.0",
-        "refl.kl_weight=1.0", "data.reg_pool_size=4", "lora.dropout=0.0", "train.lr_schedule=constant",
+        "train.validation_steps=2", "train.gradient_accumulation=1", f"step.method={method}", "step.reg_weight=1.0",
+        "step.kl_weight=1.0", "data.reg_pool_size=4", "lora.dropout=0.0", "train.lr_schedule=constant",
         "train.warmup_updates=0"])
     result = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -568,7 +568,7 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     from refl.generate import generate, load_pipeline
 
     components = load_components(str(base_dir))
-    add_lora(components, LoraSettings(rank=2, alpha=4.0))
+    add_lora(components, LoraConfig(rank=2, alpha=4.0))
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")
     pipe = load_pipeline(str(base_dir), lora=str(tmp_path / "lora"), device="cpu", dtype="bf16")
@@ -599,14 +599,14 @@ def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
     import sys
 
-    from refl.config import TrainConfig
+    from refl.config import ReflTrainConfig
     from runkit.optim import build_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it now fails
     with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
-        build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit"))
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], ReflTrainConfig(optimizer="adamw8bit"))
     with pytest.raises(ValueError, match="adamw8bit"):
-        build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="sgd"))
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], ReflTrainConfig(optimizer="sgd"))
 
 
 @pytest.mark.gpu
@@ -618,7 +618,7 @@ def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
 
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=3) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16", "train.validate_every=3",
-        "train.validation_steps=2", "refl.reg_weight=1.0", "refl.kl_weight=1.0", "data.reg_pool_size=4"])
+        "train.validation_steps=2", "step.reg_weight=1.0", "step.kl_weight=1.0", "data.reg_pool_size=4"])
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)

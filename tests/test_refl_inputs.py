@@ -10,7 +10,7 @@ import torch
 
 from refl.cli import generate_main
 from refl.components import load_components, save_pipeline
-from refl.lora import LoraSettings, add_lora, save_lora
+from refl.lora import LoraConfig, add_lora, save_lora
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_lora_dir(tmp_path_factory):
     components = load_components("tiny")
-    add_lora(components, LoraSettings(rank=2, alpha=4.0))
+    add_lora(components, LoraConfig(rank=2, alpha=4.0))
     return save_lora(components, tmp_path_factory.mktemp("lora") / "lora")
 
 
@@ -96,7 +96,7 @@ def test_a_failed_checkpoint_write_names_the_folder_and_leaves_no_partial_copy(t
     out = tmp_path / "run"
     cfg = load_config(ReflConfig, None, [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast",
                                          "train.max_updates=2", "train.batch_size=1", "train.checkpoint_every=1",
-                                         "train.log_with=none", "refl.num_inference_steps=2", "refl.cut_range=[0,1]"])
+                                         "train.log_with=none", "step.num_inference_steps=2", "step.cut_range=[0,1]"])
     with pytest.raises(OSError, match=r"could not write .*update-000002: No space left on device"):
         train(cfg)
     assert [p.name for p in checkpoint_dirs(out)] == ["update-000001"]  # the earlier one stays whole
@@ -116,8 +116,8 @@ def test_the_last_checkpoint_is_written_before_the_last_validation(tmp_path, mon
     cfg = load_config(refl_train.ReflConfig, None, [
         f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", "train.max_updates=2",
         "train.batch_size=1", "train.checkpoint_every=2", "train.validate_every=2", "train.log_with=none",
-        "train.validation_prompts=[a cat]", "train.validation_steps=2", "refl.num_inference_steps=2",
-        "refl.cut_range=[0,1]"])
+        "train.validation_prompts=[a cat]", "train.validation_steps=2", "step.num_inference_steps=2",
+        "step.cut_range=[0,1]"])
     with pytest.raises(RuntimeError, match="a bug in a judge"):
         refl_train.train(cfg)
     (last,) = checkpoint_dirs(out)

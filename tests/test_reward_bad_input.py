@@ -17,8 +17,9 @@ import torch
 from PIL import Image, ImageFile
 
 import reward
+from reward.config import RewardConfig
 from reward.data import DataError, PairDataset, PairShards, check_pairs, collate_pairs, load_pairs
-from reward.train import RewardExperiment, train
+from reward.train import train
 from runkit.config import load_config
 
 
@@ -171,8 +172,8 @@ def test_training_on_impossible_labels_stops_before_the_first_update(tmp_path):
     rows = [_row(f"p {i}", _rgb_png((i, 0, 0)), _rgb_png((0, i, 1))) for i in range(8)]
     rows[5]["label_0"], rows[5]["label_1"] = 2.0, -1.0
     path = _pickapic(tmp_path / "pairs.parquet", rows)
-    cfg = load_config(RewardExperiment, None, [
-        "critic.model_name=tiny-clip", f"data.train={path}", "data.val_fraction=0", "loss.name=pickscore",
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"data.train={path}", "data.val_fraction=0", "loss.name=pickscore",
         "train.batch_size=4", "train.max_updates=2", f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(DataError, match=r"pairs.parquet, row 5: label_0=2.0, label_1=-1.0"):
         train(cfg)
@@ -248,8 +249,8 @@ def test_datasets_image_cells_without_bytes_read_their_path_beside_the_file(tmp_
 
 # ----------------------------------------------------------------------------- held-out splits that hold nothing
 def _cfg(colour_pairs, val, out, *extra):
-    return load_config(RewardExperiment, None, [
-        "critic.model_name=tiny-clip", "critic.training_mode=all", f"data.train={colour_pairs['train']}",
+    return load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", "model.training_mode=all", f"data.train={colour_pairs['train']}",
         f"data.val={val}", "train.batch_size=32", "train.lr=1e-3", f"train.output_dir={out}", *extra])
 
 

@@ -114,10 +114,10 @@ def test_load_errors_are_clear(tmp_path):
 @pytest.mark.slow
 def test_paper_critic_architecture_builds_with_random_weights():
     """configs/reward_social_vitl14.yaml's model, without its weights: the exact ViT-L/14 slices."""
-    from reward.train import RewardExperiment
+    from reward.config import RewardConfig
     from runkit.config import load_config
 
-    cfg = load_config(RewardExperiment, "configs/reward_social_vitl14.yaml", ["critic.pretrained=null"])
+    cfg = load_config(RewardConfig, "configs/reward_social_vitl14.yaml", ["model.pretrained=null"])
     critic = create_critic(cfg.critic)
     names = {n for n, p in critic.clip.named_parameters() if p.requires_grad}
     assert _blocks(names, "visual.transformer.resblocks.") == [21, 22, 23]

@@ -12,18 +12,19 @@ import torch
 from safetensors.torch import load_file
 
 import reward
+from reward.config import RewardConfig
 from reward.data import load_pairs
 from reward.evaluate import evaluate_pairs
 from reward.model import CriticConfig, create_critic
-from reward.train import RewardExperiment, train
+from reward.train import train
 from runkit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(colour_pairs, out, *extra):
-    return load_config(RewardExperiment, None, [
-        "critic.model_name=tiny-clip", "critic.training_mode=all",
+    return load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", "model.training_mode=all",
         f"data.train={colour_pairs['train']}", f"data.val={colour_pairs['val']}",
         "train.lr=2e-3", "train.batch_size=32", "train.log_every=2", f"train.output_dir={out}", *extra,
     ])
@@ -76,8 +77,10 @@ def test_script_reports_bad_config_key(tmp_path):
 
 
 def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
-    # accelerate's multi-process launcher; with ACCELERATE_USE_CPU each process is a gloo DDP rank.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    # accelerate's multi-process launcher; with ACCELERATE_USE_CPU each process is a gloo DDP rank. The ranks
+    # import the checkout under test (PYTHONPATH), as the ReFL multi-process tests do, not an installed copy.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "true"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -85,7 +88,7 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port),
            str(ROOT / "tests/helpers/ddp_train_reward.py"), str(tmp_path),
-           "critic.model_name=tiny-clip", "critic.training_mode=visual_upper_layers_textual_upper_layers",
+           "model.model_name=tiny-clip", "model.training_mode=visual_upper_layers_textual_upper_layers",
            f"data.train={colour_pairs['train']}", f"data.val={colour_pairs['val']}", "loss.name=pairwise",
            "train.max_updates=4", "train.batch_size=16", "train.lr=1e-3", "train.calibrate=false",
            f"train.output_dir={tmp_path / 'run'}"]
@@ -119,8 +122,8 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
     bad = next(i for i in range(120) if not prompt_in_val(f"prompt {i}", 0.25))
     rows[bad]["jpg_0"] = b"truncated"  # met in the training share: skipped and counted
     write_shards(tmp_path / "data", rows, n_shards=3, row_group=10)
-    cfg = load_config(RewardExperiment, None, [
-        "critic.model_name=tiny-clip", f"critic.pretrained={tmp_path / 'start'}", f"data.train={tmp_path / 'data'}",
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"model.pretrained={tmp_path / 'start'}", f"data.train={tmp_path / 'data'}",
         "data.val_fraction=0.25", "data.num_workers=1", "data.on_bad_row=skip", "loss.name=pickscore",
         "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
         "train.lr=1e-3", f"train.output_dir={tmp_path / 'run'}"])
@@ -167,11 +170,11 @@ def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
         rows = [{"caption": f"a picture number {k}-{i}", "jpg_0": jpeg(320, 256), "jpg_1": jpeg(256, 384),
                  "label_0": float(i % 2), "label_1": float(1 - i % 2)} for i in range(12)]
         pq.write_table(pa.Table.from_pylist(rows), data / f"train-{k:05d}-of-00002.parquet", row_group_size=4)
-    cfg = load_config(RewardExperiment, ROOT / "configs/reward_social_vitl14.yaml", [
-        "critic.pretrained=null", f"data.train={data}", "data.val=", "data.val_fraction=0.25",
+    cfg = load_config(RewardConfig, ROOT / "configs/reward_social_vitl14.yaml", [
+        "model.pretrained=null", f"data.train={data}", "data.val=", "data.val_fraction=0.25",
         "data.num_workers=2", "train.batch_size=2", "train.max_updates=2", "train.gradient_checkpointing=true",
         f"train.output_dir={tmp_path / 'run'}"])
-    assert cfg.critic.model_name == "ViT-L-14" and cfg.train.mixed_precision == "bf16"
+    assert cfg.model.model_name == "ViT-L-14" and cfg.train.mixed_precision == "bf16"
     result = train(cfg)
     assert result["update"] == 2 and result["bad_rows_skipped"] == 0
     critic = result["critic"]

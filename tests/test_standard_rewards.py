@@ -550,7 +550,7 @@ def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_p
     out = tmp_path / "run"
     overrides = [f"train.output_dir={out}", "model.name=tiny", "train.max_updates=2", "train.batch_size=2",
                  "train.gradient_accumulation=1", "train.lr=1e-2", "train.checkpoint_every=0", "train.log_with=none",
-                 "train.validation_prompts=[]", "refl.num_inference_steps=3", "refl.cut_range=[1,2]",
+                 "train.validation_prompts=[]", "step.num_inference_steps=3", "step.cut_range=[1,2]",
                  "train.mixed_precision=bf16", "reward.kind=mix", "reward.critic=tiny-clip",
                  "reward.mix={critic: 1.0, hpsv2: 0.5}", f"reward.standard.hpsv2={hps_arg}"]
     cfg = load_config(ReflConfig, None, overrides)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from toyworld.checker import check, prompt_fidelity, read_image
-from toyworld.community import CommunityConfig, build_pairs, build_pairs_with_stats
+from toyworld.community import BehaviourConfig, build_pairs, build_pairs_with_stats
 from toyworld.datasets import render_dataset
 from toyworld.oracle import TERMS, oracle_score, oracle_terms
 from toyworld.render import Look, draw_look, render, render_candidates
@@ -142,7 +142,7 @@ def _small_world(seed: int = 0, n_prompts: int = 8, n: int = 6) -> dict:
 
 def test_community_pairs_are_reproducible_from_the_seed(tmp_path):
     world = _small_world()
-    cfg = CommunityConfig(prompts_per_user=4)
+    cfg = BehaviourConfig(prompts_per_user=4)
     a = build_pairs(world, n_users=12, seed=7, out_dir=tmp_path / "a", config=cfg)
     b = build_pairs(world, n_users=12, seed=7, out_dir=tmp_path / "b", config=cfg)
     c = build_pairs(world, n_users=12, seed=8, out_dir=tmp_path / "c", config=cfg)
@@ -233,7 +233,7 @@ def test_community_accepts_paths_and_arrays(tmp_path):
             im.save(img_dir / f"{k}_{j}.png")
             as_paths[p].append(str(img_dir / f"{k}_{j}.png"))
         as_arrays[p] = np.stack([np.asarray(im) for im in imgs])  # (n, 32, 32, 3)
-    cfg = CommunityConfig(prompts_per_user=4)
+    cfg = BehaviourConfig(prompts_per_user=4)
     by_path = pd.read_parquet(build_pairs(as_paths, 10, 3, tmp_path / "p", cfg))
     by_array = pd.read_parquet(build_pairs(as_arrays, 10, 3, tmp_path / "q", cfg))
     assert len(by_path) == len(by_array) > 0  # same pixels, same seed -> same choices

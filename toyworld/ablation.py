@@ -24,12 +24,12 @@ from evaluation.arms import arm_name
 from toyworld.variants import interval_cell, markdown_table, open_demo, run_variants
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
-    "no regulariser": ["refl.refl.reg_weight=0"],
+    "no regulariser": ["refl.step.reg_weight=0"],
     "denoising on base samples": [],
     "denoising on renders": ["reg_renders=512"],
-    "KL to base": ["refl.refl.reg_weight=0", "refl.refl.kl_weight=10"],
-    "denoising + KL": ["refl.refl.kl_weight=10"],
-    "regulariser only (no reward)": ["refl.refl.grad_scale=0"],
+    "KL to base": ["refl.step.reg_weight=0", "refl.step.kl_weight=10"],
+    "denoising + KL": ["refl.step.kl_weight=10"],
+    "regulariser only (no reward)": ["refl.step.grad_scale=0"],
 }
 
 

@@ -61,7 +61,7 @@ def make_pairs_main(argv: list[str] | None = None) -> int:
     summary with the pair counts and how often the hidden taste (the oracle) agrees with each pair.
 
         social-refl-make-toy-pairs --set output_dir=runs/toy_pairs
-        social-refl-make-toy-pairs --set n_train_prompts=200 --set community.judgement_noise=0.1
+        social-refl-make-toy-pairs --set n_train_prompts=200 --set behaviour.judgement_noise=0.1
     """
     from runkit.logs import setup_logging as setup
     from toyworld.community import ToyPairsConfig, make_toy_pairs
@@ -131,7 +131,7 @@ def ablation_main(argv: list[str] | None = None) -> int:
     Writes <demo>/ablation/ablation.json and ablation.md and prints the table. Finished variants are reused.
 
         social-refl-ablation --demo runs/demo                 # the regulariser study (~20 min, 2 cores)
-        social-refl-ablation --demo runs/demo --variant "kl 1: refl.refl.kl_weight=1" \\
+        social-refl-ablation --demo runs/demo --variant "kl 1: refl.step.kl_weight=1" \\
             --variant "longer: refl.train.max_updates=240"
     """
     from toyworld.ablation import ablation_markdown, run_ablation
@@ -189,7 +189,7 @@ def critic_ceiling_main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the critic's training config, e.g. --set critic.training_mode=all")
+                        help="override the critic's training config, e.g. --set model.training_mode=all")
     args = parser.parse_args(argv)
     setup_logging()
     print(json.dumps(critic_ceiling(Path(args.demo), args.overrides), indent=2))

@@ -20,7 +20,6 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -41,7 +40,9 @@ SUMMARY_FILE = "pairs_summary.json"
 
 
 @dataclass
-class CommunityConfig:
+class BehaviourConfig:
+    """How the simulated users browse, judge and remix."""
+
     # Exposure matters: the looks per prompt (n_users * prompts_per_user * shown / n_prompts / images
     # per prompt) set how noisy the pairs are. With ~3 looks per image (make_toy_pairs' default)
     # the oracle agrees with about 80% of pairs; much denser exposure leaves only the worst images
@@ -91,7 +92,7 @@ def _as_uint8(item) -> np.ndarray:
 
 
 def build_pairs(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: int, out_dir: str | os.PathLike,
-                config: CommunityConfig | None = None) -> Path:
+                config: BehaviourConfig | None = None) -> Path:
     """Simulate the community on these images and write `out_dir/pairs.parquet` (+ PNGs); returns its path.
 
     `images_by_prompt`: prompt -> its images (file paths, PIL images, or (H, W, 3) arrays; an (n, H, W, 3)
@@ -102,12 +103,12 @@ def build_pairs(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: in
 
 
 def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: int, seed: int,
-                           out_dir: str | os.PathLike, config: CommunityConfig | None = None) -> PairsResult:
+                           out_dir: str | os.PathLike, config: BehaviourConfig | None = None) -> PairsResult:
     """`build_pairs`, returning the counts and the oracle agreement too (also written as pairs_summary.json).
 
     Measure every image once, let the users browse and remix, then pair remixed with seen-but-not-remixed
     images; the last two steps draw from one generator in that order, so a seed fixes the pairs."""
-    cfg = config or CommunityConfig()
+    cfg = config or BehaviourConfig()
     if n_users < 1:
         raise ValueError(f"n_users must be >= 1, got {n_users}")
     out_dir = Path(out_dir)
@@ -189,7 +190,7 @@ def _shared_weights() -> np.ndarray:
 
 
 def _browse_and_remix(terms: np.ndarray, items: list[list], starts: np.ndarray, n_users: int,
-                      cfg: CommunityConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                      cfg: BehaviourConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Each user, with their own weights on the shared taste, browses prompts and remixes the favourite
     of the images shown (noisy judgement). Returns per image how often it was seen and remixed, (I,) each."""
     shared = _shared_weights()  # (T,)
@@ -304,9 +305,7 @@ class ToyPairsConfig:
     seed: int = 0
     split_seed: int = 0  # the train / held-out prompt split (toyworld.world.split_prompts)
     size: int = 32  # image side in pixels
-    community: CommunityConfig = field(default_factory=CommunityConfig)
-
-    RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)  # how the users browse, judge, remix
 
 
 def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
@@ -321,6 +320,6 @@ def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
                   for p in tqdm(chosen, desc=f"render {split}", leave=False)}
         n_users = max(1, round(cfg.users_per_prompt * len(chosen)))
         result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset, Path(cfg.output_dir) / split,
-                                        cfg.community)
+                                        cfg.behaviour)
         summary[split] = result.summary()
     return summary

@@ -23,7 +23,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -70,8 +69,6 @@ class PretrainClipConfig:
     seed: int = 0  # renders, initial weights and batch order
     n_eval_images: int = 1000  # held-out renders for the zero-shot probes
     output_dir: str = "toyworld/assets/toy-clip"  # where the fp16 critic checkpoint is written
-
-    RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
 
 def hard_negative_prompts(rng: np.random.Generator, pool: list[str], batch_size: int,

@@ -14,7 +14,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -68,8 +67,6 @@ class PretrainSDConfig:
     # "cpu", "cuda", or "" for cuda when available. Random draws come from CPU generators either way, so
     # a GPU run sees the same batches, noise and timesteps (it runs more steps in the same minutes).
     device: str = ""
-
-    RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:

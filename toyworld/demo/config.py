@@ -5,38 +5,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
 
 from evaluation.config import CompareConfig
-from refl.config import ReflConfig
-from refl.config import TrainConfig as ReflTrainConfig
+from refl.config import ReflConfig, ReflTrainConfig
 from refl.step import StepConfig
+from reward.config import CriticDataConfig, CriticTrainConfig, RewardConfig
 from reward.model import CriticConfig
-from reward.train import DataConfig as RewardDataConfig
-from reward.train import RewardExperiment
-from reward.train import TrainConfig as RewardTrainConfig
 from runkit.config import ConfigError
-from toyworld.community import CommunityConfig
+from toyworld.community import BehaviourConfig
 
 # The shipped toy SD and toy CLIP.
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def _demo_critic() -> RewardExperiment:
+def _demo_critic() -> RewardConfig:
     # Trains only the upper vision blocks: on ~2k community pairs that agree ~65% with the taste, training
     # the text tower too (the paper's mode) fitted the training prompts and, in exploratory runs, lost ~5
-    # points against the oracle on held-out prompts (try it: --set critic.critic.training_mode=all).
-    return RewardExperiment(
-        critic=CriticConfig(model_name="toy-clip", training_mode="visual_upper_layers"),
-        data=RewardDataConfig(val_fraction=0.1),
-        train=RewardTrainConfig(epochs=3, batch_size=32, lr=1e-4, lr_schedule="cosine", warmup_updates=10))
+    # points against the oracle on held-out prompts (try it: --set critic.model.training_mode=all).
+    return RewardConfig(
+        model=CriticConfig(model_name="toy-clip", training_mode="visual_upper_layers"),
+        data=CriticDataConfig(val_fraction=0.1),
+        train=CriticTrainConfig(epochs=3, batch_size=32, lr=1e-4, lr_schedule="cosine", warmup_updates=10))
 
 
 def _demo_refl() -> ReflConfig:
     return ReflConfig(
         # grad_scale 1 (not ImageReward's 1e-3 next to a full-UNet lr of 1e-5): Adam normalises the overall
         # scale, so what matters here is the reward's balance with the regulariser.
-        refl=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0, grad_scale=1.0,
+        step=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0, grad_scale=1.0,
                         # The toy SD needs guidance for prompt fidelity and every image the demo evaluates is
                         # guided, so the LoRA is trained on guided trajectories too.
                         guidance_scale=4.0),
@@ -52,7 +48,7 @@ def _demo_compare() -> CompareConfig:
 
 
 @dataclass
-class CommunitySettings:
+class CommunityStageConfig:
     # Training prompts shown to the community.
     prompts: int = 240
     # Base-model images generated per prompt (the community's feed, and per held-out prompt).
@@ -61,12 +57,12 @@ class CommunitySettings:
     users: int = 60
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
     oracle_pair_prompts: int = 32
-    # How the simulated users browse, judge and remix (toyworld.community.CommunityConfig). Calibrated to
+    # How the simulated users browse, judge and remix (toyworld.community.BehaviourConfig). Calibrated to
     # community.REALISM before any method ran on the second-edition base model: the samples of one prompt
     # differ by a few hundredths of an oracle point, so at the default judgement noise (0.15) the pairs
     # agreed with the oracle 57.9% of the time (0.10: 60.6%); 0.05 is the first step of 0.05 that met the
     # criteria (67.3%, every varying term carried).
-    behaviour: CommunityConfig = field(default_factory=lambda: CommunityConfig(judgement_noise=0.05))
+    behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(judgement_noise=0.05))
 
 
 @dataclass
@@ -99,23 +95,10 @@ class DemoConfig:
     # Denoising-regulariser data: this many renders of training prompts (the world's own pre-training data,
     # as ImageReward uses its pre-training set); 0 = base-model samples (refl.data.reg_images unset).
     reg_renders: int = 0
-    community: CommunitySettings = field(default_factory=CommunitySettings)
-    critic: RewardExperiment = field(default_factory=_demo_critic)  # reward/ trainer config
+    community: CommunityStageConfig = field(default_factory=CommunityStageConfig)
+    critic: RewardConfig = field(default_factory=_demo_critic)  # reward/ trainer config
     refl: ReflConfig = field(default_factory=_demo_refl)  # refl/ trainer config
     compare: CompareConfig = field(default_factory=_demo_compare)  # the best-of-N harness config
-
-    RENAMED: ClassVar[dict[str, str]] = {
-        "community_prompts": "community.prompts", "images_per_prompt": "community.images_per_prompt",
-        "n_users": "community.users", "oracle_pair_prompts": "community.oracle_pair_prompts",
-        "critic_epochs": "critic.train.epochs", "critic_batch": "critic.train.batch_size",
-        "critic_lr": "critic.train.lr", "critic_training_mode": "critic.critic.training_mode",
-        "refl_method": "refl.refl.method", "refl_updates": "refl.train.max_updates",
-        "refl_batch": "refl.train.batch_size", "refl_lr": "refl.train.lr", "refl_steps": "refl.refl.num_inference_steps",
-        "refl_cut_range": "refl.refl.cut_range", "refl_reg_weight": "refl.refl.reg_weight",
-        "refl_reg_renders": "reg_renders", "refl_kl_weight": "refl.refl.kl_weight",
-        "refl_grad_scale": "refl.refl.grad_scale", "refl_guidance_scale": "refl.refl.guidance_scale",
-        "best_of": "compare.n_samples",
-    }
 
     def __post_init__(self):
         defaults = {"critic": _demo_critic(), "refl": _demo_refl(), "compare": _demo_compare()}
@@ -128,14 +111,12 @@ class DemoConfig:
 
 # Fields of the stage configs the demo sets from its own keys and from the stages before.
 FILLED_BY_DEMO = {
-    "critic": ["critic.pretrained", "data.train", "train.output_dir"],
+    "critic": ["model.pretrained", "data.train", "train.output_dir"],
     "refl": ["model.name", "reward.critic", "data.prompts_file", "data.reg_images", "data.reg_pool_size",
              "train.output_dir", "train.validation_steps", "train.validation_guidance", "train.validation_prompts"],
     "compare": ["model.name", "lora", "prompts", "num_inference_steps", "guidance_scale", "selector", "evaluators",
                 "output_dir"],
 }
-
-
 FILLED_BY_DEMO_WHY = {
     "critic": "clip_model, the community's pairs, output_dir/critic",
     "refl": "sd_model, the trained critic(s), the training prompts, reg_renders, output_dir/refl, sample_steps, "
@@ -155,14 +136,14 @@ QUICK = {
     "community.prompts": 48, "community.images_per_prompt": 6, "community.users": 20,
     "community.oracle_pair_prompts": 12, "critic.train.epochs": 2, "refl.train.max_updates": 6,
     "refl.train.batch_size": 4, "refl.train.validate_every": 2, "refl.train.checkpoint_every": 2,
-    "refl.refl.num_inference_steps": 10, "refl.refl.cut_range": [6, 9], "sample_steps": 10, "compare_prompts": 4,
+    "refl.step.num_inference_steps": 10, "refl.step.cut_range": [6, 9], "sample_steps": 10, "compare_prompts": 4,
     "compare.refl_samples": 0, "compare.n_samples": 8, "compare.batch_size": 8, "validation_prompts": 4,
 }
 
 
-def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardExperiment:
+def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardConfig:
     """The demo's critic config with the fields the demo fills."""
-    return replace(cfg.critic, critic=replace(cfg.critic.critic, pretrained=cfg.clip_model),
+    return replace(cfg.critic, model=replace(cfg.critic.model, pretrained=cfg.clip_model),
                    data=replace(cfg.critic.data, train=str(pairs)),
                    train=replace(cfg.critic.train, output_dir=str(out)))
 

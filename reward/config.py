@@ -1,0 +1,91 @@
+"""The critic trainer's experiment config: `model` (which CLIP, from which weights, which layers train),
+`data` (the preference pairs), `loss` and `train`.
+
+`train` is the shared training vocabulary (runkit.config.TrainSettings) with the critic's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reward.losses import LOSSES
+from reward.model import CriticConfig
+from runkit.config import TrainSettings
+
+
+@dataclass
+class CriticDataConfig:
+    # Training pairs in one of the formats of reward.data (reward/data/formats.py): a parquet / csv / json(l) file, a folder
+    # or glob of parquet / arrow shards (e.g. a Pick-a-Pic v2 download's data/train-*.parquet), or a
+    # `datasets` save_to_disk folder. Streamed: rows are read a row group at a time.
+    train: str = ""
+    # Held-out pairs (same kinds of source); empty = hold out `val_fraction` of the training prompts.
+    val: str = ""
+    # Fraction of prompts (not pairs) held out when `val` is empty, chosen by a hash of the prompt.
+    val_fraction: float = 0.1
+    # social | pickapic | ranked | auto (detected from the columns).
+    fmt: str = "auto"
+    # keep | drop | half | auto (keep ties if the loss handles them, else drop).
+    tie_policy: str = "auto"
+    # error = stop at the first bad row; skip = drop bad rows and log how many and which. Labels, prompts and
+    # image paths are checked for every row before training (no image decoded); images when they are read.
+    on_bad_row: str = "error"
+    # Decode every training image once before training so a corrupt file fails now, not mid-run
+    # (one full pass over the data; at scale run scripts/check_pairs.py once instead). Bad rows met
+    # while training are caught either way (error, or skipped and counted).
+    check_images: bool = False
+    # DataLoader worker processes per process; images are decoded and resized in them.
+    num_workers: int = 0
+    # Row groups mixed together by the shuffle (per process). Each worker holds up to this many
+    # row groups (+1) in memory: memory ~ num_workers x this x row-group size.
+    shuffle_row_groups: int = 4
+
+
+@dataclass
+class LossConfig:
+    # triplet (Social Reward) | pairwise (Bradley-Terry) | pickscore (2-way softmax, soft labels).
+    name: str = "triplet"
+    # Triplet margin on squared distances of unit vectors.
+    margin: float = 0.3
+    # Initial logit scale of the pairwise loss (learned).
+    init_logit_scale: float = 10.0
+    # Fixed logit scale of the pickscore loss (CLIP's temperature).
+    pickscore_logit_scale: float = 100.0
+
+
+@dataclass
+class CriticTrainConfig(TrainSettings):
+    """The shared training vocabulary (runkit.config.TrainSettings) with the critic's defaults."""
+
+    # Run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, critic/ (the final critic), metrics.json.
+    output_dir: str = "runs/reward"
+    # Optimizer updates to stop after (global); 0 = run all `epochs`.
+    max_updates: int = 0
+    # Pairs per process per micro-batch.
+    batch_size: int = 32
+    # AdamW learning rate (Social Reward's script: 3e-5).
+    lr: float = 3e-5
+    # Clip the global grad norm to this; 0 = no clipping (as in the paper).
+    max_grad_norm: float = 0.0
+    # Recompute the open_clip towers' blocks in the backward pass: less activation memory, ~1/3 more
+    # compute. For large critics (ViT-L-14 at 224 px) and large batches.
+    gradient_checkpointing: bool = False
+    # Passes over the training pairs.
+    epochs: int = 10
+    # After training, fit the affine score calibration on the held-out images (mean 0, std 1).
+    calibrate: bool = True
+
+
+@dataclass
+class RewardConfig:
+    model: CriticConfig = field(default_factory=CriticConfig)  # which CLIP, from what, which layers train
+    data: CriticDataConfig = field(default_factory=CriticDataConfig)  # the preference pairs
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: CriticTrainConfig = field(default_factory=CriticTrainConfig)  # optimisation, logging, checkpoints
+
+    def __post_init__(self):
+        if self.loss.name not in LOSSES:
+            raise ValueError(f"loss.name={self.loss.name!r}; choose one of {', '.join(LOSSES)}")
+        self.train.check()
+        if self.data.shuffle_row_groups < 1:
+            raise ValueError("data.shuffle_row_groups must be >= 1")
