@@ -75,6 +75,22 @@ def make_pairs_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _pretrain(argv, doc: str, config_cls, run, threads: int, threads_help: str) -> dict:
+    """The two pre-training commands: a config, the torch CPU thread count, the run; returns its report."""
+    import torch
+
+    from runkit.logs import setup_logging as setup
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, resume=False)
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    args = parser.parse_args(argv)
+    setup()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run(load_config(config_cls, args.config, args.overrides))
+
+
 @command
 def pretrain_sd_main(argv: list[str] | None = None) -> int:
     """Pre-train the toy world's tiny Stable Diffusion and save it as a diffusers directory (see
@@ -82,20 +98,10 @@ def pretrain_sd_main(argv: list[str] | None = None) -> int:
 
         social-refl-pretrain-toy-sd --set output_dir=toyworld/assets/toy-sd
     """
-    import torch
-
-    from runkit.logs import setup_logging as setup
     from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 
-    parser = argparse.ArgumentParser(description=pretrain_sd_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, resume=False)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    args = parser.parse_args(argv)
-    setup()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = pretrain_toy_sd(load_config(PretrainSDConfig, args.config, args.overrides))
+    report = _pretrain(argv, pretrain_sd_main.__doc__, PretrainSDConfig, pretrain_toy_sd, 0,
+                       "torch CPU threads (0 = torch's default)")
     print(json.dumps(report, indent=2))
     return 0
 
@@ -107,19 +113,10 @@ def pretrain_clip_main(argv: list[str] | None = None) -> int:
         social-refl-pretrain-toy-clip                     # reproduces the shipped asset
         social-refl-pretrain-toy-clip --set steps=100 --set output_dir=runs/clip-smoke
     """
-    import torch
-
-    from runkit.logs import setup_logging as setup
     from toyworld.pretrain_clip import PretrainClipConfig, pretrain_toy_clip
 
-    parser = argparse.ArgumentParser(description=pretrain_clip_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, resume=False)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
-    args = parser.parse_args(argv)
-    setup()
-    torch.set_num_threads(args.threads)
-    report = pretrain_toy_clip(load_config(PretrainClipConfig, args.config, args.overrides))
+    report = _pretrain(argv, pretrain_clip_main.__doc__, PretrainClipConfig, pretrain_toy_clip, 1,
+                       "torch CPU threads (1 keeps runs reproducible)")
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
     return 0
 
