@@ -86,6 +86,9 @@ class ReflTrainConfig(TrainSettings):
     log_every: int = 1
     # Sample the validation prompts every this many updates and at the end (0: only at the end).
     validate_every: int = 25
+    # Also validate before the first update (update 0, the base model: the LoRA starts as a no-op), so the
+    # curves start where the base stands and train.select_by can keep the base when no update beats it.
+    validate_at_start: bool = True
     # Save a resumable checkpoint every this many updates and at the end (0: only at the end).
     checkpoint_every: int = 50
     # Fixed validation prompts shown in the image grid; empty = no validation.

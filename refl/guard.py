@@ -69,12 +69,14 @@ def pixel_diversity(images: torch.Tensor, per_prompt: int) -> float | None:
 
 
 def count_validations(t: ReflTrainConfig) -> int:
-    """How many validations a run from update 0 makes (every validate_every updates and at the end)."""
+    """How many validations a run from update 0 makes (at update 0 if validate_at_start, every validate_every
+    updates and at the end)."""
     if not t.validation_prompts:
         return 0
+    start = int(t.validate_at_start)
     if t.validate_every <= 0:
-        return 1
-    return t.max_updates // t.validate_every + (1 if t.max_updates % t.validate_every else 0)
+        return start + 1
+    return start + t.max_updates // t.validate_every + (1 if t.max_updates % t.validate_every else 0)
 
 
 def warn_if_too_few_validations(t: ReflTrainConfig) -> None:

@@ -55,9 +55,9 @@ class TrainState:
     prev_reward: float | None = None
     # The update the run stopped at because the judge dropped stop_after_drops times (None: it did not).
     stopped_early_at: int | None = None
-    # The last update whose validation ran. An update's checkpoint is written before its validation (a crash
-    # there loses no training), so a run resumed from it validates that update first.
-    validated: int = 0
+    # The last update whose validation ran (-1: none yet). An update's checkpoint is written before its
+    # validation (a crash there loses no training), so a run resumed from it validates that update first.
+    validated: int = -1
 
 
 class LoraCheckpointState:
@@ -214,8 +214,8 @@ def _save(accelerator, out: Path, state: TrainState, t: ReflTrainConfig, compone
 
 
 def _validation_pending(t: ReflTrainConfig, state: TrainState) -> bool:
-    return (bool(t.validation_prompts) and state.update > 0 and state.validated < state.update
-            and _due(t.validate_every, state.update, t.max_updates))
+    due = t.validate_at_start if state.update == 0 else _due(t.validate_every, state.update, t.max_updates)
+    return bool(t.validation_prompts) and state.validated < state.update and due
 
 
 def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, state: TrainState,

@@ -52,7 +52,37 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     assert json.loads((quick_demo / "refl" / "result.json").read_text())["lora"] == "lora"
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.
     saved = (quick_demo / "demo_config.yaml").read_text()
-    assert "images_per_prompt" in saved and "gradient_accumulation" in saved  # the stage configs, nested
+    assert "feed_guidance" in saved and "gradient_accumulation" in saved  # the stage configs, nested
+
+
+def test_quick_demo_measures_what_limits_the_critic_and_the_overoptimisation(quick_demo):
+    from toyworld.demo.config import QUICK
+
+    demo = json.loads((quick_demo / "results.json").read_text())["demo"]
+    page = (quick_demo / "report.html").read_text()
+    crit = demo["critic"]
+    # The learning curve: each fraction of the pairs, then all of them (the demo's own critic).
+    curve = crit["learning_curve"]
+    assert [c["fraction"] for c in curve] == QUICK["critic_curve"] + [1.0]
+    assert curve[-1]["accuracy_vs_oracle"] == crit["accuracy_vs_oracle"]
+    assert curve[0]["n_pairs"] == round(QUICK["critic_curve"][0] * curve[-1]["n_pairs"])
+    # Gap bins partition the held-out pairs, for the critic, zero-shot and the ceiling alike.
+    n = crit["accuracy_vs_oracle"]["n_pairs"]
+    for report in (crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"], crit["ceiling"]["accuracy_vs_oracle"]):
+        assert sum(b["n_pairs"] for b in report["by_gap"]) == n
+    assert crit["ceiling"]["n_pairs"] > 0 and "What limits the critic" in page
+    assert set(crit["realism"]) >= {"reaches_accuracy", "interval_above_zero_shot", "realistic"}
+    # The feed: one summary entry per distinct guidance scale, each with its share of the images.
+    feed = demo["community"]["feed"]
+    guidance = QUICK["community.feed_guidance"]
+    assert {float(g) for g in feed} == set(guidance)
+    assert sum(v["images"] for v in feed.values()) == demo["community"]["community"]["n_images"]
+    # Validation from update 0, the oracle's peak and every guard's pick on that curve.
+    over = demo["overoptimisation"]
+    assert over["picks"]["no guard (last update)"]["update"] == QUICK["refl.train.max_updates"]
+    assert over["oracle_peak"]["oracle"] >= max(p["oracle"] for p in over["picks"].values())
+    assert "sweep rule" in over["picks"] and (quick_demo / "overoptimisation.png").is_file()
+    assert "Over-optimisation" in page
     assert "n_samples" in (quick_demo / "config.yaml").read_text()
 
 

@@ -21,13 +21,14 @@ VALIDATION_PROMPTS = "train.validation_prompts=[a red square, a green circle]"
 
 
 def _overrides(out, updates: int) -> list[str]:
-    """A tiny ReFL run that validates (2 prompts x 2 images) and checkpoints after every update."""
+    """A tiny ReFL run that validates (2 prompts x 2 images) and checkpoints after every update (not before
+    the first: the scripted judges play one value per update; update 0 has its own test)."""
     return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", f"train.max_updates={updates}",
             "train.batch_size=1", "train.gradient_accumulation=1", "train.lr=1e-2", "train.log_with=none",
             "train.gradient_checkpointing=false", "train.validate_every=1", "train.checkpoint_every=1",
             "train.checkpoints_keep=0", "train.validation_steps=2", VALIDATION_PROMPTS,
             "train.validation_images_per_prompt=2", "step.num_inference_steps=3", "step.cut_range=[1,2]",
-            "step.grad_scale=1.0"]
+            "step.grad_scale=1.0", "train.validate_at_start=false"]
 
 
 def _config(out, updates: int, *extra: str):
@@ -121,6 +122,23 @@ def test_lora_best_is_the_update_the_heldout_judge_liked_best(tmp_path, scripted
     assert state["best_update"] == 3 and state["best_score"] == 0.9
 
 
+def test_validation_at_update_0_is_logged_and_can_keep_the_base(tmp_path, scripted):
+    """The base (update 0, the LoRA a no-op) is validated first; when no update beats it, lora_best is the base."""
+    from refl.train import train
+
+    scripted(Script([0.9, 0.5, 0.3]))
+    out = tmp_path / "run"
+    result = train(_config(out, 2, "train.select_by=scripted:judge", "train.validate_at_start=true"))
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/reward" in r]
+    assert [r["update"] for r in evals] == [0, 1, 2]
+    assert [r["eval/heldout/scripted:judge"] for r in evals] == [0.9, 0.5, 0.3]
+    assert (out / "samples" / "update-000000.png").is_file()
+    assert result["best_update"] == 0 and result["best_score"] == 0.9
+    up = [k for k in _lora(out / "lora_best") if k.endswith("lora.up.weight")]  # B of each adapter
+    assert up and all(_lora(out / "lora_best")[k].abs().sum() == 0 for k in up)  # the base: every B still zero
+    assert any(_lora(out / "lora")[k].abs().sum() > 0 for k in up)
+
+
 def test_drops_count_only_while_the_reward_rises():
     from refl import guard
     from refl.train import TrainState
@@ -203,8 +221,9 @@ def test_guard_config_errors_and_warnings(tmp_path, caplog):
         load_config(ReflConfig, None, ["train.stop_after_drops=2"])
     # A spec that ends in ':' is a YAML mapping unless quoted, as anywhere in --set.
     cfg = load_config(ReflConfig, None, ['train.select_by="oracle:"', 'train.heldout_evaluators=[clip:x, "oracle:"]',
-                                         "train.stop_after_drops=3", "train.max_updates=10", "train.validate_every=4"])
-    assert guard.judge_specs(cfg.train) == ["clip:x", "oracle:"] and guard.count_validations(cfg.train) == 3
+                                         "train.stop_after_drops=3", "train.max_updates=10", "train.validate_every=5"])
+    assert guard.judge_specs(cfg.train) == ["clip:x", "oracle:"]
+    assert guard.count_validations(cfg.train) == 3  # updates 0, 5, 10
     with caplog.at_level("WARNING", logger="refl.guard"):
         guard.warn_if_too_few_validations(cfg.train)
     assert "can never stop this run" in caplog.text

@@ -500,8 +500,9 @@ def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, met
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 2 and all(np.isfinite(r["train/loss"]) for r in train_rows)
     assert all(r["train/kl_loss"] >= 0 and np.isfinite(r["train/reg_loss"]) for r in train_rows)
-    assert [r["update"] for r in rows if "eval/reward" in r] == [1, 2]
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["update-000001.png", "update-000002.png"]
+    assert [r["update"] for r in rows if "eval/reward" in r] == [0, 1, 2]  # update 0: the base
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
+        "update-000000.png", "update-000001.png", "update-000002.png"]
     lora = _lora_file(tmp_path / "checkpoints" / "update-000002")
     assert all(v.dtype == torch.float32 for v in lora.values())
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B moved off its zero init

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from runkit.cli import command
 from runkit.config import add_config_args, load_config
@@ -173,21 +172,21 @@ def study_main(argv: list[str] | None = None) -> int:
 
 
 @command
-def critic_ceiling_main(argv: list[str] | None = None) -> int:
-    """How well can the critic learn the hidden taste at all? Re-labels a demo run's community images
-    with the oracle itself (no community noise), fine-tunes the same critic on those pairs, and scores it
-    against the oracle on the demo's held-out pairs. Prints JSON.
+def sweep_main(argv: list[str] | None = None) -> int:
+    """Choose the toy world's ReFL settings by the sweep rule (toyworld/sweep.py) on a demo's critic.
 
-        social-refl-critic-ceiling --demo runs/demo
+    Trains each setting of the grid with validation from update 0 on the demo's validation prompts, then
+    keeps the highest reward among updates that hold the zero-shot CLIP and prompt fidelity near the base.
+    Needs the demo's community and critic stages (`--until critic` is enough).
+
+        social-refl-refl-sweep --demo runs/demo
     """
-    from toyworld.ceiling import critic_ceiling
+    from toyworld.sweep import run_sweep, sweep_markdown
 
-    parser = argparse.ArgumentParser(description=critic_ceiling_main.__doc__,
+    parser = argparse.ArgumentParser(description=sweep_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the critic's training config, e.g. --set model.training_mode=all")
+    parser.add_argument("--demo", default="runs/demo", help="a demo output folder with a trained critic")
     args = parser.parse_args(argv)
     setup_logging()
-    print(json.dumps(critic_ceiling(Path(args.demo), args.overrides), indent=2))
+    print(sweep_markdown(run_sweep(args.demo)))
     return 0

@@ -23,8 +23,10 @@ import numpy as np
 
 from evaluation.arms import arm_name
 from evaluation.report import short_name
+from runkit.logs import read_metrics
 from toyworld.demo.analysis import arm_label, oracle_breakdown
 from toyworld.evaluators import JUDGE_LABELS
+from toyworld.overoptimisation import analyse
 from toyworld.variants import interval_cell, markdown_table, open_demo, run_variants
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -115,6 +117,9 @@ def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",
             per_seed[seed] = _judge_seed(run.results, oracle_breakdown(run.folder, run.results))
             if run.cfg.refl.train.select_by:
                 per_seed[seed]["selected_update"] = run.refl.get("best_update")
+            over = analyse(read_metrics(Path(run.refl["output_dir"]) / "metrics.jsonl"), demo.cfg.clip_model)
+            if over is not None:
+                per_seed[seed]["overoptimisation"] = over
         overrides = [o.replace("{clip_model}", demo.cfg.clip_model) for o in variants[name]]
         table[name] = {"overrides": overrides, "per_seed": per_seed, "across_seeds": _aggregate(per_seed)}
     results = next(iter(next(iter(runs.values())).values())).results
@@ -165,6 +170,28 @@ def overview_table(summary: dict) -> list[str]:
     return markdown_table(["variant", *(_judge(j, summary["selector"]) for j in judges)], rows)
 
 
+def guard_landing_table(summary: dict) -> list[str]:
+    """Per guard, on each variant's validation curves: the update it picks and its oracle minus the oracle's
+    peak, per seed (the guards read the run's own curve; only the study's evaluation sees the oracle)."""
+    seeds = summary["seeds"]
+    rows = []
+    for name, row in summary["variants"].items():
+        curves = {s: row["per_seed"][s].get("overoptimisation") for s in seeds}
+        if not all(curves.values()):
+            continue
+        rows.append([f"{name}: oracle peak"] + [f"update {c['oracle_peak']['update']}: {c['oracle_peak']['oracle']:.3f} "
+                                               f"({c['oracle_peak']['oracle'] - c['oracle_base']:+.3f} from base)"
+                                               for c in curves.values()])
+        for label in curves[seeds[0]]["picks"]:
+            rows.append([f"{name}: {label}"] + [f"update {c['picks'][label]['update']}: "
+                                                f"{c['picks'][label]['from_peak']:+.3f} from peak"
+                                                for c in curves.values()])
+    if not rows:
+        return []
+    return ["Where each guard lands on the validation curves (validation prompts, from update 0), per seed:", "",
+            *markdown_table(["curve and guard", *(f"seed {s}" for s in seeds)], rows), ""]
+
+
 def study_markdown(summary: dict) -> str:
     """The study as markdown: an overview of the variants (when there are several), then each variant's table."""
     seeds = summary["seeds"]
@@ -178,4 +205,5 @@ def study_markdown(summary: dict) -> str:
         if len(summary["variants"]) > 1:
             lines += [f"### {name}" + (f" (`{' '.join(row['overrides'])}`)" if row["overrides"] else ""), ""]
         lines += variant_table(summary, row) + [""]
+    lines += guard_landing_table(summary)
     return "\n".join(lines)

@@ -47,21 +47,30 @@ def _demo_compare() -> CompareConfig:
     return CompareConfig(n_samples=64, refl_samples=16, batch_size=64, seed=7, report_image_px=160)
 
 
+# The community's feed: one image per entry per training prompt, drawn at that guidance scale. Real feeds mix
+# settings and models (DiffusionDB records every user's own CFG, spread over roughly 1-20 around SD's default
+# 7.5; Pick-a-Pic draws from several models and guidance scales), and the toy SD's samples agree with each other
+# from CFG 4 up, so the feed spans the toy model's range: loose samples at 1.5-2, the demo's 4, strict 6.
+FEED_GUIDANCE = [1.5, 2.0, 3.0, 4.0, 6.0, 1.5, 2.0, 4.0]
+
+
 @dataclass
 class CommunityStageConfig:
     # Training prompts shown to the community.
     prompts: int = 240
-    # Base-model images generated per prompt (the community's feed, and per held-out prompt).
-    images_per_prompt: int = 8
+    # The feed: the guidance scale of each image drawn per training prompt (its length is the images per
+    # prompt); sampler steps are the demo's sample_steps. ReFL, validation and the comparison keep the
+    # demo's own guidance_scale.
+    feed_guidance: list[float] = field(default_factory=lambda: list(FEED_GUIDANCE))
     # Simulated users.
     users: int = 60
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
     oracle_pair_prompts: int = 32
-    # How the simulated users browse, judge and remix (toyworld.community.BehaviourConfig). Calibrated to
-    # community.REALISM before any method ran on the second-edition base model: the samples of one prompt
-    # differ by a few hundredths of an oracle point, so at the default judgement noise (0.15) the pairs
-    # agreed with the oracle 57.9% of the time (0.10: 60.6%); 0.05 is the first step of 0.05 that met the
-    # criteria (67.3%, every varying term carried).
+    # Images per held-out prompt, drawn as the demo samples (sample_steps, guidance_scale): the pairs a critic
+    # is measured on are pairs of the base model's samples at the settings ReFL and the comparison use.
+    oracle_pair_images: int = 8
+    # How the simulated users browse, judge and remix (toyworld.community.BehaviourConfig), calibrated to
+    # community.REALISM on this feed before any ReFL ran on it (README, "the third edition").
     behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(judgement_noise=0.05))
 
 
@@ -88,6 +97,12 @@ class DemoConfig:
     # critic.train.seed + 1, ...) and ReFL's reward is their ensemble (mean - refl.reward.ensemble_penalty x
     # std). The selector of best-of-N stays the first critic.
     critic_members: int = 1
+    # The critic's learning curve: the demo's critic trained again on these fractions of the community's pairs
+    # (nested random subsets) and measured like it; [] = none. Shows whether more pairs would still help.
+    critic_curve: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
+    # Train the critic's ceiling too: the same recipe on oracle-ordered pairs of the community's own feed (no
+    # community noise), measured on the same held-out pairs.
+    critic_ceiling: bool = True
     # Held-out validation prompts for ReFL's judges (refl.train.heldout_evaluators, default: the zero-shot
     # CLIP, the oracle and prompt fidelity): the last ones of the held-out split, apart from those that
     # measure the critic and the comparison, so selecting by a judge never sees the evaluation's prompts.
@@ -133,8 +148,8 @@ def _get(obj, dotted: str):
 
 
 QUICK = {
-    "community.prompts": 48, "community.images_per_prompt": 6, "community.users": 20,
-    "community.oracle_pair_prompts": 12, "critic.train.epochs": 2, "refl.train.max_updates": 6,
+    "community.prompts": 48, "community.feed_guidance": [1.5, 2.0, 4.0, 6.0, 1.5, 4.0], "community.users": 20,
+    "community.oracle_pair_prompts": 12, "community.oracle_pair_images": 6, "critic_curve": [0.5], "critic.train.epochs": 2, "refl.train.max_updates": 6,
     "refl.train.batch_size": 4, "refl.train.validate_every": 2, "refl.train.checkpoint_every": 2,
     "refl.step.num_inference_steps": 10, "refl.step.cut_range": [6, 9], "sample_steps": 10, "compare_prompts": 4,
     "compare.refl_samples": 0, "compare.n_samples": 8, "compare.batch_size": 8, "validation_prompts": 4,

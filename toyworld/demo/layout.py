@@ -16,6 +16,11 @@ def oracle_pairs_file(run: Path) -> Path:
     return run / "community" / "oracle_pairs" / "pairs.parquet"
 
 
+def feed_oracle_pairs_file(run: Path) -> Path:
+    """The community's feed ordered by the oracle: what the critic's ceiling trains on."""
+    return run / "community" / "feed_oracle_pairs" / "pairs.parquet"
+
+
 def critic_dirs(critic_stage: Path, members: int) -> list[str]:
     """The critic directories of a critic stage's folder: the first critic, then members 1 .. members - 1."""
     return [str(critic_stage / "critic")] + [str(critic_stage / f"member-{k}" / "critic") for k in range(1, members)]

@@ -41,6 +41,56 @@ def realism_text(comm: dict) -> str:
             f"{html.escape(verdict)}. ")
 
 
+def _acc(r: dict | None) -> str:
+    return "-" if not r else f"{r['pairwise_accuracy']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
+
+
+def learning_section(crit: dict) -> str:
+    """The critic's learning curve, its ceiling and its accuracy by oracle gap, for report.html."""
+    curve, ceiling = crit.get("learning_curve") or [], crit.get("ceiling")
+    if not curve:
+        return ""
+    rows = "".join(f"<tr><td>{c['fraction']:g}</td><td>{c['n_pairs']}</td><td>{_acc(c['accuracy_vs_oracle'])}</td></tr>"
+                   for c in curve)
+    if ceiling:
+        rows += (f"<tr><td>ceiling: oracle-ordered pairs of the same feed</td><td>{ceiling['n_pairs']}</td>"
+                 f"<td>{_acc(ceiling['accuracy_vs_oracle'])}</td></tr>")
+    judges = {"critic": crit["accuracy_vs_oracle"], "zero-shot CLIP": crit["zero_shot_clip_vs_oracle"]}
+    if ceiling:
+        judges["ceiling"] = ceiling["accuracy_vs_oracle"]
+    bins = judges["critic"].get("by_gap") or []
+    gap_head = "".join(f"<th>{html.escape(name)}</th>" for name in judges)
+    gap_rows = "".join(
+        f"<tr><td>{b['gap_from']:.2f}-{b['gap_to']:.2f}</td><td>{b['n_pairs']}</td>" + "".join(
+            "<td>-</td>" if r["by_gap"][i]["accuracy"] is None else f"<td>{r['by_gap'][i]['accuracy']:.1%}</td>"
+            for r in judges.values()) + "</tr>"
+        for i, b in enumerate(bins))
+    return ("<h2>What limits the critic</h2><p class='note'>The same recipe on nested random fractions of the "
+            "community's pairs (does accuracy still rise with more feedback?) and on the oracle's own order of the "
+            "same feed (what clean labels would give). Accuracy against the oracle on the held-out pairs, 95% "
+            "intervals.</p><table><tr><th>fraction of the pairs</th><th>pairs</th><th>accuracy vs oracle</th></tr>"
+            f"{rows}</table><p class='note'>By how far apart the oracle puts the two images of a held-out pair "
+            "(oracle-score units): near ties are where a critic can only guess.</p>"
+            f"<table><tr><th>oracle gap</th><th>pairs</th>{gap_head}</tr>{gap_rows}</table>")
+
+
+def overoptimisation_section(analysis: dict | None) -> str:
+    """The over-optimisation chart and where each guard lands against the oracle's peak, for report.html."""
+    if not analysis:
+        return ""
+    peak = analysis["oracle_peak"]
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{p['update']}</td><td>{p['oracle']:.3f}</td>"
+                   f"<td>{p['from_peak']:+.3f}</td><td>{p['from_base']:+.3f}</td></tr>"
+                   for label, p in analysis["picks"].items())
+    return ("<h2>Over-optimisation: the hidden taste against the reward</h2><p class='note'>ReFL's validation "
+            "prompts at every validation from update 0 (the base). The reward keeps rising; the oracle (never seen "
+            f"by training or by any guard) starts at {analysis['oracle_base']:.3f} and peaks at update "
+            f"{peak['update']} ({peak['oracle']:.3f}). Each guard sees only the reward, the zero-shot CLIP and "
+            "prompt fidelity; the table says where it would select or stop and how far that is from the peak."
+            "</p><img src='overoptimisation.png' style='max-width:100%'><table><tr><th>guard</th><th>update</th>"
+            "<th>oracle</th><th>from the peak</th><th>from the base</th></tr>" + rows + "</table>")
+
+
 def training_section(out: Path) -> str:
     """ReFL's training curve with its held-out judges (refl/training_curve.png), for report.html."""
     if not (out / "refl" / "training_curve.png").is_file():
@@ -64,15 +114,22 @@ def critic_section(summary: dict) -> str:
     carried_text = ("Share of pairs whose preferred image is better on each oracle term (ties half; 50% = no "
                     "signal): " + ", ".join(f"{t} {v:.0%}" for t, v in carried.items()) + ". ") if carried else ""
     carried_text += realism_text(comm)
+    feed = summary["community"].get("feed")
+    feed_text = (" drawn at mixed guidance scales as real feeds mix settings (per scale, mean oracle and prompt "
+                 "fidelity: " + "; ".join(f"CFG {g} {v['oracle']:.3f}, {v['prompt_fidelity']:.0%}"
+                                          for g, v in feed.items()) + ")") if feed else ""
+    cr = crit.get("realism")
+    critic_text = (f" Realism criterion on the critic: at least {cr['critic_accuracy_from']:.0%} with its interval "
+                   f"above the zero-shot CLIP's: {'holds' if cr['realistic'] else 'missed'}.") if cr else ""
     fidelity_text = (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out "
                      "prompts.") if base_fid is not None else ""
     return (
         "<h2>The critic against the hidden taste</h2>"
         f"<p class='note'>The community remixed {comm['n_remixed']} of {comm['n_images']} base-model images "
-        f"over {comm['n_prompts']} training prompts, giving {comm['n_pairs']} Social Reward pairs, "
+        f"of {comm['n_prompts']} training prompts{feed_text}, giving {comm['n_pairs']} Social Reward pairs, "
         f"{comm['oracle_agreement']:.1%} of which agree with the oracle (real implicit feedback is noisy). "
         f"{carried_text}Below: pairwise accuracy against the oracle on pairs from held-out prompts, 95% "
-        f"bootstrap intervals.{fidelity_text}</p>"
+        f"bootstrap intervals.{fidelity_text}{critic_text}</p>"
         "<table><tr><th>critic</th><th>accuracy vs oracle</th><th>95% interval</th><th>pairs</th></tr>"
         f"{table}<tr><td>chance</td><td>50.0%</td><td></td><td></td></tr></table>"
     )

@@ -12,8 +12,14 @@ from runkit.config import save_config
 from runkit.files import paths_relative_to, write_json
 from toyworld.demo.analysis import compare_summary, oracle_breakdown
 from toyworld.demo.config import DemoConfig
-from toyworld.demo.layout import community_pairs_file, oracle_pairs_file
-from toyworld.demo.report import breakdown_section, critic_section, training_section
+from toyworld.demo.layout import community_pairs_file, feed_oracle_pairs_file, oracle_pairs_file
+from toyworld.demo.report import (
+    breakdown_section,
+    critic_section,
+    learning_section,
+    overoptimisation_section,
+    training_section,
+)
 from toyworld.demo.stages import STAGES, stage_community, stage_compare, stage_critic, stage_refl
 
 
@@ -38,7 +44,8 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
     timings["community_s"] = time.perf_counter() - t0
     if until == "community":
         return {"community": community, "timings": timings}
-    critic = stage_critic(cfg, str(community_pairs_file(out)), str(oracle_pairs_file(out)), out / "critic")
+    critic = stage_critic(cfg, str(community_pairs_file(out)), str(oracle_pairs_file(out)), out / "critic",
+                          str(feed_oracle_pairs_file(out)) if cfg.critic_ceiling else None)
     timings["critic_s"] = time.perf_counter() - t0 - sum(timings.values())
     if until == "critic":
         return {"community": community, "critic": critic, "timings": timings}
@@ -55,15 +62,30 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
                "base_model": json.loads(base_report.read_text()) if base_report.is_file() else {}}
     summary["compare"] = compare_summary(results)
     summary["oracle_breakdown"] = oracle_breakdown(out, results)
+    summary["overoptimisation"] = _overoptimisation(cfg, out)
     # One results.json holds every number the report shows: the harness's and the demo's own.
     from evaluation.report import write_report
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
-    preamble = critic_section(summary) + breakdown_section(summary["oracle_breakdown"]) + training_section(out)
+    preamble = (critic_section(summary) + learning_section(summary["critic"])
+                + breakdown_section(summary["oracle_breakdown"]) + overoptimisation_section(summary["overoptimisation"])
+                + training_section(out))
     summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
     write_json(out / "summary.json", paths_relative_to(_jsonable(summary), out))
     return summary
+
+
+def _overoptimisation(cfg: DemoConfig, out: Path) -> dict | None:
+    """The ReFL run's over-optimisation analysis, drawn into overoptimisation.png (None without the curves)."""
+    from runkit.logs import read_metrics
+    from toyworld.overoptimisation import analyse, plot
+
+    records = read_metrics(out / "refl" / "metrics.jsonl")
+    analysis = analyse(records, cfg.clip_model)
+    if analysis is not None:
+        plot(records, analysis, cfg.clip_model, out / "overoptimisation.png")
+    return analysis
 
 
 def _jsonable(obj):

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from runkit.config import to_dict
 from runkit.files import atomic_write_bytes, atomic_write_text, content_hash, paths_relative_to, write_json
@@ -60,28 +61,49 @@ def finish_stage(summary_file: Path, summary: dict) -> dict:
     return summary
 
 
-def _sample(components, prompts: list[str], n: int, steps: int, guidance: float, seed: int,
-            cache: Path, model: str) -> np.ndarray:
-    """`n` base-model images per prompt, (P, n, H, W, 3) uint8, kept in `cache` under a key of the model's
-    content and the settings, so a change in how the community behaves does not draw them again."""
+def _sample(components, prompts: list[str], guidance: list[float], steps: int, seed: int, cache: Path,
+            model: str) -> np.ndarray:
+    """Base-model images, (P, n, H, W, 3) uint8: image j of each prompt drawn at guidance[j], image (k, j) from
+    seed + j * P + k. Kept in `cache` under a key of the model's content and the settings, so a change in how
+    the community behaves does not draw them again."""
     import hashlib
 
     from toyworld.pretrain_sd import sample_images
 
-    key = json.dumps({"model": content_hash(model), "prompts": prompts, "n": n, "steps": steps,
-                      "guidance": guidance, "seed": seed}, sort_keys=True)
+    key = json.dumps({"model": content_hash(model), "prompts": prompts, "guidance": guidance, "steps": steps,
+                      "seed": seed}, sort_keys=True)
     path = cache / f"samples-{hashlib.blake2b(key.encode(), digest_size=10).hexdigest()}.npz"
     if path.is_file():
         return np.load(path)["images"]
-    expanded = [p for p in prompts for _ in range(n)]
-    images = sample_images(components, expanded, steps, guidance, seed)  # (P * n, H, W, 3)
-    images = images.reshape(len(prompts), n, *images.shape[1:])  # (P, n, H, W, 3)
+    n = len(prompts)
+    slots = [sample_images(components, prompts, steps, g, seed + j * n) for j, g in enumerate(guidance)]  # (P, H, W, 3)
+    images = np.stack(slots, axis=1)  # (P, n, H, W, 3)
     atomic_write_bytes(path, lambda f: np.savez(f, images=images))
     return images
 
 
+# Seed offsets of the two image sets the community stage draws, far apart so no image shares its noise.
+FEED_SEED, HELDOUT_SEED = 0, 500_000
+
+
+def feed_summary(images: np.ndarray, prompts: list[str], guidance: list[float]) -> dict:
+    """Per distinct guidance scale of the feed: its images' mean oracle score and prompt fidelity."""
+    from toyworld.checker import prompt_fidelity
+    from toyworld.oracle import oracle_score
+
+    out = {}
+    for g in sorted(set(guidance)):
+        cols = [j for j, v in enumerate(guidance) if v == g]
+        imgs = images[:, cols].reshape(-1, *images.shape[2:])  # (P * len(cols), H, W, 3)
+        ps = [p for p in prompts for _ in cols]
+        out[f"{g:g}"] = {"images": len(ps), "oracle": float(oracle_score(imgs, ps).mean()),
+                         "prompt_fidelity": float(prompt_fidelity(imgs, ps))}
+    return out
+
+
 def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
-    """Generations for training prompts -> community pairs; held-out generations -> oracle pairs."""
+    """The feed (training prompts at the feed's guidance scales) -> community pairs, and the same images
+    ordered by the oracle (the critic's ceiling); held-out generations at the demo's settings -> oracle pairs."""
     from toyworld.community import build_pairs_with_stats, write_oracle_pairs
     from toyworld.world import split_prompts
 
@@ -97,18 +119,21 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), c.prompts, replace=False)]
     t0 = time.perf_counter()
     cache = Path(cfg.output_dir) / "cache"
-    images = _sample(components, chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale, cfg.seed,
-                     cache, cfg.sd_model)
+    base_seed = 1_000_000 * cfg.seed
+    images = _sample(components, chosen, c.feed_guidance, cfg.sample_steps, base_seed + FEED_SEED, cache,
+                     cfg.sd_model)  # (P, n, H, W, 3)
     gen_seconds = time.perf_counter() - t0
     result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.users, cfg.seed,
                                     out / "train", config=c.behaviour)
+    feed_oracle_pairs = write_oracle_pairs(images, chosen, out / "feed_oracle_pairs") if cfg.critic_ceiling else None
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
     held_chosen = held[: c.oracle_pair_prompts]
-    held_images = _sample(components, held_chosen, c.images_per_prompt, cfg.sample_steps, cfg.guidance_scale,
-                          cfg.seed + 1, cache, cfg.sd_model)
+    held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_pair_images, cfg.sample_steps,
+                          base_seed + HELDOUT_SEED, cache, cfg.sd_model)
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
-               "generation_seconds": gen_seconds}
+               "feed_oracle_pairs": str(feed_oracle_pairs) if feed_oracle_pairs else None,
+               "feed": feed_summary(images, chosen, c.feed_guidance), "generation_seconds": gen_seconds}
     return finish_stage(summary_file, summary)
 
 
@@ -122,29 +147,61 @@ def train_critic_member(cfg: DemoConfig, pairs: str, out: Path, k: int) -> str:
     return str(out / "critic")
 
 
-def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path) -> dict:
+def _train_and_measure(cfg: DemoConfig, pairs: str | Path, out: Path, truth, gaps) -> dict:
+    """One more critic with the demo's recipe on other pairs, measured on the held-out oracle pairs."""
+    import reward
+    from reward.train import train
+    from toyworld.critic_vs_oracle import accuracy_vs_oracle
+
+    train(critic_config(cfg, pairs, out))
+    return accuracy_vs_oracle(reward.load(out / "critic"), truth, gaps)
+
+
+def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path, feed_oracle_pairs: str | None = None) -> dict:
+    """The critic (and its ensemble members) on the community's pairs, measured against the oracle on held-out
+    pairs with the zero-shot CLIP beside it; then its learning curve (cfg.critic_curve) and its ceiling
+    (cfg.critic_ceiling: the same recipe on `feed_oracle_pairs`)."""
     import reward
     from reward.data import load_pairs
-    from reward.evaluate import evaluate_pairs
+    from toyworld.community import critic_realism
+    from toyworld.critic_vs_oracle import accuracy_vs_oracle, pair_gaps, subset_pairs
 
     summary_file = out / "critic_summary.json"
     exp = critic_config(cfg, pairs, out)
-    settings = {**trainer_settings(exp), "members": cfg.critic_members}
-    done = enter_stage(out, summary_file, settings,
-                       {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
-                        "clip_model": cfg.clip_model})
+    settings = {**trainer_settings(exp), "members": cfg.critic_members, "curve": cfg.critic_curve,
+                "ceiling": cfg.critic_ceiling}
+    inputs = {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
+              "clip_model": cfg.clip_model}
+    if cfg.critic_ceiling:
+        if feed_oracle_pairs is None:
+            raise ValueError("critic_ceiling needs the community stage's oracle-ordered feed pairs")
+        inputs["feed_oracle_pairs"] = str(Path(feed_oracle_pairs).parent)
+    done = enter_stage(out, summary_file, settings, inputs)
     if done is not None:
         return dict(done, critic=str(out / "critic"), members=critic_dirs(out, cfg.critic_members))
     train_critic_member(cfg, pairs, out, 0)
     truth = load_pairs(oracle_pairs)
-    tuned = evaluate_pairs(reward.load(out / "critic"), truth)
-    zero_shot = evaluate_pairs(reward.load(cfg.clip_model), truth)
+    gaps = pair_gaps(truth)  # (N,)
+    tuned = accuracy_vs_oracle(reward.load(out / "critic"), truth, gaps)
+    zero_shot = accuracy_vs_oracle(reward.load(cfg.clip_model), truth, gaps)
     for k in range(1, cfg.critic_members):
         train_critic_member(cfg, pairs, out / f"member-{k}", k)
     members = critic_dirs(out, cfg.critic_members)
+    n_pairs = len(pd.read_parquet(pairs))
+    curve = []
+    for fraction in sorted(cfg.critic_curve):
+        part = subset_pairs(Path(pairs), fraction, cfg.critic.train.seed, out / "curve" / f"pairs-{fraction:g}.parquet")
+        curve.append({"fraction": fraction, "n_pairs": len(pd.read_parquet(part)),
+                      "accuracy_vs_oracle": _train_and_measure(cfg, part, out / "curve" / f"{fraction:g}", truth, gaps)})
+    curve.append({"fraction": 1.0, "n_pairs": n_pairs, "accuracy_vs_oracle": tuned})
+    ceiling = None
+    if cfg.critic_ceiling:
+        ceiling = {"n_pairs": len(pd.read_parquet(feed_oracle_pairs)),
+                   "accuracy_vs_oracle": _train_and_measure(cfg, feed_oracle_pairs, out / "ceiling", truth, gaps)}
     summary = {"critic": members[0], "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
-               "chance": 0.5, "members": members,
-               "members_accuracy_vs_oracle": [evaluate_pairs(reward.load(m), truth)["pairwise_accuracy"]
+               "chance": 0.5, "members": members, "learning_curve": curve, "ceiling": ceiling,
+               "realism": critic_realism(tuned, zero_shot),
+               "members_accuracy_vs_oracle": [accuracy_vs_oracle(reward.load(m), truth, gaps)["pairwise_accuracy"]
                                               for m in members[1:]]}
     return finish_stage(summary_file, summary)
 

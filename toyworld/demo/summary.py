@@ -25,6 +25,15 @@ def format_summary(summary: dict) -> str:
         lines.append(f"critic vs oracle on held-out pairs: {acc['pairwise_accuracy']:.1%} "
                      f"[{acc['ci95'][0]:.1%}, {acc['ci95'][1]:.1%}]   zero-shot CLIP: {zs['pairwise_accuracy']:.1%}"
                      "   chance: 50%")
+        if crit.get("ceiling"):
+            ce = crit["ceiling"]["accuracy_vs_oracle"]
+            lines.append(f"critic ceiling (oracle-ordered pairs of the same feed): {ce['pairwise_accuracy']:.1%}; "
+                         "learning curve: " + ", ".join(f"{c['n_pairs']} pairs {c['accuracy_vs_oracle']['pairwise_accuracy']:.1%}"
+                                                         for c in crit.get("learning_curve", [])))
+        if crit.get("realism"):
+            cr = crit["realism"]
+            lines.append(f"realism, critic >= {cr['critic_accuracy_from']:.0%} with its interval above zero-shot: "
+                         f"{cr['realistic']}")
     compare = summary.get("compare")
     if compare:
         lines += ["-" * 72] + compare_lines(compare)

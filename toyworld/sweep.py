@@ -1,0 +1,98 @@
+"""The toy world's ReFL settings, chosen by refl.sweep's rule from a small sweep on a demo's critic.
+
+The grid, the rule and its thresholds were written down (and committed) before the sweep ran; the README
+names that commit. Each setting trains the demo's ReFL config plus its overrides, validating every 10
+updates from update 0 on the demo's validation prompts (never the comparison's), against the demo's critic.
+The rule sees the reward and the judges a user has (the zero-shot CLIP, prompt fidelity); the oracle is
+logged beside them in each run's metrics.jsonl, for evaluation after the choice, and the rule refuses it.
+
+Runs live in <demo>/sweep/<setting>/refl/ and are reused while their settings and inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from refl.sweep import SweepRule, choose, validations
+from runkit.config import override
+from runkit.files import atomic_write_text, write_json
+from runkit.logs import read_metrics
+from toyworld.variants import markdown_table, slug
+
+logger = logging.getLogger(__name__)
+
+# Every run: the demo's budget (120 updates), validated from update 0 every 10 updates.
+COMMON = ["refl.train.max_updates=120", "refl.train.validate_every=10", "refl.train.validate_at_start=true"]
+# Learning rates around peers' LoRA rates (1e-4 to 1e-3) up to the second edition's 3e-3; guidance in training
+# as the demo samples (4) or none (1, as ImageReward's ReFL rollouts).
+GRID = {f"lr {lr}, training CFG {g:g}": [f"refl.train.lr={lr}", f"refl.step.guidance_scale={g}"]
+        for g in (4.0, 1.0) for lr in ("3e-4", "1e-3", "3e-3")}
+# The rule: the highest reward on the validation prompts among updates that keep the zero-shot CLIP within 1
+# point and prompt fidelity within 5 points of the base (update 0). One CLIP point is about the spread of the
+# toy CLIP's score between the base's samples of one prompt; 5 points of fidelity is the comparison's goal.
+HOLD = {"clip:{clip_model}": 1.0, "fidelity:": 0.05}
+
+
+def rule_for(clip_model: str) -> SweepRule:
+    return SweepRule(hold={"eval/heldout/" + k.replace("{clip_model}", clip_model): v for k, v in HOLD.items()})
+
+
+def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) -> dict:
+    """Train every setting of `grid` (default GRID) on the demo's critic, apply the rule; writes
+    <demo>/sweep/sweep.json and sweep.md. Needs the demo's community and critic stages only."""
+    from runkit.config import load_config
+    from toyworld.demo.config import DemoConfig
+    from toyworld.demo.stages import stage_refl
+    from toyworld.world import split_prompts
+
+    demo = Path(demo_dir)
+    critic = demo / "critic" / "critic"
+    if not ((demo / "demo_config.yaml").is_file() and critic.is_dir()):
+        raise FileNotFoundError(f"{demo} has no trained critic (needs demo_config.yaml and critic/critic); run "
+                                "`python scripts/demo.py --out DIR --until critic` first")
+    base = load_config(DemoConfig, demo / "demo_config.yaml")
+    rule = rule_for(base.clip_model)
+    rule.check()
+    grid = GRID if grid is None else grid
+    configs = {name: override(base, COMMON + overrides) for name, overrides in grid.items()}  # all checked first
+    root = demo / "sweep"
+    runs = {}
+    for name, cfg in configs.items():
+        folder = root / slug(name) / "refl"
+        logger.info("sweep: %s in %s", name, folder)
+        stage_refl(cfg, str(critic), split_prompts(seed=0)[0], folder)
+        runs[name] = read_metrics(folder / "metrics.jsonl")
+    choice = choose(runs, rule)
+    result = {"rule": {"maximise": rule.maximise, "hold": rule.hold}, "grid": grid, "common": COMMON,
+              "choice": {"setting": choice["run"], "overrides": grid[choice["run"]], "update": choice["update"]},
+              "per_run": choice["per_run"], "curves": {name: _user_view(validations(r), rule) for name, r in runs.items()}}
+    write_json(root / "sweep.json", result)
+    atomic_write_text(root / "sweep.md", sweep_markdown(result) + "\n")
+    return result
+
+
+def _user_view(rows: list[dict], rule: SweepRule) -> list[dict]:
+    """A run's validation rows with only what the rule may see (no oracle)."""
+    keys = ["update", rule.maximise, *rule.hold]
+    return [{k: r[k] for k in keys} for r in rows]
+
+
+def sweep_markdown(result: dict) -> str:
+    """The sweep as a table: per setting, the base and the best admissible update with what the rule saw."""
+    rule = result["rule"]
+    held = list(rule["hold"])
+    header = ["setting", "best admissible update", "reward (update 0 -> it)"] + [
+        f"{k.removeprefix('eval/heldout/')} (update 0 -> it; may drop {v:g})" for k, v in rule["hold"].items()]
+    rows = []
+    for name, curve in result["curves"].items():
+        base, top = curve[0], result["per_run"][name]
+        if top is None:
+            rows.append([name, "none"] + ["-"] * (1 + len(held)))
+            continue
+        rows.append([name, str(top["update"]), f"{base[rule['maximise']]:.3f} -> {top[rule['maximise']]:.3f}"]
+                    + [f"{base[k]:.3f} -> {top[k]:.3f}" for k in held])
+    c = result["choice"]
+    return "\n".join([f"Rule: maximise {rule['maximise']} over (setting, update) with each held judge within its "
+                      "drop of update 0.", "", *markdown_table(header, rows), "",
+                      f"Chosen: {c['setting']} ({' '.join(c['overrides'])}), update {c['update']}."])
