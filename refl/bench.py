@@ -22,7 +22,7 @@ import torch
 
 from refl.components import DTYPES, ModelConfig, load_components
 from refl.lora import LoraConfig, add_lora
-from refl.step import PhaseTimer, StepConfig, reward_step
+from refl.step import PhaseTimer, StepConfig, checkpointing_for, reward_step
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def _update(components, params, critic, cfg: BenchConfig, prompts, seed: int, ti
 
 def time_updates(components, params, critic, cfg: BenchConfig, prompts, device, checkpointing: bool) -> dict:
     """Mean seconds per phase over `repeats` updates (after a warm-up) and the peak memory of one."""
-    components.set_gradient_checkpointing(checkpointing)
-    critic.set_grad_checkpointing(checkpointing)
+    policy = checkpointing_for("refl", checkpointing)
+    components.set_gradient_checkpointing(policy)
+    critic.set_grad_checkpointing(policy.critic)
     _update(components, params, critic, cfg, prompts, 0)  # warm-up: kernels, allocator
     _reset_peak(device)
     rows = []
@@ -116,7 +117,7 @@ def update_flops(components, params, critic, cfg: BenchConfig, prompts) -> int:
     """FLOPs of one update (forward, recomputation excluded, and backward) as torch counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    components.set_gradient_checkpointing(False)
+    components.set_gradient_checkpointing(checkpointing_for("refl", False))
     critic.set_grad_checkpointing(False)
     counter = FlopCounterMode(display=False)
     with counter:

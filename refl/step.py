@@ -13,7 +13,9 @@ Methods (`GRAD_METHODS`):
 - `draft_lv` (DRaFT-LV): sample to the end without gradient, then n times re-noise the sample to the
   last timestep and denoise it with gradient; the loss averages the n predictions (lower variance).
 - `alignprop` (AlignProp-style truncation): cut ~ U[cut_range] once per trajectory, gradient through
-  every step from the cut to the end, each UNet call checkpointed to bound memory.
+  every step from the cut to the end.
+Each method names what `train.gradient_checkpointing` recomputes for it (`GradMethod.checkpointing`,
+applied with `checkpointing_for`): each forward on the gradient path runs at most twice.
 Loss: relu(margin - reward).mean() * grad_scale, plus two optional regularisers:
 - `reg_weight` x the pre-training denoising MSE on a batch of clean latents (ImageReward's paper);
 - `kl_weight` x the mean squared difference between the tuned and the base model's noise
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from refl.components import SDComponents
+from refl.components import Checkpointing, SDComponents
 from refl.sampling import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -94,12 +96,16 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.seconds: dict[str, float] = {}
+        self.current: str | None = None  # the phase running now (bench.py tags memory with it)
 
     @contextmanager
     def __call__(self, name: str):
         self._sync()
-        start = time.perf_counter()
-        yield
+        start, outer, self.current = time.perf_counter(), self.current, name
+        try:
+            yield
+        finally:
+            self.current = outer
         self._sync()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
@@ -210,6 +216,13 @@ class _Ctx:
     def step(self, eps, t, latents):
         return _scheduler_step(self.scheduler, eps, t, latents, self.generator, self.cfg.eta)
 
+    def grad_eps(self, latents, t):
+        """eps of a UNet call with gradient; under the "calls" policy only its inputs are kept and the
+        whole call runs again in backward."""
+        if self.components.checkpointing.unet == "calls":
+            return checkpoint(self.eps, latents, t, use_reentrant=False)
+        return self.eps(latents, t)
+
     def run_no_grad(self, latents, timesteps):
         with torch.no_grad(), _phase(self.timer, "sampling"):
             for t in timesteps:
@@ -237,7 +250,7 @@ def _refl(ctx: _Ctx, latents):
     latents = ctx.run_no_grad(latents, timesteps[:cut])
     t = timesteps[cut]
     with _phase(ctx.timer, "grad_step"):
-        eps = ctx.eps(latents, t)  # (B, C, h, w)
+        eps = ctx.grad_eps(latents, t)  # (B, C, h, w)
         x0 = ctx.step(eps, t, latents).pred_original_sample  # (B, C, h, w), one-step x0
     ctx.track_kl(eps, latents, t)
     return [x0], {"cut": cut}
@@ -249,7 +262,7 @@ def _draft_k(ctx: _Ctx, latents):
     latents = ctx.run_no_grad(latents, timesteps[: len(timesteps) - k])
     with _phase(ctx.timer, "grad_step"):
         for t in timesteps[len(timesteps) - k :]:
-            eps = ctx.eps(latents, t)  # (B, C, h, w)
+            eps = ctx.grad_eps(latents, t)  # (B, C, h, w)
             ctx.track_kl(eps, latents, t)
             latents = ctx.step(eps, t, latents).prev_sample  # grad flows through the K steps
     return [latents], {"cut": len(timesteps) - k}
@@ -264,7 +277,7 @@ def _draft_lv(ctx: _Ctx, latents):
         for _ in range(ctx.cfg.draft_lv_n):
             noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)  # (B, C, h, w)
             xt = ctx.scheduler.add_noise(x0, noise, t.reshape(1))  # re-noise to the last timestep
-            eps = ctx.eps(xt, t)  # (B, C, h, w)
+            eps = ctx.grad_eps(xt, t)  # (B, C, h, w)
             ctx.track_kl(eps, xt, t)
             outs.append(ctx.step(eps, t, xt).pred_original_sample)
     return outs, {"cut": len(timesteps) - 1}
@@ -275,21 +288,38 @@ def _alignprop(ctx: _Ctx, latents):
     cut = ctx.draw_cut()
     latents = ctx.run_no_grad(latents, timesteps[:cut])
     with _phase(ctx.timer, "grad_step"):
-        # With the UNet checkpointing its blocks (train.gradient_checkpointing), each AlignProp call is
-        # recomputed whole too: otherwise every step's activations between blocks stay alive. (The flag
-        # walks every module, so it is read once per trajectory.)
-        whole_calls = ctx.components.unet.is_gradient_checkpointing
         for t in timesteps[cut:]:
-            if whole_calls:
-                eps = checkpoint(ctx.eps, latents, t, use_reentrant=False)
-            else:
-                eps = ctx.eps(latents, t)
+            eps = ctx.grad_eps(latents, t)  # (B, C, h, w)
             ctx.track_kl(eps, latents, t)
             latents = ctx.step(eps, t, latents).prev_sample
     return [latents], {"cut": cut}
 
 
-GRAD_METHODS: dict[str, Callable] = {"refl": _refl, "draft": _draft_k, "draft_lv": _draft_lv, "alignprop": _alignprop}
+@dataclass(frozen=True)
+class GradMethod:
+    run: Callable[[_Ctx, torch.Tensor], tuple[list[torch.Tensor], dict]]  # (ctx, start noise) -> x0s, info
+    # What train.gradient_checkpointing recomputes, chosen by measurement (benchmarks/README.md).
+    checkpointing: Checkpointing
+
+
+# Whole UNet calls rather than blocks for every method: modelled for SD 1.5 at 512 px in bf16, batch 4,
+# the peak is 14.8 GiB against 15.4 (refl, draft), 16.9 against 18.2 (draft_lv) and 14.8 against 21.6
+# (alignprop through 10 steps), for 0.5-4% more FLOPs per update: with blocks the UNet's block outputs stay
+# alive through the VAE decoder's recomputation, where the peak is.
+_CALLS = Checkpointing(unet="calls", vae_decoder=True, critic=True)
+GRAD_METHODS: dict[str, GradMethod] = {
+    "refl": GradMethod(_refl, _CALLS),
+    "draft": GradMethod(_draft_k, _CALLS),
+    "draft_lv": GradMethod(_draft_lv, _CALLS),
+    "alignprop": GradMethod(_alignprop, _CALLS),
+}
+
+
+def checkpointing_for(method: str, enabled: bool) -> Checkpointing:
+    """The recomputation `train.gradient_checkpointing: enabled` means for this gradient method."""
+    if method not in GRAD_METHODS:
+        raise ValueError(f"unknown gradient method {method!r}; choose one of {sorted(GRAD_METHODS)}")
+    return GRAD_METHODS[method].checkpointing if enabled else Checkpointing()
 
 
 def validate_step_config(cfg: StepConfig) -> None:
@@ -340,7 +370,7 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
                          encode_prompts(components, [""] * len(prompts)) if uncond is not None else None)
     ctx = _Ctx(components, cfg, scheduler, cond, uncond, generator, timer, base_cond)
     latents = initial_latents(components, len(prompts), scheduler, generator)  # (B, C, h, w)
-    predictions, info = GRAD_METHODS[cfg.method](ctx, latents)
+    predictions, info = GRAD_METHODS[cfg.method].run(ctx, latents)
 
     rewards = []
     reward_terms: dict[str, list[torch.Tensor]] = {}
