@@ -250,6 +250,53 @@ def test_checkpointing_leaves_lora_gradients_unchanged(method, dtype):
         (grads[True] - grads[False]).abs().max() / scale
 
 
+def _grad_calls(components):
+    """Counts the UNet calls made with gradients on and off (reruns in backward are not new calls)."""
+    calls = {True: 0, False: 0}
+
+    def hook(module, args):
+        calls[torch.is_grad_enabled()] += 1
+
+    return calls, components.unet.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
+def test_checkpointing_reruns_each_forward_at_most_once(method):
+    from refl.bench import BenchConfig, count_update, recompute_ratios, settings_for, setup
+
+    cfg = BenchConfig(model="tiny", critic="tiny-clip", batch=2, steps=4, grad_steps=2, dtype="fp32",
+                      guidance_scale=2.0)
+    bench = setup(cfg, torch.device("cpu"))
+    step = StepConfig(method=method, **{**CKPT_STEP, "kl_weight": 0.0})  # every no-grad call is then a prefix call
+    default, settings = settings_for(method)
+    assert default == checkpointing_for(method, True).unet
+    bench.set_checkpointing(settings["none"])
+    calls, handle = _grad_calls(bench.components)
+    plain = count_update(bench, step)
+    handle.remove()
+    unet = plain["forward_flops"]["unet"]
+    # Without checkpointing each call with gradient runs its forward once: as many FLOPs as a no-grad call
+    # of the prefix (same shapes) per call.
+    assert calls[True] >= 1 and calls[False] >= 1
+    assert unet["grad"] / calls[True] == unet["no_grad"] / calls[False]
+    assert recompute_ratios(plain, plain) == {"unet": 1.0, "vae_decoder": 1.0, "critic": 1.0, "all": 1.0}
+    for name in ("blocks", "calls"):
+        bench.set_checkpointing(settings[name])
+        counted = count_update(bench, step)
+        ratios = recompute_ratios(counted, plain)
+        assert all(1.0 < r <= 2.0 for r in ratios.values()), (name, ratios)
+        # ... and no module anywhere on the gradient path runs its forward more than twice per call.
+        twice = {k: (n, plain["grad_forwards"][k]) for k, n in counted["grad_forwards"].items()
+                 if n > 2 * plain["grad_forwards"][k]}
+        assert not twice, (name, twice)
+    # Both levels at once, what alignprop did before, reruns the UNet's blocks twice.
+    bench.set_checkpointing(settings["calls"])
+    bench.components.unet.enable_gradient_checkpointing()
+    nested = count_update(bench, step)
+    assert recompute_ratios(nested, plain)["unet"] > 2.0
+    assert nested["grad_forwards"]["unet.mid_block.resnets.1"] == 3 * plain["grad_forwards"]["unet.mid_block.resnets.1"]
+
+
 def test_nan_loss_raises_clear_error_before_any_update():
     components, params = tiny_lora()
     before = [p.detach().clone() for p in params]
@@ -618,7 +665,7 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)
 
 
-def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
+def test_bench_script_reports_phases_memory_and_recomputation_per_method(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_refl_script", os.path.join("scripts", "bench_refl.py"))
@@ -626,15 +673,41 @@ def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
     assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
-                        "--set", "repeats=1", "--set", "dtype=bf16", "--set", "best_of_batch=2", "--out", str(out)]) == 0
+                        "--set", "grad_steps=2", "--set", "repeats=1", "--set", "dtype=bf16", "--set",
+                        "best_of_batch=2", "--set", "sampling_repeats=1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["update_tflop"] > 0
-    for run in ("checkpointing", "no_checkpointing"):
-        assert {"sampling", "grad_step", "decode", "critic", "backward"} <= set(result[run]["seconds_by_phase"])
-        assert result[run]["seconds_per_update"] > 0
+    assert set(result["methods"]) == set(GRAD_METHODS)
+    assert result["device"]["threads"] >= 1 and len(result["device"]["load_average_1_5_15"]) == 3
+    for method, row in result["methods"].items():
+        assert row["default"] == checkpointing_for(method, True).unet
+        assert row["update_tflop"] > 0 and row["model_flop_utilisation"] is None  # no known peak for a CPU
+        assert row["dominant_phase"] in row["settings"][row["default"]]["seconds_by_phase"]
+        for name, setting in row["settings"].items():
+            assert {"sampling", "grad_step", "decode", "critic", "backward", "optimizer"} <= set(
+                setting["seconds_by_phase"]), (method, name)
+            assert setting["seconds_per_update"] > 0 and setting["executed_tflop"] >= row["update_tflop"]
+        plain, ours = row["settings"]["none"], row["settings"][row["default"]]
+        assert plain["recompute_ratio"]["unet"] == 1.0 and 1.0 < ours["recompute_ratio"]["unet"] <= 2.0
+        assert ours["peak_tensor_gib"] < plain["peak_tensor_gib"]  # what checkpointing is for
     assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
     assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
-    assert result["model_flop_utilisation"] is None  # no known peak for a CPU
+
+
+def test_memory_model_fit_predicts_a_size_and_batch_it_did_not_fit():
+    from refl.bench import BenchConfig, MemoryModelConfig, memory_model
+
+    # tiny-clip's own size is 16 px: every measured size is resized to it, so each runs the same ops.
+    model = memory_model(BenchConfig(model="tiny", critic="tiny-clip", dtype="fp32", methods=["alignprop"]),
+                         MemoryModelConfig(target_px=64, points_px=[24, 32, 40], alignprop_grad_steps=2, steps=4))
+    rows = model["methods"]["alignprop"]["settings"]
+    for row in rows.values():
+        assert row["check_predicted_over_measured"] == pytest.approx(1.0, abs=0.02)  # batch 1 runs a few other ops
+        assert row["peak_gib"]["1"] < row["peak_gib"]["2"] < row["peak_gib"]["4"]
+        assert row["seconds_per_update"]["4"] == pytest.approx(4 * row["seconds_per_update"]["1"])
+    default = model["methods"]["alignprop"]["default"]
+    assert rows[default]["peak_gib"]["4"] < rows["none"]["peak_gib"]["4"]
+    assert rows[default]["recompute_ratio_unet"] <= 2.0 and rows["none"]["recompute_ratio_unet"] == 1.0
+    assert model["table_markdown"].count("| alignprop |") == 3 and "(`true`)" in model["table_markdown"]
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
