@@ -157,6 +157,14 @@ def _eps(components: SDComponents, latents, t, cond, uncond, guidance_scale: flo
     return unet(latents, t, encoder_hidden_states=cond).sample  # (B, C, h, w)
 
 
+def grad_call(components: SDComponents, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """`fn(*args)`, a UNet call with gradient. Under the "calls" policy only its inputs are kept and the
+    whole call runs again in backward (its blocks are then not checkpointed, so it runs twice at most)."""
+    if components.checkpointing.unet == "calls":
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 def initial_latents(components: SDComponents, batch: int, scheduler, generator: torch.Generator) -> torch.Tensor:
     """Start noise drawn on the CPU generator (same numbers on every device), then moved."""
     size = components.unet.config.sample_size
@@ -192,7 +200,12 @@ def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: S
         target = sched.get_velocity(latents0, noise, t)
     else:
         target = noise
-    pred = components.unet(noisy, t, encoder_hidden_states=encode_prompts(components, captions)).sample
+    cond = encode_prompts(components, captions)  # (B, L, D); the text encoder is not checkpointed
+
+    def unet(x, t, cond):
+        return components.unet(x, t, encoder_hidden_states=cond).sample
+
+    pred = grad_call(components, unet, noisy, t, cond)  # (B, C, h, w), its one call with gradient
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -217,11 +230,8 @@ class _Ctx:
         return _scheduler_step(self.scheduler, eps, t, latents, self.generator, self.cfg.eta)
 
     def grad_eps(self, latents, t):
-        """eps of a UNet call with gradient; under the "calls" policy only its inputs are kept and the
-        whole call runs again in backward."""
-        if self.components.checkpointing.unet == "calls":
-            return checkpoint(self.eps, latents, t, use_reentrant=False)
-        return self.eps(latents, t)
+        """eps of a UNet call with gradient, checkpointed as the policy says (grad_call)."""
+        return grad_call(self.components, self.eps, latents, t)
 
     def run_no_grad(self, latents, timesteps):
         with torch.no_grad(), _phase(self.timer, "sampling"):

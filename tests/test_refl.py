@@ -229,35 +229,36 @@ def test_checkpointing_leaves_lora_gradients_unchanged(method, dtype):
     components.to(dtype=dtype)
     randomise_lora_b(components)
     critic = _tiny_critic(dtype)
-    cfg = StepConfig(method=method, **CKPT_STEP)
-    grads = {}
+    # The denoising regulariser adds one more UNet call with gradient, checkpointed by the same policy.
+    cfg = StepConfig(method=method, reg_weight=1.0, **CKPT_STEP)
+    unet = components.unet.config
+    reg_latents = torch.randn(2, unet.in_channels, unet.sample_size, unet.sample_size,
+                              generator=torch.Generator().manual_seed(2))  # (B', C, h, w)
+    grads, reruns = {}, {}
     for enabled in (False, True):
         policy = checkpointing_for(method, enabled)
         components.set_gradient_checkpointing(policy)
         critic.set_grad_checkpointing(policy.critic)
         torch.manual_seed(0)
-        out = reward_step(components, PROMPTS[:2], critic, cfg, torch.Generator().manual_seed(0))
+        calls, handle = _count_grad_calls(components)
+        out = reward_step(components, PROMPTS[:2], critic, cfg, torch.Generator().manual_seed(0),
+                          reg_batch=(reg_latents, PROMPTS[:2]))
+        forward_calls, with_grad = len(calls), calls.count(True)
         out["loss"].backward()
+        handle.remove()
+        reruns[enabled] = (len(calls) - forward_calls, with_grad)  # (UNet calls in backward, with gradient)
         grads[enabled] = torch.cat([p.grad.flatten() for p in params])
         for p in params:
             p.grad = None
     assert checkpointing_for(method, True).any and not checkpointing_for(method, False).any
+    # Whole calls: backward reruns every UNet call with gradient once, the regulariser's included.
+    assert reruns[False][0] == 0 and reruns[True][0] == reruns[True][1] >= 2
     scale = grads[False].abs().max()
     assert scale > 0
     # Same kernels on the same inputs: fp32 agrees to rounding; bf16 within a few of its ulps of the largest.
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(grads[True], grads[False], rtol=tol, atol=tol * scale), \
         (grads[True] - grads[False]).abs().max() / scale
-
-
-def _grad_calls(components):
-    """Counts the UNet calls made with gradients on and off (reruns in backward are not new calls)."""
-    calls = {True: 0, False: 0}
-
-    def hook(module, args):
-        calls[torch.is_grad_enabled()] += 1
-
-    return calls, components.unet.register_forward_pre_hook(hook)
 
 
 @pytest.mark.parametrize("method", sorted(GRAD_METHODS))
@@ -271,14 +272,14 @@ def test_checkpointing_reruns_each_forward_at_most_once(method):
     default, settings = settings_for(method)
     assert default == checkpointing_for(method, True).unet
     bench.set_checkpointing(settings["none"])
-    calls, handle = _grad_calls(bench.components)
+    calls, handle = _count_grad_calls(bench.components)
     plain = count_update(bench, step)
     handle.remove()
     unet = plain["forward_flops"]["unet"]
     # Without checkpointing each call with gradient runs its forward once: as many FLOPs as a no-grad call
     # of the prefix (same shapes) per call.
-    assert calls[True] >= 1 and calls[False] >= 1
-    assert unet["grad"] / calls[True] == unet["no_grad"] / calls[False]
+    assert calls.count(True) >= 1 and calls.count(False) >= 1
+    assert unet["grad"] / calls.count(True) == unet["no_grad"] / calls.count(False)
     assert recompute_ratios(plain, plain) == {"unet": 1.0, "vae_decoder": 1.0, "critic": 1.0, "all": 1.0}
     for name in ("blocks", "calls"):
         bench.set_checkpointing(settings[name])
