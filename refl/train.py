@@ -28,7 +28,14 @@ from refl.prompts import prompts_for, seed_for, training_prompts
 from refl.reg_pool import build_reg_pool
 from refl.rewards import build_reward
 from refl.sampling import make_pipeline, sample
-from refl.step import NonFiniteLossError, RewardFn, checkpointing_for, reward_step, validate_step_config
+from refl.step import (
+    NonFiniteLossError,
+    RewardFn,
+    checkpointing_for,
+    ignored_knobs,
+    reward_step,
+    validate_step_config,
+)
 from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import save_config
 from runkit.files import paths_relative_to, write_json
@@ -255,6 +262,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
 
     t = cfg.train
     validate_step_config(cfg.step)
+    for line in ignored_knobs(cfg.step):  # a config written for another method: legal, but say so
+        logger.warning(line)
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     out = Path(t.output_dir)
     if accelerator.is_main_process:
