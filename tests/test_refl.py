@@ -11,7 +11,19 @@ import torch
 
 from refl.components import PRESETS, build_clip_tokenizer, build_pipeline, load_components, save_pipeline
 from refl.lora import LoraConfig, add_lora, save_lora, trainable_parameters
-from refl.step import GRAD_METHODS, NonFiniteLossError, StepConfig, checkpointing_for, reward_step
+from refl.step import (
+    GRAD_METHODS,
+    GradMethod,
+    MethodResult,
+    NonFiniteLossError,
+    StepConfig,
+    StepContext,
+    checkpointing_for,
+    ignored_knobs,
+    register_grad_method,
+    reward_step,
+    validate_step_config,
+)
 
 # Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting (100x slower).
 torch.set_num_threads(1)
@@ -184,7 +196,8 @@ def test_alignprop_and_ddpm_with_guidance_run():
         reward_step(components, PROMPTS[:1], brightness, StepConfig(scheduler="euler"), torch.Generator())
 
 
-@pytest.mark.parametrize("method,text_lora", [("refl", False), ("alignprop", False), ("draft", True)])
+# Every registered method (a new one cannot skip the KL test), and one with a text-encoder LoRA.
+@pytest.mark.parametrize("method,text_lora", [(m, False) for m in sorted(GRAD_METHODS)] + [("draft", True)])
 def test_kl_to_base_is_zero_for_identity_lora_and_pulls_back_otherwise(method, text_lora):
     components, params = tiny_lora(train_text_encoder=text_lora)
     cfg = StepConfig(method=method, num_inference_steps=6, cut_range=[3, 4], draft_k=2, guidance_scale=2.0,
@@ -207,6 +220,131 @@ def test_kl_to_base_is_zero_for_identity_lora_and_pulls_back_otherwise(method, t
     assert again["kl_loss"] < out["kl_loss"]
     # Adapters are back on after the base-model passes.
     assert all(not getattr(m, "_disable_adapters", False) for m in components.unet.modules())
+
+
+# ----------------------------------------------------------------------------- the gradient-method contract
+def _last_step(ctx: StepContext, latents) -> MethodResult:
+    """A method written against the public contract alone: sample to the last step, one call with gradient."""
+    t = ctx.timesteps[-1]
+    latents = ctx.run_no_grad(latents, ctx.timesteps[:-1])
+    eps = ctx.grad_eps(latents, t)  # (B, C, h, w)
+    return MethodResult([ctx.step(eps, t, latents).pred_original_sample], len(ctx.timesteps) - 1)
+
+
+@pytest.fixture
+def registered():
+    """register(name, method) for one test; the registry is as before afterwards."""
+    names = []
+
+    def register(name, method):
+        names.append(name)
+        return register_grad_method(name, method)
+
+    yield register
+    for name in names:
+        GRAD_METHODS.pop(name, None)
+
+
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
+def test_every_method_keeps_the_contract(method):
+    components, params = tiny_lora()
+    randomise_lora_b(components)
+    calls, handle = _count_grad_calls(components)
+    cfg = StepConfig(method=method, num_inference_steps=5, cut_range=[1, 3], draft_k=2, kl_weight=1.0)
+    validate_step_config(cfg)
+    out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0))
+    handle.remove()
+    # Each UNet call with gradient went through grad_eps: one KL base call (no gradient) follows each.
+    with_grad = calls.count(True)
+    assert with_grad >= 1 and out["kl_loss"] > 0
+    assert [c for i, c in enumerate(calls) if i > 0 and calls[i - 1]] == [False] * with_grad
+    # The cut is the first call with gradient: the no-grad prefix has `cut` calls (DRaFT-LV re-noises the
+    # finished sample, so its prefix is the whole trajectory).
+    assert 0 <= int(out["cut"]) < 5
+    assert calls.index(True) == (5 if method == "draft_lv" else int(out["cut"]))
+    out["loss"].backward()
+    assert any(p.grad.abs().sum() > 0 for p in params)
+    # Declared knobs are StepConfig fields with a check that passes on the config above.
+    for knob, check in GRAD_METHODS[method].knobs.items():
+        assert hasattr(cfg, knob)
+        check(cfg)
+
+
+def test_every_step_knob_is_shared_or_read_by_a_method():
+    from dataclasses import fields
+
+    from refl.step import SHARED_KNOBS
+
+    read = set(SHARED_KNOBS).union(*(m.knobs for m in GRAD_METHODS.values()))
+    assert {f.name for f in fields(StepConfig)} == read
+
+
+def test_knobs_of_another_method_are_reported_not_checked():
+    # draft reads draft_k; the default cut_range [30, 39] does not fit 10 steps, but draft never reads it.
+    validate_step_config(StepConfig(method="draft", num_inference_steps=10))
+    with pytest.raises(ValueError, match="cut_range"):
+        validate_step_config(StepConfig(method="refl", num_inference_steps=10))
+    with pytest.raises(ValueError, match="draft_k"):
+        validate_step_config(StepConfig(method="draft", num_inference_steps=10, draft_k=11))
+    assert ignored_knobs(StepConfig(method="draft", num_inference_steps=10)) == []
+    (line,) = ignored_knobs(StepConfig(method="draft", cut_range=[1, 2], draft_k=3))
+    assert line.startswith("step.cut_range=[1, 2] is ignored by step.method=draft") and "step.draft_k" in line
+    assert len(ignored_knobs(StepConfig(method="refl", draft_k=3, draft_lv_n=4))) == 2
+
+
+def test_registering_a_method_checks_its_name_and_knobs(registered):
+    with pytest.raises(ValueError, match="already registered"):
+        register_grad_method("refl", GRAD_METHODS["refl"])
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"lr": print}))
+    with pytest.raises(ValueError, match="kl_weight"):  # shared: every method reads it already
+        register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"kl_weight": print}))
+    assert "x" not in GRAD_METHODS
+
+
+def test_a_method_breaking_the_contract_is_named(registered):
+    components, _ = tiny_lora()
+    policy = GRAD_METHODS["refl"].checkpointing
+
+    def returns_a_tuple(ctx, latents):
+        return [_last_step(ctx, latents).predictions[0]], {"cut": 3}
+
+    def calls_the_unet_itself(ctx, latents):  # gradient, but past the context: no checkpointing, no KL
+        t = ctx.timesteps[-1]
+        eps = ctx.components.unet(latents, t, encoder_hidden_states=ctx.cond).sample
+        return MethodResult([ctx.step(eps, t, latents).pred_original_sample], 3)
+
+    def cut_outside(ctx, latents):
+        return MethodResult(_last_step(ctx, latents).predictions, 4)
+
+    for name, run, error in [("tuple", returns_a_tuple, "'tuple' returned tuple, not a refl.step.MethodResult"),
+                             ("bypass", calls_the_unet_itself, "'bypass' made no UNet call through"),
+                             ("cut", cut_outside, r"'cut' returned cut=4, outside \[0, num_inference_steps=4\)")]:
+        registered(name, GradMethod(run, policy))
+        with pytest.raises((TypeError, ValueError), match=error):
+            reward_step(components, PROMPTS[:1], brightness, StepConfig(method=name, num_inference_steps=4),
+                        torch.Generator().manual_seed(0))
+
+
+def test_a_registered_method_trains_with_checkpointing_and_kl(registered, tmp_path, caplog):
+    """A new method is its function plus one registration: training, checkpointing and the KL term
+    need no other file. It declares no knob, so the cut_range of the overrides is reported as ignored."""
+    from refl.components import Checkpointing
+    from refl.train import ReflConfig, train
+    from runkit.config import load_config
+
+    registered("last_step", GradMethod(_last_step, Checkpointing(unet="calls", vae_decoder=True)))
+    cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
+        "step.method=last_step", "step.kl_weight=1.0", "train.gradient_checkpointing=true"])
+    with caplog.at_level("WARNING", logger="refl.train"):
+        result = train(cfg)
+    assert result["updates"] == 2
+    assert any("step.cut_range=[1, 3] is ignored by step.method=last_step" in r.message for r in caplog.records)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 2 and all(r["train/cut"] == 3 and r["train/kl_loss"] >= 0 for r in train_rows)
+    lora = _lora_file(tmp_path / "checkpoints" / "update-000002")
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
 
 
 def _tiny_critic(dtype=torch.float32):
@@ -571,7 +709,7 @@ def test_sd15_architecture_takes_lora():
 
 
 # ----------------------------------------------------------------------------- mixed precision
-@pytest.mark.parametrize("method", ["refl", "draft", "draft_lv", "alignprop"])
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
 def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, method):
     """The bf16 path end to end on CPU: base weights in bf16, LoRA and optimizer in fp32, validation,
     the denoising regulariser's pool, the KL term and a real critic reward, every gradient method."""
