@@ -215,7 +215,7 @@ def best_of_n_throughput(components, cfg, device) -> dict:
                             num_inference_steps=cfg.steps, guidance_scale=7.5, scheduler="ddim",
                             device=str(device), dtype=cfg.dtype)
     return measure_throughput(Sampler(harness, components), "a photo of an astronaut riding a horse",
-                              repeats=cfg.repeats)
+                              repeats=cfg.sampling_repeats)
 
 
 # ----------------------------------------------------------------------------- the run

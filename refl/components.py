@@ -105,6 +105,29 @@ HUB_ARCHITECTURES: dict[str, str] = {
 }
 
 
+# How the UNet recomputes on the gradient path: not at all, diffusers' own blocks (each resnet and
+# transformer block), or each UNet call with gradient as a whole (refl.step wraps the call).
+UNET_CHECKPOINTING = ("none", "blocks", "calls")
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Which forwards on the gradient path are recomputed in backward instead of stored. A whole UNet call
+    is only ever checkpointed with its blocks not, so each forward runs at most twice."""
+
+    unet: str = "none"  # one of UNET_CHECKPOINTING
+    vae_decoder: bool = False  # the decoder's mid and up blocks
+    critic: bool = False  # the reward model's transformer blocks (applied by whoever builds the reward)
+
+    def __post_init__(self):
+        if self.unet not in UNET_CHECKPOINTING:
+            raise ValueError(f"Checkpointing.unet must be one of {UNET_CHECKPOINTING}, got {self.unet!r}")
+
+    @property
+    def any(self) -> bool:
+        return self.unet != "none" or self.vae_decoder or self.critic
+
+
 @dataclass
 class SDComponents:
     unet: Any  # UNet2DConditionModel
@@ -116,6 +139,8 @@ class SDComponents:
     extra: dict = field(default_factory=dict)
     # dtype of the frozen base weights (fp16/bf16 under mixed precision); LoRA tensors stay fp32.
     dtype: torch.dtype = torch.float32
+    # What is recomputed in backward; set through set_gradient_checkpointing, read by refl.step.
+    checkpointing: Checkpointing = field(default_factory=Checkpointing)
 
     @property
     def vae_scale(self) -> int:
@@ -136,14 +161,16 @@ class SDComponents:
             self.dtype = dtype
         return self
 
-    def set_gradient_checkpointing(self, enable: bool) -> None:
-        """Recompute UNet blocks and VAE decoder blocks in backward instead of storing their activations.
-        diffusers only checkpoints while gradients are enabled, so no-grad sampling is unaffected."""
-        for module in (self.unet, self.vae):
-            if enable:
+    def set_gradient_checkpointing(self, policy: Checkpointing) -> None:
+        """Recompute what `policy` names in backward instead of storing its activations (its critic part
+        is the reward's to apply). diffusers only checkpoints while gradients are enabled, so no-grad
+        sampling is unaffected."""
+        for module, on in ((self.unet, policy.unet == "blocks"), (self.vae, policy.vae_decoder)):
+            if on:
                 module.enable_gradient_checkpointing()
             else:
                 module.disable_gradient_checkpointing()
+        self.checkpointing = policy
 
     def autocast(self):
         """Autocast to the base weights' dtype, so fp32 latents and fp32 LoRA tensors meet half-precision

@@ -78,9 +78,14 @@ class ReflTrainConfig(TrainSettings):
     weight_decay: float = 1e-2
     # Gradient clipping on the global LoRA gradient norm; 0 disables.
     max_grad_norm: float = 1.0
-    # Recompute activations in backward instead of storing them: the UNet's and the VAE decoder's
-    # blocks and the reward model's transformer blocks on the gradient path, and each AlignProp UNet
-    # call as a whole. Same numbers, about one extra forward pass of the gradient part; needed at 512 px.
+    # Recompute activations in backward instead of storing them, each forward of the gradient path once
+    # (same gradients, about one more forward of it; refl.step.GRAD_METHODS, chosen by benchmarks/):
+    #   refl: its UNet call with gradient whole, the VAE decoder's mid and up blocks, the critic's blocks
+    #   draft: each of its K UNet calls with gradient whole, the VAE decoder's blocks, the critic's blocks
+    #   draft_lv: each of its n UNet passes whole, the VAE decoder's blocks, the critic's blocks
+    #   alignprop: each UNet call from the cut to the end whole, the VAE decoder's blocks, the critic's blocks
+    # The denoising regulariser's UNet call (step.reg_weight > 0) is recomputed as the method's calls are.
+    # Needed at 512 px: README "Mixed precision and memory" has what each method then takes.
     gradient_checkpointing: bool = True
     # Log scalars every this many updates.
     log_every: int = 1

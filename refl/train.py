@@ -28,7 +28,14 @@ from refl.prompts import prompts_for, seed_for, training_prompts
 from refl.reg_pool import build_reg_pool
 from refl.rewards import build_reward
 from refl.sampling import make_pipeline, sample
-from refl.step import NonFiniteLossError, RewardFn, reward_step, validate_step_config
+from refl.step import (
+    NonFiniteLossError,
+    RewardFn,
+    checkpointing_for,
+    ignored_knobs,
+    reward_step,
+    validate_step_config,
+)
 from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import save_config
 from runkit.files import paths_relative_to, write_json
@@ -152,7 +159,7 @@ def _prepare(cfg: ReflConfig, accelerator):
     components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     params = add_lora(components, cfg.lora, seed=t.seed)
     components.unet.train()
-    components.set_gradient_checkpointing(t.gradient_checkpointing)
+    components.set_gradient_checkpointing(checkpointing_for(cfg.step.method, t.gradient_checkpointing))
     optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
     # Stepped by us once per update that really happened (apply_update), so not prepared.
     lr_sched = build_lr_scheduler(t.lr_schedule, optimizer.optimizer, t.warmup_updates, t.max_updates)
@@ -255,6 +262,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
 
     t = cfg.train
     validate_step_config(cfg.step)
+    for line in ignored_knobs(cfg.step):  # a config written for another method: legal, but say so
+        logger.warning(line)
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     out = Path(t.output_dir)
     if accelerator.is_main_process:
@@ -268,7 +277,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     prompts = training_prompts(cfg.data)
     components, params, optimizer, lr_sched = _prepare(cfg, accelerator)
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
-                                          t.gradient_checkpointing)
+                                          components.checkpointing.critic)
     guard.warn_if_too_few_validations(t)
     # Validation runs on the main process only, and so do its judges.
     judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}

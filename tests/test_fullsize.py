@@ -17,7 +17,7 @@ import torch
 
 from refl.components import ModelConfig, load_components
 from refl.lora import LoraConfig, add_lora
-from refl.step import StepConfig, reward_step
+from refl.step import StepConfig, checkpointing_for, reward_step
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,10 +44,11 @@ def test_sd15_vitl14_update_at_512px(method, extra, dtype):
         for p in params[1::2]:
             p.normal_(0.0, 1e-3)
     components.unet.train()
-    components.set_gradient_checkpointing(True)
+    policy = checkpointing_for(method, True)
+    components.set_gradient_checkpointing(policy)
     critic = reward.create_critic(model_name="ViT-L-14", training_mode="all").eval().requires_grad_(False)
     critic.clip.to(dtype)
-    critic.set_grad_checkpointing(True)
+    critic.set_grad_checkpointing(policy.critic)
     cfg = StepConfig(method=method, num_inference_steps=4, **extra)
     out = reward_step(components, ["a photo of an astronaut riding a horse"], critic, cfg,
                       torch.Generator().manual_seed(0))

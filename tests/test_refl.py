@@ -11,7 +11,19 @@ import torch
 
 from refl.components import PRESETS, build_clip_tokenizer, build_pipeline, load_components, save_pipeline
 from refl.lora import LoraConfig, add_lora, save_lora, trainable_parameters
-from refl.step import NonFiniteLossError, StepConfig, reward_step
+from refl.step import (
+    GRAD_METHODS,
+    GradMethod,
+    MethodResult,
+    NonFiniteLossError,
+    StepConfig,
+    StepContext,
+    checkpointing_for,
+    ignored_knobs,
+    register_grad_method,
+    reward_step,
+    validate_step_config,
+)
 
 # Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting (100x slower).
 torch.set_num_threads(1)
@@ -184,7 +196,8 @@ def test_alignprop_and_ddpm_with_guidance_run():
         reward_step(components, PROMPTS[:1], brightness, StepConfig(scheduler="euler"), torch.Generator())
 
 
-@pytest.mark.parametrize("method,text_lora", [("refl", False), ("alignprop", False), ("draft", True)])
+# Every registered method (a new one cannot skip the KL test), and one with a text-encoder LoRA.
+@pytest.mark.parametrize("method,text_lora", [(m, False) for m in sorted(GRAD_METHODS)] + [("draft", True)])
 def test_kl_to_base_is_zero_for_identity_lora_and_pulls_back_otherwise(method, text_lora):
     components, params = tiny_lora(train_text_encoder=text_lora)
     cfg = StepConfig(method=method, num_inference_steps=6, cut_range=[3, 4], draft_k=2, guidance_scale=2.0,
@@ -207,6 +220,220 @@ def test_kl_to_base_is_zero_for_identity_lora_and_pulls_back_otherwise(method, t
     assert again["kl_loss"] < out["kl_loss"]
     # Adapters are back on after the base-model passes.
     assert all(not getattr(m, "_disable_adapters", False) for m in components.unet.modules())
+
+
+# ----------------------------------------------------------------------------- the gradient-method contract
+def _last_step(ctx: StepContext, latents) -> MethodResult:
+    """A method written against the public contract alone: sample to the last step, one call with gradient."""
+    t = ctx.timesteps[-1]
+    latents = ctx.run_no_grad(latents, ctx.timesteps[:-1])
+    eps = ctx.grad_eps(latents, t)  # (B, C, h, w)
+    return MethodResult([ctx.step(eps, t, latents).pred_original_sample], len(ctx.timesteps) - 1)
+
+
+@pytest.fixture
+def registered():
+    """register(name, method) for one test; the registry is as before afterwards."""
+    names = []
+
+    def register(name, method):
+        names.append(name)
+        return register_grad_method(name, method)
+
+    yield register
+    for name in names:
+        GRAD_METHODS.pop(name, None)
+
+
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
+def test_every_method_keeps_the_contract(method):
+    components, params = tiny_lora()
+    randomise_lora_b(components)
+    calls, handle = _count_grad_calls(components)
+    cfg = StepConfig(method=method, num_inference_steps=5, cut_range=[1, 3], draft_k=2, kl_weight=1.0)
+    validate_step_config(cfg)
+    out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0))
+    handle.remove()
+    # Each UNet call with gradient went through grad_eps: one KL base call (no gradient) follows each.
+    with_grad = calls.count(True)
+    assert with_grad >= 1 and out["kl_loss"] > 0
+    assert [c for i, c in enumerate(calls) if i > 0 and calls[i - 1]] == [False] * with_grad
+    # The cut is the first call with gradient: the no-grad prefix has `cut` calls (DRaFT-LV re-noises the
+    # finished sample, so its prefix is the whole trajectory).
+    assert 0 <= int(out["cut"]) < 5
+    assert calls.index(True) == (5 if method == "draft_lv" else int(out["cut"]))
+    out["loss"].backward()
+    assert any(p.grad.abs().sum() > 0 for p in params)
+    # Declared knobs are StepConfig fields with a check that passes on the config above.
+    for knob, check in GRAD_METHODS[method].knobs.items():
+        assert hasattr(cfg, knob)
+        check(cfg)
+
+
+def test_every_step_knob_is_shared_or_read_by_a_method():
+    from dataclasses import fields
+
+    from refl.step import SHARED_KNOBS
+
+    read = set(SHARED_KNOBS).union(*(m.knobs for m in GRAD_METHODS.values()))
+    assert {f.name for f in fields(StepConfig)} == read
+
+
+def test_knobs_of_another_method_are_reported_not_checked():
+    # draft reads draft_k; the default cut_range [30, 39] does not fit 10 steps, but draft never reads it.
+    validate_step_config(StepConfig(method="draft", num_inference_steps=10))
+    with pytest.raises(ValueError, match="cut_range"):
+        validate_step_config(StepConfig(method="refl", num_inference_steps=10))
+    with pytest.raises(ValueError, match="draft_k"):
+        validate_step_config(StepConfig(method="draft", num_inference_steps=10, draft_k=11))
+    assert ignored_knobs(StepConfig(method="draft", num_inference_steps=10)) == []
+    (line,) = ignored_knobs(StepConfig(method="draft", cut_range=[1, 2], draft_k=3))
+    assert line.startswith("step.cut_range=[1, 2] is ignored by step.method=draft") and "step.draft_k" in line
+    assert len(ignored_knobs(StepConfig(method="refl", draft_k=3, draft_lv_n=4))) == 2
+
+
+def test_registering_a_method_checks_its_name_and_knobs(registered):
+    with pytest.raises(ValueError, match="already registered"):
+        register_grad_method("refl", GRAD_METHODS["refl"])
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"lr": print}))
+    with pytest.raises(ValueError, match="kl_weight"):  # shared: every method reads it already
+        register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"kl_weight": print}))
+    assert "x" not in GRAD_METHODS
+
+
+def test_a_method_breaking_the_contract_is_named(registered):
+    components, _ = tiny_lora()
+    policy = GRAD_METHODS["refl"].checkpointing
+
+    def returns_a_tuple(ctx, latents):
+        return [_last_step(ctx, latents).predictions[0]], {"cut": 3}
+
+    def calls_the_unet_itself(ctx, latents):  # gradient, but past the context: no checkpointing, no KL
+        t = ctx.timesteps[-1]
+        eps = ctx.components.unet(latents, t, encoder_hidden_states=ctx.cond).sample
+        return MethodResult([ctx.step(eps, t, latents).pred_original_sample], 3)
+
+    def cut_outside(ctx, latents):
+        return MethodResult(_last_step(ctx, latents).predictions, 4)
+
+    for name, run, error in [("tuple", returns_a_tuple, "'tuple' returned tuple, not a refl.step.MethodResult"),
+                             ("bypass", calls_the_unet_itself, "'bypass' made no UNet call through"),
+                             ("cut", cut_outside, r"'cut' returned cut=4, outside \[0, num_inference_steps=4\)")]:
+        registered(name, GradMethod(run, policy))
+        with pytest.raises((TypeError, ValueError), match=error):
+            reward_step(components, PROMPTS[:1], brightness, StepConfig(method=name, num_inference_steps=4),
+                        torch.Generator().manual_seed(0))
+
+
+def test_a_registered_method_trains_with_checkpointing_and_kl(registered, tmp_path, caplog):
+    """A new method is its function plus one registration: training, checkpointing and the KL term
+    need no other file. It declares no knob, so the cut_range of the overrides is reported as ignored."""
+    from refl.components import Checkpointing
+    from refl.train import ReflConfig, train
+    from runkit.config import load_config
+
+    registered("last_step", GradMethod(_last_step, Checkpointing(unet="calls", vae_decoder=True)))
+    cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
+        "step.method=last_step", "step.kl_weight=1.0", "train.gradient_checkpointing=true"])
+    with caplog.at_level("WARNING", logger="refl.train"):
+        result = train(cfg)
+    assert result["updates"] == 2
+    assert any("step.cut_range=[1, 3] is ignored by step.method=last_step" in r.message for r in caplog.records)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 2 and all(r["train/cut"] == 3 and r["train/kl_loss"] >= 0 for r in train_rows)
+    lora = _lora_file(tmp_path / "checkpoints" / "update-000002")
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
+
+
+def _tiny_critic(dtype=torch.float32):
+    from reward.model import CriticConfig, create_critic
+
+    critic = create_critic(CriticConfig(model_name="tiny-clip", training_mode="all")).eval().requires_grad_(False)
+    critic.clip.to(dtype)
+    return critic
+
+
+# Every step that can carry gradient: guidance doubles the UNet batch, the KL term adds base calls.
+CKPT_STEP = dict(num_inference_steps=4, cut_range=[1, 2], draft_k=2, guidance_scale=2.0, kl_weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
+def test_checkpointing_leaves_lora_gradients_unchanged(method, dtype):
+    # LoRA dropout: a forward rerun in backward must draw the masks of the first run again.
+    components, params = tiny_lora(dropout=0.1)
+    components.to(dtype=dtype)
+    randomise_lora_b(components)
+    critic = _tiny_critic(dtype)
+    # The denoising regulariser adds one more UNet call with gradient, checkpointed by the same policy.
+    cfg = StepConfig(method=method, reg_weight=1.0, **CKPT_STEP)
+    unet = components.unet.config
+    reg_latents = torch.randn(2, unet.in_channels, unet.sample_size, unet.sample_size,
+                              generator=torch.Generator().manual_seed(2))  # (B', C, h, w)
+    grads, reruns = {}, {}
+    for enabled in (False, True):
+        policy = checkpointing_for(method, enabled)
+        components.set_gradient_checkpointing(policy)
+        critic.set_grad_checkpointing(policy.critic)
+        torch.manual_seed(0)
+        calls, handle = _count_grad_calls(components)
+        out = reward_step(components, PROMPTS[:2], critic, cfg, torch.Generator().manual_seed(0),
+                          reg_batch=(reg_latents, PROMPTS[:2]))
+        forward_calls, with_grad = len(calls), calls.count(True)
+        out["loss"].backward()
+        handle.remove()
+        reruns[enabled] = (len(calls) - forward_calls, with_grad)  # (UNet calls in backward, with gradient)
+        grads[enabled] = torch.cat([p.grad.flatten() for p in params])
+        for p in params:
+            p.grad = None
+    assert checkpointing_for(method, True).any and not checkpointing_for(method, False).any
+    # Whole calls: backward reruns every UNet call with gradient once, the regulariser's included.
+    assert reruns[False][0] == 0 and reruns[True][0] == reruns[True][1] >= 2
+    scale = grads[False].abs().max()
+    assert scale > 0
+    # Same kernels on the same inputs: fp32 agrees to rounding; bf16 within a few of its ulps of the largest.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(grads[True], grads[False], rtol=tol, atol=tol * scale), \
+        (grads[True] - grads[False]).abs().max() / scale
+
+
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
+def test_checkpointing_reruns_each_forward_at_most_once(method):
+    from refl.bench import BenchConfig, count_update, recompute_ratios, settings_for, setup
+
+    cfg = BenchConfig(model="tiny", critic="tiny-clip", batch=2, steps=4, grad_steps=2, dtype="fp32",
+                      guidance_scale=2.0)
+    bench = setup(cfg, torch.device("cpu"))
+    step = StepConfig(method=method, **{**CKPT_STEP, "kl_weight": 0.0})  # every no-grad call is then a prefix call
+    default, settings = settings_for(method)
+    assert default == checkpointing_for(method, True).unet
+    bench.set_checkpointing(settings["none"])
+    calls, handle = _count_grad_calls(bench.components)
+    plain = count_update(bench, step)
+    handle.remove()
+    unet = plain["forward_flops"]["unet"]
+    # Without checkpointing each call with gradient runs its forward once: as many FLOPs as a no-grad call
+    # of the prefix (same shapes) per call.
+    assert calls.count(True) >= 1 and calls.count(False) >= 1
+    assert unet["grad"] / calls.count(True) == unet["no_grad"] / calls.count(False)
+    assert recompute_ratios(plain, plain) == {"unet": 1.0, "vae_decoder": 1.0, "critic": 1.0, "all": 1.0}
+    for name in ("blocks", "calls"):
+        bench.set_checkpointing(settings[name])
+        counted = count_update(bench, step)
+        ratios = recompute_ratios(counted, plain)
+        assert all(1.0 < r <= 2.0 for r in ratios.values()), (name, ratios)
+        # ... and no module anywhere on the gradient path runs its forward more than twice per call.
+        twice = {k: (n, plain["grad_forwards"][k]) for k, n in counted["grad_forwards"].items()
+                 if n > 2 * plain["grad_forwards"][k]}
+        assert not twice, (name, twice)
+    # Both levels at once, what alignprop did before, reruns the UNet's blocks twice.
+    bench.set_checkpointing(settings["calls"])
+    bench.components.unet.enable_gradient_checkpointing()
+    nested = count_update(bench, step)
+    assert recompute_ratios(nested, plain)["unet"] > 2.0
+    assert nested["grad_forwards"]["unet.mid_block.resnets.1"] == 3 * plain["grad_forwards"]["unet.mid_block.resnets.1"]
 
 
 def test_nan_loss_raises_clear_error_before_any_update():
@@ -482,7 +709,7 @@ def test_sd15_architecture_takes_lora():
 
 
 # ----------------------------------------------------------------------------- mixed precision
-@pytest.mark.parametrize("method", ["refl", "draft", "draft_lv", "alignprop"])
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
 def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, method):
     """The bf16 path end to end on CPU: base weights in bf16, LoRA and optimizer in fp32, validation,
     the denoising regulariser's pool, the KL term and a real critic reward, every gradient method."""
@@ -578,7 +805,7 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)
 
 
-def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
+def test_bench_script_reports_phases_memory_and_recomputation_per_method(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_refl_script", os.path.join("scripts", "bench_refl.py"))
@@ -586,15 +813,41 @@ def test_bench_script_reports_phases_memory_flops_and_ratios(tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
     assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
-                        "--set", "repeats=1", "--set", "dtype=bf16", "--set", "best_of_batch=2", "--out", str(out)]) == 0
+                        "--set", "grad_steps=2", "--set", "repeats=1", "--set", "dtype=bf16", "--set",
+                        "best_of_batch=2", "--set", "sampling_repeats=1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["update_tflop"] > 0
-    for run in ("checkpointing", "no_checkpointing"):
-        assert {"sampling", "grad_step", "decode", "critic", "backward"} <= set(result[run]["seconds_by_phase"])
-        assert result[run]["seconds_per_update"] > 0
+    assert set(result["methods"]) == set(GRAD_METHODS)
+    assert result["device"]["threads"] >= 1 and len(result["device"]["load_average_1_5_15"]) == 3
+    for method, row in result["methods"].items():
+        assert row["default"] == checkpointing_for(method, True).unet
+        assert row["update_tflop"] > 0 and row["model_flop_utilisation"] is None  # no known peak for a CPU
+        assert row["dominant_phase"] in row["settings"][row["default"]]["seconds_by_phase"]
+        for name, setting in row["settings"].items():
+            assert {"sampling", "grad_step", "decode", "critic", "backward", "optimizer"} <= set(
+                setting["seconds_by_phase"]), (method, name)
+            assert setting["seconds_per_update"] > 0 and setting["executed_tflop"] >= row["update_tflop"]
+        plain, ours = row["settings"]["none"], row["settings"][row["default"]]
+        assert plain["recompute_ratio"]["unet"] == 1.0 and 1.0 < ours["recompute_ratio"]["unet"] <= 2.0
+        assert ours["peak_tensor_gib"] < plain["peak_tensor_gib"]  # what checkpointing is for
     assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
     assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
-    assert result["model_flop_utilisation"] is None  # no known peak for a CPU
+
+
+def test_memory_model_fit_predicts_a_size_and_batch_it_did_not_fit():
+    from refl.bench import BenchConfig, MemoryModelConfig, memory_model
+
+    # tiny-clip's own size is 16 px: every measured size is resized to it, so each runs the same ops.
+    model = memory_model(BenchConfig(model="tiny", critic="tiny-clip", dtype="fp32", methods=["alignprop"]),
+                         MemoryModelConfig(target_px=64, points_px=[24, 32, 40], alignprop_grad_steps=2, steps=4))
+    rows = model["methods"]["alignprop"]["settings"]
+    for row in rows.values():
+        assert row["check_predicted_over_measured"] == pytest.approx(1.0, abs=0.02)  # batch 1 runs a few other ops
+        assert row["peak_gib"]["1"] < row["peak_gib"]["2"] < row["peak_gib"]["4"]
+        assert row["seconds_per_update"]["4"] == pytest.approx(4 * row["seconds_per_update"]["1"])
+    default = model["methods"]["alignprop"]["default"]
+    assert rows[default]["peak_gib"]["4"] < rows["none"]["peak_gib"]["4"]
+    assert rows[default]["recompute_ratio_unet"] <= 2.0 and rows["none"]["recompute_ratio_unet"] == 1.0
+    assert model["table_markdown"].count("| alignprop |") == 3 and "(`true`)" in model["table_markdown"]
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
