@@ -253,3 +253,21 @@ def test_a_changed_community_behaviour_rebuilds_pairs_without_drawing_again(quic
     assert after["config"]["judgement_noise"] == 0.5 and after != before
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("samples-*.npz")} == cache
     assert "realism" in after and set(after["term_spread"]) == set(before["term_spread"])
+
+
+def test_sweep_chooses_by_the_rule_on_the_demos_critic(quick_demo, monkeypatch):
+    import toyworld.sweep as sweep
+
+    # Two tiny settings on the quick demo's critic; the rule and its judges are the real ones.
+    monkeypatch.setattr(sweep, "COMMON", ["refl.train.max_updates=2", "refl.train.validate_every=1",
+                                          "refl.train.validate_at_start=true"])
+    grid = {"lr 0": ["refl.train.lr=0"], "lr 1e-2": ["refl.train.lr=1e-2"]}
+    result = sweep.run_sweep(quick_demo, grid)
+    assert result["choice"]["setting"] in grid and 0 <= result["choice"]["update"] <= 2
+    for name, curve in result["curves"].items():
+        assert [r["update"] for r in curve] == [0, 1, 2]
+        assert not any("oracle" in k for r in curve for k in r)  # what the rule saw
+        assert "oracle_peak" in result["evaluation"][name]  # evaluated only after the choice
+    # lr 0 never moves: every update ties with the base, so its best admissible update is the base.
+    assert result["per_run"]["lr 0"]["update"] == 0
+    assert "Chosen:" in (quick_demo / "sweep" / "sweep.md").read_text()

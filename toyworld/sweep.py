@@ -67,9 +67,24 @@ def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) ->
     result = {"rule": {"maximise": rule.maximise, "hold": rule.hold}, "grid": grid, "common": COMMON,
               "choice": {"setting": choice["run"], "overrides": grid[choice["run"]], "update": choice["update"]},
               "per_run": choice["per_run"], "curves": {name: _user_view(validations(r), rule) for name, r in runs.items()}}
+    result["evaluation"] = _evaluate_after_choice(runs, base.clip_model, root)
     write_json(root / "sweep.json", result)
     atomic_write_text(root / "sweep.md", sweep_markdown(result) + "\n")
     return result
+
+
+def _evaluate_after_choice(runs: dict[str, list[dict]], clip_model: str, root: Path) -> dict:
+    """After the choice, the oracle on each run's validation curve (toyworld/overoptimisation.py): its peak and
+    where the rule and each guard land; the chosen setting's chart in overoptimisation.png. Evaluation only."""
+    from toyworld.overoptimisation import analyse, plot
+
+    out = {}
+    for name, records in runs.items():
+        analysis = analyse(records, clip_model)
+        if analysis is not None:
+            out[name] = analysis
+            plot(records, analysis, clip_model, root / slug(name) / "overoptimisation.png")
+    return out
 
 
 def _user_view(rows: list[dict], rule: SweepRule) -> list[dict]:
@@ -93,6 +108,16 @@ def sweep_markdown(result: dict) -> str:
         rows.append([name, str(top["update"]), f"{base[rule['maximise']]:.3f} -> {top[rule['maximise']]:.3f}"]
                     + [f"{base[k]:.3f} -> {top[k]:.3f}" for k in held])
     c = result["choice"]
-    return "\n".join([f"Rule: maximise {rule['maximise']} over (setting, update) with each held judge within its "
-                      "drop of update 0.", "", *markdown_table(header, rows), "",
-                      f"Chosen: {c['setting']} ({' '.join(c['overrides'])}), update {c['update']}."])
+    lines = [f"Rule: maximise {rule['maximise']} over (setting, update) with each held judge within its drop of "
+             "update 0.", "", *markdown_table(header, rows), "",
+             f"Chosen: {c['setting']} ({' '.join(c['overrides'])}), update {c['update']}."]
+    evaluation = result.get("evaluation") or {}
+    if evaluation:
+        eval_rows = [[name, f"{a['oracle_base']:.3f}",
+                      f"{a['oracle_peak']['oracle']:.3f} (update {a['oracle_peak']['update']})",
+                      f"{a['picks']['sweep rule']['oracle']:.3f} (update {a['picks']['sweep rule']['update']})",
+                      f"{a['picks']['no guard (last update)']['oracle']:.3f}"] for name, a in evaluation.items()]
+        lines += ["", "After the choice, evaluation only: the oracle on each setting's validation curve.", "",
+                  *markdown_table(["setting", "oracle at update 0", "oracle's peak", "at the rule's pick",
+                                   "at the last update"], eval_rows)]
+    return "\n".join(lines)
