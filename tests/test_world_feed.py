@@ -63,7 +63,7 @@ def test_accuracy_by_gap_bins_every_pair_once():
     correct = np.array([0.0, 1.0, 1.0, 1.0, 0.5, 0.0])
     bins = accuracy_by_gap(correct, gaps, edges=(0.04, 0.1, float("inf")))
     assert [b["n_pairs"] for b in bins] == [2, 2, 2]
-    assert [b["accuracy"] for b in bins] == [0.5, 0.5, 0.75]
+    assert [b["accuracy"] for b in bins] == [0.5, 0.5, 0.75] and bins[-1]["gap_to"] is None  # open, JSON-safe
     empty = accuracy_by_gap(correct, gaps, edges=(0.01, float("inf")))
     assert empty[0] == {"gap_from": 0.0, "gap_to": 0.01, "n_pairs": 0, "accuracy": None}
 

@@ -52,12 +52,13 @@ def pair_gaps(truth: Sequence) -> np.ndarray:
 
 def accuracy_by_gap(correct: np.ndarray, gaps: np.ndarray, edges: Sequence[float] = GAP_EDGES) -> list[dict]:
     """Pairwise accuracy per oracle-gap bin: `correct` (N,) 1 / 0.5 (tie) / 0 per pair, `gaps` (N,) its gap.
-    One row per bin: its range, pair count and accuracy (None when empty)."""
+    One row per bin: its range (gap_to None: no upper edge, so the row survives JSON), pair count and accuracy
+    (None when empty)."""
     rows, lower = [], 0.0
     for upper in edges:
         inside = (gaps >= lower) & (gaps < upper)  # (N,)
         n = int(inside.sum())
-        rows.append({"gap_from": lower, "gap_to": upper, "n_pairs": n,
+        rows.append({"gap_from": lower, "gap_to": None if upper == float("inf") else upper, "n_pairs": n,
                      "accuracy": float(correct[inside].mean()) if n else None})
         lower = upper
     return rows

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from refl.sweep import guard_picks, validations
-from toyworld.sweep import rule_for
+from toyworld.rule import rule_for
 
 ORACLE = "eval/heldout/oracle:"
 

@@ -18,6 +18,7 @@ from refl.sweep import SweepRule, choose, validations
 from runkit.config import override
 from runkit.files import atomic_write_text, write_json
 from runkit.logs import read_metrics
+from toyworld.rule import rule_for
 from toyworld.variants import markdown_table, slug
 
 logger = logging.getLogger(__name__)
@@ -28,16 +29,6 @@ COMMON = ["refl.train.max_updates=120", "refl.train.validate_every=10", "refl.tr
 # as the demo samples (4) or none (1, as ImageReward's ReFL rollouts).
 GRID = {f"lr {lr}, training CFG {g:g}": [f"refl.train.lr={lr}", f"refl.step.guidance_scale={g}"]
         for g in (4.0, 1.0) for lr in ("3e-4", "1e-3", "3e-3")}
-# The rule: the highest reward on the validation prompts among updates that keep the zero-shot CLIP within 1
-# point and prompt fidelity within 5 points of the base (update 0). One CLIP point is about the spread of the
-# toy CLIP's score between the base's samples of one prompt; 5 points of fidelity is the comparison's goal.
-HOLD = {"clip:{clip_model}": 1.0, "fidelity:": 0.05}
-
-
-def rule_for(clip_model: str) -> SweepRule:
-    return SweepRule(hold={"eval/heldout/" + k.replace("{clip_model}", clip_model): v for k, v in HOLD.items()})
-
-
 def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) -> dict:
     """Train every setting of `grid` (default GRID) on the demo's critic, apply the rule; writes
     <demo>/sweep/sweep.json and sweep.md. Needs the demo's community and critic stages only."""

@@ -45,6 +45,10 @@ def _acc(r: dict | None) -> str:
     return "-" if not r else f"{r['pairwise_accuracy']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
 
 
+def _gap_range(b: dict) -> str:
+    return f"{b['gap_from']:.2f}+" if b["gap_to"] is None else f"{b['gap_from']:.2f}-{b['gap_to']:.2f}"
+
+
 def learning_section(crit: dict) -> str:
     """The critic's learning curve, its ceiling and its accuracy by oracle gap, for report.html."""
     curve, ceiling = crit.get("learning_curve") or [], crit.get("ceiling")
@@ -61,7 +65,7 @@ def learning_section(crit: dict) -> str:
     bins = judges["critic"].get("by_gap") or []
     gap_head = "".join(f"<th>{html.escape(name)}</th>" for name in judges)
     gap_rows = "".join(
-        f"<tr><td>{b['gap_from']:.2f}-{b['gap_to']:.2f}</td><td>{b['n_pairs']}</td>" + "".join(
+        f"<tr><td>{_gap_range(b)}</td><td>{b['n_pairs']}</td>" + "".join(
             "<td>-</td>" if r["by_gap"][i]["accuracy"] is None else f"<td>{r['by_gap'][i]['accuracy']:.1%}</td>"
             for r in judges.values()) + "</tr>"
         for i, b in enumerate(bins))
