@@ -45,7 +45,8 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=generate_main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers directory, cached model id, or preset (toy/tiny)")
+    p.add_argument("--model", required=True,
+                   help="diffusers directory (SD 1.x/2.x or SDXL), cached model id, or preset (toy/tiny/tiny-sdxl)")
     p.add_argument("--lora", default=None, help="LoRA directory in diffusers format")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the LoRA update")
     p.add_argument("--prompts", required=True,
@@ -58,6 +59,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (seeds do not depend on it)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights and activations (fp16 needs a GPU)")
+    p.add_argument("--vae", default=None,
+                   help="another VAE (folder or hub id), e.g. an fp16-safe SDXL VAE for --dtype fp16")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true",
@@ -68,7 +71,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
     prompts = read_prompt_file(args.prompts, key="--prompts", column_key="the prompt column")
     prepare_output(args.out, args.overwrite)  # before the model loads: a refused folder costs nothing
-    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype, vae=args.vae)
     critic = None
     if args.critic:
         import reward
@@ -78,3 +81,4 @@ def generate_main(argv: list[str] | None = None) -> int:
                        guidance_scale=args.guidance, critic=critic, batch_size=args.batch_size, overwrite=True)
     print(json.dumps({"images": len(records), "out": args.out}))
     return 0
+
