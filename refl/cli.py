@@ -1,5 +1,5 @@
-"""Command-line entry points of `refl`: training and generation (scripts/ and the console scripts wrap
-these; runkit.cli gives every command its error convention)."""
+"""Command-line entry points of `refl`: training, generation and LoRA export (scripts/ and the console
+scripts wrap these; runkit.cli gives every command its error convention)."""
 
 from __future__ import annotations
 
@@ -82,3 +82,30 @@ def generate_main(argv: list[str] | None = None) -> int:
     print(json.dumps({"images": len(records), "out": args.out}))
     return 0
 
+
+@command
+def export_main(argv: list[str] | None = None) -> int:
+    """Export a saved LoRA folder for other tools (kohya layout: AUTOMATIC1111, ComfyUI, Forge), and
+    optionally upload the folder to the Hugging Face Hub.
+
+    social-refl-export-lora runs/refl_sdxl/lora --format kohya [--out my_lora.safetensors] \\
+        [--push-to-hub user/my-lora [--private]]
+    """
+    from refl.export import FORMATS, export_lora, push_to_hub
+
+    p = argparse.ArgumentParser(description=export_main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lora", help="LoRA folder saved by ReFL training (its lora/ or lora_best/)")
+    p.add_argument("--format", default="kohya", choices=sorted(FORMATS), help="layout of the exported file")
+    p.add_argument("--out", default=None, help="exported file (default: inside the LoRA folder)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="also upload the folder (weights, model card, export) to this Hub model repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    args = p.parse_args(argv)
+    setup_logging()
+    out = export_lora(args.lora, args.format, args.out)
+    result = {"format": args.format, "file": str(out)}
+    if args.push_to_hub:
+        result["hub"] = push_to_hub(args.lora, args.push_to_hub, args.private)
+    print(json.dumps(result))
+    return 0

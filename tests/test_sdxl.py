@@ -103,6 +103,47 @@ def test_sdxl_lora_round_trip_is_exact_in_the_stock_pipeline(sdxl_dir, sdxl_lora
     assert np.abs(sdxl_lora["tuned"] - reloaded).max() < 1e-5  # alpha 16 != rank 4 reloads at its scale
 
 
+# ----------------------------------------------------------------------------- kohya export
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_kohya_export_loads_back_through_diffusers_kohya_loader_with_the_same_images(preset, tmp_path):
+    import importlib.util
+
+    from safetensors import safe_open
+
+    components = load_components(preset)
+    save_pipeline(components, tmp_path / "base")
+    add_lora(components, LoraConfig(rank=4, alpha=16.0, train_text_encoder=True))
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    tuned = run_pipe(build_pipeline(components))
+
+    spec = importlib.util.spec_from_file_location("export_script", os.path.join("scripts", "export_lora.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "mine.safetensors"
+    assert script.main([str(tmp_path / "lora"), "--format", "kohya", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in keys}
+    assert prefixes == ({"lora_unet", "lora_te1", "lora_te2"} if preset == "tiny-sdxl" else {"lora_unet", "lora_te1"})
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert alphas == {16.0}  # the trained alpha, not diffusers' converter's alpha = rank
+
+    stock = build_pipeline(load_components(str(tmp_path / "base")))
+    stock.load_lora_weights(str(out))  # a kohya file: diffusers converts it with its own kohya loader
+    assert np.abs(run_pipe(stock) - tuned).max() < 1e-5
+
+
+def test_export_refuses_a_folder_without_weights(tmp_path, capsys):
+    from refl.cli import export_main
+
+    (tmp_path / "empty").mkdir()
+    assert export_main([str(tmp_path / "empty")]) == 2
+    assert "pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- generate and the harness
 def test_generate_script_with_an_sdxl_lora(sdxl_dir, sdxl_lora, tmp_path):
     from PIL import Image
