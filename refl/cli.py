@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 from runkit.cli import command
 from runkit.config import add_config_args, config_overrides, load_config
@@ -27,7 +29,8 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(ReflConfig, args.config, config_overrides(args))
     setup_logging()
-    result = train(cfg)
+    started = ["social-refl-train-refl", *(sys.argv[1:] if argv is None else argv)]
+    result = train(cfg, command=shlex.join(started))
     if "lora" in result:  # the main process reports
         print(json.dumps(result, indent=2, default=str))
     return 0

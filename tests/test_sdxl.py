@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refl.components import ModelConfig, build_pipeline, load_components, save_pipeline
-from refl.lora import LoraConfig, add_lora, save_lora
+from refl.lora import MODEL_CARD, LoraConfig, add_lora, save_lora
 
 # Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting.
 torch.set_num_threads(1)
@@ -191,3 +191,35 @@ def test_harness_with_an_sdxl_lora_draws_what_the_stock_pipeline_draws(sdxl_dir,
     assert np.abs(base["images"].astype(int) - (expected * 255).round().astype(int)).max() <= 1
     assert np.abs(refl["images"].astype(int) - base["images"].astype(int)).max() > 10
     assert json.loads((tmp_path / "run" / "throughput.json").read_text())["result"]["ratio_vs_stock"] > 0
+
+
+# ----------------------------------------------------------------------------- model card
+def test_every_saved_lora_folder_has_a_model_card(tmp_path):
+    from refl.cli import train_main
+    from runkit.logs import read_metrics
+
+    args = ["--set", f"train.output_dir={tmp_path}", "--set", "model.name=tiny", "--set", "reward.kind=contrast",
+            "--set", "train.max_updates=2", "--set", "train.batch_size=1", "--set", "train.gradient_accumulation=1",
+            "--set", "train.lr=3e-3", "--set", "train.checkpoint_every=1", "--set", "train.validate_every=1",
+            "--set", "train.log_with=none", "--set", "train.validation_steps=2", "--set", "step.num_inference_steps=3",
+            "--set", "step.cut_range=[1,2]", "--set", "train.validation_prompts=[a cat]",
+            "--set", "train.select_by=clip:tiny-clip"]
+    assert train_main(args) == 0
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    evals = [r for r in rows if "eval/reward" in r]
+    assert [r["update"] for r in evals] == [0, 1, 2]  # update 0: the base model (train.validate_at_start)
+    final = (tmp_path / "lora" / MODEL_CARD).read_text()
+    assert final.startswith("---\nbase_model: tiny\n")
+    assert "| method | `refl`, 3 `ddim` steps" in final and "| updates | 2 of 2 |" in final
+    assert "| learning rate | 0.003 " in final and "| reward | `contrast` |" in final
+    assert "social-refl-train-refl --set" in final and "train.select_by=clip:tiny-clip" in final
+    rewards = [r["eval/reward"] for r in evals]
+    best = int(np.argmax(rewards))
+    assert (f"| `eval/reward` | {rewards[-1]:.4g} | 2 | {rewards[best]:.4g} | {evals[best]['update']} |") in final
+    assert "`eval/heldout/clip:tiny-clip`" in final
+    # A checkpoint's card describes that checkpoint, which is written before its update's validation.
+    first = (tmp_path / "checkpoints" / "update-000001" / "lora" / MODEL_CARD).read_text()
+    assert "| updates | 1 of 2 |" in first and f"| `eval/reward` | {rewards[0]:.4g} | 0 |" in first
+    second = (tmp_path / "checkpoints" / "update-000002" / "lora" / MODEL_CARD).read_text()
+    assert "| updates | 2 of 2 |" in second and f"| `eval/reward` | {rewards[1]:.4g} | 1 |" in second
+    assert (tmp_path / "lora_best" / MODEL_CARD).is_file()
