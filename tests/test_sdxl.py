@@ -80,6 +80,30 @@ def test_tiny_sdxl_preset_has_sdxl_layout_and_saves_as_a_stock_sdxl_model(sdxl_d
     assert load_components(ModelConfig(name=str(sdxl_dir), random_weights=True)).is_sdxl
 
 
+def test_sdxl_conditioning_on_the_gradient_path_equals_the_stock_pipelines():
+    from refl import conditioning
+
+    c = load_components("tiny-sdxl")
+    pipe = build_pipeline(c)
+    cond = conditioning.encode(c, PROMPTS)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=PROMPTS, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True)
+    assert cond.hidden.shape == (2, 16, 64) and cond.pooled.shape == (2, 32)
+    assert torch.equal(cond.hidden, embeds) and torch.equal(cond.pooled, pooled)
+    neg = conditioning.negative(c, cond)
+    assert torch.equal(neg.hidden, negative) and torch.equal(neg.pooled, negative_pooled)  # zeros, as stock
+    expected = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32,
+                                      text_encoder_projection_dim=c.text_encoder_2.config.projection_dim)
+    assert torch.equal(cond.time_ids, expected.repeat(2, 1))
+    both = conditioning.cat(neg, cond)
+    assert len(both) == 4 and torch.equal(both.pooled[2:], cond.pooled)
+    sd = load_components("tiny")
+    sd_embeds, sd_negative = build_pipeline(sd).encode_prompt(PROMPTS, torch.device("cpu"), 1, True)
+    sd_cond = conditioning.encode(sd, PROMPTS)
+    assert torch.equal(sd_cond.hidden, sd_embeds) and sd_cond.unet_kwargs().keys() == {"encoder_hidden_states"}
+    assert torch.equal(conditioning.negative(sd, sd_cond).hidden, sd_negative)
+
+
 def test_v_prediction_preset():
     v = load_components("tiny-v")
     assert v.scheduler.config.prediction_type == "v_prediction"
@@ -223,3 +247,46 @@ def test_every_saved_lora_folder_has_a_model_card(tmp_path):
     second = (tmp_path / "checkpoints" / "update-000002" / "lora" / MODEL_CARD).read_text()
     assert "| updates | 2 of 2 |" in second and f"| `eval/reward` | {rewards[1]:.4g} | 1 |" in second
     assert (tmp_path / "lora_best" / MODEL_CARD).is_file()
+
+
+# ----------------------------------------------------------------------------- fp16 and the VAE
+def _overflowing_vae(vae):
+    """SDXL's VAE problem in miniature: its decoder's activations pass fp16's 65504. Scaling the decoder's
+    first convolution by 1e5 does that here; fp32 still decodes finitely (GroupNorm rescales what follows),
+    fp16 turns the activations into inf and NaN. (Random weights never overflow by themselves.)"""
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+        vae.decoder.conv_in.bias.mul_(1e5)
+    return vae
+
+
+def test_fp16_keeps_an_unsafe_vae_in_fp32_and_a_named_fp16_safe_vae_decodes_without_nans(tmp_path):
+    import copy
+
+    from refl.sampling import make_pipeline, sample
+
+    safe = load_components("tiny-sdxl").vae
+    safe.register_to_config(force_upcast=False)  # how an fp16-safe VAE marks itself
+    safe.save_pretrained(tmp_path / "safe-vae")
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # the same latents throughout
+
+    unsafe = load_components("tiny-sdxl")
+    _overflowing_vae(unsafe.vae)
+    with torch.no_grad():
+        fp32 = unsafe.vae.decode(latents).sample
+        naive_fp16 = copy.deepcopy(unsafe.vae).half().decode(latents.half()).sample
+    assert torch.isfinite(fp32).all() and not torch.isfinite(naive_fp16).all()  # the overflow is real
+
+    unsafe.to(dtype=torch.float16)  # the base in fp16; this VAE is not marked fp16-safe, so it stays fp32
+    assert unsafe.unet.dtype == torch.float16 and unsafe.vae.dtype == torch.float32
+    with unsafe.autocast():
+        images = sample(make_pipeline(unsafe), ["a cat"], seeds=[0], num_inference_steps=2, output="pt")
+    assert torch.isfinite(images).all()  # the pipeline's latents, decoded outside fp16 autocast
+
+    named = load_components(ModelConfig(name="tiny-sdxl", vae=str(tmp_path / "safe-vae")))  # model.vae
+    named.to(dtype=torch.float16)
+    assert named.vae.dtype == torch.float16  # fp16-safe: it runs in fp16 like the rest
+    with torch.no_grad():
+        half = named.vae.decode(latents.half()).sample
+        reference = safe.decode(latents).sample
+    assert torch.isfinite(half).all() and (half.float() - reference).abs().max() < 2e-2
