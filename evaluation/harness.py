@@ -108,8 +108,9 @@ def _sync(device) -> None:
 
 
 class Sampler:
-    """A stock StableDiffusionPipeline driven for best-of-N: one text encoding per prompt and model,
-    one CPU generator per image, LoRA switched on and off in place (no second copy of the model)."""
+    """A stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) driven for best-of-N: one text
+    encoding per prompt and model, one CPU generator per image, LoRA switched on and off in place (no
+    second copy of the model)."""
 
     def __init__(self, cfg: CompareConfig, components=None):
         from refl.components import load_components
