@@ -59,8 +59,10 @@ def bench_refl_main(argv: list[str] | None = None) -> int:
 
         social-refl-bench-refl                          # CUDA: SD 1.5 arch, 512 px, batch 8, 40 DDPM steps, bf16
         social-refl-bench-refl --set batch=4 --out benchmarks/refl_h100.json
+        social-refl-bench-refl --set model=sdxl --set batch=2 --out benchmarks/refl_sdxl_h100.json  # 1024 px
         social-refl-bench-refl --set model=toy --set critic=toy-clip --set batch=4   # CPU smoke run
         social-refl-bench-refl --memory-model --out benchmarks/refl_sd15_memory_model.json
+        social-refl-bench-refl --memory-model --set model=sdxl --set target_px=1024 --set 'methods=[refl]'
     Prints one JSON object and, with --out, writes it there (atomically).
     """
     import dataclasses

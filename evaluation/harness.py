@@ -45,7 +45,7 @@ from evaluation.report import write_report
 from evaluation.stats import compute_statistics, pairwise_diversity
 from refl.components import DTYPES, ModelConfig
 from refl.prompts import read_prompt_file
-from refl.sampling import sample, seed_generators
+from refl.sampling import encode_text, sample, seed_generators
 from reward.evaluators import CriticEvaluator, create_evaluator
 from runkit.config import save_config, to_dict
 from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
@@ -108,8 +108,9 @@ def _sync(device) -> None:
 
 
 class Sampler:
-    """A stock StableDiffusionPipeline driven for best-of-N: one text encoding per prompt and model,
-    one CPU generator per image, LoRA switched on and off in place (no second copy of the model)."""
+    """A stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) driven for best-of-N: one text
+    encoding per prompt and model, one CPU generator per image, LoRA switched on and off in place (no
+    second copy of the model)."""
 
     def __init__(self, cfg: CompareConfig, components=None):
         from refl.components import load_components
@@ -147,18 +148,11 @@ class Sampler:
         self.model = model
 
     @torch.no_grad()
-    def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings of one prompt (1, T, C) and of the empty negative prompt (None without CFG)."""
-        do_cfg = self.cfg.guidance_scale > 1.0
-        cond, uncond = self.pipe.encode_prompt(prompt, self.pipe.device, 1, do_cfg, negative_prompt="")
-        return cond, uncond  # (1, T, C), (1, T, C)
-
-    @torch.no_grad()
     def sample(self, prompt: str, seeds: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Images of `prompt` for these seeds, uint8 (n, H, W, 3), drawn `batch_size` at a time."""
         batch_size = batch_size or self.cfg.batch_size
-        cond, uncond = self.encode(prompt)  # once per prompt, repeated per batch
-        images = sample(self.pipe, prompt_embeds=cond, negative_prompt_embeds=uncond, seeds=seeds,
+        embeds = encode_text(self.pipe, prompt, self.cfg.guidance_scale)  # once per prompt, repeated per batch
+        images = sample(self.pipe, embeds=embeds, seeds=seeds,
                         num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
                         eta=self.cfg.eta, batch_size=batch_size)  # (n, H, W, 3) uint8
         self.images_drawn += len(seeds)

@@ -1,6 +1,7 @@
 """ReFL's training step measured, per gradient method: seconds per update by phase, peak memory, the
 recomputation gradient checkpointing adds, model-FLOP utilisation, and our sampling against a stock
-StableDiffusionPipeline; and a model of SD 1.5's memory at 512 px from counts at small resolutions.
+StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL: `--set model=sdxl`); and a model of SD 1.5's
+memory at 512 px from counts at small resolutions.
 
 `run_benchmark(BenchConfig(...))` returns one JSON-able dict; `scripts/bench_refl.py` adds the
 comparison harness's best-of-N sampler (evaluation.harness.best_of_n_throughput), prints it and
@@ -66,7 +67,8 @@ ATTENTION_FORWARD = {aten._scaled_dot_product_flash_attention_for_cpu, aten._sca
 
 @dataclass
 class BenchConfig:
-    # SD model: a preset ("sd15" = SD 1.5's architecture, random weights; "toy"), directory or hub id.
+    # SD model: a preset ("sd15" / "sdxl" = SD 1.5's / SDXL base's architecture, random weights; "toy",
+    # "tiny-sdxl"), directory or hub id.
     model: str = "sd15"
     # Critic: an open_clip name (random weights unless "name:pretrained") or a critic directory.
     critic: str = "ViT-L-14"

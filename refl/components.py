@@ -1,18 +1,29 @@
-"""One factory for Stable Diffusion components (SD 1.x / 2.x layout).
+"""One factory for Stable Diffusion components: SD 1.x / 2.x and SDXL.
 
 `load_components(ModelConfig(name=...))` returns UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
-CLIPTokenizer and the training (DDPM) scheduler, from
-- a diffusers directory (`model_index.json` + subfolders),
+CLIPTokenizer and the training (DDPM) scheduler, and for SDXL also its second text encoder
+(CLIPTextModelWithProjection, whose projected end-of-text embedding is SDXL's pooled text embedding) and
+second tokenizer, from
+- a diffusers directory (`model_index.json` + subfolders; SDXL when it has `text_encoder_2/`),
 - a hub model id (downloaded and cached as diffusers does; `HF_HUB_OFFLINE=1` uses the cache only),
-- or a named preset built with seeded random weights: `"tiny"` for tests, `"toy"` for the toy world,
-  `"sd15"` for SD 1.5's full-size architecture from the configs shipped in `refl/model_configs/sd15`.
+- or a named preset built with seeded random weights: `"tiny"` for tests, `"tiny-v"` (SD 2.x style:
+  v-prediction, linear attention projections), `"tiny-sdxl"` (SDXL's layout: two text encoders, pooled
+  embedding and size conditioning), `"toy"` for the toy world, and the full-size architectures `"sd15"`
+  and `"sdxl"` from the configs shipped in `refl/model_configs/`.
   Presets use the real diffusers classes, so everything downstream (LoRA, `save_lora_weights`,
-  `StableDiffusionPipeline`) runs unchanged on them.
+  `StableDiffusionPipeline` / `StableDiffusionXLPipeline`) runs unchanged on them.
 `ModelConfig.random_weights` builds any of these architectures without loading weights (a dry run of
-a real config, offline): a directory from its own config files, a known SD 1.x hub id from `sd15`.
+a real config, offline): a directory from its own config files, a known hub id from `sd15` / `sdxl`.
+`ModelConfig.vae` swaps in another VAE (e.g. an fp16-safe SDXL VAE).
 
-The tokenizer of a preset is a real `CLIPTokenizer` rebuilt offline from the BPE vocabulary that
-open_clip ships, so it gives the same ids as OpenAI CLIP (and open_clip) do.
+The tokenizers of a preset are real `CLIPTokenizer`s rebuilt offline from the BPE vocabulary that
+open_clip ships, so they give the same ids as OpenAI CLIP (and open_clip) do. SDXL's second tokenizer
+pads with "!" (id 0) instead of <|endoftext|>, and so does the SDXL presets' one.
+
+Half precision: SDXL's VAE overflows in fp16 (its decoder's activations pass fp16's 65504). Under fp16
+the VAE therefore stays in fp32 and runs outside autocast (`SDComponents.vae_autocast`) unless its config
+says `force_upcast: false`, which is how fp16-safe VAEs mark themselves; bf16 has fp32's range and casts
+the VAE like everything else.
 """
 
 from __future__ import annotations
@@ -53,6 +64,9 @@ class ModelConfig:
     # Attention kernels: "sdpa" (torch scaled_dot_product_attention, diffusers' default) or
     # "xformers" (needs `pip install social-refl[xformers]` and CUDA).
     attention: str = "sdpa"
+    # Another VAE in place of the model's own: a diffusers AutoencoderKL directory (or a pipeline directory
+    # with vae/) or hub id, e.g. an fp16-safe SDXL VAE for fp16 runs; None = the model's VAE.
+    vae: str | None = None
 
 
 @dataclass
@@ -75,6 +89,16 @@ class PresetSpec:
     # GroupNorm groups in the VAE; None = norm_num_groups. One channel per group normalises each channel's
     # mean away, and with it the colour the VAE must reconstruct.
     vae_norm_num_groups: int | None = None
+    # What the UNet predicts: "epsilon" (SD 1.x, SDXL) or "v_prediction" (SD 2.x at 768 px).
+    prediction_type: str = "epsilon"
+    # Linear instead of 1x1-conv projections into and out of the transformer blocks (SD 2.x, SDXL).
+    linear_projection: bool = False
+    # SDXL: width of the second text encoder (CLIPTextModelWithProjection; its projection has the same
+    # width), 0 = one text encoder (SD 1.x / 2.x). The UNet then attends to both encoders' hidden states
+    # side by side (cross_attention_dim = text_hidden + text2_hidden) and SDXL's block layout is used.
+    text2_hidden: int = 0
+    # SDXL: width of the sinusoidal embedding of each of the 6 size/crop numbers (add_time_ids).
+    time_embed_dim: int = 0
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -87,6 +111,16 @@ PRESETS: dict[str, PresetSpec] = {
                       unet_block_out=(64, 128), layers_per_block=1, attention_heads=8, cross_attention_dim=64,
                       norm_num_groups=32, text_hidden=64, text_layers=2, text_heads=4, context_length=16,
                       vae_norm_num_groups=8),
+    # SD 2.x's kind: v-prediction and linear projections, otherwise the tiny preset.
+    "tiny-v": PresetSpec(image_size=16, vae_block_out=(8, 16), latent_channels=4, vae_scaling_factor=1.0,
+                         unet_block_out=(32, 64), layers_per_block=1, attention_heads=4, cross_attention_dim=32,
+                         norm_num_groups=8, text_hidden=32, text_layers=2, text_heads=4, context_length=16,
+                         prediction_type="v_prediction", linear_projection=True),
+    # SDXL's layout at tests' size: two text encoders (32 + 32 wide), pooled embedding, add_time_ids.
+    "tiny-sdxl": PresetSpec(image_size=16, vae_block_out=(8, 16), latent_channels=4, vae_scaling_factor=1.0,
+                            unet_block_out=(32, 64), layers_per_block=1, attention_heads=4, cross_attention_dim=64,
+                            norm_num_groups=8, text_hidden=32, text_layers=2, text_heads=4, context_length=16,
+                            linear_projection=True, text2_hidden=32, time_embed_dim=8),
 }
 
 
@@ -96,13 +130,17 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "no": torch.float32, "f
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Full-size architectures shipped as diffusers/transformers config files (no weights).
-ARCHITECTURES: dict[str, Path] = {"sd15": MODEL_CONFIG_DIR / "sd15"}
+# sdxl: SDXL base 1.0 (UNet about 2.6B parameters, CLIP ViT-L and OpenCLIP bigG text encoders, 1024 px).
+ARCHITECTURES: dict[str, Path] = {"sd15": MODEL_CONFIG_DIR / "sd15", "sdxl": MODEL_CONFIG_DIR / "sdxl"}
 # Hub ids whose architecture is one of ARCHITECTURES (for random_weights without a download).
 HUB_ARCHITECTURES: dict[str, str] = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "runwayml/stable-diffusion-v1-5": "sd15",
     "CompVis/stable-diffusion-v1-4": "sd15",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
 }
+# SDXL's second tokenizer pads with "!" (what its released tokenizer_2 does); the first pads with <|endoftext|>.
+SDXL_PAD_TOKEN_2 = "!"
 
 
 # How the UNet recomputes on the gradient path: not at all, diffusers' own blocks (each resnet and
@@ -135,6 +173,8 @@ class SDComponents:
     text_encoder: Any  # CLIPTextModel
     tokenizer: Any  # CLIPTokenizer
     scheduler: Any  # the training noise scheduler (DDPMScheduler config of the model)
+    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (pooled embedding); None for SD 1.x / 2.x
+    tokenizer_2: Any = None  # SDXL: its CLIPTokenizer
     source: str = ""  # where they came from (preset name or path), for logs and metadata
     extra: dict = field(default_factory=dict)
     # dtype of the frozen base weights (fp16/bf16 under mixed precision); LoRA tensors stay fp32.
@@ -151,15 +191,39 @@ class SDComponents:
     def image_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by their diffusers names (text_encoder, and text_encoder_2 for SDXL)."""
+        out = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.text_encoder_2
+        return out
+
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {"unet": self.unet, "vae": self.vae, **self.text_encoders()}
+
+    def vae_stays_fp32(self, dtype: torch.dtype | None) -> bool:
+        """Whether the VAE keeps fp32 weights when the base runs in `dtype`: under fp16, unless its config
+        says it is fp16-safe (`force_upcast: false`)."""
+        return dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", True))
 
     def to(self, device=None, dtype=None) -> SDComponents:
-        for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+        for name, m in self.modules().items():
+            keep = name == "vae" and self.vae_stays_fp32(dtype)
+            m.to(device=device, dtype=torch.float32 if keep else dtype)
         if dtype is not None:
             self.dtype = dtype
         return self
+
+    def vae_autocast(self):
+        """Where the VAE runs: outside autocast when its weights stayed fp32 under an fp16 base (autocast
+        would compute its convolutions in fp16 and overflow), else as everything else does."""
+        if self.dtype == torch.float16 and self.vae.dtype == torch.float32:
+            return torch.autocast(self.vae.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     def set_gradient_checkpointing(self, policy: Checkpointing) -> None:
         """Recompute what `policy` names in backward instead of storing its activations (its critic part
@@ -212,8 +276,10 @@ def clip_vocab_files(directory: str | os.PathLike | None = None) -> Path:
     return directory
 
 
-def build_clip_tokenizer(context_length: int = 77, directory: str | os.PathLike | None = None):
-    """A real `CLIPTokenizer` with OpenAI CLIP's vocabulary, built without network access.
+def build_clip_tokenizer(context_length: int = 77, directory: str | os.PathLike | None = None,
+                         pad_token: str = "<|endoftext|>"):
+    """A real `CLIPTokenizer` with OpenAI CLIP's vocabulary, built without network access (`pad_token`:
+    SDXL's second tokenizer pads with "!").
 
     transformers 5's `CLIPTokenizer` takes the vocabulary as `vocab=` (dict) and `merges=` (list of pairs);
     the older `vocab_file=` / `merges_file=` keywords are silently ignored there and give garbage
@@ -225,23 +291,42 @@ def build_clip_tokenizer(context_length: int = 77, directory: str | os.PathLike 
     vocab = json.loads((files / "vocab.json").read_text())
     merges = (files / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
     merges = [tuple(m.split()) for m in merges if m]  # the tokenizers backend wants (left, right) pairs
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length, pad_token=pad_token)
 
 
 # ----------------------------------------------------------------------------- presets
+def _clip_text_config(hidden: int, layers: int, heads: int, context_length: int, **kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=4 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=context_length,
+                          bos_token_id=49406, eos_token_id=49407, **kw)
+
+
 def build_preset(name: str, seed: int = 0) -> SDComponents:
     """Seeded random-weight components of a small SD architecture (real diffusers classes)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
     spec = PRESETS[name]
-    if spec.text_hidden != spec.cross_attention_dim:
-        raise ValueError(f"preset {name}: text_hidden must equal cross_attention_dim")
+    sdxl = spec.text2_hidden > 0
+    if spec.text_hidden + spec.text2_hidden != spec.cross_attention_dim:
+        raise ValueError(f"preset {name}: text_hidden + text2_hidden must equal cross_attention_dim")
+    if sdxl and spec.time_embed_dim < 1:
+        raise ValueError(f"preset {name}: an SDXL preset needs time_embed_dim >= 1")
     levels = len(spec.unet_block_out)
     vae_levels = len(spec.vae_block_out)
     latent_size = spec.image_size // 2 ** (vae_levels - 1)
+    if sdxl:  # SDXL: no attention at the highest resolution, pooled text + 6 size numbers added to the time embedding
+        blocks = {"down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+                  "up_block_types": ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+                  "addition_embed_type": "text_time", "addition_time_embed_dim": spec.time_embed_dim,
+                  "projection_class_embeddings_input_dim": spec.text2_hidden + 6 * spec.time_embed_dim}
+    else:
+        blocks = {"down_block_types": ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+                  "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)}
     # Seed before each component (as diffusers' own tests do) so one changing never shifts the others.
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -250,11 +335,11 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
         out_channels=spec.latent_channels,
         block_out_channels=spec.unet_block_out,
         layers_per_block=spec.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         cross_attention_dim=spec.cross_attention_dim,
         attention_head_dim=spec.attention_heads,
         norm_num_groups=spec.norm_num_groups,
+        use_linear_projection=spec.linear_projection,
+        **blocks,
     )
     vae_groups = spec.vae_norm_num_groups or spec.norm_num_groups
     if min(spec.vae_block_out) % vae_groups:
@@ -272,30 +357,29 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
         scaling_factor=spec.vae_scaling_factor,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=spec.text_hidden,
-        intermediate_size=4 * spec.text_hidden,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        max_position_embeddings=spec.context_length,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    ))
-    # SD 1.x's training schedule: 1000 steps, scaled-linear betas, epsilon prediction.
+    text_encoder = CLIPTextModel(_clip_text_config(spec.text_hidden, spec.text_layers, spec.text_heads,
+                                                   spec.context_length, pad_token_id=49407))
+    # SD's training schedule (SD 1.x, 2.x and SDXL share it): 1000 steps, scaled-linear betas.
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
-                              prediction_type="epsilon")
+                              prediction_type=spec.prediction_type)
     tokenizer = build_clip_tokenizer(spec.context_length)
-    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=f"preset:{name}")
+    second = {}
+    if sdxl:
+        torch.manual_seed(seed + 3)
+        second["text_encoder_2"] = CLIPTextModelWithProjection(_clip_text_config(
+            spec.text2_hidden, spec.text_layers, spec.text_heads, spec.context_length, pad_token_id=0,
+            projection_dim=spec.text2_hidden, hidden_act="gelu"))
+        second["tokenizer_2"] = build_clip_tokenizer(spec.context_length, pad_token=SDXL_PAD_TOKEN_2)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=f"preset:{name}", **second)
 
 
 def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dict, seed: int, source: str,
-                       tokenizer=None) -> SDComponents:
-    """Seeded random-weight components from config dicts (diffusers' and transformers' own formats)."""
+                       tokenizer=None, text_encoder_2: dict | None = None, tokenizer_2=None) -> SDComponents:
+    """Seeded random-weight components from config dicts (diffusers' and transformers' own formats);
+    `text_encoder_2` (SDXL) builds a CLIPTextModelWithProjection too."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     strip = {"architectures", "_class_name", "_diffusers_version", "_name_or_path", "transformers_version"}
     torch.manual_seed(seed)
@@ -306,14 +390,22 @@ def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dic
     text_model = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_encoder.items() if k not in strip}))
     sched = DDPMScheduler.from_config({k: v for k, v in scheduler.items() if k not in strip})
     tokenizer = tokenizer or build_clip_tokenizer(text_encoder.get("max_position_embeddings", 77))
-    return SDComponents(unet_model, vae_model, text_model, tokenizer, sched, source=source)
+    second = {}
+    if text_encoder_2 is not None:
+        torch.manual_seed(seed + 3)
+        second["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(**{k: v for k, v in text_encoder_2.items() if k not in strip}))
+        second["tokenizer_2"] = tokenizer_2 or build_clip_tokenizer(
+            text_encoder_2.get("max_position_embeddings", 77), pad_token=SDXL_PAD_TOKEN_2)
+    return SDComponents(unet_model, vae_model, text_model, tokenizer, sched, source=source, **second)
 
 
 def build_architecture(name: str, seed: int = 0) -> SDComponents:
     """A full-size architecture of ARCHITECTURES with seeded random weights (nothing downloaded)."""
     root = ARCHITECTURES[name]
-    configs = {part: json.loads((root / f"{part}.json").read_text())
-               for part in ("unet", "vae", "text_encoder", "scheduler")}
+    parts = ["unet", "vae", "text_encoder", "scheduler"] + (["text_encoder_2"]
+                                                             if (root / "text_encoder_2.json").is_file() else [])
+    configs = {part: json.loads((root / f"{part}.json").read_text()) for part in parts}
     return build_from_configs(**configs, seed=seed, source=f"preset:{name}")
 
 
@@ -323,19 +415,32 @@ def _random_from_directory(name: str, seed: int) -> SDComponents:
     root = Path(name)
     read = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
             "scheduler": "scheduler/scheduler_config.json"}
+    if (root / "text_encoder_2").is_dir():
+        read["text_encoder_2"] = "text_encoder_2/config.json"
     missing = [rel for rel in read.values() if not (root / rel).is_file()]
     if missing:
         raise FileNotFoundError(f"model.random_weights: {root} lacks {missing} (a diffusers Stable Diffusion "
                                 "directory has unet/, vae/, text_encoder/, scheduler/ and tokenizer/)")
     configs = {part: json.loads((root / rel).read_text()) for part, rel in read.items()}
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    return build_from_configs(**configs, seed=seed, source=f"random:{name}", tokenizer=tokenizer)
+    tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")}
+    if "text_encoder_2" in configs:
+        tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
+    return build_from_configs(**configs, seed=seed, source=f"random:{name}", **tokenizers)
 
 
 # ----------------------------------------------------------------------------- loading
+def _is_sdxl_model(name: str, kw: dict) -> bool:
+    """Whether a diffusers directory or hub id is an SDXL model: its model_index.json lists text_encoder_2."""
+    from diffusers import DiffusionPipeline
+
+    if Path(name).is_dir():
+        return (Path(name) / "text_encoder_2").is_dir()
+    return "text_encoder_2" in DiffusionPipeline.load_config(name, **kw)
+
+
 def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     local = Path(name).is_dir()
     if local and not (Path(name) / "unet").is_dir():
@@ -348,7 +453,13 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
+        # SDXL ships an Euler scheduler config; its betas and prediction type are what DDPM reads from it.
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+        second = {}
+        if _is_sdxl_model(name, kw):
+            second["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                name, subfolder="text_encoder_2", variant=variant, **kw).to(torch.float32)
+            second["tokenizer_2"] = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw)
     except OSError as err:
         if local:
             raise
@@ -364,7 +475,23 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
     # transformers keeps the stored dtype. Start every module in fp32: training casts the frozen base
     # to its mixed-precision dtype itself.
     text_encoder.to(torch.float32)
-    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=str(name))
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=str(name), **second)
+
+
+def load_vae(name: str, revision: str | None = None):
+    """An AutoencoderKL from a VAE directory (config.json at its top), a pipeline directory (vae/), or a
+    hub id of either kind (`model.vae`)."""
+    from diffusers import AutoencoderKL
+
+    root = Path(name)
+    if root.is_dir():
+        if (root / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(root)
+        if (root / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(root, subfolder="vae")
+        raise FileNotFoundError(f"model.vae {name} holds neither config.json nor vae/config.json (a diffusers "
+                                "AutoencoderKL folder, or a pipeline folder with vae/)")
+    return AutoencoderKL.from_pretrained(name, revision=revision)
 
 
 def enable_attention(components: SDComponents, attention: str) -> None:
@@ -406,6 +533,9 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
                              f"{sorted(HUB_ARCHITECTURES)}")
     else:
         components = _from_pretrained(cfg.name, cfg.revision, cfg.variant)
+    if cfg.vae:
+        components.vae = load_vae(cfg.vae, cfg.revision)
+        logger.info("VAE from %s (force_upcast=%s)", cfg.vae, getattr(components.vae.config, "force_upcast", None))
     enable_attention(components, cfg.attention)
     logger.info("SD components from %s: UNet %.2fM params, %d px images", components.source,
                 sum(p.numel() for p in components.unet.parameters()) / 1e6, components.image_size)
@@ -413,9 +543,21 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
 
 
 def build_pipeline(components: SDComponents, scheduler=None):
-    """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor)."""
-    from diffusers import StableDiffusionPipeline
+    """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor), or for
+    SDXL a stock `StableDiffusionXLPipeline` (its defaults: an empty negative prompt is zeros, no watermark)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if components.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            unet=components.unet,
+            scheduler=scheduler if scheduler is not None else components.scheduler,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -429,8 +571,9 @@ def build_pipeline(components: SDComponents, scheduler=None):
 
 
 def save_pipeline(components: SDComponents, directory: str | os.PathLike) -> Path:
-    """Save as a standard diffusers directory (`StableDiffusionPipeline.from_pretrained(dir)` loads it),
-    atomically: a crash never leaves a half-written model."""
+    """Save as a standard diffusers directory (`StableDiffusionPipeline.from_pretrained(dir)`, for SDXL
+    `StableDiffusionXLPipeline.from_pretrained(dir)`, loads it), atomically: a crash never leaves a
+    half-written model."""
     with atomic_dir(directory) as tmp:
         build_pipeline(components).save_pretrained(tmp, safe_serialization=True)
     return Path(directory)

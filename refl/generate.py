@@ -23,15 +23,15 @@ from runkit.files import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 
-
-
 def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, device: str | None = None,
-                  attention: str = "sdpa", dtype: str = "fp32"):
-    """A stock StableDiffusionPipeline from a diffusers dir / hub id / preset, with an optional LoRA,
-    its weights in `dtype` (fp16 needs a GPU; bf16 runs anywhere)."""
+                  attention: str = "sdpa", dtype: str = "fp32", vae: str | None = None):
+    """A stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) from a diffusers dir / hub id /
+    preset, with an optional LoRA and VAE (`vae`: e.g. an fp16-safe SDXL VAE), its weights in `dtype`
+    (fp16 needs a GPU; bf16 runs anywhere). Under fp16 the SDXL pipeline decodes in fp32 itself unless the
+    VAE's config says it is fp16-safe."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    pipe = build_pipeline(load_components(ModelConfig(name=model, attention=attention)))
+    pipe = build_pipeline(load_components(ModelConfig(name=model, attention=attention, vae=vae)))
     if lora is not None:
         load_lora_into(pipe, lora, adapter_name="refl")
         pipe.set_adapters(["refl"], adapter_weights=[lora_scale])

@@ -1,9 +1,10 @@
-"""LoRA on the UNet (and optionally the text encoder) through peft, saved in diffusers format.
+"""LoRA on the UNet (and optionally the text encoders, both of SDXL's) through peft, saved in diffusers format.
 
 Only LoRA parameters train; they stay fp32 even when the frozen base runs in fp16/bf16, because
 Adam updates of size lr * 1 are below fp16's resolution for weights near 1. The saved files carry
 `lora_alpha` as adapter metadata: without it `load_lora_weights` assumes alpha = rank and a LoRA
-trained with alpha != rank reloads at the wrong scale, silently.
+trained with alpha != rank reloads at the wrong scale, silently. A saved folder can carry a model card
+(README.md, refl/card.py) beside the weights.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class LoraConfig:
     dropout: float = 0.0
     # UNet attention projections that get adapters.
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    # Also put adapters on the text encoder's attention projections.
+    # Also put adapters on the text encoder's attention projections (SDXL: on both text encoders).
     train_text_encoder: bool = False
     # Text-encoder modules that get adapters when train_text_encoder is true.
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
@@ -57,9 +58,9 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
     components.unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
     modules = [components.unet]
     if cfg.train_text_encoder:
-        components.text_encoder.add_adapter(
-            _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules))
-        modules.append(components.text_encoder)
+        for encoder in components.text_encoders().values():
+            encoder.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules))
+            modules.append(encoder)
     params = []
     for module in modules:
         for name, p in module.named_parameters():
@@ -81,7 +82,17 @@ def trainable_parameters(components: SDComponents) -> list[torch.nn.Parameter]:
 
 
 def has_text_lora(components: SDComponents) -> bool:
-    return any("lora_" in n for n, _ in components.text_encoder.named_parameters())
+    return bool(_adapted_text_encoders(components))
+
+
+def _adapted_text_encoders(components: SDComponents) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in components.text_encoders().items()
+            if any("lora_" in n for n, _ in m.named_parameters())}
+
+
+def _lora_modules(components: SDComponents) -> dict[str, torch.nn.Module]:
+    """The modules carrying adapters, by their diffusers names (unet, text_encoder, text_encoder_2)."""
+    return {"unet": components.unet, **_adapted_text_encoders(components)}
 
 
 def lora_state(components: SDComponents) -> dict[str, torch.Tensor]:
@@ -89,9 +100,7 @@ def lora_state(components: SDComponents) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     out = {}
-    for prefix, module in (("unet", components.unet), ("text_encoder", components.text_encoder)):
-        if prefix == "text_encoder" and not has_text_lora(components):
-            continue
+    for prefix, module in _lora_modules(components).items():
         for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME).items():
             out[f"{prefix}.{k}"] = v.detach().float().cpu().contiguous()
     return out
@@ -101,7 +110,7 @@ def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) ->
     """Inverse of `lora_state` into already-attached adapters (resume); fails on any mismatch."""
     from peft.utils import set_peft_model_state_dict
 
-    for prefix, module in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+    for prefix, module in {"unet": components.unet, **components.text_encoders()}.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         if not part:
             continue
@@ -113,28 +122,30 @@ def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) ->
             raise ValueError(f"LoRA checkpoint does not fit the {prefix}: missing {lora_missing[:5]}")
 
 
-def save_lora(components: SDComponents, directory: str | os.PathLike) -> Path:
-    """Write the LoRA in diffusers format (`pipe.load_lora_weights(directory)` reads it), with alpha
-    as adapter metadata, atomically: a temp dir beside the target, then a rename."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(components: SDComponents, directory: str | os.PathLike, card: str | None = None) -> Path:
+    """Write the LoRA in diffusers format (`pipe.load_lora_weights(directory)` of the stock pipeline of the
+    base, StableDiffusionPipeline or StableDiffusionXLPipeline, reads it), with alpha as adapter metadata,
+    and `card` as README.md when given, atomically: a temp dir beside the target, then a rename."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
-    unet = components.unet
-    kwargs["unet_lora_layers"] = convert_state_dict_to_diffusers(
-        {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()})
-    kwargs["unet_lora_adapter_metadata"] = unet.peft_config[ADAPTER_NAME].to_dict()
-    if has_text_lora(components):
-        te = components.text_encoder
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
-            {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(te).items()})
-        kwargs["text_encoder_lora_adapter_metadata"] = te.peft_config[ADAPTER_NAME].to_dict()
+    for name, module in _lora_modules(components).items():
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+            {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()})
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER_NAME].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
     with atomic_dir(directory) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        if card is not None:
+            (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
     return directory
+
+
+MODEL_CARD = "README.md"  # the model card beside the weights, as diffusers' training scripts write it
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes

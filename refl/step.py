@@ -29,6 +29,10 @@ Loss: relu(margin - reward).mean() * grad_scale, plus two optional regularisers:
   the KL divergence is proportional to the squared difference of their means, i.e. of the noise
   predictions, so this bounds how far each step with gradient moves from the base model (DPOK's KL
   term, evaluated on the states the method visits). One extra UNet call per step, without gradient.
+Every UNet call reads its text through refl.conditioning: for SDXL both encoders' hidden states, the
+pooled embedding and the size conditioning (add_time_ids), as the stock StableDiffusionXLPipeline
+computes them. v-prediction models (SD 2.x) need nothing of their own: the schedulers' `step` turns the
+UNet's v into x0, and the denoising regulariser's target is v for them.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from refl import conditioning
 from refl.components import Checkpointing, SDComponents
+from refl.conditioning import Conditioning
 from refl.sampling import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -133,8 +139,8 @@ def _phase(timer: PhaseTimer | None, name: str):
 # ----------------------------------------------------------------------------- building blocks
 @contextmanager
 def base_weights(components: SDComponents):
-    """Run the base model: LoRA adapters of the UNet and (where attached) the text encoder are off inside."""
-    adapted = [m for m in (components.unet, components.text_encoder) if getattr(m, "peft_config", None)]
+    """Run the base model: LoRA adapters of the UNet and (where attached) the text encoders are off inside."""
+    adapted = [m for m in (components.unet, *components.text_encoders().values()) if getattr(m, "peft_config", None)]
     for module in adapted:
         module.disable_adapters()
     try:
@@ -144,24 +150,16 @@ def base_weights(components: SDComponents):
             module.enable_adapters()
 
 
-def encode_prompts(components: SDComponents, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompts -> text-encoder hidden states (B, L, D); differentiable if the encoder has trainable LoRA."""
-    tok = components.tokenizer
-    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids  # (B, L)
-    ids = ids.to(components.text_encoder.device)
-    return components.text_encoder(ids)[0]  # (B, L, D)
-
-
-def _eps(components: SDComponents, latents, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
+def _eps(components: SDComponents, latents, t, cond: Conditioning, uncond: Conditioning | None,
+         guidance_scale: float) -> torch.Tensor:
     """The UNet's noise prediction, with classifier-free guidance when guidance_scale > 1."""
     unet = components.unet
     if guidance_scale > 1.0:
         x = torch.cat([latents, latents])  # (2B, C, h, w): unconditional half first
-        out = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample  # (2B, C, h, w)
+        out = unet(x, t, **conditioning.cat(uncond, cond).unet_kwargs()).sample  # (2B, C, h, w)
         e_uncond, e_cond = out.chunk(2)
         return e_uncond + guidance_scale * (e_cond - e_uncond)  # (B, C, h, w)
-    return unet(latents, t, encoder_hidden_states=cond).sample  # (B, C, h, w)
+    return unet(latents, t, **cond.unet_kwargs()).sample  # (B, C, h, w)
 
 
 def grad_call(components: SDComponents, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
@@ -181,16 +179,18 @@ def initial_latents(components: SDComponents, batch: int, scheduler, generator: 
 
 
 def decode(components: SDComponents, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], differentiable (clamp as ReFL does)."""
+    """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], differentiable (clamp as ReFL does). A VAE kept
+    in fp32 under an fp16 base decodes outside autocast (SDXL's overflows in fp16)."""
     vae = components.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
+    with components.vae_autocast():
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def encode_images(components: SDComponents, images01: torch.Tensor, generator=None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w) for the denoising regulariser."""
     vae = components.vae
-    with torch.no_grad(), components.autocast():
+    with torch.no_grad(), components.autocast(), components.vae_autocast():
         dist = vae.encode((images01 * 2 - 1).to(vae.device, vae.dtype)).latent_dist
         return dist.sample(generator).float() * vae.config.scaling_factor  # (B, C, h, w)
 
@@ -207,10 +207,10 @@ def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: S
         target = sched.get_velocity(latents0, noise, t)
     else:
         target = noise
-    cond = encode_prompts(components, captions)  # (B, L, D); the text encoder is not checkpointed
+    cond = conditioning.encode(components, captions)  # the text encoders are not checkpointed
 
     def unet(x, t, cond):
-        return components.unet(x, t, encoder_hidden_states=cond).sample
+        return components.unet(x, t, **cond.unet_kwargs()).sample
 
     pred = grad_call(components, unet, noisy, t, cond)  # (B, C, h, w), its one call with gradient
     return F.mse_loss(pred.float(), target.float())
@@ -228,11 +228,11 @@ class StepContext:
     components: SDComponents
     cfg: StepConfig
     scheduler: Any  # a diffusers scheduler with its timesteps set (make_scheduler)
-    cond: torch.Tensor  # (B, L, D) prompt embeddings
-    uncond: torch.Tensor | None  # (B, L, D) empty-prompt embeddings when guidance is on
+    cond: Conditioning  # the prompts' text conditioning, hidden states (B, L, D) (+ SDXL's pooled and sizes)
+    uncond: Conditioning | None  # the empty prompt's, when guidance is on
     generator: torch.Generator  # the step's CPU generator: cuts, re-noising, stochastic sampler steps
     timer: PhaseTimer | None  # bench_refl.py's phase timer; None in training
-    base_cond: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond) of the base text encoder
+    base_cond: tuple[Conditioning, Conditioning | None] | None = None  # (cond, uncond) of the base text encoders
     kl_terms: list[torch.Tensor] = field(default_factory=list)  # () per UNet call with gradient (kl_weight > 0)
     grad_calls: int = 0  # UNet calls with gradient so far (checkpointed reruns not counted)
 
@@ -481,13 +481,13 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
     scheduler = make_scheduler(cfg.scheduler, components)
     scheduler.set_timesteps(cfg.num_inference_steps, device=components.unet.device)
     with _phase(timer, "text"):
-        cond = encode_prompts(components, prompts)  # (B, L, D)
-        uncond = encode_prompts(components, [""] * len(prompts)) if cfg.guidance_scale > 1 else None
+        cond = conditioning.encode(components, prompts)  # hidden states (B, L, D), SDXL's pooled and sizes
+        uncond = conditioning.negative(components, cond) if cfg.guidance_scale > 1 else None
     base_cond = None
-    if cfg.kl_weight > 0 and getattr(components.text_encoder, "peft_config", None):
-        with torch.no_grad(), base_weights(components):  # the base model reads the base text encoder
-            base_cond = (encode_prompts(components, prompts),
-                         encode_prompts(components, [""] * len(prompts)) if uncond is not None else None)
+    if cfg.kl_weight > 0 and any(getattr(m, "peft_config", None) for m in components.text_encoders().values()):
+        with torch.no_grad(), base_weights(components):  # the base model reads the base text encoders
+            base = conditioning.encode(components, prompts)
+            base_cond = (base, conditioning.negative(components, base) if uncond is not None else None)
     ctx = StepContext(components, cfg, scheduler, cond, uncond, generator, timer, base_cond)
     latents = initial_latents(components, len(prompts), scheduler, generator)  # (B, C, h, w)
     result = _checked(cfg, GRAD_METHODS[cfg.method].run(ctx, latents), ctx)

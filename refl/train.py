@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from refl import guard
+from refl.card import model_card
 from refl.components import DTYPES, SDComponents, load_components
 from refl.config import ReflConfig, ReflTrainConfig
 from refl.lora import add_lora, load_lora_state, lora_state, save_lora
@@ -39,7 +41,7 @@ from refl.step import (
 from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import save_config
 from runkit.files import paths_relative_to, write_json
-from runkit.logs import RunLogger
+from runkit.logs import RunLogger, read_metrics
 from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
 
@@ -201,13 +203,17 @@ def _update_metrics(terms, accelerator, grad_norm: float, lr: float, skipped: bo
     return metrics
 
 
+Card = Callable[[int], str]  # the model card of the LoRA after that many updates (refl.card)
+
+
 def _select(components: SDComponents, state: TrainState, evals: dict[str, float], t: ReflTrainConfig,
-            out: Path) -> bool:
+            out: Path, card: Card) -> bool:
     """Main process: fold a validation into the selection, save lora_best/ on a new best; returns
     whether the run should stop (the select_by judge dropped stop_after_drops times in a row)."""
     score = evals[guard.HELDOUT_PREFIX + t.select_by]
     if guard.track(state, score, evals["eval/reward"]):
-        save_lora(components, out / "lora_best")  # atomic: a crash never leaves half a lora_best
+        # atomic: a crash never leaves half a lora_best
+        save_lora(components, out / "lora_best", card=card(state.update))
         logger.info("update %d: %s = %.4g, the best so far: saved lora_best", state.update, t.select_by, score)
     if state.drops:
         logger.info("update %d: %s dropped while eval/reward rose, %d time(s) in a row", state.update,
@@ -215,9 +221,11 @@ def _select(components: SDComponents, state: TrainState, evals: dict[str, float]
     return t.stop_after_drops > 0 and state.drops >= t.stop_after_drops
 
 
-def _save(accelerator, out: Path, state: TrainState, t: ReflTrainConfig, components: SDComponents) -> Path:
+def _save(accelerator, out: Path, state: TrainState, t: ReflTrainConfig, components: SDComponents,
+          card: Card) -> Path:
     return save_checkpoint(accelerator, out, vars(state).copy(), t.checkpoints_keep,
-                           write_files=lambda folder: save_lora(components, folder / "lora"))
+                           write_files=lambda folder: save_lora(components, folder / "lora",
+                                                                card=card(state.update)))
 
 
 def _validation_pending(t: ReflTrainConfig, state: TrainState) -> bool:
@@ -227,7 +235,7 @@ def _validation_pending(t: ReflTrainConfig, state: TrainState) -> bool:
 
 def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, state: TrainState,
                          out: Path, run_logger: RunLogger, judges: dict, accelerator,
-                         checkpoint: Path | None) -> Path | None:
+                         checkpoint: Path | None, card: Card) -> Path | None:
     """Validate update `state.update` (main process), fold it into the selection, stop early if the guard
     says so; the update's checkpoint then records it. Returns that checkpoint."""
     t = cfg.train
@@ -236,7 +244,7 @@ def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: R
         evals = validate(components, cfg, reward_fn, state.update, out, run_logger, judges)
         run_logger.scalars(state.update, evals)
         if t.select_by:
-            stop = _select(components, state, evals, t, out)
+            stop = _select(components, state, evals, t, out, card)
     if t.select_by:
         stop = guard.share(state, stop, accelerator)
     state.validated = state.update
@@ -245,7 +253,7 @@ def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: R
         logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward rose; "
                        "lora_best/ is update %d", state.update, t.select_by, state.drops, state.best_update)
     if checkpoint is None and stop:
-        return _save(accelerator, out, state, t, components)
+        return _save(accelerator, out, state, t, components, card)
     if checkpoint is not None and accelerator.is_main_process:
         rewrite_state(checkpoint, vars(state).copy())
     return checkpoint
@@ -255,8 +263,9 @@ def _due(every: int, update: int, last: int) -> bool:
     return update == last or (every > 0 and update % every == 0)
 
 
-def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
-    """Run (or resume) ReFL LoRA training; returns paths and final metrics. reward_fn overrides cfg.reward."""
+def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | None = None) -> dict:
+    """Run (or resume) ReFL LoRA training; returns paths and final metrics. reward_fn overrides cfg.reward;
+    `command` (how the run was started) goes into the model card of every saved LoRA."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -289,13 +298,16 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
     run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
 
+    def card(updates: int) -> str:
+        return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)
+
     bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process, desc="ReFL")
     metrics: dict[str, float] = {}
     checkpoint = ckpt  # the checkpoint of update state.update, when there is one
     while True:
         if _validation_pending(t, state):
             checkpoint = _validate_and_select(components, cfg, reward_fn, state, out, run_logger, judges,
-                                              accelerator, checkpoint)
+                                              accelerator, checkpoint, card)
         if state.update >= t.max_updates or state.stopped_early_at is not None:
             break
         terms = _micro_batches(components, cfg, prompts, reward_fn, reg_pool, state.update, accelerator)
@@ -311,7 +323,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
             bar.set_postfix(reward=f"{metrics['train/reward']:.4f}", loss=f"{metrics['train/loss']:.4g}")
         checkpoint = None
         if _due(t.checkpoint_every, state.update, t.max_updates):
-            checkpoint = _save(accelerator, out, state, t, components)
+            checkpoint = _save(accelerator, out, state, t, components, card)
     bar.close()
 
     result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at, **metrics}
@@ -319,7 +331,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None) -> dict:
         result.update({"lora_best": str(out / "lora_best"), "best_update": state.best_update,
                        "best_score": state.best_score})
     if accelerator.is_main_process:
-        result["lora"] = str(save_lora(components, out / "lora"))
+        result["lora"] = str(save_lora(components, out / "lora", card=card(state.update)))
         curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",
                            best_update=state.best_update if t.select_by else None)
         result["curve"] = str(curve) if curve else None

@@ -3,8 +3,9 @@
     .venv/bin/python -m pytest -m slow tests/test_fullsize.py -s
 
 One ReFL / DRaFT / AlignProp update of SD 1.5 at 512 px in bf16 against a ViT-L-14 critic, with
-gradient checkpointing, prints its peak RSS; every shipped config builds its architecture.
-Run one method per process (`-k refl-`) for a peak RSS that belongs to that method alone.
+gradient checkpointing, prints its peak RSS; SDXL's architecture builds (UNet 2.6B parameters, two text
+encoders) and takes one ReFL update at 256 px in fp32; every shipped config builds its architecture.
+Run one test per process (`-k refl-`, `-k sdxl`) for a peak RSS that belongs to that test alone.
 """
 
 from __future__ import annotations
@@ -62,6 +63,40 @@ def test_sd15_vitl14_update_at_512px(method, extra, dtype):
     assert all(p.grad is None for p in critic.parameters())
 
 
+def test_sdxl_architecture_and_one_refl_update_at_256px_in_fp32():
+    """SDXL base's architecture from refl/model_configs/sdxl, random weights; the update at 256 px (1/16 of
+    its pixels) in fp32, as this project's CPU has no bf16 instructions and 24 GiB of memory."""
+    import reward
+    from refl.bench import set_image_px
+
+    components = load_components(ModelConfig(name="sdxl"))
+    assert components.is_sdxl and components.image_size == 1024
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in components.modules().items()}
+    print(f"\nSDXL parameters: { {k: f'{v / 1e6:.1f}M' for k, v in count.items()} }")
+    assert 2.55e9 < count["unet"] < 2.6e9  # SDXL base: 2.567B
+    assert 120e6 < count["text_encoder"] < 125e6 and 690e6 < count["text_encoder_2"] < 700e6
+    set_image_px(components, 256)
+    params = add_lora(components, LoraConfig(rank=4, alpha=4))
+    assert 5.7e6 < sum(p.numel() for p in params) < 5.9e6  # 70 transformer blocks, r4 on q/k/v/out
+    with torch.no_grad():  # B starts at 0, which would leave A without gradient
+        for p in params[1::2]:
+            p.normal_(0.0, 1e-3)
+    components.unet.train()
+    policy = checkpointing_for("refl", True)
+    components.set_gradient_checkpointing(policy)
+    critic = reward.create_critic(model_name="ViT-B-32", training_mode="all").eval().requires_grad_(False)
+    critic.set_grad_checkpointing(policy.critic)
+    cfg = StepConfig(method="refl", num_inference_steps=4, cut_range=[2, 3], guidance_scale=5.0)
+    out = reward_step(components, ["a photo of an astronaut riding a horse"], critic, cfg,
+                      torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grads = [p.grad for p in params]
+    print(f"SDXL refl fp32 256 px: loss {out['loss'].item():.4g}, peak RSS {_peak_rss_gib():.2f} GiB")
+    assert torch.isfinite(out["loss"])
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
 def test_every_shipped_config_loads_and_builds_its_architecture():
     import reward
     from evaluation.config import CompareConfig
@@ -86,7 +121,7 @@ def test_every_shipped_config_loads_and_builds_its_architecture():
             assert any(p.requires_grad for p in critic.parameters())
             del critic
         seen.append(path.name)
-    assert {"refl_sd15.yaml", "reward_social_vitl14.yaml", "compare_sd15.yaml"} <= set(seen)
+    assert {"refl_sd15.yaml", "refl_sdxl.yaml", "reward_social_vitl14.yaml", "compare_sd15.yaml"} <= set(seen)
 
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -311,7 +311,7 @@ def test_a_method_breaking_the_contract_is_named(registered):
 
     def calls_the_unet_itself(ctx, latents):  # gradient, but past the context: no checkpointing, no KL
         t = ctx.timesteps[-1]
-        eps = ctx.components.unet(latents, t, encoder_hidden_states=ctx.cond).sample
+        eps = ctx.components.unet(latents, t, **ctx.cond.unet_kwargs()).sample
         return MethodResult([ctx.step(eps, t, latents).pred_original_sample], 3)
 
     def cut_outside(ctx, latents):

@@ -1,0 +1,123 @@
+"""A saved LoRA in the layouts other tools read: `export_lora(folder, "kohya")`.
+
+The kohya layout (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` keys with `lora_down` / `lora_up` / `alpha`)
+is what AUTOMATIC1111, ComfyUI and Forge load. The keys come from diffusers' own converters (diffusers
+format -> peft -> kohya); two facts those converters leave to the caller are set here:
+- diffusers' kohya converter writes alpha = rank for every module. A LoRA trained with alpha != rank
+  would then load at the wrong scale, so the alpha saved with the weights (their adapter metadata) is
+  written instead.
+- transformers 5's CLIPTextModel has no `text_model.` level, so its peft keys lack the prefix that
+  CLIP text-encoder checkpoints, kohya files and the tools reading them use; it is put back (diffusers'
+  loader removes it again for an encoder without that level). SDXL's second encoder has it already.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from refl.lora import LORA_WEIGHTS
+from runkit.files import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+# Module prefixes of a diffusers LoRA file -> the kohya prefix their keys get.
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def read_lora(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors of a saved LoRA folder (refl.lora.save_lora) and its adapter settings per module
+    ({"unet": {"r": 4, "lora_alpha": 16, ...}, ...}; empty for a file saved without metadata)."""
+    from safetensors import safe_open
+
+    weights = Path(directory) / LORA_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} holds no {LORA_WEIGHTS}: point at the lora/ or lora_best/ folder "
+                                "of a ReFL run")
+    with safe_open(str(weights), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    settings: dict[str, dict] = {}
+    for key, value in raw.items():  # "unet.lora_alpha" -> settings["unet"]["lora_alpha"]
+        module, _, field = key.partition(".")
+        settings.setdefault(module, {})[field] = value
+    return tensors, settings
+
+
+def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The LoRA of `directory` in the kohya layout, and safetensors metadata naming its rank and alpha."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    tensors, settings = read_lora(directory)
+    modules = sorted({k.split(".", 1)[0] for k in tensors})
+    unknown = [m for m in modules if m not in KOHYA_PREFIXES]
+    if unknown:
+        raise ValueError(f"{directory}: LoRA tensors of {unknown}; the kohya export knows {sorted(KOHYA_PREFIXES)}")
+    out: dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    for module in modules:
+        part = {k: v for k, v in tensors.items() if k.startswith(module + ".")}
+        peft = convert_all_state_dict_to_peft(part)  # keys stay prefixed by the module name
+        if module == "text_encoder":
+            peft = {k if k.startswith("text_encoder.text_model.") else
+                    "text_encoder.text_model." + k[len("text_encoder."):]: v for k, v in peft.items()}
+        kohya = convert_state_dict_to_kohya(peft)
+        if not all(k.startswith(KOHYA_PREFIXES[module]) for k in kohya):
+            raise ValueError(f"{directory}: diffusers' kohya converter gave keys outside {KOHYA_PREFIXES[module]}")
+        rank = next(int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight"))
+        alpha = settings.get(module, {}).get("lora_alpha")
+        if alpha is None:
+            logger.warning("%s: no lora_alpha saved for %s; exporting alpha = rank = %d (what diffusers assumes)",
+                           directory, module, rank)
+            alpha = rank
+        if settings.get(module, {}).get("alpha_pattern") or settings.get(module, {}).get("rank_pattern"):
+            raise ValueError(f"{directory}: {module} has per-module rank or alpha patterns; the export writes one "
+                             "alpha per module kind")
+        for key in kohya:
+            if key.endswith(".alpha"):
+                kohya[key] = torch.tensor(float(alpha))
+        out.update({k: v.contiguous() for k, v in kohya.items()})
+        ranks[module], alphas[module] = rank, float(alpha)
+    unet = "unet" if "unet" in ranks else modules[0]
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[unet]),
+                "ss_network_alpha": f"{alphas[unet]:g}",
+                "social_refl_ranks": json.dumps(ranks), "social_refl_alphas": json.dumps(alphas)}
+    return out, metadata
+
+
+def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write the kohya file of a LoRA folder (default: <folder>/lora_kohya.safetensors), atomically."""
+    from safetensors.torch import save
+
+    state, metadata = kohya_state_dict(directory)
+    out = Path(out) if out is not None else Path(directory) / "lora_kohya.safetensors"
+    data = save(state, metadata=metadata)
+    atomic_write_bytes(out, lambda f: f.write(data))
+    logger.info("wrote %d kohya tensors to %s", len(state), out)
+    return out
+
+
+FORMATS: dict[str, Callable[..., Path]] = {"kohya": export_kohya}
+
+
+def export_lora(directory: str | os.PathLike, fmt: str = "kohya", out: str | os.PathLike | None = None) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; formats are {sorted(FORMATS)}")
+    return FORMATS[fmt](directory, out)
+
+
+def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Upload a LoRA folder (weights, model card, exported files) to a Hugging Face model repo, created if
+    missing; needs network and a token (`hf auth login`). Returns the repo's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=str(directory), repo_type="model",
+                      commit_message="social-refl LoRA")
+    return str(url)
