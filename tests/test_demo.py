@@ -83,6 +83,15 @@ def test_quick_demo_measures_what_limits_the_critic_and_the_overoptimisation(qui
     assert over["oracle_peak"]["oracle"] >= max(p["oracle"] for p in over["picks"].values())
     assert "sweep rule" in over["picks"] and (quick_demo / "overoptimisation.png").is_file()
     assert "Over-optimisation" in page
+    # The report opens with whether the promise held, from the same per-prompt numbers as results.json.
+    results = json.loads((quick_demo / "results.json").read_text())
+    oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
+    per_prompt = np.asarray(results["arms"]["refl_random"]["per_prompt"][oracle]) - np.asarray(
+        results["arms"]["base_random"]["per_prompt"][oracle])
+    promise = demo["promise"]
+    assert promise["refl_minus_base"]["mean"] == pytest.approx(per_prompt.mean())
+    assert promise["held"] == (promise["refl_minus_base"]["ci95"][0] > 0 and promise["fidelity_minus_base"] >= -0.05)
+    assert f"{promise['refl_minus_base']['mean']:+.3f}" in page.split("The critic against the hidden taste")[0]
     assert "n_samples" in (quick_demo / "config.yaml").read_text()
 
 

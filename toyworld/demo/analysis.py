@@ -58,3 +58,29 @@ def compare_summary(results: dict) -> dict:
               arm_label("refl"): arm_name("refl")}
     return {label: {s: arms[arm]["scores"][s] for s in results["evaluators"]} for label, arm in chosen.items()
             if arm in arms} | {"_evaluators": results["evaluators"], "_selector": results["selector"]}
+
+
+def promise(results: dict, critic: dict) -> dict:
+    """Did the product's promise hold on this world: ReFL's one sample against the base's on the oracle, per
+    prompt (goal: the 95% interval above 0) and on prompt fidelity (goal: within 5 points), best-of-N by the
+    critic beside it at N times the sampling, and the critic against the oracle and zero-shot."""
+    from evaluation.stats import mean_ci
+
+    arms, n = results["arms"], results["n_samples"]
+    best, n_best = largest_best_of(arms, "base")
+    base, refl = arms[arm_name("base")], arms.get(arm_name("refl"))
+    oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
+    fidelity = next((s for s in results["evaluators"] if s.startswith("fidelity")), None)
+
+    def diff(arm: dict, spec: str) -> dict:
+        return mean_ci(np.asarray(arm["per_prompt"][spec]) - np.asarray(base["per_prompt"][spec]))
+
+    out = {"best_of_n": n_best, "best_of_n_minus_base": diff(arms[best], oracle),
+           "critic_accuracy": critic["accuracy_vs_oracle"]["pairwise_accuracy"],
+           "zero_shot_accuracy": critic["zero_shot_clip_vs_oracle"]["pairwise_accuracy"], "n_samples": n}
+    if refl is not None:
+        out["refl_minus_base"] = diff(refl, oracle)
+        out["fidelity_minus_base"] = diff(refl, fidelity)["mean"] if fidelity else None
+        out["held"] = bool(out["refl_minus_base"]["ci95"][0] > 0
+                           and (out["fidelity_minus_base"] is None or out["fidelity_minus_base"] >= -0.05))
+    return out

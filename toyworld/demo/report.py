@@ -137,3 +137,18 @@ def critic_section(summary: dict) -> str:
         "<table><tr><th>critic</th><th>accuracy vs oracle</th><th>95% interval</th><th>pairs</th></tr>"
         f"{table}<tr><td>chance</td><td>50.0%</td><td></td><td></td></tr></table>"
     )
+
+
+def promise_section(p: dict) -> str:
+    """The report's opening sentence: whether the promise held on this world, with the numbers."""
+    if "refl_minus_base" not in p:
+        return ""
+    d, b = p["refl_minus_base"], p["best_of_n_minus_base"]
+    verdict = "held" if p["held"] else "did not hold"
+    return (f"<p><b>The promise {verdict} on this world:</b> ReFL's one sample against the base's on the hidden "
+            f"taste (the oracle, per held-out prompt) {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
+            f"(the goal: an interval above 0 with prompt fidelity within 5 points; fidelity "
+            f"{100 * p['fidelity_minus_base']:+.1f} points); best-of-{p['best_of_n']} by the critic, at "
+            f"{p['best_of_n']}x the sampling, {b['mean']:+.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]; the critic "
+            f"orders held-out pairs as the oracle does {p['critic_accuracy']:.1%} of the time (zero-shot CLIP "
+            f"{p['zero_shot_accuracy']:.1%}).</p>")

@@ -10,7 +10,7 @@ import torch
 
 from runkit.config import save_config
 from runkit.files import paths_relative_to, write_json
-from toyworld.demo.analysis import compare_summary, oracle_breakdown
+from toyworld.demo.analysis import compare_summary, oracle_breakdown, promise
 from toyworld.demo.config import DemoConfig
 from toyworld.demo.layout import community_pairs_file, feed_oracle_pairs_file, oracle_pairs_file
 from toyworld.demo.report import (
@@ -18,6 +18,7 @@ from toyworld.demo.report import (
     critic_section,
     learning_section,
     overoptimisation_section,
+    promise_section,
     training_section,
 )
 from toyworld.demo.stages import STAGES, stage_community, stage_compare, stage_critic, stage_refl
@@ -63,12 +64,13 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
     summary["compare"] = compare_summary(results)
     summary["oracle_breakdown"] = oracle_breakdown(out, results)
     summary["overoptimisation"] = _overoptimisation(cfg, out)
+    summary["promise"] = promise(results, critic)
     # One results.json holds every number the report shows: the harness's and the demo's own.
     from evaluation.report import write_report
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
-    preamble = (critic_section(summary) + learning_section(summary["critic"])
+    preamble = (promise_section(summary["promise"]) + critic_section(summary) + learning_section(summary["critic"])
                 + breakdown_section(summary["oracle_breakdown"]) + overoptimisation_section(summary["overoptimisation"])
                 + training_section(out))
     summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))

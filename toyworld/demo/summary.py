@@ -43,6 +43,11 @@ def format_summary(summary: dict) -> str:
             moves = sorted(diff.items(), key=lambda kv: -abs(kv[1]["mean"]))[:4]
             lines.append(f"{arm} - base, largest oracle-term moves: "
                          + ", ".join(f"{t} {d['mean']:+.3f}" for t, d in moves))
+    p = summary.get("promise")
+    if p and "refl_minus_base" in p:
+        d = p["refl_minus_base"]
+        lines.append(f"promise {'held' if p['held'] else 'did not hold'}: ReFL - base on the oracle {d['mean']:+.3f} "
+                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (goal: interval above 0, fidelity within 5 points)")
     lines += ["-" * 72, "stage seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in summary["timings"].items())]
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
