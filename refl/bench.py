@@ -60,7 +60,8 @@ FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
         flop_registry[aten._scaled_dot_product_flash_attention_backward],
 }
-ATTENTION_FORWARD = {aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+ATTENTION_FORWARD = {aten._scaled_dot_product_flash_attention_for_cpu,
+                     aten._scaled_dot_product_flash_attention,
                      aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
                      aten._flash_attention_forward, aten._efficient_attention_forward}
 
@@ -165,8 +166,9 @@ class FlopCount(TorchDispatchMode):
 
 class TensorMemory(TorchDispatchMode):
     """Bytes of tensor storage created inside the context and still alive, after every op (`timeline`,
-    with the ops in `ops`) and at most (`peak`). Storages are counted once however many views share them and leave the count
-    when freed, so this is what a device allocator holds for them, without its rounding and cache."""
+    with the ops in `ops`) and at most (`peak`). Storages are counted once however many views share them and
+    leave the count when freed, so this is what a device allocator holds for them, without its rounding and
+    cache."""
 
     def __init__(self, timeline: bool = False, where: Callable[[], str] | None = None):
         super().__init__()
@@ -216,7 +218,8 @@ class CudaAutocastNorms(TorchFunctionMode):
                 return func(*up, **kw)
         if func is torch.autograd.backward and len(args) == 1 and not any(kwargs.values()):
             # A mode is off inside its own handler, yet the forwards checkpointing reruns in backward must
-            # store what CUDA's would too: the engine runs with the mode back on (a scalar loss, as `update`'s).
+            # store what CUDA's would too: the engine runs with the mode back on (a scalar loss, as
+            # `update`'s).
             (loss,) = args[0] if isinstance(args[0], (tuple, list)) else args
             with self:
                 torch.autograd.graph._engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (),
@@ -297,14 +300,14 @@ def step_config(cfg: BenchConfig, method: str) -> StepConfig:
     the last `grad_steps` steps."""
     k = min(cfg.grad_steps, cfg.steps)
     cut = {"alignprop": cfg.steps - k}.get(method, cfg.steps - 1)
-    return StepConfig(method=method, scheduler=cfg.scheduler, num_inference_steps=cfg.steps, cut_range=[cut, cut],
-                      draft_k=k, guidance_scale=cfg.guidance_scale)
+    return StepConfig(method=method, scheduler=cfg.scheduler, num_inference_steps=cfg.steps,
+                      cut_range=[cut, cut], draft_k=k, guidance_scale=cfg.guidance_scale)
 
 
 def update(bench: Bench, step: StepConfig, seed: int, timer: PhaseTimer | None = None) -> None:
     """One optimizer update: the reward step, backward, AdamW."""
-    out = reward_step(bench.components, bench.prompts, bench.critic, step, torch.Generator().manual_seed(seed),
-                      timer=timer)
+    out = reward_step(bench.components, bench.prompts, bench.critic, step,
+                      torch.Generator().manual_seed(seed), timer=timer)
     with timer("backward") if timer else contextlib.nullcontext():
         torch.autograd.backward(out["loss"])  # the call CudaAutocastNorms takes over
     with timer("optimizer") if timer else contextlib.nullcontext():
@@ -315,11 +318,13 @@ def update(bench: Bench, step: StepConfig, seed: int, timer: PhaseTimer | None =
 def count_update(bench: Bench, step: StepConfig, seed: int = 0, timeline: bool = False,
                  as_on_cuda: bool = False) -> dict:
     """FLOPs and tensor memory of one update under the checkpointing set on `bench` (see the module doc).
-    as_on_cuda: on a CPU, store norms as CUDA's autocast would and skip a slow CPU kernel (the memory model)."""
+    as_on_cuda: on a CPU, store norms as CUDA's autocast would and skip a slow CPU kernel (the memory
+    model)."""
     flops = FlopCount(bench.watched())
     timer = PhaseTimer(bench.components.unet.device)
 
-    def where() -> str:  # the phase, and inside it the watched module running a forward (a rerun, in backward)
+    # the phase, and inside it the watched module running a forward (a rerun, in backward)
+    def where() -> str:
         return (timer.current or "") + (f"/{flops.running}" if flops.running else "")
 
     memory = TensorMemory(timeline, where if timeline else None)
@@ -376,7 +381,8 @@ def time_settings(bench: Bench, step: StepConfig, settings: dict[str, Checkpoint
     out = {}
     for name, runs in rows.items():
         phases = sorted({k for row in runs for k in row})
-        out[name] = {"seconds_by_phase": {k: statistics.median(row.get(k, 0.0) for row in runs) for k in phases},
+        out[name] = {"seconds_by_phase": {k: statistics.median(row.get(k, 0.0) for row in runs)
+                                          for k in phases},
                      "seconds_per_update": statistics.median(sum(row.values()) for row in runs),
                      "peak_memory_gib": peaks.get(name)}
     return out
@@ -392,7 +398,8 @@ def method_benchmark(bench: Bench, method: str, cfg: BenchConfig, device: torch.
         counts[name] = count_update(bench, step)
     timed = time_settings(bench, step, settings, cfg, device)
     result = {"default": default, "step": {k: v for k, v in asdict(step).items()
-                                           if k in ("num_inference_steps", "cut_range", "draft_k", "draft_lv_n")},
+                                           if k in ("num_inference_steps", "cut_range", "draft_k",
+                                                    "draft_lv_n")},
               "settings": {}}
     for name, policy in settings.items():
         row = {"checkpointing": asdict(policy), **timed[name],
@@ -411,7 +418,8 @@ def method_benchmark(bench: Bench, method: str, cfg: BenchConfig, device: torch.
     result["floor_seconds"] = floor
     result["default_over_floor"] = ours["seconds_per_update"] / floor
     # Time checkpointing adds, in units of one more forward of the gradient path (<= 1: at most one rerun).
-    result["added_seconds_over_grad_forward"] = (ours["seconds_per_update"] - plain["seconds_per_update"]) / grad_forward
+    result["added_seconds_over_grad_forward"] = (ours["seconds_per_update"]
+                                                 - plain["seconds_per_update"]) / grad_forward
     return result
 
 
@@ -460,21 +468,24 @@ def peak_tflops(cfg: BenchConfig, device: torch.device) -> float | None:
 
 def describe_device(device: torch.device) -> dict:
     """The machine a measurement comes from: name, threads, and the CPU load while it ran."""
-    out = {"type": device.type, "threads": torch.get_num_threads(), "load_average_1_5_15": list(os.getloadavg())}
+    out = {"type": device.type, "threads": torch.get_num_threads(),
+           "load_average_1_5_15": list(os.getloadavg())}
     if device.type == "cuda":
         out["name"] = torch.cuda.get_device_name(device)
     else:
         model = platform.processor() or platform.machine()
         with contextlib.suppress(OSError):
             with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                             model)
         out["name"] = model
         out["cpus"] = os.cpu_count()
     return out
 
 
 def run_benchmark(cfg: BenchConfig, device: torch.device | None = None,
-                  extras: dict[str, Callable[[object, BenchConfig, torch.device], dict]] | None = None) -> dict:
+                  extras: dict[str,
+                               Callable[[object, BenchConfig, torch.device], dict]] | None = None) -> dict:
     """Every measurement of the module docstring, as one dict. `extras`: further timings of the same loaded
     components, `name -> fn(components, cfg, device)`, from layers above refl/ (scripts/bench_refl.py adds
     the comparison harness's best-of-N sampler this way, since refl/ may not import evaluation/)."""
@@ -534,7 +545,8 @@ def _model_step(method: str, k: int, scheduler: str) -> StepConfig:
 
 
 def _prefix_calls(method: str, m: MemoryModelConfig) -> int:
-    """No-grad UNet calls before the gradient path in the table's trajectory (refl and draft at the last step)."""
+    """No-grad UNet calls before the gradient path in the table's trajectory (refl and draft at the last
+    step)."""
     return {"alignprop": m.steps - m.alignprop_grad_steps, "draft_lv": m.steps}.get(method, m.steps - 1)
 
 
@@ -562,8 +574,8 @@ def _matched_ops(a: list[int], b: list[int], window: int = 64, run: int = 8) -> 
         skip = next(((di, d - di) for d in range(1, window) for di in range(d + 1)
                      if a[i + di:i + di + run] == b[j + d - di:j + d - di + run] and i + di < len(a)), None)
         if skip is None:
-            raise RuntimeError(f"the counted updates part at op {i} and do not meet again within {window} ops; "
-                               "the memory model needs the same computation at every size")
+            raise RuntimeError(f"the counted updates part at op {i} and do not meet again within {window} "
+                               "ops; the memory model needs the same computation at every size")
         i, j = i + skip[0], j + skip[1]
     return pairs
 
@@ -576,8 +588,8 @@ def _aligned_timelines(runs: list[dict]) -> tuple[list[np.ndarray], list[int]]:
     pairs = [_matched_ops(seqs[0], seq) for seq in seqs[1:]]
     first = sorted(set.intersection(*(set(p) for p in pairs)))
     if len(first) < 0.99 * len(seqs[0]):
-        raise RuntimeError(f"the counted updates share only {len(first)} of {len(seqs[0])} ops; the memory model "
-                           "needs the same computation at every size")
+        raise RuntimeError(f"the counted updates share only {len(first)} of {len(seqs[0])} ops; the memory "
+                           "model needs the same computation at every size")
     out = [np.asarray(runs[0]["timeline"], dtype=np.float64)[first]]
     for r, mapping in zip(runs[1:], pairs):
         out.append(np.asarray(r["timeline"], dtype=np.float64)[[mapping[i] for i in first]])
@@ -658,7 +670,8 @@ def memory_model(cfg: BenchConfig, m: MemoryModelConfig, device: torch.device | 
         for name, row in rows.items():
             row["recompute_ratio_unet"] = unet_grad[name] / unet_grad["none"]
         out["methods"][method] = {"default": default, "prefix_calls": _prefix_calls(method, m),
-                                  "grad_calls": {"alignprop": m.alignprop_grad_steps, "draft_lv": 2}.get(method, 1),
+                                  "grad_calls": {"alignprop": m.alignprop_grad_steps,
+                                                 "draft_lv": 2}.get(method, 1),
                                   "settings": rows}
     out["table_markdown"] = model_table_markdown(out)
     return out
@@ -667,7 +680,8 @@ def memory_model(cfg: BenchConfig, m: MemoryModelConfig, device: torch.device | 
 def extend_memory_model(earlier: dict, new: dict) -> dict:
     """`earlier`'s methods plus `new`'s (which win), when both modelled the same thing the same way."""
     same = ("model", "torch")
-    if any(earlier.get(k) != new.get(k) for k in same) or {k: v for k, v in earlier["config"].items() if k != "methods"} \
+    if any(earlier.get(k) != new.get(k) for k in same) \
+            or {k: v for k, v in earlier["config"].items() if k != "methods"} \
             != {k: v for k, v in new["config"].items() if k != "methods"}:
         raise ValueError("the model to extend was made with other settings; write a new file instead")
     methods = {**earlier["methods"], **new["methods"]}

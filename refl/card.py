@@ -49,7 +49,8 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
     `metrics_rows`: the run's metrics.jsonl so far; `command`: how the run was started, when known."""
     t, s, lora = cfg.train, cfg.step, cfg.lora
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    tags = ["lora", "text-to-image", "diffusers", "social-refl", "stable-diffusion-xl" if sdxl else "stable-diffusion"]
+    tags = ["lora", "text-to-image", "diffusers", "social-refl",
+            "stable-diffusion-xl" if sdxl else "stable-diffusion"]
     header = ["---", f"base_model: {cfg.model.name}", "library_name: diffusers", "tags:"]
     header += [f"- {tag}" for tag in tags] + ["---", ""]
     per_update = t.batch_size * t.gradient_accumulation
@@ -65,9 +66,10 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
         f"| regularisers | denoising weight {s.reg_weight:g}, KL weight {s.kl_weight:g} |",
         f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on the {text_lora} |",
         f"| updates | {updates} of {t.max_updates} |",
-        f"| learning rate | {t.lr:g} (`{t.lr_schedule}`, {t.warmup_updates} warm-up updates), `{t.optimizer}` weight decay "
-        f"{t.weight_decay:g} |",
-        f"| prompts per update | {per_update} per process ({t.batch_size} x {t.gradient_accumulation} accumulated) |",
+        f"| learning rate | {t.lr:g} (`{t.lr_schedule}`, {t.warmup_updates} warm-up updates), "
+        f"`{t.optimizer}` weight decay {t.weight_decay:g} |",
+        f"| prompts per update | {per_update} per process ({t.batch_size} x {t.gradient_accumulation} "
+        "accumulated) |",
         f"| precision | `{t.mixed_precision}` |",
         f"| seed | {t.seed} |", "",
     ]
@@ -75,8 +77,8 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
     if summary:
         lines += ["## Validation", "",
                   f"{len(t.validation_prompts)} fixed prompts x {t.validation_images_per_prompt} images, "
-                  f"{t.validation_steps} steps, guidance {t.validation_guidance:g}. Judges other than the reward "
-                  "never reached the gradient.", "",
+                  f"{t.validation_steps} steps, guidance {t.validation_guidance:g}. Judges other than the "
+                  "reward never reached the gradient.", "",
                   "| metric | last | at update | best | at update |", "|---|---|---|---|---|"]
         lines += [f"| `{k}` | {v['last']:.4g} | {v['last_update']} | {v['best']:.4g} | {v['best_update']} |"
                   for k, v in sorted(summary.items())]
@@ -85,7 +87,8 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
         lines.append("")
     else:
         lines += ["## Validation", "", "No validation had run when this LoRA was saved.", ""]
-    started = [f"# started with:\n{command}", "# or again, every setting from the run folder:"] if command else [
+    started = [f"# started with:\n{command}",
+               "# or again, every setting from the run folder:"] if command else [
         "# started from Python; the run folder's config.yaml holds every setting:"]
     lines += ["## How it was made", "", "```bash", *started,
               f"social-refl-train-refl --config {t.output_dir}/config.yaml", "```", "",
@@ -93,5 +96,6 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
               f"from diffusers import {pipeline}", "",
               f'pipe = {pipeline}.from_pretrained("{cfg.model.name}", torch_dtype=torch.bfloat16)',
               'pipe.load_lora_weights("path/to/this/folder")', "```", "",
-              "For AUTOMATIC1111, ComfyUI or Forge: `social-refl-export-lora <this folder> --format kohya`.", ""]
+              "For AUTOMATIC1111, ComfyUI or Forge: `social-refl-export-lora <this folder> --format kohya`.",
+              ""]
     return "\n".join(header + lines)

@@ -49,7 +49,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=generate_main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="diffusers directory (SD 1.x/2.x or SDXL), cached model id, or preset (toy/tiny/tiny-sdxl)")
+                   help="diffusers directory (SD 1.x/2.x or SDXL), cached model id, or preset "
+                        "(toy/tiny/tiny-sdxl)")
     p.add_argument("--lora", default=None, help="LoRA directory in diffusers format")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the LoRA update")
     p.add_argument("--prompts", required=True,
@@ -58,8 +59,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
     p.add_argument("--steps", type=int, default=40, help="sampler steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--critic", default=None, help="critic checkpoint dir or open_clip name to score each image")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (seeds do not depend on it)")
+    p.add_argument("--critic", default=None, help="critic checkpoint dir or open_clip name to score each "
+                                                  "image")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (seeds do not depend "
+                                                             "on it)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights and activations (fp16 needs a GPU)")
     p.add_argument("--vae", default=None,
@@ -81,7 +84,8 @@ def generate_main(argv: list[str] | None = None) -> int:
 
         critic = reward.load(args.critic, device=pipe.device)
     records = generate(pipe, prompts, args.out, n=args.n, seed=args.seed, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, critic=critic, batch_size=args.batch_size, overwrite=True)
+                       guidance_scale=args.guidance, critic=critic, batch_size=args.batch_size,
+                       overwrite=True)
     print(json.dumps({"images": len(records), "out": args.out}))
     return 0
 

@@ -113,12 +113,14 @@ PRESETS: dict[str, PresetSpec] = {
                       vae_norm_num_groups=8),
     # SD 2.x's kind: v-prediction and linear projections, otherwise the tiny preset.
     "tiny-v": PresetSpec(image_size=16, vae_block_out=(8, 16), latent_channels=4, vae_scaling_factor=1.0,
-                         unet_block_out=(32, 64), layers_per_block=1, attention_heads=4, cross_attention_dim=32,
+                         unet_block_out=(32, 64), layers_per_block=1, attention_heads=4,
+                         cross_attention_dim=32,
                          norm_num_groups=8, text_hidden=32, text_layers=2, text_heads=4, context_length=16,
                          prediction_type="v_prediction", linear_projection=True),
     # SDXL's layout at tests' size: two text encoders (32 + 32 wide), pooled embedding, add_time_ids.
     "tiny-sdxl": PresetSpec(image_size=16, vae_block_out=(8, 16), latent_channels=4, vae_scaling_factor=1.0,
-                            unet_block_out=(32, 64), layers_per_block=1, attention_heads=4, cross_attention_dim=64,
+                            unet_block_out=(32, 64), layers_per_block=1, attention_heads=4,
+                            cross_attention_dim=64,
                             norm_num_groups=8, text_hidden=32, text_layers=2, text_heads=4, context_length=16,
                             linear_projection=True, text2_hidden=32, time_embed_dim=8),
 }
@@ -139,7 +141,8 @@ HUB_ARCHITECTURES: dict[str, str] = {
     "CompVis/stable-diffusion-v1-4": "sd15",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
 }
-# SDXL's second tokenizer pads with "!" (what its released tokenizer_2 does); the first pads with <|endoftext|>.
+# SDXL's second tokenizer pads with "!" (what its released tokenizer_2 does); the first pads with
+# <|endoftext|>.
 SDXL_PAD_TOKEN_2 = "!"
 
 
@@ -272,7 +275,8 @@ def clip_vocab_files(directory: str | os.PathLike | None = None) -> Path:
         raise RuntimeError(f"rebuilt CLIP vocabulary has {len(tokens)} tokens, expected {CLIP_VOCAB_SIZE}")
     # Concurrent builders never see half files; vocab.json last, as the check above reads it first.
     atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    atomic_write_text(directory / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    atomic_write_text(directory / "vocab.json",
+                      json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     return directory
 
 
@@ -299,7 +303,8 @@ def _clip_text_config(hidden: int, layers: int, heads: int, context_length: int,
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=4 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=context_length,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          max_position_embeddings=context_length,
                           bos_token_id=49406, eos_token_id=49407, **kw)
 
 
@@ -319,7 +324,8 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
     levels = len(spec.unet_block_out)
     vae_levels = len(spec.vae_block_out)
     latent_size = spec.image_size // 2 ** (vae_levels - 1)
-    if sdxl:  # SDXL: no attention at the highest resolution, pooled text + 6 size numbers added to the time embedding
+    # SDXL: no attention at the highest resolution, pooled text + 6 size numbers added to the time embedding
+    if sdxl:
         blocks = {"down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
                   "up_block_types": ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
                   "addition_embed_type": "text_time", "addition_time_embed_dim": spec.time_embed_dim,
@@ -403,8 +409,8 @@ def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dic
 def build_architecture(name: str, seed: int = 0) -> SDComponents:
     """A full-size architecture of ARCHITECTURES with seeded random weights (nothing downloaded)."""
     root = ARCHITECTURES[name]
-    parts = ["unet", "vae", "text_encoder", "scheduler"] + (["text_encoder_2"]
-                                                             if (root / "text_encoder_2.json").is_file() else [])
+    parts = ["unet", "vae", "text_encoder", "scheduler"] + (
+        ["text_encoder_2"] if (root / "text_encoder_2.json").is_file() else [])
     configs = {part: json.loads((root / f"{part}.json").read_text()) for part in parts}
     return build_from_configs(**configs, seed=seed, source=f"preset:{name}")
 
@@ -489,8 +495,8 @@ def load_vae(name: str, revision: str | None = None):
             return AutoencoderKL.from_pretrained(root)
         if (root / "vae" / "config.json").is_file():
             return AutoencoderKL.from_pretrained(root, subfolder="vae")
-        raise FileNotFoundError(f"model.vae {name} holds neither config.json nor vae/config.json (a diffusers "
-                                "AutoencoderKL folder, or a pipeline folder with vae/)")
+        raise FileNotFoundError(f"model.vae {name} holds neither config.json nor vae/config.json (a "
+                                "diffusers AutoencoderKL folder, or a pipeline folder with vae/)")
     return AutoencoderKL.from_pretrained(name, revision=revision)
 
 
@@ -511,7 +517,8 @@ def enable_attention(components: SDComponents, attention: str) -> None:
         components.unet.enable_xformers_memory_efficient_attention()
         components.vae.enable_xformers_memory_efficient_attention()
     except Exception as err:  # xformers imports on CPU but its kernels refuse to run there
-        raise RuntimeError(f"xformers is installed but cannot run here ({err}); set model.attention=sdpa") from err
+        raise RuntimeError(f"xformers is installed but cannot run here ({err}); set "
+                           "model.attention=sdpa") from err
 
 
 def load_components(cfg: ModelConfig | str) -> SDComponents:
@@ -535,7 +542,8 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
         components = _from_pretrained(cfg.name, cfg.revision, cfg.variant)
     if cfg.vae:
         components.vae = load_vae(cfg.vae, cfg.revision)
-        logger.info("VAE from %s (force_upcast=%s)", cfg.vae, getattr(components.vae.config, "force_upcast", None))
+        logger.info("VAE from %s (force_upcast=%s)", cfg.vae,
+                    getattr(components.vae.config, "force_upcast", None))
     enable_attention(components, cfg.attention)
     logger.info("SD components from %s: UNet %.2fM params, %d px images", components.source,
                 sum(p.numel() for p in components.unet.parameters()) / 1e6, components.image_size)
@@ -544,7 +552,8 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
 
 def build_pipeline(components: SDComponents, scheduler=None):
     """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor), or for
-    SDXL a stock `StableDiffusionXLPipeline` (its defaults: an empty negative prompt is zeros, no watermark)."""
+    SDXL a stock `StableDiffusionXLPipeline` (its defaults: an empty negative prompt is zeros, no
+    watermark)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if components.is_sdxl:

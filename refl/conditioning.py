@@ -49,8 +49,8 @@ def cat(first: Conditioning, second: Conditioning) -> Conditioning:
 
 
 def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)  # (B, L)
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)  # (B, L)
 
 
 def size_ids(components: SDComponents, batch: int, device) -> torch.Tensor:

@@ -44,7 +44,8 @@ class RewardSourceConfig:
 
 @dataclass
 class ReflDataConfig:
-    # Training prompts: a .txt file (one per line), a .parquet/.csv with a `prompt_column`; or None to use `prompts`.
+    # Training prompts: a .txt file (one per line), a .parquet/.csv with a `prompt_column`; or None to use
+    # `prompts`.
     prompts_file: str | None = None
     # Column holding prompts in a parquet/csv file.
     prompt_column: str = "prompt"
@@ -136,7 +137,8 @@ class ReflConfig:
         check_guard_config(self.train)
         critics = [self.reward.critic] if isinstance(self.reward.critic, str) else self.reward.critic
         if not critics or not all(critics):
-            raise ValueError(f"reward.critic needs a checkpoint or a non-empty list of them, got {self.reward.critic!r}")
+            raise ValueError("reward.critic needs a checkpoint or a non-empty list of them, got "
+                             f"{self.reward.critic!r}")
         if self.reward.ensemble_penalty < 0:
             raise ValueError(f"reward.ensemble_penalty must be >= 0, got {self.reward.ensemble_penalty}")
 

@@ -37,8 +37,8 @@ def read_lora(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
     weights = Path(directory) / LORA_WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(f"{directory} holds no {LORA_WEIGHTS}: point at the lora/ or lora_best/ folder "
-                                "of a ReFL run")
+        raise FileNotFoundError(f"{directory} holds no {LORA_WEIGHTS}: point at the lora/ or lora_best/ "
+                                "folder of a ReFL run")
     with safe_open(str(weights), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         raw = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
@@ -57,7 +57,8 @@ def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     modules = sorted({k.split(".", 1)[0] for k in tensors})
     unknown = [m for m in modules if m not in KOHYA_PREFIXES]
     if unknown:
-        raise ValueError(f"{directory}: LoRA tensors of {unknown}; the kohya export knows {sorted(KOHYA_PREFIXES)}")
+        raise ValueError(f"{directory}: LoRA tensors of {unknown}; the kohya export knows "
+                         f"{sorted(KOHYA_PREFIXES)}")
     out: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
     for module in modules:
@@ -68,16 +69,18 @@ def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
                     "text_encoder.text_model." + k[len("text_encoder."):]: v for k, v in peft.items()}
         kohya = convert_state_dict_to_kohya(peft)
         if not all(k.startswith(KOHYA_PREFIXES[module]) for k in kohya):
-            raise ValueError(f"{directory}: diffusers' kohya converter gave keys outside {KOHYA_PREFIXES[module]}")
+            raise ValueError(f"{directory}: diffusers' kohya converter gave keys outside "
+                             f"{KOHYA_PREFIXES[module]}")
         rank = next(int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight"))
         alpha = settings.get(module, {}).get("lora_alpha")
         if alpha is None:
-            logger.warning("%s: no lora_alpha saved for %s; exporting alpha = rank = %d (what diffusers assumes)",
+            logger.warning("%s: no lora_alpha saved for %s; exporting alpha = rank = %d (what diffusers "
+                           "assumes)",
                            directory, module, rank)
             alpha = rank
         if settings.get(module, {}).get("alpha_pattern") or settings.get(module, {}).get("rank_pattern"):
-            raise ValueError(f"{directory}: {module} has per-module rank or alpha patterns; the export writes one "
-                             "alpha per module kind")
+            raise ValueError(f"{directory}: {module} has per-module rank or alpha patterns; the export "
+                             "writes one alpha per module kind")
         for key in kohya:
             if key.endswith(".alpha"):
                 kohya[key] = torch.tensor(float(alpha))
@@ -105,7 +108,8 @@ def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = N
 FORMATS: dict[str, Callable[..., Path]] = {"kohya": export_kohya}
 
 
-def export_lora(directory: str | os.PathLike, fmt: str = "kohya", out: str | os.PathLike | None = None) -> Path:
+def export_lora(directory: str | os.PathLike, fmt: str = "kohya",
+                out: str | os.PathLike | None = None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats are {sorted(FORMATS)}")
     return FORMATS[fmt](directory, out)

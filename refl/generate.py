@@ -54,8 +54,9 @@ def prepare_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
     earlier = sorted(p for p in out.iterdir() if _IMAGE_NAME.fullmatch(p.name) or p.name == MANIFEST) \
         if out.is_dir() else []
     if earlier and not overwrite:
-        raise FileExistsError(f"--out {out} holds {len(earlier)} files of an earlier generation ({earlier[0].name}, "
-                              "...); pass --overwrite to replace them, or name a new folder")
+        raise FileExistsError(f"--out {out} holds {len(earlier)} files of an earlier generation "
+                              f"({earlier[0].name}, ...); pass --overwrite to replace them, or name a new "
+                              "folder")
     for path in earlier:
         path.unlink()
     if earlier:

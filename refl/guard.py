@@ -84,12 +84,12 @@ def warn_if_too_few_validations(t: ReflTrainConfig) -> None:
     warning (refl.config.check_guard_config says why): the run is valid, the guard just idles."""
     n = count_validations(t)
     if t.select_by and n < 2:
-        logger.warning("train.select_by=%s: only %d validation(s) in %d updates (validate_every=%d), so lora_best "
-                       "is the final LoRA; lower train.validate_every", t.select_by, n, t.max_updates,
-                       t.validate_every)
+        logger.warning("train.select_by=%s: only %d validation(s) in %d updates (validate_every=%d), so "
+                       "lora_best is the final LoRA; lower train.validate_every", t.select_by, n,
+                       t.max_updates, t.validate_every)
     if t.stop_after_drops > 0 and n < t.stop_after_drops + 1:
-        logger.warning("train.stop_after_drops=%d can never stop this run: %d drops need %d validations, it makes "
-                       "%d; lower train.validate_every", t.stop_after_drops, t.stop_after_drops,
+        logger.warning("train.stop_after_drops=%d can never stop this run: %d drops need %d validations, it "
+                       "makes %d; lower train.validate_every", t.stop_after_drops, t.stop_after_drops,
                        t.stop_after_drops + 1, n)
 
 

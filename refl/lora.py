@@ -1,4 +1,5 @@
-"""LoRA on the UNet (and optionally the text encoders, both of SDXL's) through peft, saved in diffusers format.
+"""LoRA on the UNet (and optionally the text encoders, both of SDXL's) through peft, saved in diffusers
+format.
 
 Only LoRA parameters train; they stay fp32 even when the frozen base runs in fp16/bf16, because
 Adam updates of size lr * 1 are below fp16's resolution for weights near 1. The saved files carry
@@ -72,8 +73,8 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
                 raise RuntimeError(f"base weight {name} requires grad after add_adapter")
     if not params:
         raise RuntimeError(f"no LoRA adapters attached: target modules {cfg.target_modules} matched nothing")
-    logger.info("LoRA r=%d alpha=%g: %d tensors, %.3fM trainable parameters", cfg.rank, cfg.alpha, len(params),
-                sum(p.numel() for p in params) / 1e6)
+    logger.info("LoRA r=%d alpha=%g: %d tensors, %.3fM trainable parameters", cfg.rank, cfg.alpha,
+                len(params), sum(p.numel() for p in params) / 1e6)
     return params
 
 
@@ -116,7 +117,8 @@ def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) ->
             continue
         result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"LoRA checkpoint does not fit the {prefix}: unexpected {result.unexpected_keys[:5]}")
+            raise ValueError(f"LoRA checkpoint does not fit the {prefix}: unexpected "
+                             f"{result.unexpected_keys[:5]}")
         lora_missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if lora_missing:
             raise ValueError(f"LoRA checkpoint does not fit the {prefix}: missing {lora_missing[:5]}")
@@ -158,8 +160,8 @@ def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"LoRA folder {directory} does not exist (the lora/ or lora_best/ folder of a "
-                                "ReFL run)")
+        raise FileNotFoundError(f"LoRA folder {directory} does not exist (the lora/ or lora_best/ folder of "
+                                "a ReFL run)")
     weights = directory / LORA_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"LoRA folder {directory} holds no {LORA_WEIGHTS} (ReFL writes it into the "
@@ -176,8 +178,8 @@ def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl
             mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
             if mismatch is None:
                 raise
-            raise ValueError(f"LoRA {directory} does not fit this base model: it was trained on another base model "
-                             f"({mismatch}); load it with the model it was trained on") from None
+            raise ValueError(f"LoRA {directory} does not fit this base model: it was trained on another base "
+                             f"model ({mismatch}); load it with the model it was trained on") from None
 
 
 @contextmanager

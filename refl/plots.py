@@ -36,13 +36,15 @@ def plot_curve(metrics_path: Path, out_png: Path, best_update: int | None = None
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, panels):
         source = rows if key.startswith("train/") else [r for r in records if key in r]
-        ax.plot([r["update"] for r in source], [r[key] for r in source], "-" if key.startswith("train/") else "o-",
+        ax.plot([r["update"] for r in source], [r[key] for r in source],
+                "-" if key.startswith("train/") else "o-",
                 label="training batches" if key == "train/reward" else None)
         ax.set_xlabel("update")
         title = "held-out " + key.removeprefix(HELDOUT) if key.startswith(HELDOUT) else key
         ax.set_title(title, fontsize=9)
         if best_update is not None:
-            ax.axvline(best_update, color="tab:red", linestyle="--", linewidth=1, label=f"best (update {best_update})")
+            ax.axvline(best_update, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"best (update {best_update})")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     val = [r for r in records if "eval/reward" in r]

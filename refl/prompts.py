@@ -17,14 +17,15 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{key} {path} does not exist (a .txt file, one prompt per line, or a .parquet/.csv "
-                                f"with a {column!r} column)")
+        raise FileNotFoundError(f"{key} {path} does not exist (a .txt file, one prompt per line, or a "
+                                f".parquet/.csv with a {column!r} column)")
     if path.suffix in (".parquet", ".csv"):
         import pandas as pd
 
         frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         if column not in frame.columns:
-            raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)}); set {column_key}")
+            raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)}); set "
+                             f"{column_key}")
         prompts = frame[column].astype(str).tolist()
     else:
         prompts = path.read_text(encoding="utf-8").splitlines()
@@ -35,9 +36,11 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
 
 
 def training_prompts(cfg) -> list[str]:
-    """Training prompts of a ReFL config's `data`: a .txt (one per line), .parquet or .csv file, or the inline list."""
+    """Training prompts of a ReFL config's `data`: a .txt (one per line), .parquet or .csv file, or the inline
+    list."""
     if cfg.prompts_file is not None:
-        return read_prompt_file(cfg.prompts_file, cfg.prompt_column, "data.prompts_file", "data.prompt_column")
+        return read_prompt_file(cfg.prompts_file, cfg.prompt_column, "data.prompts_file",
+                                "data.prompt_column")
     prompts = [p.strip() for p in cfg.prompts if p and p.strip()]
     if not prompts:
         raise ValueError("no training prompts: set data.prompts_file or data.prompts")
@@ -45,7 +48,8 @@ def training_prompts(cfg) -> list[str]:
 
 
 def seed_for(*parts: int) -> int:
-    """A seed derived from several integers (run seed, update, micro-batch, rank): distinct tuples, unrelated seeds."""
+    """A seed derived from several integers (run seed, update, micro-batch, rank): distinct tuples, unrelated
+    seeds."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 

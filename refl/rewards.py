@@ -37,7 +37,8 @@ def _critic_reward(cfg: RewardSourceConfig, device, dtype: torch.dtype = torch.f
     members = [_frozen_critic(p, device, dtype, gradient_checkpointing) for p in paths]
     if len(members) == 1:
         if cfg.ensemble_penalty:
-            logger.warning("reward.ensemble_penalty=%g has no effect with a single critic", cfg.ensemble_penalty)
+            logger.warning("reward.ensemble_penalty=%g has no effect with a single critic",
+                           cfg.ensemble_penalty)
         return members[0]
     logger.info("critic ensemble of %d: reward = mean - %g x std", len(members), cfg.ensemble_penalty)
     return CriticEnsemble(members, cfg.ensemble_penalty)
@@ -60,7 +61,8 @@ def _standard_reward(kind: str):
                 gradient_checkpointing: bool = False) -> RewardFn:
         from reward.standard import load_standard
 
-        model = load_standard(f"{kind}:{cfg.standard.get(kind) or ''}", device=device, dtype=dtype)  # frozen, eval
+        # frozen, eval
+        model = load_standard(f"{kind}:{cfg.standard.get(kind) or ''}", device=device, dtype=dtype)
         model.set_grad_checkpointing(gradient_checkpointing)
         return model
 

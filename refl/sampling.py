@@ -68,7 +68,8 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+               "negative_pooled_prompt_embeds")
 
 
 @torch.no_grad()
@@ -98,7 +99,8 @@ def _decode_outside_autocast(pipe, latents: torch.Tensor, pipe_output: str):
 
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] | None = None,
-           generator: torch.Generator | None = None, num_inference_steps: int = 40, guidance_scale: float = 1.0,
+           generator: torch.Generator | None = None, num_inference_steps: int = 40,
+           guidance_scale: float = 1.0,
            eta: float = 0.0, embeds: dict[str, torch.Tensor | None] | None = None, batch_size: int = 8,
            output: str = "uint8"):
     """Images for `prompts` (or for one prompt's `embeds` from `encode_text`, repeated len(seeds) times).

@@ -140,7 +140,8 @@ def _phase(timer: PhaseTimer | None, name: str):
 @contextmanager
 def base_weights(components: SDComponents):
     """Run the base model: LoRA adapters of the UNet and (where attached) the text encoders are off inside."""
-    adapted = [m for m in (components.unet, *components.text_encoders().values()) if getattr(m, "peft_config", None)]
+    adapted = [m for m in (components.unet,
+                           *components.text_encoders().values()) if getattr(m, "peft_config", None)]
     for module in adapted:
         module.disable_adapters()
     try:
@@ -170,7 +171,8 @@ def grad_call(components: SDComponents, fn: Callable[..., torch.Tensor], *args) 
     return fn(*args)
 
 
-def initial_latents(components: SDComponents, batch: int, scheduler, generator: torch.Generator) -> torch.Tensor:
+def initial_latents(components: SDComponents, batch: int, scheduler,
+                    generator: torch.Generator) -> torch.Tensor:
     """Start noise drawn on the CPU generator (same numbers on every device), then moved."""
     size = components.unet.config.sample_size
     shape = (batch, components.unet.config.in_channels, size, size)  # (B, C, h, w)
@@ -183,7 +185,8 @@ def decode(components: SDComponents, latents: torch.Tensor) -> torch.Tensor:
     in fp32 under an fp16 base decodes outside autocast (SDXL's overflows in fp16)."""
     vae = components.vae
     with components.vae_autocast():
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
+        # (B, 3, H, W) in ~[-1, 1]
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -201,7 +204,8 @@ def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: S
     sched = components.scheduler
     b = latents0.shape[0]
     noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
-    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents0.device)  # (B,)
+    # (B,)
+    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents0.device)
     noisy = sched.add_noise(latents0, noise, t)  # (B, C, h, w)
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(latents0, noise, t)
@@ -232,8 +236,10 @@ class StepContext:
     uncond: Conditioning | None  # the empty prompt's, when guidance is on
     generator: torch.Generator  # the step's CPU generator: cuts, re-noising, stochastic sampler steps
     timer: PhaseTimer | None  # bench_refl.py's phase timer; None in training
-    base_cond: tuple[Conditioning, Conditioning | None] | None = None  # (cond, uncond) of the base text encoders
-    kl_terms: list[torch.Tensor] = field(default_factory=list)  # () per UNet call with gradient (kl_weight > 0)
+    # (cond, uncond) of the base text encoders
+    base_cond: tuple[Conditioning, Conditioning | None] | None = None
+    # () per UNet call with gradient (kl_weight > 0)
+    kl_terms: list[torch.Tensor] = field(default_factory=list)
     grad_calls: int = 0  # UNet calls with gradient so far (checkpointed reruns not counted)
 
     @property
@@ -287,7 +293,8 @@ class MethodResult:
     # Clean-latent predictions x0 (B, C, h, w) that carry gradient; each is decoded and scored, and the
     # reward loss averages over all of them (DRaFT-LV returns n, the others one).
     predictions: list[torch.Tensor]
-    # 0-based index of the trajectory's first step with gradient, in [0, num_inference_steps); logged as `cut`.
+    # 0-based index of the trajectory's first step with gradient, in [0, num_inference_steps); logged as
+    # `cut`.
     cut: int
 
 
@@ -295,12 +302,14 @@ class MethodResult:
 def _check_cut_range(cfg: StepConfig) -> None:
     T = cfg.num_inference_steps
     if len(cfg.cut_range) != 2 or not 0 <= cfg.cut_range[0] <= cfg.cut_range[1] < T:
-        raise ValueError(f"cut_range {cfg.cut_range} must be [lo, hi] with 0 <= lo <= hi < num_inference_steps={T}")
+        raise ValueError(f"cut_range {cfg.cut_range} must be [lo, hi] with 0 <= lo <= hi < "
+                         f"num_inference_steps={T}")
 
 
 def _check_draft_k(cfg: StepConfig) -> None:
     if not 1 <= cfg.draft_k <= cfg.num_inference_steps:
-        raise ValueError(f"draft_k={cfg.draft_k} must be in [1, num_inference_steps={cfg.num_inference_steps}]")
+        raise ValueError(f"draft_k={cfg.draft_k} must be in [1, "
+                         f"num_inference_steps={cfg.num_inference_steps}]")
 
 
 def _check_draft_lv_n(cfg: StepConfig) -> None:
@@ -453,7 +462,8 @@ def _checked(cfg: StepConfig, result, ctx: StepContext) -> MethodResult:
         raise ValueError(f"{name} made no UNet call through StepContext.grad_eps, so nothing trains (and "
                          "neither checkpointing nor the KL term would see a call made another way)")
     if not 0 <= result.cut < cfg.num_inference_steps:
-        raise ValueError(f"{name} returned cut={result.cut}, outside [0, num_inference_steps={cfg.num_inference_steps})")
+        raise ValueError(f"{name} returned cut={result.cut}, outside [0, "
+                         f"num_inference_steps={cfg.num_inference_steps})")
     return result
 
 
@@ -484,7 +494,8 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
         cond = conditioning.encode(components, prompts)  # hidden states (B, L, D), SDXL's pooled and sizes
         uncond = conditioning.negative(components, cond) if cfg.guidance_scale > 1 else None
     base_cond = None
-    if cfg.kl_weight > 0 and any(getattr(m, "peft_config", None) for m in components.text_encoders().values()):
+    if cfg.kl_weight > 0 and any(getattr(m, "peft_config", None)
+                                 for m in components.text_encoders().values()):
         with torch.no_grad(), base_weights(components):  # the base model reads the base text encoders
             base = conditioning.encode(components, prompts)
             base_cond = (base, conditioning.negative(components, base) if uncond is not None else None)
@@ -526,5 +537,6 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k != "loss" and v.numel() == 1)
         raise NonFiniteLossError(
             f"{step_name}: loss is {loss.item()} ({terms}); stopped before backward, no optimizer update was "
-            "made. Check the reward (does the critic give NaN?), lower train.lr, or use bf16 instead of fp16.")
+            "made. Check the reward (does the critic give NaN?), lower train.lr, or use bf16 instead of "
+            "fp16.")
     return out

@@ -33,8 +33,8 @@ class SweepRule:
         """Refuse a judge a real user does not have: the toy world's oracle (evaluation only)."""
         for key in [self.maximise, *self.hold]:
             if "oracle" in key.lower():
-                raise ValueError(f"{key!r}: the sweep rule may use only judges a user has (the reward, a zero-shot "
-                                 "model, prompt fidelity); the oracle is for evaluation only")
+                raise ValueError(f"{key!r}: the sweep rule may use only judges a user has (the reward, a "
+                                 "zero-shot model, prompt fidelity); the oracle is for evaluation only")
         for key, drop in self.hold.items():
             if drop < 0:
                 raise ValueError(f"hold[{key!r}] must be >= 0, got {drop}")
@@ -72,7 +72,8 @@ def choose(runs: Mapping[str, Sequence[Mapping]], rule: SweepRule) -> dict:
                                 > (best[1][rule.maximise], -int(best[1]["update"]))):
             best = (name, top)
     if best is None:
-        raise ValueError("no run has an admissible validation (not even update 0): check the held judges' names")
+        raise ValueError("no run has an admissible validation (not even update 0): check the held judges' "
+                         "names")
     return {"per_run": per_run, "run": best[0], "update": int(best[1]["update"]), "row": best[1]}
 
 

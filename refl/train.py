@@ -70,7 +70,8 @@ class TrainState:
 
 
 class LoraCheckpointState:
-    """The LoRA tensors as an object accelerate's save_state / load_state carry (register_for_checkpointing)."""
+    """The LoRA tensors as an object accelerate's save_state / load_state carry
+    (register_for_checkpointing)."""
 
     def __init__(self, components: SDComponents):
         self.components = components
@@ -129,7 +130,8 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
     return metrics
 
 
-def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float, name: str) -> tuple[float, bool]:
+def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float,
+                 name: str) -> tuple[float, bool]:
     """Clip, step the optimizer and the LR schedule; returns (gradient norm, skipped).
 
     Under fp16 the loss scaler skips an update whose gradients overflowed (and lowers its scale); the
@@ -139,7 +141,8 @@ def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float,
         grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     else:
         accelerator.unscale_gradients()
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                          if p.grad is not None]))
     if not torch.isfinite(grad_norm) and accelerator.scaler is None:
         raise NonFiniteLossError(f"{name}: gradient norm is {grad_norm}; no update was made")
     optimizer.step()
@@ -214,7 +217,8 @@ def _select(components: SDComponents, state: TrainState, evals: dict[str, float]
     if guard.track(state, score, evals["eval/reward"]):
         # atomic: a crash never leaves half a lora_best
         save_lora(components, out / "lora_best", card=card(state.update))
-        logger.info("update %d: %s = %.4g, the best so far: saved lora_best", state.update, t.select_by, score)
+        logger.info("update %d: %s = %.4g, the best so far: saved lora_best", state.update, t.select_by,
+                    score)
     if state.drops:
         logger.info("update %d: %s dropped while eval/reward rose, %d time(s) in a row", state.update,
                     t.select_by, state.drops)
@@ -250,8 +254,9 @@ def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: R
     state.validated = state.update
     if stop:
         state.stopped_early_at = state.update
-        logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward rose; "
-                       "lora_best/ is update %d", state.update, t.select_by, state.drops, state.best_update)
+        logger.warning("stopped early at update %d: %s dropped %d validations in a row while eval/reward "
+                       "rose; lora_best/ is update %d", state.update, t.select_by, state.drops,
+                       state.best_update)
     if checkpoint is None and stop:
         return _save(accelerator, out, state, t, components, card)
     if checkpoint is not None and accelerator.is_main_process:
@@ -280,9 +285,9 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
         save_config(cfg, out / "config.yaml")
     world = accelerator.num_processes
     per_update = t.batch_size * t.gradient_accumulation * world
-    logger.info("processes %d, prompts per update %d (= %d per micro-batch x %d accumulation x %d processes), "
-                "%d updates, %d prompts seen", world, per_update, t.batch_size, t.gradient_accumulation, world,
-                t.max_updates, per_update * t.max_updates)
+    logger.info("processes %d, prompts per update %d (= %d per micro-batch x %d accumulation x %d "
+                "processes), %d updates, %d prompts seen", world, per_update, t.batch_size,
+                t.gradient_accumulation, world, t.max_updates, per_update * t.max_updates)
     prompts = training_prompts(cfg.data)
     components, params, optimizer, lr_sched = _prepare(cfg, accelerator)
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
@@ -301,7 +306,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     def card(updates: int) -> str:
         return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)
 
-    bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process, desc="ReFL")
+    bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process,
+               desc="ReFL")
     metrics: dict[str, float] = {}
     checkpoint = ckpt  # the checkpoint of update state.update, when there is one
     while True:
@@ -326,7 +332,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
             checkpoint = _save(accelerator, out, state, t, components, card)
     bar.close()
 
-    result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at, **metrics}
+    result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at,
+              **metrics}
     if t.select_by:
         result.update({"lora_best": str(out / "lora_best"), "best_update": state.best_update,
                        "best_score": state.best_score})
