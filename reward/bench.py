@@ -31,13 +31,15 @@ def _timed(fn, repeats: int, warmup: int = 1) -> float:
 def _autocast(device: str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(torch.device(device).type,
+                          dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def bench_model(model_name: str, batch: int, repeats: int, device: str, precision: str = "fp32",
                 grad_checkpointing: bool = False) -> dict:
     torch.manual_seed(0)
-    critic = create_critic(CriticConfig(model_name=model_name, training_mode="visual_upper_layers_textual_upper_layers"))
+    critic = create_critic(CriticConfig(model_name=model_name,
+                                        training_mode="visual_upper_layers_textual_upper_layers"))
     critic.to(device).set_grad_checkpointing(grad_checkpointing)
     s = critic.image_size
     images = torch.rand(batch, 3, s, s, device=device)  # (B, 3, S, S) in [0, 1]
@@ -108,10 +110,12 @@ def _write_bench_shards(root: Path, rows: int, image_px: int, row_group: int) ->
     for _ in range(16):
         small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(small).resize((image_px, image_px), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        Image.fromarray(small).resize((image_px, image_px), Image.BICUBIC).save(buf, format="JPEG",
+                                                                                quality=90)
         pool.append(buf.getvalue())
     table = pa.table({"caption": [f"prompt {i}" for i in range(rows)],
-                      "jpg_0": [pool[i % 16] for i in range(rows)], "jpg_1": [pool[(i + 1) % 16] for i in range(rows)],
+                      "jpg_0": [pool[i % 16] for i in range(rows)],
+                      "jpg_1": [pool[(i + 1) % 16] for i in range(rows)],
                       "label_0": np.ones(rows), "label_1": np.zeros(rows)})
     pq.write_table(table, root / "train-00000-of-00001.parquet", row_group_size=row_group)
     return sum(len(pool[i % 16]) + len(pool[(i + 1) % 16]) for i in range(rows))
@@ -125,10 +129,12 @@ def bench_streaming(image_size: int, rows: int, image_px: int, batch: int, worke
 
     out = {"rows": rows, "image_px": image_px, "image_size": image_size, "batch": batch, "format": "JPEG q90"}
     with tempfile.TemporaryDirectory() as tmp:
-        out["mean_image_kb"] = _write_bench_shards(Path(tmp), rows, image_px, row_group=100) / (2 * rows) / 1024
+        out["mean_image_kb"] = _write_bench_shards(Path(tmp), rows, image_px,
+                                                   row_group=100) / (2 * rows) / 1024
         ds = PairShards(tmp, image_size=image_size, tie_policy="keep")
         for w in workers:
-            loader = DataLoader(ds, batch_sampler=PairShardSampler(ds, batch), collate_fn=collate_pairs, num_workers=w)
+            loader = DataLoader(ds, batch_sampler=PairShardSampler(ds, batch), collate_fn=collate_pairs,
+                                num_workers=w)
             start = time.perf_counter()
             n = sum(len(b["prompt"]) for b in loader)
             out[f"pairs_per_s_workers_{w}"] = n / (time.perf_counter() - start)

@@ -67,11 +67,13 @@ def validate_main(argv=None) -> int:
         description="Pairwise accuracy of a critic on held-out pairs, next to its untuned backbone and the "
                     "standard reward models.")
     parser.add_argument("pairs", help="pairs file (parquet/csv/jsonl)")
-    parser.add_argument("--checkpoint", required=True, help="critic directory, or open_clip name[:pretrained]")
+    parser.add_argument("--checkpoint", required=True,
+                        help="critic directory, or open_clip name[:pretrained]")
     parser.add_argument("--baseline", action="append", default=None,
-                        help="a model to compare, repeatable: a critic or open_clip name[:pretrained], or a standard "
-                             f"reward spec KIND:PATH ({', '.join(STANDARD_KINDS)}; e.g. hpsv2:weights/"
-                             "HPS_v2_compressed.pt). Default: the checkpoint's own backbone; 'none' to skip")
+                        help="a model to compare, repeatable: a critic or open_clip name[:pretrained], or a "
+                             f"standard reward spec KIND:PATH ({', '.join(STANDARD_KINDS)}; e.g. "
+                             "hpsv2:weights/HPS_v2_compressed.pt). Default: the checkpoint's own backbone; "
+                             "'none' to skip")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
     parser.add_argument("--out", default=None, help="JSON file to write (default: beside the checkpoint); "
@@ -112,13 +114,15 @@ def _validate(args) -> dict:
 
     records = load_pairs(args.pairs, tie_policy="keep", loss_handles_ties=True, on_bad_row=args.on_bad_row)
     model = load(args.checkpoint, device=args.device)
-    baselines = [b for b in args.baseline or [model.config.pretrained or model.config.model_name] if b != "none"]
+    baselines = [b for b in args.baseline or [model.config.pretrained or model.config.model_name]
+                 if b != "none"]
     _check_specs("--baseline (the critic's own backbone)", [] if args.baseline else baselines)
     report = {"pairs": str(args.pairs), "checkpoint": str(args.checkpoint),
               "tuned": evaluate_pairs(model, records, args.batch_size, progress=True), "baselines": []}
     del model
     for spec in baselines:
-        base = load_standard(spec, device=args.device) if is_standard_spec(spec) else load(spec, device=args.device)
+        base = (load_standard(spec, device=args.device) if is_standard_spec(spec)
+                else load(spec, device=args.device))
         rep = evaluate_pairs(base, records, args.batch_size, progress=True)
         rep["tuned_minus_this"] = report["tuned"]["pairwise_accuracy"] - rep["pairwise_accuracy"]
         report["baselines"].append({"model": spec, **rep})
@@ -133,8 +137,10 @@ def check_main(argv=None) -> int:
     from reward.data import FORMATS, check_pairs
 
     parser = argparse.ArgumentParser(
-        description="Decode every image of a pairs set once; write a report of the bad rows and a clean copy.")
-    parser.add_argument("source", help="pairs file, shard folder, glob (quote it) or datasets save_to_disk folder")
+        description="Decode every image of a pairs set once; write a report of the bad rows and a clean "
+                    "copy.")
+    parser.add_argument("source", help="pairs file, shard folder, glob (quote it) or datasets save_to_disk "
+                                       "folder")
     parser.add_argument("--out", required=True, help="clean pairs file to write (.parquet)")
     parser.add_argument("--report", default=None, help="JSON report (default: <out>.report.json)")
     parser.add_argument("--fmt", default="auto", choices=["auto", *FORMATS])
@@ -168,7 +174,8 @@ def bench_main(argv=None) -> int:
                         help="pairs in the synthetic shard set for streamed loading pairs/s; 0 = skip")
     parser.add_argument("--stream-image-px", type=int, default=512,
                         help="side of the encoded JPEGs (Pick-a-Pic: 512+)")
-    parser.add_argument("--stream-image-size", type=int, default=224, help="critic input size they are resized to")
+    parser.add_argument("--stream-image-size", type=int, default=224,
+                        help="critic input size they are resized to")
     parser.add_argument("--stream-workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader worker counts to time")
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ from runkit.config import TrainSettings
 
 @dataclass
 class CriticDataConfig:
-    # Training pairs in one of the formats of reward.data (reward/data/formats.py): a parquet / csv / json(l) file, a folder
-    # or glob of parquet / arrow shards (e.g. a Pick-a-Pic v2 download's data/train-*.parquet), or a
-    # `datasets` save_to_disk folder. Streamed: rows are read a row group at a time.
+    # Training pairs in one of the formats of reward.data (reward/data/formats.py): a parquet / csv / json(l)
+    # file, a folder or glob of parquet / arrow shards (e.g. a Pick-a-Pic v2 download's data/train-*.parquet),
+    # or a `datasets` save_to_disk folder. Streamed: rows are read a row group at a time.
     train: str = ""
     # Held-out pairs (same kinds of source); empty = hold out `val_fraction` of the training prompts.
     val: str = ""

@@ -60,7 +60,8 @@ class CriticEnsemble(nn.Module):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         scores = torch.stack([member(images, prompts).float() for member in self.members])  # (M, B)
         mean, std = mean_and_std(scores)  # (B,), (B,)
-        self.last_terms = {**{f"critic_{i}": s.detach() for i, s in enumerate(scores)}, "critic_std": std.detach()}
+        self.last_terms = {**{f"critic_{i}": s.detach() for i, s in enumerate(scores)},
+                           "critic_std": std.detach()}
         if self.penalty == 0:
             return mean  # (B,)
         return mean - self.penalty * std  # (B,)

@@ -57,8 +57,8 @@ def _image_at_own_size(ref) -> torch.Tensor:
 @torch.no_grad()
 def score_pairs_standard(model: StandardReward, records: list[PairRecord], batch_size: int = 16,
                          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A standard reward model's scores of the preferred and the rejected image of every pair: two (N,) arrays.
-    Images of equal size are batched together; the others one by one."""
+    """A standard reward model's scores of the preferred and the rejected image of every pair: two (N,)
+    arrays. Images of equal size are batched together; the others one by one."""
     scores = []
     for start in tqdm(range(0, len(records), batch_size), desc="scoring pairs", disable=not progress):
         chunk = records[start : start + batch_size]
@@ -75,8 +75,8 @@ def score_pairs_standard(model: StandardReward, records: list[PairRecord], batch
     return both[:, 0], both[:, 1]
 
 
-def evaluate_pairs(model: SocialReward | StandardReward, records: list[PairRecord] | PairShards, batch_size: int = 64,
-                   progress: bool = False) -> dict:
+def evaluate_pairs(model: SocialReward | StandardReward, records: list[PairRecord] | PairShards,
+                   batch_size: int = 64, progress: bool = False) -> dict:
     # A pair the community called a tie has no right answer: it is counted, not scored.
     if isinstance(records, PairShards):
         clear = Subset(records, np.flatnonzero(records.labels != 0.5).tolist())
@@ -86,12 +86,14 @@ def evaluate_pairs(model: SocialReward | StandardReward, records: list[PairRecor
         raise ValueError("no pair with a clear preference to evaluate (all labels are ties)")
     if isinstance(model, StandardReward):
         if isinstance(records, PairShards):
-            raise TypeError("standard reward models score in-memory pairs: load them with reward.data.load_pairs")
+            raise TypeError("standard reward models score in-memory pairs: load them with "
+                            "reward.data.load_pairs")
         s_pos, s_neg = score_pairs_standard(model, clear, min(batch_size, 16), progress)
     else:
         s_pos, s_neg = score_pairs(model, clear, batch_size, progress)
     if not len(s_pos):
-        raise EmptySplitError(f"no pair could be scored: all {len(clear)} pair(s) with a clear preference were bad rows "
+        raise EmptySplitError(f"no pair could be scored: all {len(clear)} pair(s) with a clear preference "
+                              "were bad rows "
                         "(skipped with on_bad_row=skip); scripts/check_pairs.py lists why")
     report = pairwise_accuracy_report(s_pos, s_neg)
     report["n_tied_labels"] = len(records) - len(clear)
@@ -108,7 +110,8 @@ def majority_baseline(source, fmt: str = "auto") -> dict:
     for df, where, _ in read_tables(source):
         spec = check_format(fmt, list(df.columns), where)
         if not spec.ordered:
-            return {"rate": None, "rule": "none: the file names the preferred image by column, not by position"}
+            return {"rate": None, "rule": "none: the file names the preferred image by column, not by "
+                                          "position"}
         for row in df[spec.cheap].to_dict("records"):
             clear = [p for p in _row_preferences(spec, row) if p != 0.5]
             total, first = total + len(clear), first + sum(p > 0.5 for p in clear)

@@ -74,7 +74,8 @@ class CriticEvaluator:
     def __init__(self, name: str, model, clip_score: bool = False, batch_size: int = 64):
         self.name = name
         self.model = model
-        self.clip_score = clip_score  # True: 100 * cos of the untuned backbone; False: calibrated critic score
+        # True: 100 * cos of the untuned backbone; False: calibrated critic score
+        self.clip_score = clip_score
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -105,7 +106,8 @@ class CriticEvaluator:
 
 class ModelEvaluator:
     """A differentiable reward model `(images (B, 3, H, W) in [0, 1], prompts) -> (B,)` (a standard reward
-    model of reward.standard, or a critic ensemble) as an evaluator: its score, in batches, without gradient."""
+    model of reward.standard, or a critic ensemble) as an evaluator: its score, in batches, without
+    gradient."""
 
     def __init__(self, name: str, model, batch_size: int = 16):
         self.name = name
@@ -222,12 +224,14 @@ class _Checked:
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         scores = np.asarray(self.fn(images, list(prompts)), dtype=np.float64).reshape(-1)  # (N,)
         if scores.shape != (len(images),):
-            raise ValueError(f"evaluator {self.name} returned {scores.shape[0]} scores for {len(images)} images")
+            raise ValueError(f"evaluator {self.name} returned {scores.shape[0]} scores for {len(images)} "
+                             "images")
         return scores
 
 
 def _standard_content_hash(argument: str) -> str:
-    """A standard reward's argument names files inside `PATH,option=VALUE` and `NAME:PATH`: hash each piece."""
+    """A standard reward's argument names files inside `PATH,option=VALUE` and `NAME:PATH`: hash each
+    piece."""
     pieces = []
     for part in argument.split(","):
         value = part.partition("=")[2] if "=" in part else part
@@ -240,13 +244,15 @@ def create_evaluator(spec: str, device: str = "cpu") -> Evaluator:
     kind, argument = parse_spec(spec)
     evaluator = _resolve(EVALUATORS[kind])(argument, device)
     if not callable(evaluator):
-        raise TypeError(f"the factory of evaluator kind {kind!r} returned {type(evaluator).__name__}, not a callable")
+        raise TypeError(f"the factory of evaluator kind {kind!r} returned {type(evaluator).__name__}, not a "
+                        "callable")
     if not isinstance(evaluator, CriticEvaluator):
         evaluator = _Checked(spec, evaluator)
     evaluator.name = spec
     # What its scores are cached under: the spec and the content of the files it names.
     # Standard and ensemble arguments name several files (comma-separated): each one is hashed.
     several = kind in STANDARD_KINDS or kind == "ensemble"
-    evaluator.fingerprint = f"{spec}|{_standard_content_hash(argument) if several else content_hash(argument)}"
+    evaluator.fingerprint = (f"{spec}|"
+                             f"{_standard_content_hash(argument) if several else content_hash(argument)}")
     logger.info("evaluator %s ready", spec)
     return evaluator

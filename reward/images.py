@@ -136,8 +136,8 @@ def _from_integers(values: np.ndarray, mode: str, name: str) -> np.ndarray:
 def _from_float(values: np.ndarray, name: str) -> np.ndarray:
     lo, hi = float(np.min(values)), float(np.max(values))
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -FLOAT_SLACK or hi > 1 + FLOAT_SLACK:
-        raise ImageError(f"image {name} has mode F (32-bit float) with values {lo:g}..{hi:g}, outside [0, 1], "
-                         "so its range is unknown; re-export it as 8- or 16-bit")
+        raise ImageError(f"image {name} has mode F (32-bit float) with values {lo:g}..{hi:g}, outside [0, "
+                         "1], so its range is unknown; re-export it as 8- or 16-bit")
     return np.clip(values.astype(np.float64), 0.0, 1.0) * 255.0
 
 

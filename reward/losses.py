@@ -74,7 +74,8 @@ class PickScoreLoss(nn.Module):
         self.logit_scale = logit_scale
 
     def forward(self, text, pos, neg, label=None, weight=None) -> dict[str, torch.Tensor]:
-        logits = self.logit_scale * torch.stack([(text * pos).sum(-1), (text * neg).sum(-1)], dim=-1)  # (B, 2)
+        # (B, 2)
+        logits = self.logit_scale * torch.stack([(text * pos).sum(-1), (text * neg).sum(-1)], dim=-1)
         label = torch.ones(logits.shape[0], device=logits.device) if label is None else label.to(logits.dtype)
         target = torch.stack([label, 1 - label], dim=-1)  # (B, 2)
         per_pair = -(target * logits.log_softmax(-1)).sum(-1)

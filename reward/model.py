@@ -132,7 +132,8 @@ class SocialReward(nn.Module):
         # In float32 whatever the critic's dtype: a bf16 scale would round every score.
         return cosine.float() * self.score_scale.float() + self.score_shift.float()
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str] | torch.Tensor, return_embeddings: bool = False):
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | torch.Tensor,
+                return_embeddings: bool = False):
         """Differentiable calibrated scores, one per (image, prompt) pair: (B,).
 
         With `return_embeddings` it returns the normalised (image, text) embeddings instead; training
@@ -161,7 +162,8 @@ class SocialReward(nn.Module):
         txt = self.encode_text([prompt])  # (1, D)
         out = []
         for start in range(0, len(items), batch_size):
-            batch = torch.stack([load_image_tensor(x, self.image_size) for x in items[start : start + batch_size]])
+            batch = torch.stack([load_image_tensor(x, self.image_size)
+                                 for x in items[start : start + batch_size]])
             img = self.encode_image(batch.to(self.device))  # (b, D)
             out.append(self.calibrated((img * txt).sum(-1)).float().cpu())
         scores = torch.cat(out).tolist()
@@ -280,12 +282,13 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
         model.config = config
         return model
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=uses_quick_gelu(name, pretrained))
+        clip = open_clip.create_model(name, pretrained=pretrained,
+                                      force_quick_gelu=uses_quick_gelu(name, pretrained))
     except Exception as err:  # open_clip raises several kinds when weights are not cached
         if pretrained and not Path(pretrained).exists():
             raise RuntimeError(
-                f"could not load open_clip weights {name}/{pretrained!r} ({err}). This machine may be offline: "
-                "put the checkpoint file on disk and pass its path as the pretrained weights "
+                f"could not load open_clip weights {name}/{pretrained!r} ({err}). This machine may be "
+                "offline: put the checkpoint file on disk and pass its path as the pretrained weights "
                 "(model.pretrained in a critic training config)."
             ) from err
         raise
@@ -307,12 +310,13 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     if not pretrained or Path(pretrained).expanduser().is_file():
         return
     if _looks_like_path(pretrained):
-        raise FileNotFoundError(f"open_clip weights file {pretrained} does not exist; pass the checkpoint file's "
-                                f"path, or one of {name}'s pretrained tags")
+        raise FileNotFoundError(f"open_clip weights file {pretrained} does not exist; pass the checkpoint "
+                                f"file's path, or one of {name}'s pretrained tags")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained.lower() not in [t.lower() for t in tags]:
         known = ", ".join(tags) if tags else "none (pass a checkpoint file path)"
-        raise ValueError(f"unknown open_clip pretrained tag {pretrained!r} for model {name}; its tags: {known}")
+        raise ValueError(f"unknown open_clip pretrained tag {pretrained!r} for model {name}; its tags: "
+                         f"{known}")
 
 
 def check_source(path_or_name: str | os.PathLike) -> None:
@@ -321,19 +325,22 @@ def check_source(path_or_name: str | os.PathLike) -> None:
     path = Path(path_or_name)
     if path.is_dir():
         if not (path / CHECKPOINT_CONFIG).is_file():
-            raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint directory")
+            raise FileNotFoundError(f"{path} has no {CHECKPOINT_CONFIG}; it is not a critic checkpoint "
+                                    "directory")
         return
     if path.is_file():
-        raise FileNotFoundError(f"{path} is a file; pass the critic folder that holds {CHECKPOINT_CONFIG} and "
-                                f"{CHECKPOINT_WEIGHTS}")
+        raise FileNotFoundError(f"{path} is a file; pass the critic folder that holds {CHECKPOINT_CONFIG} "
+                                f"and {CHECKPOINT_WEIGHTS}")
     name, _, pretrained = str(path_or_name).partition(":")
     if _looks_like_path(name) and not name.endswith(".json"):  # a model-config JSON path is a model name
-        raise FileNotFoundError(f"critic folder {path} does not exist; it should hold {CHECKPOINT_CONFIG} and "
-                                f"{CHECKPOINT_WEIGHTS} (the <output_dir>/critic folder reward training writes)")
+        raise FileNotFoundError(f"critic folder {path} does not exist; it should hold {CHECKPOINT_CONFIG} "
+                                f"and {CHECKPOINT_WEIGHTS} (the <output_dir>/critic folder reward training "
+                                "writes)")
     check_pretrained(resolve_model_name(name), pretrained or None)
 
 
-def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", training_mode: str | None = None):
+def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
+         training_mode: str | None = None):
     """A saved critic directory, or an open_clip `name` / `name:pretrained` (untuned backbone)."""
     check_source(path_or_name)
     path = Path(path_or_name)
@@ -341,7 +348,8 @@ def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", tr
         meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
         with quiet_random_init_warning():
             model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
-                                               training_mode=training_mode or meta.get("training_mode", "all")))
+                                               training_mode=training_mode
+                                               or meta.get("training_mode", "all")))
         _load_weights(model, path)
         model.config.pretrained = meta.get("pretrained")
     else:

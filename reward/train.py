@@ -56,10 +56,12 @@ class LoopState:
 
 
 def train(cfg: RewardConfig) -> dict:
-    """Run (or, with train.resume, resume) training; returns the final metrics. Writes under train.output_dir."""
+    """Run (or, with train.resume, resume) training; returns the final metrics. Writes under
+    train.output_dir."""
     tc = cfg.train
     out = Path(tc.output_dir)
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision,
+                              gradient_accumulation_steps=tc.gradient_accumulation)
     set_seed(tc.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,8 @@ def train(cfg: RewardConfig) -> dict:
                                shuffle_blocks=cfg.data.shuffle_row_groups)
     # accelerate deals the interleaved batches out, one per process in turn: each process loads only
     # its own (and so reads only its own row groups).
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=cfg.data.num_workers)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_pairs,
+                        num_workers=cfg.data.num_workers)
     module = CriticWithLoss(critic, loss_fn)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
@@ -89,12 +92,14 @@ def train(cfg: RewardConfig) -> dict:
     # process), and registered so the checkpoints carry it.
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
-    logger.info("%s, %d processes; critic %s (%s): %d of %d parameters train (mode %s); %d train pairs, %d val "
-                "pairs; global batch %d; %d optimizer updates per epoch, %d in total",
-                accelerator.distributed_type, accelerator.num_processes, cfg.model.model_name, cfg.model.pretrained,
+    logger.info("%s, %d processes; critic %s (%s): %d of %d parameters train (mode %s); %d train pairs, %d "
+                "val pairs; global batch %d; %d optimizer updates per epoch, %d in total",
+                accelerator.distributed_type, accelerator.num_processes, cfg.model.model_name,
+                cfg.model.pretrained,
                 sum(p.numel() for p in params), sum(p.numel() for p in critic.parameters()),
                 cfg.model.training_mode, len(train_set), len(val_set) if val_set is not None else 0,
-                tc.batch_size * accelerator.num_processes * tc.gradient_accumulation, updates_per_epoch, total)
+                tc.batch_size * accelerator.num_processes * tc.gradient_accumulation, updates_per_epoch,
+                total)
 
     state = LoopState()
     ckpt = find_checkpoint(out, tc.resume)
@@ -103,9 +108,10 @@ def train(cfg: RewardConfig) -> dict:
         logger.info("resumed from %s at update %d (epoch %d, batch %d)", ckpt, state.update, state.epoch,
                     state.batches_done)
     run_logger = RunLogger(out, accelerator.is_main_process, tc.log_with, state.update)
-    every = {"validate": tc.validate_every or updates_per_epoch, "checkpoint": tc.checkpoint_every or updates_per_epoch}
-    history, n_bad, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc,
-                                   state, total, every, run_logger, out)
+    every = {"validate": tc.validate_every or updates_per_epoch,
+             "checkpoint": tc.checkpoint_every or updates_per_epoch}
+    history, n_bad, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params,
+                                   val_set, tc, state, total, every, run_logger, out)
     run_logger.close()
     return _finish(accelerator, module, val_set, tc, state, history, n_bad, out, train_set.n_bad_rows)
 
@@ -115,12 +121,14 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
     """The epochs; returns the validation history, the bad rows this process skipped and the validation set
     (None once it turned out to hold no scorable pair)."""
     history: list[dict] = []
-    pbar = tqdm(total=total, initial=state.update, desc="train critic", disable=not accelerator.is_local_main_process)
+    pbar = tqdm(total=total, initial=state.update, desc="train critic",
+                disable=not accelerator.is_local_main_process)
     running: dict[str, float] = {}
     n_bad = 0
     while state.update < total:
         sampler.epoch = state.epoch
-        epoch_loader = accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
+        epoch_loader = (accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done
+                        else loader)
         for batch in epoch_loader:
             n_bad += _check_batch(batch, n_bad, state)
             terms = _step(accelerator, module, optimizer, scheduler, params, batch, tc, state)
@@ -153,7 +161,8 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
 
 def _step(accelerator, module, optimizer, scheduler, params, batch, tc: CriticTrainConfig,
           state: LoopState) -> dict:
-    """One micro-batch forward and backward; the optimizer steps when gradients sync. Returns the loss terms."""
+    """One micro-batch forward and backward; the optimizer steps when gradients sync. Returns the loss
+    terms."""
     with accelerator.accumulate(module):
         terms = module(batch["pos"], batch["neg"], batch["prompt"], batch["label"], batch["weight"])
         if not torch.isfinite(terms["loss"]):
@@ -198,7 +207,8 @@ def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLog
     except Exception:
         if last and accelerator.is_main_process:
             accelerator.unwrap_model(module).critic.save_pretrained(out / "critic")
-            logger.error("the final validation failed; the trained critic (uncalibrated) is in %s", out / "critic")
+            logger.error("the final validation failed; the trained critic (uncalibrated) is in %s",
+                         out / "critic")
         raise
     if metrics:
         run_logger.scalars(state.update, {f"eval/{k}": v for k, v in metrics.items() if np.isscalar(v)})
@@ -212,16 +222,18 @@ def _check_batch(batch: dict, n_bad_before: int, state: LoopState) -> int:
     if batch["n_bad"] and n_bad_before <= 5:
         logger.warning("skipped bad row(s) (data.on_bad_row=skip): %s", " | ".join(batch["bad"][:5]))
     if not batch["prompt"]:
-        raise DataError(f"every row of a batch (epoch {state.epoch}, batch {state.batches_done}) was bad, e.g. "
-                        f"{batch['bad'][0]}; clean the set with scripts/check_pairs.py")
+        raise DataError(f"every row of a batch (epoch {state.epoch}, batch {state.batches_done}) was bad, "
+                        f"e.g. {batch['bad'][0]}; clean the set with scripts/check_pairs.py")
     return batch["n_bad"]
 
 
 def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopState, history: list[dict],
             n_bad: int, out: Path, n_bad_indexed: int = 0) -> dict:
     """Calibrate and save the final critic (main process); the metrics every process returns. Bad rows: those
-    each process met decoding (summed) and those the index dropped before training (the same in every process)."""
-    bad_total = int(accelerator.reduce(torch.tensor([n_bad], device=accelerator.device), reduction="sum").item())
+    each process met decoding (summed) and those the index dropped before training (the same in every
+    process)."""
+    bad_total = int(accelerator.reduce(torch.tensor([n_bad], device=accelerator.device),
+                                       reduction="sum").item())
     bad_total += n_bad_indexed
     if bad_total:
         logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); scripts/check_pairs.py "

@@ -13,7 +13,8 @@ them), or a `datasets` `save_to_disk` folder. `load_pairs` (`memory`) reads a sm
 `PairShards` (`stream`) is the streaming dataset for training: it indexes pairs from the cheap columns only
 (labels, ranks, prompts, paths), checked, and reads one row group at a time in DataLoader workers, where
 images are decoded (`reward.images.decode_image`), so the table never sits in memory. `PairShardSampler`
-gives each process its own row groups. `check_pairs` (`check`) decodes everything once and writes a clean copy.
+gives each process its own row groups. `check_pairs` (`check`) decodes everything once and writes a clean
+copy.
 
 Bad input raises `DataError` naming the file, the row and the fix; with `on_bad_row="skip"` bad
 rows are dropped and the count plus the first offenders are logged. A pair whose two sides are the
@@ -39,7 +40,8 @@ from reward.data.stream import PairShards, PairShardSampler
 
 __all__ = [
     "FIX", "FORMATS", "SAME_IMAGE", "SUFFIX_KINDS", "TIE_POLICIES", "BadRows", "DataError", "EmptySplitError",
-    "Format", "ImageRef", "PairDataset", "PairRecord", "PairShardSampler", "PairShards", "Shard", "ShardReader",
+    "Format", "ImageRef", "PairDataset", "PairRecord", "PairShardSampler", "PairShards", "Shard",
+    "ShardReader",
     "check_format", "check_pairs", "collate_pairs", "detect_format", "list_shards", "load_pairs", "pair_item",
     "prompt_in_val", "read_tables", "row_problems", "row_records", "split_by_prompt",
 ]

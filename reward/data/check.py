@@ -92,10 +92,12 @@ def check_pairs(source, out: str | os.PathLike, report: str | os.PathLike | None
     counts = {}
 
     def write(f):
-        counts["rows"], counts["bad"] = _write_clean(f, reader, spec, loader, problems, max_listed, row_group_size)
+        counts["rows"], counts["bad"] = _write_clean(f, reader, spec, loader, problems, max_listed,
+                                                     row_group_size)
 
     atomic_write_bytes(out, write)
-    result = {"source": reader.source, "format": spec.name, "shards": len(reader.shards), "rows": counts["rows"],
+    result = {"source": reader.source, "format": spec.name, "shards": len(reader.shards),
+              "rows": counts["rows"],
               "good_rows": counts["rows"] - counts["bad"], "bad_rows": counts["bad"], "listed": len(problems),
               "clean": str(out), "problems": problems}
     if report is not None:

@@ -81,8 +81,8 @@ def _number(value) -> float | None:
 def as_list(value, column: str) -> list:
     """A list cell (list, tuple, array); text is refused, since list(text) would split it into characters."""
     if isinstance(value, str):
-        raise ValueError(f"{column} is text ({value[:40]!r}), not a list: a CSV cannot hold lists; store the set "
-                         "as parquet or jsonl")
+        raise ValueError(f"{column} is text ({value[:40]!r}), not a list: a CSV cannot hold lists; store the "
+                         "set as parquet or jsonl")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise ValueError(f"{column} is empty")
     try:
@@ -111,8 +111,8 @@ def _ranked_preferences(row: Mapping) -> list[Preference]:
         raise ValueError(f"fewer than 2 images ({len(ranks)}): a ranked row needs two to make a pair")
     values = [_number(r) for r in ranks]
     if None in values:
-        raise ValueError(f"rank {ranks} holds {ranks[values.index(None)]!r}, not a number; every image needs a "
-                         "rank (1 = best)")
+        raise ValueError(f"rank {ranks} holds {ranks[values.index(None)]!r}, not a number; every image needs "
+                         "a rank (1 = best)")
     return [(i, j, 1.0 if values[i] < values[j] else 0.5 if values[i] == values[j] else 0.0)
             for i, j in itertools.combinations(range(len(values)), 2)]
 
@@ -179,7 +179,8 @@ def row_records(spec: Format, row: Mapping, base: Path, idx: int) -> list[PairRe
 
 
 def _path_problem(cell, column: str, base: Path, check_files: bool) -> str | None:
-    if cell is None or (isinstance(cell, float) and math.isnan(cell)) or (isinstance(cell, str) and not cell.strip()):
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)) \
+            or (isinstance(cell, str) and not cell.strip()):
         return f"{column} is empty"
     if not isinstance(cell, str):
         return f"{column} holds a {type(cell).__name__}, not an image path"

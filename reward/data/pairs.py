@@ -17,7 +17,8 @@ from reward.images import decode_image, describe, image_bytes
 from reward.model import load_image_tensor
 
 TIE_POLICIES = ("auto", "keep", "drop", "half")
-SAME_IMAGE = "both sides of the pair are the same image (same file or same bytes); such a pair teaches nothing"
+SAME_IMAGE = ("both sides of the pair are the same image (same file or same bytes); such a pair teaches "
+              "nothing")
 
 
 def same_image(rec: PairRecord, check_bytes: bool) -> bool:

@@ -41,7 +41,8 @@ class Shard:
 def _shard(path: Path) -> Shard:
     kind = SUFFIX_KINDS.get(path.suffix)
     if kind is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {_suffixes()} (a datasets folder)")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {_suffixes()} (a datasets "
+                        "folder)")
     return Shard(str(path), kind, str(path.parent.resolve()))
 
 
@@ -95,8 +96,8 @@ def _datasets_folder(path: Path) -> list[Shard] | None:
 def _folder_shards(path: Path) -> list[Shard]:
     paths = sorted(p for p in path.rglob("*") if SUFFIX_KINDS.get(p.suffix) in SHARD_KINDS and p.is_file())
     if not paths:
-        raise DataError(f"{path} holds no {_suffixes(SHARD_KINDS)} shard; point at a pairs file, a shard folder "
-                        "or a glob")
+        raise DataError(f"{path} holds no {_suffixes(SHARD_KINDS)} shard; point at a pairs file, a shard "
+                        "folder or a glob")
     splits = sorted({m.group(1) for m in (_SPLIT_NAME.match(p.name) for p in paths) if m})
     if len(splits) > 1:
         example = next(p for p in paths if p.name.startswith(splits[-1]))
@@ -142,7 +143,8 @@ def _layout(sh: Shard) -> tuple[list[str], list[int]]:
 
     if sh.kind == "parquet":
         pf = pq.ParquetFile(sh.path)
-        return list(pf.schema_arrow.names), [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        return list(pf.schema_arrow.names), [pf.metadata.row_group(g).num_rows
+                                             for g in range(pf.num_row_groups)]
     if sh.kind == "arrow":
         with pa.memory_map(sh.path) as source:
             reader = pa.ipc.open_stream(source)

@@ -63,11 +63,12 @@ class PairShards(Dataset):
         self.n_bad_rows = bad.count
         bad.log(self.reader.source, self.n_rows)
         if not len(self.block_of):
-            raise EmptySplitError(f"{self.reader.source}: no preference pair ({self.n_rows} row(s), {bad.count} bad, "
-                                  f"{self.n_ties_dropped} ties dropped, split={split}). Check the data or "
-                                  "data.val_fraction.")
+            raise EmptySplitError(f"{self.reader.source}: no preference pair ({self.n_rows} row(s), "
+                                  f"{bad.count} bad, {self.n_ties_dropped} ties dropped, split={split}). "
+                                  "Check the data or data.val_fraction.")
         if self.n_ties_dropped:
-            logger.info("%s: dropped %d tied pair(s) (tie_policy=drop)", self.reader.source, self.n_ties_dropped)
+            logger.info("%s: dropped %d tied pair(s) (tie_policy=drop)", self.reader.source,
+                        self.n_ties_dropped)
 
     def _index_block(self, b: int, split: str | None, val_fraction: float, bad: BadRows) -> np.ndarray:
         """(pairs, 4) index entries of row group b, from its cheap columns; bad rows go to `bad`."""
@@ -126,7 +127,8 @@ class PairShards(Dataset):
         try:
             records, problems = row_problems(self.format, row, base, file_row, check_images=False)
             if not problems:
-                rec = apply_tie_policy(records[int(self.sub_of[i])], "half" if self.tie_policy == "half" else "keep")
+                rec = apply_tie_policy(records[int(self.sub_of[i])],
+                                       "half" if self.tie_policy == "half" else "keep")
                 return pair_item(rec, self.image_size)
         except (FileNotFoundError, ValueError) as err:
             problems = [str(err)]

@@ -27,7 +27,7 @@ predictor ship no package at all. The weights files are the released ones, read 
 Modules: `base` (the interface and preprocessing), `files` (weights files and the hub), `clip` (CLIP score,
 aesthetic, HPS v2, PickScore), `imagereward` (ImageReward on transformers' BLIP); this module holds the
 registry of kinds and the one factory, `load_standard`.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def parse_standard_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     """`kind:ARGUMENT[,name=value...]` -> (kind, argument, options); the argument may contain ':'."""
     kind, _, rest = spec.partition(":")
     if kind not in STANDARD_KINDS:
-        raise ValueError(f"unknown standard reward {kind!r} in {spec!r}; choose one of {sorted(STANDARD_KINDS)}")
+        raise ValueError(f"unknown standard reward {kind!r} in {spec!r}; choose one of "
+                         f"{sorted(STANDARD_KINDS)}")
     argument, *pairs = rest.split(",")
     options = {}
     for pair in pairs:
@@ -113,12 +114,14 @@ def check_spec(spec: str) -> None:
         try:
             resolve_model_name(kind)
         except ValueError as err:
-            raise ValueError(f"unknown model {kind!r}: neither a standard reward kind ({', '.join(STANDARD_KINDS)}) "
-                             "nor an open_clip model name (open_clip.list_models()); check the spelling") from err
+            raise ValueError(f"unknown model {kind!r}: neither a standard reward kind "
+                             f"({', '.join(STANDARD_KINDS)}) nor an open_clip model name "
+                             "(open_clip.list_models()); check the spelling") from err
     check_source(spec)
 
 
-def load_standard(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> StandardReward:
+def load_standard(spec: str, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> StandardReward:
     """The one factory: a spec (`hpsv2:weights/HPS_v2_compressed.pt`) -> a frozen model in eval mode."""
     kind, argument, options = parse_standard_spec(spec)
     model = STANDARD_KINDS[kind].loader(argument, options)

@@ -47,7 +47,8 @@ def _crop_offset(excess: int, how: str) -> int:
 def transform_images(images: torch.Tensor, t: ImageTransform) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> normalised (B, 3, S, S), differentiable; see `ImageTransform`."""
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"reward models take images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        raise ValueError("reward models take images of shape (B, 3, H, W) in [0, 1], got "
+                         f"{tuple(images.shape)}")
     h, w = images.shape[-2:]
     s = t.size
 

@@ -94,8 +94,8 @@ def open_clip_model(name: str, pretrained: str | None):
             with quiet_random_init_warning():
                 model = open_clip.create_model(name, pretrained=None)
     except Exception as err:  # open_clip raises several kinds when weights are not cached
-        raise WeightsError(f"could not load open_clip {name} weights {pretrained!r} ({type(err).__name__}: {err}). "
-                           "Offline, put the checkpoint file on disk and pass NAME:PATH.") from err
+        raise WeightsError(f"could not load open_clip {name} weights {pretrained!r} ({type(err).__name__}: "
+                           f"{err}). Offline, put the checkpoint file on disk and pass NAME:PATH.") from err
     return model, open_clip.get_tokenizer(name)
 
 
@@ -107,8 +107,10 @@ def open_clip_transform(clip: nn.Module, **changes) -> ImageTransform:
     modes = {"shortest": "crop", "squash": "squash"}
     resize_mode = pp.get("resize_mode", "shortest")
     if resize_mode not in modes:
-        raise ValueError(f"open_clip resize_mode {resize_mode!r} is not supported here; use one of {sorted(modes)}")
-    fields = {"size": size, "mean": tuple(pp.get("mean", OPENAI_MEAN)), "std": tuple(pp.get("std", OPENAI_STD)),
+        raise ValueError(f"open_clip resize_mode {resize_mode!r} is not supported here; use one of "
+                         f"{sorted(modes)}")
+    fields = {"size": size, "mean": tuple(pp.get("mean", OPENAI_MEAN)),
+              "std": tuple(pp.get("std", OPENAI_STD)),
               "mode": modes[resize_mode], "interpolation": pp.get("interpolation", "bicubic")}
     fields.update(changes)
     return ImageTransform(**fields)
@@ -177,8 +179,8 @@ def load_pickscore(argument: str, options: dict) -> StandardReward:
     source, path = _pickscore_source(argument)
     try:
         # fp32 like every other kind here (transformers 5 would keep the file's dtype); load_standard casts.
-        model, info = CLIPModel.from_pretrained(str(path) if path.exists() else source, output_loading_info=True,
-                                                dtype=torch.float32)
+        model, info = CLIPModel.from_pretrained(str(path) if path.exists() else source,
+                                                output_loading_info=True, dtype=torch.float32)
     except Exception as err:
         raise WeightsError(f"pickscore: cannot load {source} as a CLIPModel ({type(err).__name__}: {err}). "
                            f"Expected: {layout}") from err
@@ -193,7 +195,8 @@ def load_pickscore(argument: str, options: dict) -> StandardReward:
     # pad id) but CLIP's causal text model never lets a token see later positions.
     tokenizer = SimpleTokenizer(context_length=model.config.text_config.max_position_embeddings)
     vision = model.config.vision_config
-    # Its processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K): PIL bicubic shortest side, transformers' centre crop.
+    # Its processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K): PIL bicubic shortest side, transformers' centre
+    # crop.
     transform = ImageTransform(size=vision.image_size, crop_offset="floor")
     reward = PickScore(model, tokenizer, transform)
     reward.source = source

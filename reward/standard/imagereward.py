@@ -68,8 +68,9 @@ def split_release_state(state: dict, path: Path) -> tuple[dict, dict, dict]:
         else:
             other.append(key)
     if other or not vision or not text or not mlp:
-        raise WeightsError(f"imagereward: {path} does not look like ImageReward.pt: unexpected keys {other[:4]}, "
-                           f"{len(vision)} vision / {len(text)} text / {len(mlp)} MLP keys. Expected: {layout}")
+        raise WeightsError(f"imagereward: {path} does not look like ImageReward.pt: unexpected keys "
+                           f"{other[:4]}, {len(vision)} vision / {len(text)} text / {len(mlp)} MLP keys. "
+                           f"Expected: {layout}")
     return vision, text, mlp
 
 
@@ -83,16 +84,20 @@ def vision_config_from_state(vision: dict, path: Path):
         tokens = vision["embeddings.position_embedding"].shape[1] - 1
         hidden = vision["encoder.layers.0.mlp.fc1.weight"].shape[0]
     except KeyError as err:
-        raise WeightsError(f"imagereward: {path} lacks {err} (after renaming). Expected: {LAYOUTS['imagereward']}") from err
+        raise WeightsError(f"imagereward: {path} lacks {err} (after renaming). Expected: "
+                           f"{LAYOUTS['imagereward']}") from err
     depth = 1 + max(int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers."))
     side = math.isqrt(tokens)
     return BlipVisionConfig(hidden_size=width, intermediate_size=hidden, num_hidden_layers=depth,
-                            num_attention_heads=max(1, width // 64), image_size=side * patch, patch_size=patch,
-                            layer_norm_eps=1e-6, hidden_act="gelu")  # timm's ViT: LayerNorm eps 1e-6, exact GELU
+                            num_attention_heads=max(1, width // 64), image_size=side * patch,
+                            patch_size=patch,
+                            # timm's ViT: LayerNorm eps 1e-6, exact GELU
+                            layer_norm_eps=1e-6, hidden_act="gelu")
 
 
 def text_config_from_med(med_path: Path, encoder_width: int):
-    """BLIP's med_config.json (a BertConfig) -> BlipTextConfig; cross-attention width = the ViT's, as BLIP sets it."""
+    """BLIP's med_config.json (a BertConfig) -> BlipTextConfig; cross-attention width = the ViT's, as BLIP
+    sets it."""
     from transformers import BlipTextConfig
 
     try:
@@ -106,7 +111,8 @@ def text_config_from_med(med_path: Path, encoder_width: int):
         raise WeightsError(f"imagereward: {med_path} lacks {missing}; it should be BLIP's med_config.json")
     # is_decoder=True only makes transformers build the cross-attention layers; `forward` runs with its
     # default is_decoder=False, i.e. bidirectional self-attention: BLIP's text *encoder* mode.
-    special = {} if med["vocab_size"] > 30522 else {"bos_token_id": None, "sep_token_id": None}  # tiny vocabularies
+    # tiny vocabularies
+    special = {} if med["vocab_size"] > 30522 else {"bos_token_id": None, "sep_token_id": None}
     return BlipTextConfig(**{k: med[k] for k in keys}, encoder_hidden_size=encoder_width, is_decoder=True,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **special)
 
@@ -125,18 +131,20 @@ class ImageReward(StandardReward):
 
     def score(self, pixels, prompts):
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + N, Dv), post-LayerNorm
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH,
-                             return_tensors="pt").to(self.device)
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True,
+                             max_length=IMAGEREWARD_MAX_LENGTH, return_tensors="pt").to(self.device)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)  # (B, 1 + N)
         hidden = self.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts).last_hidden_state
+                           encoder_hidden_states=image_embeds,
+                           encoder_attention_mask=image_atts).last_hidden_state
         raw = self.mlp(hidden[:, 0, :])[:, 0]  # (B,), from the [CLS] token
         return (raw.float() - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
 def _bert_tokenizer(folder: Path | None, option: str | None):
     """bert-base-uncased's tokenizer (what BLIP's init_tokenizer loads; its two added tokens never occur in
-    a prompt, so plain BERT ids are BLIP's): vocab.txt in the weights folder, the `tokenizer=` option, or the hub."""
+    a prompt, so plain BERT ids are BLIP's): vocab.txt in the weights folder, the `tokenizer=` option, or the
+    hub."""
     from transformers import BertTokenizer
 
     source = option or (str(folder) if folder is not None and (folder / "vocab.txt").is_file() else
@@ -145,7 +153,8 @@ def _bert_tokenizer(folder: Path | None, option: str | None):
         return BertTokenizer.from_pretrained(source)
     except Exception as err:
         raise WeightsError(f"imagereward: no BERT tokenizer at {source} ({type(err).__name__}: {err}). Put "
-                           "bert-base-uncased's vocab.txt beside ImageReward.pt or pass tokenizer=PATH.") from err
+                           "bert-base-uncased's vocab.txt beside ImageReward.pt or pass "
+                           "tokenizer=PATH.") from err
 
 
 def imagereward_files(argument: str) -> tuple[Path, Path, Path | None]:
@@ -171,7 +180,8 @@ def load_imagereward(argument: str, options: dict) -> ImageReward:
 
     state = torch_load(weights, "imagereward", layout)
     if not isinstance(state, dict):
-        raise WeightsError(f"imagereward: {weights} holds a {type(state).__name__}, not a state dict. Expected: {layout}")
+        raise WeightsError(f"imagereward: {weights} holds a {type(state).__name__}, not a state dict. "
+                           f"Expected: {layout}")
     vision_state, text_state, mlp_state = split_release_state(state, weights)
     vision_cfg = vision_config_from_state(vision_state, weights)
     text_cfg = text_config_from_med(med, vision_cfg.hidden_size)
