@@ -39,7 +39,8 @@ def printed_summary(results: dict, output_dir: str) -> dict:
 
 @command
 def compare_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
@@ -64,7 +65,7 @@ def bench_refl_main(argv: list[str] | None = None) -> int:
         social-refl-bench-refl --memory-model --out benchmarks/refl_sd15_memory_model.json
         social-refl-bench-refl --memory-model --set model=sdxl --set target_px=1024 --set 'methods=[refl]'
     Prints one JSON object and, with --out, writes it there (atomically).
-    """
+    """  # noqa: E501
     import dataclasses
 
     import torch
@@ -76,13 +77,15 @@ def bench_refl_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=bench_refl_main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a BenchConfig field (model, critic, batch, steps, methods, grad_steps, dtype, "
-                        "repeats, ...) or, with --memory-model, a MemoryModelConfig field (target_px, batches, ...)")
+                   help="override a BenchConfig field (model, critic, batch, steps, methods, grad_steps, "
+                        "dtype, repeats, ...) or, with --memory-model, a MemoryModelConfig field (target_px, "
+                        "batches, ...)")
     p.add_argument("--memory-model", action="store_true",
-                   help="model SD 1.5's memory at 512 px from small-resolution counts instead of benchmarking")
+                   help="model SD 1.5's memory at 512 px from small-resolution counts instead of "
+                        "benchmarking")
     p.add_argument("--extend", action="store_true",
-                   help="with --memory-model: add these methods to the model already in --out (one method per "
-                        "process keeps each CPU run short)")
+                   help="with --memory-model: add these methods to the model already in --out (one method "
+                        "per process keeps each CPU run short)")
     p.add_argument("--out", default=None, help="also write the JSON here, e.g. benchmarks/refl_<gpu>.json")
     args = p.parse_args(argv)
     if args.extend and not (args.memory_model and args.out):
@@ -94,8 +97,8 @@ def bench_refl_main(argv: list[str] | None = None) -> int:
         model_keys = {f.name for f in dataclasses.fields(MemoryModelConfig)}
         mine = [o for o in args.overrides if o.split("=", 1)[0].strip() in model_keys]
         rest = [o for o in args.overrides if o not in mine]
-        result = memory_model(load_config(BenchConfig, None, rest), load_config(MemoryModelConfig, None, mine),
-                              torch.device("cpu"))
+        result = memory_model(load_config(BenchConfig, None, rest),
+                              load_config(MemoryModelConfig, None, mine), torch.device("cpu"))
         if args.extend and Path(args.out).is_file():
             result = extend_memory_model(json.loads(Path(args.out).read_text()), result)
     else:

@@ -41,7 +41,8 @@ class CompareConfig:
     # The critic best-of-N selects with: a critic directory or an open_clip name (`name:pretrained`).
     selector: str = "toy-clip"
     # Further evaluators as specs (reward.evaluators): "critic:DIR", "clip:ViT-L-14:openai", plug-ins
-    # such as the toy world's "oracle:" (entry points or register_evaluator). The selector is always evaluated too.
+    # such as the toy world's "oracle:" (entry points or register_evaluator). The selector is always evaluated
+    # too.
     evaluators: list[str] = field(default_factory=list)
     # Also report best-of-n on top of the tuned model (needs refl_samples >= 2).
     tuned_best_of: bool = True
@@ -74,7 +75,8 @@ class CompareConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.refl_samples < 0 or self.refl_samples > self.n_samples:
-            raise ValueError(f"refl_samples must be in [0, n_samples={self.n_samples}], got {self.refl_samples}")
+            raise ValueError(f"refl_samples must be in [0, n_samples={self.n_samples}], got "
+                             f"{self.refl_samples}")
 
     @property
     def n_refl(self) -> int:

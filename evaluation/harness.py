@@ -92,13 +92,15 @@ def load_samples(path: Path, fingerprint: str, seeds: np.ndarray) -> dict | None
     if len(stored["seeds"]) < n or not np.array_equal(stored["seeds"][:n], seeds):
         logger.info("%s holds other seeds than this run needs; drawing it again", path)
         return None
-    return {"images": stored["images"][:n], "seeds": seeds, "seconds": float(stored["seconds"]) * n / len(stored["seeds"])}
+    return {"images": stored["images"][:n], "seeds": seeds,
+            "seconds": float(stored["seconds"]) * n / len(stored["seeds"])}
 
 
 def save_samples(path: Path, images: np.ndarray, seeds: np.ndarray, prompt: str, fingerprint: str,
                  seconds: float) -> None:
     atomic_write_bytes(path, lambda f: np.savez(f, images=images, seeds=seeds, prompt=np.array(prompt),
-                                                 fingerprint=np.array(fingerprint), seconds=np.array(seconds)))
+                                                 fingerprint=np.array(fingerprint),
+                                                seconds=np.array(seconds)))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -151,9 +153,11 @@ class Sampler:
     def sample(self, prompt: str, seeds: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Images of `prompt` for these seeds, uint8 (n, H, W, 3), drawn `batch_size` at a time."""
         batch_size = batch_size or self.cfg.batch_size
-        embeds = encode_text(self.pipe, prompt, self.cfg.guidance_scale)  # once per prompt, repeated per batch
+        # once per prompt, repeated per batch
+        embeds = encode_text(self.pipe, prompt, self.cfg.guidance_scale)
         images = sample(self.pipe, embeds=embeds, seeds=seeds,
-                        num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
+                        num_inference_steps=self.cfg.num_inference_steps,
+                        guidance_scale=self.cfg.guidance_scale,
                         eta=self.cfg.eta, batch_size=batch_size)  # (n, H, W, 3) uint8
         self.images_drawn += len(seeds)
         return images
@@ -192,9 +196,11 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
         stock_all.append(sampler.stock_call(prompt, seeds))
     sampler.images_drawn = drawn  # benchmark images are not samples
     ours, stock = min(ours_all), min(stock_all)
-    result = {"batch_size": cfg.batch_size, "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+    result = {"batch_size": cfg.batch_size, "steps": cfg.num_inference_steps,
+              "guidance_scale": cfg.guidance_scale,
               "device": str(sampler.device), "dtype": cfg.dtype, "repeats": len(ours_all),
-              "ours_seconds_all": ours_all, "stock_seconds_all": stock_all, "ours_seconds": ours, "stock_seconds": stock,
+              "ours_seconds_all": ours_all, "stock_seconds_all": stock_all, "ours_seconds": ours,
+              "stock_seconds": stock,
               "ours_images_per_s": cfg.batch_size / ours, "stock_images_per_s": cfg.batch_size / stock,
               "ratio_vs_stock": stock / ours}
     logger.info("throughput: %.2f images/s (stock StableDiffusionPipeline %.2f images/s): ratio %.3f",
@@ -317,7 +323,8 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     results = compute_statistics(
         cfg, prompts, {m: {s: np.asarray(v) for s, v in d.items()} for m, d in scores.items()},
         {m: np.asarray(d, dtype=np.float64) for m, d in diversity.items()}, per_image)
-    results["sampling_images_per_s"] = {m: 1.0 / per_image[m] if per_image[m] > 0 else float("nan") for m in models}
+    results["sampling_images_per_s"] = {m: 1.0 / per_image[m] if per_image[m] > 0 else float("nan")
+                                        for m in models}
     results["throughput"] = _throughput(cfg, out, lazy, prompts[0])
     results["config"] = to_dict(cfg)
     results = finite_json(results)

@@ -56,7 +56,8 @@ def short_name(spec: str, labels: dict[str, str] | None = None) -> str:
 
 
 def _fmt(x: float, digits: int = 3) -> str:
-    return "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+    return ("nan" if x is None or not np.isfinite(x)
+            else f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}")
 
 
 def _ci(entry: dict) -> str:
@@ -88,8 +89,8 @@ def plot_reward_vs_n(results: dict, spec: str, path: Path) -> None:
         rows = [arms[arm_name(model, n)]["scores"][spec] for n in grid]
         mean = [r["mean"] for r in rows]
         ax.plot(grid, mean, "o-", color=colours[model], ms=3, label=f"{model} best-of-n")
-        ax.fill_between(grid, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows], color=colours[model],
-                        alpha=0.15, lw=0)
+        ax.fill_between(grid, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows],
+                        color=colours[model], alpha=0.15, lw=0)
     x_max = max(max(g) for g in results["n_grid"].values())
     for model, style in (("base", ":"), ("refl", "--")):
         arm = arms.get(arm_name(model))
@@ -143,7 +144,8 @@ def _title(results: dict, cfg) -> list[str]:
     has_refl = arm_name("refl") in results["arms"]
     return [
         f"<h1>Best-of-{results['n_samples']} selection" + (" vs ReFL" if has_refl else "") + "</h1>",
-        f"<p class='note'>{len(results['prompts'])} held-out prompts; model {html.escape(str(cfg.model.name))}"
+        f"<p class='note'>{len(results['prompts'])} held-out prompts; model "
+        f"{html.escape(str(cfg.model.name))}"
         + (f"; LoRA {html.escape(cfg.lora)} (scale {cfg.lora_scale})" if has_refl else "; no LoRA given")
         + f"; {cfg.num_inference_steps} {html.escape(cfg.scheduler)} steps, CFG {cfg.guidance_scale}; "
         f"selector {html.escape(results['selector'])}. Intervals are 95% bootstrap over prompts. "
@@ -263,7 +265,8 @@ def write_report(results: dict, out: str | Path, cfg, preamble: str = "") -> Pat
     the critic's numbers there)."""
     out = Path(out)
     # Evaluator names for table headers; the selector is marked because its own scores are inflated.
-    names = {s: html.escape(short_name(s)) + (" <span class='sel'>(selector)</span>" if s == results["selector"] else "")
+    names = {s: html.escape(short_name(s))
+             + (" <span class='sel'>(selector)</span>" if s == results["selector"] else "")
              for s in results["evaluators"]}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Best-of-N vs ReFL</title>"
              f"<style>{CSS}</style></head><body>",

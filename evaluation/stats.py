@@ -59,8 +59,8 @@ def pairwise_diversity(embeddings: torch.Tensor) -> float:
     return float((1.0 - (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item())
 
 
-def arm_row(cfg: CompareConfig, model: str, n: int, per_prompt: dict[str, np.ndarray], seconds: dict[str, float],
-            chosen: np.ndarray | None = None) -> dict:
+def arm_row(cfg: CompareConfig, model: str, n: int, per_prompt: dict[str, np.ndarray],
+            seconds: dict[str, float], chosen: np.ndarray | None = None) -> dict:
     """One arm: n samples per prompt of `model`, `per_prompt[spec]` (P,) its score per prompt, `chosen` (P,)
     the selector's pick when the arm is a best-of-n."""
     # Best-of-n with n > 1 also pays for scoring its n samples with the selector.
@@ -166,6 +166,7 @@ def compute_statistics(cfg: CompareConfig, prompts: list[str], scores: dict[str,
         "win_rates": refl_win_rates(cfg, scores, arms),
         "inflation": selection_inflation(cfg, scores, arms),
         # Prompts whose diversity is undefined (fewer than two samples) are left out of the mean.
-        "diversity": {m: mean_ci(d[~np.isnan(d)], n_resamples=cfg.bootstrap_resamples) | {"per_prompt": d.tolist()}
+        "diversity": {m: mean_ci(d[~np.isnan(d)],
+                                 n_resamples=cfg.bootstrap_resamples) | {"per_prompt": d.tolist()}
                       for m, d in diversity.items()},
     }

@@ -40,7 +40,8 @@ def find_checkpoint(out: str | os.PathLike, resume: str | None) -> Path | None:
     if resume == "latest":
         found = checkpoint_dirs(out)
         if not found:
-            logger.info("resume latest: no checkpoint under %s yet, starting fresh", Path(out) / "checkpoints")
+            logger.info("resume latest: no checkpoint under %s yet, starting fresh",
+                        Path(out) / "checkpoints")
             return None
         return found[-1]
     path = Path(resume)

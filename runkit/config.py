@@ -39,7 +39,8 @@ class TrainSettings:
     output_dir: str = "runs/run"
     # Seed of everything random in the run (weights' init, data order, noise).
     seed: int = 0
-    # Optimizer updates in total (global, not per process). Trainers with epochs: 0 = as many as `epochs` give.
+    # Optimizer updates in total (global, not per process). Trainers with epochs: 0 = as many as `epochs`
+    # give.
     max_updates: int = 100
     # Examples per micro-batch, per process (prompts for ReFL, pairs for the critic).
     batch_size: int = 2
@@ -70,7 +71,8 @@ class TrainSettings:
     log_every: int = 10
     # "tensorboard" (scalars and images under output_dir/tb, plus metrics.jsonl) or "none" (metrics.jsonl).
     log_with: str = "tensorboard"
-    # Validate every this many updates and at the end; 0 = once per epoch (trainers without epochs: at the end).
+    # Validate every this many updates and at the end; 0 = once per epoch (trainers without epochs: at the
+    # end).
     validate_every: int = 0
     # Write a resumable checkpoint every this many updates and at the end; 0 = once per epoch (trainers
     # without epochs: at the end).
@@ -295,8 +297,8 @@ def add_config_args(parser: argparse.ArgumentParser, resume: bool = True) -> Non
     )
     if resume:
         parser.add_argument("--resume", default=None, metavar="latest|DIR",
-                            help="continue from the newest checkpoint of train.output_dir ('latest') or a checkpoint "
-                                 "folder (same as --set train.resume=...)")
+                            help="continue from the newest checkpoint of train.output_dir ('latest') or a "
+                                 "checkpoint folder (same as --set train.resume=...)")
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:

@@ -26,8 +26,8 @@ def read_pins(text: str) -> dict[str, str]:
             continue
         name, sep, version = line.partition("==")
         if not sep or not version.strip():
-            raise ValueError(f"lock line {number} ({raw!r}) is not an exact pin NAME==VERSION; regenerate with "
-                             "`make lock`")
+            raise ValueError(f"lock line {number} ({raw!r}) is not an exact pin NAME==VERSION; regenerate "
+                             "with `make lock`")
         pins[canonical(name.strip())] = version.strip()
     return pins
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m runkit.lockfile LOCK < freeze.txt", file=sys.stderr)
         return 2
     lines = drift(read_pins(Path(argv[0]).read_text()), read_pins(sys.stdin.read()))
-    print(f"{len(lines)} package(s) differ from {argv[0]}:" if lines else f"the environment matches {argv[0]}")
+    print(f"{len(lines)} package(s) differ from {argv[0]}:" if lines
+          else f"the environment matches {argv[0]}")
     for line in lines:
         print("  " + line)
     return 0

@@ -34,7 +34,8 @@ def setup_logging(main_process: bool | None = None, level: int = logging.INFO) -
     """`level` on the main process, warnings elsewhere; warnings a user cannot act on are dropped."""
     if main_process is None:
         main_process = is_main_process_env()
-    logging.basicConfig(level=level if main_process else logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.basicConfig(level=level if main_process else logging.WARNING, format=LOG_FORMAT,
+                        datefmt="%H:%M:%S")
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     diffusers_models = logging.getLogger("diffusers.models.modeling_utils")
@@ -53,7 +54,8 @@ class RunLogger:
     On resume, records past `resume_update` are dropped (they will be logged again) and TensorBoard
     purges its events after that update too."""
 
-    def __init__(self, out: str | os.PathLike, enabled: bool, log_with: str = "tensorboard", resume_update: int = 0):
+    def __init__(self, out: str | os.PathLike, enabled: bool, log_with: str = "tensorboard",
+                 resume_update: int = 0):
         if log_with not in LOG_WITH:
             raise ValueError(f"train.log_with must be one of {LOG_WITH}, got {log_with!r}")
         self.enabled = enabled
@@ -68,7 +70,8 @@ class RunLogger:
         if log_with == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out) / "tb"), purge_step=resume_update + 1 if resume_update else None)
+            self.writer = SummaryWriter(str(Path(out) / "tb"),
+                                        purge_step=resume_update + 1 if resume_update else None)
 
     def scalars(self, update: int, values: dict[str, float]) -> None:
         if not self.enabled:

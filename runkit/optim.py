@@ -13,8 +13,8 @@ def _adamw_8bit(params, lr: float, weight_decay: float, betas, eps: float):
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` (CUDA), or "
-                           "set train.optimizer=adamw") from err
+        raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` (CUDA), "
+                           "or set train.optimizer=adamw") from err
     return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
