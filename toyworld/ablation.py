@@ -79,7 +79,8 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
 
 
 def ablation_markdown(summary: dict) -> str:
-    """One row per variant: ReFL minus base on the critic, the oracle, fidelity and the oracle's largest moves."""
+    """One row per variant: ReFL minus base on the critic, the oracle, fidelity and the oracle's largest
+    moves."""
     rows = []
     for name, row in summary["variants"].items():
         diff = row["difference_from_base"]
@@ -87,8 +88,8 @@ def ablation_markdown(summary: dict) -> str:
         moves = sorted(row["oracle_terms_difference"].items(), key=lambda kv: -abs(kv[1]["mean"]))[:3]
         rows.append([name, f"`{' '.join(row['overrides']) or '-'}`", *cells,
                      ", ".join(f"{t} {d['mean']:+.3f}" for t, d in moves)])
-    lines = [f"ReFL minus base, mean over {summary['prompts']} held-out prompts x {summary['samples_per_prompt']} "
-             "paired samples [95% interval]", "",
+    lines = [f"ReFL minus base, mean over {summary['prompts']} held-out prompts x "
+             f"{summary['samples_per_prompt']} paired samples [95% interval]", "",
              *markdown_table(["variant", "overrides", "critic", "oracle", "prompt fidelity",
                               "largest oracle-term moves"], rows)]
     return "\n".join(lines) + "\n"

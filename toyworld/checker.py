@@ -185,7 +185,8 @@ def read_image(image) -> Reading:
 
 
 def check_reading(reading: Reading, scene: Scene) -> dict[str, bool]:
-    return {attr: bool(reading.found or attr == "background") and getattr(reading, attr) == getattr(scene, attr)
+    return {attr: bool(reading.found or attr == "background")
+            and getattr(reading, attr) == getattr(scene, attr)
             for attr in ATTRIBUTES}
 
 

@@ -41,7 +41,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a DemoConfig field, e.g. --set refl.train.max_updates=30")
     parser.add_argument("--until", default="compare", choices=list(STAGES),
-                        help="stop after this stage (e.g. community: look at the feedback before training on it)")
+                        help="stop after this stage (e.g. community: look at the feedback before training on "
+                             "it)")
     args = parser.parse_args(argv)
     setup_logging()
     # JSON values are YAML too, so the quick settings parse exactly as written there.
@@ -137,7 +138,8 @@ def ablation_main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
     parser.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
-                        help="a variant as DemoConfig overrides; repeat for more (default: the regulariser study)")
+                        help="a variant as DemoConfig overrides; repeat for more (default: the regulariser "
+                             "study)")
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts to judge on")
     parser.add_argument("--samples", type=int, default=16, help="paired base/ReFL samples per prompt")
     args = parser.parse_args(argv)
@@ -156,7 +158,7 @@ def study_main(argv: list[str] | None = None) -> int:
         social-refl-world-study --demo runs/demo                  # plain ReFL, seeds 0 1 2 (0 = the demo's run)
         social-refl-world-study --demo runs/demo --study guard    # ReFL against the hacking guards
         social-refl-world-study --demo runs/demo --seeds 0 1 2 3
-    """
+    """  # noqa: E501
     from toyworld.study import DEFAULT_SEEDS, STUDIES, run_study, study_markdown
 
     parser = argparse.ArgumentParser(description=study_main.__doc__,
@@ -164,7 +166,8 @@ def study_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
     parser.add_argument("--study", default="world", choices=sorted(STUDIES),
                         help="world: plain ReFL; guard: plain ReFL against selection, an ensemble, and both")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="ReFL training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="ReFL training seeds")
     args = parser.parse_args(argv)
     setup_logging()
     print(study_markdown(run_study(args.demo, args.seeds, study=args.study)))

@@ -87,7 +87,8 @@ def _is_path(item) -> bool:
 def _as_uint8(item) -> np.ndarray:
     """Any accepted image (path, PIL, uint8 or [0, 1] float array) -> (H, W, 3) uint8."""
     if _is_path(item):
-        return np.asarray(decode_image(item), dtype=np.uint8)  # the pairs set's own decoder: any mode, real range
+        # the pairs set's own decoder: any mode, real range
+        return np.asarray(decode_image(item), dtype=np.uint8)
     return np.clip(np.rint(to_array(item)), 0, 255).astype(np.uint8)
 
 
@@ -139,7 +140,8 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
     # Not write_json: a pair-less run's NaN agreement stays NaN, as the summary has always shown it.
     atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(result.summary(), indent=2))
     logger.info("%d pairs from %d prompts (%d images, %d remixed); oracle agrees with %.1f%%",
-                result.n_pairs, result.n_prompts, result.n_images, result.n_remixed, 100 * result.oracle_agreement)
+                result.n_pairs, result.n_prompts, result.n_images, result.n_remixed,
+                100 * result.oracle_agreement)
     return result
 
 
@@ -186,8 +188,8 @@ def realism(oracle_agreement: float, term_agreement: dict, spread: dict) -> dict
     uncarried = [t for t in varying if term_agreement.get(t, 0.5) < REALISM["term_carried_from"]]
     in_range = bool(lo <= oracle_agreement <= hi)
     return {"criteria": {k: list(v) if isinstance(v, tuple) else v for k, v in REALISM.items()},
-            "agreement_in_human_range": in_range, "varying_terms": varying, "uncarried_varying_terms": uncarried,
-            "realistic": in_range and not uncarried}
+            "agreement_in_human_range": in_range, "varying_terms": varying,
+            "uncarried_varying_terms": uncarried, "realistic": in_range and not uncarried}
 
 
 def critic_realism(critic: dict, zero_shot: dict) -> dict:
@@ -281,7 +283,8 @@ def _oracle_agreement(terms: np.ndarray, pair_index: list[tuple[int, int]]) -> d
             "term_agreement": term_agreement}
 
 
-def oracle_pair_rows(prompt: str, images: Sequence, paths: Sequence[str], min_gap: float = 0.02) -> list[dict]:
+def oracle_pair_rows(prompt: str, images: Sequence, paths: Sequence[str],
+                     min_gap: float = 0.02) -> list[dict]:
     """Every pair of one prompt's images whose oracle scores differ by at least `min_gap`, better first, as
     rows `prompt, pos_path, neg_path`: the truth a critic is measured against (no community noise)."""
     scores = oracle_score(list(images), [prompt] * len(images))  # (n,)
@@ -333,7 +336,7 @@ def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
         images = {p: render_candidates(parse_prompt(p), rng, cfg.candidates, size=cfg.size)
                   for p in tqdm(chosen, desc=f"render {split}", leave=False)}
         n_users = max(1, round(cfg.users_per_prompt * len(chosen)))
-        result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset, Path(cfg.output_dir) / split,
-                                        cfg.behaviour)
+        result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset,
+                                        Path(cfg.output_dir) / split, cfg.behaviour)
         summary[split] = result.summary()
     return summary

@@ -18,8 +18,8 @@ import pandas as pd
 
 from runkit.files import atomic_write_bytes
 
-# Oracle-gap bins (upper edges, oracle-score units) of the held-out pairs. The held-out pairs start at a gap of
-# 0.02 (community.oracle_pair_rows), and CFG-4 samples of one prompt rarely differ by more than 0.1: on the
+# Oracle-gap bins (upper edges, oracle-score units) of the held-out pairs. The held-out pairs start at a gap
+# of 0.02 (community.oracle_pair_rows), and CFG-4 samples of one prompt rarely differ by more than 0.1: on the
 # third edition's 474 held-out pairs about 60% have a gap under 0.04 and 5% one above 0.08.
 GAP_EDGES = (0.03, 0.05, 0.08, float("inf"))
 

@@ -1,8 +1,8 @@
 """Reward over-optimisation on a ReFL run's validation curves: where the hidden taste (the oracle, evaluation
 only) peaks while the reward keeps rising, and where each guard a user could run would stop or select.
 
-Gao et al. (2023) describe the shape: the gold reward rises, peaks and falls as the proxy keeps rising. A guard
-helps when it lands near the gold peak without seeing the gold; here the guards see only the reward, the
+Gao et al. (2023) describe the shape: the gold reward rises, peaks and falls as the proxy keeps rising. A
+guard helps when it lands near the gold peak without seeing the gold; here the guards see only the reward, the
 zero-shot CLIP and prompt fidelity on the validation prompts (refl.sweep.guard_picks).
 """
 

@@ -91,8 +91,10 @@ def hard_negative_prompts(rng: np.random.Generator, pool: list[str], batch_size:
     return prompts[:batch_size]
 
 
-def render_batch(prompts: list[str], rng: np.random.Generator, varied_looks: float, size: int = 32) -> np.ndarray:
-    """One render per prompt, a `varied_looks` share of them with a random-quality look: (B, S, S, 3) uint8."""
+def render_batch(prompts: list[str], rng: np.random.Generator, varied_looks: float,
+                 size: int = 32) -> np.ndarray:
+    """One render per prompt, a `varied_looks` share of them with a random-quality look: (B, S, S, 3)
+    uint8."""
     out = np.empty((len(prompts), size, size, 3), dtype=np.uint8)  # (B, S, S, 3)
     for i, prompt in enumerate(prompts):
         scene = parse_prompt(prompt)
@@ -176,10 +178,12 @@ def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
     image_size = critic.image_size
     before = zero_shot_accuracy(critic, eval_np, eval_prompts)
     n_params = sum(p.numel() for p in critic.clip.parameters() if p.requires_grad)
-    logger.info("toy-clip: %.2fM trainable parameters; %d steps x batch %d fresh renders of %d training prompts",
+    logger.info("toy-clip: %.2fM trainable parameters; %d steps x batch %d fresh renders of %d training "
+                "prompts",
                 n_params / 1e6, cfg.steps, cfg.batch_size, len(train_prompts))
 
-    opt = torch.optim.AdamW(_param_groups(critic.clip, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(_param_groups(critic.clip, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+                            eps=1e-6)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -205,7 +209,8 @@ def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
         if step % 50 == 0 or step == cfg.steps - 1:
             history.append({"step": step, "train/loss": float(terms["contrastive_loss"]),
                             "train/i2t_acc": float(terms["i2t_acc"])})
-            bar.set_postfix(loss=f"{float(terms['contrastive_loss']):.3f}", acc=f"{float(terms['i2t_acc']):.2f}")
+            bar.set_postfix(loss=f"{float(terms['contrastive_loss']):.3f}",
+                            acc=f"{float(terms['i2t_acc']):.2f}")
     train_seconds = time.perf_counter() - t0
     after = zero_shot_accuracy(critic, eval_np, eval_prompts)
     critic.half().save_pretrained(cfg.output_dir)  # fp16 on disk; `reward.load` upcasts into an fp32 model

@@ -83,7 +83,8 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainSDConfig, gen: torch.Gener
         idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=gen)
         x = images[idx].to(vae.device)  # (B, 3, H, W)
         posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=gen).to(vae.device)  # what .sample(gen) draws, on CPU
+        # what .sample(gen) draws, on CPU
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(vae.device)
         recon = vae.decode(posterior.mean + posterior.std * eps).sample
         kl = posterior.kl().mean()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * kl
@@ -120,7 +121,8 @@ def vae_ceiling(vae, n: int = 256, seed: int = 1) -> dict:
 
 @torch.no_grad()
 def _encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    out = [vae.encode(images[i:i + batch].to(vae.device)).latent_dist.mode() for i in range(0, images.shape[0], batch)]
+    out = [vae.encode(images[i:i + batch].to(vae.device)).latent_dist.mode()
+           for i in range(0, images.shape[0], batch)]
     return torch.cat(out) * vae.config.scaling_factor  # (N, 4, h, w)
 
 
@@ -155,7 +157,8 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
         ids[drop] = empty
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen).to(x0.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,),
+                          generator=gen).to(x0.device)
         noisy = scheduler.add_noise(x0, noise, t)
         hidden = text_encoder(ids.to(x0.device))[0]  # (B, L, D)
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample

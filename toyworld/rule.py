@@ -1,8 +1,8 @@
 """The toy world's rule for choosing ReFL's settings and update budget (refl.sweep.SweepRule), written down
 before the third edition's sweep ran: the highest reward on the validation prompts among updates that keep
-the zero-shot CLIP within 1 point and prompt fidelity within 5 points of the base (update 0). One CLIP point is
-about the spread of the toy CLIP's score between the base's samples of one prompt; 5 points of fidelity is the
-comparison's goal."""
+the zero-shot CLIP within 1 point and prompt fidelity within 5 points of the base (update 0). One CLIP point
+is about the spread of the toy CLIP's score between the base's samples of one prompt; 5 points of fidelity is
+the comparison's goal."""
 
 from __future__ import annotations
 

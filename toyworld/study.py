@@ -165,7 +165,8 @@ def overview_table(summary: dict) -> list[str]:
         for j in judges:
             agg = row["across_seeds"]["judges"][j]
             d = agg["refl_minus_base"]
-            cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({agg['seeds_above_zero']}↑ {agg['seeds_below_zero']}↓)")
+            cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({agg['seeds_above_zero']}↑ "
+                         f"{agg['seeds_below_zero']}↓)")
         rows.append(cells)
     return markdown_table(["variant", *(_judge(j, summary["selector"]) for j in judges)], rows)
 
@@ -179,8 +180,10 @@ def guard_landing_table(summary: dict) -> list[str]:
         curves = {s: row["per_seed"][s].get("overoptimisation") for s in seeds}
         if not all(curves.values()):
             continue
-        rows.append([f"{name}: oracle peak"] + [f"update {c['oracle_peak']['update']}: {c['oracle_peak']['oracle']:.3f} "
-                                               f"({c['oracle_peak']['oracle'] - c['oracle_base']:+.3f} from base)"
+        rows.append([f"{name}: oracle peak"] + [f"update {c['oracle_peak']['update']}: "
+                                                f"{c['oracle_peak']['oracle']:.3f} "
+                                               f"({c['oracle_peak']['oracle'] - c['oracle_base']:+.3f} from "
+                                               "base)"
                                                for c in curves.values()])
         for label in curves[seeds[0]]["picks"]:
             rows.append([f"{name}: {label}"] + [f"update {c['picks'][label]['update']}: "
@@ -188,18 +191,21 @@ def guard_landing_table(summary: dict) -> list[str]:
                                                 for c in curves.values()])
     if not rows:
         return []
-    return ["Where each guard lands on the validation curves (validation prompts, from update 0), per seed:", "",
-            *markdown_table(["curve and guard", *(f"seed {s}" for s in seeds)], rows), ""]
+    return ["Where each guard lands on the validation curves (validation prompts, from update 0), per seed:",
+            "", *markdown_table(["curve and guard", *(f"seed {s}" for s in seeds)], rows), ""]
 
 
 def study_markdown(summary: dict) -> str:
-    """The study as markdown: an overview of the variants (when there are several), then each variant's table."""
+    """The study as markdown: an overview of the variants (when there are several), then each variant's
+    table."""
     seeds = summary["seeds"]
-    lines = [f"ReFL with {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on {summary['n_prompts']} "
-             f"held-out prompts; base and best-of-{summary['n_samples']} are the same samples for every variant "
-             "and seed. ReFL minus base per seed: mean over prompts [95% interval].", ""]
+    lines = [f"ReFL with {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on "
+             f"{summary['n_prompts']} held-out prompts; base and best-of-{summary['n_samples']} are the same "
+             "samples for every variant and seed. ReFL minus base per seed: mean over prompts [95% "
+             "interval].", ""]
     if len(summary["variants"]) > 1:
-        lines += ["ReFL minus base, mean ± std over seeds (seeds whose per-prompt 95% interval is above / below 0):",
+        lines += ["ReFL minus base, mean ± std over seeds (seeds whose per-prompt 95% interval is above / "
+                  "below 0):",
                   "", *overview_table(summary), ""]
     for name, row in summary["variants"].items():
         if len(summary["variants"]) > 1:

@@ -40,13 +40,14 @@ def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) ->
     demo = Path(demo_dir)
     critic = demo / "critic" / "critic"
     if not ((demo / "demo_config.yaml").is_file() and critic.is_dir()):
-        raise FileNotFoundError(f"{demo} has no trained critic (needs demo_config.yaml and critic/critic); run "
-                                "`python scripts/demo.py --out DIR --until critic` first")
+        raise FileNotFoundError(f"{demo} has no trained critic (needs demo_config.yaml and critic/critic); "
+                                "run `python scripts/demo.py --out DIR --until critic` first")
     base = load_config(DemoConfig, demo / "demo_config.yaml")
     rule = rule_for(base.clip_model)
     rule.check()
     grid = GRID if grid is None else grid
-    configs = {name: override(base, COMMON + overrides) for name, overrides in grid.items()}  # all checked first
+    # all checked first
+    configs = {name: override(base, COMMON + overrides) for name, overrides in grid.items()}
     root = demo / "sweep"
     runs = {}
     for name, cfg in configs.items():
@@ -56,8 +57,10 @@ def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) ->
         runs[name] = read_metrics(folder / "metrics.jsonl")
     choice = choose(runs, rule)
     result = {"rule": {"maximise": rule.maximise, "hold": rule.hold}, "grid": grid, "common": COMMON,
-              "choice": {"setting": choice["run"], "overrides": grid[choice["run"]], "update": choice["update"]},
-              "per_run": choice["per_run"], "curves": {name: _user_view(validations(r), rule) for name, r in runs.items()}}
+              "choice": {"setting": choice["run"], "overrides": grid[choice["run"]],
+                         "update": choice["update"]},
+              "per_run": choice["per_run"],
+              "curves": {name: _user_view(validations(r), rule) for name, r in runs.items()}}
     result["evaluation"] = _evaluate_after_choice(runs, base.clip_model, root)
     write_json(root / "sweep.json", result)
     atomic_write_text(root / "sweep.md", sweep_markdown(result) + "\n")
@@ -65,8 +68,9 @@ def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) ->
 
 
 def _evaluate_after_choice(runs: dict[str, list[dict]], clip_model: str, root: Path) -> dict:
-    """After the choice, the oracle on each run's validation curve (toyworld/overoptimisation.py): its peak and
-    where the rule and each guard land; the chosen setting's chart in overoptimisation.png. Evaluation only."""
+    """After the choice, the oracle on each run's validation curve (toyworld/overoptimisation.py): its peak
+    and where the rule and each guard land; the chosen setting's chart in overoptimisation.png. Evaluation
+    only."""
     from toyworld.overoptimisation import analyse, plot
 
     out = {}
@@ -89,7 +93,8 @@ def sweep_markdown(result: dict) -> str:
     rule = result["rule"]
     held = list(rule["hold"])
     header = ["setting", "best admissible update", "reward (update 0 -> it)"] + [
-        f"{k.removeprefix('eval/heldout/')} (update 0 -> it; may drop {v:g})" for k, v in rule["hold"].items()]
+        f"{k.removeprefix('eval/heldout/')} (update 0 -> it; may drop {v:g})"
+        for k, v in rule["hold"].items()]
     rows = []
     for name, curve in result["curves"].items():
         base, top = curve[0], result["per_run"][name]
@@ -99,15 +104,17 @@ def sweep_markdown(result: dict) -> str:
         rows.append([name, str(top["update"]), f"{base[rule['maximise']]:.3f} -> {top[rule['maximise']]:.3f}"]
                     + [f"{base[k]:.3f} -> {top[k]:.3f}" for k in held])
     c = result["choice"]
-    lines = [f"Rule: maximise {rule['maximise']} over (setting, update) with each held judge within its drop of "
-             "update 0.", "", *markdown_table(header, rows), "",
+    lines = [f"Rule: maximise {rule['maximise']} over (setting, update) with each held judge within its drop "
+             "of update 0.", "", *markdown_table(header, rows), "",
              f"Chosen: {c['setting']} ({' '.join(c['overrides'])}), update {c['update']}."]
     evaluation = result.get("evaluation") or {}
     if evaluation:
         eval_rows = [[name, f"{a['oracle_base']:.3f}",
                       f"{a['oracle_peak']['oracle']:.3f} (update {a['oracle_peak']['update']})",
-                      f"{a['picks']['sweep rule']['oracle']:.3f} (update {a['picks']['sweep rule']['update']})",
-                      f"{a['picks']['no guard (last update)']['oracle']:.3f}"] for name, a in evaluation.items()]
+                      f"{a['picks']['sweep rule']['oracle']:.3f} (update "
+                      f"{a['picks']['sweep rule']['update']})",
+                      f"{a['picks']['no guard (last update)']['oracle']:.3f}"]
+                     for name, a in evaluation.items()]
         lines += ["", "After the choice, evaluation only: the oracle on each setting's validation curve.", "",
                   *markdown_table(["setting", "oracle at update 0", "oracle's peak", "at the rule's pick",
                                    "at the last update"], eval_rows)]

@@ -29,20 +29,21 @@ def _demo_critic() -> RewardConfig:
 
 
 def _demo_refl() -> ReflConfig:
-    # The settings the sweep rule chose (scripts/refl_sweep.py, toyworld/rule.py; README, "the third edition"):
-    # of learning rates 3e-4, 1e-3, 3e-3 with guidance 4 or 1 in training, 120 updates each, the highest reward
-    # on the validation prompts that kept the zero-shot CLIP within 1 point and fidelity within 5 points of the
-    # base was lr 3e-4 without guidance at update 20. The schedule is constant, so these 20 updates are the
-    # sweep run's first 20.
+    # The settings the sweep rule chose (scripts/refl_sweep.py, toyworld/rule.py; README, "the third
+    # edition"): of learning rates 3e-4, 1e-3, 3e-3 with guidance 4 or 1 in training, 120 updates each, the
+    # highest reward on the validation prompts that kept the zero-shot CLIP within 1 point and fidelity within
+    # 5 points of the base was lr 3e-4 without guidance at update 20. The schedule is constant, so these 20
+    # updates are the sweep run's first 20.
     return ReflConfig(
         # grad_scale 1 (not ImageReward's 1e-3 next to a full-UNet lr of 1e-5): Adam normalises the overall
         # scale, so what matters here is the reward's balance with the regulariser.
-        step=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0, grad_scale=1.0,
-                        # Rollouts without guidance, as ImageReward's ReFL: the sweep's choice; every image the
-                        # demo evaluates is still drawn at the demo's guidance_scale.
+        step=StepConfig(method="refl", num_inference_steps=20, cut_range=[14, 19], reg_weight=1.0,
+                        grad_scale=1.0,
+                        # Rollouts without guidance, as ImageReward's ReFL: the sweep's choice; every image
+                        # the demo evaluates is still drawn at the demo's guidance_scale.
                         guidance_scale=1.0),
-        train=ReflTrainConfig(max_updates=20, batch_size=8, gradient_accumulation=1, lr=3e-4, validate_every=10,
-                              checkpoint_every=10, resume="latest"))
+        train=ReflTrainConfig(max_updates=20, batch_size=8, gradient_accumulation=1, lr=3e-4,
+                              validate_every=10, checkpoint_every=10, resume="latest"))
 
 
 def _demo_compare() -> CompareConfig:
@@ -54,8 +55,9 @@ def _demo_compare() -> CompareConfig:
 
 # The community's feed: one image per entry per training prompt, drawn at that guidance scale. Real feeds mix
 # settings and models (DiffusionDB records every user's own CFG, spread over roughly 1-20 around SD's default
-# 7.5; Pick-a-Pic draws from several models and guidance scales), and the toy SD's samples agree with each other
-# from CFG 4 up, so the feed spans the toy model's range: loose samples at 1.5-2, the demo's 4, strict 6.
+# 7.5; Pick-a-Pic draws from several models and guidance scales), and the toy SD's samples agree with each
+# other from CFG 4 up, so the feed spans the toy model's range: loose samples at 1.5-2, the demo's 4, strict
+# 6.
 FEED_GUIDANCE = [1.5, 2.0, 3.0, 4.0, 6.0, 1.5, 2.0, 4.0]
 
 
@@ -67,10 +69,10 @@ class CommunityStageConfig:
     # prompt); sampler steps are the demo's sample_steps. ReFL, validation and the comparison keep the
     # demo's own guidance_scale.
     feed_guidance: list[float] = field(default_factory=lambda: list(FEED_GUIDANCE))
-    # Simulated users. Sized on the third edition's feed before any ReFL ran on it: 60 users (1,945 pairs) gave a
-    # critic at 59.9% against the oracle, 120 users with up to 16 pairs per prompt (3,177) 63.1%, 240 users
-    # (3,054; denser exposure leaves fewer negatives) 62.9%, and 480 prompts x 120 users (3,892) 62.2%: the
-    # critic had stopped rising with more pairs, and 480 prompts would double the feed's drawing time.
+    # Simulated users. Sized on the third edition's feed before any ReFL ran on it: 60 users (1,945 pairs)
+    # gave a critic at 59.9% against the oracle, 120 users with up to 16 pairs per prompt (3,177) 63.1%, 240
+    # users (3,054; denser exposure leaves fewer negatives) 62.9%, and 480 prompts x 120 users (3,892) 62.2%:
+    # the critic had stopped rising with more pairs, and 480 prompts would double the feed's drawing time.
     users: int = 120
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
     oracle_pair_prompts: int = 32
@@ -79,9 +81,9 @@ class CommunityStageConfig:
     oracle_pair_images: int = 8
     # How the simulated users browse, judge and remix (toyworld.community.BehaviourConfig), calibrated to
     # community.REALISM on this feed before any ReFL ran on it, by the second edition's rule (the first step
-    # of 0.05 down from 0.15 that meets the criteria): judgement noise 0.15 gave pairs agreeing with the oracle
-    # 60.1% of the time, 0.10 65.3% with every varying term carried (480 prompts, 120 users). Up to 16 pairs
-    # per prompt: every remixed x not-remixed combination of 8 images when half are remixed.
+    # of 0.05 down from 0.15 that meets the criteria): judgement noise 0.15 gave pairs agreeing with the
+    # oracle 60.1% of the time, 0.10 65.3% with every varying term carried (480 prompts, 120 users). Up to 16
+    # pairs per prompt: every remixed x not-remixed combination of 8 images when half are remixed.
     behaviour: BehaviourConfig = field(
         default_factory=lambda: BehaviourConfig(judgement_noise=0.10, max_pairs_per_prompt=16))
 
@@ -140,16 +142,17 @@ class DemoConfig:
 FILLED_BY_DEMO = {
     "critic": ["model.pretrained", "data.train", "train.output_dir"],
     "refl": ["model.name", "reward.critic", "data.prompts_file", "data.reg_images", "data.reg_pool_size",
-             "train.output_dir", "train.validation_steps", "train.validation_guidance", "train.validation_prompts"],
-    "compare": ["model.name", "lora", "prompts", "num_inference_steps", "guidance_scale", "selector", "evaluators",
-                "output_dir"],
+             "train.output_dir", "train.validation_steps", "train.validation_guidance",
+             "train.validation_prompts"],
+    "compare": ["model.name", "lora", "prompts", "num_inference_steps", "guidance_scale", "selector",
+                "evaluators", "output_dir"],
 }
 FILLED_BY_DEMO_WHY = {
     "critic": "clip_model, the community's pairs, output_dir/critic",
-    "refl": "sd_model, the trained critic(s), the training prompts, reg_renders, output_dir/refl, sample_steps, "
-            "guidance_scale, validation_prompts",
-    "compare": "sd_model, the ReFL LoRA, compare_prompts, sample_steps, guidance_scale, the critic, clip_model, "
-               "output_dir",
+    "refl": "sd_model, the trained critic(s), the training prompts, reg_renders, output_dir/refl, "
+            "sample_steps, guidance_scale, validation_prompts",
+    "compare": "sd_model, the ReFL LoRA, compare_prompts, sample_steps, guidance_scale, the critic, "
+               "clip_model, output_dir",
 }
 
 
@@ -161,9 +164,11 @@ def _get(obj, dotted: str):
 
 QUICK = {
     "community.prompts": 48, "community.feed_guidance": [1.5, 2.0, 4.0, 6.0, 1.5, 4.0], "community.users": 20,
-    "community.oracle_pair_prompts": 12, "community.oracle_pair_images": 6, "critic_curve": [0.5], "critic.train.epochs": 2, "refl.train.max_updates": 6,
+    "community.oracle_pair_prompts": 12, "community.oracle_pair_images": 6, "critic_curve": [0.5],
+    "critic.train.epochs": 2, "refl.train.max_updates": 6,
     "refl.train.batch_size": 4, "refl.train.validate_every": 2, "refl.train.checkpoint_every": 2,
-    "refl.step.num_inference_steps": 10, "refl.step.cut_range": [6, 9], "sample_steps": 10, "compare_prompts": 4,
+    "refl.step.num_inference_steps": 10, "refl.step.cut_range": [6, 9], "sample_steps": 10,
+    "compare_prompts": 4,
     "compare.refl_samples": 0, "compare.n_samples": 8, "compare.batch_size": 8, "validation_prompts": 4,
 }
 
@@ -188,9 +193,10 @@ def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, ou
     judges = r.train.heldout_evaluators or [f"clip:{cfg.clip_model}", "oracle:", "fidelity:"]
     train = replace(r.train, output_dir=str(out), validation_steps=cfg.sample_steps,
                     validation_guidance=cfg.guidance_scale, heldout_evaluators=judges,
-                    validation_prompts=held[len(held) - cfg.validation_prompts:] if cfg.validation_prompts else [])
-    return replace(r, model=replace(r.model, name=cfg.sd_model), reward=replace(r.reward, critic=critic), data=data,
-                   train=train)
+                    validation_prompts=held[len(held) - cfg.validation_prompts:] if cfg.validation_prompts
+                    else [])
+    return replace(r, model=replace(r.model, name=cfg.sd_model), reward=replace(r.reward, critic=critic),
+                   data=data, train=train)
 
 
 def compare_config(cfg: DemoConfig, critic: str, lora: str, prompts_file: Path, out: Path,

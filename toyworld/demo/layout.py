@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-# Where each stage's outputs lie in a run folder. Stages read their inputs from here, never from paths stored in
-# an earlier stage's JSON (which are relative to the run folder anyway): a copied run folder uses its own files.
+# Where each stage's outputs lie in a run folder. Stages read their inputs from here, never from paths stored
+# in an earlier stage's JSON (which are relative to the run folder anyway): a copied run folder uses its own
+# files.
 def community_pairs_file(run: Path) -> Path:
     return run / "community" / "train" / "pairs.parquet"
 
@@ -23,7 +24,8 @@ def feed_oracle_pairs_file(run: Path) -> Path:
 
 def critic_dirs(critic_stage: Path, members: int) -> list[str]:
     """The critic directories of a critic stage's folder: the first critic, then members 1 .. members - 1."""
-    return [str(critic_stage / "critic")] + [str(critic_stage / f"member-{k}" / "critic") for k in range(1, members)]
+    return [str(critic_stage / "critic")] + [str(critic_stage / f"member-{k}" / "critic")
+                                             for k in range(1, members)]
 
 
 def refl_result(refl_stage: Path, result: dict) -> dict:

@@ -15,11 +15,12 @@ def breakdown_section(breakdown: dict) -> str:
     rows = []
     for term, weight in breakdown["weights"].items():
         cells = "".join(f"<td>{breakdown['mean'][a][term]:.3f}</td>" for a in arms)
-        cells += "".join(f"<td>{d[term]['mean']:+.3f} [{d[term]['ci95'][0]:+.3f}, {d[term]['ci95'][1]:+.3f}]</td>"
+        cells += "".join(f"<td>{d[term]['mean']:+.3f} [{d[term]['ci95'][0]:+.3f}, "
+                         f"{d[term]['ci95'][1]:+.3f}]</td>"
                          for d in diffs.values())
         rows.append(f"<tr><td>{term} (x{weight:g})</td>{cells}</tr>")
-    return ("<h2>Where the hidden taste moved</h2><p class='note'>The oracle is a weighted mean of these terms. "
-            "A rise in the critic with a fall in a term the community values is reward hacking.</p>"
+    return ("<h2>Where the hidden taste moved</h2><p class='note'>The oracle is a weighted mean of these "
+            "terms. A rise in the critic with a fall in a term the community values is reward hacking.</p>"
             f"<table><tr><th>oracle term (weight)</th>{head}</tr>{''.join(rows)}</table>")
 
 
@@ -32,13 +33,14 @@ def realism_text(comm: dict) -> str:
     varies, carried_from = r["criteria"]["term_varies_above"], r["criteria"]["term_carried_from"]
     verdict = "meets both" if r["realistic"] else "misses " + " and ".join(
         (["the agreement range"] if not r["agreement_in_human_range"] else [])
-        + ([f"the carried-term rule for {', '.join(r['uncarried_varying_terms'])}"] if r["uncarried_varying_terms"]
+        + ([f"the carried-term rule for {', '.join(r['uncarried_varying_terms'])}"]
+           if r["uncarried_varying_terms"]
            else []))
     spread_text = ", ".join(f"{t} {v:.2f}" for t, v in spread.items()) if spread else "n/a"
-    return (f"Realism criteria, fixed before any method was measured: pairs agree with the oracle within human "
-            f"annotators' range ({lo:.0%}-{hi:.0%}), and every term on which one prompt's samples vary (std above "
-            f"{varies}; here {spread_text}) is carried by at least {carried_from:.0%} of pairs. This community "
-            f"{html.escape(verdict)}. ")
+    return ("Realism criteria, fixed before any method was measured: pairs agree with the oracle within "
+            f"human annotators' range ({lo:.0%}-{hi:.0%}), and every term on which one prompt's samples vary "
+            f"(std above {varies}; here {spread_text}) is carried by at least {carried_from:.0%} of pairs. "
+            f"This community {html.escape(verdict)}. ")
 
 
 def _acc(r: dict | None) -> str:
@@ -54,7 +56,8 @@ def learning_section(crit: dict) -> str:
     curve, ceiling = crit.get("learning_curve") or [], crit.get("ceiling")
     if not curve:
         return ""
-    rows = "".join(f"<tr><td>{c['fraction']:g}</td><td>{c['n_pairs']}</td><td>{_acc(c['accuracy_vs_oracle'])}</td></tr>"
+    rows = "".join(f"<tr><td>{c['fraction']:g}</td><td>{c['n_pairs']}</td>"
+                   f"<td>{_acc(c['accuracy_vs_oracle'])}</td></tr>"
                    for c in curve)
     if ceiling:
         rows += (f"<tr><td>ceiling: oracle-ordered pairs of the same feed</td><td>{ceiling['n_pairs']}</td>"
@@ -66,16 +69,18 @@ def learning_section(crit: dict) -> str:
     gap_head = "".join(f"<th>{html.escape(name)}</th>" for name in judges)
     gap_rows = "".join(
         f"<tr><td>{_gap_range(b)}</td><td>{b['n_pairs']}</td>" + "".join(
-            "<td>-</td>" if r["by_gap"][i]["accuracy"] is None else f"<td>{r['by_gap'][i]['accuracy']:.1%}</td>"
+            "<td>-</td>" if r["by_gap"][i]["accuracy"] is None
+            else f"<td>{r['by_gap'][i]['accuracy']:.1%}</td>"
             for r in judges.values()) + "</tr>"
         for i, b in enumerate(bins))
-    return ("<h2>What limits the critic</h2><p class='note'>The same recipe on nested random fractions of the "
-            "community's pairs (does accuracy still rise with more feedback?) and on the oracle's own order of the "
-            "same feed (what clean labels would give). Accuracy against the oracle on the held-out pairs, 95% "
-            "intervals.</p><table><tr><th>fraction of the pairs</th><th>pairs</th><th>accuracy vs oracle</th></tr>"
-            f"{rows}</table><p class='note'>By how far apart the oracle puts the two images of a held-out pair "
-            "(oracle-score units): near ties are where a critic can only guess.</p>"
-            f"<table><tr><th>oracle gap</th><th>pairs</th>{gap_head}</tr>{gap_rows}</table>")
+    return ("<h2>What limits the critic</h2><p class='note'>The same recipe on nested random fractions of "
+            "the community's pairs (does accuracy still rise with more feedback?) and on the oracle's own "
+            "order of the same feed (what clean labels would give). Accuracy against the oracle on the "
+            "held-out pairs, 95% intervals.</p><table><tr><th>fraction of the "
+            f"pairs</th><th>pairs</th><th>accuracy vs oracle</th></tr>{rows}</table><p class='note'>By how "
+            "far apart the oracle puts the two images of a held-out pair (oracle-score units): near ties are "
+            "where a critic can only guess.</p><table><tr><th>oracle "
+            f"gap</th><th>pairs</th>{gap_head}</tr>{gap_rows}</table>")
 
 
 def overoptimisation_section(analysis: dict | None) -> str:
@@ -86,13 +91,14 @@ def overoptimisation_section(analysis: dict | None) -> str:
     rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{p['update']}</td><td>{p['oracle']:.3f}</td>"
                    f"<td>{p['from_peak']:+.3f}</td><td>{p['from_base']:+.3f}</td></tr>"
                    for label, p in analysis["picks"].items())
-    return ("<h2>Over-optimisation: the hidden taste against the reward</h2><p class='note'>ReFL's validation "
-            "prompts at every validation from update 0 (the base). The reward keeps rising; the oracle (never seen "
-            f"by training or by any guard) starts at {analysis['oracle_base']:.3f} and peaks at update "
-            f"{peak['update']} ({peak['oracle']:.3f}). Each guard sees only the reward, the zero-shot CLIP and "
-            "prompt fidelity; the table says where it would select or stop and how far that is from the peak."
-            "</p><img src='overoptimisation.png' style='max-width:100%'><table><tr><th>guard</th><th>update</th>"
-            "<th>oracle</th><th>from the peak</th><th>from the base</th></tr>" + rows + "</table>")
+    return ("<h2>Over-optimisation: the hidden taste against the reward</h2><p class='note'>ReFL's "
+            "validation prompts at every validation from update 0 (the base). The reward keeps rising; the "
+            f"oracle (never seen by training or by any guard) starts at {analysis['oracle_base']:.3f} and "
+            f"peaks at update {peak['update']} ({peak['oracle']:.3f}). Each guard sees only the reward, the "
+            "zero-shot CLIP and prompt fidelity; the table says where it would select or stop and how far "
+            "that is from the peak.</p><img src='overoptimisation.png' "
+            "style='max-width:100%'><table><tr><th>guard</th><th>update</th><th>oracle</th><th>from the "
+            "peak</th><th>from the base</th></tr>" + rows + "</table>")
 
 
 def training_section(out: Path) -> str:
@@ -101,8 +107,9 @@ def training_section(out: Path) -> str:
         return ""
     return ("<h2>ReFL while training</h2><p class='note'>The training reward against updates, and at every "
             "validation the held-out judges (never in the gradient) on validation prompts apart from the "
-            "comparison's: a reward that rises while they fall is being hacked. A dashed line marks the update "
-            "train.select_by chose, when set.</p><img src='refl/training_curve.png' style='max-width:100%'>")
+            "comparison's: a reward that rises while they fall is being hacked. A dashed line marks the "
+            "update train.select_by chose, when set.</p><img src='refl/training_curve.png' "
+            "style='max-width:100%'>")
 
 
 def critic_section(summary: dict) -> str:
@@ -116,17 +123,19 @@ def critic_section(summary: dict) -> str:
     base_fid = summary.get("base_model", {}).get("eval_prompt_fidelity")
     carried = comm.get("term_agreement")
     carried_text = ("Share of pairs whose preferred image is better on each oracle term (ties half; 50% = no "
-                    "signal): " + ", ".join(f"{t} {v:.0%}" for t, v in carried.items()) + ". ") if carried else ""
+                    "signal): " + ", ".join(f"{t} {v:.0%}" for t, v in carried.items())
+                    + ". ") if carried else ""
     carried_text += realism_text(comm)
     feed = summary["community"].get("feed")
-    feed_text = (" drawn at mixed guidance scales as real feeds mix settings (per scale, mean oracle and prompt "
-                 "fidelity: " + "; ".join(f"CFG {g} {v['oracle']:.3f}, {v['prompt_fidelity']:.0%}"
+    feed_text = (" drawn at mixed guidance scales as real feeds mix settings (per scale, mean oracle and "
+                 "prompt fidelity: " + "; ".join(f"CFG {g} {v['oracle']:.3f}, {v['prompt_fidelity']:.0%}"
                                           for g, v in feed.items()) + ")") if feed else ""
     cr = crit.get("realism")
-    critic_text = (f" Realism criterion on the critic: at least {cr['critic_accuracy_from']:.0%} with its interval "
-                   f"above the zero-shot CLIP's: {'holds' if cr['realistic'] else 'missed'}.") if cr else ""
-    fidelity_text = (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of held-out "
-                     "prompts.") if base_fid is not None else ""
+    critic_text = (f" Realism criterion on the critic: at least {cr['critic_accuracy_from']:.0%} with its "
+                   "interval above the zero-shot CLIP's: "
+                   f"{'holds' if cr['realistic'] else 'missed'}.") if cr else ""
+    fidelity_text = (f" The shipped toy SD gets shape, colour and background right on {base_fid:.0%} of "
+                     "held-out prompts.") if base_fid is not None else ""
     return (
         "<h2>The critic against the hidden taste</h2>"
         f"<p class='note'>The community remixed {comm['n_remixed']} of {comm['n_images']} base-model images "
@@ -145,10 +154,10 @@ def promise_section(p: dict) -> str:
         return ""
     d, b = p["refl_minus_base"], p["best_of_n_minus_base"]
     verdict = "held" if p["held"] else "did not hold"
-    return (f"<p><b>The promise {verdict} on this world:</b> ReFL's one sample against the base's on the hidden "
-            f"taste (the oracle, per held-out prompt) {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
-            f"(the goal: an interval above 0 with prompt fidelity within 5 points; fidelity "
-            f"{100 * p['fidelity_minus_base']:+.1f} points); best-of-{p['best_of_n']} by the critic, at "
-            f"{p['best_of_n']}x the sampling, {b['mean']:+.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]; the critic "
-            f"orders held-out pairs as the oracle does {p['critic_accuracy']:.1%} of the time (zero-shot CLIP "
-            f"{p['zero_shot_accuracy']:.1%}).</p>")
+    return (f"<p><b>The promise {verdict} on this world:</b> ReFL's one sample against the base's on the "
+            f"hidden taste (the oracle, per held-out prompt) {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, "
+            f"{d['ci95'][1]:+.3f}] (the goal: an interval above 0 with prompt fidelity within 5 points; "
+            f"fidelity {100 * p['fidelity_minus_base']:+.1f} points); best-of-{p['best_of_n']} by the "
+            f"critic, at {p['best_of_n']}x the sampling, {b['mean']:+.3f} [{b['ci95'][0]:+.3f}, "
+            f"{b['ci95'][1]:+.3f}]; the critic orders held-out pairs as the oracle does "
+            f"{p['critic_accuracy']:.1%} of the time (zero-shot CLIP {p['zero_shot_accuracy']:.1%}).</p>")

@@ -70,8 +70,10 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
-    preamble = (promise_section(summary["promise"]) + critic_section(summary) + learning_section(summary["critic"])
-                + breakdown_section(summary["oracle_breakdown"]) + overoptimisation_section(summary["overoptimisation"])
+    preamble = (promise_section(summary["promise"]) + critic_section(summary)
+                + learning_section(summary["critic"])
+                + breakdown_section(summary["oracle_breakdown"])
+                + overoptimisation_section(summary["overoptimisation"])
                 + training_section(out))
     summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
     write_json(out / "summary.json", paths_relative_to(_jsonable(summary), out))
@@ -79,7 +81,8 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
 
 
 def _overoptimisation(cfg: DemoConfig, out: Path) -> dict | None:
-    """The ReFL run's over-optimisation analysis, drawn into overoptimisation.png (None without the curves)."""
+    """The ReFL run's over-optimisation analysis, drawn into overoptimisation.png (None without the
+    curves)."""
     from runkit.logs import read_metrics
     from toyworld.overoptimisation import analyse, plot
 

@@ -39,7 +39,8 @@ def enter_stage(out: Path, finished: Path, settings: dict, inputs: dict[str, str
     The key (the stage's resolved settings, and the content hash of each input file or folder) is
     written into out/stage.json before the stage runs, so an interrupted stage resumes only into the
     same key."""
-    # Paths inside the run folder count by their place in it, so a copied run folder reuses its finished stages.
+    # Paths inside the run folder count by their place in it, so a copied run folder reuses its finished
+    # stages.
     key = json.dumps({"settings": paths_relative_to(settings, out.parent),
                       "inputs": {name: content_hash(path) for name, path in inputs.items()}},
                      sort_keys=True, default=str)
@@ -63,9 +64,9 @@ def finish_stage(summary_file: Path, summary: dict) -> dict:
 
 def _sample(components, prompts: list[str], guidance: list[float], steps: int, seed: int, cache: Path,
             model: str) -> np.ndarray:
-    """Base-model images, (P, n, H, W, 3) uint8: image j of each prompt drawn at guidance[j], image (k, j) from
-    seed + j * P + k. Kept in `cache` under a key of the model's content and the settings, so a change in how
-    the community behaves does not draw them again."""
+    """Base-model images, (P, n, H, W, 3) uint8: image j of each prompt drawn at guidance[j], image (k, j)
+    from seed + j * P + k. Kept in `cache` under a key of the model's content and the settings, so a change in
+    how the community behaves does not draw them again."""
     import hashlib
 
     from toyworld.pretrain_sd import sample_images
@@ -76,7 +77,8 @@ def _sample(components, prompts: list[str], guidance: list[float], steps: int, s
     if path.is_file():
         return np.load(path)["images"]
     n = len(prompts)
-    slots = [sample_images(components, prompts, steps, g, seed + j * n) for j, g in enumerate(guidance)]  # (P, H, W, 3)
+    # (P, H, W, 3)
+    slots = [sample_images(components, prompts, steps, g, seed + j * n) for j, g in enumerate(guidance)]
     images = np.stack(slots, axis=1)  # (P, n, H, W, 3)
     atomic_write_bytes(path, lambda f: np.savez(f, images=images))
     return images
@@ -103,7 +105,8 @@ def feed_summary(images: np.ndarray, prompts: list[str], guidance: list[float]) 
 
 def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     """The feed (training prompts at the feed's guidance scales) -> community pairs, and the same images
-    ordered by the oracle (the critic's ceiling); held-out generations at the demo's settings -> oracle pairs."""
+    ordered by the oracle (the critic's ceiling); held-out generations at the demo's settings -> oracle
+    pairs."""
     from toyworld.community import build_pairs_with_stats, write_oracle_pairs
     from toyworld.world import split_prompts
 
@@ -125,11 +128,12 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     gen_seconds = time.perf_counter() - t0
     result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.users, cfg.seed,
                                     out / "train", config=c.behaviour)
-    feed_oracle_pairs = write_oracle_pairs(images, chosen, out / "feed_oracle_pairs") if cfg.critic_ceiling else None
+    feed_oracle_pairs = write_oracle_pairs(images, chosen,
+                                           out / "feed_oracle_pairs") if cfg.critic_ceiling else None
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
     held_chosen = held[: c.oracle_pair_prompts]
-    held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_pair_images, cfg.sample_steps,
-                          base_seed + HELDOUT_SEED, cache, cfg.sd_model)
+    held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_pair_images,
+                          cfg.sample_steps, base_seed + HELDOUT_SEED, cache, cfg.sd_model)
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "feed_oracle_pairs": str(feed_oracle_pairs) if feed_oracle_pairs else None,
@@ -157,7 +161,8 @@ def _train_and_measure(cfg: DemoConfig, pairs: str | Path, out: Path, truth, gap
     return accuracy_vs_oracle(reward.load(out / "critic"), truth, gaps)
 
 
-def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path, feed_oracle_pairs: str | None = None) -> dict:
+def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path,
+                 feed_oracle_pairs: str | None = None) -> dict:
     """The critic (and its ensemble members) on the community's pairs, measured against the oracle on held-out
     pairs with the zero-shot CLIP beside it; then its learning curve (cfg.critic_curve) and its ceiling
     (cfg.critic_ceiling: the same recipe on `feed_oracle_pairs`)."""
@@ -190,19 +195,22 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path, feed
     n_pairs = len(pd.read_parquet(pairs))
     curve = []
     for fraction in sorted(cfg.critic_curve):
-        part = subset_pairs(Path(pairs), fraction, cfg.critic.train.seed, out / "curve" / f"pairs-{fraction:g}.parquet")
+        part = subset_pairs(Path(pairs), fraction, cfg.critic.train.seed,
+                            out / "curve" / f"pairs-{fraction:g}.parquet")
         curve.append({"fraction": fraction, "n_pairs": len(pd.read_parquet(part)),
-                      "accuracy_vs_oracle": _train_and_measure(cfg, part, out / "curve" / f"{fraction:g}", truth, gaps)})
+                      "accuracy_vs_oracle": _train_and_measure(cfg, part, out / "curve" / f"{fraction:g}",
+                                                               truth, gaps)})
     curve.append({"fraction": 1.0, "n_pairs": n_pairs, "accuracy_vs_oracle": tuned})
     ceiling = None
     if cfg.critic_ceiling:
         ceiling = {"n_pairs": len(pd.read_parquet(feed_oracle_pairs)),
-                   "accuracy_vs_oracle": _train_and_measure(cfg, feed_oracle_pairs, out / "ceiling", truth, gaps)}
+                   "accuracy_vs_oracle": _train_and_measure(cfg, feed_oracle_pairs, out / "ceiling", truth,
+                                                            gaps)}
     summary = {"critic": members[0], "accuracy_vs_oracle": tuned, "zero_shot_clip_vs_oracle": zero_shot,
                "chance": 0.5, "members": members, "learning_curve": curve, "ceiling": ceiling,
                "realism": critic_realism(tuned, zero_shot),
-               "members_accuracy_vs_oracle": [accuracy_vs_oracle(reward.load(m), truth, gaps)["pairwise_accuracy"]
-                                              for m in members[1:]]}
+               "members_accuracy_vs_oracle": [
+                   accuracy_vs_oracle(reward.load(m), truth, gaps)["pairwise_accuracy"] for m in members[1:]]}
     return finish_stage(summary_file, summary)
 
 
@@ -228,7 +236,8 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
 
 
 def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path) -> tuple[dict, object]:
-    """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and fidelity."""
+    """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and
+    fidelity."""
     from evaluation.harness import run_compare
     from toyworld.world import split_prompts
 

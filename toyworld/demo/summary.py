@@ -23,17 +23,19 @@ def format_summary(summary: dict) -> str:
         crit = summary["critic"]
         acc, zs = crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"]
         lines.append(f"critic vs oracle on held-out pairs: {acc['pairwise_accuracy']:.1%} "
-                     f"[{acc['ci95'][0]:.1%}, {acc['ci95'][1]:.1%}]   zero-shot CLIP: {zs['pairwise_accuracy']:.1%}"
-                     "   chance: 50%")
+                     f"[{acc['ci95'][0]:.1%}, {acc['ci95'][1]:.1%}]   zero-shot CLIP: "
+                     f"{zs['pairwise_accuracy']:.1%}   chance: 50%")
         if crit.get("ceiling"):
             ce = crit["ceiling"]["accuracy_vs_oracle"]
-            lines.append(f"critic ceiling (oracle-ordered pairs of the same feed): {ce['pairwise_accuracy']:.1%}; "
-                         "learning curve: " + ", ".join(f"{c['n_pairs']} pairs {c['accuracy_vs_oracle']['pairwise_accuracy']:.1%}"
-                                                         for c in crit.get("learning_curve", [])))
+            lines.append("critic ceiling (oracle-ordered pairs of the same feed): "
+                         f"{ce['pairwise_accuracy']:.1%}; learning curve: "
+                         + ", ".join(f"{c['n_pairs']} pairs "
+                                     f"{c['accuracy_vs_oracle']['pairwise_accuracy']:.1%}"
+                                     for c in crit.get("learning_curve", [])))
         if crit.get("realism"):
             cr = crit["realism"]
-            lines.append(f"realism, critic >= {cr['critic_accuracy_from']:.0%} with its interval above zero-shot: "
-                         f"{cr['realistic']}")
+            lines.append(f"realism, critic >= {cr['critic_accuracy_from']:.0%} with its interval above "
+                         f"zero-shot: {cr['realistic']}")
     compare = summary.get("compare")
     if compare:
         lines += ["-" * 72] + compare_lines(compare)
@@ -46,9 +48,11 @@ def format_summary(summary: dict) -> str:
     p = summary.get("promise")
     if p and "refl_minus_base" in p:
         d = p["refl_minus_base"]
-        lines.append(f"promise {'held' if p['held'] else 'did not hold'}: ReFL - base on the oracle {d['mean']:+.3f} "
-                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (goal: interval above 0, fidelity within 5 points)")
-    lines += ["-" * 72, "stage seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in summary["timings"].items())]
+        lines.append(f"promise {'held' if p['held'] else 'did not hold'}: ReFL - base on the oracle "
+                     f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (goal: interval above 0, "
+                     "fidelity within 5 points)")
+    lines += ["-" * 72,
+              "stage seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in summary["timings"].items())]
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
     lines.append("=" * 72)
