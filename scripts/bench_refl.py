@@ -1,6 +1,7 @@
 """ReFL's training step and sampling at real size, as JSON.
 
-Thin wrapper over `evaluation.cli.bench_refl_main` (`python scripts/bench_refl.py --help`); installed as `social-refl-bench-refl`."""
+Thin wrapper over `evaluation.cli.bench_refl_main` (`python scripts/bench_refl.py --help`); installed as
+`social-refl-bench-refl`."""
 
 import sys
 

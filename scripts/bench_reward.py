@@ -1,6 +1,7 @@
 """Critic throughput, as JSON.
 
-Thin wrapper over `reward.cli.bench_main` (`python scripts/bench_reward.py --help`); installed as `social-refl-bench-reward`."""
+Thin wrapper over `reward.cli.bench_main` (`python scripts/bench_reward.py --help`); installed as
+`social-refl-bench-reward`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """Decode every image of a pairs set once: a report of the bad rows and a clean copy.
 
-Thin wrapper over `reward.cli.check_main` (`python scripts/check_pairs.py --help`); installed as `social-refl-check-pairs`."""
+Thin wrapper over `reward.cli.check_main` (`python scripts/check_pairs.py --help`); installed as
+`social-refl-check-pairs`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """Best-of-N selection against ReFL on held-out prompts -> results.json + report.html.
 
-Thin wrapper over `evaluation.cli.compare_main` (`python scripts/compare.py --help`); installed as `social-refl-compare`."""
+Thin wrapper over `evaluation.cli.compare_main` (`python scripts/compare.py --help`); installed as
+`social-refl-compare`."""
 
 import sys
 

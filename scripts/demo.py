@@ -1,6 +1,7 @@
 """The default run on the toy world (make demo).
 
-Thin wrapper over `toyworld.cli.demo_main` (`python scripts/demo.py --help`); installed as `social-refl-demo`."""
+Thin wrapper over `toyworld.cli.demo_main` (`python scripts/demo.py --help`); installed as
+`social-refl-demo`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """Export a saved LoRA folder for AUTOMATIC1111 / ComfyUI / Forge (kohya layout).
 
-Thin wrapper over `refl.cli.export_main` (`python scripts/export_lora.py --help`); installed as `social-refl-export-lora`."""
+Thin wrapper over `refl.cli.export_main` (`python scripts/export_lora.py --help`); installed as
+`social-refl-export-lora`."""
 
 import sys
 

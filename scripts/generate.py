@@ -1,6 +1,7 @@
 """Generate images with a base model and an optional ReFL LoRA.
 
-Thin wrapper over `refl.cli.generate_main` (`python scripts/generate.py --help`); installed as `social-refl-generate`."""
+Thin wrapper over `refl.cli.generate_main` (`python scripts/generate.py --help`); installed as
+`social-refl-generate`."""
 
 import sys
 

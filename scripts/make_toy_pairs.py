@@ -1,6 +1,7 @@
 """A toy-world Social Reward pairs dataset.
 
-Thin wrapper over `toyworld.cli.make_pairs_main` (`python scripts/make_toy_pairs.py --help`); installed as `social-refl-make-toy-pairs`."""
+Thin wrapper over `toyworld.cli.make_pairs_main` (`python scripts/make_toy_pairs.py --help`); installed as
+`social-refl-make-toy-pairs`."""
 
 import sys
 

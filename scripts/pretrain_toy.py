@@ -1,6 +1,7 @@
 """Pre-train the toy world's tiny Stable Diffusion.
 
-Thin wrapper over `toyworld.cli.pretrain_sd_main` (`python scripts/pretrain_toy.py --help`); installed as `social-refl-pretrain-toy-sd`."""
+Thin wrapper over `toyworld.cli.pretrain_sd_main` (`python scripts/pretrain_toy.py --help`); installed as
+`social-refl-pretrain-toy-sd`."""
 
 import sys
 

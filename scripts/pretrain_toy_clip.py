@@ -1,6 +1,7 @@
 """Pre-train the toy world's tiny CLIP.
 
-Thin wrapper over `toyworld.cli.pretrain_clip_main` (`python scripts/pretrain_toy_clip.py --help`); installed as `social-refl-pretrain-toy-clip`."""
+Thin wrapper over `toyworld.cli.pretrain_clip_main` (`python scripts/pretrain_toy_clip.py --help`); installed
+as `social-refl-pretrain-toy-clip`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """ReFL variants on a finished demo, judged against the hidden taste.
 
-Thin wrapper over `toyworld.cli.ablation_main` (`python scripts/refl_ablation.py --help`); installed as `social-refl-ablation`."""
+Thin wrapper over `toyworld.cli.ablation_main` (`python scripts/refl_ablation.py --help`); installed as
+`social-refl-ablation`."""
 
 import sys
 

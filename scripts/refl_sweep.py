@@ -1,6 +1,7 @@
 """The toy world's ReFL settings chosen by a written rule from a small sweep on a demo's critic.
 
-Thin wrapper over `toyworld.cli.sweep_main` (`python scripts/refl_sweep.py --help`); installed as `social-refl-refl-sweep`."""
+Thin wrapper over `toyworld.cli.sweep_main` (`python scripts/refl_sweep.py --help`); installed as
+`social-refl-refl-sweep`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """ReFL LoRA fine-tuning against a Social Reward critic.
 
-Thin wrapper over `refl.cli.train_main` (`python scripts/train_refl.py --help`); installed as `social-refl-train-refl`."""
+Thin wrapper over `refl.cli.train_main` (`python scripts/train_refl.py --help`); installed as
+`social-refl-train-refl`."""
 
 import sys
 

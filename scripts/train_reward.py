@@ -1,6 +1,7 @@
 """Fine-tune a Social Reward critic on preference pairs.
 
-Thin wrapper over `reward.cli.train_main` (`python scripts/train_reward.py --help`); installed as `social-refl-train-reward`."""
+Thin wrapper over `reward.cli.train_main` (`python scripts/train_reward.py --help`); installed as
+`social-refl-train-reward`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """Pairwise accuracy of a critic on held-out pairs, beside baselines.
 
-Thin wrapper over `reward.cli.validate_main` (`python scripts/validate_reward.py --help`); installed as `social-refl-validate-reward`."""
+Thin wrapper over `reward.cli.validate_main` (`python scripts/validate_reward.py --help`); installed as
+`social-refl-validate-reward`."""
 
 import sys
 

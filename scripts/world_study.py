@@ -1,6 +1,7 @@
 """ReFL variants x training seeds on a finished demo.
 
-Thin wrapper over `toyworld.cli.study_main` (`python scripts/world_study.py --help`); installed as `social-refl-world-study`."""
+Thin wrapper over `toyworld.cli.study_main` (`python scripts/world_study.py --help`); installed as
+`social-refl-world-study`."""
 
 import sys
 
