@@ -1,4 +1,5 @@
-"""Run by test_refl.py under `accelerate launch --num_processes 2 --cpu`: train, then dump each rank's LoRA."""
+"""Run by test_refl.py under `accelerate launch --num_processes 2 --cpu`: train, then dump each rank's
+LoRA."""
 
 import os
 import sys

@@ -56,7 +56,7 @@ def test_shipped_configs_load():
         load_config(RewardConfig, f)
 
 
-# ----------------------------------------------------------------------------- one vocabulary for both trainers
+# --------------------------------------------------------------------------- one vocabulary for both trainers
 def test_both_trainers_share_the_training_vocabulary():
     from refl.config import ReflConfig, ReflTrainConfig
     from reward.config import CriticTrainConfig

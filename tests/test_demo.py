@@ -1,4 +1,5 @@
-"""The quick demo, end to end on the shipped toy world: community -> critic -> ReFL -> comparison -> report."""
+"""The quick demo, end to end on the shipped toy world: community -> critic -> ReFL -> comparison ->
+report."""
 
 import json
 import re
@@ -48,7 +49,8 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     assert "Where the hidden taste moved" in page and f"{breakdown['mean']['ReFL']['size']:.3f}" in page
     assert Path(demo["refl"]["lora"]).is_dir()
     # The stage files name their outputs relative to the run folder, so a copied folder names its own.
-    assert json.loads((quick_demo / "critic" / "critic_summary.json").read_text())["critic"] == "critic/critic"
+    assert json.loads((quick_demo / "critic"
+                       / "critic_summary.json").read_text())["critic"] == "critic/critic"
     assert json.loads((quick_demo / "refl" / "result.json").read_text())["lora"] == "lora"
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.
     saved = (quick_demo / "demo_config.yaml").read_text()
@@ -68,7 +70,8 @@ def test_quick_demo_measures_what_limits_the_critic_and_the_overoptimisation(qui
     assert curve[0]["n_pairs"] == round(QUICK["critic_curve"][0] * curve[-1]["n_pairs"])
     # Gap bins partition the held-out pairs, for the critic, zero-shot and the ceiling alike.
     n = crit["accuracy_vs_oracle"]["n_pairs"]
-    for report in (crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"], crit["ceiling"]["accuracy_vs_oracle"]):
+    for report in (crit["accuracy_vs_oracle"], crit["zero_shot_clip_vs_oracle"],
+                   crit["ceiling"]["accuracy_vs_oracle"]):
         assert sum(b["n_pairs"] for b in report["by_gap"]) == n
     assert crit["ceiling"]["n_pairs"] > 0 and "What limits the critic" in page
     assert set(crit["realism"]) >= {"reaches_accuracy", "interval_above_zero_shot", "realistic"}
@@ -90,8 +93,10 @@ def test_quick_demo_measures_what_limits_the_critic_and_the_overoptimisation(qui
         results["arms"]["base_random"]["per_prompt"][oracle])
     promise = demo["promise"]
     assert promise["refl_minus_base"]["mean"] == pytest.approx(per_prompt.mean())
-    assert promise["held"] == (promise["refl_minus_base"]["ci95"][0] > 0 and promise["fidelity_minus_base"] >= -0.05)
-    assert f"{promise['refl_minus_base']['mean']:+.3f}" in page.split("The critic against the hidden taste")[0]
+    assert promise["held"] == (promise["refl_minus_base"]["ci95"][0] > 0
+                               and promise["fidelity_minus_base"] >= -0.05)
+    assert (f"{promise['refl_minus_base']['mean']:+.3f}"
+            in page.split("The critic against the hidden taste")[0])
     assert "n_samples" in (quick_demo / "config.yaml").read_text()
 
 
@@ -160,7 +165,8 @@ def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
     from toyworld.ablation import run_ablation
 
     summary = run_ablation(quick_demo, {"frozen": ["refl.train.lr=0", "refl.train.max_updates=1"],
-                                        "kl": ["refl.train.max_updates=1", "refl.step.kl_weight=1"]}, n_prompts=2, n_samples=2)
+                                        "kl": ["refl.train.max_updates=1", "refl.step.kl_weight=1"]},
+                           n_prompts=2, n_samples=2)
     frozen, kl = summary["variants"]["frozen"], summary["variants"]["kl"]
     # lr 0 leaves LoRA B at zero, so the tuned samples are the base samples: every paired difference is 0.
     assert all(d["mean"] == 0.0 for d in frozen["difference_from_base"].values())
@@ -205,7 +211,8 @@ def test_world_study_trains_each_seed_and_reports_the_spread(quick_demo):
     assert content_hash(quick_demo / "refl" / "lora") != content_hash(seed1_lora)
     spread = plain["across_seeds"]["judges"][oracle]["refl"]
     values = [seed0["refl"]["mean"], seed1["refl"]["mean"]]
-    assert spread["mean"] == pytest.approx(np.mean(values)) and spread["std"] == pytest.approx(np.std(values, ddof=1))
+    assert (spread["mean"] == pytest.approx(np.mean(values))
+            and spread["std"] == pytest.approx(np.std(values, ddof=1)))
     assert set(plain["across_seeds"]["terms"]) >= {"vivid", "size", "placement"}
     table = (quick_demo / "study" / "world.md").read_text()
     assert "ReFL - base, seed 1" in table and "oracle term: size" in table
@@ -225,7 +232,9 @@ def test_guard_study_trains_the_ensemble_and_compares_the_selected_lora(quick_de
                                        "refl.train.select_by=clip:{clip_model}"]}
     summary = run_study(quick_demo, seeds=(0,), study="guard", variants=variants)
     guarded = summary["variants"]["guarded"]
-    assert guarded["overrides"][-1] == f"refl.train.select_by=clip:{load_config(DemoConfig, quick_demo / 'demo_config.yaml').clip_model}"
+    assert (guarded["overrides"][-1]
+            == "refl.train.select_by=clip:"
+               f"{load_config(DemoConfig, quick_demo / 'demo_config.yaml').clip_model}")
     run = quick_demo / "study" / "guarded" / "seed-0"
     refl = json.loads((run / "refl" / "result.json").read_text())
     # The ensemble's second member was trained for the study, and ReFL's reward read both members.
@@ -234,7 +243,8 @@ def test_guard_study_trains_the_ensemble_and_compares_the_selected_lora(quick_de
     assert trained.reward.critic == [str(quick_demo / "critic" / "critic"), str(member)] and member.is_dir()
     # The comparison judged the LoRA that selection kept, not the last one.
     compared = json.loads((run / "results.json").read_text())
-    assert compared["config"]["lora"] == str(run / "refl" / refl["lora_best"]) != str(run / "refl" / refl["lora"])
+    assert (compared["config"]["lora"] == str(run / "refl" / refl["lora_best"])
+            != str(run / "refl" / refl["lora"]))
     assert guarded["per_seed"][0]["selected_update"] == refl["best_update"]
     # The plain variant at the demo's seed is the demo's own run; the table names both variants.
     assert summary["variants"][PLAIN]["per_seed"][0]["judges"][oracle]["refl"] == \

@@ -51,9 +51,11 @@ def world(tmp_path_factory, single_thread):
     save_lora(components, root / "lora")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     register_evaluator("brightness", _brightness_factory, overwrite=True)
-    overrides = ["model.name=tiny", f"lora={root / 'lora'}", f"prompts={root / 'prompts.txt'}", f"n_samples={N}",
+    overrides = ["model.name=tiny", f"lora={root / 'lora'}", f"prompts={root / 'prompts.txt'}",
+                 f"n_samples={N}",
                  "batch_size=3", "num_inference_steps=4", "guidance_scale=3.0", "selector=tiny-clip",
-                 "evaluators=[clip:tiny-clip, 'brightness:']", "bootstrap_resamples=300", "report_image_px=64"]
+                 "evaluators=[clip:tiny-clip, 'brightness:']", "bootstrap_resamples=300",
+                 "report_image_px=64"]
     return {"root": root, "overrides": overrides}
 
 
@@ -74,7 +76,8 @@ def test_best_of_n_monotone_and_nested(run):
     sel = cfg.selector_spec
     assert res["n_grid"] == {"base": [1, 2, 4, 8], "refl": [1, 2, 4, 8]}
     for model in ("base", "refl"):
-        raw = np.array([json.loads((run["out"] / "scores" / model / f"{p:04d}.json").read_text())["scores"][sel]
+        raw = np.array([json.loads((run["out"] / "scores" / model
+                                    / f"{p:04d}.json").read_text())["scores"][sel]
                         for p in range(len(PROMPTS))])  # (P, N)
         previous = None
         for n in res["n_grid"][model]:
@@ -99,8 +102,10 @@ def test_every_arm_scored_by_every_evaluator_and_costs(run):
         assert arm["unet_evals_per_prompt"] == arm["n"] * 4 * 2  # n x steps x 2 (CFG)
         assert arm["seconds_per_prompt"] > 0
     for spec in res["evaluators"]:
-        assert set(res["win_rates"][spec]) == {"refl_random_vs_base_random", f"refl_random_vs_base_best_of_{N}",
-                                               f"refl_best_of_{N}_vs_base_random", f"refl_best_of_{N}_vs_base_best_of_{N}"}
+        assert set(res["win_rates"][spec]) == {"refl_random_vs_base_random",
+                                               f"refl_random_vs_base_best_of_{N}",
+                                               f"refl_best_of_{N}_vs_base_random",
+                                               f"refl_best_of_{N}_vs_base_best_of_{N}"}
         for w in res["win_rates"][spec].values():
             assert 0.0 <= w["mean"] <= 1.0
     # the perturbed LoRA changes the pictures
@@ -186,8 +191,10 @@ def test_report_html_parses_and_images_exist(run):
     sources = image_sources((out / "report.html").read_text(encoding="utf-8"))
     plots = [s for s in sources if "reward_vs_n" in s]
     assert len(plots) == 3  # one per evaluator
-    grids = [s for s in sources if s not in plots][: 2 * N * len(PROMPTS)]  # base and ReFL, N each, per prompt
-    assert len(grids) == 2 * N * len(PROMPTS) and len(set(grids)) == len(grids)  # every sample, the same seeds
+    # base and ReFL, N each, per prompt
+    grids = [s for s in sources if s not in plots][: 2 * N * len(PROMPTS)]
+    # every sample, the same seeds
+    assert len(grids) == 2 * N * len(PROMPTS) and len(set(grids)) == len(grids)
     assert len(sources) == 3 + 2 * N * len(PROMPTS) + 4 * len(PROMPTS)  # + a 4-image row per prompt
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.index("Arms: mean score") < page.index("Samples per arm") < page.index("Reward versus n")
@@ -272,7 +279,8 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     second = H.run_compare(cfg)
     assert drawn == ["refl"]  # the base model did not change; the LoRA did
     sel = f"critic:{critic}"
-    base_first, base_second = (np.asarray(r["arms"]["base_random"]["per_prompt"][sel]) for r in (first, second))
+    base_first, base_second = (np.asarray(r["arms"]["base_random"]["per_prompt"][sel])
+                               for r in (first, second))
     assert not np.allclose(base_first, base_second)  # same base images, rescored by the new critic
     assert np.allclose(first["arms"]["base_random"]["per_prompt"]["brightness:"],
                        second["arms"]["base_random"]["per_prompt"]["brightness:"])

@@ -70,7 +70,8 @@ def test_a_kind_declared_as_an_entry_point_is_registered_on_first_use(registry, 
 
 def test_unknown_kind_lists_registered_and_entry_point_kinds(registry, monkeypatch):
     monkeypatch.setattr(E, "_entry_point_factories", lambda: {"plugged": "somewhere:factory"})
-    with pytest.raises(ValueError, match=r"registered kinds: \[.*'critic'.*\]; entry-point kinds .*\['plugged'\]"):
+    with pytest.raises(ValueError, match=r"registered kinds: \[.*'critic'.*\]; entry-point kinds "
+                                         r".*\['plugged'\]"):
         create_evaluator("nope:x")
     assert "nope" not in registry and "plugged" not in registry
 
@@ -94,12 +95,14 @@ def test_toy_world_evaluators_come_from_the_installed_entry_points(registry):
     declares `oracle` and `fidelity` there, and nothing else registers them."""
     declared = E._entry_point_factories()
     assert {"oracle", "fidelity"} <= set(declared), (
-        f"entry points of group {E.ENTRY_POINT_GROUP!r} are {declared}; reinstall the package (pip install -e .)")
+        f"entry points of group {E.ENTRY_POINT_GROUP!r} are {declared}; reinstall the package (pip install "
+        "-e .)")
     from toyworld.render import render
     from toyworld.world import Scene, scene_to_prompt
 
     scene = Scene("circle", "red", "blue")
-    images = np.stack([np.asarray(render(scene, np.random.default_rng(i))) for i in range(2)])  # (2, 32, 32, 3)
+    # (2, 32, 32, 3)
+    images = np.stack([np.asarray(render(scene, np.random.default_rng(i))) for i in range(2)])
     prompts = [scene_to_prompt(scene)] * 2
     oracle, fidelity = create_evaluator("oracle:"), create_evaluator("fidelity:")
     assert oracle.name == "oracle:" and oracle.fingerprint.startswith("oracle:|")

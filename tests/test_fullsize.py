@@ -117,7 +117,8 @@ def test_every_shipped_config_loads_and_builds_its_architecture():
             assert components.unet.config.sample_size * components.vae_scale == components.image_size
             del components
         if kind == "reward_":
-            critic = reward.create_critic(model_name=cfg.model.model_name, training_mode=cfg.model.training_mode)
+            critic = reward.create_critic(model_name=cfg.model.model_name,
+                                          training_mode=cfg.model.training_mode)
             assert any(p.requires_grad for p in critic.parameters())
             del critic
         seen.append(path.name)

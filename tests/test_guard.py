@@ -23,7 +23,8 @@ VALIDATION_PROMPTS = "train.validation_prompts=[a red square, a green circle]"
 def _overrides(out, updates: int) -> list[str]:
     """A tiny ReFL run that validates (2 prompts x 2 images) and checkpoints after every update (not before
     the first: the scripted judges play one value per update; update 0 has its own test)."""
-    return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", f"train.max_updates={updates}",
+    return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast",
+            f"train.max_updates={updates}",
             "train.batch_size=1", "train.gradient_accumulation=1", "train.lr=1e-2", "train.log_with=none",
             "train.gradient_checkpointing=false", "train.validate_every=1", "train.checkpoint_every=1",
             "train.checkpoints_keep=0", "train.validation_steps=2", VALIDATION_PROMPTS,
@@ -113,7 +114,8 @@ def test_lora_best_is_the_update_the_heldout_judge_liked_best(tmp_path, scripted
     assert _same(_lora(out / "lora_best"), _lora(ckpts / "update-000003" / "lora"))
     assert _same(_lora(out / "lora"), _lora(ckpts / "update-000005" / "lora"))
     assert not _same(_lora(out / "lora_best"), _lora(out / "lora"))  # training moved the LoRA after update 3
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/reward" in r]
+    evals = [r for r in map(json.loads,
+                            (out / "metrics.jsonl").read_text().splitlines()) if "eval/reward" in r]
     assert [r["update"] for r in evals] == [1, 2, 3, 4, 5]
     assert [r["eval/heldout/scripted:judge"] for r in evals] == [0.1, 0.5, 0.9, 0.3, 0.2]
     assert all(r["eval/diversity"] > 0 for r in evals)
@@ -123,19 +125,22 @@ def test_lora_best_is_the_update_the_heldout_judge_liked_best(tmp_path, scripted
 
 
 def test_validation_at_update_0_is_logged_and_can_keep_the_base(tmp_path, scripted):
-    """The base (update 0, the LoRA a no-op) is validated first; when no update beats it, lora_best is the base."""
+    """The base (update 0, the LoRA a no-op) is validated first; when no update beats it, lora_best is the
+    base."""
     from refl.train import train
 
     scripted(Script([0.9, 0.5, 0.3]))
     out = tmp_path / "run"
     result = train(_config(out, 2, "train.select_by=scripted:judge", "train.validate_at_start=true"))
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/reward" in r]
+    evals = [r for r in map(json.loads,
+                            (out / "metrics.jsonl").read_text().splitlines()) if "eval/reward" in r]
     assert [r["update"] for r in evals] == [0, 1, 2]
     assert [r["eval/heldout/scripted:judge"] for r in evals] == [0.9, 0.5, 0.3]
     assert (out / "samples" / "update-000000.png").is_file()
     assert result["best_update"] == 0 and result["best_score"] == 0.9
     up = [k for k in _lora(out / "lora_best") if k.endswith("lora.up.weight")]  # B of each adapter
-    assert up and all(_lora(out / "lora_best")[k].abs().sum() == 0 for k in up)  # the base: every B still zero
+    # the base: every B still zero
+    assert up and all(_lora(out / "lora_best")[k].abs().sum() == 0 for k in up)
     assert any(_lora(out / "lora")[k].abs().sum() > 0 for k in up)
 
 
@@ -169,7 +174,8 @@ def test_stop_after_k_drops_while_the_reward_rises(tmp_path, scripted):
     assert result["stopped_early_at"] == 4 and result["updates"] == 4 and result["best_update"] == 2
     assert json.loads((out / "result.json").read_text())["stopped_early_at"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "update-000004"
-    assert json.loads((out / "checkpoints" / "update-000004" / "state.json").read_text())["stopped_early_at"] == 4
+    assert json.loads((out / "checkpoints" / "update-000004"
+                       / "state.json").read_text())["stopped_early_at"] == 4
     assert _same(_lora(out / "lora"), _lora(out / "checkpoints" / "update-000004" / "lora"))
     assert _same(_lora(out / "lora_best"), _lora(out / "checkpoints" / "update-000002" / "lora"))
 
@@ -195,16 +201,19 @@ def test_resume_keeps_the_best_so_far_and_the_drop_count(tmp_path, scripted):
     state3 = json.loads((tmp_path / "resumed" / "checkpoints" / "update-000003" / "state.json").read_text())
     assert state3 == {"update": 3, "best_score": 0.9, "best_update": 2, "drops": 1, "prev_score": 0.5,
                       "prev_reward": 2.0, "stopped_early_at": None, "validated": 3}
-    # Update 4's checkpoint was written before the validation that crashed; the resumed run validates it first.
+    # Update 4's checkpoint was written before the validation that crashed; the resumed run validates it
+    # first.
     state4 = json.loads((tmp_path / "resumed" / "checkpoints" / "update-000004" / "state.json").read_text())
     assert state4["update"] == 4 and state4["validated"] == 3
     script = scripted(Script(judge, reward, start=3))  # the judge and reward go on at the 4th validation
-    resumed = train(_config(tmp_path / "resumed", 6, *args, "train.resume=latest"), reward_fn=script.reward_fn)
+    resumed = train(_config(tmp_path / "resumed", 6, *args, "train.resume=latest"),
+                    reward_fn=script.reward_fn)
     assert resumed["stopped_early_at"] == 5 and resumed["best_update"] == 2
     state = [json.loads((tmp_path / run / "checkpoints" / "update-000005" / "state.json").read_text())
              for run in ("full", "resumed")]
     assert state[0] == state[1] and state[0]["stopped_early_at"] == 5
-    full_best, resumed_best = _lora(tmp_path / "full" / "lora_best"), _lora(tmp_path / "resumed" / "lora_best")
+    full_best, resumed_best = (_lora(tmp_path / "full" / "lora_best"),
+                               _lora(tmp_path / "resumed" / "lora_best"))
     assert full_best.keys() == resumed_best.keys()
     assert max((full_best[k] - resumed_best[k]).abs().max().item() for k in full_best) < 1e-6
 
@@ -220,8 +229,10 @@ def test_guard_config_errors_and_warnings(tmp_path, caplog):
     with pytest.raises(ConfigError, match="needs train.select_by"):
         load_config(ReflConfig, None, ["train.stop_after_drops=2"])
     # A spec that ends in ':' is a YAML mapping unless quoted, as anywhere in --set.
-    cfg = load_config(ReflConfig, None, ['train.select_by="oracle:"', 'train.heldout_evaluators=[clip:x, "oracle:"]',
-                                         "train.stop_after_drops=3", "train.max_updates=10", "train.validate_every=5"])
+    cfg = load_config(ReflConfig, None,
+                      ['train.select_by="oracle:"', 'train.heldout_evaluators=[clip:x, "oracle:"]',
+                                         "train.stop_after_drops=3", "train.max_updates=10",
+                       "train.validate_every=5"])
     assert guard.judge_specs(cfg.train) == ["clip:x", "oracle:"]
     assert guard.count_validations(cfg.train) == 3  # updates 0, 5, 10
     with caplog.at_level("WARNING", logger="refl.guard"):
@@ -306,8 +317,8 @@ def test_bf16_run_with_judges_and_ensemble_logs_finite_numbers(tmp_path, critic_
     for key in ("train/reward/critic_0", "train/reward/critic_1", "train/reward/critic_std"):
         assert all(math.isfinite(r[key]) for r in trains), key
     assert all(r["train/reward/critic_std"] > 0 for r in trains)
-    for key in ("eval/heldout/clip:tiny-clip", "eval/heldout/scripted:judge", f"eval/heldout/ensemble:{paths},penalty=1",
-                "eval/diversity"):
+    for key in ("eval/heldout/clip:tiny-clip", "eval/heldout/scripted:judge",
+                f"eval/heldout/ensemble:{paths},penalty=1", "eval/diversity"):
         assert all(math.isfinite(r[key]) for r in evals), key
     assert (out / "lora_best" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "training_curve.png").is_file() and any((out / "tb").iterdir())
@@ -335,7 +346,8 @@ def test_two_processes_stop_together(tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     out = tmp_path / "ddp"
     overrides = [o for o in _overrides(out, 6) if not o.startswith("train.output_dir")]
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no",
            "--dynamo_backend", "no", "tests/guard_multiproc_worker.py", str(out), *overrides,
            "train.select_by=scripted:judge", "train.stop_after_drops=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -28,7 +28,8 @@ def _run(args, cwd, **kwargs):
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
     """A clean venv holding only the project's wheel; its dependencies come from this environment's
-    site-packages as plain path entries (so this environment's editable install of the project is not seen)."""
+    site-packages as plain path entries (so this environment's editable install of the project is not
+    seen)."""
     root = tmp_path_factory.mktemp("wheel")
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                   root / "dist", REPO], cwd=root)
@@ -39,7 +40,8 @@ def wheel_venv(tmp_path_factory):
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root)
-    (Path(purelib.stdout.strip()) / "host_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (Path(purelib.stdout.strip()) / "host_site_packages.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n")
     installed = _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=root)
     assert installed.returncode == 0, installed.stderr
     return venv
@@ -56,7 +58,8 @@ def test_the_wheel_runs_the_demo_and_loads_the_shipped_critic_outside_the_source
     probe = ("import json, toyworld, reward; from pathlib import Path; "
              "critic = reward.load(Path(toyworld.__file__).parent / 'assets' / 'toy-clip'); "
              "print(json.dumps({'toyworld': toyworld.__file__, 'reward': reward.__file__, "
-             "'score': float(critic.score('a red circle', __import__('PIL.Image').Image.new('RGB', (32, 32))))}))")
+             "'score': float(critic.score('a red circle', __import__('PIL.Image').Image.new('RGB', (32, "
+             "32))))}))")
     loaded = _run([wheel_venv / "bin" / "python", "-c", probe], cwd=tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     import json

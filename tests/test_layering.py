@@ -53,7 +53,8 @@ def test_a_package_imports_only_the_layers_below_it(package):
 
 def test_reward_and_refl_never_name_evaluation_or_toyworld():
     # Strings too: a "toyworld.evaluators:oracle" registry entry is an import by another name.
-    wrong = [str(path.relative_to(REPO)) for package in ("reward", "refl") for path in package_sources(package)
+    wrong = [str(path.relative_to(REPO)) for package in ("reward", "refl")
+             for path in package_sources(package)
              if any(isinstance(node, ast.Constant) and isinstance(node.value, str)
                     and node.value.startswith(("toyworld.", "evaluation."))
                     for node in ast.walk(ast.parse(path.read_text())))]
@@ -98,7 +99,8 @@ def test_cycle_finder_finds_a_cycle():
 
 def import_graph(packages) -> dict[str, set[str]]:
     modules = {module_name(path): path for package in packages for path in package_sources(package)}
-    return {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
+    return {name: {m for m in imported_modules(path) if m in modules and m != name}
+            for name, path in modules.items()}
 
 
 def test_no_import_cycles_in_evaluation_and_toyworld():

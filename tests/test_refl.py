@@ -68,7 +68,8 @@ def test_tokenizer_ids_equal_open_clip():
     theirs = open_clip.get_tokenizer("ViT-B-32")
     assert len(ours) == 49408
     for prompt in ["a red square on a blue background", "Hello, World! It's 3:45pm...", "héllo café naïve",
-                   "a photo of an astronaut riding a horse on mars", "   spaced    out\ttext  ", "UPPER lower 123"]:
+                   "a photo of an astronaut riding a horse on mars", "   spaced    out\ttext  ",
+                   "UPPER lower 123"]:
         ref = theirs([prompt])[0].tolist()
         ref = ref[: ref.index(49407) + 1]  # open_clip pads with 0 after <|endoftext|>
         assert ours(prompt).input_ids == ref, prompt
@@ -79,9 +80,11 @@ def test_presets_build_with_design_shapes():
     spec = PRESETS["toy"]
     assert toy.image_size == 32 and toy.unet.config.sample_size == 8
     assert tuple(toy.vae.config.block_out_channels) == (32, 32, 64) and toy.vae.config.latent_channels == 4
-    assert tuple(toy.unet.config.block_out_channels) == (64, 128) and toy.unet.config.cross_attention_dim == 64
+    assert (tuple(toy.unet.config.block_out_channels) == (64, 128)
+            and toy.unet.config.cross_attention_dim == 64)
     assert toy.text_encoder.config.hidden_size == 64 and toy.text_encoder.config.num_hidden_layers == 2
-    assert toy.text_encoder.config.max_position_embeddings == spec.context_length == toy.tokenizer.model_max_length
+    assert (toy.text_encoder.config.max_position_embeddings == spec.context_length
+            == toy.tokenizer.model_max_length)
     # Seeded: the same preset twice gives identical weights.
     again = load_components("toy")
     assert all(torch.equal(a, b) for a, b in zip(toy.unet.parameters(), again.unet.parameters()))
@@ -186,7 +189,8 @@ def test_alignprop_and_ddpm_with_guidance_run():
                 StepConfig(method="refl", scheduler="ddpm", guidance_scale=3.0, num_inference_steps=6,
                            cut_range=[2, 5], reg_weight=0.5)]:
         reg = (torch.randn(2, 4, 8, 8), PROMPTS[:2])
-        out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0), reg_batch=reg)
+        out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0),
+                          reg_batch=reg)
         out["loss"].backward()
         assert all(p.grad is not None for p in params)
     assert "reg_loss" in out and out["loss"] > out["reward_loss"]
@@ -298,7 +302,8 @@ def test_registering_a_method_checks_its_name_and_knobs(registered):
     with pytest.raises(ValueError, match=r"\['lr'\]"):
         register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"lr": print}))
     with pytest.raises(ValueError, match="kl_weight"):  # shared: every method reads it already
-        register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"kl_weight": print}))
+        register_grad_method("x",
+                             GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"kl_weight": print}))
     assert "x" not in GRAD_METHODS
 
 
@@ -317,9 +322,11 @@ def test_a_method_breaking_the_contract_is_named(registered):
     def cut_outside(ctx, latents):
         return MethodResult(_last_step(ctx, latents).predictions, 4)
 
-    for name, run, error in [("tuple", returns_a_tuple, "'tuple' returned tuple, not a refl.step.MethodResult"),
+    for name, run, error in [("tuple", returns_a_tuple,
+                              "'tuple' returned tuple, not a refl.step.MethodResult"),
                              ("bypass", calls_the_unet_itself, "'bypass' made no UNet call through"),
-                             ("cut", cut_outside, r"'cut' returned cut=4, outside \[0, num_inference_steps=4\)")]:
+                             ("cut", cut_outside, r"'cut' returned cut=4, outside \[0, "
+                                                  r"num_inference_steps=4\)")]:
         registered(name, GradMethod(run, policy))
         with pytest.raises((TypeError, ValueError), match=error):
             reward_step(components, PROMPTS[:1], brightness, StepConfig(method=name, num_inference_steps=4),
@@ -339,7 +346,8 @@ def test_a_registered_method_trains_with_checkpointing_and_kl(registered, tmp_pa
     with caplog.at_level("WARNING", logger="refl.train"):
         result = train(cfg)
     assert result["updates"] == 2
-    assert any("step.cut_range=[1, 3] is ignored by step.method=last_step" in r.message for r in caplog.records)
+    assert any("step.cut_range=[1, 3] is ignored by step.method=last_step" in r.message
+               for r in caplog.records)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 2 and all(r["train/cut"] == 3 and r["train/kl_loss"] >= 0 for r in train_rows)
@@ -350,7 +358,8 @@ def test_a_registered_method_trains_with_checkpointing_and_kl(registered, tmp_pa
 def _tiny_critic(dtype=torch.float32):
     from reward.model import CriticConfig, create_critic
 
-    critic = create_critic(CriticConfig(model_name="tiny-clip", training_mode="all")).eval().requires_grad_(False)
+    critic = create_critic(CriticConfig(model_name="tiny-clip",
+                                        training_mode="all")).eval().requires_grad_(False)
     critic.clip.to(dtype)
     return critic
 
@@ -406,7 +415,8 @@ def test_checkpointing_reruns_each_forward_at_most_once(method):
     cfg = BenchConfig(model="tiny", critic="tiny-clip", batch=2, steps=4, grad_steps=2, dtype="fp32",
                       guidance_scale=2.0)
     bench = setup(cfg, torch.device("cpu"))
-    step = StepConfig(method=method, **{**CKPT_STEP, "kl_weight": 0.0})  # every no-grad call is then a prefix call
+    # every no-grad call is then a prefix call
+    step = StepConfig(method=method, **{**CKPT_STEP, "kl_weight": 0.0})
     default, settings = settings_for(method)
     assert default == checkpointing_for(method, True).unet
     bench.set_checkpointing(settings["none"])
@@ -433,7 +443,8 @@ def test_checkpointing_reruns_each_forward_at_most_once(method):
     bench.components.unet.enable_gradient_checkpointing()
     nested = count_update(bench, step)
     assert recompute_ratios(nested, plain)["unet"] > 2.0
-    assert nested["grad_forwards"]["unet.mid_block.resnets.1"] == 3 * plain["grad_forwards"]["unet.mid_block.resnets.1"]
+    assert (nested["grad_forwards"]["unet.mid_block.resnets.1"]
+            == 3 * plain["grad_forwards"]["unet.mid_block.resnets.1"])
 
 
 def test_nan_loss_raises_clear_error_before_any_update():
@@ -445,7 +456,8 @@ def test_nan_loss_raises_clear_error_before_any_update():
         return images.mean(dim=(1, 2, 3)) * float("nan")
 
     with pytest.raises(NonFiniteLossError, match="update 7"):
-        out = reward_step(components, PROMPTS[:2], nan_reward, StepConfig(num_inference_steps=4, cut_range=[1, 3]),
+        out = reward_step(components, PROMPTS[:2], nan_reward,
+                          StepConfig(num_inference_steps=4, cut_range=[1, 3]),
                           torch.Generator().manual_seed(0), step_name="update 7")
         out["loss"].backward()
         opt.step()
@@ -494,7 +506,8 @@ def test_short_run_raises_learnable_reward():
 def test_real_critic_plugs_in():
     from reward.model import CriticConfig, create_critic
 
-    critic = create_critic(CriticConfig(model_name="toy-clip", training_mode="all")).eval().requires_grad_(False)
+    critic = create_critic(CriticConfig(model_name="toy-clip",
+                                        training_mode="all")).eval().requires_grad_(False)
     components, params = tiny_lora()
     randomise_lora_b(components)  # B = 0 would give A no gradient
     cfg = StepConfig(num_inference_steps=4, cut_range=[1, 3])
@@ -508,9 +521,12 @@ def test_real_critic_plugs_in():
 
 # ----------------------------------------------------------------------------- training loop
 def _tiny_train_overrides(out, updates=4):
-    return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", f"train.max_updates={updates}",
-            "train.batch_size=2", "train.gradient_accumulation=2", "train.lr=1e-2", "train.lr_schedule=cosine",
-            "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none", "train.validation_steps=2",
+    return [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast",
+            f"train.max_updates={updates}",
+            "train.batch_size=2", "train.gradient_accumulation=2", "train.lr=1e-2",
+            "train.lr_schedule=cosine",
+            "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none",
+            "train.validation_steps=2",
             "step.num_inference_steps=4", "step.cut_range=[1,3]", "step.scheduler=ddpm", "lora.dropout=0.1",
             "step.grad_scale=1.0"]
 
@@ -529,7 +545,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     full = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "full"))
     result = train(full)
     assert (tmp_path / "full" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert (tmp_path / "full" / "config.yaml").is_file() and (tmp_path / "full" / "training_curve.png").is_file()
+    assert ((tmp_path / "full" / "config.yaml").is_file()
+            and (tmp_path / "full" / "training_curve.png").is_file())
     assert result["updates"] == 4
 
     calls = {"n": 0}
@@ -545,7 +562,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, reward_fn=crashing_contrast)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("update-*")] == ["update-000002"]
-    resumed = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path / "resumed") + ["train.resume=latest"])
+    resumed = load_config(ReflConfig, None,
+                          _tiny_train_overrides(tmp_path / "resumed") + ["train.resume=latest"])
     train(resumed)
     a = _lora_file(tmp_path / "full" / "checkpoints" / "update-000004")
     b = _lora_file(tmp_path / "resumed" / "checkpoints" / "update-000004")
@@ -609,7 +627,8 @@ def test_caption_images_for_the_regulariser_load_and_bad_rows_are_named(tmp_path
 
     table, rows = _caption_table(tmp_path)
     images, captions = load_caption_images(table, "image", "caption", size=16, limit=2, seed=0)
-    assert images.shape == (2, 3, 16, 16) and len(captions) == 2 and set(captions) < {r["caption"] for r in rows}
+    assert (images.shape == (2, 3, 16, 16) and len(captions) == 2
+            and set(captions) < {r["caption"] for r in rows})
     assert 0.0 <= images.min() and images.max() <= 1.0
     # Two processes read disjoint halves of the same drawn rows.
     halves = [load_caption_images(table, "image", "caption", 16, 2, 0, shard=(k, 2))[1] for k in range(2)]
@@ -654,7 +673,8 @@ def test_two_process_cpu_launch_keeps_replicas_identical(tmp_path):
            "ACCELERATE_USE_CPU": "true"}
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     overrides = [o for o in _tiny_train_overrides(tmp_path / "ddp", updates=3) if "dropout" not in o]
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no",
            "--dynamo_backend", "no", "tests/refl_multiproc_worker.py", str(tmp_path / "ddp"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -682,8 +702,10 @@ def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
                         str(tmp_path / "prompts.txt"), "--n", "2", "--seed", "3", "--steps", "2", "--critic",
                         "toy-clip", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
-    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 3), ("a cat", 4), ("a dog", 3), ("a dog", 4)]
-    assert all((tmp_path / "gen" / r["file"]).is_file() and isinstance(r["critic_score"], float) for r in rows)
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 3), ("a cat", 4), ("a dog", 3),
+                                                        ("a dog", 4)]
+    assert all((tmp_path / "gen" / r["file"]).is_file() and isinstance(r["critic_score"], float)
+               for r in rows)
 
 
 @pytest.mark.slow
@@ -718,8 +740,10 @@ def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, met
     from runkit.config import load_config
 
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
-        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=bf16", "train.validate_every=1",
-        "train.validation_steps=2", "train.gradient_accumulation=1", f"step.method={method}", "step.reg_weight=1.0",
+        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=bf16",
+        "train.validate_every=1",
+        "train.validation_steps=2", "train.gradient_accumulation=1", f"step.method={method}",
+        "step.reg_weight=1.0",
         "step.kl_weight=1.0", "data.reg_pool_size=4", "lora.dropout=0.0", "train.lr_schedule=constant",
         "train.warmup_updates=0"])
     result = train(cfg)
@@ -808,11 +832,13 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
 def test_bench_script_reports_phases_memory_and_recomputation_per_method(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_refl_script", os.path.join("scripts", "bench_refl.py"))
+    spec = importlib.util.spec_from_file_location("bench_refl_script",
+                                                  os.path.join("scripts", "bench_refl.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
-    assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set", "steps=3",
+    assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set",
+                        "steps=3",
                         "--set", "grad_steps=2", "--set", "repeats=1", "--set", "dtype=bf16", "--set",
                         "best_of_batch=2", "--set", "sampling_repeats=1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -838,10 +864,12 @@ def test_memory_model_fit_predicts_a_size_and_batch_it_did_not_fit():
 
     # tiny-clip's own size is 16 px: every measured size is resized to it, so each runs the same ops.
     model = memory_model(BenchConfig(model="tiny", critic="tiny-clip", dtype="fp32", methods=["alignprop"]),
-                         MemoryModelConfig(target_px=64, points_px=[24, 32, 40], alignprop_grad_steps=2, steps=4))
+                         MemoryModelConfig(target_px=64, points_px=[24, 32, 40], alignprop_grad_steps=2,
+                                           steps=4))
     rows = model["methods"]["alignprop"]["settings"]
     for row in rows.values():
-        assert row["check_predicted_over_measured"] == pytest.approx(1.0, abs=0.02)  # batch 1 runs a few other ops
+        # batch 1 runs a few other ops
+        assert row["check_predicted_over_measured"] == pytest.approx(1.0, abs=0.02)
         assert row["peak_gib"]["1"] < row["peak_gib"]["2"] < row["peak_gib"]["4"]
         assert row["seconds_per_update"]["4"] == pytest.approx(4 * row["seconds_per_update"]["1"])
     default = model["methods"]["alignprop"]["default"]
@@ -871,9 +899,11 @@ def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
     from runkit.config import load_config
 
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=3) + [
-        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16", "train.validate_every=3",
+        "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16",
+        "train.validate_every=3",
         "train.validation_steps=2", "step.reg_weight=1.0", "step.kl_weight=1.0", "data.reg_pool_size=4"])
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
-    assert (tmp_path / "checkpoints" / "update-000003" / "scaler.pt").is_file()  # the fp16 path ran with loss scaling
+    # the fp16 path ran with loss scaling
+    assert (tmp_path / "checkpoints" / "update-000003" / "scaler.pt").is_file()

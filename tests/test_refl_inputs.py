@@ -95,8 +95,10 @@ def test_a_failed_checkpoint_write_names_the_folder_and_leaves_no_partial_copy(t
     monkeypatch.setattr(Accelerator, "save_state", disk_fills_up)
     out = tmp_path / "run"
     cfg = load_config(ReflConfig, None, [f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast",
-                                         "train.max_updates=2", "train.batch_size=1", "train.checkpoint_every=1",
-                                         "train.log_with=none", "step.num_inference_steps=2", "step.cut_range=[0,1]"])
+                                         "train.max_updates=2", "train.batch_size=1",
+                                         "train.checkpoint_every=1",
+                                         "train.log_with=none", "step.num_inference_steps=2",
+                                         "step.cut_range=[0,1]"])
     with pytest.raises(OSError, match=r"could not write .*update-000002: No space left on device"):
         train(cfg)
     assert [p.name for p in checkpoint_dirs(out)] == ["update-000001"]  # the earlier one stays whole

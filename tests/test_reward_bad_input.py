@@ -69,7 +69,8 @@ def _mode_images():
     return [
         ("I;16", _encode(grey16, "PNG"), grey([0, 100, 128, 255])),  # by bit depth: x 255 / 65535
         ("F", _encode(floats, "TIFF"), grey([0, 51, 153, 255])),  # [0, 1] floats
-        ("P", _encode(palette, "PNG", transparency=3), [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]]),
+        ("P", _encode(palette, "PNG", transparency=3),
+         [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]]),
         ("RGBA", _encode(rgba, "PNG"), [_alpha_over_white(p) for p in rgba_px]),
         ("LA", _encode(la, "PNG"), grey([_alpha_over_white((v, v, v, a))[0] for v, a in la_px])),
         ("CMYK", _encode(cmyk, "TIFF"), [[0, 255, 255], [0, 0, 0], [255, 255, 255], [255, 0, 255]]),
@@ -90,7 +91,8 @@ def test_every_image_mode_decodes_to_its_real_values(tmp_path, mode, data, expec
 
 
 def test_scoring_and_inference_decode_like_training(tmp_path):
-    """The critic's own file scoring and the standard models' own-size path read a 16-bit PNG as training does."""
+    """The critic's own file scoring and the standard models' own-size path read a 16-bit PNG as training
+    does."""
     from reward.evaluate import _image_at_own_size
     from reward.images import decode_image
     from reward.model import load_image_tensor
@@ -155,7 +157,8 @@ BAD_PICKAPIC_LABELS = [(2.0, -1.0), (float("nan"), 0.0), (1.0, 1.0), (0.3, 0.3)]
 
 def test_pickapic_labels_are_validated_before_any_image_is_read(tmp_path, caplog):
     rows = [_row("good", _rgb_png((1, 1, 1)))]
-    rows += [_row(f"bad {i}", _rgb_png((i, 9, 9)), label_0=a, label_1=b) for i, (a, b) in enumerate(BAD_PICKAPIC_LABELS)]
+    rows += [_row(f"bad {i}", _rgb_png((i, 9, 9)), label_0=a,
+                  label_1=b) for i, (a, b) in enumerate(BAD_PICKAPIC_LABELS)]
     path = _pickapic(tmp_path / "pairs.parquet", rows)
     with pytest.raises(DataError, match=r"pairs.parquet, row 1: label_0=2.0, label_1=-1.0.*on_bad_row=skip"):
         PairShards(path, image_size=2)  # at indexing, not when the row is reached mid-run
@@ -247,7 +250,7 @@ def test_datasets_image_cells_without_bytes_read_their_path_beside_the_file(tmp_
     assert "image is missing" in batch["bad"][0]
 
 
-# ----------------------------------------------------------------------------- held-out splits that hold nothing
+# -------------------------------------------------------------------------- held-out splits that hold nothing
 def _cfg(colour_pairs, val, out, *extra):
     return load_config(RewardConfig, None, [
         "model.model_name=tiny-clip", "model.training_mode=all", f"data.train={colour_pairs['train']}",
@@ -269,7 +272,8 @@ def _val_file(tmp_path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["labels", "corrupt", "ties"])
-def test_a_held_out_split_with_nothing_to_score_costs_validation_not_the_run(colour_pairs, tmp_path, kind, caplog):
+def test_a_held_out_split_with_nothing_to_score_costs_validation_not_the_run(colour_pairs, tmp_path, kind,
+                                                                            caplog):
     val = _val_file(tmp_path, kind)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
@@ -295,8 +299,8 @@ def test_scoring_a_set_with_no_scorable_pair_is_a_clear_result(tmp_path):
 
 def test_a_checkpoint_due_at_an_update_is_written_before_its_validation(colour_pairs, tmp_path):
     out = tmp_path / "run"
-    cfg = _cfg(colour_pairs, _val_file(tmp_path, "corrupt"), out, "train.max_updates=3", "train.validate_every=1",
-               "train.checkpoint_every=1")
+    cfg = _cfg(colour_pairs, _val_file(tmp_path, "corrupt"), out, "train.max_updates=3",
+               "train.validate_every=1", "train.checkpoint_every=1")
     with pytest.raises(DataError, match="is corrupt"):
         train(cfg)  # on_bad_row=error: the first validation meets the corrupt images
     assert (out / "checkpoints" / "update-000001").is_dir()
@@ -314,12 +318,13 @@ def test_a_crash_in_the_final_validation_leaves_the_checkpoint_and_the_critic(co
     assert critic.score_scale.item() == 1.0
 
 
-# ----------------------------------------------------------------------------- models named on the command line
+# --------------------------------------------------------------------------- models named on the command line
 @pytest.fixture
 def tiny_critic_and_pairs(tmp_path):
     from reward.model import CriticConfig, create_critic
 
-    create_critic(CriticConfig(model_name="tiny-clip", training_mode="all")).save_pretrained(tmp_path / "critic")
+    create_critic(CriticConfig(model_name="tiny-clip",
+                               training_mode="all")).save_pretrained(tmp_path / "critic")
     rows = [_row(f"p {i}", _rgb_png((i, 0, 0), 8), _rgb_png((0, i, 1), 8)) for i in range(4)]
     return tmp_path / "critic", _pickapic(tmp_path / "pairs.parquet", rows)
 
@@ -343,7 +348,8 @@ def test_validate_reward_refuses_a_bad_baseline_before_scoring(tiny_critic_and_p
     critic, pairs = tiny_critic_and_pairs
     spec = spec.format(tmp=tmp_path)
     out = tmp_path / "v.json"
-    assert validate_main([str(pairs), "--checkpoint", str(critic), "--out", str(out), "--baseline", spec]) == 2
+    assert validate_main([str(pairs), "--checkpoint", str(critic), "--out", str(out), "--baseline",
+                          spec]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and spec in err[0] and all(n in err[0] for n in names), err
     assert not out.exists()

@@ -24,7 +24,8 @@ def test_triplet_hand_computed():
     assert loss(TEXT, NEG, POS)["loss"].item() == pytest.approx(1.3, abs=1e-6)
     # On unit vectors it equals 2 * relu(cos_neg - cos_pos + margin / 2).
     assert loss(TEXT, NEG, POS)["loss"].item() == pytest.approx(2 * max(0.5 - 0.0 + 0.15, 0), abs=1e-6)
-    both = loss(torch.cat([TEXT, TEXT]), torch.cat([POS, NEG]), torch.cat([NEG, POS]), weight=torch.tensor([1.0, 3.0]))
+    both = loss(torch.cat([TEXT, TEXT]), torch.cat([POS, NEG]), torch.cat([NEG, POS]),
+                weight=torch.tensor([1.0, 3.0]))
     assert both["loss"].item() == pytest.approx((0 + 3 * 1.3) / 4, abs=1e-6)
 
 

@@ -100,7 +100,8 @@ def test_calibration_and_save_load_round_trip(critic, tmp_path):
     with torch.no_grad():
         after = again(images, prompts)
     assert torch.allclose(before, after, atol=1e-6)
-    assert again.score_scale.item() == pytest.approx(1 / torch.tensor([0.1, 0.2, 0.3, 0.4]).std().item(), rel=1e-5)
+    assert again.score_scale.item() == pytest.approx(1 / torch.tensor([0.1, 0.2, 0.3, 0.4]).std().item(),
+                                                     rel=1e-5)
     assert not (tmp_path / "ck" / "critic.safetensors.tmp").exists()
 
 
@@ -141,7 +142,8 @@ def test_one_preprocessing_whatever_the_size_and_aspect(critic, tmp_path):
     from reward.model import load_image_tensor, resize_center_crop
 
     rng = np.random.default_rng(3)
-    arrs = [(rng.random((23, 40, 3)) * 255).astype(np.uint8), (rng.random((61, 29, 3)) * 255).astype(np.uint8)]
+    arrs = [(rng.random((23, 40, 3)) * 255).astype(np.uint8),
+            (rng.random((61, 29, 3)) * 255).astype(np.uint8)]
     for i, arr in enumerate(arrs):  # landscape and portrait, neither at the critic's 16 px
         Image.fromarray(arr).save(tmp_path / f"{i}.png")
     native = [torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in arrs]  # (1, 3, H, W) each
@@ -155,7 +157,8 @@ def test_one_preprocessing_whatever_the_size_and_aspect(critic, tmp_path):
             from_data = critic(item["pos" if i == 0 else "neg"][None], ["a red circle"]).item()
         assert from_file == pytest.approx(from_tensor, abs=1e-6)
         assert from_data == pytest.approx(from_tensor, abs=1e-6)
-        assert torch.equal(load_image_tensor(str(tmp_path / f"{i}.png"), 16), resize_center_crop(native[i], 16)[0])
+        assert torch.equal(load_image_tensor(str(tmp_path / f"{i}.png"), 16),
+                           resize_center_crop(native[i], 16)[0])
 
 
 def test_bf16_critic_scores_like_fp32(tmp_path):
@@ -213,7 +216,8 @@ def test_training_forward_runs_in_bf16_under_accelerate():
     critic = create_critic(CriticConfig(model_name="tiny-clip"))
     module = accelerator.prepare(CriticWithLoss(critic, create_loss("triplet")))
     dtypes = []
-    critic.clip.visual.transformer.resblocks[-1].mlp.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    critic.clip.visual.transformer.resblocks[-1].mlp.register_forward_hook(lambda m, i,
+                                                                           o: dtypes.append(o.dtype))
     terms = module(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), ["a cat", "a dog"], None, None)
     accelerator.backward(terms["loss"])
     assert dtypes == [torch.bfloat16]  # the towers computed in bf16...

@@ -99,7 +99,8 @@ def test_same_image_pairs_are_bad_rows(tmp_path, where, caplog):
     else:
         for name, data in {"a.png": a, "b.png": b, "b_copy.png": b}.items():
             (tmp_path / name).write_bytes(data)
-        df = pd.DataFrame({"prompt": ["ok", "same file", "same bytes"], "pos_path": ["a.png", "b.png", "b.png"],
+        df = pd.DataFrame({"prompt": ["ok", "same file", "same bytes"],
+                           "pos_path": ["a.png", "b.png", "b.png"],
                            "neg_path": ["b.png", "./b.png", "b_copy.png"]})
     path = tmp_path / "pairs.parquet"
     df.to_parquet(path)
@@ -148,7 +149,8 @@ def test_check_pairs_writes_a_report_and_a_clean_copy(tmp_path, colour_pairs):
     assert "empty or missing caption" in reasons[("train-00001", 4)]  # row 9 = shard 1, row 4
     assert "same image" in reasons[("train-00001", 6)]  # row 13 = shard 1, row 6
     assert len(load_pairs(out, tie_policy="keep")) == 21  # the clean copy loads with no error
-    assert sorted(p.name for p in out.parent.iterdir()) == ["train.parquet", "train.report.json"]  # no temp left
+    # no temp left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train.parquet", "train.report.json"]
     # Relative image paths become absolute, so the clean copy works from its own folder.
     clean_social = tmp_path / "elsewhere" / "social.parquet"
     assert check_main([str(colour_pairs["val"]), "--out", str(clean_social)]) == 0
@@ -196,7 +198,8 @@ def _heavy_shards(root: Path, n_rows: int, n_shards: int) -> int:
     return sum(p.stat().st_size for p in root.glob("*.parquet"))
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the RSS peak")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                    reason="needs Linux /proc to reset the RSS peak")
 def test_streaming_an_epoch_keeps_memory_far_below_the_shards(tmp_path):
     n_rows = 20_000
     shard_bytes = _heavy_shards(tmp_path / "big", n_rows, n_shards=4)

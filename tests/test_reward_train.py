@@ -51,12 +51,14 @@ def test_training_raises_pairwise_accuracy(colour_pairs, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(colour_pairs, tmp_path):
     # 384 pairs / batch 32 = 12 steps per epoch; the checkpoint at step 8 sits mid-epoch.
-    extra = ["train.max_updates=16", "train.checkpoint_every=8", "train.checkpoints_keep=0", "train.validate_every=100",
+    extra = ["train.max_updates=16", "train.checkpoint_every=8", "train.checkpoints_keep=0",
+             "train.validate_every=100",
              "train.lr_schedule=cosine", "train.warmup_updates=3", "loss.name=pairwise"]
     full = train(_cfg(colour_pairs, tmp_path / "full", *extra))["critic"]
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "update-000008", resumed_dir / "checkpoints" / "update-000008")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "update-000008",
+                    resumed_dir / "checkpoints" / "update-000008")
     resumed = train(_cfg(colour_pairs, resumed_dir, *extra, "train.resume=latest"))
     assert resumed["update"] == 16
     diff = max((a - b).abs().max().item() for a, b in zip(full.state_dict().values(),
@@ -123,18 +125,20 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
     rows[bad]["jpg_0"] = b"truncated"  # met in the training share: skipped and counted
     write_shards(tmp_path / "data", rows, n_shards=3, row_group=10)
     cfg = load_config(RewardConfig, None, [
-        "model.model_name=tiny-clip", f"model.pretrained={tmp_path / 'start'}", f"data.train={tmp_path / 'data'}",
+        "model.model_name=tiny-clip", f"model.pretrained={tmp_path / 'start'}",
+        f"data.train={tmp_path / 'data'}",
         "data.val_fraction=0.25", "data.num_workers=1", "data.on_bad_row=skip", "loss.name=pickscore",
-        "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
-        "train.lr=1e-3", f"train.output_dir={tmp_path / 'run'}"])
+        "train.batch_size=16", "train.epochs=1", "train.mixed_precision=bf16",
+        "train.gradient_checkpointing=true", "train.lr=1e-3", f"train.output_dir={tmp_path / 'run'}"])
     result = train(cfg)
     assert result["bad_rows_skipped"] == 1  # one epoch: every training pair seen once
     tuned = reward.load(tmp_path / "run" / "critic")
-    moved = [k for k, v in tuned.state_dict().items() if "resblocks.2" in k and not torch.equal(v, start.state_dict()[k])]
+    moved = [k for k, v in tuned.state_dict().items() if "resblocks.2" in k
+             and not torch.equal(v, start.state_dict()[k])]
     assert moved  # the run trained
     val = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="val", val_fraction=0.25)
-    train_part = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="train", val_fraction=0.25,
-                            on_bad_row="skip")
+    train_part = PairShards(tmp_path / "data", tuned.image_size, tie_policy="keep", split="train",
+                            val_fraction=0.25, on_bad_row="skip")
     assert len(val) + len(train_part) == 120 and 10 < len(val) < 50
     assert result["update"] == -(-len(train_part) // 16)
     train_prompts = {train_part[i].get("prompt") for i in range(len(train_part))}
@@ -172,8 +176,8 @@ def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), data / f"train-{k:05d}-of-00002.parquet", row_group_size=4)
     cfg = load_config(RewardConfig, ROOT / "configs/reward_social_vitl14.yaml", [
         "model.pretrained=null", f"data.train={data}", "data.val=", "data.val_fraction=0.25",
-        "data.num_workers=2", "train.batch_size=2", "train.max_updates=2", "train.gradient_checkpointing=true",
-        f"train.output_dir={tmp_path / 'run'}"])
+        "data.num_workers=2", "train.batch_size=2", "train.max_updates=2",
+        "train.gradient_checkpointing=true", f"train.output_dir={tmp_path / 'run'}"])
     assert cfg.model.model_name == "ViT-L-14" and cfg.train.mixed_precision == "bf16"
     result = train(cfg)
     assert result["update"] == 2 and result["bad_rows_skipped"] == 0

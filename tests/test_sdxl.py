@@ -61,16 +61,19 @@ def test_tiny_sdxl_preset_has_sdxl_layout_and_saves_as_a_stock_sdxl_model(sdxl_d
     assert c.is_sdxl and c.image_size == 16
     assert c.unet.config.addition_embed_type == "text_time"
     # The UNet attends to both encoders side by side; the pooled embedding + 6 size numbers feed the time MLP.
-    assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size
+    assert (c.unet.config.cross_attention_dim
+            == c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size)
     assert c.unet.add_embedding.linear_1.in_features == (c.text_encoder_2.config.projection_dim
                                                          + 6 * c.unet.config.addition_time_embed_dim)
     assert c.unet.config.down_block_types[0] == "DownBlock2D"  # SDXL: no attention at the top level
     # SDXL's second tokenizer pads with "!" (id 0), the first with <|endoftext|>.
     assert c.tokenizer("a cat", padding="max_length", max_length=6).input_ids[-1] == 49407
-    assert c.tokenizer_2("a cat", padding="max_length", max_length=6).input_ids == [49406, 320, 2368, 49407, 0, 0]
+    assert c.tokenizer_2("a cat", padding="max_length",
+                         max_length=6).input_ids == [49406, 320, 2368, 49407, 0, 0]
     # Seeded: the same preset twice gives identical weights, the second encoder included.
     again = load_components("tiny-sdxl")
-    assert all(torch.equal(a, b) for a, b in zip(c.text_encoder_2.parameters(), again.text_encoder_2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(c.text_encoder_2.parameters(),
+                                                 again.text_encoder_2.parameters()))
 
     stock = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
     images = run_pipe(stock, guidance_scale=3.0)
@@ -100,7 +103,8 @@ def test_sdxl_conditioning_on_the_gradient_path_equals_the_stock_pipelines():
     sd = load_components("tiny")
     sd_embeds, sd_negative = build_pipeline(sd).encode_prompt(PROMPTS, torch.device("cpu"), 1, True)
     sd_cond = conditioning.encode(sd, PROMPTS)
-    assert torch.equal(sd_cond.hidden, sd_embeds) and sd_cond.unet_kwargs().keys() == {"encoder_hidden_states"}
+    assert (torch.equal(sd_cond.hidden, sd_embeds)
+            and sd_cond.unet_kwargs().keys() == {"encoder_hidden_states"})
     assert torch.equal(conditioning.negative(sd, sd_cond).hidden, sd_negative)
 
 
@@ -150,7 +154,8 @@ def test_kohya_export_loads_back_through_diffusers_kohya_loader_with_the_same_im
         keys = list(f.keys())
         alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
     prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in keys}
-    assert prefixes == ({"lora_unet", "lora_te1", "lora_te2"} if preset == "tiny-sdxl" else {"lora_unet", "lora_te1"})
+    assert prefixes == ({"lora_unet", "lora_te1", "lora_te2"} if preset == "tiny-sdxl"
+                        else {"lora_unet", "lora_te1"})
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
     assert alphas == {16.0}  # the trained alpha, not diffusers' converter's alpha = rank
@@ -198,9 +203,10 @@ def test_harness_with_an_sdxl_lora_draws_what_the_stock_pipeline_draws(sdxl_dir,
 
     (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
     cfg = load_config(CompareConfig, None, [
-        f"model.name={sdxl_dir}", f"lora={sdxl_lora['dir']}", f"prompts={tmp_path / 'prompts.txt'}", "n_samples=2",
-        "batch_size=2", "num_inference_steps=3", "guidance_scale=3.0", "selector=tiny-clip", "bootstrap_resamples=50",
-        "throughput_repeats=1", f"output_dir={tmp_path / 'run'}"])
+        f"model.name={sdxl_dir}", f"lora={sdxl_lora['dir']}", f"prompts={tmp_path / 'prompts.txt'}",
+        "n_samples=2",
+        "batch_size=2", "num_inference_steps=3", "guidance_scale=3.0", "selector=tiny-clip",
+        "bootstrap_resamples=50", "throughput_repeats=1", f"output_dir={tmp_path / 'run'}"])
     results = H.run_compare(cfg)
     assert {"base_random", "refl_random", "base_best_of_2"} <= set(results["arms"])
     base = np.load(samples_path(tmp_path / "run", "base", 0))
@@ -208,7 +214,8 @@ def test_harness_with_an_sdxl_lora_draws_what_the_stock_pipeline_draws(sdxl_dir,
     # The harness encodes each prompt once and passes pooled embeddings along: the same images as a plain
     # stock StableDiffusionXLPipeline call with the same per-image seeds (its empty negative prompt: zeros).
     stock = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
-    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config)  # the harness's sampler (cfg.scheduler)
+    # the harness's sampler (cfg.scheduler)
+    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config)
     stock.set_progress_bar_config(disable=True)
     expected = stock([PROMPTS[0]] * 2, num_inference_steps=3, guidance_scale=3.0, output_type="np",
                      generator=seed_generators(base["seeds"])).images
@@ -222,10 +229,13 @@ def test_every_saved_lora_folder_has_a_model_card(tmp_path):
     from refl.cli import train_main
     from runkit.logs import read_metrics
 
-    args = ["--set", f"train.output_dir={tmp_path}", "--set", "model.name=tiny", "--set", "reward.kind=contrast",
-            "--set", "train.max_updates=2", "--set", "train.batch_size=1", "--set", "train.gradient_accumulation=1",
+    args = ["--set", f"train.output_dir={tmp_path}", "--set", "model.name=tiny", "--set",
+            "reward.kind=contrast",
+            "--set", "train.max_updates=2", "--set", "train.batch_size=1", "--set",
+            "train.gradient_accumulation=1",
             "--set", "train.lr=3e-3", "--set", "train.checkpoint_every=1", "--set", "train.validate_every=1",
-            "--set", "train.log_with=none", "--set", "train.validation_steps=2", "--set", "step.num_inference_steps=3",
+            "--set", "train.log_with=none", "--set", "train.validation_steps=2", "--set",
+            "step.num_inference_steps=3",
             "--set", "step.cut_range=[1,2]", "--set", "train.validation_prompts=[a cat]",
             "--set", "train.select_by=clip:tiny-clip"]
     assert train_main(args) == 0
@@ -239,7 +249,8 @@ def test_every_saved_lora_folder_has_a_model_card(tmp_path):
     assert "social-refl-train-refl --set" in final and "train.select_by=clip:tiny-clip" in final
     rewards = [r["eval/reward"] for r in evals]
     best = int(np.argmax(rewards))
-    assert (f"| `eval/reward` | {rewards[-1]:.4g} | 2 | {rewards[best]:.4g} | {evals[best]['update']} |") in final
+    assert (f"| `eval/reward` | {rewards[-1]:.4g} | 2 | "
+            f"{rewards[best]:.4g} | {evals[best]['update']} |") in final
     assert "`eval/heldout/clip:tiny-clip`" in final
     # A checkpoint's card describes that checkpoint, which is written before its update's validation.
     first = (tmp_path / "checkpoints" / "update-000001" / "lora" / MODEL_CARD).read_text()
@@ -268,7 +279,8 @@ def test_fp16_keeps_an_unsafe_vae_in_fp32_and_a_named_fp16_safe_vae_decodes_with
     safe = load_components("tiny-sdxl").vae
     safe.register_to_config(force_upcast=False)  # how an fp16-safe VAE marks itself
     safe.save_pretrained(tmp_path / "safe-vae")
-    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # the same latents throughout
+    # the same latents throughout
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
     unsafe = load_components("tiny-sdxl")
     _overflowing_vae(unsafe.vae)
@@ -292,7 +304,7 @@ def test_fp16_keeps_an_unsafe_vae_in_fp32_and_a_named_fp16_safe_vae_decodes_with
     assert torch.isfinite(half).all() and (half.float() - reference).abs().max() < 2e-2
 
 
-# ----------------------------------------------------------------------------- ReFL on SDXL and on v-prediction
+# --------------------------------------------------------------------------- ReFL on SDXL and on v-prediction
 def _left_right_contrast(images, prompts):
     """A reward a random-weight VAE passes on: (left half - right half brightness) * 10, (B,)."""
     w = images.shape[-1] // 2
@@ -309,10 +321,13 @@ def test_sdxl_refl_in_bf16_with_guidance_regulariser_kl_validation_and_text_enco
 
     assert method in GRAD_METHODS
     cfg = load_config(ReflConfig, None, [
-        f"train.output_dir={tmp_path}", "model.name=tiny-sdxl", "reward.kind=critic", "reward.critic=tiny-clip",
-        "train.mixed_precision=bf16", "train.max_updates=2", "train.batch_size=2", "train.gradient_accumulation=1",
+        f"train.output_dir={tmp_path}", "model.name=tiny-sdxl", "reward.kind=critic",
+        "reward.critic=tiny-clip",
+        "train.mixed_precision=bf16", "train.max_updates=2", "train.batch_size=2",
+        "train.gradient_accumulation=1",
         "train.lr=1e-2", "train.checkpoint_every=2", "train.validate_every=2", "train.validation_steps=2",
-        "train.validation_prompts=[a cat]", "train.log_with=none", f"step.method={method}", "step.num_inference_steps=3",
+        "train.validation_prompts=[a cat]", "train.log_with=none", f"step.method={method}",
+        "step.num_inference_steps=3",
         "step.scheduler=ddpm", "step.guidance_scale=2.0", "step.reg_weight=1.0", "step.kl_weight=1.0",
         "data.reg_pool_size=2", "lora.train_text_encoder=true", "step.grad_scale=1.0"]
         + (["step.cut_range=[1,2]"] if method in ("refl", "alignprop") else []))
@@ -329,7 +344,8 @@ def test_sdxl_refl_in_bf16_with_guidance_regulariser_kl_validation_and_text_enco
         ups = [v for k, v in saved.items() if k.startswith(module + ".") and (".up." in k or "lora_B" in k)]
         assert ups and any(v.abs().sum() > 0 for v in ups), module
     assert "stable-diffusion-xl" in (tmp_path / "lora" / MODEL_CARD).read_text()
-    pipe = StableDiffusionXLPipeline(**{k: v for k, v in build_pipeline(load_components("tiny-sdxl")).components.items()})
+    pipe = StableDiffusionXLPipeline(
+        **{k: v for k, v in build_pipeline(load_components("tiny-sdxl")).components.items()})
     pipe.load_lora_weights(result["lora"])  # what training saved loads in the stock SDXL pipeline
     assert np.isfinite(run_pipe(pipe)).all()
 
@@ -344,7 +360,8 @@ def test_v_prediction_refl_takes_x0_from_v_and_learns():
     randomise_lora_b(components)
     cfg = StepConfig(method="refl", num_inference_steps=4, cut_range=[2, 2], reward_margin=2.0)
     calls, decoded = [], []
-    hook = components.unet.register_forward_hook(lambda m, args, out: calls.append((args[0], args[1], out.sample)))
+    hook = components.unet.register_forward_hook(lambda m, args,
+                                                 out: calls.append((args[0], args[1], out.sample)))
     real_decode = step_module.decode
     step_module.decode = lambda c, x0: decoded.append(x0) or real_decode(c, x0)
     try:
@@ -359,7 +376,8 @@ def test_v_prediction_refl_takes_x0_from_v_and_learns():
     a = scheduler.alphas_cumprod[int(t)]
     from_v = a.sqrt() * x_t - (1 - a).sqrt() * v
     from_eps = (x_t - (1 - a).sqrt() * v) / a.sqrt()  # what an epsilon reading would give
-    assert torch.allclose(decoded[0], from_v, atol=1e-5) and not torch.allclose(decoded[0], from_eps, atol=1e-2)
+    assert (torch.allclose(decoded[0], from_v, atol=1e-5)
+            and not torch.allclose(decoded[0], from_eps, atol=1e-2))
 
     def held_out_score():  # fresh samples (fixed seed), not the training trajectories
         images = sample(make_pipeline(components), PROMPTS, num_inference_steps=4, output="pt",
@@ -372,7 +390,8 @@ def test_v_prediction_refl_takes_x0_from_v_and_learns():
     opt = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
     cfg = StepConfig(method="refl", num_inference_steps=4, cut_range=[1, 3], reward_margin=2.0)
     for i in range(40):
-        reward_step(components, PROMPTS, _left_right_contrast, cfg, torch.Generator().manual_seed(i))["loss"].backward()
+        reward_step(components, PROMPTS, _left_right_contrast, cfg,
+                    torch.Generator().manual_seed(i))["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert held_out_score() > start + 0.1
@@ -382,9 +401,11 @@ def test_bench_script_runs_sdxl_and_compares_with_the_stock_sdxl_pipeline(tmp_pa
     from evaluation.cli import bench_refl_main
 
     out = tmp_path / "bench.json"
-    assert bench_refl_main(["--set", "model=tiny-sdxl", "--set", "critic=tiny-clip", "--set", "batch=2", "--set",
+    assert bench_refl_main(["--set", "model=tiny-sdxl", "--set", "critic=tiny-clip", "--set", "batch=2",
+                            "--set",
                             "steps=3", "--set", "methods=[refl]", "--set", "repeats=1", "--set", "warmup=0",
-                            "--set", "best_of_batch=2", "--set", "sampling_repeats=1", "--out", str(out)]) == 0
+                            "--set", "best_of_batch=2", "--set", "sampling_repeats=1", "--out",
+                            str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["model"] == "tiny-sdxl" and result["image_px"] == 16
     assert set(result["methods"]) == {"refl"}

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 PROMPTS = ["a red square on a blue background", "a green circle"]
 
 
-# ----------------------------------------------------------------------------- tiny weights in upstream layouts
+# --------------------------------------------------------------------------- tiny weights in upstream layouts
 def _tiny_open_clip():
     import open_clip
 
@@ -54,7 +54,8 @@ def weights(tmp_path_factory):
     hps = root / "hps"
     hps.mkdir()
     # HPS v2 releases {'state_dict': open_clip state dict}; written in fp16 to check the cast on load.
-    torch.save({"state_dict": {k: v.half() for k, v in clip.state_dict().items()}}, hps / "HPS_v2_compressed.pt")
+    torch.save({"state_dict": {k: v.half() for k, v in clip.state_dict().items()}},
+               hps / "HPS_v2_compressed.pt")
     torch.manual_seed(1)
     mlp = ScoreMLP(16)
     torch.save(mlp.state_dict(), root / "sac+logos+ava1-l14-linearMSE.pth")  # a plain state dict
@@ -106,7 +107,8 @@ def test_wrong_or_missing_files_are_refused_naming_the_path(weights, tmp_path):
     sd = weights["clip"].state_dict()
     renamed = {("visual.NOPE" if k == "visual.proj" else k): v for k, v in sd.items()}
     torch.save({"state_dict": renamed}, tmp_path / "HPS_v2_compressed.pt")
-    with pytest.raises(WeightsError, match=rf"{tmp_path}.*missing.*visual.proj.*unexpected.*visual.NOPE.*state_dict"):
+    with pytest.raises(WeightsError,
+                       match=rf"{tmp_path}.*missing.*visual.proj.*unexpected.*visual.NOPE.*state_dict"):
         load_standard(f"hpsv2:{tmp_path},model=tiny-clip")
     torch.save(sd, tmp_path / "flat.pt")  # a bare state dict where HPS wants {'state_dict': ...}
     with pytest.raises(WeightsError, match=r"flat.pt has no 'state_dict' entry"):
@@ -124,7 +126,8 @@ def test_wrong_or_missing_files_are_refused_naming_the_path(weights, tmp_path):
         load_standard(f"pickscore:{tmp_path / 'empty'}")
     hf_dir = tmp_path / "hf"
     weights["hf"].config.save_pretrained(hf_dir)
-    state = {k.replace("visual_projection", "image_projection"): v for k, v in weights["hf"].state_dict().items()}
+    state = {k.replace("visual_projection",
+                       "image_projection"): v for k, v in weights["hf"].state_dict().items()}
     torch.save(state, hf_dir / "pytorch_model.bin")
     with pytest.raises(WeightsError, match=r"pickscore: .*hf does not match.*visual_projection"):
         load_standard(f"pickscore:{hf_dir}")
@@ -132,7 +135,8 @@ def test_wrong_or_missing_files_are_refused_naming_the_path(weights, tmp_path):
 
 def test_hub_ids_honour_offline_mode(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match=r"HPS_v2_compressed.pt from the hub repository xswu/HPSv2.*local path"):
+    with pytest.raises(WeightsError, match=r"HPS_v2_compressed.pt from the hub repository xswu/HPSv2.*local "
+                                           r"path"):
         load_standard("hpsv2:")
     with pytest.raises(WeightsError, match=r"pickscore: cannot load someone/PickScore_v9"):
         load_standard("pickscore:someone/PickScore_v9")
@@ -216,7 +220,8 @@ def _close_to_pil(ours, ref, std):
     max_tol, mean_tol = _pil_tolerance(std)
     diff = (ours - ref).abs()
     assert ours.shape == ref.shape
-    assert diff.max().item() < max_tol and diff.mean().item() < mean_tol, (diff.max().item(), diff.mean().item())
+    assert (diff.max().item() < max_tol
+            and diff.mean().item() < mean_tol), (diff.max().item(), diff.mean().item())
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -282,8 +287,8 @@ def test_transform_is_differentiable_and_refuses_bad_shapes():
 
 
 # ----------------------------------------------------------------------------- ImageReward (BLIP)
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "on", "blue", "background", "green",
-         "circle", "##s"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "on", "blue", "background",
+         "green", "circle", "##s"]
 
 
 def _imagereward_release(folder, seed=0, vocab=VOCAB, v=64, depth_v=1, patch=8, image=16, t=32, depth_t=1,
@@ -311,7 +316,8 @@ def _imagereward_release(folder, seed=0, vocab=VOCAB, v=64, depth_v=1, patch=8, 
          "blip.visual_encoder.patch_embed.proj.bias": r(v)}
     for i in range(depth_v):
         b = f"blip.visual_encoder.blocks.{i}."
-        ln(b + "norm1", v, s), lin(b + "attn.qkv", 3 * v, v, s), lin(b + "attn.proj", v, v, s), ln(b + "norm2", v, s)
+        ln(b + "norm1", v, s), lin(b + "attn.qkv", 3 * v, v, s), lin(b + "attn.proj", v, v, s), \
+            ln(b + "norm2", v, s)
         lin(b + "mlp.fc1", ff_v, v, s), lin(b + "mlp.fc2", v, ff_v, s)
     ln("blip.visual_encoder.norm", v, s)
     e = "blip.text_encoder."
@@ -336,8 +342,8 @@ def _imagereward_release(folder, seed=0, vocab=VOCAB, v=64, depth_v=1, patch=8, 
     med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
            "hidden_dropout_prob": 0.1, "hidden_size": t, "initializer_range": 0.02, "intermediate_size": ff_t,
            "layer_norm_eps": 1e-12, "max_position_embeddings": n_pos, "model_type": "bert",
-           "num_attention_heads": heads_t, "num_hidden_layers": depth_t, "pad_token_id": 0, "type_vocab_size": 2,
-           "vocab_size": len(vocab), "encoder_width": 768, "add_cross_attention": True}
+           "num_attention_heads": heads_t, "num_hidden_layers": depth_t, "pad_token_id": 0,
+           "type_vocab_size": 2, "vocab_size": len(vocab), "encoder_width": 768, "add_cross_attention": True}
     (folder / "med_config.json").write_text(json.dumps(med))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return s
@@ -346,8 +352,8 @@ def _imagereward_release(folder, seed=0, vocab=VOCAB, v=64, depth_v=1, patch=8, 
 # BLIP vit.py names -> transformers BlipVisionModel names, written out for the one-block test model.
 _VIT_NAMES = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
               "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-              "patch_embed.proj.bias": "embeddings.patch_embedding.bias", "norm.weight": "post_layernorm.weight",
-              "norm.bias": "post_layernorm.bias"}
+              "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+              "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
 for _p in ("weight", "bias"):
     _VIT_NAMES.update({f"blocks.0.norm1.{_p}": f"encoder.layers.0.layer_norm1.{_p}",
                        f"blocks.0.norm2.{_p}": f"encoder.layers.0.layer_norm2.{_p}",
@@ -379,7 +385,8 @@ def test_imagereward_round_trip_and_tokens(imagereward):
     # The same file given by path, and the prompt padded to 35 BERT tokens as ImageReward does.
     again = load_standard(f"imagereward:{folder / 'ImageReward.pt'}")
     assert torch.equal(again.mlp.layers[0].weight, model.mlp.layers[0].weight)
-    ids = model.tokenizer(["A red squares"], padding="max_length", truncation=True, max_length=35).input_ids[0]
+    ids = model.tokenizer(["A red squares"], padding="max_length", truncation=True,
+                          max_length=35).input_ids[0]
     assert ids[:6] == [2, 5, 6, 7, 13, 3] and ids[6:] == [0] * 29
 
 
@@ -394,8 +401,10 @@ def test_imagereward_applies_the_published_normalisation(imagereward):
         pixels = model.preprocess(images)
         emb = model.vision(pixel_values=pixels).last_hidden_state
         tok = model.tokenizer(["a red square"] * 2, padding="max_length", max_length=35, return_tensors="pt")
-        cls = model.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=emb,
-                         encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        cls = model.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                         encoder_hidden_states=emb,
+                         encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long)
+                         ).last_hidden_state[:, 0]
         raw = model.mlp(cls)[:, 0]
         torch.testing.assert_close(model(images, "a red square"),
                                    (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD, atol=1e-5, rtol=1e-5)
@@ -421,7 +430,8 @@ def test_imagereward_refuses_wrong_files(imagereward, tmp_path):
     bad.mkdir()
     for name in ("med_config.json", "vocab.txt"):
         (bad / name).write_text((folder / name).read_text())
-    torch.save({k.replace("blocks.0.attn.qkv", "blocks.0.attn.qkv2"): v for k, v in state.items()}, bad / "ImageReward.pt")
+    torch.save({k.replace("blocks.0.attn.qkv", "blocks.0.attn.qkv2"): v for k, v in state.items()},
+               bad / "ImageReward.pt")
     with pytest.raises(WeightsError, match=rf"{bad}.*missing.*self_attn.qkv.*unexpected.*qkv2"):
         load_standard(f"imagereward:{bad}")
     torch.save({"model": state}, bad / "ImageReward.pt")  # nested one level too deep
@@ -448,7 +458,8 @@ def _pickapic_file(path, n=12, n_first=8, ties=1):
             Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(buf, format="PNG")
             enc.append(buf.getvalue())
         l0 = 0.5 if i >= n else float(i < n_first)
-        rows.append({"caption": PROMPTS[i % 2], "jpg_0": enc[0], "jpg_1": enc[1], "label_0": l0, "label_1": 1 - l0})
+        rows.append({"caption": PROMPTS[i % 2], "jpg_0": enc[0], "jpg_1": enc[1], "label_0": l0,
+                     "label_1": 1 - l0})
     pd.DataFrame(rows).to_parquet(path)
     return path
 
@@ -467,10 +478,12 @@ def test_validate_reward_with_two_standard_baselines_writes_the_table(weights, t
     critic.save_pretrained(tmp_path / "critic")
     out = tmp_path / "val.json"
     code = validate_main([str(pairs), "--checkpoint", str(tmp_path / "critic"), "--out", str(out),
-                          "--baseline", weights["specs"]["hpsv2"], "--baseline", weights["specs"]["pickscore"]])
+                          "--baseline", weights["specs"]["hpsv2"], "--baseline",
+                          weights["specs"]["pickscore"]])
     assert code == 0
     report = json.loads(out.read_text())
-    assert [b["model"] for b in report["baselines"]] == [weights["specs"]["hpsv2"], weights["specs"]["pickscore"]]
+    assert [b["model"] for b in report["baselines"]] == [weights["specs"]["hpsv2"],
+                                                         weights["specs"]["pickscore"]]
     for row in [report["tuned"], *report["baselines"]]:
         assert row["n_pairs"] == 12 and row["n_tied_labels"] == 1
         lo, hi = row["ci95"]
@@ -513,7 +526,8 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     hps, pick = weights["specs"]["hpsv2"], weights["specs"]["pickscore"]
     cfg = load_config(CompareConfig, None, [
         "model.name=tiny", f"prompts={tmp_path / 'prompts.txt'}", "n_samples=2", "batch_size=2",
-        "num_inference_steps=2", "guidance_scale=1.0", "selector=tiny-clip", f"evaluators=['{hps}', '{pick}']",
+        "num_inference_steps=2", "guidance_scale=1.0", "selector=tiny-clip",
+        f"evaluators=['{hps}', '{pick}']",
         "bootstrap_resamples=50", "report_image_px=32", f"output_dir={tmp_path / 'run'}", "device=cpu"])
     old = torch.get_num_threads()
     try:
@@ -533,7 +547,8 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)
     model = load_standard(hps)
     with torch.no_grad():
-        direct = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, ["a", "b", "c"]).double().numpy()
+        direct = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255,
+                       ["a", "b", "c"]).double().numpy()
     np.testing.assert_allclose(ev(images, ["a", "b", "c"]), direct, rtol=1e-6)
 
 
@@ -549,7 +564,8 @@ def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_p
     hps_arg = weights["specs"]["hpsv2"].partition(":")[2]
     out = tmp_path / "run"
     overrides = [f"train.output_dir={out}", "model.name=tiny", "train.max_updates=2", "train.batch_size=2",
-                 "train.gradient_accumulation=1", "train.lr=1e-2", "train.checkpoint_every=0", "train.log_with=none",
+                 "train.gradient_accumulation=1", "train.lr=1e-2", "train.checkpoint_every=0",
+                 "train.log_with=none",
                  "train.validation_prompts=[]", "step.num_inference_steps=3", "step.cut_range=[1,2]",
                  "train.mixed_precision=bf16", "reward.kind=mix", "reward.critic=tiny-clip",
                  "reward.mix={critic: 1.0, hpsv2: 0.5}", f"reward.standard.hpsv2={hps_arg}"]
@@ -565,13 +581,15 @@ def test_refl_trains_on_a_weighted_mix_in_bf16_and_logs_each_term(weights, tmp_p
         assert -1.0 <= row["train/reward/hpsv2"] <= 1.0 and row["train/reward/hpsv2"] != 0.0
     assert result["train/grad_norm"] > 0
     # A single standard model is a reward kind of its own; misspelt terms are refused.
-    alone = build_reward(load_config(ReflConfig, None, ["reward.kind=hpsv2", f"reward.standard.hpsv2={hps_arg}"]).reward,
+    alone = build_reward(load_config(ReflConfig, None,
+                                     ["reward.kind=hpsv2", f"reward.standard.hpsv2={hps_arg}"]).reward,
                          "cpu")
     images = _images(seed=5).requires_grad_(True)
     alone(images, PROMPTS).sum().backward()
     assert images.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"reward.mix terms \['hps'\] are not reward kinds"):
-        build_reward(load_config(ReflConfig, None, ["reward.kind=mix", "reward.mix={hps: 1.0}"]).reward, "cpu")
+        build_reward(load_config(ReflConfig, None, ["reward.kind=mix", "reward.mix={hps: 1.0}"]).reward,
+                     "cpu")
 
 
 def test_openai_tags_get_quickgelu(monkeypatch):
@@ -621,8 +639,10 @@ def test_open_clip_vit_h_14_has_the_key_names_of_hps_v2s_fork(tmp_path):
     import open_clip
 
     fork_config = {"embed_dim": 1024,
-                   "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
-                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+                   "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
+                                  "patch_size": 14},
+                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16,
+                                "layers": 24}}
     assert open_clip.get_model_config("ViT-H-14") == fork_config
     small = json.loads(json.dumps(fork_config))
     small["vision_cfg"]["layers"], small["text_cfg"]["layers"] = 2, 2
@@ -638,13 +658,14 @@ def test_open_clip_vit_h_14_has_the_key_names_of_hps_v2s_fork(tmp_path):
             out.update({b + "ln_1.weight": (d,), b + "ln_1.bias": (d,), b + "attn.in_proj_weight": (3 * d, d),
                         b + "attn.in_proj_bias": (3 * d,), b + "attn.out_proj.weight": (d, d),
                         b + "attn.out_proj.bias": (d,), b + "ln_2.weight": (d,), b + "ln_2.bias": (d,),
-                        b + "mlp.c_fc.weight": (ff, d), b + "mlp.c_fc.bias": (ff,), b + "mlp.c_proj.weight": (d, ff),
-                        b + "mlp.c_proj.bias": (d,)})
+                        b + "mlp.c_fc.weight": (ff, d), b + "mlp.c_fc.bias": (ff,),
+                        b + "mlp.c_proj.weight": (d, ff), b + "mlp.c_proj.bias": (d,)})
         return out
 
     vw, tw, e = 1280, 1024, 1024
     fork = {"visual.conv1.weight": (vw, 3, 14, 14), "visual.class_embedding": (vw,),
-            "visual.positional_embedding": (257, vw), "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,),
+            "visual.positional_embedding": (257, vw), "visual.ln_pre.weight": (vw,),
+            "visual.ln_pre.bias": (vw,),
             "visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,), "visual.proj": (vw, e),
             "token_embedding.weight": (49408, tw), "positional_embedding": (77, tw), "ln_final.weight": (tw,),
             "ln_final.bias": (tw,), "text_projection": (tw, e), "logit_scale": (),
@@ -671,7 +692,8 @@ def _full_size_release(kind, root):
         return f"aesthetic:{root},backbone=ViT-L-14-quickgelu:{root / 'vit-l-14.pt'}"
     if kind == "hpsv2":
         clip = open_clip.create_model("ViT-H-14", pretrained=None)
-        torch.save({"state_dict": {k: v.half() for k, v in clip.state_dict().items()}}, root / "HPS_v2_compressed.pt")
+        torch.save({"state_dict": {k: v.half() for k, v in clip.state_dict().items()}},
+                   root / "HPS_v2_compressed.pt")
         del clip
         gc.collect()
         return f"hpsv2:{root / 'HPS_v2_compressed.pt'}"
@@ -680,9 +702,11 @@ def _full_size_release(kind, root):
 
         # PickScore_v1 = laion CLIP-ViT-H-14-laion2B-s32B-b79K's architecture.
         config = CLIPConfig(
-            text_config={"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            text_config={"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096,
+                         "num_hidden_layers": 24,
                          "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu"},
-            vision_config={"image_size": 224, "patch_size": 14, "hidden_size": 1280, "intermediate_size": 5120,
+            vision_config={"image_size": 224, "patch_size": 14, "hidden_size": 1280,
+                           "intermediate_size": 5120,
                            "num_hidden_layers": 32, "num_attention_heads": 16, "hidden_act": "gelu"},
             projection_dim=1024)
         CLIPModel(config).save_pretrained(root / "PickScore_v1")
@@ -716,5 +740,5 @@ def test_full_size_models_load_score_and_pass_gradients(kind, tmp_path):
     done = time.perf_counter()
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"\n{kind}: {params:.0f}M params, load {loaded - start:.1f} s, score+backward+bf16 {done - loaded:.1f} s, "
-          f"peak RSS {rss_gb:.1f} GB")
+    print(f"\n{kind}: {params:.0f}M params, load {loaded - start:.1f} s, score+backward+bf16 "
+          f"{done - loaded:.1f} s, peak RSS {rss_gb:.1f} GB")

@@ -96,7 +96,8 @@ def test_checker_notices_wrong_prompts():
     for p in prompts:
         s = parse_prompt(p)
         other = next(c for c in COLOURS if c != s.colour and c != s.background)
-        wrong.append(scene_to_prompt(replace(s, colour=other, shape="square" if s.shape != "square" else "circle")))
+        wrong.append(scene_to_prompt(replace(s, colour=other,
+                                             shape="square" if s.shape != "square" else "circle")))
     assert prompt_fidelity(images, wrong) <= 0.05
     # Float images in [0, 1] read the same as uint8 ones.
     assert prompt_fidelity(images.astype(np.float32) / 255.0, prompts) >= 0.98
@@ -104,7 +105,8 @@ def test_checker_notices_wrong_prompts():
 
 def _look(scene: Scene, **kw) -> Look:
     ax, ay = ANCHORS[scene.position]
-    base = dict(cx=ax, cy=ay, extent=0.56, fg=(240.0, 20.0, 20.0), bg=(40.0, 60.0, 140.0), texture=1.0, blur=0.0)
+    base = dict(cx=ax, cy=ay, extent=0.56, fg=(240.0, 20.0, 20.0), bg=(40.0, 60.0, 140.0), texture=1.0,
+                blur=0.0)
     return Look(**{**base, **kw})
 
 
@@ -127,8 +129,10 @@ def test_oracle_prefers_vivid_centred_large_crisp_over_faded_offcentre_tiny_blur
 def test_oracle_punishes_the_wrong_colour():
     scene = Scene("square", "green", "white", "small", "top")
     rng = np.random.default_rng(1)
-    right = draw_look("square", _look(scene, extent=0.28, fg=(40.0, 170.0, 60.0), bg=(240.0, 238.0, 230.0)), rng)
-    wrong = draw_look("square", _look(scene, extent=0.28, fg=(40.0, 80.0, 220.0), bg=(240.0, 238.0, 230.0)), rng)
+    right = draw_look("square", _look(scene, extent=0.28, fg=(40.0, 170.0, 60.0), bg=(240.0, 238.0, 230.0)),
+                      rng)
+    wrong = draw_look("square", _look(scene, extent=0.28, fg=(40.0, 80.0, 220.0), bg=(240.0, 238.0, 230.0)),
+                      rng)
     prompt = scene_to_prompt(scene)
     terms = oracle_terms([right, wrong], [prompt, prompt])
     assert terms["fidelity"][0] == 1.0 and terms["fidelity"][1] < 1.0
@@ -184,7 +188,8 @@ def test_community_pairs_carry_the_taste_and_load_as_social_reward_data(tmp_path
         assert result.term_agreement[t] == pytest.approx(expected, abs=1e-9), t
     # The realism figures: each term's spread across a prompt's images, recomputed from the images given.
     for t in ("vivid", "size"):
-        per_prompt = [oracle_terms(list(images), [prompt] * len(images))[t].std() for prompt, images in world.items()]
+        per_prompt = [oracle_terms(list(images), [prompt] * len(images))[t].std()
+                      for prompt, images in world.items()]
         assert result.term_spread[t] == pytest.approx(float(np.mean(per_prompt)), abs=1e-9), t
     summary = json.loads((tmp_path / "pairs_summary.json").read_text())
     assert summary["realism"]["agreement_in_human_range"] == (0.65 <= result.oracle_agreement <= 0.78)
@@ -246,8 +251,8 @@ def test_make_toy_pairs_script_writes_train_and_heldout(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     main = module.main
-    assert main(["--set", f"output_dir={tmp_path}", "--set", "n_train_prompts=12", "--set", "n_heldout_prompts=6",
-                 "--set", "candidates=4", "--set", "users_per_prompt=2"]) == 0
+    assert main(["--set", f"output_dir={tmp_path}", "--set", "n_train_prompts=12", "--set",
+                 "n_heldout_prompts=6", "--set", "candidates=4", "--set", "users_per_prompt=2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     train = pd.read_parquet(tmp_path / "train" / "pairs.parquet")
     assert printed["train"]["n_pairs"] == len(train) > 0
@@ -288,7 +293,8 @@ def test_clip_pretraining_batches_hold_one_attribute_hard_negatives():
     scenes = [parse_prompt(p) for p in prompts]
     # Every prompt has a batch-mate that differs from it in exactly one attribute.
     for i, a in enumerate(scenes):
-        diffs = [sum(getattr(a, f) != getattr(b, f) for f in ATTRIBUTES) for j, b in enumerate(scenes) if j != i]
+        diffs = [sum(getattr(a, f) != getattr(b, f) for f in ATTRIBUTES) for j, b in enumerate(scenes)
+                 if j != i]
         assert 1 in diffs, prompts[i]
     plain = render_batch(prompts[:8], np.random.default_rng(1), varied_looks=0.0)
     varied = render_batch(prompts[:8], np.random.default_rng(1), varied_looks=1.0)

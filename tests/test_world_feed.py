@@ -29,7 +29,8 @@ def test_feed_draws_each_image_at_its_configured_guidance(tmp_path):
     for j, g in enumerate(guidance):  # slot j: every prompt at guidance[j], from seed 10 + j * P
         assert np.array_equal(images[:, j], sample_images(components, prompts, 3, g, 10 + j * len(prompts)))
     assert not np.array_equal(images[:, 0], images[:, 2])  # the same scale twice is two draws, not a copy
-    assert not np.array_equal(sample_images(components, prompts, 3, 6.0, 10), images[:, 0])  # guidance mattered
+    # guidance mattered
+    assert not np.array_equal(sample_images(components, prompts, 3, 6.0, 10), images[:, 0])
     again = _sample(components, prompts, guidance, 3, 10, tmp_path, sd)  # from the cache
     assert np.array_equal(again, images) and len(list(tmp_path.glob("samples-*.npz"))) == 1
     _sample(components, prompts, [1.0, 6.0, 2.0], 3, 10, tmp_path, sd)
@@ -41,7 +42,8 @@ def test_learning_curve_subsets_are_nested_and_point_at_the_same_images(tmp_path
 
     src = tmp_path / "community" / "train"
     (src / "images").mkdir(parents=True)
-    rows = [{"prompt": f"p{i}", "pos_path": f"images/{i}a.png", "neg_path": f"images/{i}b.png"} for i in range(40)]
+    rows = [{"prompt": f"p{i}", "pos_path": f"images/{i}a.png",
+             "neg_path": f"images/{i}b.png"} for i in range(40)]
     pd.DataFrame(rows).to_parquet(src / "pairs.parquet")
     out = tmp_path / "critic" / "curve"
     parts = {f: pd.read_parquet(subset_pairs(src / "pairs.parquet", f, 0, out / f"pairs-{f}.parquet"))
@@ -104,7 +106,8 @@ def test_sweep_rule_keeps_the_best_reward_that_holds_the_judges():
 def test_sweep_rule_refuses_the_oracle_and_needs_the_base():
     from refl.sweep import SweepRule, choose
 
-    runs = {"a": _records({"eval/reward": [0.0, 1.0], "eval/heldout/oracle:": [0.7, 0.8], CLIP: [95.0, 95.0]})}
+    runs = {"a": _records({"eval/reward": [0.0, 1.0], "eval/heldout/oracle:": [0.7, 0.8],
+                           CLIP: [95.0, 95.0]})}
     with pytest.raises(ValueError, match="oracle is for evaluation only"):
         choose(runs, SweepRule(hold={"eval/heldout/oracle:": 0.0}))
     with pytest.raises(ValueError, match="oracle is for evaluation only"):
@@ -119,8 +122,8 @@ def test_sweep_rule_refuses_the_oracle_and_needs_the_base():
 def test_guard_picks_select_and_stop_on_the_curve():
     from refl.sweep import SweepRule, guard_picks, validations
 
-    rows = validations(_records({"eval/reward": [0.0, 0.2, 0.4, 0.6, 0.8], CLIP: [95.0, 95.5, 95.2, 94.9, 94.0],
-                                 FID: [1.0] * 5}))
+    rows = validations(_records({"eval/reward": [0.0, 0.2, 0.4, 0.6, 0.8],
+                                 CLIP: [95.0, 95.5, 95.2, 94.9, 94.0], FID: [1.0] * 5}))
     picks = guard_picks(rows, {"CLIP": CLIP}, SweepRule(hold={CLIP: 0.5}), drops=2)
     assert picks["select by CLIP"] == 10
     assert picks["stop after 2 drops of CLIP"] == 30  # fell at 20 and 30 while the reward rose

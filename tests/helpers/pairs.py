@@ -21,13 +21,14 @@ def pickapic_rows(n, seed=0, size=8):
     rows = []
     for i in range(n):
         label_0 = [1.0, 0.0, 0.5][i % 3]
-        rows.append({"caption": f"prompt {i}", "jpg_0": encoded_image(rng, size), "jpg_1": encoded_image(rng, size),
-                     "label_0": label_0, "label_1": 1.0 - label_0})
+        rows.append({"caption": f"prompt {i}", "jpg_0": encoded_image(rng, size),
+                     "jpg_1": encoded_image(rng, size), "label_0": label_0, "label_1": 1.0 - label_0})
     return rows
 
 
 def write_shards(root: Path, rows, n_shards=3, row_group=8, split="train") -> list[Path]:
-    """Pick-a-Pic v2 as the hub serves it: data/<split>-0000k-of-0000n-<hash>.parquet (row i in shard i % n)."""
+    """Pick-a-Pic v2 as the hub serves it: data/<split>-0000k-of-0000n-<hash>.parquet (row i in shard i %
+    n)."""
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(n_shards):
