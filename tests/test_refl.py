@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.lora import randomise_lora_b
 
 from refl.components import PRESETS, build_clip_tokenizer, build_pipeline, load_components, save_pipeline
 from refl.lora import LoraConfig, add_lora, save_lora, trainable_parameters
@@ -48,16 +49,6 @@ def tiny_lora(rank=4, alpha=4.0, **kw):
     components = load_components("tiny")
     params = add_lora(components, LoraConfig(rank=rank, alpha=alpha, **kw))
     return components, params
-
-
-def randomise_lora_b(components, seed=1):
-    """gaussian init starts B at 0 (an identity LoRA); give it values so round trips are meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in components.modules().values():
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # ----------------------------------------------------------------------------- components

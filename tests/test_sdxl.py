@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.lora import randomise_lora_b
 
 from refl.components import ModelConfig, build_pipeline, load_components, save_pipeline
 from refl.lora import MODEL_CARD, LoraConfig, add_lora, save_lora
@@ -18,16 +19,6 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPTS = ["a red square on a blue background", "a green circle"]
-
-
-def randomise_lora_b(components, seed=1):
-    """gaussian init starts B at 0 (an identity LoRA); give it values so round trips are meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in components.modules().values():
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def run_pipe(pipe, prompts=PROMPTS, guidance_scale=1.0):
