@@ -34,8 +34,17 @@ def checkpoint_dirs(out: str | os.PathLike) -> list[Path]:
 
 
 def find_checkpoint(out: str | os.PathLike, resume: str | None) -> Path | None:
-    """What `train.resume` names: None/"" (start fresh), "latest" (None if the run has none yet) or a path."""
+    """What `train.resume` names: None/"" (start fresh), "latest" (None if the run has none yet) or a path.
+
+    Starting fresh in a folder that holds an earlier run's checkpoints is refused (FileExistsError): the
+    new run's checkpoints would sit beside the old ones, and a later `--resume latest` could continue the
+    old run."""
     if not resume:
+        found = checkpoint_dirs(out)
+        if found:
+            raise FileExistsError(f"{out} holds checkpoints of an earlier run (up to {found[-1].name}); "
+                                  "continue it with --resume latest, or start fresh in another output_dir "
+                                  "(or remove that one)")
         return None
     if resume == "latest":
         found = checkpoint_dirs(out)

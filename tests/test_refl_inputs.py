@@ -124,3 +124,22 @@ def test_the_last_checkpoint_is_written_before_the_last_validation(tmp_path, mon
         refl_train.train(cfg)
     (last,) = checkpoint_dirs(out)
     assert last.name == "update-000002" and (last / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, capsys):
+    """Without --resume, a second run in the same output_dir would put its checkpoints beside the first's,
+    and a later --resume latest could continue the wrong one: refused, naming the folder and both ways out."""
+    from refl.cli import train_main
+
+    out = tmp_path / "run"
+    args = ["--set", f"train.output_dir={out}", "--set", "model.name=tiny", "--set", "reward.kind=contrast",
+            "--set", "train.max_updates=1", "--set", "train.batch_size=1", "--set", "train.log_with=none",
+            "--set", "train.validation_prompts=[]", "--set", "step.num_inference_steps=2",
+            "--set", "step.cut_range=[0,1]"]
+    assert train_main(args) == 0
+    first = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert train_main(args) == 2
+    line = _error_line(capsys)
+    assert str(out) in line and "--resume latest" in line and "update-000001" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # nothing written
+    assert train_main(args + ["--resume", "latest"]) == 0  # continuing it is fine

@@ -25,7 +25,9 @@ def _demo_critic() -> RewardConfig:
     return RewardConfig(
         model=CriticConfig(model_name="toy-clip", training_mode="visual_upper_layers"),
         data=CriticDataConfig(val_fraction=0.1),
-        train=CriticTrainConfig(epochs=3, batch_size=32, lr=1e-4, lr_schedule="cosine", warmup_updates=10))
+        # resume latest: an interrupted critic stage continues its own checkpoints (its key excludes resume).
+        train=CriticTrainConfig(epochs=3, batch_size=32, lr=1e-4, lr_schedule="cosine", warmup_updates=10,
+                                resume="latest"))
 
 
 def _demo_refl() -> ReflConfig:
