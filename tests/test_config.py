@@ -181,7 +181,10 @@ def test_checkpoint_lookup(tmp_path):
             (folder / "state.json").write_text("{}")
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["update-000009", "update-000010"]
     assert find_checkpoint(tmp_path, "latest").name == "update-000010"  # the incomplete 11 is skipped
-    assert find_checkpoint(tmp_path / "fresh", "latest") is None and find_checkpoint(tmp_path, "") is None
+    assert find_checkpoint(tmp_path / "fresh", "latest") is None
+    assert find_checkpoint(tmp_path / "fresh", "") is None
+    with pytest.raises(FileExistsError, match="update-000010.*--resume latest"):  # fresh over an earlier run
+        find_checkpoint(tmp_path, "")
     with pytest.raises(FileNotFoundError, match="update-000011"):
         find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "update-000011"))
 
