@@ -290,3 +290,8 @@ def test_sweep_chooses_by_the_rule_on_the_demos_critic(quick_demo, monkeypatch):
     # lr 0 never moves: every update ties with the base, so its best admissible update is the base.
     assert result["per_run"]["lr 0"]["update"] == 0
     assert "Chosen:" in (quick_demo / "sweep" / "sweep.md").read_text()
+    # A setting whose validation lacks a judge the rule holds is refused before anything trains.
+    with pytest.raises(ValueError, match="fidelity:"):
+        sweep.run_sweep(quick_demo, {"no fidelity": ["refl.train.lr=1e-2",
+                                                     'refl.train.heldout_evaluators=["oracle:"]']})
+    assert not (quick_demo / "sweep" / "no-fidelity").exists()

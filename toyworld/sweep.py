@@ -29,11 +29,14 @@ COMMON = ["refl.train.max_updates=120", "refl.train.validate_every=10", "refl.tr
 # as the demo samples (4) or none (1, as ImageReward's ReFL rollouts).
 GRID = {f"lr {lr}, training CFG {g:g}": [f"refl.train.lr={lr}", f"refl.step.guidance_scale={g}"]
         for g in (4.0, 1.0) for lr in ("3e-4", "1e-3", "3e-3")}
+
+
 def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) -> dict:
     """Train every setting of `grid` (default GRID) on the demo's critic, apply the rule; writes
     <demo>/sweep/sweep.json and sweep.md. Needs the demo's community and critic stages only."""
+    from refl.sweep import HELDOUT
     from runkit.config import load_config
-    from toyworld.demo.config import DemoConfig
+    from toyworld.demo.config import DemoConfig, refl_config
     from toyworld.demo.stages import stage_refl
     from toyworld.world import split_prompts
 
@@ -48,6 +51,14 @@ def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) ->
     grid = GRID if grid is None else grid
     # all checked first
     configs = {name: override(base, COMMON + overrides) for name, overrides in grid.items()}
+    # The rule's judges must be validated in every run, or the rule fails after all the training.
+    for name, cfg in configs.items():
+        judges = refl_config(cfg, str(critic), demo, demo, None).train.heldout_evaluators
+        missing = [k.removeprefix(HELDOUT) for k in rule.hold if k.removeprefix(HELDOUT) not in judges]
+        if missing:
+            raise ValueError(f"sweep setting {name!r}: the rule holds {missing}, which "
+                             f"refl.train.heldout_evaluators ({judges}) does not validate; add them to the "
+                             "demo's refl.train.heldout_evaluators")
     root = demo / "sweep"
     runs = {}
     for name, cfg in configs.items():
