@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from runkit.files import atomic_dir, atomic_write_text
+from runkit.hub import unreachable_advice
 
 logger = logging.getLogger(__name__)
 
@@ -469,13 +470,10 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
     except OSError as err:
         if local:
             raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
         raise OSError(
             f"model {name!r} is neither a preset ({sorted(PRESETS) + sorted(ARCHITECTURES)}), a diffusers "
             f"directory, nor a Stable Diffusion model id that could be loaded ({err}). "
-            + ("HF_HUB_OFFLINE is set, so only the local cache was read: unset it to download, or "
-               if offline else "Check the id and your network, or ")
-            + "point model.name at a local diffusers directory."
+            + unreachable_advice("point model.name at a local diffusers directory.")
         ) from err
     # Weights may be stored in fp16 (the shipped toy model is); diffusers upcasts its models on load,
     # transformers keeps the stored dtype. Start every module in fp32: training casts the frozen base

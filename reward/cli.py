@@ -9,26 +9,20 @@ import logging
 from pathlib import Path
 
 from runkit.cli import command
-from runkit.config import ConfigError, add_config_args, config_overrides, load_config
+from runkit.config import add_config_args, config_overrides, load_config
 from runkit.logs import setup_logging
 
 
 @command
 def train_main(argv=None) -> int:
     from reward.config import RewardConfig
-    from reward.data import DataError
     from reward.train import train
 
     parser = argparse.ArgumentParser(description="Fine-tune a Social Reward critic on preference pairs.")
     add_config_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        cfg = load_config(RewardConfig, args.config, config_overrides(args))
-        metrics = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        logging.getLogger("reward").error("%s", err)
-        return 2
+    metrics = train(load_config(RewardConfig, args.config, config_overrides(args)))
     if metrics.get("eval"):
         print(json.dumps({k: v for k, v in metrics["eval"].items()}, indent=2))
     return 0

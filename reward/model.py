@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from reward.images import ImageSource, decode_image
+from runkit.hub import unreachable_advice
 
 logger = logging.getLogger(__name__)
 
@@ -238,16 +239,27 @@ def _load_weights(model: SocialReward, directory: Path) -> None:
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-class _DropRandomInitWarning(logging.Filter):
+class _DropRootRecords(logging.Filter):
+    def __init__(self, phrases: tuple[str, ...]):
+        super().__init__()
+        self.phrases = phrases
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Model initialized randomly" not in record.getMessage()
+        return not any(p in record.getMessage() for p in self.phrases)
 
 
-class quiet_random_init_warning:
-    """open_clip warns "initialized randomly" when we build a model whose weights we load right after."""
+# What open_clip logs on the root logger that a caller here either expects or reports itself.
+RANDOM_INIT = "Model initialized randomly"  # a model built to receive weights loaded right after
+FAILED_DOWNLOAD = "Failed to download weights"  # the WeightsError raised instead says it, with the fix
+
+
+class quiet_open_clip_log:
+    """Drop open_clip's root-logger records holding any of `phrases` for the duration."""
+
+    def __init__(self, *phrases: str):
+        self._filter = _DropRootRecords(phrases or (RANDOM_INIT,))
 
     def __enter__(self):
-        self._filter = _DropRandomInitWarning()
         logging.getLogger().addFilter(self._filter)
 
     def __exit__(self, *exc):
@@ -265,6 +277,31 @@ def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
     return bool(get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
 
+def create_open_clip(name: str, pretrained: str | None, path_fix: str):
+    """(model, tokenizer) of open_clip architecture `name` (resolved) with weights `pretrained`: a tag
+    (downloaded into the hub cache as open_clip does), a checkpoint file, or None (random). Weights that
+    cannot be had raise `WeightsError` naming them and the fix (`path_fix`: where a local file goes)."""
+    from reward.standard.base import WeightsError
+
+    try:
+        if pretrained:
+            with quiet_open_clip_log(FAILED_DOWNLOAD):
+                clip = open_clip.create_model(name, pretrained=pretrained,
+                                              force_quick_gelu=uses_quick_gelu(name, pretrained))
+        else:
+            clip = open_clip.create_model(name, pretrained=None)
+    except Exception as err:  # open_clip raises several kinds when weights are missing or not cached
+        if pretrained and Path(pretrained).expanduser().exists():
+            raise WeightsError(f"open_clip {name} cannot read the weights file {pretrained} "
+                               f"({type(err).__name__}: {err})") from err
+        if not pretrained:
+            raise
+        fix = unreachable_advice(f"download the checkpoint file elsewhere and {path_fix}.")
+        raise WeightsError(f"could not get open_clip weights {name}:{pretrained} ({type(err).__name__}: "
+                           f"{err}). {fix}") from err
+    return clip, open_clip.get_tokenizer(name)
+
+
 def create_critic(config: CriticConfig | None = None, **overrides) -> SocialReward:
     """The one factory for critics: real open_clip models by name, tiny ones from shipped configs.
 
@@ -276,23 +313,12 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
     name = resolve_model_name(config.model_name)
     pretrained = config.pretrained
     if is_critic_dir(pretrained):
-        with quiet_random_init_warning():
+        with quiet_open_clip_log():
             model = create_critic(CriticConfig(config.model_name, None, config.training_mode))
         _load_weights(model, Path(pretrained))
         model.config = config
         return model
-    try:
-        clip = open_clip.create_model(name, pretrained=pretrained,
-                                      force_quick_gelu=uses_quick_gelu(name, pretrained))
-    except Exception as err:  # open_clip raises several kinds when weights are not cached
-        if pretrained and not Path(pretrained).exists():
-            raise RuntimeError(
-                f"could not load open_clip weights {name}/{pretrained!r} ({err}). This machine may be "
-                "offline: put the checkpoint file on disk and pass its path as the pretrained weights "
-                "(model.pretrained in a critic training config)."
-            ) from err
-        raise
-    tokenizer = open_clip.get_tokenizer(name)
+    clip, tokenizer = create_open_clip(name, pretrained, "pass its path as model.pretrained")
     from reward.modes import apply_training_mode  # local import: modes imports nothing from here
 
     apply_training_mode(clip, config.training_mode)
@@ -346,7 +372,7 @@ def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path_or_name)
     if path.is_dir():
         meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
-        with quiet_random_init_warning():
+        with quiet_open_clip_log():
             model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
                                                training_mode=training_mode
                                                or meta.get("training_mode", "all")))

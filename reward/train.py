@@ -110,38 +110,51 @@ def train(cfg: RewardConfig) -> dict:
     run_logger = RunLogger(out, accelerator.is_main_process, tc.log_with, state.update)
     every = {"validate": tc.validate_every or updates_per_epoch,
              "checkpoint": tc.checkpoint_every or updates_per_epoch}
-    history, n_bad, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params,
-                                   val_set, tc, state, total, every, run_logger, out)
+    history, rows, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params,
+                                  val_set, tc, state, total, every, run_logger, out)
     run_logger.close()
-    return _finish(accelerator, module, val_set, tc, state, history, n_bad, out, train_set.n_bad_rows)
+    return _finish(accelerator, module, val_set, tc, state, history, rows, out, train_set.n_bad_rows,
+                   resumed=ckpt is not None)
 
 
 def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val_set, tc: CriticTrainConfig,
          state: LoopState, total: int, every: dict, run_logger: RunLogger, out: Path):
-    """The epochs; returns the validation history, the bad rows this process skipped and the validation set
-    (None once it turned out to hold no scorable pair)."""
+    """The epochs; returns the validation history, the rows this process trained on and skipped ({"good",
+    "bad"}) and the validation set (None once it turned out to hold no scorable pair)."""
     history: list[dict] = []
     pbar = tqdm(total=total, initial=state.update, desc="train critic",
                 disable=not accelerator.is_local_main_process)
     running: dict[str, float] = {}
-    n_bad = 0
+    rows = {"good": 0, "bad": 0}
+    image_size = accelerator.unwrap_model(module).critic.image_size
     while state.update < total:
         sampler.epoch = state.epoch
+        whole_epoch, good_before = state.batches_done == 0, rows["good"]
         epoch_loader = (accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done
                         else loader)
         for batch in epoch_loader:
-            n_bad += _check_batch(batch, n_bad, state)
-            terms = _step(accelerator, module, optimizer, scheduler, params, batch, tc, state)
+            rows["bad"] += _report_bad_rows(batch, rows["bad"], state)
+            rows["good"] += len(batch["prompt"])
             state.batches_done += 1
-            for k, v in terms.items():
-                running[k] = running.get(k, 0.0) + float(v.detach())
-            running["_n"] = running.get("_n", 0) + 1
+            if not batch["prompt"]:  # every row of this micro-batch was bad (on_bad_row=skip)
+                if accelerator.num_processes == 1:
+                    continue  # the update takes the next micro-batch instead
+                # Every DDP process must run its backward (the gradient all-reduce waits for all of them):
+                # this one contributes a stand-in pair with its loss scaled to 0, so its gradient is zero
+                # and the update averages the others' (diluted by 1/processes, as a short batch would be).
+                _step(accelerator, module, optimizer, scheduler, params,
+                      _stand_in_batch(image_size, accelerator.device), tc, state, loss_scale=0.0)
+            else:
+                terms = _step(accelerator, module, optimizer, scheduler, params, batch, tc, state)
+                for k, v in terms.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach())
+                running["_n"] = running.get("_n", 0) + 1
             if not accelerator.sync_gradients:
                 continue
             state.update += 1
             pbar.update(1)
             last = state.update == total
-            if state.update % tc.log_every == 0 or last:
+            if (state.update % tc.log_every == 0 or last) and running:
                 _log_train(run_logger, scheduler, state, running, pbar)
                 running = {}
             if state.update % every["checkpoint"] == 0 or last:  # before validation, which may fail
@@ -151,18 +164,20 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
             if last:
                 break
         else:
+            if whole_epoch:
+                _refuse_an_epoch_of_bad_rows(accelerator, rows["good"] - good_before, rows["bad"], state)
             state.epoch += 1
             state.batches_done = 0
             continue
         break
     pbar.close()
-    return history, n_bad, val_set
+    return history, rows, val_set
 
 
 def _step(accelerator, module, optimizer, scheduler, params, batch, tc: CriticTrainConfig,
-          state: LoopState) -> dict:
-    """One micro-batch forward and backward; the optimizer steps when gradients sync. Returns the loss
-    terms."""
+          state: LoopState, loss_scale: float = 1.0) -> dict:
+    """One micro-batch forward and backward (of the loss times `loss_scale`); the optimizer steps when
+    gradients sync. Returns the loss terms."""
     with accelerator.accumulate(module):
         terms = module(batch["pos"], batch["neg"], batch["prompt"], batch["label"], batch["weight"])
         if not torch.isfinite(terms["loss"]):
@@ -170,7 +185,7 @@ def _step(accelerator, module, optimizer, scheduler, params, batch, tc: CriticTr
                 f"loss is {terms['loss'].item()} at update {state.update} (epoch {state.epoch}, batch "
                 f"{state.batches_done}); no update was applied. Lower train.lr, use mixed_precision=no or "
                 "bf16, or check the data.")
-        accelerator.backward(terms["loss"])
+        accelerator.backward(terms["loss"] * loss_scale)
         if accelerator.sync_gradients and tc.max_grad_norm:
             accelerator.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
@@ -217,23 +232,43 @@ def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLog
     return val_set
 
 
-def _check_batch(batch: dict, n_bad_before: int, state: LoopState) -> int:
-    """Log a batch's skipped bad rows (the first few); refuse a batch with none left. Returns its bad rows."""
+def _report_bad_rows(batch: dict, n_bad_before: int, state: LoopState) -> int:
+    """Log a micro-batch's skipped bad rows (while few have been met); returns how many it had."""
     if batch["n_bad"] and n_bad_before <= 5:
-        logger.warning("skipped bad row(s) (data.on_bad_row=skip): %s", " | ".join(batch["bad"][:5]))
-    if not batch["prompt"]:
-        raise DataError(f"every row of a batch (epoch {state.epoch}, batch {state.batches_done}) was bad, "
-                        f"e.g. {batch['bad'][0]}; clean the set with scripts/check_pairs.py")
+        whole = " (the whole micro-batch)" if not batch["prompt"] else ""
+        logger.warning("skipped bad row(s)%s at epoch %d, micro-batch %d (data.on_bad_row=skip): %s", whole,
+                       state.epoch, state.batches_done, " | ".join(batch["bad"][:5]))
     return batch["n_bad"]
 
 
+def _refuse_an_epoch_of_bad_rows(accelerator, good: int, bad: int, state: LoopState) -> None:
+    """Stop when a whole epoch met no good row in any process: epochs after it would meet none either
+    (a single process would never reach an update)."""
+    if int(accelerator.reduce(torch.tensor([good], device=accelerator.device), reduction="sum").item()) == 0:
+        raise DataError(f"every training row met in epoch {state.epoch} was bad ({bad} skipped in this "
+                        "process with data.on_bad_row=skip): nothing can be trained; scripts/check_pairs.py "
+                        "lists why")
+
+
+def _stand_in_batch(image_size: int, device) -> dict:
+    """One neutral pair (grey images, empty prompt) whose loss a process scales to 0 when its micro-batch
+    had no good row: it keeps the process in step with the others' collective backward."""
+    grey = torch.full((1, 3, image_size, image_size), 0.5, device=device)  # (1, 3, S, S)
+    one = torch.ones(1, device=device)  # (1,)
+    return {"pos": grey, "neg": grey.clone(), "prompt": [""], "label": one, "weight": one}
+
+
 def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopState, history: list[dict],
-            n_bad: int, out: Path, n_bad_indexed: int = 0) -> dict:
+            rows: dict, out: Path, n_bad_indexed: int = 0, resumed: bool = False) -> dict:
     """Calibrate and save the final critic (main process); the metrics every process returns. Bad rows: those
     each process met decoding (summed) and those the index dropped before training (the same in every
-    process)."""
-    bad_total = int(accelerator.reduce(torch.tensor([n_bad], device=accelerator.device),
-                                       reduction="sum").item())
+    process). A fresh run in which no process met a good row trained nothing, and says so."""
+    counts = accelerator.reduce(torch.tensor([rows["good"], rows["bad"]], device=accelerator.device),
+                                reduction="sum")
+    good_total, bad_total = (int(c) for c in counts.tolist())
+    if good_total == 0 and bad_total and not resumed:
+        raise DataError(f"every training row met was bad ({bad_total} skipped with data.on_bad_row=skip), "
+                        "so nothing was trained; scripts/check_pairs.py lists why")
     bad_total += n_bad_indexed
     if bad_total:
         logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); scripts/check_pairs.py "

@@ -355,6 +355,30 @@ def test_validate_reward_refuses_a_bad_baseline_before_scoring(tiny_critic_and_p
     assert not out.exists()
 
 
+def test_open_clip_weights_missing_from_an_offline_cache_stop_training_with_the_fix(tmp_path, monkeypatch,
+                                                                                   capsys, caplog):
+    """A known tag whose weights are not in the hub cache, offline: one line naming the weights, saying
+    HF_HUB_OFFLINE is why, and where a local file goes; nothing trained, no traceback."""
+    import huggingface_hub.constants
+
+    from reward.cli import train_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "run"
+    assert train_main(["--set", "model.model_name=ViT-B-32", "--set", "model.pretrained=openai",
+                       "--set", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "ViT-B-32:openai" in lines[0] and "HF_HUB_OFFLINE is set" in lines[0]
+    assert "model.pretrained" in lines[0]
+    # open_clip's own log line says it again, without the fix: dropped
+    assert not [r for r in caplog.records if "Failed to download weights" in r.getMessage()]
+    assert not (out / "checkpoints").exists()
+
+
 def test_a_missing_critic_folder_is_named_as_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"critic folder .*nowhere.* does not exist.*critic.json"):
         reward.load(tmp_path / "nowhere" / "critic")

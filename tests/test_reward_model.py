@@ -242,6 +242,6 @@ def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
         raise RuntimeError("stop before downloading")
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="could not get open_clip weights ViT-L-14:openai"):  # a user error
         create_critic(model_name="ViT-L-14", pretrained="openai")
     assert seen == {"name": "ViT-L-14", "pretrained": "openai", "force_quick_gelu": True}

@@ -78,9 +78,10 @@ def test_script_reports_bad_config_key(tmp_path):
     assert train_main(["--set", "train.bogus=1"]) == 2
 
 
-def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
-    # accelerate's multi-process launcher; with ACCELERATE_USE_CPU each process is a gloo DDP rank. The ranks
-    # import the checkout under test (PYTHONPATH), as the ReFL multi-process tests do, not an installed copy.
+def _launch_two_processes(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    """Train a critic in 2 DDP processes (accelerate's launcher; with ACCELERATE_USE_CPU each is a gloo rank).
+    The ranks import the checkout under test (PYTHONPATH), as the ReFL multi-process tests do, not an
+    installed copy, and each dumps its replica's weights to tmp_path/rank<k>.safetensors."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "ACCELERATE_USE_CPU": "true"}
     with socket.socket() as s:
@@ -89,14 +90,23 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port),
-           str(ROOT / "tests/helpers/ddp_train_reward.py"), str(tmp_path),
-           "model.model_name=tiny-clip", "model.training_mode=visual_upper_layers_textual_upper_layers",
-           f"data.train={colour_pairs['train']}", f"data.val={colour_pairs['val']}", "loss.name=pairwise",
-           "train.max_updates=4", "train.batch_size=16", "train.lr=1e-3", "train.calibrate=false",
-           f"train.output_dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           str(ROOT / "tests/helpers/ddp_train_reward.py"), str(tmp_path), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _replicas(tmp_path) -> tuple[dict, dict]:
+    return load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+
+
+def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
+    proc = _launch_two_processes(
+        tmp_path, "model.model_name=tiny-clip",
+        "model.training_mode=visual_upper_layers_textual_upper_layers",
+        f"data.train={colour_pairs['train']}", f"data.val={colour_pairs['val']}", "loss.name=pairwise",
+        "train.max_updates=4", "train.batch_size=16", "train.lr=1e-3", "train.calibrate=false",
+        f"train.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    a, b = _replicas(tmp_path)
     start = create_critic(CriticConfig(model_name="tiny-clip")).state_dict()
     moved = 0
     for k in a:
@@ -106,6 +116,73 @@ def test_two_process_ddp_keeps_replicas_identical(colour_pairs, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["update"] == 4
     assert "MULTI_CPU" in proc.stderr and "2 processes" in proc.stderr
+
+
+def _pairs_with_a_bad_row_group(path: Path, n_groups: int, bad_group: int, group: int = 4) -> Path:
+    """Pick-a-Pic rows (no ties) in row groups of `group`; every row of group `bad_group` has an unreadable
+    preferred image. With batch_size == group and shuffle_row_groups=1 each micro-batch is one row group, so
+    one micro-batch is all bad."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers.pairs import encoded_image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_groups * group):
+        rows.append({"caption": f"prompt {i}", "jpg_0": encoded_image(rng, 16),
+                     "jpg_1": encoded_image(rng, 16), "label_0": float(i % 2), "label_1": float(1 - i % 2)})
+        if i // group == bad_group:
+            rows[-1]["jpg_0"] = b"truncated"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=group)
+    return path
+
+
+def test_a_micro_batch_of_bad_rows_is_skipped_and_counted_in_one_process(tmp_path):
+    pairs = _pairs_with_a_bad_row_group(tmp_path / "pairs.parquet", n_groups=4, bad_group=2)
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"data.train={pairs}", "data.val_fraction=0", "data.on_bad_row=skip",
+        "data.shuffle_row_groups=1", "loss.name=pairwise", "train.batch_size=4", "train.max_updates=4",
+        "train.lr=1e-3", f"train.output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    # 3 good micro-batches per epoch: the 4th update comes from the second epoch, which may meet the bad
+    # group again before it.
+    assert result["update"] == 4
+    assert result["bad_rows_skipped"] in (4, 8)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(v) for row in history for k, v in row.items() if k.startswith("train/"))
+
+
+def test_a_set_whose_every_image_is_bad_stops_after_one_epoch(tmp_path, capsys):
+    """Labels pass the index, but no image decodes: one epoch, then exit 2 saying nothing can be trained
+    (before: the single process looped forever, never reaching an update)."""
+    from reward.cli import train_main
+
+    pairs = _pairs_with_a_bad_row_group(tmp_path / "pairs.parquet", n_groups=1, bad_group=0)
+    assert train_main(["--set", "model.model_name=tiny-clip", "--set", f"data.train={pairs}",
+                       "--set", "data.val_fraction=0", "--set", "data.on_bad_row=skip",
+                       "--set", "train.batch_size=2", "--set", "train.max_updates=3",
+                       "--set", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "every training row met in epoch 0 was bad (4 skipped" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "critic").exists()
+
+
+def test_a_micro_batch_of_bad_rows_on_one_ddp_process_keeps_the_processes_in_step(tmp_path):
+    """One process's micro-batch is all bad (skip): it takes part in the update with a zero gradient
+    instead of raising or leaving the other process waiting; the replicas stay identical."""
+    pairs = _pairs_with_a_bad_row_group(tmp_path / "pairs.parquet", n_groups=4, bad_group=1)
+    proc = _launch_two_processes(
+        tmp_path, "model.model_name=tiny-clip", f"data.train={pairs}", "data.val_fraction=0",
+        "data.on_bad_row=skip", "data.shuffle_row_groups=1", "loss.name=pairwise", "train.batch_size=4",
+        "train.max_updates=2", "train.lr=1e-3", "train.calibrate=false",
+        f"train.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _replicas(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # 2 row groups per process, 2 micro-batches each: the bad group is met exactly once.
+    assert metrics["update"] == 2 and metrics["bad_rows_skipped"] == 4
+    assert "the whole micro-batch" in proc.stderr
 
 
 def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):

@@ -605,7 +605,7 @@ def test_openai_tags_get_quickgelu(monkeypatch):
         raise RuntimeError("stop before downloading")
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
-    with pytest.raises(WeightsError, match="ViT-L-14 weights 'openai'"):
+    with pytest.raises(WeightsError, match="open_clip weights ViT-L-14:openai"):
         open_clip_model("ViT-L-14", "openai")
     assert seen == {"name": "ViT-L-14", "pretrained": "openai", "force_quick_gelu": True}
     with pytest.raises(WeightsError):

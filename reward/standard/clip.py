@@ -81,22 +81,13 @@ class PickScore(StandardReward):
 
 def open_clip_model(name: str, pretrained: str | None):
     """(model, tokenizer) of an open_clip architecture; shipped tiny configs and JSON paths work too."""
-    import open_clip
-
-    from reward.model import quiet_random_init_warning, resolve_model_name, uses_quick_gelu
+    from reward.model import create_open_clip, quiet_open_clip_log, resolve_model_name
 
     name = resolve_model_name(name)
-    try:
-        if pretrained:
-            model = open_clip.create_model(name, pretrained=pretrained,
-                                           force_quick_gelu=uses_quick_gelu(name, pretrained))
-        else:
-            with quiet_random_init_warning():
-                model = open_clip.create_model(name, pretrained=None)
-    except Exception as err:  # open_clip raises several kinds when weights are not cached
-        raise WeightsError(f"could not load open_clip {name} weights {pretrained!r} ({type(err).__name__}: "
-                           f"{err}). Offline, put the checkpoint file on disk and pass NAME:PATH.") from err
-    return model, open_clip.get_tokenizer(name)
+    if pretrained:
+        return create_open_clip(name, pretrained, "pass NAME:PATH as the spec")
+    with quiet_open_clip_log():  # random weights asked for: the "initialized randomly" warning says nothing
+        return create_open_clip(name, None, "pass NAME:PATH as the spec")
 
 
 def open_clip_transform(clip: nn.Module, **changes) -> ImageTransform:
