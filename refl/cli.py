@@ -73,8 +73,9 @@ def generate_main(argv: list[str] | None = None) -> int:
                    help="replace the images of an earlier generation in --out (refused without it)")
     args = p.parse_args(argv)
     setup_logging()
-    if args.n < 1 or args.batch_size < 1:
-        raise ValueError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
+    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
+        raise ValueError(f"--n, --batch-size and --steps must be at least 1, got {args.n}, {args.batch_size} "
+                         f"and {args.steps}")
     prompts = read_prompt_file(args.prompts, key="--prompts", column_key="the prompt column")
     prepare_output(args.out, args.overwrite)  # before the model loads: a refused folder costs nothing
     pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype, vae=args.vae)
@@ -104,13 +105,14 @@ def export_main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("lora", help="LoRA folder saved by ReFL training (its lora/ or lora_best/)")
     p.add_argument("--format", default="kohya", choices=sorted(FORMATS), help="layout of the exported file")
-    p.add_argument("--out", default=None, help="exported file (default: inside the LoRA folder)")
+    p.add_argument("--out", default=None, help="exported .safetensors file (default: inside the LoRA folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="also upload the folder (weights, model card, export) to this Hub model repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = p.parse_args(argv)
     setup_logging()
-    out = export_lora(args.lora, args.format, args.out)
+    out = export_lora(args.lora, args.format, args.out, args.overwrite)
     result = {"format": args.format, "file": str(out)}
     if args.push_to_hub:
         result["hub"] = push_to_hub(args.lora, args.push_to_hub, args.private)

@@ -135,6 +135,9 @@ class ReflConfig:
         if self.train.max_updates < 1:
             raise ValueError("train.max_updates must be >= 1")
         check_guard_config(self.train)
+        if self.lora.rank < 1 or not self.lora.alpha > 0 or not 0 <= self.lora.dropout < 1:
+            raise ValueError(f"lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got rank "
+                             f"{self.lora.rank}, alpha {self.lora.alpha}, dropout {self.lora.dropout}")
         critics = [self.reward.critic] if isinstance(self.reward.critic, str) else self.reward.critic
         if not critics or not all(critics):
             raise ValueError("reward.critic needs a checkpoint or a non-empty list of them, got "

@@ -93,10 +93,26 @@ def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return out, metadata
 
 
-def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Write the kohya file of a LoRA folder (default: <folder>/lora_kohya.safetensors), atomically."""
+def check_export_path(out: Path, overwrite: bool) -> None:
+    """A file the user named: a .safetensors (what the other tools list as LoRAs), not a folder, and an
+    existing one replaced only with `overwrite`."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: name a .safetensors file (what AUTOMATIC1111, ComfyUI and Forge "
+                         "load)")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; name the .safetensors file to write")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or name another file")
+
+
+def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the kohya file of a LoRA folder, atomically: to `out`, or to <folder>/lora_kohya.safetensors,
+    which every export of the folder rewrites (it is derived from the folder's weights)."""
     from safetensors.torch import save
 
+    if out is not None:
+        check_export_path(Path(out), overwrite)
     state, metadata = kohya_state_dict(directory)
     out = Path(out) if out is not None else Path(directory) / "lora_kohya.safetensors"
     data = save(state, metadata=metadata)
@@ -109,10 +125,10 @@ FORMATS: dict[str, Callable[..., Path]] = {"kohya": export_kohya}
 
 
 def export_lora(directory: str | os.PathLike, fmt: str = "kohya",
-                out: str | os.PathLike | None = None) -> Path:
+                out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats are {sorted(FORMATS)}")
-    return FORMATS[fmt](directory, out)
+    return FORMATS[fmt](directory, out, overwrite)
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = False) -> str:

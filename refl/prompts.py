@@ -28,7 +28,12 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
                              f"{column_key}")
         prompts = frame[column].astype(str).tolist()
     else:
-        prompts = path.read_text(encoding="utf-8").splitlines()
+        try:
+            prompts = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{key} {path} is not UTF-8 text ({err.reason} at byte {err.start}): give "
+                             "a .txt file of prompts, one per line, saved as UTF-8 (or a .parquet/.csv)"
+                             ) from err
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
@@ -45,6 +50,26 @@ def training_prompts(cfg) -> list[str]:
     if not prompts:
         raise ValueError("no training prompts: set data.prompts_file or data.prompts")
     return prompts
+
+
+CHECKED_PROMPTS = 10_000  # tokenizing more would slow the start of a large prompt set for a warning
+
+
+def warn_if_truncated(prompts: list[str], tokenizer, setting: str) -> int:
+    """Log once how many of the first `CHECKED_PROMPTS` prompts are longer than the text encoder reads
+    (their tail is cut, as the stock pipelines cut it), with the first one; returns how many."""
+    import logging
+
+    checked = list(prompts[:CHECKED_PROMPTS])
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(checked, truncation=False, verbose=False).input_ids]  # +BOS, EOS
+    long = [p for p, n in zip(checked, lengths) if n > limit]
+    if long:
+        logging.getLogger(__name__).warning(
+            "%d of the %s%d prompts of %s are longer than the text encoder's %d tokens: their ends are cut "
+            "(as the stock pipeline cuts them), e.g. %r", len(long), "first " if len(prompts) > len(checked)
+            else "", len(checked), setting, limit, long[0][:120] + ("..." if len(long[0]) > 120 else ""))
+    return len(long)
 
 
 def seed_for(*parts: int) -> int:

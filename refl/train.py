@@ -26,7 +26,7 @@ from refl.components import DTYPES, SDComponents, load_components
 from refl.config import ReflConfig, ReflTrainConfig
 from refl.lora import add_lora, load_lora_state, lora_state, save_lora
 from refl.plots import plot_curve
-from refl.prompts import prompts_for, seed_for, training_prompts
+from refl.prompts import prompts_for, seed_for, training_prompts, warn_if_truncated
 from refl.reg_pool import build_reg_pool
 from refl.rewards import build_reward
 from refl.sampling import make_pipeline, sample
@@ -39,7 +39,7 @@ from refl.step import (
     validate_step_config,
 )
 from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import save_config
+from runkit.config import changed_settings, save_config
 from runkit.files import paths_relative_to, write_json
 from runkit.logs import RunLogger, read_metrics
 from runkit.optim import build_optimizer
@@ -280,9 +280,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
         logger.warning(line)
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     out = Path(t.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    ckpt = find_checkpoint(out, t.resume)  # before anything is written: a refusal leaves the folder alone
+    changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
     world = accelerator.num_processes
     per_update = t.batch_size * t.gradient_accumulation * world
     logger.info("processes %d, prompts per update %d (= %d per micro-batch x %d accumulation x %d "
@@ -290,16 +289,20 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
                 t.gradient_accumulation, world, t.max_updates, per_update * t.max_updates)
     prompts = training_prompts(cfg.data)
     components, params, optimizer, lr_sched = _prepare(cfg, accelerator)
+    if accelerator.is_main_process:
+        warn_if_truncated(prompts, components.tokenizer, "data")
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
                                           components.checkpointing.critic)
     guard.warn_if_too_few_validations(t)
     # Validation runs on the main process only, and so do its judges.
     judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
     state = TrainState()
-    ckpt = find_checkpoint(out, t.resume)
     if ckpt is not None:
-        state = TrainState(**load_checkpoint(accelerator, ckpt))
+        state = TrainState(**load_checkpoint(accelerator, ckpt, changed))
         logger.info("resumed from %s at update %d", ckpt, state.update)
+    if accelerator.is_main_process:  # once the checkpoint fits: the run's settings from now on
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
 

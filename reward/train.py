@@ -25,7 +25,7 @@ from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import create_loss
 from reward.model import SocialReward, create_critic
 from runkit.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
-from runkit.config import save_config
+from runkit.config import changed_settings, save_config
 from runkit.files import write_json
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
@@ -63,9 +63,8 @@ def train(cfg: RewardConfig) -> dict:
     accelerator = Accelerator(mixed_precision=tc.mixed_precision,
                               gradient_accumulation_steps=tc.gradient_accumulation)
     set_seed(tc.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    ckpt = find_checkpoint(out, tc.resume)  # before anything is written: a refusal leaves the folder alone
+    changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
 
     critic = create_critic(cfg.model)
     critic.set_grad_checkpointing(tc.gradient_checkpointing)
@@ -102,11 +101,13 @@ def train(cfg: RewardConfig) -> dict:
                 total)
 
     state = LoopState()
-    ckpt = find_checkpoint(out, tc.resume)
     if ckpt is not None:
-        state = LoopState(**load_checkpoint(accelerator, ckpt))
+        state = LoopState(**load_checkpoint(accelerator, ckpt, changed))
         logger.info("resumed from %s at update %d (epoch %d, batch %d)", ckpt, state.update, state.epoch,
                     state.batches_done)
+    if accelerator.is_main_process:  # once the checkpoint fits: the run's settings from now on
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     run_logger = RunLogger(out, accelerator.is_main_process, tc.log_with, state.update)
     every = {"validate": tc.validate_every or updates_per_epoch,
              "checkpoint": tc.checkpoint_every or updates_per_epoch}

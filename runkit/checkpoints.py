@@ -97,7 +97,21 @@ def rewrite_state(checkpoint: Path, state: dict) -> None:
     write_json(checkpoint / "state.json", state)
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
-    """Restore what save_state saved (same registration order as when saving); returns state.json."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, path: str | os.PathLike, changed: list[str] = ()) -> dict:
+    """Restore what save_state saved (same registration order as when saving); returns state.json.
+
+    `changed` lists the settings changed since the checkpoint's run started (`runkit.config.
+    changed_settings`): logged on success, and named when the checkpoint no longer fits (a LoRA rank, a
+    model, an optimizer changed), which is refused with a ValueError instead of torch's tensor listing."""
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        first = " ".join(lines[:2])[:300] if lines[0].endswith(":") else lines[0][:300]  # torch: a heading
+        since = ("; settings changed since that run: " + ", ".join(changed)) if changed else ""
+        raise ValueError(f"checkpoint {path} does not fit this run's model or optimizer ({first}){since}. "
+                         "Resume with the run's own settings for these, or start fresh in another "
+                         "output_dir") from err
+    if changed:
+        logger.warning("resuming %s with settings changed since: %s", path, ", ".join(changed))
     return json.loads((Path(path) / "state.json").read_text())

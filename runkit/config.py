@@ -92,6 +92,8 @@ class TrainSettings:
             raise ConfigError("train.batch_size and train.gradient_accumulation must be >= 1")
         if self.max_updates < 0:
             raise ConfigError("train.max_updates must be >= 0")
+        if not self.lr > 0:  # also refuses NaN
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"train.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -282,6 +284,24 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically) beside a run's outputs."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()
     return atomic_write_bytes(path, lambda f: f.write(text))
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def changed_settings(saved: str | os.PathLike, cfg: Any, ignore: tuple[str, ...] = ("train.resume",)
+                     ) -> list[str]:
+    """The settings of `cfg` that differ from a run's saved config file (`key: old -> new`, keys absent on
+    either side included); none when there is no saved file. What a resumed run says it changed."""
+    path = Path(saved)
+    if not path.is_file():
+        return []
+    old, new = _leaves(yaml.safe_load(path.read_text()) or {}), _leaves(to_dict(cfg))
+    return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+            for key in sorted(set(old) | set(new)) if key not in ignore and old.get(key) != new.get(key)]
 
 
 def add_config_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:

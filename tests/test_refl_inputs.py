@@ -11,6 +11,7 @@ import torch
 from refl.cli import generate_main
 from refl.components import load_components, save_pipeline
 from refl.lora import LoraConfig, add_lora, save_lora
+from runkit.checkpoints import checkpoint_dirs
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,41 @@ def test_generate_refuses_zero_images_before_loading_the_model(tmp_path, capsys)
     # The model does not exist: the --n check must come first.
     assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--n", "0") == 2
     assert "--n" in capsys.readouterr().err and not (tmp_path / "gen").exists()
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--steps", "0") == 2  # a ZeroDivisionError
+    assert "--steps" in capsys.readouterr().err and not (tmp_path / "gen").exists()
+
+
+def test_a_prompts_file_that_is_not_text_is_named_with_the_fix(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xb9\x00")  # an image saved as .txt
+    assert generate_main(["--model", "tiny", "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                          str(tmp_path / "gen")]) == 2
+    line = _error_line(capsys)
+    assert "prompts.txt is not UTF-8 text" in line and "one per line" in line
+
+
+@pytest.mark.parametrize("setting, names", [
+    ("lora.rank=0", "rank >= 1"), ("lora.alpha=-1", "alpha > 0"), ("train.lr=-1", "train.lr must be > 0"),
+    ("train.lr=nan", "train.lr must be > 0")])
+def test_settings_that_cannot_train_are_refused_before_the_model_loads(tmp_path, capsys, setting, names):
+    from refl.cli import train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--set", "model.name=no-such-model", "--set", f"train.output_dir={out}",
+                       "--set", setting]) == 2
+    assert names in _error_line(capsys) and not out.exists()
+
+
+def test_export_refuses_to_replace_a_file_without_overwrite(tiny_lora_dir, tmp_path, capsys):
+    from refl.cli import export_main
+
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("mine")
+    assert export_main([str(tiny_lora_dir), "--out", str(notes)]) == 2
+    assert "--overwrite" in _error_line(capsys) and notes.read_text() == "mine"
+    assert export_main([str(tiny_lora_dir), "--out", str(tmp_path / "notes.txt")]) == 2
+    assert ".safetensors" in _error_line(capsys) and not (tmp_path / "notes.txt").exists()
+    assert export_main([str(tiny_lora_dir), "--out", str(notes), "--overwrite"]) == 0
+    assert notes.read_bytes() != b"mine"
 
 
 def test_an_empty_lora_folder_names_the_file_it_needs(tiny_base, tmp_path, capsys):
@@ -138,8 +174,57 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path,
             "--set", "step.cut_range=[0,1]"]
     assert train_main(args) == 0
     first = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert train_main(args) == 2
+    run_config = (out / "config.yaml").read_text()
+    assert train_main(args + ["--set", "train.lr=0.5"]) == 2
     line = _error_line(capsys)
     assert str(out) in line and "--resume latest" in line and "update-000001" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # nothing written
+    assert (out / "config.yaml").read_text() == run_config  # the earlier run's settings stay
     assert train_main(args + ["--resume", "latest"]) == 0  # continuing it is fine
+
+
+def test_resuming_with_a_changed_lora_rank_names_the_changed_setting(tmp_path, capsys, caplog):
+    """A checkpoint that no longer fits (the LoRA rank changed) is one line naming the checkpoint and the
+    changed setting, not torch's size-mismatch listing; the run's config and checkpoints stay. A change that
+    fits (more updates) resumes and is logged."""
+    from refl.cli import train_main
+
+    out = tmp_path / "run"
+    args = ["--set", f"train.output_dir={out}", "--set", "model.name=tiny", "--set", "reward.kind=contrast",
+            "--set", "train.batch_size=1", "--set", "train.log_with=none",
+            "--set", "train.validation_prompts=[]", "--set", "step.num_inference_steps=2",
+            "--set", "step.cut_range=[0,1]"]
+    assert train_main(args + ["--set", "train.max_updates=1"]) == 0
+    run_config = (out / "config.yaml").read_text()
+    changed = ["--set", "train.max_updates=2", "--set", "lora.rank=8", "--resume", "latest"]
+    assert train_main(args + changed) == 2
+    line = _error_line(capsys)
+    assert "update-000001" in line and "does not fit" in line and "lora.rank: 4 -> 8" in line
+    assert "size mismatch" in line and line.count("size mismatch") == 1
+    assert (out / "config.yaml").read_text() == run_config
+    assert [p.name for p in checkpoint_dirs(out)] == ["update-000001"]
+    with caplog.at_level("WARNING", logger="runkit.checkpoints"):
+        assert train_main(args + ["--set", "train.max_updates=2", "--resume", "latest"]) == 0
+    assert any("train.max_updates: 1 -> 2" in r.getMessage() for r in caplog.records)
+    assert "max_updates: 2" in (out / "config.yaml").read_text()
+
+
+def test_prompts_longer_than_the_text_encoder_reads_are_counted_at_start(tmp_path, caplog):
+    """ReFL cuts them as the stock pipeline does; training says how many, once, instead of nothing."""
+    from refl import train as refl_train
+    from refl.config import ReflConfig
+    from runkit.config import load_config
+
+    long = "a " + "very " * 100 + "long prompt about a cat"
+    (tmp_path / "prompts.txt").write_text(f"a cat\n{long}\na dog\n")
+    cfg = load_config(ReflConfig, None, [
+        "model.name=tiny", "reward.kind=contrast", f"data.prompts_file={tmp_path / 'prompts.txt'}",
+        f"train.output_dir={tmp_path / 'run'}", "train.max_updates=1", "train.batch_size=1",
+        "train.log_with=none", "train.validation_prompts=[]", "step.num_inference_steps=2",
+        "step.cut_range=[0,1]"])
+    with caplog.at_level("WARNING"):
+        refl_train.train(cfg)
+    said = [r.getMessage() for r in caplog.records if "longer than the text encoder" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 of the 3 prompts of data")
+    assert "text encoder's 16 tokens" in said[0]  # the tiny preset's context length
+    assert not any("Token indices sequence length" in r.getMessage() for r in caplog.records)
