@@ -41,7 +41,7 @@ def printed_summary(results: dict, output_dir: str) -> dict:
 def compare_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    add_config_args(parser, resume=False)  # a rerun reuses its stored samples by itself
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_config(CompareConfig, args.config, args.overrides)

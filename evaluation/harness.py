@@ -127,9 +127,6 @@ class Sampler:
         if self.has_lora:
             from refl.lora import load_lora_into
 
-            if not Path(cfg.lora).is_dir():
-                raise FileNotFoundError(f"lora={cfg.lora} is not a directory (expected a LoRA saved by refl "
-                                        "training, e.g. runs/refl_toy/lora); set lora='' for base arms only")
             load_lora_into(self.pipe, cfg.lora, adapter_name="refl")
         self.model = None  # the model drawn from: "base", or "refl" (the LoRA switched on)
         self.set_model("base")
@@ -280,10 +277,14 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     report.html into cfg.output_dir; returns the results. `components` (optional) replaces loading."""
     from tqdm.auto import tqdm
 
+    from refl.lora import check_lora_dir
+
     out = Path(cfg.output_dir)
+    prompts = read_heldout_prompts(cfg.prompts, cfg.prompt_column, cfg.max_prompts)
+    if cfg.lora:  # before any sample is drawn; lora='' compares the base arms only
+        check_lora_dir(cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    prompts = read_heldout_prompts(cfg.prompts, cfg.prompt_column, cfg.max_prompts)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = ["base", "refl"] if cfg.lora else ["base"]
     counts = {"base": cfg.n_samples, "refl": cfg.n_refl}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from refl.lora import LORA_WEIGHTS
+from refl.lora import check_lora_dir
 from runkit.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ def read_lora(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     ({"unet": {"r": 4, "lora_alpha": 16, ...}, ...}; empty for a file saved without metadata)."""
     from safetensors import safe_open
 
-    weights = Path(directory) / LORA_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{directory} holds no {LORA_WEIGHTS}: point at the lora/ or lora_best/ "
-                                "folder of a ReFL run")
+    weights = check_lora_dir(directory)
     with safe_open(str(weights), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         raw = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))

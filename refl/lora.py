@@ -153,11 +153,9 @@ MODEL_CARD = "README.md"  # the model card beside the weights, as diffusers' tra
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
 
 
-def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl") -> None:
-    """Load a diffusers-format LoRA folder (what `save_lora` writes) into a stock pipeline, as adapter
-    `adapter_name`; an error names the folder and what it should hold."""
-    from safetensors import safe_open
-
+def check_lora_dir(directory: str | os.PathLike) -> Path:
+    """The weights file of a saved LoRA folder; FileNotFoundError naming the folder and the fix otherwise.
+    Cheap: commands call it before any work."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"LoRA folder {directory} does not exist (the lora/ or lora_best/ folder of "
@@ -166,6 +164,16 @@ def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl
     if not weights.is_file():
         raise FileNotFoundError(f"LoRA folder {directory} holds no {LORA_WEIGHTS} (ReFL writes it into the "
                                 "lora/ and lora_best/ folders of a run); point at one of those")
+    return weights
+
+
+def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl") -> None:
+    """Load a diffusers-format LoRA folder (what `save_lora` writes) into a stock pipeline, as adapter
+    `adapter_name`; an error names the folder and what it should hold."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    weights = check_lora_dir(directory)
     with safe_open(str(weights), "pt") as f:
         text_keys = any(k.startswith("text_encoder.") for k in f.keys())
     # diffusers warns that a LoRA without text-encoder weights has none for the text encoder; here that is

@@ -312,12 +312,26 @@ def _datasets(dc: CriticDataConfig, image_size: int, handles_ties: bool):
     train_kw = dict(common, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties)
     if dc.val:
         train_set = PairShards(dc.train, image_size, **train_kw)
-        return train_set, _validation_set(lambda: PairShards(dc.val, image_size, **common, tie_policy="keep"))
+        val_set = _validation_set(lambda: PairShards(dc.val, image_size, **common, tie_policy="keep"))
+        if val_set is not None:
+            _warn_if_shared(train_set, val_set)
+        return train_set, val_set
     train_set = PairShards(dc.train, image_size, **train_kw, split="train", val_fraction=dc.val_fraction)
     if dc.val_fraction <= 0:
         return train_set, None
     return train_set, _validation_set(lambda: PairShards(dc.train, image_size, **common, tie_policy="keep",
                                                          split="val", val_fraction=dc.val_fraction))
+
+
+def _warn_if_shared(train_set: PairShards, val_set: PairShards) -> None:
+    """A held-out set that shares files with the training set measures fit, not generalisation."""
+    shared = sorted({Path(f.path).resolve() for f in train_set.reader.shards}
+                    & {Path(f.path).resolve() for f in val_set.reader.shards})
+    if shared:
+        logger.warning("data.val shares %d file(s) with data.train (e.g. %s): its accuracy measures how well "
+                       "the critic fits its training pairs, not how it generalises. Hold out other pairs, or "
+                       "leave data.val empty to hold out data.val_fraction of the prompts", len(shared),
+                       shared[0])
 
 
 def _validation_set(make) -> PairShards | None:

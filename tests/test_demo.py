@@ -295,3 +295,12 @@ def test_sweep_chooses_by_the_rule_on_the_demos_critic(quick_demo, monkeypatch):
         sweep.run_sweep(quick_demo, {"no fidelity": ["refl.train.lr=1e-2",
                                                      'refl.train.heldout_evaluators=["oracle:"]']})
     assert not (quick_demo / "sweep" / "no-fidelity").exists()
+
+
+def test_a_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    from toyworld.cli import demo_main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert demo_main(["--out", str(notes), "--quick"]) == 2
+    assert "is a file; name a folder" in capsys.readouterr().err and notes.read_text() == "mine"

@@ -332,3 +332,17 @@ def test_bf16_harness_with_a_lora(world, tmp_path):
                                  "benchmark_throughput=false"))
     assert set(results["arms"]) >= {"base_random", "refl_random", "base_best_of_2"}
     assert all(np.isfinite(v["mean"]) for arm in results["arms"].values() for v in arm["scores"].values())
+
+
+def test_a_missing_lora_is_refused_before_any_sample_is_drawn(world, tmp_path, monkeypatch):
+    """It was found only when the first prompt's ReFL arm loaded it, after the base samples were drawn."""
+    def must_not_sample(*args, **kwargs):
+        raise AssertionError("drew samples before checking the LoRA")
+
+    monkeypatch.setattr(H, "_samples_for", must_not_sample)
+    (tmp_path / "empty").mkdir()
+    for lora, names in [(tmp_path / "nowhere", "does not exist"),
+                        (tmp_path / "empty", "holds no pytorch_lora_weights.safetensors")]:
+        with pytest.raises(FileNotFoundError, match=names):
+            H.run_compare(_cfg(world, tmp_path / "out", f"lora={lora}"))
+    assert not (tmp_path / "out").exists()

@@ -379,6 +379,17 @@ def test_open_clip_weights_missing_from_an_offline_cache_stop_training_with_the_
     assert not (out / "checkpoints").exists()
 
 
+def test_a_held_out_set_that_is_the_training_set_is_pointed_out(colour_pairs, tmp_path, caplog):
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"data.train={colour_pairs['train']}",
+        f"data.val={colour_pairs['train']}", "train.max_updates=1", "train.batch_size=8",
+        f"train.output_dir={tmp_path / 'run'}"])
+    with caplog.at_level(logging.WARNING, logger="reward.train"):
+        train(cfg)
+    said = [r.getMessage() for r in caplog.records if "shares 1 file(s) with data.train" in r.getMessage()]
+    assert len(said) == 1 and "not how it generalises" in said[0]
+
+
 def test_a_missing_critic_folder_is_named_as_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"critic folder .*nowhere.* does not exist.*critic.json"):
         reward.load(tmp_path / "nowhere" / "critic")

@@ -34,6 +34,8 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
     from toyworld.world import split_prompts
 
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; name a folder for the demo's run")
     out.mkdir(parents=True, exist_ok=True)
     # config.yaml in this folder is the comparison harness's (it writes into the same folder).
     save_config(cfg, out / "demo_config.yaml")
