@@ -3,10 +3,13 @@ and the order in which ReFL training sees them."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str = "prompts",
@@ -26,7 +29,11 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
         if column not in frame.columns:
             raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)}); set "
                              f"{column_key}")
-        prompts = frame[column].astype(str).tolist()
+        cells = frame[column]
+        if cells.isna().any():  # astype(str) would train on the prompts "None" and "nan"
+            logger.warning("%s: %d empty (null) cell(s) in column %r skipped", path, int(cells.isna().sum()),
+                           column)
+        prompts = cells.dropna().astype(str).tolist()
     else:
         try:
             prompts = path.read_text(encoding="utf-8").splitlines()
@@ -58,14 +65,12 @@ CHECKED_PROMPTS = 10_000  # tokenizing more would slow the start of a large prom
 def warn_if_truncated(prompts: list[str], tokenizer, setting: str) -> int:
     """Log once how many of the first `CHECKED_PROMPTS` prompts are longer than the text encoder reads
     (their tail is cut, as the stock pipelines cut it), with the first one; returns how many."""
-    import logging
-
     checked = list(prompts[:CHECKED_PROMPTS])
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(checked, truncation=False, verbose=False).input_ids]  # +BOS, EOS
     long = [p for p, n in zip(checked, lengths) if n > limit]
     if long:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "%d of the %s%d prompts of %s are longer than the text encoder's %d tokens: their ends are cut "
             "(as the stock pipeline cuts them), e.g. %r", len(long), "first " if len(prompts) > len(checked)
             else "", len(checked), setting, limit, long[0][:120] + ("..." if len(long[0]) > 120 else ""))

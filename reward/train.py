@@ -243,8 +243,8 @@ def _report_bad_rows(batch: dict, n_bad_before: int, state: LoopState) -> int:
 
 
 def _refuse_an_epoch_of_bad_rows(accelerator, good: int, bad: int, state: LoopState) -> None:
-    """Stop when a whole epoch met no good row in any process: epochs after it would meet none either
-    (a single process would never reach an update)."""
+    """Stop when a whole epoch met no good row in any process: epochs after it would meet none either (a
+    single process, skipping every micro-batch, would never reach an update)."""
     if int(accelerator.reduce(torch.tensor([good], device=accelerator.device), reduction="sum").item()) == 0:
         raise DataError(f"every training row met in epoch {state.epoch} was bad ({bad} skipped in this "
                         "process with data.on_bad_row=skip): nothing can be trained; scripts/check_pairs.py "

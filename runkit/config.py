@@ -92,8 +92,8 @@ class TrainSettings:
             raise ConfigError("train.batch_size and train.gradient_accumulation must be >= 1")
         if self.max_updates < 0:
             raise ConfigError("train.max_updates must be >= 0")
-        if not self.lr > 0:  # also refuses NaN
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not self.lr >= 0:  # also refuses NaN; 0 is a frozen control run
+            raise ConfigError(f"train.lr must be >= 0, got {self.lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"train.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.lr_schedule not in LR_SCHEDULES:

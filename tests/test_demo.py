@@ -304,3 +304,31 @@ def test_a_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     notes.write_text("mine")
     assert demo_main(["--out", str(notes), "--quick"]) == 2
     assert "is a file; name a folder" in capsys.readouterr().err and notes.read_text() == "mine"
+
+
+def test_critic_study_measures_every_checkpoint_and_its_seed_0_is_the_demos_critic(quick_demo):
+    from toyworld.critic_study import critic_study_markdown, run_critic_study
+
+    summary = run_critic_study(quick_demo, seeds=(0, 1), fractions=(0.5, 1.0), every=2)
+    demo_critic = json.loads((quick_demo / "critic" / "critic_summary.json").read_text())
+    demo_half = next(p for p in demo_critic["learning_curve"] if p["fraction"] == 0.5)
+    runs = {(r["fraction"], r["seed"]): r for r in summary["runs"]}
+    assert set(runs) == {(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)}
+    for run in runs.values():
+        updates = [c["update"] for c in run["curve"]]
+        assert updates == sorted(updates) and updates[-1] == run["updates"]
+        assert all(u % 2 == 0 for u in updates[:-1])  # a checkpoint every 2 updates, and the last
+        kept = run["by_community_validation"]
+        assert kept["community_validation"] == max(c["community_validation"] for c in run["curve"]
+                                                    if c["community_validation"] is not None)
+    # Seed 0 trains the demo's own critics: checkpoints and validations more often change nothing.
+    assert runs[(1.0, 0)]["final"]["oracle_accuracy"] == pytest.approx(
+        demo_critic["accuracy_vs_oracle"]["pairwise_accuracy"], abs=1e-9)
+    assert runs[(0.5, 0)]["final"]["oracle_accuracy"] == pytest.approx(
+        demo_half["accuracy_vs_oracle"]["pairwise_accuracy"], abs=1e-9)
+    assert runs[(0.5, 0)]["n_pairs"] == demo_half["n_pairs"]
+    again = run_critic_study(quick_demo, seeds=(0, 1), fractions=(0.5, 1.0), every=2)  # reused, not retrained
+    assert again["runs"] == summary["runs"]
+    text = critic_study_markdown(summary)
+    assert "kept by community validation" in text
+    assert (quick_demo / "study" / "critic" / "critic.md").read_text() == text

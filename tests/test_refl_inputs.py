@@ -73,8 +73,8 @@ def test_a_prompts_file_that_is_not_text_is_named_with_the_fix(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("setting, names", [
-    ("lora.rank=0", "rank >= 1"), ("lora.alpha=-1", "alpha > 0"), ("train.lr=-1", "train.lr must be > 0"),
-    ("train.lr=nan", "train.lr must be > 0")])
+    ("lora.rank=0", "rank >= 1"), ("lora.alpha=-1", "alpha > 0"), ("train.lr=-1", "train.lr must be >= 0"),
+    ("train.lr=nan", "train.lr must be >= 0")])
 def test_settings_that_cannot_train_are_refused_before_the_model_loads(tmp_path, capsys, setting, names):
     from refl.cli import train_main
 
@@ -228,3 +228,14 @@ def test_prompts_longer_than_the_text_encoder_reads_are_counted_at_start(tmp_pat
     assert len(said) == 1 and said[0].startswith("1 of the 3 prompts of data")
     assert "text encoder's 16 tokens" in said[0]  # the tiny preset's context length
     assert not any("Token indices sequence length" in r.getMessage() for r in caplog.records)
+
+
+def test_null_prompt_cells_are_skipped_not_read_as_the_words_none_and_nan(tmp_path, caplog):
+    import pandas as pd
+
+    from refl.prompts import read_prompt_file
+
+    pd.DataFrame({"prompt": ["a cat", None, float("nan"), "a dog"]}).to_parquet(tmp_path / "p.parquet")
+    with caplog.at_level("WARNING", logger="refl.prompts"):
+        assert read_prompt_file(tmp_path / "p.parquet") == ["a cat", "a dog"]
+    assert any("2 empty (null) cell(s)" in r.getMessage() for r in caplog.records)

@@ -154,7 +154,7 @@ def test_a_micro_batch_of_bad_rows_is_skipped_and_counted_in_one_process(tmp_pat
 
 def test_a_set_whose_every_image_is_bad_stops_after_one_epoch(tmp_path, capsys):
     """Labels pass the index, but no image decodes: one epoch, then exit 2 saying nothing can be trained
-    (before: the single process looped forever, never reaching an update)."""
+    (skipping whole micro-batches would otherwise never reach an update)."""
     from reward.cli import train_main
 
     pairs = _pairs_with_a_bad_row_group(tmp_path / "pairs.parquet", n_groups=1, bad_group=0)

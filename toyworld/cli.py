@@ -158,18 +158,26 @@ def study_main(argv: list[str] | None = None) -> int:
         social-refl-world-study --demo runs/demo                  # plain ReFL, seeds 0 1 2 (0 = the demo's run)
         social-refl-world-study --demo runs/demo --study guard    # ReFL against the hacking guards
         social-refl-world-study --demo runs/demo --seeds 0 1 2 3
+        social-refl-world-study --demo runs/demo --study critic   # the critic's learning curve over seeds
     """  # noqa: E501
     from toyworld.study import DEFAULT_SEEDS, STUDIES, run_study, study_markdown
 
     parser = argparse.ArgumentParser(description=study_main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
-    parser.add_argument("--study", default="world", choices=sorted(STUDIES),
-                        help="world: plain ReFL; guard: plain ReFL against selection, an ensemble, and both")
+    parser.add_argument("--study", default="world", choices=sorted([*STUDIES, "critic"]),
+                        help="world: plain ReFL; guard: plain ReFL against selection, an ensemble, and both; "
+                             "critic: the critic recipe on 1/8 to all of the pairs, checkpoints measured "
+                             "against the oracle (toyworld/critic_study.py; no ReFL)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="ReFL training seeds")
+                        help="training seeds (ReFL's, or the critic's for --study critic)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.study == "critic":
+        from toyworld.critic_study import critic_study_markdown, run_critic_study
+
+        print(critic_study_markdown(run_critic_study(args.demo, args.seeds)))
+        return 0
     print(study_markdown(run_study(args.demo, args.seeds, study=args.study)))
     return 0
 
