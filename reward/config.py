@@ -74,6 +74,10 @@ class CriticTrainConfig(TrainSettings):
     epochs: int = 10
     # After training, fit the affine score calibration on the held-out images (mean 0, std 1).
     calibrate: bool = True
+    # The final critic is the one of the validation with the best held-out pairwise accuracy (the earliest on
+    # a tie), not the last update's (as transformers' load_best_model_at_end); metrics.json names its update.
+    # Needs held-out pairs; validate_every sets how finely it can choose.
+    keep_best: bool = False
 
 
 @dataclass
@@ -87,5 +91,8 @@ class RewardConfig:
         if self.loss.name not in LOSSES:
             raise ValueError(f"loss.name={self.loss.name!r}; choose one of {', '.join(LOSSES)}")
         self.train.check()
+        if self.train.keep_best and not self.data.val and self.data.val_fraction <= 0:
+            raise ValueError("train.keep_best chooses by held-out accuracy: set data.val or "
+                             "data.val_fraction > 0")
         if self.data.shuffle_row_groups < 1:
             raise ValueError("data.shuffle_row_groups must be >= 1")

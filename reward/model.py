@@ -230,7 +230,7 @@ def is_critic_dir(path: str | os.PathLike | None) -> bool:
     return path is not None and (Path(path) / CHECKPOINT_CONFIG).is_file()
 
 
-def _load_weights(model: SocialReward, directory: Path) -> None:
+def load_critic_weights(model: SocialReward, directory: Path) -> None:
     """Load a saved critic's weights (fp16 files are upcast into the model's fp32 parameters)."""
     state = load_file(str(directory / CHECKPOINT_WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -315,7 +315,7 @@ def create_critic(config: CriticConfig | None = None, **overrides) -> SocialRewa
     if is_critic_dir(pretrained):
         with quiet_open_clip_log():
             model = create_critic(CriticConfig(config.model_name, None, config.training_mode))
-        _load_weights(model, Path(pretrained))
+        load_critic_weights(model, Path(pretrained))
         model.config = config
         return model
     clip, tokenizer = create_open_clip(name, pretrained, "pass its path as model.pretrained")
@@ -376,7 +376,7 @@ def load(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
             model = create_critic(CriticConfig(model_name=meta["model_name"], pretrained=None,
                                                training_mode=training_mode
                                                or meta.get("training_mode", "all")))
-        _load_weights(model, path)
+        load_critic_weights(model, path)
         model.config.pretrained = meta.get("pretrained")
     else:
         name, _, pretrained = str(path_or_name).partition(":")

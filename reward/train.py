@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -23,8 +23,8 @@ from reward.config import CriticDataConfig, CriticTrainConfig, LossConfig, Rewar
 from reward.data import DataError, EmptySplitError, PairShards, PairShardSampler, collate_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import create_loss
-from reward.model import SocialReward, create_critic
-from runkit.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from reward.model import SocialReward, create_critic, load_critic_weights
+from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import changed_settings, save_config
 from runkit.files import write_json
 from runkit.logs import RunLogger
@@ -32,6 +32,8 @@ from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
+
+BEST_DIR = "critic_best"  # train.keep_best: the best validation's critic so far, inside the run folder
 
 
 class CriticWithLoss(nn.Module):
@@ -53,6 +55,8 @@ class LoopState:
     update: int = 0  # optimizer updates done
     epoch: int = 0  # current pass over the training pairs
     batches_done: int = 0  # micro-batches of this epoch already consumed (skipped on resume)
+    best_update: int = -1  # train.keep_best: the update of the best validation so far (-1: none yet)
+    best_accuracy: float = -1.0  # its held-out pairwise accuracy
 
 
 def train(cfg: RewardConfig) -> dict:
@@ -158,10 +162,14 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
             if (state.update % tc.log_every == 0 or last) and running:
                 _log_train(run_logger, scheduler, state, running, pbar)
                 running = {}
+            saved = None
             if state.update % every["checkpoint"] == 0 or last:  # before validation, which may fail
-                _save(accelerator, module, out, state, tc)
+                saved = _save(accelerator, module, out, state, tc)
             if state.update % every["validate"] == 0 or last:
-                val_set = _validate(accelerator, module, val_set, state, run_logger, history, last, out)
+                val_set = _validate(accelerator, module, val_set, state, run_logger, history, last, out,
+                                    tc.keep_best)
+                if saved is not None and tc.keep_best and accelerator.is_main_process:
+                    rewrite_state(saved, vars(state).copy())  # a resume from it knows this validation's best
             if last:
                 break
         else:
@@ -204,17 +212,18 @@ def _log_train(run_logger: RunLogger, scheduler, state: LoopState, running: dict
     pbar.set_postfix(loss=f"{logs['train/loss']:.4f}")
 
 
-def _save(accelerator, module, out: Path, state: LoopState, tc: CriticTrainConfig) -> None:
+def _save(accelerator, module, out: Path, state: LoopState, tc: CriticTrainConfig) -> Path:
     critic = accelerator.unwrap_model(module).critic
-    save_checkpoint(accelerator, out, vars(state).copy(), tc.checkpoints_keep,
-                    write_files=lambda folder: critic.save_pretrained(folder / "critic"))
+    return save_checkpoint(accelerator, out, vars(state).copy(), tc.checkpoints_keep,
+                           write_files=lambda folder: critic.save_pretrained(folder / "critic"))
 
 
 def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLogger, history: list[dict],
-              last: bool, out: Path):
-    """Validate and log; returns the validation set to use from now on: None once it has no scorable pair
-    (every held-out row bad, skipped), so training goes on without validation. A crash in the final
-    validation first writes the trained critic (uncalibrated), so the run's work is not lost."""
+              last: bool, out: Path, keep_best: bool = False):
+    """Validate and log (with `keep_best`, a new best is written to out/critic_best and noted in `state`);
+    returns the validation set to use from now on: None once it has no scorable pair (every held-out row
+    bad, skipped), so training goes on without validation. A crash in the final validation first writes
+    the trained critic (uncalibrated), so the run's work is not lost."""
     try:
         metrics = _evaluate(accelerator, module, val_set)
     except EmptySplitError as err:
@@ -230,6 +239,9 @@ def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLog
         run_logger.scalars(state.update, {f"eval/{k}": v for k, v in metrics.items() if np.isscalar(v)})
         history.append({"update": state.update, **metrics})
         logger.info("update %d: eval pairwise accuracy %.3f", state.update, metrics["pairwise_accuracy"])
+    if metrics and keep_best and metrics["pairwise_accuracy"] > state.best_accuracy:
+        state.best_update, state.best_accuracy = state.update, float(metrics["pairwise_accuracy"])
+        accelerator.unwrap_model(module).critic.save_pretrained(out / BEST_DIR)
     return val_set
 
 
@@ -276,11 +288,26 @@ def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopStat
                        "lists them all and writes a clean copy", bad_total)
     final: dict = {"update": state.update, "history": history, "bad_rows_skipped": bad_total}
     critic = accelerator.unwrap_model(module).critic
+    chosen = history[-1] if history else None
+    if tc.keep_best:
+        # The main process validated; every process loads its choice, so the replicas returned stay identical
+        # (a multi-node run needs out/ on a shared disk).
+        best_update, best_accuracy = broadcast_object_list([state.best_update, state.best_accuracy])
+        accelerator.wait_for_everyone()
+        if best_update >= 0:
+            load_critic_weights(critic, out / BEST_DIR)
+            final["selected_update"] = best_update
+            chosen = next((h for h in history if h["update"] == best_update),
+                          {"update": best_update, "pairwise_accuracy": best_accuracy})
+            logger.info("train.keep_best: the final critic is update %d's (held-out accuracy %.3f)",
+                        best_update, best_accuracy)
+        else:
+            logger.warning("train.keep_best: no validation ran, so the final critic is the last update's")
     if accelerator.is_main_process:
         if tc.calibrate and val_set is not None:
             _calibrate(critic, val_set)
         critic.save_pretrained(out / "critic")
-        final["eval"] = history[-1] if history else None
+        final["eval"] = chosen
         write_json(out / "metrics.json", final)
         logger.info("final critic written to %s", out / "critic")
     accelerator.end_training()

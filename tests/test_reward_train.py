@@ -268,3 +268,39 @@ def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
     assert any("visual.transformer.resblocks.23." in k for k in moved)
     assert not any("visual.transformer.resblocks.0." in k for k in moved)  # frozen lower layers stay put
     assert np.isfinite(result["history"][-1]["pairwise_accuracy"])
+
+
+def test_keep_best_makes_the_best_validation_the_final_critic(colour_pairs, tmp_path):
+    """train.keep_best: the final critic is the one of the best held-out accuracy (earliest on a tie), and a
+    checkpoint written at an update knows that update's validation (so a resume from it chooses alike)."""
+    import json as json_module
+
+    from runkit.checkpoints import checkpoint_dirs
+
+    result = train(_cfg(colour_pairs, tmp_path, "train.max_updates=12", "train.validate_every=2",
+                        "train.checkpoint_every=4", "train.checkpoints_keep=0", "train.lr=3e-2",
+                        "train.calibrate=false", "train.keep_best=true"))
+    history = result["history"]
+
+    def best_of(rows):
+        return max(rows, key=lambda h: (h["pairwise_accuracy"], -h["update"]))
+
+    best = best_of(history)
+    assert result["selected_update"] == best["update"] and result["eval"]["update"] == best["update"]
+    accuracies = {h["pairwise_accuracy"] for h in history}
+    assert len(accuracies) > 1  # the choice mattered: validations differ (lr high enough to wander)
+    val = load_pairs(colour_pairs["val"])
+    for critic in (result["critic"], reward.load(tmp_path / "critic")):  # in memory and as saved
+        assert evaluate_pairs(critic, val)["pairwise_accuracy"] == pytest.approx(best["pairwise_accuracy"])
+    for ckpt in checkpoint_dirs(tmp_path):
+        state = json_module.loads((ckpt / "state.json").read_text())
+        so_far = [h for h in history if h["update"] <= state["update"]]
+        assert state["best_update"] == best_of(so_far)["update"]
+
+
+def test_keep_best_needs_held_out_pairs(colour_pairs, tmp_path):
+    from runkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_best"):
+        load_config(RewardConfig, None, [f"data.train={colour_pairs['train']}", "data.val_fraction=0",
+                                         "train.keep_best=true"])

@@ -49,9 +49,11 @@ def _critic_run(demo, pairs: Path, seed: int, every: int, out: Path, truth, gaps
     from toyworld.demo.stages import enter_stage, finish_stage, trainer_settings
 
     exp = critic_config(demo.cfg, pairs, out)
+    # Every checkpoint is measured here, so the trainer keeps the last (keep_best off): "kept by community
+    # validation" below is the same rule, at this study's granularity.
     exp = replace(exp, train=replace(exp.train, seed=exp.train.seed + seed, validate_every=every,
                                      checkpoint_every=every, checkpoints_keep=0, resume="latest",
-                                     log_with="none"))
+                                     log_with="none", keep_best=False))
     finished = out / "run.json"
     done = enter_stage(out, finished, trainer_settings(exp),
                        {"pairs": str(pairs), "oracle_pairs": str(oracle_pairs_file(demo.folder)),
