@@ -64,7 +64,8 @@ def validate_main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="critic directory, or open_clip name[:pretrained]")
     parser.add_argument("--baseline", action="append", default=None,
-                        help="a model to compare, repeatable: a critic or open_clip name[:pretrained], or a "
+                        help="a model to compare, repeatable: a critic or open_clip name[:pretrained] (also "
+                             "spelled as the evaluator specs spell them, critic:DIR and clip:NAME), or a "
                              f"standard reward spec KIND:PATH ({', '.join(STANDARD_KINDS)}; e.g. "
                              "hpsv2:weights/HPS_v2_compressed.pt). Default: the checkpoint's own backbone; "
                              "'none' to skip")
@@ -74,6 +75,8 @@ def validate_main(argv=None) -> int:
                                                     "the table goes beside it as .md")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = parser.parse_args(argv)
+    args.checkpoint = _model_spec(args.checkpoint)
+    args.baseline = [_model_spec(b) for b in args.baseline] if args.baseline else args.baseline
     # Every model named is resolved first: a typo in the last baseline must not cost the scoring before it.
     _check_specs("--checkpoint", [args.checkpoint])
     _check_specs("--baseline", [b for b in args.baseline or [] if b != "none"])
@@ -95,6 +98,13 @@ def validate_main(argv=None) -> int:
         write_json(out, report)
         atomic_write_bytes(out.with_suffix(".md"), lambda f: f.write(table.encode()))
     return 0
+
+
+def _model_spec(spec: str) -> str:
+    """A critic or open_clip model as the evaluator specs spell it (critic:DIR, clip:NAME[:PRETRAINED], what
+    compare.py and train.heldout_evaluators take) -> as this command spells it (DIR, NAME[:PRETRAINED])."""
+    kind, _, rest = spec.partition(":")
+    return rest if kind in ("critic", "clip") and rest else spec
 
 
 def _validate(args) -> dict:

@@ -333,6 +333,8 @@ def tiny_critic_and_pairs(tmp_path):
     ("hpsv3:weights/HPS_v2_compressed.pt", ["hpsv3", "hpsv2"]),  # unknown kind
     ("ViT-L-14-quickgelu:opneai", ["opneai", "openai"]),  # unknown pretrained tag
     ("ViT-Q-99", ["ViT-Q-99", "open_clip"]),  # unknown open_clip model
+    ("aesthetic", ["aesthetic:PATH", "sac+logos"]),  # weights no hub repository hosts, and none named
+    ("clip:ViT-Q-99", ["ViT-Q-99", "open_clip"]),  # the evaluator spelling reaches the same check
     ("hpsv2:{tmp}/missing/HPS_v2_compressed.pt", ["missing"]),  # a standard kind's missing weights file
     ("clipscore:tiny-clip:{tmp}/nope.pt", ["nope.pt"]),  # a missing open_clip weights file
 ])
@@ -351,7 +353,7 @@ def test_validate_reward_refuses_a_bad_baseline_before_scoring(tiny_critic_and_p
     assert validate_main([str(pairs), "--checkpoint", str(critic), "--out", str(out), "--baseline",
                           spec]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and spec in err[0] and all(n in err[0] for n in names), err
+    assert len(err) == 1 and spec.removeprefix("clip:") in err[0] and all(n in err[0] for n in names), err
     assert not out.exists()
 
 
@@ -388,6 +390,19 @@ def test_a_held_out_set_that_is_the_training_set_is_pointed_out(colour_pairs, tm
         train(cfg)
     said = [r.getMessage() for r in caplog.records if "shares 1 file(s) with data.train" in r.getMessage()]
     assert len(said) == 1 and "not how it generalises" in said[0]
+
+
+def test_validate_reward_takes_baselines_spelled_as_evaluator_specs(tiny_critic_and_pairs, tmp_path):
+    """clip:NAME and critic:DIR, as compare.py and train.heldout_evaluators spell them, were refused here."""
+    from reward.cli import validate_main
+
+    critic, pairs = tiny_critic_and_pairs
+    out = tmp_path / "v.json"
+    assert validate_main([str(pairs), "--checkpoint", f"critic:{critic}", "--out", str(out),
+                          "--baseline", "clip:tiny-clip", "--baseline", f"critic:{critic}"]) == 0
+    report = json.loads(out.read_text())
+    assert [b["model"] for b in report["baselines"]] == ["tiny-clip", str(critic)]
+    assert report["baselines"][1]["pairwise_accuracy"] == report["tuned"]["pairwise_accuracy"]
 
 
 def test_a_missing_critic_folder_is_named_as_a_folder(tmp_path):

@@ -15,7 +15,8 @@ LAYOUTS = {
     "clipscore": "an open_clip NAME[:PRETRAINED] (pretrained: an open_clip tag whose weights are cached, "
                  "or a checkpoint file path; OpenAI weights from a file need the -quickgelu name), e.g. "
                  "ViT-L-14-quickgelu:openai",
-    "aesthetic": "sac+logos+ava1-l14-linearMSE.pth (or a folder holding it): a torch state dict with keys "
+    "aesthetic": "sac+logos+ava1-l14-linearMSE.pth (or a folder holding it; published with LAION's "
+                 "improved-aesthetic-predictor): a torch state dict with keys "
                  "layers.{0,2,4,6,7}.{weight,bias} for Linear 768-1024-128-64-16-1; the image embedding "
                  "comes from open_clip ViT-L-14-quickgelu:openai (option backbone=NAME:PRETRAINED)",
     "pickscore": "a transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin), "
@@ -60,6 +61,9 @@ def find_file(argument: str, filename: str, kind: str, layout: str, hub_repo: st
         if (path / filename).is_file():
             return path / filename
         raise WeightsError(f"{kind}: {path} has no {filename}. Expected: {layout}")
+    if not argument and not hub_repo:  # published outside the hub: nothing to fetch by default
+        raise WeightsError(f"{kind}: name its weights file, as {kind}:PATH (no hub repository hosts it). "
+                           f"Expected: {layout}")
     if not argument or hub_like(argument):
         return hub_download(argument or hub_repo, filename, kind, layout)
     raise WeightsError(f"{kind}: {path} does not exist. Expected: {layout}")
