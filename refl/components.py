@@ -495,7 +495,16 @@ def load_vae(name: str, revision: str | None = None):
             return AutoencoderKL.from_pretrained(root, subfolder="vae")
         raise FileNotFoundError(f"model.vae {name} holds neither config.json nor vae/config.json (a "
                                 "diffusers AutoencoderKL folder, or a pipeline folder with vae/)")
-    return AutoencoderKL.from_pretrained(name, revision=revision)
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:  # a path (a hub id is owner/name)
+        raise FileNotFoundError(f"model.vae {name} does not exist (a diffusers AutoencoderKL folder, a "
+                                "pipeline folder with vae/, or a hub id such as "
+                                "madebyollin/sdxl-vae-fp16-fix)")
+    try:
+        return AutoencoderKL.from_pretrained(name, revision=revision)
+    except OSError as err:
+        raise OSError(f"model.vae {name!r} could not be loaded as a hub VAE "
+                      f"({str(err).strip().splitlines()[0]}). "
+                      + unreachable_advice("point model.vae at a local VAE folder.")) from err
 
 
 def enable_attention(components: SDComponents, attention: str) -> None:

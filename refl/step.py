@@ -436,6 +436,9 @@ def validate_step_config(cfg: StepConfig) -> None:
     method = grad_method(cfg.method)
     if cfg.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    if not cfg.guidance_scale >= 0:  # also NaN; 0 to 1 mean no guidance, as in the stock pipelines
+        raise ValueError(f"step.guidance_scale must be >= 0 (1 or less: no guidance), got "
+                         f"{cfg.guidance_scale}")
     for check in method.knobs.values():
         check(cfg)
 

@@ -74,7 +74,7 @@ def test_a_prompts_file_that_is_not_text_is_named_with_the_fix(tmp_path, capsys)
 
 @pytest.mark.parametrize("setting, names", [
     ("lora.rank=0", "rank >= 1"), ("lora.alpha=-1", "alpha > 0"), ("train.lr=-1", "train.lr must be >= 0"),
-    ("train.lr=nan", "train.lr must be >= 0")])
+    ("train.lr=nan", "train.lr must be >= 0"), ("step.guidance_scale=-1", "guidance_scale must be >= 0")])
 def test_settings_that_cannot_train_are_refused_before_the_model_loads(tmp_path, capsys, setting, names):
     from refl.cli import train_main
 
@@ -239,3 +239,14 @@ def test_null_prompt_cells_are_skipped_not_read_as_the_words_none_and_nan(tmp_pa
     with caplog.at_level("WARNING", logger="refl.prompts"):
         assert read_prompt_file(tmp_path / "p.parquet") == ["a cat", "a dog"]
     assert any("2 empty (null) cell(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_vae_folder_is_named_as_model_vae(tmp_path, capsys):
+    from refl.cli import train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--set", "model.name=tiny", "--set", f"model.vae={tmp_path / 'no-vae'}",
+                       "--set", f"train.output_dir={out}"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: model.vae {tmp_path / 'no-vae'} does not exist")
+    assert "huggingface.co" not in line  # diffusers' two-line hub message
