@@ -179,6 +179,10 @@ class SDComponents:
     scheduler: Any  # the training noise scheduler (DDPMScheduler config of the model)
     text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (pooled embedding); None for SD 1.x / 2.x
     tokenizer_2: Any = None  # SDXL: its CLIPTokenizer
+    # SDXL: an empty negative prompt is zero embeddings (True, SDXL base's setting and the stock pipeline's
+    # default) or the encoded "" (False); read from the model's model_index.json, used by training and by
+    # every pipeline built here, so both draw what StableDiffusionXLPipeline.from_pretrained(model) draws.
+    force_zeros_for_empty_prompt: bool = True
     source: str = ""  # where they came from (preset name or path), for logs and metadata
     extra: dict = field(default_factory=dict)
     # dtype of the frozen base weights (fp16/bf16 under mixed precision); LoRA tensors stay fp32.
@@ -432,17 +436,34 @@ def _random_from_directory(name: str, seed: int) -> SDComponents:
     tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")}
     if "text_encoder_2" in configs:
         tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
-    return build_from_configs(**configs, seed=seed, source=f"random:{name}", **tokenizers)
+    components = build_from_configs(**configs, seed=seed, source=f"random:{name}", **tokenizers)
+    if components.is_sdxl:
+        vars(components).update(_sdxl_settings(name, {}))
+    return components
 
 
 # ----------------------------------------------------------------------------- loading
-def _is_sdxl_model(name: str, kw: dict) -> bool:
-    """Whether a diffusers directory or hub id is an SDXL model: its model_index.json lists text_encoder_2."""
+def _model_index(name: str, kw: dict) -> dict:
+    """A diffusers directory's or hub id's model_index.json ({} for a directory without one)."""
     from diffusers import DiffusionPipeline
 
     if Path(name).is_dir():
+        index = Path(name) / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else {}
+    return dict(DiffusionPipeline.load_config(name, **kw))
+
+
+def _sdxl_settings(name: str, kw: dict) -> dict:
+    """SDComponents fields an SDXL model's pipeline settings give (model_index.json)."""
+    index = _model_index(name, kw)
+    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+
+
+def _is_sdxl_model(name: str, kw: dict) -> bool:
+    """Whether a diffusers directory or hub id is an SDXL model: its model_index.json lists text_encoder_2."""
+    if Path(name).is_dir():
         return (Path(name) / "text_encoder_2").is_dir()
-    return "text_encoder_2" in DiffusionPipeline.load_config(name, **kw)
+    return "text_encoder_2" in _model_index(name, kw)
 
 
 def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
@@ -467,6 +488,7 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
             second["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 name, subfolder="text_encoder_2", variant=variant, **kw).to(torch.float32)
             second["tokenizer_2"] = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw)
+            second.update(_sdxl_settings(name, kw))
     except OSError as err:
         if local:
             raise
@@ -559,8 +581,8 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
 
 def build_pipeline(components: SDComponents, scheduler=None):
     """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor), or for
-    SDXL a stock `StableDiffusionXLPipeline` (its defaults: an empty negative prompt is zeros, no
-    watermark)."""
+    SDXL a stock `StableDiffusionXLPipeline` (no watermark; an empty negative prompt as the model says,
+    `force_zeros_for_empty_prompt`)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if components.is_sdxl:
@@ -572,6 +594,7 @@ def build_pipeline(components: SDComponents, scheduler=None):
             tokenizer_2=components.tokenizer_2,
             unet=components.unet,
             scheduler=scheduler if scheduler is not None else components.scheduler,
+            force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
     return StableDiffusionPipeline(

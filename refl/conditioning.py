@@ -6,8 +6,9 @@ compares with `StableDiffusionXLPipeline.encode_prompt`):
 - the pooled text embedding: text_encoder_2's projected end-of-text state, (B, 1280);
 - `add_time_ids`, the six size numbers SDXL was trained with: original (height, width), crop top-left
   (0, 0) and target (height, width), here all the model's own image size;
-- the negative of classifier-free guidance: zeros for both embeddings (what the stock pipeline uses for
-  an empty negative prompt, its `force_zeros_for_empty_prompt` default), "" encoded for SD 1.x / 2.x.
+- the negative of classifier-free guidance: what the stock pipeline uses for an empty negative prompt,
+  zeros for both embeddings when the model's `force_zeros_for_empty_prompt` is on (SDXL base's setting),
+  else "" encoded, as always for SD 1.x / 2.x.
 The no-grad paths never use this module: they call the stock pipeline (refl.sampling).
 """
 
@@ -75,6 +76,6 @@ def encode(components: SDComponents, prompts: Sequence[str]) -> Conditioning:
 
 def negative(components: SDComponents, cond: Conditioning) -> Conditioning:
     """The guidance negative for a batch like `cond`: the empty prompt, as the stock pipeline draws it."""
-    if not components.is_sdxl:
+    if not (components.is_sdxl and components.force_zeros_for_empty_prompt):
         return encode(components, [""] * len(cond))
     return Conditioning(torch.zeros_like(cond.hidden), torch.zeros_like(cond.pooled), cond.time_ids)

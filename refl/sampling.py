@@ -75,8 +75,9 @@ EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds"
 @torch.no_grad()
 def encode_text(pipe, prompt: str, guidance_scale: float) -> dict[str, torch.Tensor | None]:
     """One prompt's embeddings as the stock pipeline computes them (its default negative prompt: "" for
-    SD 1.x / 2.x, zeros for SDXL), keyed by the pipeline's argument names: prompt_embeds (1, T, C),
-    negative_prompt_embeds (None without guidance) and, for SDXL, the pooled (1, P) pair."""
+    SD 1.x / 2.x, for SDXL zeros unless the model's force_zeros_for_empty_prompt is off), keyed by the
+    pipeline's argument names: prompt_embeds (1, T, C), negative_prompt_embeds (None without guidance) and,
+    for SDXL, the pooled (1, P) pair."""
     out = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=1,
                              do_classifier_free_guidance=guidance_scale > 1.0)
     return dict(zip(EMBED_NAMES, out))

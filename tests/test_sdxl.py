@@ -99,6 +99,39 @@ def test_sdxl_conditioning_on_the_gradient_path_equals_the_stock_pipelines():
     assert torch.equal(conditioning.negative(sd, sd_cond).hidden, sd_negative)
 
 
+def test_an_sdxl_model_that_encodes_the_empty_negative_prompt_is_trained_and_sampled_as_it_says(sdxl_dir,
+                                                                                              tmp_path):
+    """force_zeros_for_empty_prompt off in model_index.json: the gradient path's negative is the encoded ""
+    (what the stock pipeline loaded from that folder draws with); pipelines built or saved here keep it."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from refl import conditioning
+
+    assert load_components(str(sdxl_dir)).force_zeros_for_empty_prompt  # SDXL base's setting, saved
+    model = tmp_path / "encodes-empty"
+    shutil.copytree(sdxl_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+
+    random_weights = ModelConfig(name=str(model), random_weights=True)
+    assert not any(c.force_zeros_for_empty_prompt
+                   for c in (load_components(str(model)), load_components(random_weights)))
+    c = load_components(str(model))
+    stock = StableDiffusionXLPipeline.from_pretrained(model)
+    _, negative, _, negative_pooled = stock.encode_prompt(
+        prompt=PROMPTS, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True)
+    neg = conditioning.negative(c, conditioning.encode(c, PROMPTS))
+    assert negative.abs().sum() > 0  # not zeros
+    assert torch.equal(neg.hidden, negative) and torch.equal(neg.pooled, negative_pooled)
+    ours = build_pipeline(c)
+    assert ours.config.force_zeros_for_empty_prompt is False
+    assert np.abs(run_pipe(ours, guidance_scale=3.0) - run_pipe(stock, guidance_scale=3.0)).max() < 1e-5
+    saved = save_pipeline(c, tmp_path / "saved")
+    assert json.loads((saved / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is False
+
+
 def test_v_prediction_preset():
     v = load_components("tiny-v")
     assert v.scheduler.config.prediction_type == "v_prediction"
