@@ -79,13 +79,17 @@ def samples_fingerprint(cfg: CompareConfig, model: str) -> str:
     return json.dumps(keys, sort_keys=True)
 
 
-def load_samples(path: Path, fingerprint: str, seeds: np.ndarray) -> dict | None:
-    """Stored samples of one prompt and model; None when absent or drawn from other files or settings."""
+def load_samples(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str) -> dict | None:
+    """Stored samples of one prompt and model; None when absent, drawn for another prompt (the prompts file
+    changed under the same output folder) or from other files or settings."""
     if not path.is_file():
         return None
     with np.load(path) as data:
         stored = {k: data[k] for k in data.files}
     n = len(seeds)
+    if str(stored["prompt"]) != prompt:
+        logger.info("%s was drawn for another prompt (%r); drawing it again", path, str(stored["prompt"]))
+        return None
     if str(stored["fingerprint"]) != fingerprint:
         logger.info("%s was drawn from other model files or settings; drawing it again", path)
         return None
@@ -232,7 +236,7 @@ class _Lazy:
 def _samples_for(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str, model: str,
                  lazy: _Lazy) -> tuple[dict, int]:
     """One prompt's samples of one model from the cache file, or drawn and stored; and how many were drawn."""
-    stored = load_samples(path, fingerprint, seeds)
+    stored = load_samples(path, fingerprint, seeds, prompt)
     if stored is not None:
         return stored, 0
     sampler = lazy.get()
@@ -246,8 +250,9 @@ def _scores_for(path: Path, fingerprint: str, images: np.ndarray, prompt: str, e
                 selector: CriticEvaluator) -> dict:
     """Per-image scores of one prompt's samples for every evaluator, reusing the cache file."""
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    if cached.get("fingerprint") != fingerprint or cached.get("n") != len(images):
-        cached = {"fingerprint": fingerprint, "n": len(images), "scores": {}}
+    if (cached.get("fingerprint") != fingerprint or cached.get("n") != len(images)
+            or cached.get("prompt") != prompt):
+        cached = {"fingerprint": fingerprint, "n": len(images), "prompt": prompt, "scores": {}}
     # A critic retrained into the same folder has new content: its old scores are dropped, not reused.
     judged_by = cached.setdefault("evaluators", {})
     for spec, evaluator in evaluators.items():

@@ -292,6 +292,35 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     assert drawn == ["base", "refl"]  # other settings: both models drawn again in place
 
 
+def test_a_prompts_file_changed_under_the_same_output_folder_is_drawn_and_scored_again(world, tmp_path,
+                                                                                         monkeypatch):
+    """Samples and scores are stored by prompt index: a new prompt at an index is drawn and scored anew,
+    never given the old prompt's images or scores."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    cfg = _cfg(world, tmp_path / "run", f"prompts={prompts}", "n_samples=2", "evaluators=['brightness:']",
+               "benchmark_throughput=false")
+    H.run_compare(cfg)
+    drawn = []
+    original = H.Sampler.sample
+
+    def counting(self, prompt, seeds, batch_size=None):
+        drawn.append((self.model, prompt))
+        return original(self, prompt, seeds, batch_size)
+
+    monkeypatch.setattr(H.Sampler, "sample", counting)
+    prompts.write_text(PROMPTS[1] + "\n")
+    second = H.run_compare(cfg)
+    assert drawn == [("base", PROMPTS[1]), ("refl", PROMPTS[1])]
+    fresh = H.run_compare(_cfg(world, tmp_path / "fresh", f"prompts={prompts}", "n_samples=2",
+                               "evaluators=['brightness:']", "benchmark_throughput=false"))
+    for arm in ("base_random", "refl_random"):
+        scored = second["arms"][arm]["per_prompt"]
+        assert len(scored) == 2  # the selector and brightness
+        for spec, values in scored.items():
+            assert np.allclose(values, fresh["arms"][arm]["per_prompt"][spec])
+
+
 def test_sample_identical_across_batch_sizes(world, single_thread):
     cfg = _cfg(world, world["root"] / "unused", "lora=''")
     sampler = H.Sampler(cfg)
