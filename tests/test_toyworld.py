@@ -53,6 +53,25 @@ def test_split_is_fixed_disjoint_and_covers_everything():
     assert len(held) >= 96  # enough held-out prompts for evaluation
 
 
+def test_each_held_out_use_is_a_disjoint_random_draw_that_grows_by_appending():
+    from toyworld.world import HELDOUT_USES, heldout_prompts
+
+    held = split_prompts(seed=0)[1]
+    draws = {use: heldout_prompts(use, 32) for use in HELDOUT_USES}
+    assert all(set(d) <= set(held) and len(set(d)) == 32 for d in draws.values())
+    assert not set(draws["oracle_pairs"]) & set(draws["compare"])
+    assert not set(draws["compare"]) & set(draws["validation"])
+    assert not set(draws["oracle_pairs"]) & set(draws["validation"])
+    # not an alphabetical slice: 16 comparison prompts span both sizes and most colours
+    compare = heldout_prompts("compare", 16)
+    assert compare == draws["compare"][:16] and compare != sorted(compare)
+    assert {p.split()[1] for p in compare} == {"large", "small"} and len({p.split()[2] for p in compare}) >= 6
+    with pytest.raises(ValueError, match="it has 50"):
+        heldout_prompts("validation", 51)
+    with pytest.raises(ValueError, match="unknown held-out use"):
+        heldout_prompts("test", 1)
+
+
 def test_prompts_fit_the_toy_clip_context():
     from reward.model import CriticConfig, create_critic
 

@@ -40,14 +40,14 @@ def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = N
     from runkit.files import atomic_write_text, write_json
     from toyworld.demo.analysis import arm_label, oracle_breakdown
     from toyworld.demo.config import compare_config
-    from toyworld.world import split_prompts
+    from toyworld.world import heldout_prompts
 
     demo = open_demo(demo_dir)
     variants = DEFAULT_VARIANTS if variants is None else variants
     root = demo.folder / "ablation"
     root.mkdir(exist_ok=True)
     prompts_file = root / "eval_prompts.txt"
-    atomic_write_text(prompts_file, "\n".join(split_prompts(seed=0)[1][:n_prompts]) + "\n")
+    atomic_write_text(prompts_file, "\n".join(heldout_prompts("compare", n_prompts)) + "\n")
 
     def compare(cfg, lora, folder):
         judged = compare_config(cfg, str(demo.critic), lora, prompts_file, folder,

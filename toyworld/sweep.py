@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from refl.sweep import SweepRule, choose, validations
+from evaluation.report import short_name
+from refl.sweep import HELDOUT, SweepRule, choose, validations
 from runkit.config import override
 from runkit.files import atomic_write_text, write_json
 from runkit.logs import read_metrics
+from toyworld.evaluators import JUDGE_LABELS
 from toyworld.rule import rule_for
 from toyworld.variants import markdown_table, slug
 
@@ -34,7 +36,6 @@ GRID = {f"lr {lr}, training CFG {g:g}": [f"refl.train.lr={lr}", f"refl.step.guid
 def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) -> dict:
     """Train every setting of `grid` (default GRID) on the demo's critic, apply the rule; writes
     <demo>/sweep/sweep.json and sweep.md. Needs the demo's community and critic stages only."""
-    from refl.sweep import HELDOUT
     from runkit.config import load_config
     from toyworld.demo.config import DemoConfig, refl_config
     from toyworld.demo.stages import stage_refl
@@ -104,7 +105,7 @@ def sweep_markdown(result: dict) -> str:
     rule = result["rule"]
     held = list(rule["hold"])
     header = ["setting", "best admissible update", "reward (update 0 -> it)"] + [
-        f"{k.removeprefix('eval/heldout/')} (update 0 -> it; may drop {v:g})"
+        f"{short_name(k.removeprefix(HELDOUT), JUDGE_LABELS)} (update 0 -> it; may drop {v:g})"
         for k, v in rule["hold"].items()]
     rows = []
     for name, curve in result["curves"].items():

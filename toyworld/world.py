@@ -161,3 +161,25 @@ def split_prompts(seed: int = 0, heldout_fraction: float = 0.1) -> tuple[list[st
     held = sorted(prompts[i] for i in order[:n_held])
     train = sorted(prompts[i] for i in order[n_held:])
     return train, held
+
+
+# What the held-out prompts are used for. Each use gets its own third of the split, dealt round-robin from one
+# fixed shuffle, and takes the first n of it: every use is a uniform random sample of the held-out prompt
+# space, no two uses share a prompt, and one use's count never moves another's prompts. (Before, each use
+# took an alphabetical slice of the sorted split: the comparison's 16 prompts were all large blue or green
+# shapes, the validation's 8 all small yellow ones.)
+HELDOUT_USES = ("oracle_pairs", "compare", "validation")
+
+
+def heldout_prompts(use: str, n: int, seed: int = 0) -> list[str]:
+    """`n` held-out prompts for `use` (one of HELDOUT_USES: the critic's oracle pairs, the comparison and the
+    ablation, ReFL's validation): a fixed uniform random draw, disjoint from the other uses' draws."""
+    if use not in HELDOUT_USES:
+        raise ValueError(f"unknown held-out use {use!r}; choose one of {HELDOUT_USES}")
+    held = split_prompts(seed)[1]
+    order = np.random.default_rng([seed, 1]).permutation(len(held))
+    share = [held[i] for i in order[HELDOUT_USES.index(use)::len(HELDOUT_USES)]]
+    if not 0 <= n <= len(share):
+        raise ValueError(f"{n} held-out prompts asked for {use}; it has {len(share)} (a third of the "
+                         f"{len(held)} held-out prompts)")
+    return share[:n]

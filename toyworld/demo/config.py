@@ -124,8 +124,9 @@ class DemoConfig:
     # community noise), measured on the same held-out pairs.
     critic_ceiling: bool = True
     # Held-out validation prompts for ReFL's judges (refl.train.heldout_evaluators, default: the zero-shot
-    # CLIP, the oracle and prompt fidelity): the last ones of the held-out split, apart from those that
-    # measure the critic and the comparison, so selecting by a judge never sees the evaluation's prompts.
+    # CLIP, the oracle and prompt fidelity): a random draw of the held-out split apart from those that
+    # measure the critic and the comparison (toyworld.world.heldout_prompts), so selecting by a judge never
+    # sees the evaluation's prompts.
     validation_prompts: int = 8
     # Denoising-regulariser data: this many renders of training prompts (the world's own pre-training data,
     # as ImageReward uses its pre-training set); 0 = base-model samples (refl.data.reg_images unset).
@@ -189,18 +190,16 @@ def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardConfig
 def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, out: Path,
                 reg_table: Path | None) -> ReflConfig:
     """The demo's ReFL config with the fields the demo fills."""
-    from toyworld.world import split_prompts
+    from toyworld.world import heldout_prompts
 
     r = cfg.refl
     data = replace(r.data, prompts_file=str(prompts_file))
     if reg_table is not None:
         data = replace(data, reg_images=str(reg_table), reg_pool_size=cfg.reg_renders)
-    held = split_prompts(seed=0)[1]
     judges = r.train.heldout_evaluators or [f"clip:{cfg.clip_model}", "oracle:", "fidelity:"]
     train = replace(r.train, output_dir=str(out), validation_steps=cfg.sample_steps,
                     validation_guidance=cfg.guidance_scale, heldout_evaluators=judges,
-                    validation_prompts=held[len(held) - cfg.validation_prompts:] if cfg.validation_prompts
-                    else [])
+                    validation_prompts=heldout_prompts("validation", cfg.validation_prompts))
     return replace(r, model=replace(r.model, name=cfg.sd_model), reward=replace(r.reward, critic=critic),
                    data=data, train=train)
 

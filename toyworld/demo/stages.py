@@ -108,16 +108,17 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     ordered by the oracle (the critic's ceiling); held-out generations at the demo's settings -> oracle
     pairs."""
     from toyworld.community import build_pairs_with_stats, write_oracle_pairs
-    from toyworld.world import split_prompts
+    from toyworld.world import heldout_prompts, split_prompts
 
     summary_file = out / "community.json"
     c = cfg.community
+    held_chosen = heldout_prompts("oracle_pairs", c.oracle_pair_prompts)
     settings = {"seed": cfg.seed, "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
-                **to_dict(c)}
+                **to_dict(c), "oracle_pair_prompt_list": held_chosen}
     done = enter_stage(out, summary_file, settings, {"sd_model": cfg.sd_model})
     if done is not None:
         return done
-    train_prompts, held = split_prompts(seed=0)
+    train_prompts = split_prompts(seed=0)[0]
     rng = np.random.default_rng(cfg.seed)
     chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), c.prompts, replace=False)]
     t0 = time.perf_counter()
@@ -131,7 +132,6 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     feed_oracle_pairs = write_oracle_pairs(images, chosen,
                                            out / "feed_oracle_pairs") if cfg.critic_ceiling else None
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
-    held_chosen = held[: c.oracle_pair_prompts]
     held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_pair_images,
                           cfg.sample_steps, base_seed + HELDOUT_SEED, cache, cfg.sd_model)
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
@@ -239,10 +239,9 @@ def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path
     """Best-of-N vs ReFL on held-out prompts, judged by the critic, the untuned CLIP, the oracle and
     fidelity."""
     from evaluation.harness import run_compare
-    from toyworld.world import split_prompts
+    from toyworld.world import heldout_prompts
 
-    held = split_prompts(seed=0)[1]
     prompts_file = out / "compare_prompts.txt"
-    atomic_write_text(prompts_file, "\n".join(held[: cfg.compare_prompts]) + "\n")
+    atomic_write_text(prompts_file, "\n".join(heldout_prompts("compare", cfg.compare_prompts)) + "\n")
     ccfg = compare_config(cfg, critic, lora, prompts_file, out)
     return run_compare(ccfg, components=components), ccfg
