@@ -140,7 +140,8 @@ def ablation_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
                         help="a variant as DemoConfig overrides; repeat for more (default: the regulariser "
                              "study)")
-    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts to judge on (the comparison's draw, at most 50)")
+    parser.add_argument("--prompts", type=int, default=32,
+                        help="held-out prompts to judge on (the comparison's draw, at most 50)")
     parser.add_argument("--samples", type=int, default=16, help="paired base/ReFL samples per prompt")
     args = parser.parse_args(argv)
     setup_logging()
