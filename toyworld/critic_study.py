@@ -1,7 +1,9 @@
-"""Why the demo critic's learning curve is not monotone: training seeds, and how long each critic trains.
+"""The demo critic's learning curve over training seeds, and how long each critic trains.
 
-The third edition's critic stage measured its critic at 70.8 / 71.5 / 73.8 / 65.0% against the oracle on
-1/8, 1/4, 1/2 and all of the community's pairs, one training seed per point. Two explanations fit:
+Written when the third edition's critic stage measured its critic at 70.8 / 71.5 / 73.8 / 65.0% against the
+oracle on 1/8, 1/4, 1/2 and all of the community's pairs, one training seed per point, on an alphabetical
+slice of the held-out prompts. On a random draw of them (toyworld.world.heldout_prompts) the curve rises
+with the pairs, and this study shows it does for every seed (README). Two explanations fitted the dip:
 - seed noise: one critic per point, and the intervals overlap;
 - training length: the recipe trains for a fixed number of epochs, so a critic on 1/8 of the pairs makes 1/8
   of the full critic's updates, and the full critic (whose community validation fell over its epochs) may be
