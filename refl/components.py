@@ -438,7 +438,7 @@ def _random_from_directory(name: str, seed: int) -> SDComponents:
         tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
     components = build_from_configs(**configs, seed=seed, source=f"random:{name}", **tokenizers)
     if components.is_sdxl:
-        vars(components).update(_sdxl_settings(name, {}))
+        components.force_zeros_for_empty_prompt = _force_zeros_for_empty_prompt(_model_index(name, {}))
     return components
 
 
@@ -453,17 +453,17 @@ def _model_index(name: str, kw: dict) -> dict:
     return dict(DiffusionPipeline.load_config(name, **kw))
 
 
-def _sdxl_settings(name: str, kw: dict) -> dict:
-    """SDComponents fields an SDXL model's pipeline settings give (model_index.json)."""
-    index = _model_index(name, kw)
-    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+def _force_zeros_for_empty_prompt(index: dict) -> bool:
+    """An SDXL model's empty-negative-prompt setting from its model_index.json; the default is on."""
+    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
-def _is_sdxl_model(name: str, kw: dict) -> bool:
-    """Whether a diffusers directory or hub id is an SDXL model: its model_index.json lists text_encoder_2."""
+def _is_sdxl_model(name: str, index: dict) -> bool:
+    """Whether a diffusers directory or hub id is an SDXL model: it has text_encoder_2 (`index`: its
+    model_index.json)."""
     if Path(name).is_dir():
         return (Path(name) / "text_encoder_2").is_dir()
-    return "text_encoder_2" in _model_index(name, kw)
+    return "text_encoder_2" in index
 
 
 def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
@@ -484,11 +484,12 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
         # SDXL ships an Euler scheduler config; its betas and prediction type are what DDPM reads from it.
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
         second = {}
-        if _is_sdxl_model(name, kw):
+        index = _model_index(name, kw)
+        if _is_sdxl_model(name, index):
             second["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 name, subfolder="text_encoder_2", variant=variant, **kw).to(torch.float32)
             second["tokenizer_2"] = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw)
-            second.update(_sdxl_settings(name, kw))
+            second["force_zeros_for_empty_prompt"] = _force_zeros_for_empty_prompt(index)
     except OSError as err:
         if local:
             raise
