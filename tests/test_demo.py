@@ -159,6 +159,11 @@ def test_bad_override_is_named(tmp_path, capsys, monkeypatch):
     # What ties the stages together is the demo's to set, not the stage config's.
     assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl.train.output_dir=elsewhere"]) == 2
     assert "set by the demo" in capsys.readouterr().err
+    # More held-out prompts than a use's share: refused at start, not when its stage comes.
+    assert demo_main(["--out", str(tmp_path / "many"), "--quick", "--set", "compare_prompts=51"]) == 2
+    err = capsys.readouterr().err
+    assert "compare_prompts=51" in err and "ask for 0 to 50" in err
+    assert not (tmp_path / "many" / "community").exists()
 
 
 def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):

@@ -181,5 +181,5 @@ def heldout_prompts(use: str, n: int, seed: int = 0) -> list[str]:
     share = [held[i] for i in order[HELDOUT_USES.index(use)::len(HELDOUT_USES)]]
     if not 0 <= n <= len(share):
         raise ValueError(f"{n} held-out prompts asked for {use}; it has {len(share)} (a third of the "
-                         f"{len(held)} held-out prompts)")
+                         f"{len(held)} held-out prompts): ask for 0 to {len(share)}")
     return share[:n]

@@ -144,6 +144,18 @@ class DemoConfig:
                 if _get(getattr(self, stage), key) != _get(defaults[stage], key):
                     raise ConfigError(f"{stage}.{key} is set by the demo ({FILLED_BY_DEMO_WHY[stage]}); "
                                       "change the demo's own keys instead")
+        # Each count draws from its own share of the held-out prompts: refused here, not after the stages
+        # before the one that draws it.
+        from toyworld.world import heldout_prompts
+
+        counts = (("community.oracle_pair_prompts", "oracle_pairs", self.community.oracle_pair_prompts),
+                  ("compare_prompts", "compare", self.compare_prompts),
+                  ("validation_prompts", "validation", self.validation_prompts))
+        for key, use, n in counts:
+            try:
+                heldout_prompts(use, n)
+            except ValueError as err:
+                raise ConfigError(f"{key}={n}: {err}") from None
 
 
 # Fields of the stage configs the demo sets from its own keys and from the stages before.
