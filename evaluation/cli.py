@@ -29,7 +29,7 @@ from runkit.logs import setup_logging
 def printed_summary(results: dict, output_dir: str) -> dict:
     """What the command prints: where the report is, and the mean score of each arm a reader compares
     (one sample, and best-of the most samples drawn; the intermediate n are in results.json)."""
-    largest = {"base": results["n_samples"], "refl": results["refl_samples"]}
+    largest = {"base": results["n_samples"], "refl": results["n_tuned_samples"]}
     return {"output_dir": output_dir, "report": f"{output_dir}/report.html", "selector": results["selector"],
             "throughput_ratio_vs_stock": (results["throughput"] or {}).get("ratio_vs_stock"),
             "means": {arm: {s: round(v["mean"], 4) for s, v in row["scores"].items()}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from refl.components import DTYPES, ModelConfig
+from refl.components import ModelConfig
+from runkit.config import check_mixed_precision
 
 
 @dataclass
@@ -16,8 +17,8 @@ class CompareConfig:
     lora: str = ""
     # Multiplier of the LoRA update when sampling the tuned model (1 = as trained).
     lora_scale: float = 1.0
-    # Held-out prompts: a .txt file (one per line) or a .parquet/.csv file with a `prompt_column`.
-    prompts: str = "configs/prompts_toy_heldout.txt"
+    # Held-out prompts file: .txt (one per line), or .parquet/.csv with a `prompt_column`.
+    prompts_file: str = "configs/prompts_toy_heldout.txt"
     # Column holding the prompts in a parquet/csv file.
     prompt_column: str = "prompt"
     # Use only the first this many prompts (0 = all of them).
@@ -25,7 +26,7 @@ class CompareConfig:
     # N: base samples per prompt; best-of-n is reported for n = 1, 2, 4, ..., N.
     n_samples: int = 64
     # Tuned samples per prompt (same seeds as base samples 0..M-1); 0 = n_samples.
-    refl_samples: int = 0
+    n_tuned_samples: int = 0
     # Images per sampler call (per device); results do not depend on it.
     batch_size: int = 16
     # Sampler steps per image.
@@ -39,19 +40,19 @@ class CompareConfig:
     # Base of the per-sample seeds (sample i of prompt p uses seed + 100003 * p + i).
     seed: int = 0
     # The critic best-of-N selects with: a critic directory or an open_clip name (`name:pretrained`).
-    selector: str = "toy-clip"
+    critic: str = "toy-clip"
     # Further evaluators as specs (reward.evaluators): "critic:DIR", "clip:ViT-L-14:openai", plug-ins
     # such as the toy world's "oracle:" (entry points or register_evaluator). The selector is always evaluated
     # too.
     evaluators: list[str] = field(default_factory=list)
-    # Also report best-of-n on top of the tuned model (needs refl_samples >= 2).
+    # Also report best-of-n on top of the tuned model (needs n_tuned_samples >= 2).
     tuned_best_of: bool = True
     # Run folder: samples/, scores/, results.json, report.html.
     output_dir: str = "runs/compare"
     # "cuda", "cpu", ...; "" = cuda when available.
     device: str = ""
-    # Weights and activations while sampling: fp32, fp16 or bf16 (fp16 needs a GPU).
-    dtype: str = "fp32"
+    # "no" (fp32), "fp16" (GPU only) or "bf16": the weights' and activations' dtype while sampling.
+    mixed_precision: str = "no"
     # Time best-of-N sampling against a stock StableDiffusionPipeline call (cached in throughput.json).
     benchmark_throughput: bool = True
     # Timed calls of each kind, alternating; the fastest of each counts (shared machines are noisy).
@@ -59,28 +60,27 @@ class CompareConfig:
     # Bootstrap resamples for the 95% intervals (resampling prompts).
     bootstrap_resamples: int = 2000
     # Prompts shown as image grids in report.html (the first ones; the tables use all prompts).
-    report_prompts: int = 24
+    n_report_prompts: int = 24
     # Side in pixels of images in the report (small images are upscaled with NEAREST, by a whole factor).
     report_image_px: int = 128
     # Side-by-side grids per arm (base and ReFL, the same seeds) for this many prompts (the first ones).
-    report_grid_prompts: int = 4
+    n_report_grid_prompts: int = 4
     # Samples per arm in each of those grids.
-    report_grid_samples: int = 8
+    n_report_grid_samples: int = 8
 
     def __post_init__(self):
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.refl_samples < 0 or self.refl_samples > self.n_samples:
-            raise ValueError(f"refl_samples must be in [0, n_samples={self.n_samples}], got "
-                             f"{self.refl_samples}")
+        check_mixed_precision(self.mixed_precision, "mixed_precision")
+        if self.n_tuned_samples < 0 or self.n_tuned_samples > self.n_samples:
+            raise ValueError(f"n_tuned_samples must be in [0, n_samples={self.n_samples}], got "
+                             f"{self.n_tuned_samples}")
 
     @property
     def n_refl(self) -> int:
-        return self.refl_samples or self.n_samples
+        return self.n_tuned_samples or self.n_samples
 
     @property
     def cfg_factor(self) -> int:
@@ -89,7 +89,7 @@ class CompareConfig:
 
     @property
     def selector_spec(self) -> str:
-        return f"critic:{self.selector}"
+        return f"critic:{self.critic}"
 
     def evaluator_specs(self) -> list[str]:
         """The selector first, then the other evaluators, without duplicates."""

@@ -47,7 +47,7 @@ from refl.components import DTYPES, ModelConfig
 from refl.prompts import read_prompt_file
 from refl.sampling import encode_text, sample, seed_generators
 from reward.evaluators import CriticEvaluator, create_evaluator
-from runkit.config import save_config, to_dict
+from runkit.config import resolve_device, save_config, to_dict
 from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def samples_fingerprint(cfg: CompareConfig, model: str) -> str:
     the samples."""
     keys = {"model": to_dict(cfg.model), "model_content": content_hash(cfg.model.name),
             "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "scheduler": cfg.scheduler,
-            "eta": cfg.eta, "seed": cfg.seed, "dtype": cfg.dtype}
+            "eta": cfg.eta, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision}
     if model == "refl":
         keys.update(lora=content_hash(cfg.lora), lora_scale=cfg.lora_scale)
     return json.dumps(keys, sort_keys=True)
@@ -123,10 +123,10 @@ class Sampler:
         from refl.sampling import make_pipeline
 
         self.cfg = cfg
-        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(cfg.device)
         components = components if components is not None else load_components(cfg.model)
         self.pipe = make_pipeline(components, cfg.scheduler)
-        self.pipe.to(self.device, DTYPES[cfg.dtype])
+        self.pipe.to(self.device, DTYPES[cfg.mixed_precision])
         self.has_lora = bool(cfg.lora)
         if self.has_lora:
             from refl.lora import load_lora_into
@@ -199,7 +199,7 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
     ours, stock = min(ours_all), min(stock_all)
     result = {"batch_size": cfg.batch_size, "steps": cfg.num_inference_steps,
               "guidance_scale": cfg.guidance_scale,
-              "device": str(sampler.device), "dtype": cfg.dtype, "repeats": len(ours_all),
+              "device": str(sampler.device), "mixed_precision": cfg.mixed_precision, "repeats": len(ours_all),
               "ours_seconds_all": ours_all, "stock_seconds_all": stock_all, "ours_seconds": ours,
               "stock_seconds": stock,
               "ours_images_per_s": cfg.batch_size / ours, "stock_images_per_s": cfg.batch_size / stock,
@@ -285,12 +285,12 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     from refl.lora import check_lora_dir
 
     out = Path(cfg.output_dir)
-    prompts = read_heldout_prompts(cfg.prompts, cfg.prompt_column, cfg.max_prompts)
+    prompts = read_heldout_prompts(cfg.prompts_file, cfg.prompt_column, cfg.max_prompts)
     if cfg.lora:  # before any sample is drawn; lora='' compares the base arms only
         check_lora_dir(cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     models = ["base", "refl"] if cfg.lora else ["base"]
     counts = {"base": cfg.n_samples, "refl": cfg.n_refl}
     logger.info("%d prompts x (%s) samples, %d steps, CFG %.1f: %d UNet evaluations per image", len(prompts),
@@ -301,7 +301,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     evaluators = {spec: create_evaluator(spec, device) for spec in specs}
     selector = evaluators[cfg.selector_spec]
     if not isinstance(selector, CriticEvaluator):
-        raise TypeError(f"the selector must be a critic (directory or open_clip name), got {cfg.selector!r}")
+        raise TypeError(f"the selector must be a critic (directory or open_clip name), got {cfg.critic!r}")
     lazy = _Lazy(cfg, components)
 
     scores = {m: {s: [] for s in specs} for m in models}

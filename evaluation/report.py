@@ -124,7 +124,7 @@ def _grid_cells(results: dict, out: Path, p: int, px: int) -> list[tuple[str, st
     wanted.append(("base", arm_name("base", n_base), f"base best-of-{n_base}"))
     if arm_name("refl") in arms:
         wanted.append(("refl", None, "ReFL"))
-        n_refl = results["refl_samples"]
+        n_refl = results["n_tuned_samples"]
         if arm_name("refl", n_refl) in arms and n_refl > 1:
             wanted.append(("refl", arm_name("refl", n_refl), f"ReFL best-of-{n_refl}"))
     for model, arm, label in wanted:
@@ -221,8 +221,8 @@ def _diversity_and_throughput(results: dict) -> list[str]:
 
 
 def _sample_grids(results: dict, out: Path, cfg) -> list[str]:
-    """The first `cfg.report_prompts` prompts, each a row of images with every evaluator's score."""
-    shown = min(len(results["prompts"]), cfg.report_prompts)
+    """The first `cfg.n_report_prompts` prompts, each a row of images with every evaluator's score."""
+    shown = min(len(results["prompts"]), cfg.n_report_prompts)
     parts = [f"<h2>Samples ({shown} of {len(results['prompts'])} prompts)</h2>"]
     for p in range(shown):
         parts.append(f"<div class='prompt'>{p}. {html.escape(results['prompts'][p])}</div><div class='grid'>")
@@ -238,15 +238,15 @@ def _arm_grids(results: dict, out: Path, cfg) -> list[str]:
     """For a few prompts, the first samples of every drawn arm side by side (the same seeds in each
     column), large enough to judge: what best-of-N picks from, and what the tuned model draws instead."""
     models = ["base"] + (["refl"] if arm_name("refl") in results["arms"] else [])
-    shown = min(len(results["prompts"]), cfg.report_grid_prompts)
-    if not shown or cfg.report_grid_samples < 1:
+    shown = min(len(results["prompts"]), cfg.n_report_grid_prompts)
+    if not shown or cfg.n_report_grid_samples < 1:
         return []
     parts = [f"<h2>Samples per arm ({shown} prompts, the same seeds in each column)</h2>"]
     for p in range(shown):
         parts.append(f"<div class='prompt'>{p}. {html.escape(results['prompts'][p])}</div>")
         for model in models:
             with np.load(samples_path(out, model, p)) as data:
-                images, seeds = data["images"][: cfg.report_grid_samples], data["seeds"]
+                images, seeds = data["images"][: cfg.n_report_grid_samples], data["seeds"]
             cells = []
             for k, image in enumerate(images):
                 rel = f"{ASSET_DIR}/p{p:04d}_{model}_{k:03d}.png"

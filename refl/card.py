@@ -77,8 +77,9 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
     if summary:
         lines += ["## Validation", "",
                   f"{len(t.validation_prompts)} fixed prompts x {t.validation_images_per_prompt} images, "
-                  f"{t.validation_steps} steps, guidance {t.validation_guidance:g}. Judges other than the "
-                  "reward never reached the gradient.", "",
+                  f"{t.validation_num_inference_steps} steps, guidance {t.validation_guidance_scale:g}. "
+                  "Judges "
+                  "other than the reward never reached the gradient.", "",
                   "| metric | last | at update | best | at update |", "|---|---|---|---|---|"]
         lines += [f"| `{k}` | {v['last']:.4g} | {v['last_update']} | {v['best']:.4g} | {v['best_update']} |"
                   for k, v in sorted(summary.items())]

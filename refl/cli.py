@@ -1,15 +1,15 @@
-"""Command-line entry points of `refl`: training, generation and LoRA export (scripts/ and the console
-scripts wrap these; runkit.cli gives every command its error convention)."""
+"""Command-line entry points of `refl`: training, generation and LoRA export (the console scripts call
+these; runkit.cli gives every command its error convention)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from runkit.cli import command
-from runkit.config import add_config_args, config_overrides, load_config
+from runkit.config import config_parser, parse_config_args, save_config
 from runkit.logs import setup_logging
 
 
@@ -18,16 +18,13 @@ def train_main(argv: list[str] | None = None) -> int:
     """ReFL LoRA fine-tuning of Stable Diffusion against a Social Reward critic.
 
     social-refl-train-refl --config configs/refl_toy.yaml [--set train.lr=1e-4] [--resume latest]
-    accelerate launch --num_processes 2 scripts/train_refl.py --config configs/refl_toy.yaml
+    accelerate launch --num_processes 2 "$(which social-refl-train-refl)" --config configs/refl_toy.yaml
     """
     from refl.config import ReflConfig
     from refl.train import train
 
-    parser = argparse.ArgumentParser(description=train_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    cfg = load_config(ReflConfig, args.config, config_overrides(args))
+    parser = config_parser(ReflConfig, train_main.__doc__, flags=("train.output_dir", "train.resume"))
+    cfg, _ = parse_config_args(parser, argv)
     setup_logging()
     started = ["social-refl-train-refl", *(sys.argv[1:] if argv is None else argv)]
     result = train(cfg, command=shlex.join(started))
@@ -40,54 +37,35 @@ def train_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     """Generate images with a base model and an optional ReFL LoRA.
 
-    social-refl-generate --model DIR --lora runs/refl_toy/lora --prompts prompts.txt --n 4 --seed 0 \\
-        [--batch-size 8] [--dtype bf16] [--lora-scale 1.0] [--critic CKPT] --out runs/gen
+    social-refl-generate --model DIR --lora runs/refl_toy/lora --prompts-file prompts.txt \\
+        --images-per-prompt 4 --seed 0 [--batch-size 8] [--mixed-precision bf16] [--critic DIR] --out runs/gen
     """
+    from refl.config import GenerateConfig
     from refl.generate import generate, load_pipeline, prepare_output
     from refl.prompts import read_prompt_file
 
-    p = argparse.ArgumentParser(description=generate_main.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="diffusers directory (SD 1.x/2.x or SDXL), cached model id, or preset "
-                        "(toy/tiny/tiny-sdxl)")
-    p.add_argument("--lora", default=None, help="LoRA directory in diffusers format")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the LoRA update")
-    p.add_argument("--prompts", required=True,
-                   help="prompts file: .txt (one per line), .parquet or .csv (prompt column)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
-    p.add_argument("--steps", type=int, default=40, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--critic", default=None, help="critic checkpoint dir or open_clip name to score each "
-                                                  "image")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (seeds do not depend "
-                                                             "on it)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="weights and activations (fp16 needs a GPU)")
-    p.add_argument("--vae", default=None,
-                   help="another VAE (folder or hub id), e.g. an fp16-safe SDXL VAE for --dtype fp16")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the images of an earlier generation in --out (refused without it)")
-    args = p.parse_args(argv)
+    parser = config_parser(GenerateConfig, generate_main.__doc__, flags=(
+        "model.name", "model.vae", "lora", "lora_scale", "prompts_file", "prompt_column", "images_per_prompt",
+        "seed", "num_inference_steps", "guidance_scale", "critic", "batch_size", "mixed_precision", "device",
+        "output_dir", "overwrite"))
+    cfg, _ = parse_config_args(parser, argv)
     setup_logging()
-    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
-        raise ValueError(f"--n, --batch-size and --steps must be at least 1, got {args.n}, {args.batch_size} "
-                         f"and {args.steps}")
-    prompts = read_prompt_file(args.prompts, key="--prompts", column_key="the prompt column")
-    prepare_output(args.out, args.overwrite)  # before the model loads: a refused folder costs nothing
-    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.device, dtype=args.dtype, vae=args.vae)
+    prompts = read_prompt_file(cfg.prompts_file, column=cfg.prompt_column, key="prompts_file",
+                               column_key="prompt_column")
+    prepare_output(cfg.output_dir, cfg.overwrite)  # before the model loads: a refused folder costs nothing
+    pipe = load_pipeline(cfg.model.name, cfg.lora or None, cfg.lora_scale, cfg.device or None,
+                         attention=cfg.model.attention, mixed_precision=cfg.mixed_precision,
+                         vae=cfg.model.vae)
     critic = None
-    if args.critic:
+    if cfg.critic:
         import reward
 
-        critic = reward.load(args.critic, device=pipe.device)
-    records = generate(pipe, prompts, args.out, n=args.n, seed=args.seed, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, critic=critic, batch_size=args.batch_size,
-                       overwrite=True)
-    print(json.dumps({"images": len(records), "out": args.out}))
+        critic = reward.load(cfg.critic, device=pipe.device)
+    records = generate(pipe, prompts, cfg.output_dir, n=cfg.images_per_prompt, seed=cfg.seed,
+                       num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                       critic=critic, batch_size=cfg.batch_size, overwrite=True)
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    print(json.dumps({"images": len(records), "output_dir": cfg.output_dir}))
     return 0
 
 
@@ -96,25 +74,19 @@ def export_main(argv: list[str] | None = None) -> int:
     """Export a saved LoRA folder for other tools (kohya layout: AUTOMATIC1111, ComfyUI, Forge), and
     optionally upload the folder to the Hugging Face Hub.
 
-    social-refl-export-lora runs/refl_sdxl/lora --format kohya [--out my_lora.safetensors] \\
+    social-refl-export-lora runs/refl_sdxl/lora --layout kohya [--output-file my_lora.safetensors] \\
         [--push-to-hub user/my-lora [--private]]
     """
-    from refl.export import FORMATS, export_lora, push_to_hub
+    from refl.config import ExportConfig
+    from refl.export import export_lora, push_to_hub
 
-    p = argparse.ArgumentParser(description=export_main.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lora", help="LoRA folder saved by ReFL training (its lora/ or lora_best/)")
-    p.add_argument("--format", default="kohya", choices=sorted(FORMATS), help="layout of the exported file")
-    p.add_argument("--out", default=None, help="exported .safetensors file (default: inside the LoRA folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
-                   help="also upload the folder (weights, model card, export) to this Hub model repo")
-    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    args = p.parse_args(argv)
+    parser = config_parser(ExportConfig, export_main.__doc__, positional=("lora",),
+                           flags=("layout", "output_file", "overwrite", "push_to_hub", "private"))
+    cfg, _ = parse_config_args(parser, argv)
     setup_logging()
-    out = export_lora(args.lora, args.format, args.out, args.overwrite)
-    result = {"format": args.format, "file": str(out)}
-    if args.push_to_hub:
-        result["hub"] = push_to_hub(args.lora, args.push_to_hub, args.private)
+    out = export_lora(cfg.lora, cfg.layout, cfg.output_file or None, cfg.overwrite)
+    result = {"layout": cfg.layout, "output_file": str(out)}
+    if cfg.push_to_hub:
+        result["hub"] = push_to_hub(cfg.lora, cfg.push_to_hub, cfg.private)
     print(json.dumps(result))
     return 0

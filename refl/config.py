@@ -9,11 +9,12 @@ batch_size x gradient_accumulation x processes prompts (ImageReward: 2 x 4 x 8 =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from refl.components import ModelConfig
 from refl.lora import LoraConfig
 from refl.step import StepConfig
-from runkit.config import TrainSettings
+from runkit.config import TrainSettings, check_mixed_precision
 
 
 @dataclass
@@ -105,9 +106,9 @@ class ReflTrainConfig(TrainSettings):
     # Seed of the validation noise (the same images every time, so grids compare across updates).
     validation_seed: int = 1234
     # Sampler steps for validation images.
-    validation_steps: int = 40
-    # Classifier-free guidance for validation images (1 = off).
-    validation_guidance: float = 1.0
+    validation_num_inference_steps: int = 40
+    # Classifier-free guidance scale for validation images (1 = off).
+    validation_guidance_scale: float = 1.0
     # Held-out judges of the validation images, evaluator specs of reward.evaluators (e.g. "clip:tiny-clip",
     # "critic:runs/critic_b", "oracle:", "hpsv2:weights/HPS_v2_compressed.pt"); each judge's mean score is
     # logged as eval/heldout/<spec> beside eval/reward. They never reach the gradient. On the command line
@@ -123,6 +124,8 @@ class ReflTrainConfig(TrainSettings):
 
 @dataclass
 class ReflConfig:
+    # Keys renamed after a release: old dotted key -> new key (refused with the new name for one release).
+    RENAMED: ClassVar[dict[str, str]] = {}
     model: ModelConfig = field(default_factory=ModelConfig)  # the Stable Diffusion base
     lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters that train
     step: StepConfig = field(default_factory=StepConfig)  # the reward-gradient step
@@ -158,3 +161,72 @@ def check_guard_config(t: ReflTrainConfig) -> None:
     if (t.select_by or t.stop_after_drops) and not t.validation_prompts:
         raise ValueError("train.select_by / train.stop_after_drops act at validations, but "
                          "train.validation_prompts is empty (no validation happens); add validation prompts")
+
+
+@dataclass
+class GenerateConfig:
+    """What `social-refl-generate` draws: images of a base model with an optional LoRA, one folder of PNGs and
+    generations.jsonl."""
+
+    # The base model (model.name: a diffusers directory, hub id or preset; model.vae: another VAE, e.g. an
+    # fp16-safe SDXL VAE for mixed_precision fp16).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
+    # LoRA folder in diffusers format (a ReFL run's lora/ or lora_best/); "" = the base model alone.
+    lora: str = ""
+    # Multiplier of the LoRA update (1 = as trained).
+    lora_scale: float = 1.0
+    # Prompts file: .txt (one per line), or .parquet/.csv with a `prompt_column`.
+    prompts_file: str = ""
+    # Column holding the prompts in a parquet/csv file.
+    prompt_column: str = "prompt"
+    # Images per prompt; image k of every prompt uses seed + k.
+    images_per_prompt: int = 4
+    # Seed of the first image of each prompt.
+    seed: int = 0
+    # Sampler steps per image.
+    num_inference_steps: int = 40
+    # Classifier-free guidance scale (1 = off).
+    guidance_scale: float = 7.5
+    # Critic that scores each image into generations.jsonl: a critic folder or open_clip name; "" = none.
+    critic: str = ""
+    # Images per pipeline call, per process; the images do not depend on it.
+    batch_size: int = 8
+    # "no" (fp32), "fp16" (GPU only) or "bf16": the weights' and activations' dtype while sampling.
+    mixed_precision: str = "no"
+    # "cuda", "cpu", ...; "" = CUDA when there is one.
+    device: str = ""
+    # Output folder: NNNN_KK.png per image and generations.jsonl.
+    output_dir: str = ""
+    # Replace the images of an earlier generation in output_dir (refused without it).
+    overwrite: bool = False
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self):
+        if not self.model.name or not self.prompts_file or not self.output_dir:
+            raise ValueError("generate needs model.name (--model), prompts_file (--prompts-file) and "
+                             "output_dir (--out)")
+        if self.images_per_prompt < 1 or self.batch_size < 1 or self.num_inference_steps < 1:
+            raise ValueError(f"images_per_prompt, batch_size and num_inference_steps must be at least 1, got "
+                             f"{self.images_per_prompt}, {self.batch_size} and {self.num_inference_steps}")
+        check_mixed_precision(self.mixed_precision, "mixed_precision")
+
+
+@dataclass
+class ExportConfig:
+    """What `social-refl-export-lora` writes: a saved LoRA as one file for other tools, optionally
+    uploaded."""
+
+    # LoRA folder saved by ReFL training (its lora/ or lora_best/).
+    lora: str = ""
+    # Key layout of the exported file, a key of refl.export.EXPORT_LAYOUTS: "kohya" (AUTOMATIC1111, ComfyUI,
+    # Forge).
+    layout: str = "kohya"
+    # The exported .safetensors file; "" = inside the LoRA folder.
+    output_file: str = ""
+    # Replace an existing output_file (refused without it).
+    overwrite: bool = False
+    # Also upload the folder (weights, model card, export) to this Hub model repo; "" = no upload.
+    push_to_hub: str = ""
+    # Create the Hub repo as private.
+    private: bool = False
+    RENAMED: ClassVar[dict[str, str]] = {}

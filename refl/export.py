@@ -94,12 +94,13 @@ def check_export_path(out: Path, overwrite: bool) -> None:
     """A file the user named: a .safetensors (what the other tools list as LoRAs), not a folder, and an
     existing one replaced only with `overwrite`."""
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: name a .safetensors file (what AUTOMATIC1111, ComfyUI and Forge "
-                         "load)")
+        raise ValueError(f"output_file {out}: name a .safetensors file (what AUTOMATIC1111, ComfyUI and "
+                         "Forge load)")
     if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; name the .safetensors file to write")
+        raise IsADirectoryError(f"output_file {out} is a folder; name the .safetensors file to write")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or name another file")
+        raise FileExistsError(f"output_file {out} exists; pass --overwrite to replace it, or name another "
+                              "file")
 
 
 def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -118,14 +119,15 @@ def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = N
     return out
 
 
-FORMATS: dict[str, Callable[..., Path]] = {"kohya": export_kohya}
+# Key layouts of an exported LoRA file: layout -> writer(folder, out, overwrite).
+EXPORT_LAYOUTS: dict[str, Callable[..., Path]] = {"kohya": export_kohya}
 
 
-def export_lora(directory: str | os.PathLike, fmt: str = "kohya",
+def export_lora(directory: str | os.PathLike, layout: str = "kohya",
                 out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; formats are {sorted(FORMATS)}")
-    return FORMATS[fmt](directory, out, overwrite)
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: unknown export layout; choose one of {sorted(EXPORT_LAYOUTS)}")
+    return EXPORT_LAYOUTS[layout](directory, out, overwrite)
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = False) -> str:

@@ -114,7 +114,8 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
         with components.autocast():  # the reward's weights are in the base's dtype too
             # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
             images = sample(make_pipeline(components, cfg.step.scheduler), prompts, output="pt", batch_size=4,
-                            num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
+                            num_inference_steps=t.validation_num_inference_steps,
+                            guidance_scale=t.validation_guidance_scale,
                             generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
             metrics = {"eval/reward": reward_fn(images, prompts).float().mean().item()}
     finally:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from reward.losses import LOSSES
 from reward.model import CriticConfig
@@ -23,15 +24,16 @@ class CriticDataConfig:
     val: str = ""
     # Fraction of prompts (not pairs) held out when `val` is empty, chosen by a hash of the prompt.
     val_fraction: float = 0.1
-    # social | pickapic | ranked | auto (detected from the columns).
-    fmt: str = "auto"
+    # Pair format, a key of reward.data.PAIR_FORMATS (social | pickapic | ranked) or auto (detected from the
+    # columns).
+    format: str = "auto"
     # keep | drop | half | auto (keep ties if the loss handles them, else drop).
     tie_policy: str = "auto"
     # error = stop at the first bad row; skip = drop bad rows and log how many and which. Labels, prompts and
     # image paths are checked for every row before training (no image decoded); images when they are read.
     on_bad_row: str = "error"
     # Decode every training image once before training so a corrupt file fails now, not mid-run
-    # (one full pass over the data; at scale run scripts/check_pairs.py once instead). Bad rows met
+    # (one full pass over the data; at scale run social-refl-check-pairs once instead). Bad rows met
     # while training are caught either way (error, or skipped and counted).
     check_images: bool = False
     # DataLoader worker processes per process; images are decoded and resized in them.
@@ -82,6 +84,8 @@ class CriticTrainConfig(TrainSettings):
 
 @dataclass
 class RewardConfig:
+    # Keys renamed after a release: old dotted key -> new key (refused with the new name for one release).
+    RENAMED: ClassVar[dict[str, str]] = {}
     model: CriticConfig = field(default_factory=CriticConfig)  # which CLIP, from what, which layers train
     data: CriticDataConfig = field(default_factory=CriticDataConfig)  # the preference pairs
     loss: LossConfig = field(default_factory=LossConfig)
@@ -96,3 +100,57 @@ class RewardConfig:
                              "data.val_fraction > 0")
         if self.data.shuffle_row_groups < 1:
             raise ValueError("data.shuffle_row_groups must be >= 1")
+
+
+@dataclass
+class ValidateConfig:
+    """What `social-refl-validate-reward` measures: a critic's pairwise accuracy on held-out pairs, beside
+    baselines."""
+
+    # Held-out pairs file (parquet / csv / jsonl in a format of reward.data.PAIR_FORMATS).
+    pairs: str = ""
+    # The critic measured: a critic folder or open_clip NAME[:PRETRAINED] (also spelled critic:DIR or
+    # clip:NAME, as evaluator specs spell them).
+    critic: str = ""
+    # Models measured beside it: critics, open_clip names, or standard reward specs KIND:PATH (e.g.
+    # hpsv2:weights/HPS_v2_compressed.pt); [] = the critic's own backbone; ["none"] = no baseline.
+    baselines: list[str] = field(default_factory=list)
+    # Pairs per scoring call, per process.
+    batch_size: int = 64
+    # error = stop at the first bad row; skip = drop bad rows and count them.
+    on_bad_row: str = "error"
+    # The JSON report (the table goes beside it as .md); "" = validation.json in the critic's folder.
+    output_file: str = ""
+    # "cuda", "cpu", ...; "" = CUDA when there is one.
+    device: str = ""
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self):
+        if not self.pairs or not self.critic:
+            raise ValueError("validate-reward needs the pairs file (first argument) and critic (--critic)")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row={self.on_bad_row!r}; choose error or skip")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class CheckPairsConfig:
+    """What `social-refl-check-pairs` does: decode every image of a pairs set once, write a clean copy and a
+    report of the bad rows."""
+
+    # Pairs file, shard folder, glob (quoted) or datasets save_to_disk folder.
+    source: str = ""
+    # The clean pairs file to write (.parquet).
+    output_file: str = ""
+    # The JSON report of the bad rows; "" = <output_file>.report.json.
+    report_file: str = ""
+    # Pair format, a key of reward.data.PAIR_FORMATS, or auto (detected from the columns).
+    format: str = "auto"
+    # Processes decoding images.
+    num_workers: int = 0
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self):
+        if not self.source or not self.output_file:
+            raise ValueError("check-pairs needs the source (first argument) and output_file (--output-file)")

@@ -335,7 +335,7 @@ def _loss_kwargs(lc: LossConfig) -> dict:
 def _datasets(dc: CriticDataConfig, image_size: int, handles_ties: bool):
     """Streaming train and validation sets (validation keeps ties: evaluation counts them apart), both
     indexed and checked now, before training."""
-    common = dict(fmt=dc.fmt, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)
+    common = dict(fmt=dc.format, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)
     train_kw = dict(common, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties)
     if dc.val:
         train_set = PairShards(dc.train, image_size, **train_kw)

@@ -33,6 +33,16 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key and the fix."""
 
 
+# The compute dtypes every command accepts, as accelerate spells them ("no" = fp32).
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def check_mixed_precision(value: str, key: str) -> None:
+    """Refuses a mixed_precision value outside MIXED_PRECISION, naming the key."""
+    if value not in MIXED_PRECISION:
+        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(MIXED_PRECISION)} (no = fp32)")
+
+
 @dataclasses.dataclass
 class TrainSettings:
     # Run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, and the trained weights.
@@ -94,8 +104,7 @@ class TrainSettings:
             raise ConfigError("train.max_updates must be >= 0")
         if not self.lr >= 0:  # also refuses NaN; 0 is a frozen control run
             raise ConfigError(f"train.lr must be >= 0, got {self.lr}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        check_mixed_precision(self.mixed_precision, "train.mixed_precision")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -304,8 +313,101 @@ def changed_settings(saved: str | os.PathLike, cfg: Any, ignore: tuple[str, ...]
             for key in sorted(set(old) | set(new)) if key not in ignore and old.get(key) != new.get(key)]
 
 
-def add_config_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
-    """--config FILE, --set KEY=VALUE (repeatable) and, for trainers, --resume (sets train.resume)."""
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source (the `#` lines above it, or the one after it on its line):
+    the help text of its command-line flag, and what the vocabulary test reads."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        above: list[str] = []
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            match = re.match(r"\s{4}(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+            if match and match.group(1) in {f.name for f in dataclasses.fields(klass)}:
+                text = " ".join(above) or (match.group(2) or "").strip()
+                comments[match.group(1)] = text or comments.get(match.group(1), "")
+            above = []
+    return comments
+
+
+def _key_type(cls: type, key: str) -> tuple[Any, str, Any]:
+    """(type, comment, default) of a dotted key of `cls`."""
+    node, parts = cls, key.split(".")
+    default: Any = cls()
+    for i, part in enumerate(parts):
+        hints = _field_types(node)
+        if part not in hints:
+            raise KeyError(f"{cls.__name__} has no key {'.'.join(parts[: i + 1])}")
+        comment = field_comments(node).get(part, "")
+        default = getattr(default, part)
+        node = hints[part]
+    return node, comment, default
+
+
+# Flags spelled otherwise than their key, the same in every command (docs/vocabulary.md).
+SHORT_FLAGS = {"output_dir": "--out", "train.output_dir": "--out", "train.resume": "--resume",
+               "model.name": "--model", "model.vae": "--vae"}
+
+
+def flag_for(key: str) -> str:
+    """The command-line spelling of a config key: its own name with dashes, or its short flag."""
+    return SHORT_FLAGS.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def config_parser(cls: type, description: str | None, *, positional: tuple[str, ...] = (),
+                  flags: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A command's parser over its config class `cls`: --config FILE, --set KEY=VALUE and, for each key in
+    `positional` and `flags`, an argument that sets that key (a flag is spelled as its key, see flag_for).
+    Flags apply before --set, so an explicit --set wins; `parse_config_args` reads the result."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    keys: dict[str, str] = {}
+    for key in (*positional, *flags):
+        tp, comment, default = _key_type(cls, key)
+        origin = typing.get_origin(tp)
+        kwargs: dict[str, Any] = {"help": f"{comment} ({key}; default: {default!r})".replace("%", "%%")}
+        if tp is bool:
+            kwargs.update(action="store_const", const=True, default=None)
+        elif origin in (list, tuple):
+            kwargs.update(nargs="+", default=None)
+        if key in positional:
+            dest = key.replace(".", "__")
+            parser.add_argument(dest, metavar=key.rsplit(".", 1)[-1].upper(), **kwargs)
+        else:
+            dest = "key__" + key.replace(".", "__")
+            parser.add_argument(flag_for(key), dest=dest, **({"default": None} | kwargs))
+        keys[dest] = key
+    parser.set_defaults(_config_class=cls, _config_keys=keys)
+    return parser
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = None
+                      ) -> tuple[Any, argparse.Namespace]:
+    """(the resolved config, the parsed arguments) of a parser made by `config_parser`."""
+    args = parser.parse_args(argv)
+    cls = args._config_class
+    overrides = []
+    for dest, key in args._config_keys.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        tp = _key_type(cls, key)[0]
+        # JSON is YAML: a string stays a string whatever it looks like ("oracle:", "1e-4", "no").
+        as_text = json.dumps(value) if tp is str or typing.get_origin(tp) in (list, tuple) else str(value)
+        overrides.append(f"{key}={as_text}")
+    return load_config(cls, args.config, overrides + config_overrides(args)), args
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and --set KEY=VALUE (repeatable)."""
     parser.add_argument("--config", type=str, default=None, help="experiment YAML (overrides only)")
     parser.add_argument(
         "--set",
@@ -313,15 +415,19 @@ def add_config_args(parser: argparse.ArgumentParser, resume: bool = True) -> Non
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one field, e.g. --set train.lr=1e-4 (repeatable)",
+        help="override one field, e.g. --set train.lr=1e-4 (repeatable; applied after the flags)",
     )
-    if resume:
-        parser.add_argument("--resume", default=None, metavar="latest|DIR",
-                            help="continue from the newest checkpoint of train.output_dir ('latest') or a "
-                                 "checkpoint folder (same as --set train.resume=...)")
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
-    """The --set overrides, then --resume as train.resume (quoted, so any path survives YAML parsing)."""
-    extra = [f"train.resume={json.dumps(args.resume)}"] if getattr(args, "resume", None) else []
-    return list(args.overrides) + extra
+    """The --set overrides."""
+    return list(args.overrides)
+
+
+def resolve_device(device: str | None) -> str:
+    """A config's `device`: as given, or "" (and None) = CUDA when there is one, else the CPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

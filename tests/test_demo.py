@@ -54,7 +54,7 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     assert json.loads((quick_demo / "refl" / "result.json").read_text())["lora"] == "lora"
     # The demo's resolved config sits beside the harness's own, neither overwriting the other.
     saved = (quick_demo / "demo_config.yaml").read_text()
-    assert "feed_guidance" in saved and "gradient_accumulation" in saved  # the stage configs, nested
+    assert "feed_guidance_scales" in saved and "gradient_accumulation" in saved  # the stage configs, nested
 
 
 def test_quick_demo_measures_what_limits_the_critic_and_the_overoptimisation(quick_demo):
@@ -77,7 +77,7 @@ def test_quick_demo_measures_what_limits_the_critic_and_the_overoptimisation(qui
     assert set(crit["realism"]) >= {"reaches_accuracy", "interval_above_zero_shot", "realistic"}
     # The feed: one summary entry per distinct guidance scale, each with its share of the images.
     feed = demo["community"]["feed"]
-    guidance = QUICK["community.feed_guidance"]
+    guidance = QUICK["community.feed_guidance_scales"]
     assert {float(g) for g in feed} == set(guidance)
     assert sum(v["images"] for v in feed.values()) == demo["community"]["community"]["n_images"]
     # Validation from update 0, the oracle's peak and every guard's pick on that curve.
@@ -160,9 +160,9 @@ def test_bad_override_is_named(tmp_path, capsys, monkeypatch):
     assert demo_main(["--out", str(tmp_path), "--quick", "--set", "refl.train.output_dir=elsewhere"]) == 2
     assert "set by the demo" in capsys.readouterr().err
     # More held-out prompts than a use's share: refused at start, not when its stage comes.
-    assert demo_main(["--out", str(tmp_path / "many"), "--quick", "--set", "compare_prompts=51"]) == 2
+    assert demo_main(["--out", str(tmp_path / "many"), "--quick", "--set", "n_compare_prompts=51"]) == 2
     err = capsys.readouterr().err
-    assert "compare_prompts=51" in err and "ask for 0 to 50" in err
+    assert "n_compare_prompts=51" in err and "ask for 0 to 50" in err
     assert not (tmp_path / "many" / "community").exists()
 
 
@@ -233,7 +233,7 @@ def test_guard_study_trains_the_ensemble_and_compares_the_selected_lora(quick_de
 
     results = json.loads((quick_demo / "results.json").read_text())
     oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
-    variants = {PLAIN: [], "guarded": ["critic_members=2", "refl.reward.ensemble_penalty=1",
+    variants = {PLAIN: [], "guarded": ["n_critic_members=2", "refl.reward.ensemble_penalty=1",
                                        "refl.train.select_by=clip:{clip_model}"]}
     summary = run_study(quick_demo, seeds=(0,), study="guard", variants=variants)
     guarded = summary["variants"]["guarded"]

@@ -53,7 +53,7 @@ def world(tmp_path_factory, single_thread):
     register_evaluator("brightness", _brightness_factory, overwrite=True)
     overrides = ["model.name=tiny", f"lora={root / 'lora'}", f"prompts={root / 'prompts.txt'}",
                  f"n_samples={N}",
-                 "batch_size=3", "num_inference_steps=4", "guidance_scale=3.0", "selector=tiny-clip",
+                 "batch_size=3", "num_inference_steps=4", "guidance_scale=3.0", "critic=tiny-clip",
                  "evaluators=[clip:tiny-clip, 'brightness:']", "bootstrap_resamples=300",
                  "report_image_px=64"]
     return {"root": root, "overrides": overrides}
@@ -257,7 +257,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
     critic = tmp_path / "critic"
     torch.manual_seed(0)
     reward.create_critic(model_name="tiny-clip").save_pretrained(critic)
-    cfg = _cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2", f"selector={critic}",
+    cfg = _cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2", f"critic={critic}",
                "evaluators=['brightness:']", "benchmark_throughput=false")
     first = H.run_compare(cfg)
     drawn = []
@@ -287,7 +287,7 @@ def test_files_retrained_in_place_are_drawn_and_scored_again(world, tmp_path, mo
 
     drawn.clear()
     H.run_compare(_cfg(world, tmp_path / "run", f"lora={lora}", "max_prompts=1", "n_samples=2",
-                       f"selector={critic}", "evaluators=['brightness:']", "benchmark_throughput=false",
+                       f"critic={critic}", "evaluators=['brightness:']", "benchmark_throughput=false",
                        "num_inference_steps=5"))
     assert drawn == ["base", "refl"]  # other settings: both models drawn again in place
 

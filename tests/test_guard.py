@@ -27,7 +27,7 @@ def _overrides(out, updates: int) -> list[str]:
             f"train.max_updates={updates}",
             "train.batch_size=1", "train.gradient_accumulation=1", "train.lr=1e-2", "train.log_with=none",
             "train.gradient_checkpointing=false", "train.validate_every=1", "train.checkpoint_every=1",
-            "train.checkpoints_keep=0", "train.validation_steps=2", VALIDATION_PROMPTS,
+            "train.checkpoints_keep=0", "train.validation_num_inference_steps=2", VALIDATION_PROMPTS,
             "train.validation_images_per_prompt=2", "step.num_inference_steps=3", "step.cut_range=[1,2]",
             "step.grad_scale=1.0", "train.validate_at_start=false"]
 

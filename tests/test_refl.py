@@ -517,7 +517,7 @@ def _tiny_train_overrides(out, updates=4):
             "train.batch_size=2", "train.gradient_accumulation=2", "train.lr=1e-2",
             "train.lr_schedule=cosine",
             "train.warmup_updates=1", "train.checkpoint_every=2", "train.log_with=none",
-            "train.validation_steps=2",
+            "train.validation_num_inference_steps=2",
             "step.num_inference_steps=4", "step.cut_range=[1,3]", "step.scheduler=ddpm", "lora.dropout=0.1",
             "step.grad_scale=1.0"]
 
@@ -587,7 +587,7 @@ def test_train_script_main_and_prompt_files(tmp_path, capsys):
     argv = ["--config", "configs/refl_toy.yaml"]
     for o in _tiny_train_overrides(out, updates=2) + [f"data.prompts_file={tmp_path / 'p.txt'}",
                                                       "train.validate_every=2", "train.log_with=tensorboard",
-                                                      "train.validation_steps=2", "step.reg_weight=0.1",
+                                                      "train.validation_num_inference_steps=2", "step.reg_weight=0.1",
                                                       "data.reg_pool_size=4", "reward.kind=critic"]:
         argv += ["--set", o]
     assert script.main(argv) == 0
@@ -733,7 +733,7 @@ def test_bf16_training_with_validation_regulariser_kl_and_a_critic(tmp_path, met
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=bf16",
         "train.validate_every=1",
-        "train.validation_steps=2", "train.gradient_accumulation=1", f"step.method={method}",
+        "train.validation_num_inference_steps=2", "train.gradient_accumulation=1", f"step.method={method}",
         "step.reg_weight=1.0",
         "step.kl_weight=1.0", "data.reg_pool_size=4", "lora.dropout=0.0", "train.lr_schedule=constant",
         "train.warmup_updates=0"])
@@ -892,7 +892,7 @@ def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
     cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=3) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16",
         "train.validate_every=3",
-        "train.validation_steps=2", "step.reg_weight=1.0", "step.kl_weight=1.0", "data.reg_pool_size=4"])
+        "train.validation_num_inference_steps=2", "step.reg_weight=1.0", "step.kl_weight=1.0", "data.reg_pool_size=4"])
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)

@@ -154,7 +154,7 @@ def test_the_last_checkpoint_is_written_before_the_last_validation(tmp_path, mon
     cfg = load_config(refl_train.ReflConfig, None, [
         f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", "train.max_updates=2",
         "train.batch_size=1", "train.checkpoint_every=2", "train.validate_every=2", "train.log_with=none",
-        "train.validation_prompts=[a cat]", "train.validation_steps=2", "step.num_inference_steps=2",
+        "train.validation_prompts=[a cat]", "train.validation_num_inference_steps=2", "step.num_inference_steps=2",
         "step.cut_range=[0,1]", "train.validate_at_start=false"])  # the crash is in update 2's validation
     with pytest.raises(RuntimeError, match="a bug in a judge"):
         refl_train.train(cfg)

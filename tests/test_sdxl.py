@@ -229,7 +229,7 @@ def test_harness_with_an_sdxl_lora_draws_what_the_stock_pipeline_draws(sdxl_dir,
     cfg = load_config(CompareConfig, None, [
         f"model.name={sdxl_dir}", f"lora={sdxl_lora['dir']}", f"prompts={tmp_path / 'prompts.txt'}",
         "n_samples=2",
-        "batch_size=2", "num_inference_steps=3", "guidance_scale=3.0", "selector=tiny-clip",
+        "batch_size=2", "num_inference_steps=3", "guidance_scale=3.0", "critic=tiny-clip",
         "bootstrap_resamples=50", "throughput_repeats=1", f"output_dir={tmp_path / 'run'}"])
     results = H.run_compare(cfg)
     assert {"base_random", "refl_random", "base_best_of_2"} <= set(results["arms"])
@@ -258,7 +258,7 @@ def test_every_saved_lora_folder_has_a_model_card(tmp_path):
             "--set", "train.max_updates=2", "--set", "train.batch_size=1", "--set",
             "train.gradient_accumulation=1",
             "--set", "train.lr=3e-3", "--set", "train.checkpoint_every=1", "--set", "train.validate_every=1",
-            "--set", "train.log_with=none", "--set", "train.validation_steps=2", "--set",
+            "--set", "train.log_with=none", "--set", "train.validation_num_inference_steps=2", "--set",
             "step.num_inference_steps=3",
             "--set", "step.cut_range=[1,2]", "--set", "train.validation_prompts=[a cat]",
             "--set", "train.select_by=clip:tiny-clip"]
@@ -349,7 +349,7 @@ def test_sdxl_refl_in_bf16_with_guidance_regulariser_kl_validation_and_text_enco
         "reward.critic=tiny-clip",
         "train.mixed_precision=bf16", "train.max_updates=2", "train.batch_size=2",
         "train.gradient_accumulation=1",
-        "train.lr=1e-2", "train.checkpoint_every=2", "train.validate_every=2", "train.validation_steps=2",
+        "train.lr=1e-2", "train.checkpoint_every=2", "train.validate_every=2", "train.validation_num_inference_steps=2",
         "train.validation_prompts=[a cat]", "train.log_with=none", f"step.method={method}",
         "step.num_inference_steps=3",
         "step.scheduler=ddpm", "step.guidance_scale=2.0", "step.reg_weight=1.0", "step.kl_weight=1.0",

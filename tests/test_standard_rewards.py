@@ -526,7 +526,7 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     hps, pick = weights["specs"]["hpsv2"], weights["specs"]["pickscore"]
     cfg = load_config(CompareConfig, None, [
         "model.name=tiny", f"prompts={tmp_path / 'prompts.txt'}", "n_samples=2", "batch_size=2",
-        "num_inference_steps=2", "guidance_scale=1.0", "selector=tiny-clip",
+        "num_inference_steps=2", "guidance_scale=1.0", "critic=tiny-clip",
         f"evaluators=['{hps}', '{pick}']",
         "bootstrap_resamples=50", "report_image_px=32", f"output_dir={tmp_path / 'run'}", "device=cpu"])
     old = torch.get_num_threads()

@@ -26,7 +26,7 @@ from toyworld.variants import interval_cell, markdown_table, open_demo, run_vari
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "no regulariser": ["refl.step.reg_weight=0"],
     "denoising on base samples": [],
-    "denoising on renders": ["reg_renders=512"],
+    "denoising on renders": ["n_reg_renders=512"],
     "KL to base": ["refl.step.reg_weight=0", "refl.step.kl_weight=10"],
     "denoising + KL": ["refl.step.kl_weight=10"],
     "regulariser only (no reward)": ["refl.step.grad_scale=0"],

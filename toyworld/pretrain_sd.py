@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from refl.components import ModelConfig, load_components, save_pipeline
+from runkit.config import resolve_device
 from runkit.files import write_json
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     logger.info("rendered %d training scenes in %.1f s", len(prompts), time.perf_counter() - t0)
     images = _to_tensor(images_np)
     components = load_components(ModelConfig(name="toy", seed=cfg.seed))
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     components.to(device)
     report = {"config": cfg.__dict__.copy(), "device": torch.cuda.get_device_name(device) if device == "cuda"
               else "cpu"}

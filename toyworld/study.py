@@ -41,8 +41,8 @@ STUDIES: dict[str, dict[str, list[str]]] = {
     "guard": {
         PLAIN: [],
         "ReFL + select by zero-shot CLIP": ["refl.train.select_by=clip:{clip_model}"],
-        "ReFL + 3-critic ensemble, penalty 1": ["critic_members=3", "refl.reward.ensemble_penalty=1"],
-        "ReFL + ensemble + select": ["critic_members=3", "refl.reward.ensemble_penalty=1",
+        "ReFL + 3-critic ensemble, penalty 1": ["n_critic_members=3", "refl.reward.ensemble_penalty=1"],
+        "ReFL + ensemble + select": ["n_critic_members=3", "refl.reward.ensemble_penalty=1",
                                      "refl.train.select_by=clip:{clip_model}"],
     },
 }

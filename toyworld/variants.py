@@ -3,7 +3,7 @@
 
 A variant is a list of demo-config overrides ("{clip_model}" stands for the demo's zero-shot CLIP). Each
 (variant, seed) trains the demo's ReFL config plus the overrides with `refl.train.seed` = seed against the
-demo's critic (or a critic ensemble when the variant sets `critic_members`), and draws the same held-out
+demo's critic (or a critic ensemble when the variant sets `n_critic_members`), and draws the same held-out
 prompts with the same sampling seeds as the base model, so each difference from base is paired per prompt.
 Base samples depend on neither the variant nor the seed: they are drawn once and copied.
 
@@ -41,7 +41,7 @@ class FinishedDemo:
     @property
     def prompts_file(self) -> Path:
         """The held-out prompts of the demo's comparison."""
-        return self.folder / "compare_prompts.txt"
+        return self.folder / "n_compare_prompts.txt"
 
 
 def open_demo(demo_dir: str | Path) -> FinishedDemo:
@@ -78,14 +78,14 @@ def copy_base_samples(source: Path, folder: Path) -> None:
 
 
 def ensemble_members(cfg: DemoConfig, demo_members: list[str], pairs: str, out: Path) -> list[str]:
-    """`cfg.critic_members` critic directories: the demo's own, then members trained here (seed + k) as the
+    """`cfg.n_critic_members` critic directories: the demo's own, then members trained here (seed + k) as the
     demo would have trained them; a finished member is reused while its settings and pairs are unchanged."""
     from runkit.files import write_json
     from toyworld.demo.config import critic_config
     from toyworld.demo.stages import enter_stage, train_critic_member, trainer_settings
 
-    members = list(demo_members)[: cfg.critic_members]
-    for k in range(len(members), cfg.critic_members):
+    members = list(demo_members)[: cfg.n_critic_members]
+    for k in range(len(members), cfg.n_critic_members):
         member_dir = out / f"member-{k}"
         settings = {**trainer_settings(critic_config(cfg, pairs, member_dir)), "member": k}
         if enter_stage(member_dir, member_dir / "member.json", settings,
@@ -129,7 +129,7 @@ def run_variants(demo: FinishedDemo, root: Path, variants: dict[str, list[str]],
                 for name, overrides in variants.items()}
     configs = {name: override(demo.cfg, overrides) for name, overrides in resolved.items()}
     pairs = str(community_pairs_file(demo.folder))
-    demo_members = critic_dirs(demo.folder / "critic", demo.cfg.critic_members)
+    demo_members = critic_dirs(demo.folder / "critic", demo.cfg.n_critic_members)
     train_prompts = split_prompts(seed=0)[0]
     base_source = demo.folder if compare is None else None  # the first comparison drawn, when not the demo's
     runs: dict[str, dict[int, VariantRun]] = {}

@@ -1,6 +1,6 @@
 """Preference pairs from the files people have.
 
-Formats (`fmt`; one record each in `reward.data.formats.FORMATS`):
+Formats (`fmt`; one record each in `reward.data.formats.PAIR_FORMATS`):
 - `social`: Social Reward parquet/CSV with `prompt, pos_path, neg_path` (relative paths resolve
   against the file's folder);
 - `pickapic`: Pick-a-Pic v2 parquet with `caption, jpg_0, jpg_1, label_0, label_1` (encoded bytes;
@@ -25,7 +25,7 @@ decoded; an image that does not decode, or has no honest 8-bit RGB reading, is a
 from reward.data.check import check_pairs
 from reward.data.errors import FIX, BadRows, DataError, EmptySplitError
 from reward.data.formats import (
-    FORMATS,
+    PAIR_FORMATS,
     Format,
     ImageRef,
     PairRecord,
@@ -39,7 +39,8 @@ from reward.data.sources import SUFFIX_KINDS, Shard, ShardReader, list_shards, r
 from reward.data.stream import PairShards, PairShardSampler
 
 __all__ = [
-    "FIX", "FORMATS", "SAME_IMAGE", "SUFFIX_KINDS", "TIE_POLICIES", "BadRows", "DataError", "EmptySplitError",
+    "FIX", "PAIR_FORMATS", "SAME_IMAGE", "SUFFIX_KINDS", "TIE_POLICIES", "BadRows", "DataError",
+    "EmptySplitError",
     "Format", "ImageRef", "PairDataset", "PairRecord", "PairShardSampler", "PairShards", "Shard",
     "ShardReader",
     "check_format", "check_pairs", "collate_pairs", "detect_format", "list_shards", "load_pairs", "pair_item",

@@ -3,7 +3,7 @@
 A record says which columns a format has, which of them are cheap (read when indexing a set, never the
 image bytes), which hold image paths, and how a row's labels become preferences, checked. Everything else
 (loading, streaming, the checking pass, the majority baseline, the command-line choices) works from the
-record, so a new format is one record in `FORMATS` plus its test.
+record, so a new format is one record in `PAIR_FORMATS` plus its test.
 
 A row's preferences are (i, j, p): images i and j of the row, p = the probability that image i is preferred
 (1 or 0 for a clear pair, 0.5 for a tie). Labels that give no such probability are a bad row, with the
@@ -117,7 +117,7 @@ def _ranked_preferences(row: Mapping) -> list[Preference]:
             for i, j in itertools.combinations(range(len(values)), 2)]
 
 
-FORMATS: dict[str, Format] = {
+PAIR_FORMATS: dict[str, Format] = {
     # Social Reward: relative paths resolve against the file's folder.
     "social": Format("social", "prompt", ("pos_path", "neg_path"), (), holds_paths=True, ordered=False,
                      preferences=_social_preferences),
@@ -133,12 +133,12 @@ FORMATS: dict[str, Format] = {
 def detect_format(df, where: str) -> str:
     """The format whose columns a table (or a list of column names) has."""
     columns = list(df.columns) if hasattr(df, "columns") else list(df)
-    for name, spec in FORMATS.items():
+    for name, spec in PAIR_FORMATS.items():
         if all(c in columns for c in spec.columns):
             return name
     raise DataError(
         f"{where}: cannot tell the data format from columns {columns}. Expected one of: "
-        + "; ".join(f"{k}: {', '.join(v.columns)}" for k, v in FORMATS.items())
+        + "; ".join(f"{k}: {', '.join(v.columns)}" for k, v in PAIR_FORMATS.items())
         + ". Rename the columns or pass fmt= explicitly."
     )
 
@@ -146,13 +146,13 @@ def detect_format(df, where: str) -> str:
 def check_format(fmt: str, columns: list[str], where: str) -> Format:
     """The record of `fmt` ("auto": detected), once `columns` are known to hold all of its columns."""
     fmt = detect_format(columns, where) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)} or auto")
-    missing = [c for c in FORMATS[fmt].columns if c not in columns]
+    if fmt not in PAIR_FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(PAIR_FORMATS)} or auto")
+    missing = [c for c in PAIR_FORMATS[fmt].columns if c not in columns]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing} for format {fmt!r} (found {list(columns)}). "
-                        f"A {fmt} file needs columns {FORMATS[fmt].columns}.")
-    return FORMATS[fmt]
+                        f"A {fmt} file needs columns {PAIR_FORMATS[fmt].columns}.")
+    return PAIR_FORMATS[fmt]
 
 
 def resolve_image(ref, base: Path):

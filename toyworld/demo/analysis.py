@@ -24,7 +24,7 @@ def oracle_breakdown(out: Path, results: dict) -> dict:
     from evaluation.stats import best_of_n_indices, mean_ci
     from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_terms
 
-    n, m, selector = results["n_samples"], results["refl_samples"], results["selector"]
+    n, m, selector = results["n_samples"], results["n_tuned_samples"], results["selector"]
     base_label, best_label, refl_label = arm_label("base"), arm_label("base", n), arm_label("refl")
     per_prompt = {arm: {t: [] for t in TERMS} for arm in (base_label, best_label, refl_label)}
     for p, prompt in enumerate(results["prompts"]):

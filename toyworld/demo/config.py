@@ -57,7 +57,7 @@ def _demo_compare() -> CompareConfig:
     # 32 px samples shown at 160 px (5x, nearest neighbour): large enough to judge colour, size and edges.
     # ReFL's one-sample score is the mean over 16 samples per prompt (paired with base samples 0-15): the same
     # expectation as over 64, a quarter of the tuned sampling, which keeps the demo within 15 minutes.
-    return CompareConfig(n_samples=64, refl_samples=16, batch_size=64, seed=7, report_image_px=160)
+    return CompareConfig(n_samples=64, n_tuned_samples=16, batch_size=64, seed=7, report_image_px=160)
 
 
 # The community's feed: one image per entry per training prompt, drawn at that guidance scale. Real feeds mix
@@ -71,21 +71,21 @@ FEED_GUIDANCE = [1.5, 2.0, 3.0, 4.0, 6.0, 1.5, 2.0, 4.0]
 @dataclass
 class CommunityStageConfig:
     # Training prompts shown to the community.
-    prompts: int = 240
+    n_prompts: int = 240
     # The feed: the guidance scale of each image drawn per training prompt (its length is the images per
-    # prompt); sampler steps are the demo's sample_steps. ReFL, validation and the comparison keep the
+    # prompt); sampler steps are the demo's num_inference_steps. ReFL, validation and the comparison keep the
     # demo's own guidance_scale.
-    feed_guidance: list[float] = field(default_factory=lambda: list(FEED_GUIDANCE))
+    feed_guidance_scales: list[float] = field(default_factory=lambda: list(FEED_GUIDANCE))
     # Simulated users. Sized on the third edition's feed before any ReFL ran on it: 60 users (1,945 pairs)
     # gave a critic at 59.9% against the oracle, 120 users with up to 16 pairs per prompt (3,177) 63.1%, 240
     # users (3,054; denser exposure leaves fewer negatives) 62.9%, and 480 prompts x 120 users (3,892) 62.2%:
     # the critic had stopped rising with more pairs, and 480 prompts would double the feed's drawing time.
-    users: int = 120
+    n_users: int = 120
     # Held-out prompts whose generations, ordered by the oracle, measure the critic.
-    oracle_pair_prompts: int = 32
-    # Images per held-out prompt, drawn as the demo samples (sample_steps, guidance_scale): the pairs a critic
-    # is measured on are pairs of the base model's samples at the settings ReFL and the comparison use.
-    oracle_pair_images: int = 8
+    n_oracle_pair_prompts: int = 32
+    # Images per held-out prompt, drawn as the demo samples (num_inference_steps, guidance_scale): the pairs a
+    # critic is measured on are pairs of the base model's samples at the settings ReFL and the comparison use.
+    oracle_images_per_prompt: int = 8
     # How the simulated users browse, judge and remix (toyworld.community.BehaviourConfig), calibrated to
     # community.REALISM on this feed before any ReFL ran on it, by the second edition's rule (the first step
     # of 0.05 down from 0.15 that meets the criteria): judgement noise 0.15 gave pairs agreeing with the
@@ -110,14 +110,14 @@ class DemoConfig:
     # The critic's starting point and the zero-shot judge: a critic directory (default: the shipped toy CLIP).
     clip_model: str = str(ASSETS / "toy-clip")
     # Sampler steps and guidance of every image the demo draws outside the ReFL step.
-    sample_steps: int = 20
+    num_inference_steps: int = 20
     guidance_scale: float = 4.0
     # Held-out prompts in the comparison.
-    compare_prompts: int = 16
+    n_compare_prompts: int = 16
     # Critics trained on the community's pairs: 1 = one critic; k > 1 trains k - 1 more members (seeds
     # critic.train.seed + 1, ...) and ReFL's reward is their ensemble (mean - refl.reward.ensemble_penalty x
     # std). The selector of best-of-N stays the first critic.
-    critic_members: int = 1
+    n_critic_members: int = 1
     # The critic's learning curve: the demo's critic trained again on these fractions of the community's pairs
     # (nested random subsets) and measured like it; [] = none. Shows whether more pairs would still help.
     critic_curve: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
@@ -128,10 +128,10 @@ class DemoConfig:
     # CLIP, the oracle and prompt fidelity): a random draw of the held-out split apart from those that
     # measure the critic and the comparison (toyworld.world.heldout_prompts), so selecting by a judge never
     # sees the evaluation's prompts.
-    validation_prompts: int = 8
+    n_validation_prompts: int = 8
     # Denoising-regulariser data: this many renders of training prompts (the world's own pre-training data,
     # as ImageReward uses its pre-training set); 0 = base-model samples (refl.data.reg_images unset).
-    reg_renders: int = 0
+    n_reg_renders: int = 0
     community: CommunityStageConfig = field(default_factory=CommunityStageConfig)
     critic: RewardConfig = field(default_factory=_demo_critic)  # reward/ trainer config
     refl: ReflConfig = field(default_factory=_demo_refl)  # refl/ trainer config
@@ -148,9 +148,9 @@ class DemoConfig:
         # before the one that draws it.
         from toyworld.world import heldout_prompts
 
-        counts = (("community.oracle_pair_prompts", "oracle_pairs", self.community.oracle_pair_prompts),
-                  ("compare_prompts", "compare", self.compare_prompts),
-                  ("validation_prompts", "validation", self.validation_prompts))
+        counts = (("community.n_oracle_pair_prompts", "oracle_pairs", self.community.n_oracle_pair_prompts),
+                  ("n_compare_prompts", "compare", self.n_compare_prompts),
+                  ("n_validation_prompts", "validation", self.n_validation_prompts))
         for key, use, n in counts:
             try:
                 heldout_prompts(use, n)
@@ -162,16 +162,16 @@ class DemoConfig:
 FILLED_BY_DEMO = {
     "critic": ["model.pretrained", "data.train", "train.output_dir"],
     "refl": ["model.name", "reward.critic", "data.prompts_file", "data.reg_images", "data.reg_pool_size",
-             "train.output_dir", "train.validation_steps", "train.validation_guidance",
+             "train.output_dir", "train.validation_num_inference_steps", "train.validation_guidance_scale",
              "train.validation_prompts"],
-    "compare": ["model.name", "lora", "prompts", "num_inference_steps", "guidance_scale", "selector",
+    "compare": ["model.name", "lora", "prompts_file", "num_inference_steps", "guidance_scale", "critic",
                 "evaluators", "output_dir"],
 }
 FILLED_BY_DEMO_WHY = {
     "critic": "clip_model, the community's pairs, output_dir/critic",
-    "refl": "sd_model, the trained critic(s), the training prompts, reg_renders, output_dir/refl, "
-            "sample_steps, guidance_scale, validation_prompts",
-    "compare": "sd_model, the ReFL LoRA, compare_prompts, sample_steps, guidance_scale, the critic, "
+    "refl": "sd_model, the trained critic(s), the training prompts, n_reg_renders, output_dir/refl, "
+            "num_inference_steps, guidance_scale, n_validation_prompts",
+    "compare": "sd_model, the ReFL LoRA, n_compare_prompts, num_inference_steps, guidance_scale, the critic, "
                "clip_model, output_dir",
 }
 
@@ -183,13 +183,14 @@ def _get(obj, dotted: str):
 
 
 QUICK = {
-    "community.prompts": 48, "community.feed_guidance": [1.5, 2.0, 4.0, 6.0, 1.5, 4.0], "community.users": 20,
-    "community.oracle_pair_prompts": 12, "community.oracle_pair_images": 6, "critic_curve": [0.5],
+    "community.n_prompts": 48, "community.feed_guidance_scales": [1.5, 2.0, 4.0, 6.0, 1.5, 4.0],
+    "community.n_users": 20,
+    "community.n_oracle_pair_prompts": 12, "community.oracle_images_per_prompt": 6, "critic_curve": [0.5],
     "critic.train.epochs": 2, "refl.train.max_updates": 6,
     "refl.train.batch_size": 4, "refl.train.validate_every": 2, "refl.train.checkpoint_every": 2,
-    "refl.step.num_inference_steps": 10, "refl.step.cut_range": [6, 9], "sample_steps": 10,
-    "compare_prompts": 4,
-    "compare.refl_samples": 0, "compare.n_samples": 8, "compare.batch_size": 8, "validation_prompts": 4,
+    "refl.step.num_inference_steps": 10, "refl.step.cut_range": [6, 9], "num_inference_steps": 10,
+    "n_compare_prompts": 4,
+    "compare.n_tuned_samples": 0, "compare.n_samples": 8, "compare.batch_size": 8, "n_validation_prompts": 4,
 }
 
 
@@ -208,11 +209,11 @@ def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, ou
     r = cfg.refl
     data = replace(r.data, prompts_file=str(prompts_file))
     if reg_table is not None:
-        data = replace(data, reg_images=str(reg_table), reg_pool_size=cfg.reg_renders)
+        data = replace(data, reg_images=str(reg_table), reg_pool_size=cfg.n_reg_renders)
     judges = r.train.heldout_evaluators or [f"clip:{cfg.clip_model}", "oracle:", "fidelity:"]
-    train = replace(r.train, output_dir=str(out), validation_steps=cfg.sample_steps,
-                    validation_guidance=cfg.guidance_scale, heldout_evaluators=judges,
-                    validation_prompts=heldout_prompts("validation", cfg.validation_prompts))
+    train = replace(r.train, output_dir=str(out), validation_num_inference_steps=cfg.num_inference_steps,
+                    validation_guidance_scale=cfg.guidance_scale, heldout_evaluators=judges,
+                    validation_prompts=heldout_prompts("validation", cfg.n_validation_prompts))
     return replace(r, model=replace(r.model, name=cfg.sd_model), reward=replace(r.reward, critic=critic),
                    data=data, train=train)
 
@@ -221,8 +222,9 @@ def compare_config(cfg: DemoConfig, critic: str, lora: str, prompts_file: Path, 
                    evaluators: list[str] | None = None) -> CompareConfig:
     """The demo's comparison config with the fields the demo fills."""
     c = cfg.compare
-    return replace(c, model=replace(c.model, name=cfg.sd_model), lora=lora, prompts=str(prompts_file),
-                   num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, selector=critic,
+    return replace(c, model=replace(c.model, name=cfg.sd_model), lora=lora, prompts_file=str(prompts_file),
+                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   critic=critic,
                    evaluators=evaluators if evaluators is not None else [f"clip:{cfg.clip_model}", "oracle:",
                                                                          "fidelity:"],
                    output_dir=str(out))

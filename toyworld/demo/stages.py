@@ -112,32 +112,34 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
 
     summary_file = out / "community.json"
     c = cfg.community
-    held_chosen = heldout_prompts("oracle_pairs", c.oracle_pair_prompts)
-    settings = {"seed": cfg.seed, "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
+    held_chosen = heldout_prompts("oracle_pairs", c.n_oracle_pair_prompts)
+    settings = {"seed": cfg.seed, "num_inference_steps": cfg.num_inference_steps,
+                "guidance_scale": cfg.guidance_scale,
                 **to_dict(c), "oracle_pair_prompt_list": held_chosen}
     done = enter_stage(out, summary_file, settings, {"sd_model": cfg.sd_model})
     if done is not None:
         return done
     train_prompts = split_prompts(seed=0)[0]
     rng = np.random.default_rng(cfg.seed)
-    chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), c.prompts, replace=False)]
+    chosen = [train_prompts[i] for i in rng.choice(len(train_prompts), c.n_prompts, replace=False)]
     t0 = time.perf_counter()
     cache = Path(cfg.output_dir) / "cache"
     base_seed = 1_000_000 * cfg.seed
-    images = _sample(components, chosen, c.feed_guidance, cfg.sample_steps, base_seed + FEED_SEED, cache,
-                     cfg.sd_model)  # (P, n, H, W, 3)
+    images = _sample(components, chosen, c.feed_guidance_scales, cfg.num_inference_steps,
+                     base_seed + FEED_SEED, cache, cfg.sd_model)  # (P, n, H, W, 3)
     gen_seconds = time.perf_counter() - t0
-    result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.users, cfg.seed,
+    result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.n_users, cfg.seed,
                                     out / "train", config=c.behaviour)
     feed_oracle_pairs = write_oracle_pairs(images, chosen,
                                            out / "feed_oracle_pairs") if cfg.critic_ceiling else None
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
-    held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_pair_images,
-                          cfg.sample_steps, base_seed + HELDOUT_SEED, cache, cfg.sd_model)
+    held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_images_per_prompt,
+                          cfg.num_inference_steps, base_seed + HELDOUT_SEED, cache, cfg.sd_model)
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "feed_oracle_pairs": str(feed_oracle_pairs) if feed_oracle_pairs else None,
-               "feed": feed_summary(images, chosen, c.feed_guidance), "generation_seconds": gen_seconds}
+               "feed": feed_summary(images, chosen, c.feed_guidance_scales),
+               "generation_seconds": gen_seconds}
     return finish_stage(summary_file, summary)
 
 
@@ -173,7 +175,7 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path,
 
     summary_file = out / "critic_summary.json"
     exp = critic_config(cfg, pairs, out)
-    settings = {**trainer_settings(exp), "members": cfg.critic_members, "curve": cfg.critic_curve,
+    settings = {**trainer_settings(exp), "members": cfg.n_critic_members, "curve": cfg.critic_curve,
                 "ceiling": cfg.critic_ceiling}
     inputs = {"pairs": str(Path(pairs).parent), "oracle_pairs": str(Path(oracle_pairs).parent),
               "clip_model": cfg.clip_model}
@@ -183,15 +185,15 @@ def stage_critic(cfg: DemoConfig, pairs: str, oracle_pairs: str, out: Path,
         inputs["feed_oracle_pairs"] = str(Path(feed_oracle_pairs).parent)
     done = enter_stage(out, summary_file, settings, inputs)
     if done is not None:
-        return dict(done, critic=str(out / "critic"), members=critic_dirs(out, cfg.critic_members))
+        return dict(done, critic=str(out / "critic"), members=critic_dirs(out, cfg.n_critic_members))
     train_critic_member(cfg, pairs, out, 0)
     truth = load_pairs(oracle_pairs)
     gaps = pair_gaps(truth)  # (N,)
     tuned = accuracy_vs_oracle(reward.load(out / "critic"), truth, gaps)
     zero_shot = accuracy_vs_oracle(reward.load(cfg.clip_model), truth, gaps)
-    for k in range(1, cfg.critic_members):
+    for k in range(1, cfg.n_critic_members):
         train_critic_member(cfg, pairs, out / f"member-{k}", k)
-    members = critic_dirs(out, cfg.critic_members)
+    members = critic_dirs(out, cfg.n_critic_members)
     n_pairs = len(pd.read_parquet(pairs))
     curve = []
     for fraction in sorted(cfg.critic_curve):
@@ -218,8 +220,8 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
     from refl.train import train
 
     result_file = out / "result.json"
-    rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "reg_renders" / "captions.parquet"
-                       if cfg.reg_renders else None)
+    rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "n_reg_renders" / "captions.parquet"
+                       if cfg.n_reg_renders else None)
     settings = trainer_settings(rcfg)
     critics = [critic] if isinstance(critic, str) else critic
     done = enter_stage(out, result_file, settings,
@@ -228,10 +230,10 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
         return refl_result(out, done)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "prompts.txt", "\n".join(train_prompts) + "\n")
-    if cfg.reg_renders:
+    if cfg.n_reg_renders:
         from toyworld.datasets import write_caption_set
 
-        write_caption_set(out / "reg_renders", cfg.reg_renders, seed=cfg.seed + 3)
+        write_caption_set(out / "n_reg_renders", cfg.n_reg_renders, seed=cfg.seed + 3)
     return refl_result(out, train(rcfg))
 
 
@@ -241,7 +243,7 @@ def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path
     from evaluation.harness import run_compare
     from toyworld.world import heldout_prompts
 
-    prompts_file = out / "compare_prompts.txt"
-    atomic_write_text(prompts_file, "\n".join(heldout_prompts("compare", cfg.compare_prompts)) + "\n")
+    prompts_file = out / "n_compare_prompts.txt"
+    atomic_write_text(prompts_file, "\n".join(heldout_prompts("compare", cfg.n_compare_prompts)) + "\n")
     ccfg = compare_config(cfg, critic, lora, prompts_file, out)
     return run_compare(ccfg, components=components), ccfg
