@@ -28,10 +28,10 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/demo.py --out runs/demo
+	$(VENV)/bin/social-refl-demo --out runs/demo
 
 demo-quick: setup
-	$(PY) scripts/demo.py --out runs/demo-quick --quick
+	$(VENV)/bin/social-refl-demo --out runs/demo-quick --quick
 
 lint: setup
 	$(VENV)/bin/ruff check .

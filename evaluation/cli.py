@@ -22,7 +22,7 @@ from evaluation.arms import parse_arm
 from evaluation.config import CompareConfig
 from evaluation.harness import run_compare
 from runkit.cli import command
-from runkit.config import add_config_args, load_config
+from runkit.config import config_parser, load_config, parse_config_args
 from runkit.logs import setup_logging
 
 
@@ -39,12 +39,12 @@ def printed_summary(results: dict, output_dir: str) -> dict:
 
 @command
 def compare_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, resume=False)  # a rerun reuses its stored samples by itself
-    args = parser.parse_args(argv)
+    # A rerun reuses its stored samples by itself: no --resume.
+    parser = config_parser(CompareConfig, __doc__, flags=(
+        "model.name", "lora", "prompts_file", "n_samples", "critic", "evaluators", "mixed_precision",
+        "device", "output_dir"))
+    cfg, _ = parse_config_args(parser, argv)
     setup_logging()
-    cfg = load_config(CompareConfig, args.config, args.overrides)
     results = run_compare(cfg)
     print(json.dumps(printed_summary(results, cfg.output_dir), indent=2))
     return 0

@@ -47,7 +47,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser = config_parser(GenerateConfig, generate_main.__doc__, flags=(
         "model.name", "model.vae", "lora", "lora_scale", "prompts_file", "prompt_column", "images_per_prompt",
         "seed", "num_inference_steps", "guidance_scale", "critic", "batch_size", "mixed_precision", "device",
-        "output_dir", "overwrite"))
+        "output_dir", "overwrite"), required=("model.name", "prompts_file", "output_dir"))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()
     prompts = read_prompt_file(cfg.prompts_file, column=cfg.prompt_column, key="prompts_file",

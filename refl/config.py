@@ -202,9 +202,6 @@ class GenerateConfig:
     RENAMED: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self):
-        if not self.model.name or not self.prompts_file or not self.output_dir:
-            raise ValueError("generate needs model.name (--model), prompts_file (--prompts-file) and "
-                             "output_dir (--out)")
         if self.images_per_prompt < 1 or self.batch_size < 1 or self.num_inference_steps < 1:
             raise ValueError(f"images_per_prompt, batch_size and num_inference_steps must be at least 1, got "
                              f"{self.images_per_prompt}, {self.batch_size} and {self.num_inference_steps}")

@@ -64,7 +64,7 @@ def validate_main(argv=None) -> int:
     from reward.config import ValidateConfig
 
     parser = config_parser(ValidateConfig, validate_main.__doc__, positional=("pairs",), flags=(
-        "critic", "baselines", "batch_size", "on_bad_row", "output_file", "device"))
+        "critic", "baselines", "batch_size", "on_bad_row", "output_file", "device"), required=("critic",))
     cfg, _ = parse_config_args(parser, argv)
     critic = _model_spec(cfg.critic)
     baselines = [_model_spec(b) for b in cfg.baselines]
@@ -133,7 +133,8 @@ def check_main(argv=None) -> int:
     from reward.data import check_pairs
 
     parser = config_parser(CheckPairsConfig, check_main.__doc__, positional=("source",),
-                           flags=("output_file", "report_file", "format", "num_workers"))
+                           flags=("output_file", "report_file", "format", "num_workers"),
+                           required=("output_file",))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()
     report = cfg.report_file or str(Path(cfg.output_file).with_suffix(".report.json"))

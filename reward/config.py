@@ -126,8 +126,6 @@ class ValidateConfig:
     RENAMED: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self):
-        if not self.pairs or not self.critic:
-            raise ValueError("validate-reward needs the pairs file (first argument) and critic (--critic)")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row={self.on_bad_row!r}; choose error or skip")
         if self.batch_size < 1:
@@ -150,7 +148,3 @@ class CheckPairsConfig:
     # Processes decoding images.
     num_workers: int = 0
     RENAMED: ClassVar[dict[str, str]] = {}
-
-    def __post_init__(self):
-        if not self.source or not self.output_file:
-            raise ValueError("check-pairs needs the source (first argument) and output_file (--output-file)")

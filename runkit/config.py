@@ -362,10 +362,11 @@ def flag_for(key: str) -> str:
 
 
 def config_parser(cls: type, description: str | None, *, positional: tuple[str, ...] = (),
-                  flags: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+                  flags: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """A command's parser over its config class `cls`: --config FILE, --set KEY=VALUE and, for each key in
     `positional` and `flags`, an argument that sets that key (a flag is spelled as its key, see flag_for).
-    Flags apply before --set, so an explicit --set wins; `parse_config_args` reads the result."""
+    Flags apply before --set, so an explicit --set wins; `parse_config_args` reads the result and refuses
+    a key of `required` left empty (from a flag, the file or --set alike)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
@@ -383,15 +384,18 @@ def config_parser(cls: type, description: str | None, *, positional: tuple[str, 
             parser.add_argument(dest, metavar=key.rsplit(".", 1)[-1].upper(), **kwargs)
         else:
             dest = "key__" + key.replace(".", "__")
-            parser.add_argument(flag_for(key), dest=dest, **({"default": None} | kwargs))
+            parser.add_argument(flag_for(key), dest=dest, metavar=key.rsplit(".", 1)[-1].upper(),
+                                **({"default": None} | kwargs))
         keys[dest] = key
-    parser.set_defaults(_config_class=cls, _config_keys=keys)
+    parser.set_defaults(_config_class=cls, _config_keys=keys, _config_required=required)
     return parser
 
 
-def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = None
+def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, first: list[str] = ()
                       ) -> tuple[Any, argparse.Namespace]:
-    """(the resolved config, the parsed arguments) of a parser made by `config_parser`."""
+    """(the resolved config, the parsed arguments) of a parser made by `config_parser`: the defaults, the
+    --config file, the overrides in `first` (a command's preset, e.g. the demo's --quick), the flags, then
+    each --set."""
     args = parser.parse_args(argv)
     cls = args._config_class
     overrides = []
@@ -403,7 +407,17 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = 
         # JSON is YAML: a string stays a string whatever it looks like ("oracle:", "1e-4", "no").
         as_text = json.dumps(value) if tp is str or typing.get_origin(tp) in (list, tuple) else str(value)
         overrides.append(f"{key}={as_text}")
-    return load_config(cls, args.config, overrides + config_overrides(args)), args
+    cfg = load_config(cls, args.config, [*first, *overrides, *config_overrides(args)])
+    missing = [key for key in args._config_required if not _key_value(cfg, key)]
+    if missing:
+        raise ConfigError("missing " + ", ".join(f"{key} ({flag_for(key)})" for key in missing))
+    return cfg, args
+
+
+def _key_value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

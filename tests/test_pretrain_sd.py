@@ -10,8 +10,8 @@ from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 
 def test_pretraining_writes_a_stock_loadable_fp16_pipeline(tmp_path):
     out = tmp_path / "toy-sd"
-    cfg = PretrainSDConfig(n_images=128, vae_steps=3, vae_batch=16, unet_steps=3, unet_batch=16,
-                           unet_minutes=0, eval_prompts=4, eval_steps=2, output_dir=str(out))
+    cfg = PretrainSDConfig(n_images=128, vae_updates=3, vae_batch_size=16, unet_updates=3, unet_batch_size=16,
+                           unet_minutes=0, n_eval_prompts=4, eval_num_inference_steps=2, output_dir=str(out))
     report = pretrain_toy_sd(cfg)
     from diffusers import StableDiffusionPipeline
 
@@ -30,7 +30,7 @@ def test_pretraining_writes_a_stock_loadable_fp16_pipeline(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
     saved = json.loads((out / "pretrain_report.json").read_text())
-    assert 0.0 <= saved["eval_prompt_fidelity"] <= 1.0 and saved["unet_steps"] == 3
+    assert 0.0 <= saved["eval_prompt_fidelity"] <= 1.0 and saved["unet_updates"] == 3
     # The VAE's ceiling is measured against renders the checker reads perfectly.
     assert saved["vae_ceiling_fidelity"]["renders"] == 1.0
     assert 0.0 <= saved["vae_ceiling_fidelity"]["vae_reconstructions"] <= 1.0

@@ -15,7 +15,7 @@ both, and a control that trains on the regulariser alone (no reward).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,20 @@ DEFAULT_VARIANTS: dict[str, list[str]] = {
     "denoising + KL": ["refl.step.kl_weight=10"],
     "regulariser only (no reward)": ["refl.step.grad_scale=0"],
 }
+
+
+@dataclass
+class AblationConfig:
+    """What `social-refl-ablation` runs: ReFL variants on a finished demo, judged against the hidden taste."""
+
+    # A finished demo's output folder.
+    demo: str = "runs/demo"
+    # Variants as "NAME: KEY=VALUE ..." (DemoConfig overrides); [] = the regulariser study (VARIANTS).
+    variants: list[str] = field(default_factory=list)
+    # Held-out prompts judged on (the comparison's draw, at most 50).
+    n_prompts: int = 32
+    # Paired base/ReFL samples per prompt.
+    n_samples: int = 16
 
 
 def run_ablation(demo_dir: str | Path, variants: dict[str, list[str]] | None = None, n_prompts: int = 32,

@@ -1,15 +1,14 @@
 """Command-line entry points of `toyworld`: the demo, the studies on a finished demo, and the scripts that
-make the world's shipped models and data (scripts/ and the console scripts wrap these; runkit.cli gives
+make the world's shipped models and data (the console scripts call these; runkit.cli gives
 every command its error convention)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
 from runkit.cli import command
-from runkit.config import add_config_args, load_config
+from runkit.config import config_parser, parse_config_args
 
 
 def setup_logging() -> None:
@@ -30,24 +29,19 @@ def demo_main(argv: list[str] | None = None) -> int:
         social-refl-demo --out runs/demo-quick --quick
     Rerunning with the same --out resumes: finished stages are reused.
     """
-    from dataclasses import replace
-
     from toyworld.demo import QUICK, STAGES, DemoConfig, format_summary, run_demo
 
-    parser = argparse.ArgumentParser(description=demo_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="output folder (report.html lands here)")
-    parser.add_argument("--quick", action="store_true", help="a small run (about 3 minutes) for smoke tests")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a DemoConfig field, e.g. --set refl.train.max_updates=30")
+    parser = config_parser(DemoConfig, demo_main.__doc__, flags=("output_dir", "seed"))
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run (about 3 minutes) for smoke tests: QUICK's settings, under --set")
     parser.add_argument("--until", default="compare", choices=list(STAGES),
                         help="stop after this stage (e.g. community: look at the feedback before training on "
                              "it)")
-    args = parser.parse_args(argv)
-    setup_logging()
+    known, _ = parser.parse_known_args(argv)
     # JSON values are YAML too, so the quick settings parse exactly as written there.
-    base = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()] if args.quick else []
-    cfg = replace(load_config(DemoConfig, None, base + list(args.overrides)), output_dir=str(args.out))
+    quick = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()] if known.quick else []
+    cfg, args = parse_config_args(parser, argv, first=quick)
+    setup_logging()
     print(format_summary(run_demo(cfg, args.until)))
     return 0
 
@@ -60,35 +54,30 @@ def make_pairs_main(argv: list[str] | None = None) -> int:
     some of them; remixed vs seen-but-not-remixed images under one prompt become pairs. Prints a JSON
     summary with the pair counts and how often the hidden taste (the oracle) agrees with each pair.
 
-        social-refl-make-toy-pairs --set output_dir=runs/toy_pairs
+        social-refl-make-toy-pairs --out runs/toy_pairs
         social-refl-make-toy-pairs --set n_train_prompts=200 --set behaviour.judgement_noise=0.1
     """
     from runkit.logs import setup_logging as setup
     from toyworld.community import ToyPairsConfig, make_toy_pairs
 
-    parser = argparse.ArgumentParser(description=make_pairs_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, resume=False)
-    args = parser.parse_args(argv)
+    cfg, _ = parse_config_args(config_parser(ToyPairsConfig, make_pairs_main.__doc__,
+                                             flags=("output_dir", "seed")), argv)
     setup()
-    print(json.dumps(make_toy_pairs(load_config(ToyPairsConfig, args.config, args.overrides)), indent=2))
+    print(json.dumps(make_toy_pairs(cfg), indent=2))
     return 0
 
 
-def _pretrain(argv, doc: str, config_cls, run, threads: int, threads_help: str) -> dict:
+def _pretrain(argv, doc: str, config_cls, run) -> dict:
     """The two pre-training commands: a config, the torch CPU thread count, the run; returns its report."""
     import torch
 
     from runkit.logs import setup_logging as setup
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, resume=False)
-    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
-    args = parser.parse_args(argv)
+    cfg, _ = parse_config_args(config_parser(config_cls, doc, flags=("output_dir", "seed", "threads")), argv)
     setup()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return run(load_config(config_cls, args.config, args.overrides))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return run(cfg)
 
 
 @command
@@ -96,13 +85,11 @@ def pretrain_sd_main(argv: list[str] | None = None) -> int:
     """Pre-train the toy world's tiny Stable Diffusion and save it as a diffusers directory (see
     toyworld/pretrain_sd.py). Reproduces `toyworld/assets/toy-sd` from its seed:
 
-        social-refl-pretrain-toy-sd --set output_dir=toyworld/assets/toy-sd
+        social-refl-pretrain-toy-sd --out toyworld/assets/toy-sd
     """
     from toyworld.pretrain_sd import PretrainSDConfig, pretrain_toy_sd
 
-    report = _pretrain(argv, pretrain_sd_main.__doc__, PretrainSDConfig, pretrain_toy_sd, 0,
-                       "torch CPU threads (0 = torch's default)")
-    print(json.dumps(report, indent=2))
+    print(json.dumps(_pretrain(argv, pretrain_sd_main.__doc__, PretrainSDConfig, pretrain_toy_sd), indent=2))
     return 0
 
 
@@ -111,12 +98,11 @@ def pretrain_clip_main(argv: list[str] | None = None) -> int:
     """Pre-train the toy world's tiny CLIP and ship it as toyworld/assets/toy-clip (fp16).
 
         social-refl-pretrain-toy-clip                     # reproduces the shipped asset
-        social-refl-pretrain-toy-clip --set steps=100 --set output_dir=runs/clip-smoke
+        social-refl-pretrain-toy-clip --set max_updates=100 --out runs/clip-smoke
     """
     from toyworld.pretrain_clip import PretrainClipConfig, pretrain_toy_clip
 
-    report = _pretrain(argv, pretrain_clip_main.__doc__, PretrainClipConfig, pretrain_toy_clip, 1,
-                       "torch CPU threads (1 keeps runs reproducible)")
+    report = _pretrain(argv, pretrain_clip_main.__doc__, PretrainClipConfig, pretrain_toy_clip)
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
     return 0
 
@@ -128,25 +114,17 @@ def ablation_main(argv: list[str] | None = None) -> int:
     Writes <demo>/ablation/ablation.json and ablation.md and prints the table. Finished variants are reused.
 
         social-refl-ablation --demo runs/demo                 # the regulariser study (~20 min, 2 cores)
-        social-refl-ablation --demo runs/demo --variant "kl 1: refl.step.kl_weight=1" \\
-            --variant "longer: refl.train.max_updates=240"
+        social-refl-ablation --demo runs/demo --variants "kl 1: refl.step.kl_weight=1" \\
+            "longer: refl.train.max_updates=240"
     """
-    from toyworld.ablation import ablation_markdown, run_ablation
+    from toyworld.ablation import AblationConfig, ablation_markdown, run_ablation
     from toyworld.variants import parse_variant
 
-    parser = argparse.ArgumentParser(description=ablation_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
-    parser.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
-                        help="a variant as DemoConfig overrides; repeat for more (default: the regulariser "
-                             "study)")
-    parser.add_argument("--prompts", type=int, default=32,
-                        help="held-out prompts to judge on (the comparison's draw, at most 50)")
-    parser.add_argument("--samples", type=int, default=16, help="paired base/ReFL samples per prompt")
-    args = parser.parse_args(argv)
+    cfg, _ = parse_config_args(config_parser(AblationConfig, ablation_main.__doc__, flags=(
+        "demo", "variants", "n_prompts", "n_samples")), argv)
     setup_logging()
-    variants = dict(parse_variant(v) for v in args.variant) or None
-    print(ablation_markdown(run_ablation(args.demo, variants, args.prompts, args.samples)))
+    variants = dict(parse_variant(v) for v in cfg.variants) or None
+    print(ablation_markdown(run_ablation(cfg.demo, variants, cfg.n_prompts, cfg.n_samples)))
     return 0
 
 
@@ -161,25 +139,17 @@ def study_main(argv: list[str] | None = None) -> int:
         social-refl-world-study --demo runs/demo --seeds 0 1 2 3
         social-refl-world-study --demo runs/demo --study critic   # the critic's learning curve over seeds
     """  # noqa: E501
-    from toyworld.study import DEFAULT_SEEDS, STUDIES, run_study, study_markdown
+    from toyworld.study import StudyConfig, run_study, study_markdown
 
-    parser = argparse.ArgumentParser(description=study_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", default="runs/demo", help="a finished demo output folder")
-    parser.add_argument("--study", default="world", choices=sorted([*STUDIES, "critic"]),
-                        help="world: plain ReFL; guard: plain ReFL against selection, an ensemble, and both; "
-                             "critic: the critic recipe on 1/8 to all of the pairs, checkpoints measured "
-                             "against the oracle (toyworld/critic_study.py; no ReFL)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="training seeds (ReFL's, or the critic's for --study critic)")
-    args = parser.parse_args(argv)
+    parser = config_parser(StudyConfig, study_main.__doc__, flags=("demo", "study", "seeds"))
+    cfg, _ = parse_config_args(parser, argv)
     setup_logging()
-    if args.study == "critic":
+    if cfg.study == "critic":
         from toyworld.critic_study import critic_study_markdown, run_critic_study
 
-        print(critic_study_markdown(run_critic_study(args.demo, args.seeds)))
+        print(critic_study_markdown(run_critic_study(cfg.demo, cfg.seeds)))
         return 0
-    print(study_markdown(run_study(args.demo, args.seeds, study=args.study)))
+    print(study_markdown(run_study(cfg.demo, cfg.seeds, study=cfg.study)))
     return 0
 
 
@@ -193,12 +163,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
         social-refl-refl-sweep --demo runs/demo
     """
-    from toyworld.sweep import run_sweep, sweep_markdown
+    from toyworld.sweep import SweepConfig, run_sweep, sweep_markdown
 
-    parser = argparse.ArgumentParser(description=sweep_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", default="runs/demo", help="a demo output folder with a trained critic")
-    args = parser.parse_args(argv)
+    cfg, _ = parse_config_args(config_parser(SweepConfig, sweep_main.__doc__, flags=("demo",)), argv)
     setup_logging()
-    print(sweep_markdown(run_sweep(args.demo)))
+    print(sweep_markdown(run_sweep(cfg.demo)))
     return 0

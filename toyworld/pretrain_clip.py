@@ -59,16 +59,17 @@ PROBES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class PretrainClipConfig:
-    steps: int = 2000  # optimizer steps (fixed, not time-based, so the result is reproducible)
+    max_updates: int = 2000  # optimizer steps (fixed, not time-based, so the result is reproducible)
     batch_size: int = 96  # examples per step, rendered fresh from training prompts (negatives = batch - 1)
     group_size: int = 4  # prompts per hard-negative group (one attribute swapped); 1 = uniform batches
     varied_looks: float = 0.5  # share of renders drawn with a random-quality look instead of a plain one
     lr: float = 1.5e-3  # AdamW peak learning rate, after linear warm-up
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
+    warmup_updates: int = 50  # linear warm-up, then cosine decay to 0
     weight_decay: float = 0.1  # AdamW decoupled weight decay (not applied to gains, biases, logit_scale)
     seed: int = 0  # renders, initial weights and batch order
     n_eval_images: int = 1000  # held-out renders for the zero-shot probes
     output_dir: str = "toyworld/assets/toy-clip"  # where the fp16 critic checkpoint is written
+    threads: int = 1  # torch CPU threads; 1 keeps runs reproducible (0 = torch's default)
 
 
 def hard_negative_prompts(rng: np.random.Generator, pool: list[str], batch_size: int,
@@ -180,21 +181,21 @@ def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
     n_params = sum(p.numel() for p in critic.clip.parameters() if p.requires_grad)
     logger.info("toy-clip: %.2fM trainable parameters; %d steps x batch %d fresh renders of %d training "
                 "prompts",
-                n_params / 1e6, cfg.steps, cfg.batch_size, len(train_prompts))
+                n_params / 1e6, cfg.max_updates, cfg.batch_size, len(train_prompts))
 
     opt = torch.optim.AdamW(_param_groups(critic.clip, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                             eps=1e-6)
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if step < cfg.warmup_updates:
+            return cfg.lr * (step + 1) / cfg.warmup_updates
+        progress = (step - cfg.warmup_updates) / max(1, cfg.max_updates - cfg.warmup_updates)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     rng = np.random.default_rng(cfg.seed)
     history = []
     critic.train()
-    bar = tqdm(range(cfg.steps), desc="pretrain toy-clip")
+    bar = tqdm(range(cfg.max_updates), desc="pretrain toy-clip")
     for step in bar:
         prompts = hard_negative_prompts(rng, train_prompts, cfg.batch_size, cfg.group_size)
         images = _to_tensor(render_batch(prompts, rng, cfg.varied_looks, image_size))  # (B, 3, S, S)
@@ -206,7 +207,7 @@ def pretrain_toy_clip(cfg: PretrainClipConfig) -> dict:
         opt.step()
         with torch.no_grad():  # as in CLIP: cap the temperature at 100 so logits cannot blow up
             critic.clip.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == cfg.max_updates - 1:
             history.append({"step": step, "train/loss": float(terms["contrastive_loss"]),
                             "train/i2t_acc": float(terms["i2t_acc"])})
             bar.set_postfix(loss=f"{float(terms['contrastive_loss']):.3f}",

@@ -39,14 +39,14 @@ class PretrainSDConfig:
     seed: int = 0
     # AutoencoderKL optimisation steps and batch (images). Many small steps beat few large ones here: at
     # 450 x 64 the decoder still smudged clean renders into blobs (the UNet cannot beat its VAE).
-    vae_steps: int = 3000
-    vae_batch: int = 32
+    vae_updates: int = 3000
+    vae_batch_size: int = 32
     # AutoencoderKL learning rate (AdamW).
     vae_lr: float = 1e-3
     # UNet + text encoder optimisation steps (upper bound) and batch (images).
-    unet_steps: int = 6000
-    unet_batch: int = 64
-    # Wall-clock budget for the UNet stage in minutes; 0 = no limit (stops at unet_steps).
+    unet_updates: int = 6000
+    unet_batch_size: int = 64
+    # Wall-clock budget for the UNet stage in minutes; 0 = no limit (stops at unet_updates).
     unet_minutes: float = 15.0
     # Peak learning rate of the UNet stage (cosine decay over the planned steps).
     unet_lr: float = 1e-3
@@ -59,15 +59,18 @@ class PretrainSDConfig:
     # Share of training prompts replaced by "" so the model also learns the unconditional branch.
     uncond_prob: float = 0.1
     # Held-out prompts sampled at the end to measure prompt fidelity.
-    eval_prompts: int = 96
-    # Sampling settings for that measurement.
-    eval_steps: int = 20
-    eval_guidance: float = 4.0
+    n_eval_prompts: int = 96
+    # Sampler steps of that measurement's samples.
+    eval_num_inference_steps: int = 20
+    # Classifier-free guidance scale of that measurement's samples.
+    eval_guidance_scale: float = 4.0
     # Where the diffusers pipeline directory goes.
     output_dir: str = "toyworld/assets/toy-sd"
     # "cpu", "cuda", or "" for cuda when available. Random draws come from CPU generators either way, so
     # a GPU run sees the same batches, noise and timesteps (it runs more steps in the same minutes).
     device: str = ""
+    # torch CPU threads (0 = torch's default).
+    threads: int = 0
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -78,10 +81,10 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainSDConfig, gen: torch.Gener
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.vae_steps)))
-    pbar = tqdm(range(cfg.vae_steps), desc="toy VAE")
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.vae_updates)))
+    pbar = tqdm(range(cfg.vae_updates), desc="toy VAE")
     for _ in pbar:
-        idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=gen)
+        idx = torch.randint(0, images.shape[0], (cfg.vae_batch_size,), generator=gen)
         x = images[idx].to(vae.device)  # (B, 3, H, W)
         posterior = vae.encode(x).latent_dist
         # what .sample(gen) draws, on CPU
@@ -136,7 +139,7 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    total = cfg.unet_steps
+    total = cfg.unet_updates
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -152,13 +155,13 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
     pbar = tqdm(range(total), desc="toy UNet")
     step = 0
     for step in pbar:
-        idx = torch.randint(0, latents.shape[0], (cfg.unet_batch,), generator=gen)
+        idx = torch.randint(0, latents.shape[0], (cfg.unet_batch_size,), generator=gen)
         x0 = latents[idx.to(latents.device)]  # (B, 4, h, w)
         ids = tokens[idx].clone()  # (B, L)
-        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
+        drop = torch.rand(cfg.unet_batch_size, generator=gen) < cfg.uncond_prob
         ids[drop] = empty
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,),
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch_size,),
                           generator=gen).to(x0.device)
         noisy = scheduler.add_noise(x0, noise, t)
         hidden = text_encoder(ids.to(x0.device))[0]  # (B, L, D)
@@ -188,7 +191,7 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
-    return {"unet_steps": step + 1, "unet_final_loss": float(np.mean(losses[-200:])),
+    return {"unet_updates": step + 1, "unet_final_loss": float(np.mean(losses[-200:])),
             "unet_minutes": (time.perf_counter() - start) / 60}
 
 
@@ -224,8 +227,9 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
                 100 * report["vae_ceiling_fidelity"]["vae_reconstructions"])
     latents = _encode_all(components.vae, images)
     report.update(train_unet(components, latents, prompts, cfg, gen))
-    eval_prompts = split_prompts(seed=0)[1][: cfg.eval_prompts]
-    samples = sample_images(components, eval_prompts, cfg.eval_steps, cfg.eval_guidance, seed=cfg.seed)
+    eval_prompts = split_prompts(seed=0)[1][: cfg.n_eval_prompts]
+    samples = sample_images(components, eval_prompts, cfg.eval_num_inference_steps, cfg.eval_guidance_scale,
+                            seed=cfg.seed)
     report["eval_prompt_fidelity"] = float(prompt_fidelity(samples, eval_prompts))
     # Each attribute alone (size and position too), read back from the pixels.
     report["eval_attribute_accuracy"] = {a: float(prompt_fidelity(samples, eval_prompts, attributes=[a]))

@@ -17,6 +17,7 @@ runs them), so the plain ReFL seeds are trained once for both:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,23 @@ def _aggregate(per_seed: dict[int, dict]) -> dict:
                 "seeds_below_zero": sum(r["refl_minus_base"]["ci95"][1] < 0 for r in rows),
             }
     return out
+
+
+@dataclass
+class StudyConfig:
+    """What `social-refl-world-study` runs on a finished demo."""
+
+    # A finished demo's output folder.
+    demo: str = "runs/demo"
+    # world: plain ReFL; guard: plain ReFL against selection, an ensemble, and both; critic: the critic recipe
+    # on 1/8 to all of the pairs, checkpoints measured against the oracle (toyworld/critic_study.py; no ReFL).
+    study: str = "world"
+    # Training seeds (ReFL's, or the critic's for study=critic).
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+
+    def __post_init__(self):
+        if self.study not in (*STUDIES, "critic"):
+            raise ValueError(f"study={self.study!r}; choose one of {', '.join(sorted([*STUDIES, 'critic']))}")
 
 
 def run_study(demo_dir: str | Path, seeds=DEFAULT_SEEDS, study: str = "world",

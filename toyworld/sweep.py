@@ -12,6 +12,7 @@ Runs live in <demo>/sweep/<setting>/refl/ and are reused while their settings an
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.report import short_name
@@ -31,6 +32,15 @@ COMMON = ["refl.train.max_updates=120", "refl.train.validate_every=10", "refl.tr
 # as the demo samples (4) or none (1, as ImageReward's ReFL rollouts).
 GRID = {f"lr {lr}, training CFG {g:g}": [f"refl.train.lr={lr}", f"refl.step.guidance_scale={g}"]
         for g in (4.0, 1.0) for lr in ("3e-4", "1e-3", "3e-3")}
+
+
+@dataclass
+class SweepConfig:
+    """What `social-refl-refl-sweep` runs: the grid of ReFL settings on a demo's critic, chosen by the
+    rule."""
+
+    # A demo output folder with a trained critic (`social-refl-demo --until critic` is enough).
+    demo: str = "runs/demo"
 
 
 def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) -> dict:
