@@ -271,7 +271,7 @@ def test_make_toy_pairs_script_writes_train_and_heldout(tmp_path, capsys):
     spec.loader.exec_module(module)
     main = module.main
     assert main(["--set", f"output_dir={tmp_path}", "--set", "n_train_prompts=12", "--set",
-                 "n_heldout_prompts=6", "--set", "candidates=4", "--set", "users_per_prompt=2"]) == 0
+                 "n_heldout_prompts=6", "--set", "n_candidates=4", "--set", "users_per_prompt=2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     train = pd.read_parquet(tmp_path / "train" / "pairs.parquet")
     assert printed["train"]["n_pairs"] == len(train) > 0

@@ -317,7 +317,7 @@ class ToyPairsConfig:
     output_dir: str = "runs/toy_pairs"  # output folder: train/ and heldout/ below it
     n_train_prompts: int = 600  # prompts drawn from the training split
     n_heldout_prompts: int = 150  # prompts drawn from the held-out split (at most its size)
-    candidates: int = 8  # renders of varied quality per prompt (a generator's samples stand-in)
+    n_candidates: int = 8  # renders of varied quality per prompt (a generator's samples stand-in)
     users_per_prompt: float = 0.5  # community size relative to the number of prompts
     seed: int = 0
     split_seed: int = 0  # the train / held-out prompt split (toyworld.world.split_prompts)
@@ -333,7 +333,7 @@ def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
                                                ("heldout", held, cfg.n_heldout_prompts))):
         rng = np.random.default_rng([cfg.seed, offset])
         chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
-        images = {p: render_candidates(parse_prompt(p), rng, cfg.candidates, size=cfg.size)
+        images = {p: render_candidates(parse_prompt(p), rng, cfg.n_candidates, size=cfg.size)
                   for p in tqdm(chosen, desc=f"render {split}", leave=False)}
         n_users = max(1, round(cfg.users_per_prompt * len(chosen)))
         result = build_pairs_with_stats(images, n_users, cfg.seed + 1000 * offset,
