@@ -36,8 +36,10 @@ demo-quick: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The documentation is built strictly (mkdocs.yml): a broken link or anchor, or a page left out of the nav, fails.
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mkdocs build --strict --site-dir .site
 	$(PY) -m pytest -q
 
 # Resolve the newest releases pyproject.toml admits (torch pinned above) into a throwaway venv and write the
@@ -67,10 +69,11 @@ test-latest:
 	.venv-latest/bin/python -m pip freeze --all --exclude social-refl | \
 	  .venv-latest/bin/python -m runkit.lockfile $(LOCK)
 	.venv-latest/bin/ruff check .
+	.venv-latest/bin/mkdocs build --strict --site-dir .site
 	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) scripts/bench_reward.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .site
