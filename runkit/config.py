@@ -378,7 +378,7 @@ def config_parser(cls: type, description: str | None, *, positional: tuple[str, 
         if tp is bool:
             kwargs.update(action="store_const", const=True, default=None)
         elif origin in (list, tuple):
-            kwargs.update(nargs="+", default=None)
+            kwargs.update(action="extend", nargs="+", default=None)  # a repeated flag adds to the list
         if key in positional:
             dest = key.replace(".", "__")
             parser.add_argument(dest, metavar=key.rsplit(".", 1)[-1].upper(), **kwargs)

@@ -31,7 +31,7 @@ def tiny_lora_dir(tmp_path_factory):
 def _generate(base, out, *extra):
     prompts = out.parent / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    return generate_main(["--model", str(base), "--prompts", str(prompts), "--steps", "2", "--device", "cpu",
+    return generate_main(["--model", str(base), "--prompts-file", str(prompts), "--num-inference-steps", "2", "--device", "cpu",
                           "--out", str(out), *extra])
 
 
@@ -44,13 +44,13 @@ def _error_line(capsys) -> str:
 
 def test_generate_refuses_a_used_folder_and_overwrite_leaves_only_the_new_images(tiny_base, tmp_path, capsys):
     out = tmp_path / "gen"
-    assert _generate(tiny_base, out, "--n", "3") == 0
+    assert _generate(tiny_base, out, "--images-per-prompt", "3") == 0
     assert len(list(out.glob("*.png"))) == 6
     (out / "notes.txt").write_text("mine")
-    assert _generate(tiny_base, out, "--n", "1") == 2
+    assert _generate(tiny_base, out, "--images-per-prompt", "1") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert len(list(out.glob("*.png"))) == 6  # refused: nothing touched
-    assert _generate(tiny_base, out, "--n", "1", "--overwrite") == 0
+    assert _generate(tiny_base, out, "--images-per-prompt", "1", "--overwrite") == 0
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert sorted(p.name for p in out.glob("*.png")) == sorted(r["file"] for r in rows) and len(rows) == 2
     assert (out / "notes.txt").read_text() == "mine"  # a file generate did not write stays
@@ -58,15 +58,15 @@ def test_generate_refuses_a_used_folder_and_overwrite_leaves_only_the_new_images
 
 def test_generate_refuses_zero_images_before_loading_the_model(tmp_path, capsys):
     # The model does not exist: the --n check must come first.
-    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--n", "0") == 2
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--images-per-prompt", "0") == 2
     assert "--n" in capsys.readouterr().err and not (tmp_path / "gen").exists()
-    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--steps", "0") == 2  # a ZeroDivisionError
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--num-inference-steps", "0") == 2  # a ZeroDivisionError
     assert "--steps" in capsys.readouterr().err and not (tmp_path / "gen").exists()
 
 
 def test_a_prompts_file_that_is_not_text_is_named_with_the_fix(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xb9\x00")  # an image saved as .txt
-    assert generate_main(["--model", "tiny", "--prompts", str(tmp_path / "prompts.txt"), "--out",
+    assert generate_main(["--model", "tiny", "--prompts-file", str(tmp_path / "prompts.txt"), "--out",
                           str(tmp_path / "gen")]) == 2
     line = _error_line(capsys)
     assert "prompts.txt is not UTF-8 text" in line and "one per line" in line
@@ -89,17 +89,17 @@ def test_export_refuses_to_replace_a_file_without_overwrite(tiny_lora_dir, tmp_p
 
     notes = tmp_path / "notes.safetensors"
     notes.write_text("mine")
-    assert export_main([str(tiny_lora_dir), "--out", str(notes)]) == 2
+    assert export_main([str(tiny_lora_dir), "--output-file", str(notes)]) == 2
     assert "--overwrite" in _error_line(capsys) and notes.read_text() == "mine"
-    assert export_main([str(tiny_lora_dir), "--out", str(tmp_path / "notes.txt")]) == 2
+    assert export_main([str(tiny_lora_dir), "--output-file", str(tmp_path / "notes.txt")]) == 2
     assert ".safetensors" in _error_line(capsys) and not (tmp_path / "notes.txt").exists()
-    assert export_main([str(tiny_lora_dir), "--out", str(notes), "--overwrite"]) == 0
+    assert export_main([str(tiny_lora_dir), "--output-file", str(notes), "--overwrite"]) == 0
     assert notes.read_bytes() != b"mine"
 
 
 def test_an_empty_lora_folder_names_the_file_it_needs(tiny_base, tmp_path, capsys):
     (tmp_path / "lora").mkdir()
-    assert _generate(tiny_base, tmp_path / "gen", "--n", "1", "--lora", str(tmp_path / "lora")) == 2
+    assert _generate(tiny_base, tmp_path / "gen", "--images-per-prompt", "1", "--lora", str(tmp_path / "lora")) == 2
     err = _error_line(capsys)
     assert "pytorch_lora_weights.safetensors" in err and ".bin" not in err
 
@@ -107,7 +107,7 @@ def test_an_empty_lora_folder_names_the_file_it_needs(tiny_base, tmp_path, capsy
 def test_a_lora_of_another_base_model_says_so(tiny_lora_dir, tmp_path, capsys):
     other = tmp_path / "toy-sd"
     save_pipeline(load_components("toy"), other)
-    assert _generate(other, tmp_path / "gen", "--n", "1", "--lora", str(tiny_lora_dir)) == 2
+    assert _generate(other, tmp_path / "gen", "--images-per-prompt", "1", "--lora", str(tiny_lora_dir)) == 2
     assert "another base model" in _error_line(capsys)
 
 

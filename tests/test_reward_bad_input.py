@@ -350,7 +350,7 @@ def test_validate_reward_refuses_a_bad_baseline_before_scoring(tiny_critic_and_p
     critic, pairs = tiny_critic_and_pairs
     spec = spec.format(tmp=tmp_path)
     out = tmp_path / "v.json"
-    assert validate_main([str(pairs), "--checkpoint", str(critic), "--out", str(out), "--baseline",
+    assert validate_main([str(pairs), "--critic", str(critic), "--output-file", str(out), "--baselines",
                           spec]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and spec.removeprefix("clip:") in err[0] and all(n in err[0] for n in names), err
@@ -398,8 +398,8 @@ def test_validate_reward_takes_baselines_spelled_as_evaluator_specs(tiny_critic_
 
     critic, pairs = tiny_critic_and_pairs
     out = tmp_path / "v.json"
-    assert validate_main([str(pairs), "--checkpoint", f"critic:{critic}", "--out", str(out),
-                          "--baseline", "clip:tiny-clip", "--baseline", f"critic:{critic}"]) == 0
+    assert validate_main([str(pairs), "--critic", f"critic:{critic}", "--output-file", str(out),
+                          "--baselines", "clip:tiny-clip", "--baselines", f"critic:{critic}"]) == 0
     report = json.loads(out.read_text())
     assert [b["model"] for b in report["baselines"]] == ["tiny-clip", str(critic)]
     assert report["baselines"][1]["pairwise_accuracy"] == report["tuned"]["pairwise_accuracy"]
@@ -420,6 +420,6 @@ def test_csv_missing_a_column_stops_the_checking_command(tmp_path, capsys):
 
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,pos_path\na cat,a.png\n")
-    assert check_main([str(path), "--out", str(tmp_path / "clean.parquet"), "--fmt", "social"]) == 2
+    assert check_main([str(path), "--output-file", str(tmp_path / "clean.parquet"), "--format", "social"]) == 2
     err = capsys.readouterr().err
     assert "pairs.csv" in err and "missing column(s) ['neg_path']" in err

@@ -141,7 +141,7 @@ def test_check_pairs_writes_a_report_and_a_clean_copy(tmp_path, colour_pairs):
     from reward.cli import check_main
 
     out = tmp_path / "clean" / "train.parquet"
-    assert check_main([str(tmp_path / "src"), "--out", str(out), "--num-workers", "2"]) == 0
+    assert check_main([str(tmp_path / "src"), "--output-file", str(out), "--num-workers", "2"]) == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert (report["rows"], report["bad_rows"], report["good_rows"]) == (24, 3, 21)
     reasons = {(Path(p["file"]).name[:11], p["row"]): p["reason"] for p in report["problems"]}
@@ -153,10 +153,10 @@ def test_check_pairs_writes_a_report_and_a_clean_copy(tmp_path, colour_pairs):
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.parquet", "train.report.json"]
     # Relative image paths become absolute, so the clean copy works from its own folder.
     clean_social = tmp_path / "elsewhere" / "social.parquet"
-    assert check_main([str(colour_pairs["val"]), "--out", str(clean_social)]) == 0
+    assert check_main([str(colour_pairs["val"]), "--output-file", str(clean_social)]) == 0
     first = pd.read_parquet(clean_social).iloc[0]
     assert Path(first["pos_path"]).is_absolute() and Path(first["pos_path"]).is_file()
-    assert check_main([str(tmp_path / "src"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert check_main([str(tmp_path / "src"), "--output-file", str(tmp_path / "x.csv")]) == 2
 
 
 RSS_PROBE = r"""

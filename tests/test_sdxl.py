@@ -204,8 +204,8 @@ def test_generate_script_with_an_sdxl_lora(sdxl_dir, sdxl_lora, tmp_path):
     from refl.cli import generate_main
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    args = ["--model", str(sdxl_dir), "--prompts", str(tmp_path / "prompts.txt"), "--n", "1", "--seed", "0",
-            "--steps", "3", "--guidance", "1", "--device", "cpu"]
+    args = ["--model", str(sdxl_dir), "--prompts-file", str(tmp_path / "prompts.txt"), "--images-per-prompt", "1", "--seed", "0",
+            "--num-inference-steps", "3", "--guidance-scale", "1", "--device", "cpu"]
     assert generate_main([*args, "--lora", str(sdxl_lora["dir"]), "--out", str(tmp_path / "tuned")]) == 0
     assert generate_main([*args, "--out", str(tmp_path / "base")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "tuned" / "generations.jsonl").read_text().splitlines()]

@@ -477,8 +477,8 @@ def test_validate_reward_with_two_standard_baselines_writes_the_table(weights, t
     critic = create_critic(CriticConfig(model_name="tiny-clip", training_mode="all"))
     critic.save_pretrained(tmp_path / "critic")
     out = tmp_path / "val.json"
-    code = validate_main([str(pairs), "--checkpoint", str(tmp_path / "critic"), "--out", str(out),
-                          "--baseline", weights["specs"]["hpsv2"], "--baseline",
+    code = validate_main([str(pairs), "--critic", str(tmp_path / "critic"), "--output-file", str(out),
+                          "--baselines", weights["specs"]["hpsv2"], "--baselines",
                           weights["specs"]["pickscore"]])
     assert code == 0
     report = json.loads(out.read_text())
@@ -509,8 +509,8 @@ def test_validate_reward_with_two_standard_baselines_writes_the_table(weights, t
     assert "| chance | 0.500 |" in table and "| majority (always the first image) | 0.667 |" in table
     assert weights["specs"]["pickscore"] in table and f"critic {tmp_path / 'critic'}" in table
     # A wrong baseline file stops with exit code 2 and a message naming it.
-    assert validate_main([str(pairs), "--checkpoint", str(tmp_path / "critic"), "--out", str(out),
-                          "--baseline", f"hpsv2:{tmp_path / 'nope.pt'}"]) == 2
+    assert validate_main([str(pairs), "--critic", str(tmp_path / "critic"), "--output-file", str(out),
+                          "--baselines", f"hpsv2:{tmp_path / 'nope.pt'}"]) == 2
 
 
 # ----------------------------------------------------------------------------- harness evaluators

@@ -11,11 +11,11 @@ import dataclasses
 import importlib
 import pkgutil
 import re
-import tomllib
 import typing
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from runkit.config import MIXED_PRECISION, flag_for
 
