@@ -247,8 +247,10 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then each `a.b=c` override, validated."""
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = (),
+                labels: dict[str, str] | None = None) -> T:
+    """Defaults of `cls`, then the YAML file at `path`, then each `a.b=c` override, validated. An error names
+    the override as `--set a.b=c`, or as `labels[override]` (how the user wrote it, e.g. a flag)."""
     data: dict = to_dict(cls())
     if path is not None:
         path = Path(path)
@@ -267,7 +269,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
         data = _merge(data, loaded)
-    return _apply_overrides(cls, data, overrides)
+    return _apply_overrides(cls, data, overrides, labels)
 
 
 def override(cfg: T, overrides: list[str] = ()) -> T:
@@ -275,17 +277,18 @@ def override(cfg: T, overrides: list[str] = ()) -> T:
     return _apply_overrides(type(cfg), to_dict(cfg), overrides)
 
 
-def _apply_overrides(cls: type[T], data: dict, overrides) -> T:
+def _apply_overrides(cls: type[T], data: dict, overrides, labels: dict[str, str] | None = None) -> T:
     """Each `a.b=c` merged into `data` in turn, checked as it comes (the error names that override)."""
     for text in overrides or ():
+        label = (labels or {}).get(text, f"--set {text}")
         update = parse_override(text)
         if message := _renamed_message(cls, update):
-            raise ConfigError(f"--set {text}: {message}")
+            raise ConfigError(f"{label}: {message}")
         data = _merge(data, update)
         try:
             _from_dict(cls, data)
         except ConfigError as err:
-            raise ConfigError(f"--set {text}: {err}") from err
+            raise ConfigError(f"{label}: {err}") from err
     return _from_dict(cls, data)
 
 
@@ -398,7 +401,7 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = 
     each --set."""
     args = parser.parse_args(argv)
     cls = args._config_class
-    overrides = []
+    overrides, labels = [], {}
     for dest, key in args._config_keys.items():
         value = getattr(args, dest)
         if value is None:
@@ -407,7 +410,10 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = 
         # JSON is YAML: a string stays a string whatever it looks like ("oracle:", "1e-4", "no").
         as_text = json.dumps(value) if tp is str or typing.get_origin(tp) in (list, tuple) else str(value)
         overrides.append(f"{key}={as_text}")
-    cfg = load_config(cls, args.config, [*first, *overrides, *config_overrides(args)])
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        labels[overrides[-1]] = (f"{flag_for(key)} {shown}" if dest.startswith("key__")
+                                 else f"{key.rsplit('.', 1)[-1]} {shown}")
+    cfg = load_config(cls, args.config, [*first, *overrides, *config_overrides(args)], labels)
     missing = [key for key in args._config_required if not _key_value(cfg, key)]
     if missing:
         raise ConfigError("missing " + ", ".join(f"{key} ({flag_for(key)})" for key in missing))

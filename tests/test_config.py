@@ -148,15 +148,29 @@ def test_no_section_repeats_its_parent():
 
 
 def test_resume_flag_sets_train_resume_on_both_clis():
-    import argparse
+    from refl.config import ReflConfig
+    from runkit.config import config_parser, parse_config_args
 
-    from runkit.config import add_config_args, config_overrides
+    for cls in (RewardConfig, ReflConfig):
+        parser = config_parser(cls, None, flags=("train.output_dir", "train.resume"))
+        cfg, _ = parse_config_args(parser, ["--set", "train.lr=1e-4", "--resume",
+                                            "runs/x: y/checkpoints/update-000002", "--out", "runs/x"])
+        assert cfg.train.resume == "runs/x: y/checkpoints/update-000002"  # a path with ': ' survives
+        assert cfg.train.output_dir == "runs/x" and cfg.train.lr == 1e-4
 
-    parser = argparse.ArgumentParser()
-    add_config_args(parser)
-    args = parser.parse_args(["--set", "train.lr=1e-4", "--resume", "runs/x: y/checkpoints/update-000002"])
-    cfg = load_config(RewardConfig, None, config_overrides(args))
-    assert cfg.train.resume == "runs/x: y/checkpoints/update-000002"  # a path with ': ' survives
+
+def test_a_flag_is_applied_before_set_and_named_in_its_error():
+    from refl.config import GenerateConfig
+    from runkit.config import ConfigError, config_parser, parse_config_args
+
+    parser = config_parser(GenerateConfig, None, flags=("num_inference_steps", "output_dir"), required=("output_dir",))
+    cfg, _ = parse_config_args(parser, ["--num-inference-steps", "3", "--set", "num_inference_steps=5",
+                                        "--out", "o"])
+    assert cfg.num_inference_steps == 5 and cfg.output_dir == "o"
+    with pytest.raises(ConfigError, match="--num-inference-steps 0"):
+        parse_config_args(parser, ["--num-inference-steps", "0", "--out", "o"])
+    with pytest.raises(ConfigError, match=r"missing output_dir \(--out\)"):
+        parse_config_args(parser, [])
 
 
 def test_lora_init_follows_train_seed():

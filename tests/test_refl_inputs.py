@@ -57,11 +57,11 @@ def test_generate_refuses_a_used_folder_and_overwrite_leaves_only_the_new_images
 
 
 def test_generate_refuses_zero_images_before_loading_the_model(tmp_path, capsys):
-    # The model does not exist: the --n check must come first.
+    # The model does not exist: the --images-per-prompt check must come first.
     assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--images-per-prompt", "0") == 2
-    assert "--n" in capsys.readouterr().err and not (tmp_path / "gen").exists()
+    assert "--images-per-prompt 0" in capsys.readouterr().err and not (tmp_path / "gen").exists()
     assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--num-inference-steps", "0") == 2  # a ZeroDivisionError
-    assert "--steps" in capsys.readouterr().err and not (tmp_path / "gen").exists()
+    assert "--num-inference-steps" in capsys.readouterr().err and not (tmp_path / "gen").exists()
 
 
 def test_a_prompts_file_that_is_not_text_is_named_with_the_fix(tmp_path, capsys):

@@ -266,11 +266,9 @@ def test_community_accepts_paths_and_arrays(tmp_path):
 
 
 def test_make_toy_pairs_script_writes_train_and_heldout(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_toy_pairs", REPO / "scripts" / "make_toy_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    main = module.main
-    assert main(["--set", f"output_dir={tmp_path}", "--set", "n_train_prompts=12", "--set",
+    from toyworld.cli import make_pairs_main
+
+    assert make_pairs_main(["--out", str(tmp_path), "--set", "n_train_prompts=12", "--set",
                  "n_heldout_prompts=6", "--set", "n_candidates=4", "--set", "users_per_prompt=2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     train = pd.read_parquet(tmp_path / "train" / "pairs.parquet")
