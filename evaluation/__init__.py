@@ -6,7 +6,7 @@
                 and runs the whole comparison (`run_compare`);
 - `stats.py`    the numbers of results.json from per-image scores (best-of-n, intervals, win rates);
 - `report.py`   report.html with its plots and image grids;
-- `cli.py`      the command line (`scripts/compare.py`).
+- `cli.py`      the command line (`social-refl-compare`).
 
 It sits above refl/ (it samples with refl.sampling) and below toyworld/ (the demo runs it); the
 evaluators it scores with come from reward.evaluators.

@@ -87,7 +87,7 @@ class ReflTrainConfig(TrainSettings):
     #   draft_lv: each of its n UNet passes whole, the VAE decoder's blocks, the critic's blocks
     #   alignprop: each UNet call from the cut to the end whole, the VAE decoder's blocks, the critic's blocks
     # The denoising regulariser's UNet call (step.reg_weight > 0) is recomputed as the method's calls are.
-    # Needed at 512 px: README "Mixed precision and memory" has what each method then takes.
+    # Needed at 512 px: docs/memory.md has what each method then takes.
     gradient_checkpointing: bool = True
     # Log scalars every this many updates.
     log_every: int = 1

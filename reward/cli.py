@@ -1,4 +1,4 @@
-"""Command-line entry points of `reward` (scripts/ and the console scripts wrap these; runkit.cli gives
+"""Command-line entry points of `reward` (the console scripts call these; runkit.cli gives
 every command its error convention)."""
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def evaluate_pairs(model: SocialReward | StandardReward, records: list[PairRecor
     if not len(s_pos):
         raise EmptySplitError(f"no pair could be scored: all {len(clear)} pair(s) with a clear preference "
                               "were bad rows "
-                        "(skipped with on_bad_row=skip); scripts/check_pairs.py lists why")
+                        "(skipped with on_bad_row=skip); social-refl-check-pairs lists why")
     report = pairwise_accuracy_report(s_pos, s_neg)
     report["n_tied_labels"] = len(records) - len(clear)
     return report

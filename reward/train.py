@@ -259,7 +259,7 @@ def _refuse_an_epoch_of_bad_rows(accelerator, good: int, bad: int, state: LoopSt
     single process, skipping every micro-batch, would never reach an update)."""
     if int(accelerator.reduce(torch.tensor([good], device=accelerator.device), reduction="sum").item()) == 0:
         raise DataError(f"every training row met in epoch {state.epoch} was bad ({bad} skipped in this "
-                        "process with data.on_bad_row=skip): nothing can be trained; scripts/check_pairs.py "
+                        "process with data.on_bad_row=skip): nothing can be trained; social-refl-check-pairs "
                         "lists why")
 
 
@@ -281,10 +281,10 @@ def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopStat
     good_total, bad_total = (int(c) for c in counts.tolist())
     if good_total == 0 and bad_total and not resumed:
         raise DataError(f"every training row met was bad ({bad_total} skipped with data.on_bad_row=skip), "
-                        "so nothing was trained; scripts/check_pairs.py lists why")
+                        "so nothing was trained; social-refl-check-pairs lists why")
     bad_total += n_bad_indexed
     if bad_total:
-        logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); scripts/check_pairs.py "
+        logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); social-refl-check-pairs "
                        "lists them all and writes a clean copy", bad_total)
     final: dict = {"update": state.update, "history": history, "bad_rows_skipped": bad_total}
     critic = accelerator.unwrap_model(module).critic

@@ -230,7 +230,7 @@ def test_finetuning_a_calibrated_critic_on_streamed_shards_in_bf16(tmp_path):
 def test_paper_vitl14_critic_trains_in_bf16_on_streamed_shards(tmp_path):
     """configs/reward_social_vitl14.yaml (ViT-L-14 at 224 px, the paper's trained slices), random
     weights, a few bf16 steps with gradient checkpointing on a Pick-a-Pic-style JPEG shard set read by
-    2 workers. Run by hand: `pytest -m slow -k vitl14` (see README for the measured time and RSS)."""
+    2 workers. Run by hand: `pytest -m slow -k vitl14` (docs/critic.md has the measured time and RSS)."""
     import io
 
     import pyarrow as pa

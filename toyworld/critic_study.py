@@ -3,13 +3,14 @@
 Written when the third edition's critic stage measured its critic at 70.8 / 71.5 / 73.8 / 65.0% against the
 oracle on 1/8, 1/4, 1/2 and all of the community's pairs, one training seed per point, on an alphabetical
 slice of the held-out prompts. On a random draw of them (toyworld.world.heldout_prompts) the curve rises
-with the pairs, and this study shows it does for every seed (README). Two explanations fitted the dip:
+with the pairs, and this study shows it does for every seed (docs/results.md). Two explanations fitted the
+dip:
 - seed noise: one critic per point, and the intervals overlap;
 - training length: the recipe trains for a fixed number of epochs, so a critic on 1/8 of the pairs makes 1/8
   of the full critic's updates, and the full critic (whose community validation fell over its epochs) may be
   past its best, fitting the community's noise.
 
-The study, fixed before it was run (commit named in the README): for each fraction of `FRACTIONS` and each
+The study, fixed before it was run (its commit is in docs/results.md, "Provenance"): for each fraction of `FRACTIONS` and each
 seed of `seeds`, the demo's critic recipe on a random subset of the pairs (seed k draws the subset and trains
 with critic.train.seed + k, so seed 0 is the demo's own curve), with a checkpoint and a community validation
 every `every` updates (all checkpoints kept). Every checkpoint is measured against the oracle on the demo's

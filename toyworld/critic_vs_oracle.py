@@ -73,7 +73,7 @@ def accuracy_vs_oracle(model, truth: Sequence, gaps: np.ndarray) -> dict:
     s_pos, s_neg = score_pairs(model, list(truth))  # (N,) each
     if len(s_pos) != len(truth):
         raise ValueError(f"{len(truth) - len(s_pos)} held-out pair(s) could not be scored; check them with "
-                         "scripts/check_pairs.py")
+                         "social-refl-check-pairs")
     report = pairwise_accuracy_report(s_pos, s_neg)
     report["by_gap"] = accuracy_by_gap(pairwise_outcomes(s_pos, s_neg), gaps)
     return report

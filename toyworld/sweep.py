@@ -1,7 +1,7 @@
 """The toy world's ReFL settings, chosen by refl.sweep's rule from a small sweep on a demo's critic.
 
-The grid, the rule and its thresholds were written down (and committed) before the sweep ran; the README
-names that commit. Each setting trains the demo's ReFL config plus its overrides, validating every 10
+The grid, the rule and its thresholds were written down (and committed) before the sweep ran;
+docs/results.md names that commit. Each setting trains the demo's ReFL config plus its overrides, validating every 10
 updates from update 0 on the demo's validation prompts (never the comparison's), against the demo's critic.
 The rule sees the reward and the judges a user has (the zero-shot CLIP, prompt fidelity); the oracle is
 logged beside them in each run's metrics.jsonl, for evaluation after the choice, and the rule refuses it.
@@ -55,7 +55,7 @@ def run_sweep(demo_dir: str | Path, grid: dict[str, list[str]] | None = None) ->
     critic = demo / "critic" / "critic"
     if not ((demo / "demo_config.yaml").is_file() and critic.is_dir()):
         raise FileNotFoundError(f"{demo} has no trained critic (needs demo_config.yaml and critic/critic); "
-                                "run `python scripts/demo.py --out DIR --until critic` first")
+                                "run `social-refl-demo --out DIR --until critic` first")
     base = load_config(DemoConfig, demo / "demo_config.yaml")
     rule = rule_for(base.clip_model)
     rule.check()

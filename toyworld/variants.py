@@ -53,7 +53,7 @@ def open_demo(demo_dir: str | Path) -> FinishedDemo:
     if not (config_file.is_file() and (folder / "critic" / "critic").is_dir()
             and (folder / "summary.json").is_file()):
         raise FileNotFoundError(f"{folder} is not a finished demo (needs demo_config.yaml, critic/critic and "
-                                "summary.json); run `python scripts/demo.py --out DIR` first")
+                                "summary.json); run `social-refl-demo --out DIR` first")
     return FinishedDemo(folder, load_config(DemoConfig, config_file))
 
 

@@ -1,4 +1,4 @@
-"""The checking pass (scripts/check_pairs.py): every image of every row decoded once, a report of the bad
+"""The checking pass (social-refl-check-pairs): every image of every row decoded once, a report of the bad
 rows and a clean copy of the good ones."""
 
 from __future__ import annotations
