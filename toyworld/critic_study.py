@@ -10,8 +10,8 @@ dip:
   of the full critic's updates, and the full critic (whose community validation fell over its epochs) may be
   past its best, fitting the community's noise.
 
-The study, fixed before it was run (its commit is in docs/results.md, "Provenance"): for each fraction of `FRACTIONS` and each
-seed of `seeds`, the demo's critic recipe on a random subset of the pairs (seed k draws the subset and trains
+The study, fixed before it was run (its commit is in docs/results.md, "Provenance"): for each fraction of
+`FRACTIONS` and each seed of `seeds`, the demo's critic recipe on a random subset of the pairs (seed k draws the subset and trains
 with critic.train.seed + k, so seed 0 is the demo's own curve), with a checkpoint and a community validation
 every `every` updates (all checkpoints kept). Every checkpoint is measured against the oracle on the demo's
 held-out pairs. Reported:

@@ -7,8 +7,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 BAD_ROW_POLICIES = ("error", "skip")
-FIX = (". Fix or remove the row (social-refl-check-pairs writes a clean copy), or set on_bad_row=skip to drop "
-       "bad rows.")
+FIX = (". Fix or remove the row (social-refl-check-pairs writes a clean copy), or set on_bad_row=skip to "
+       "drop bad rows.")
 
 
 class DataError(ValueError):
