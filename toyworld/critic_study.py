@@ -11,10 +11,10 @@ dip:
   past its best, fitting the community's noise.
 
 The study, fixed before it was run (its commit is in docs/results.md, "Provenance"): for each fraction of
-`FRACTIONS` and each seed of `seeds`, the demo's critic recipe on a random subset of the pairs (seed k draws the subset and trains
-with critic.train.seed + k, so seed 0 is the demo's own curve), with a checkpoint and a community validation
-every `every` updates (all checkpoints kept). Every checkpoint is measured against the oracle on the demo's
-held-out pairs. Reported:
+`FRACTIONS` and each seed of `seeds`, the demo's critic recipe on a random subset of the pairs (seed k draws
+the subset and trains with critic.train.seed + k, so seed 0 is the demo's own curve), with a checkpoint and a
+community validation every `every` updates (all checkpoints kept). Every checkpoint is measured against the
+oracle on the demo's held-out pairs. Reported:
 - per fraction, the final critic's accuracy over seeds (mean, min, max), which settles seed noise;
 - for every critic, its accuracy against the oracle at each update beside its community validation
   accuracy, which shows whether accuracy falls with training, and at which update;

@@ -1,10 +1,10 @@
 """The toy world's ReFL settings, chosen by refl.sweep's rule from a small sweep on a demo's critic.
 
-The grid, the rule and its thresholds were written down (and committed) before the sweep ran;
-docs/results.md names that commit. Each setting trains the demo's ReFL config plus its overrides,
-validating every 10 updates from update 0 on the demo's validation prompts (never the comparison's), against the demo's critic.
-The rule sees the reward and the judges a user has (the zero-shot CLIP, prompt fidelity); the oracle is
-logged beside them in each run's metrics.jsonl, for evaluation after the choice, and the rule refuses it.
+The grid, the rule and its thresholds were written down (and committed) before the sweep ran; docs/results.md
+names that commit. Each setting trains the demo's ReFL config plus its overrides, validating every 10 updates
+from update 0 on the demo's validation prompts (never the comparison's), against the demo's critic. The rule
+sees the reward and the judges a user has (the zero-shot CLIP, prompt fidelity); the oracle is logged beside
+them in each run's metrics.jsonl, for evaluation after the choice, and the rule refuses it.
 
 Runs live in <demo>/sweep/<setting>/refl/ and are reused while their settings and inputs are unchanged.
 """

@@ -38,10 +38,11 @@ def _demo_critic() -> RewardConfig:
 def _demo_refl() -> ReflConfig:
     # The settings the sweep rule chose (social-refl-refl-sweep, toyworld/rule.py; docs/results.md, "ReFL's
     # settings, by a rule written before the sweep"): of learning rates 3e-4, 1e-3, 3e-3 with guidance 4 or 1
-    # in training, 120 updates each, the highest reward on the validation prompts that kept the zero-shot CLIP within 1 point and fidelity within
-    # 5 points of the base was lr 3e-4 with guidance 4 at update 20, on the validation prompts drawn at
-    # random (toyworld.world.heldout_prompts; on the earlier alphabetical slice it was lr 3e-4 without
-    # guidance at update 20). The schedule is constant, so these 20 updates are the sweep run's first 20.
+    # in training, 120 updates each, the highest reward on the validation prompts that kept the zero-shot CLIP
+    # within 1 point and fidelity within 5 points of the base was lr 3e-4 with guidance 4 at update 20, on the
+    # validation prompts drawn at random (toyworld.world.heldout_prompts; on the earlier alphabetical slice it
+    # was lr 3e-4 without guidance at update 20). The schedule is constant, so these 20 updates are the sweep
+    # run's first 20.
     return ReflConfig(
         # grad_scale 1 (not ImageReward's 1e-3 next to a full-UNet lr of 1e-5): Adam normalises the overall
         # scale, so what matters here is the reward's balance with the regulariser.
