@@ -4,6 +4,7 @@ runs, what evaluation/stats.py summarises and evaluation/report.py describes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from refl.components import ModelConfig
 from runkit.config import check_mixed_precision
@@ -11,6 +12,8 @@ from runkit.config import check_mixed_precision
 
 @dataclass
 class CompareConfig:
+    # Keys renamed after a release: old dotted key -> new key (refused with the new name for one release).
+    RENAMED: ClassVar[dict[str, str]] = {}
     # The base Stable Diffusion: preset ("toy", "tiny"), diffusers directory, or cached model id.
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="toy"))
     # ReFL LoRA directory in diffusers format (refl training writes <output_dir>/lora); "" = base arms only.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from evaluation.config import CompareConfig
 from refl.config import ReflConfig, ReflTrainConfig
@@ -101,6 +102,8 @@ class DemoConfig:
     """The demo's own knobs plus the real config of each stage. The demo fills in what ties the stages
     together (FILLED_BY_DEMO: model paths, input and output folders, sampling settings); everything
     else in `critic`, `refl` and `compare` is the user's, e.g. --set refl.train.lr=1e-3."""
+    # Keys renamed after a release: old dotted key -> new key (refused with the new name for one release).
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     # Where every stage writes (community/, critic/, refl/, samples/, report.html, summary.json).
     output_dir: str = "runs/demo"
