@@ -79,7 +79,6 @@ class SDComponents:
     # every pipeline built here, so both draw what StableDiffusionXLPipeline.from_pretrained(model) draws.
     force_zeros_for_empty_prompt: bool = True
     source: str = ""  # where they came from (preset name or path), for logs and metadata
-    extra: dict = field(default_factory=dict)
     # dtype of the frozen base weights (fp16/bf16 under mixed precision); LoRA tensors stay fp32.
     dtype: torch.dtype = torch.float32
     # What is recomputed in backward; set through set_gradient_checkpointing, read by refl.step.
