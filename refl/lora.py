@@ -82,10 +82,6 @@ def trainable_parameters(components: SDComponents) -> list[torch.nn.Parameter]:
     return [p for m in components.modules().values() for p in m.parameters() if p.requires_grad]
 
 
-def has_text_lora(components: SDComponents) -> bool:
-    return bool(_adapted_text_encoders(components))
-
-
 def _adapted_text_encoders(components: SDComponents) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in components.text_encoders().items()
             if any("lora_" in n for n, _ in m.named_parameters())}

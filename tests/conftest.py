@@ -22,6 +22,17 @@ def colour_pairs(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """The tiny preset saved as a diffusers directory, the base model of the loading, LoRA and generate
+    tests (read only)."""
+    from refl.components import load_components, save_pipeline
+
+    path = tmp_path_factory.mktemp("base") / "tiny-sd"
+    save_pipeline(load_components("tiny"), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state and refuses a second `mixed_precision` in the same process

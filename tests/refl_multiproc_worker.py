@@ -1,4 +1,4 @@
-"""Run by test_refl.py under `accelerate launch --num_processes 2 --cpu`: train, then dump each rank's
+"""Run by test_refl_train.py under `accelerate launch --num_processes 2 --cpu`: train, then dump each rank's
 LoRA."""
 
 import os

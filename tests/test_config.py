@@ -174,12 +174,14 @@ def test_a_flag_is_applied_before_set_and_named_in_its_error():
 
 
 def test_lora_init_follows_train_seed():
-    from refl.components import load_components
-    from refl.lora import LoraConfig, add_lora
+    from accelerate import Accelerator
 
-    def lora_a(seed):
-        components = load_components("tiny")
-        add_lora(components, LoraConfig(rank=2, alpha=2.0), seed=seed)
+    from refl.train import ReflConfig, _prepare
+
+    def lora_a(seed):  # what a run with this train.seed starts from
+        cfg = load_config(ReflConfig, None, ["model.name=tiny", "lora.rank=2", "lora.alpha=2.0",
+                                             f"train.seed={seed}"])
+        components = _prepare(cfg, Accelerator())[0]
         return next(p.detach().clone() for n, p in components.unet.named_parameters() if "lora_A" in n)
 
     assert torch.equal(lora_a(0), lora_a(0)) and not torch.equal(lora_a(0), lora_a(1))

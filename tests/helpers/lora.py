@@ -2,6 +2,16 @@
 
 import torch
 
+from refl.components import load_components
+from refl.lora import LoraConfig, add_lora
+
+
+def tiny_lora(rank=4, alpha=4.0, **kw):
+    """The tiny preset with LoRA adapters; returns (components, trainable params)."""
+    components = load_components("tiny")
+    params = add_lora(components, LoraConfig(rank=rank, alpha=alpha, **kw))
+    return components, params
+
 
 def randomise_lora_b(components, seed=1):
     """gaussian init starts B at 0 (an identity LoRA); give it values so round trips are meaningful."""

@@ -69,7 +69,7 @@ def _sample(components, prompts: list[str], guidance: list[float], steps: int, s
     how the community behaves does not draw them again."""
     import hashlib
 
-    from toyworld.pretrain_sd import sample_images
+    from refl.sampling import make_pipeline, sample
 
     key = json.dumps({"model": content_hash(model), "prompts": prompts, "guidance": guidance, "steps": steps,
                       "seed": seed}, sort_keys=True)
@@ -77,8 +77,11 @@ def _sample(components, prompts: list[str], guidance: list[float], steps: int, s
     if path.is_file():
         return np.load(path)["images"]
     n = len(prompts)
-    # (P, H, W, 3)
-    slots = [sample_images(components, prompts, steps, g, seed + j * n) for j, g in enumerate(guidance)]
+    pipe = make_pipeline(components, "ddim")
+    # (P, H, W, 3) each, in batches of 64: another batch size moves the images' last bits, and the demo's
+    # numbers with them
+    slots = [sample(pipe, prompts, seeds=range(seed + j * n, seed + (j + 1) * n), num_inference_steps=steps,
+                    guidance_scale=g, batch_size=64) for j, g in enumerate(guidance)]
     images = np.stack(slots, axis=1)  # (P, n, H, W, 3)
     atomic_write_bytes(path, lambda f: np.savez(f, images=images))
     return images

@@ -1,0 +1,64 @@
+"""One factory for Stable Diffusion components: SD 1.x / 2.x and SDXL.
+
+`load_components(ModelConfig(name=...))` returns UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+CLIPTokenizer and the training (DDPM) scheduler, and for SDXL also its second text encoder
+(CLIPTextModelWithProjection, whose projected end-of-text embedding is SDXL's pooled text embedding) and
+second tokenizer, from
+- a diffusers directory (`model_index.json` + subfolders; SDXL when it has `text_encoder_2/`),
+- a hub model id (downloaded and cached as diffusers does; `HF_HUB_OFFLINE=1` uses the cache only),
+- or a named preset built with seeded random weights: `"tiny"` for tests, `"tiny-v"` (SD 2.x style:
+  v-prediction, linear attention projections), `"tiny-sdxl"` (SDXL's layout: two text encoders, pooled
+  embedding and size conditioning), `"toy"` for the toy world, and the full-size architectures `"sd15"`
+  and `"sdxl"` from the configs shipped in `refl/model_configs/`.
+
+The parts, each importing only those above it:
+- `container`: `SDComponents` (what every other module receives), `ModelConfig`, `Checkpointing`, `DTYPES`;
+- `tokenizers`: CLIP tokenizers rebuilt offline from open_clip's vocabulary;
+- `presets`: the presets and full-size architectures with seeded random weights;
+- `loading`: diffusers directories and hub ids, `load_components`, `build_pipeline`, `save_pipeline`.
+Everyone else imports from `refl.components`.
+"""
+
+from refl.components.container import DTYPES, UNET_CHECKPOINTING, Checkpointing, ModelConfig, SDComponents
+from refl.components.loading import build_pipeline, enable_attention, load_components, load_vae, save_pipeline
+from refl.components.presets import (
+    ARCHITECTURES,
+    HUB_ARCHITECTURES,
+    MODEL_CONFIG_DIR,
+    PRESETS,
+    PresetSpec,
+    build_architecture,
+    build_from_configs,
+    build_preset,
+)
+from refl.components.tokenizers import (
+    CLIP_VOCAB_SIZE,
+    SDXL_PAD_TOKEN_2,
+    build_clip_tokenizer,
+    clip_vocab_files,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CLIP_VOCAB_SIZE",
+    "DTYPES",
+    "HUB_ARCHITECTURES",
+    "MODEL_CONFIG_DIR",
+    "PRESETS",
+    "SDXL_PAD_TOKEN_2",
+    "UNET_CHECKPOINTING",
+    "Checkpointing",
+    "ModelConfig",
+    "PresetSpec",
+    "SDComponents",
+    "build_architecture",
+    "build_clip_tokenizer",
+    "build_from_configs",
+    "build_pipeline",
+    "build_preset",
+    "clip_vocab_files",
+    "enable_attention",
+    "load_components",
+    "load_vae",
+    "save_pipeline",
+]

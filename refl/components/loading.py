@@ -1,0 +1,231 @@
+"""Components from a diffusers directory or a hub model id, and the one entry point `load_components`
+that also takes a preset's name.
+
+A directory holds `model_index.json` and one subfolder per component, SDXL's a `text_encoder_2/` too; a
+hub id downloads once into the Hugging Face cache as diffusers does (`HF_HUB_OFFLINE=1` reads the cache
+only). `ModelConfig.random_weights` builds a directory's or a known hub id's architecture from its config
+files alone (a dry run of a real config, offline); `ModelConfig.vae` swaps in another VAE (e.g. an
+fp16-safe SDXL VAE). `build_pipeline` and `save_pipeline` go the other way, to stock diffusers pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refl.components.container import ModelConfig, SDComponents
+from refl.components.presets import (
+    ARCHITECTURES,
+    HUB_ARCHITECTURES,
+    PRESETS,
+    build_architecture,
+    build_from_configs,
+    build_preset,
+)
+from runkit.files import atomic_dir
+from runkit.hub import unreachable_advice
+
+logger = logging.getLogger(__name__)
+
+
+def _random_from_directory(name: str, seed: int) -> SDComponents:
+    from transformers import CLIPTokenizer
+
+    root = Path(name)
+    read = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+            "scheduler": "scheduler/scheduler_config.json"}
+    if (root / "text_encoder_2").is_dir():
+        read["text_encoder_2"] = "text_encoder_2/config.json"
+    missing = [rel for rel in read.values() if not (root / rel).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model.random_weights: {root} lacks {missing} (a diffusers Stable Diffusion "
+                                "directory has unet/, vae/, text_encoder/, scheduler/ and tokenizer/)")
+    configs = {part: json.loads((root / rel).read_text()) for part, rel in read.items()}
+    tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")}
+    if "text_encoder_2" in configs:
+        tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
+    components = build_from_configs(**configs, seed=seed, source=f"random:{name}", **tokenizers)
+    if components.is_sdxl:
+        components.force_zeros_for_empty_prompt = _force_zeros_for_empty_prompt(_model_index(name, {}))
+    return components
+
+
+def _model_index(name: str, kw: dict) -> dict:
+    """A diffusers directory's or hub id's model_index.json ({} for a directory without one)."""
+    from diffusers import DiffusionPipeline
+
+    if Path(name).is_dir():
+        index = Path(name) / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else {}
+    return dict(DiffusionPipeline.load_config(name, **kw))
+
+
+def _force_zeros_for_empty_prompt(index: dict) -> bool:
+    """An SDXL model's empty-negative-prompt setting from its model_index.json; the default is on."""
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
+def _is_sdxl_model(name: str, index: dict) -> bool:
+    """Whether a diffusers directory or hub id is an SDXL model: it has text_encoder_2 (`index`: its
+    model_index.json)."""
+    if Path(name).is_dir():
+        return (Path(name) / "text_encoder_2").is_dir()
+    return "text_encoder_2" in index
+
+
+def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    local = Path(name).is_dir()
+    if local and not (Path(name) / "unet").is_dir():
+        raise FileNotFoundError(f"{name} is not a diffusers Stable Diffusion directory (no unet/ subfolder)")
+    # A hub id downloads once into the Hugging Face cache, as diffusers does; HF_HUB_OFFLINE=1 reads the
+    # cache only.
+    kw: dict[str, Any] = {} if local else {"revision": revision}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
+        # SDXL ships an Euler scheduler config; its betas and prediction type are what DDPM reads from it.
+        scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+        second = {}
+        index = _model_index(name, kw)
+        if _is_sdxl_model(name, index):
+            second["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                name, subfolder="text_encoder_2", variant=variant, **kw).to(torch.float32)
+            second["tokenizer_2"] = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw)
+            second["force_zeros_for_empty_prompt"] = _force_zeros_for_empty_prompt(index)
+    except OSError as err:
+        if local:
+            raise
+        raise OSError(
+            f"model {name!r} is neither a preset ({sorted(PRESETS) + sorted(ARCHITECTURES)}), a diffusers "
+            f"directory, nor a Stable Diffusion model id that could be loaded ({err}). "
+            + unreachable_advice("point model.name at a local diffusers directory.")
+        ) from err
+    # Weights may be stored in fp16 (the shipped toy model is); diffusers upcasts its models on load,
+    # transformers keeps the stored dtype. Start every module in fp32: training casts the frozen base
+    # to its mixed-precision dtype itself.
+    text_encoder.to(torch.float32)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=str(name), **second)
+
+
+def load_vae(name: str, revision: str | None = None):
+    """An AutoencoderKL from a VAE directory (config.json at its top), a pipeline directory (vae/), or a
+    hub id of either kind (`model.vae`)."""
+    from diffusers import AutoencoderKL
+
+    root = Path(name)
+    if root.is_dir():
+        if (root / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(root)
+        if (root / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(root, subfolder="vae")
+        raise FileNotFoundError(f"model.vae {name} holds neither config.json nor vae/config.json (a "
+                                "diffusers AutoencoderKL folder, or a pipeline folder with vae/)")
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:  # a path (a hub id is owner/name)
+        raise FileNotFoundError(f"model.vae {name} does not exist (a diffusers AutoencoderKL folder, a "
+                                "pipeline folder with vae/, or a hub id such as "
+                                "madebyollin/sdxl-vae-fp16-fix)")
+    try:
+        return AutoencoderKL.from_pretrained(name, revision=revision)
+    except OSError as err:
+        raise OSError(f"model.vae {name!r} could not be loaded as a hub VAE "
+                      f"({str(err).strip().splitlines()[0]}). "
+                      + unreachable_advice("point model.vae at a local VAE folder.")) from err
+
+
+def enable_attention(components: SDComponents, attention: str) -> None:
+    """Select attention kernels; xformers is optional and fails at start with an install hint."""
+    if attention == "sdpa":
+        return  # diffusers uses torch.nn.functional.scaled_dot_product_attention by default
+    if attention != "xformers":
+        raise ValueError(f"model.attention must be 'sdpa' or 'xformers', got {attention!r}")
+    try:
+        import xformers  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "model.attention=xformers but xformers is not installed: `pip install social-refl[xformers]` "
+            "(needs CUDA), or set model.attention=sdpa"
+        ) from err
+    try:
+        components.unet.enable_xformers_memory_efficient_attention()
+        components.vae.enable_xformers_memory_efficient_attention()
+    except Exception as err:  # xformers imports on CPU but its kernels refuse to run there
+        raise RuntimeError(f"xformers is installed but cannot run here ({err}); set "
+                           "model.attention=sdpa") from err
+
+
+def load_components(cfg: ModelConfig | str) -> SDComponents:
+    """The one factory: a preset name, a diffusers directory, or a locally cached model id."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    if cfg.name in PRESETS:
+        components = build_preset(cfg.name, seed=cfg.seed)
+    elif cfg.name in ARCHITECTURES:
+        components = build_architecture(cfg.name, seed=cfg.seed)
+    elif cfg.random_weights:
+        if Path(cfg.name).is_dir():
+            components = _random_from_directory(cfg.name, cfg.seed)
+        elif cfg.name in HUB_ARCHITECTURES:
+            components = build_architecture(HUB_ARCHITECTURES[cfg.name], seed=cfg.seed)
+        else:
+            raise ValueError(f"model.random_weights: no architecture known for {cfg.name!r}; use a diffusers "
+                             f"directory, a preset {sorted(PRESETS) + sorted(ARCHITECTURES)}, or one of "
+                             f"{sorted(HUB_ARCHITECTURES)}")
+    else:
+        components = _from_pretrained(cfg.name, cfg.revision, cfg.variant)
+    if cfg.vae:
+        components.vae = load_vae(cfg.vae, cfg.revision)
+        logger.info("VAE from %s (force_upcast=%s)", cfg.vae,
+                    getattr(components.vae.config, "force_upcast", None))
+    enable_attention(components, cfg.attention)
+    logger.info("SD components from %s: UNet %.2fM params, %d px images", components.source,
+                sum(p.numel() for p in components.unet.parameters()) / 1e6, components.image_size)
+    return components
+
+
+def build_pipeline(components: SDComponents, scheduler=None):
+    """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor), or for
+    SDXL a stock `StableDiffusionXLPipeline` (no watermark; an empty negative prompt as the model says,
+    `force_zeros_for_empty_prompt`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if components.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            unet=components.unet,
+            scheduler=scheduler if scheduler is not None else components.scheduler,
+            force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler if scheduler is not None else components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(components: SDComponents, directory: str | os.PathLike) -> Path:
+    """Save as a standard diffusers directory (`StableDiffusionPipeline.from_pretrained(dir)`, for SDXL
+    `StableDiffusionXLPipeline.from_pretrained(dir)`, loads it), atomically: a crash never leaves a
+    half-written model."""
+    with atomic_dir(directory) as tmp:
+        build_pipeline(components).save_pretrained(tmp, safe_serialization=True)
+    return Path(directory)
