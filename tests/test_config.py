@@ -163,7 +163,8 @@ def test_a_flag_is_applied_before_set_and_named_in_its_error():
     from refl.config import GenerateConfig
     from runkit.config import ConfigError, config_parser, parse_config_args
 
-    parser = config_parser(GenerateConfig, None, flags=("num_inference_steps", "output_dir"), required=("output_dir",))
+    parser = config_parser(GenerateConfig, None, flags=("num_inference_steps", "output_dir"),
+                           required=("output_dir",))
     cfg, _ = parse_config_args(parser, ["--num-inference-steps", "3", "--set", "num_inference_steps=5",
                                         "--out", "o"])
     assert cfg.num_inference_steps == 5 and cfg.output_dir == "o"

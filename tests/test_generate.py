@@ -28,7 +28,8 @@ def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts",
-                        str(tmp_path / "prompts.txt"), "--images-per-prompt", "2", "--seed", "3", "--num-inference-steps", "2", "--critic",
+                        str(tmp_path / "prompts.txt"), "--images-per-prompt", "2", "--seed", "3",
+                        "--num-inference-steps", "2", "--critic",
                         "toy-clip", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 3), ("a cat", 4), ("a dog", 3),

@@ -31,7 +31,8 @@ def tiny_lora_dir(tmp_path_factory):
 def _generate(base, out, *extra):
     prompts = out.parent / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    return generate_main(["--model", str(base), "--prompts-file", str(prompts), "--num-inference-steps", "2", "--device", "cpu",
+    return generate_main(["--model", str(base), "--prompts-file", str(prompts), "--num-inference-steps", "2",
+                          "--device", "cpu",
                           "--out", str(out), *extra])
 
 
@@ -60,7 +61,8 @@ def test_generate_refuses_zero_images_before_loading_the_model(tmp_path, capsys)
     # The model does not exist: the --images-per-prompt check must come first.
     assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--images-per-prompt", "0") == 2
     assert "--images-per-prompt 0" in capsys.readouterr().err and not (tmp_path / "gen").exists()
-    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--num-inference-steps", "0") == 2  # a ZeroDivisionError
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--num-inference-steps",
+                     "0") == 2  # a ZeroDivisionError
     assert "--num-inference-steps" in capsys.readouterr().err and not (tmp_path / "gen").exists()
 
 
@@ -99,7 +101,8 @@ def test_export_refuses_to_replace_a_file_without_overwrite(tiny_lora_dir, tmp_p
 
 def test_an_empty_lora_folder_names_the_file_it_needs(tiny_base, tmp_path, capsys):
     (tmp_path / "lora").mkdir()
-    assert _generate(tiny_base, tmp_path / "gen", "--images-per-prompt", "1", "--lora", str(tmp_path / "lora")) == 2
+    assert _generate(tiny_base, tmp_path / "gen", "--images-per-prompt", "1", "--lora",
+                     str(tmp_path / "lora")) == 2
     err = _error_line(capsys)
     assert "pytorch_lora_weights.safetensors" in err and ".bin" not in err
 
@@ -154,7 +157,8 @@ def test_the_last_checkpoint_is_written_before_the_last_validation(tmp_path, mon
     cfg = load_config(refl_train.ReflConfig, None, [
         f"train.output_dir={out}", "model.name=tiny", "reward.kind=contrast", "train.max_updates=2",
         "train.batch_size=1", "train.checkpoint_every=2", "train.validate_every=2", "train.log_with=none",
-        "train.validation_prompts=[a cat]", "train.validation_num_inference_steps=2", "step.num_inference_steps=2",
+        "train.validation_prompts=[a cat]", "train.validation_num_inference_steps=2",
+        "step.num_inference_steps=2",
         "step.cut_range=[0,1]", "train.validate_at_start=false"])  # the crash is in update 2's validation
     with pytest.raises(RuntimeError, match="a bug in a judge"):
         refl_train.train(cfg)

@@ -131,7 +131,8 @@ def test_train_script_main_and_prompt_files(tmp_path, capsys):
     argv = ["--config", "configs/refl_toy.yaml"]
     for o in tiny_train_overrides(out, updates=2) + [f"data.prompts_file={tmp_path / 'p.txt'}",
                                                       "train.validate_every=2", "train.log_with=tensorboard",
-                                                      "train.validation_num_inference_steps=2", "step.reg_weight=0.1",
+                                                      "train.validation_num_inference_steps=2",
+                                                      "step.reg_weight=0.1",
                                                       "data.reg_pool_size=4", "reward.kind=critic"]:
         argv += ["--set", o]
     assert script.main(argv) == 0
@@ -302,7 +303,8 @@ def test_fp16_training_on_cuda_uses_the_loss_scaler(tmp_path):
     cfg = load_config(ReflConfig, None, tiny_train_overrides(tmp_path, updates=3) + [
         "reward.kind=critic", "reward.critic=tiny-clip", "train.mixed_precision=fp16",
         "train.validate_every=3",
-        "train.validation_num_inference_steps=2", "step.reg_weight=1.0", "step.kl_weight=1.0", "data.reg_pool_size=4"])
+        "train.validation_num_inference_steps=2", "step.reg_weight=1.0", "step.kl_weight=1.0",
+        "data.reg_pool_size=4"])
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)

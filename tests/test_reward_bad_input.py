@@ -420,6 +420,7 @@ def test_csv_missing_a_column_stops_the_checking_command(tmp_path, capsys):
 
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,pos_path\na cat,a.png\n")
-    assert check_main([str(path), "--output-file", str(tmp_path / "clean.parquet"), "--format", "social"]) == 2
+    assert check_main([str(path), "--output-file", str(tmp_path / "clean.parquet"), "--format",
+                       "social"]) == 2
     err = capsys.readouterr().err
     assert "pairs.csv" in err and "missing column(s) ['neg_path']" in err

@@ -204,7 +204,8 @@ def test_generate_script_with_an_sdxl_lora(sdxl_dir, sdxl_lora, tmp_path):
     from refl.cli import generate_main
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    args = ["--model", str(sdxl_dir), "--prompts-file", str(tmp_path / "prompts.txt"), "--images-per-prompt", "1", "--seed", "0",
+    args = ["--model", str(sdxl_dir), "--prompts-file", str(tmp_path / "prompts.txt"), "--images-per-prompt",
+            "1", "--seed", "0",
             "--num-inference-steps", "3", "--guidance-scale", "1", "--device", "cpu"]
     assert generate_main([*args, "--lora", str(sdxl_lora["dir"]), "--out", str(tmp_path / "tuned")]) == 0
     assert generate_main([*args, "--out", str(tmp_path / "base")]) == 0
@@ -349,7 +350,8 @@ def test_sdxl_refl_in_bf16_with_guidance_regulariser_kl_validation_and_text_enco
         "reward.critic=tiny-clip",
         "train.mixed_precision=bf16", "train.max_updates=2", "train.batch_size=2",
         "train.gradient_accumulation=1",
-        "train.lr=1e-2", "train.checkpoint_every=2", "train.validate_every=2", "train.validation_num_inference_steps=2",
+        "train.lr=1e-2", "train.checkpoint_every=2", "train.validate_every=2",
+        "train.validation_num_inference_steps=2",
         "train.validation_prompts=[a cat]", "train.log_with=none", f"step.method={method}",
         "step.num_inference_steps=3",
         "step.scheduler=ddpm", "step.guidance_scale=2.0", "step.reg_weight=1.0", "step.kl_weight=1.0",

@@ -65,13 +65,16 @@ def type_name(tp) -> str:
 
 
 CLASSES = config_classes()
-FIELDS = [(qual, name, tp, default) for qual, cls in sorted(CLASSES.items()) for name, tp, default in fields_of(cls)]
+FIELDS = [(qual, name, tp, default)
+          for qual, cls in sorted(CLASSES.items()) for name, tp, default in fields_of(cls)]
 COUNT_NOUNS = ("prompts", "samples", "images", "users", "members", "renders", "candidates")
 # The type each shared name has wherever it appears.
 SHARED_TYPES = {"output_dir": {"str"}, "output_file": {"str"}, "num_inference_steps": {"int"},
-                "guidance_scale": {"float"}, "batch_size": {"int"}, "seed": {"int"}, "mixed_precision": {"str"},
+                "guidance_scale": {"float"}, "batch_size": {"int"}, "seed": {"int"},
+                "mixed_precision": {"str"},
                 "device": {"str"}, "critic": {"str", "str | list[str]"}, "prompts": {"list[str]"},
-                "prompts_file": {"str", "str | None", "Optional[str]"}, "lora": {"str"}, "lora_scale": {"float"},
+                "prompts_file": {"str", "str | None", "Optional[str]"}, "lora": {"str"},
+                "lora_scale": {"float"},
                 "scheduler": {"str"}, "format": {"str"}, "layout": {"str"}}
 
 
@@ -98,7 +101,7 @@ def test_counts_say_they_are_counts_and_collections_are_lists():
         if tp is int and noun in COUNT_NOUNS and not name.startswith(("n_", "max_")):
             wrong.append(f"{qual}.{name}: a count, name it n_{name}")
         if noun == "prompts" and tp is not int and type_name(tp) != "list[str]":
-            wrong.append(f"{qual}.{name}: prompts is a list of prompts ({type_name(tp)}); a file is prompts_file")
+            wrong.append(f"{qual}.{name}: prompts are a list ({type_name(tp)}); a file is prompts_file")
     assert not wrong, wrong
 
 
@@ -149,7 +152,8 @@ def test_every_command_reads_a_typed_config_with_flags_spelled_as_their_keys(scr
     for action in parser._actions:
         flags = [s for s in action.option_strings if s not in RUN_OPTIONS]
         if not action.option_strings:  # a positional sets the key it is named for
-            assert keys.get(action.dest) == action.dest.replace("__", "."), f"{script}: positional {action.dest}"
+            key = action.dest.replace("__", ".")
+            assert keys.get(action.dest) == key, f"{script}: positional {action.dest}"
             continue
         for flag in flags:
             assert action.dest in keys, f"{script} {flag} sets no config key"
