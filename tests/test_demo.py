@@ -186,16 +186,14 @@ def test_ablation_pairs_each_variant_with_the_same_base_samples(quick_demo):
 
 
 def test_ablation_script_names_bad_input(quick_demo, tmp_path, capsys):
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("refl_ablation", Path("scripts") / "refl_ablation.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main(["--demo", str(tmp_path)]) == 2
+    from toyworld.cli import ablation_main
+
+    assert ablation_main(["--demo", str(tmp_path)]) == 2
     assert "is not a finished demo" in capsys.readouterr().err
-    assert script.main(["--demo", str(quick_demo), "--variant", "typo: refl_kl_wieght=1"]) == 2
+    assert ablation_main(["--demo", str(quick_demo), "--variants", "typo: refl_kl_wieght=1"]) == 2
     assert "refl_kl_wieght" in capsys.readouterr().err
-    assert script.main(["--demo", str(quick_demo), "--variant", "no colon"]) == 2
+    assert ablation_main(["--demo", str(quick_demo), "--variants", "no colon"]) == 2
     assert "must look like" in capsys.readouterr().err
 
 

@@ -51,7 +51,7 @@ def world(tmp_path_factory, single_thread):
     save_lora(components, root / "lora")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     register_evaluator("brightness", _brightness_factory, overwrite=True)
-    overrides = ["model.name=tiny", f"lora={root / 'lora'}", f"prompts={root / 'prompts.txt'}",
+    overrides = ["model.name=tiny", f"lora={root / 'lora'}", f"prompts_file={root / 'prompts.txt'}",
                  f"n_samples={N}",
                  "batch_size=3", "num_inference_steps=4", "guidance_scale=3.0", "critic=tiny-clip",
                  "evaluators=[clip:tiny-clip, 'brightness:']", "bootstrap_resamples=300",
@@ -298,7 +298,8 @@ def test_a_prompts_file_changed_under_the_same_output_folder_is_drawn_and_scored
     never given the old prompt's images or scores."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS[0] + "\n")
-    cfg = _cfg(world, tmp_path / "run", f"prompts={prompts}", "n_samples=2", "evaluators=['brightness:']",
+    cfg = _cfg(world, tmp_path / "run", f"prompts_file={prompts}", "n_samples=2",
+               "evaluators=['brightness:']",
                "benchmark_throughput=false")
     H.run_compare(cfg)
     drawn = []
@@ -312,7 +313,7 @@ def test_a_prompts_file_changed_under_the_same_output_folder_is_drawn_and_scored
     prompts.write_text(PROMPTS[1] + "\n")
     second = H.run_compare(cfg)
     assert drawn == [("base", PROMPTS[1]), ("refl", PROMPTS[1])]
-    fresh = H.run_compare(_cfg(world, tmp_path / "fresh", f"prompts={prompts}", "n_samples=2",
+    fresh = H.run_compare(_cfg(world, tmp_path / "fresh", f"prompts_file={prompts}", "n_samples=2",
                                "evaluators=['brightness:']", "benchmark_throughput=false"))
     for arm in ("base_random", "refl_random"):
         scored = second["arms"][arm]["per_prompt"]
@@ -338,11 +339,11 @@ def test_sample_identical_across_batch_sizes(world, single_thread):
 
 # ----------------------------------------------------------------------------- CLI
 def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
-    from scripts.compare import main
+    from evaluation.cli import compare_main as main
 
     for name in ("compare_toy.yaml", "compare_sd15.yaml"):
         cfg = load_config(CompareConfig, Path("configs") / name)
-        assert cfg.n_samples == 64 and cfg.lora and cfg.selector
+        assert cfg.n_samples == 64 and cfg.lora and cfg.critic
     sd15 = load_config(CompareConfig, Path("configs/compare_sd15.yaml"))
     assert (sd15.num_inference_steps, sd15.guidance_scale, sd15.scheduler) == (50, 7.5, "ddim")
     args = ["--config", "configs/compare_toy.yaml"]

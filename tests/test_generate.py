@@ -1,9 +1,8 @@
-"""refl.generate and scripts/generate.py: images with a LoRA, one seed per image whatever the batch, bf16."""
+"""refl.generate and social-refl-generate: images with a LoRA, one seed per image whatever the batch, bf16."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
@@ -17,17 +16,15 @@ torch.set_num_threads(1)
 
 
 def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
-    import importlib.util
 
     components = load_components(str(base_dir))
     add_lora(components, LoraConfig(rank=2, alpha=8.0))
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
-    spec = importlib.util.spec_from_file_location("generate_script", os.path.join("scripts", "generate.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts",
+    from refl.cli import generate_main
+
+    assert generate_main(["--model", str(base_dir), "--lora", str(tmp_path / "lora"), "--prompts-file",
                         str(tmp_path / "prompts.txt"), "--images-per-prompt", "2", "--seed", "3",
                         "--num-inference-steps", "2", "--critic",
                         "toy-clip", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
@@ -73,7 +70,7 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     add_lora(components, LoraConfig(rank=2, alpha=4.0))
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")
-    pipe = load_pipeline(str(base_dir), lora=str(tmp_path / "lora"), device="cpu", dtype="bf16")
+    pipe = load_pipeline(str(base_dir), lora=str(tmp_path / "lora"), device="cpu", mixed_precision="bf16")
     assert pipe.unet.dtype == torch.bfloat16
     rows = generate(pipe, ["a cat"], tmp_path / "gen", n=2, seed=0, num_inference_steps=2, batch_size=2)
     assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)

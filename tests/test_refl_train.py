@@ -122,11 +122,9 @@ def test_train_script_main_and_prompt_files(tmp_path, capsys):
     with pytest.raises(ValueError, match="no column"):
         training_prompts(ReflDataConfig(prompts_file=str(tmp_path / "p.parquet"), prompt_column="caption"))
 
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_refl", os.path.join("scripts", "train_refl.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from refl.cli import train_main
+
     out = tmp_path / "run"
     argv = ["--config", "configs/refl_toy.yaml"]
     for o in tiny_train_overrides(out, updates=2) + [f"data.prompts_file={tmp_path / 'p.txt'}",
@@ -135,7 +133,7 @@ def test_train_script_main_and_prompt_files(tmp_path, capsys):
                                                       "step.reg_weight=0.1",
                                                       "data.reg_pool_size=4", "reward.kind=critic"]:
         argv += ["--set", o]
-    assert script.main(argv) == 0
+    assert train_main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["updates"] == 2 and "train/reg_loss" in result
     assert (out / "samples" / "update-000002.png").is_file() and any((out / "tb").iterdir())

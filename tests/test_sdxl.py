@@ -158,7 +158,6 @@ def test_sdxl_lora_round_trip_is_exact_in_the_stock_pipeline(sdxl_dir, sdxl_lora
 # ----------------------------------------------------------------------------- kohya export
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
 def test_kohya_export_loads_back_through_diffusers_kohya_loader_with_the_same_images(preset, tmp_path):
-    import importlib.util
 
     from safetensors import safe_open
 
@@ -169,11 +168,10 @@ def test_kohya_export_loads_back_through_diffusers_kohya_loader_with_the_same_im
     save_lora(components, tmp_path / "lora")
     tuned = run_pipe(build_pipeline(components))
 
-    spec = importlib.util.spec_from_file_location("export_script", os.path.join("scripts", "export_lora.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from refl.cli import export_main
+
     out = tmp_path / "mine.safetensors"
-    assert script.main([str(tmp_path / "lora"), "--format", "kohya", "--out", str(out)]) == 0
+    assert export_main([str(tmp_path / "lora"), "--layout", "kohya", "--output-file", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
         alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
@@ -228,7 +226,7 @@ def test_harness_with_an_sdxl_lora_draws_what_the_stock_pipeline_draws(sdxl_dir,
 
     (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
     cfg = load_config(CompareConfig, None, [
-        f"model.name={sdxl_dir}", f"lora={sdxl_lora['dir']}", f"prompts={tmp_path / 'prompts.txt'}",
+        f"model.name={sdxl_dir}", f"lora={sdxl_lora['dir']}", f"prompts_file={tmp_path / 'prompts.txt'}",
         "n_samples=2",
         "batch_size=2", "num_inference_steps=3", "guidance_scale=3.0", "critic=tiny-clip",
         "bootstrap_resamples=50", "throughput_repeats=1", f"output_dir={tmp_path / 'run'}"])

@@ -525,7 +525,7 @@ def test_compare_harness_runs_with_standard_evaluators(weights, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red square\na green circle\n")
     hps, pick = weights["specs"]["hpsv2"], weights["specs"]["pickscore"]
     cfg = load_config(CompareConfig, None, [
-        "model.name=tiny", f"prompts={tmp_path / 'prompts.txt'}", "n_samples=2", "batch_size=2",
+        "model.name=tiny", f"prompts_file={tmp_path / 'prompts.txt'}", "n_samples=2", "batch_size=2",
         "num_inference_steps=2", "guidance_scale=1.0", "critic=tiny-clip",
         f"evaluators=['{hps}', '{pick}']",
         "bootstrap_resamples=50", "report_image_px=32", f"output_dir={tmp_path / 'run'}", "device=cpu"])
