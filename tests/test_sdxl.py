@@ -411,14 +411,17 @@ def test_v_prediction_refl_takes_x0_from_v_and_learns():
     components = load_components("tiny-v")  # learning starts from the identity LoRA, as training does
     params = add_lora(components, LoraConfig(rank=4, alpha=4.0))
     start = held_out_score()
-    opt = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
+    # lr 1e-2: at 1e-1 Adam overshoots and the score wanders (+0.09 after 40 updates on one Xeon, +0.01 after
+    # 80), at 1e-2 it rises at every tenth update (0.21 -> 0.35, 0.34, 0.41, 0.46).
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     cfg = StepConfig(method="refl", num_inference_steps=4, cut_range=[1, 3], reward_margin=2.0)
     for i in range(40):
         reward_step(components, PROMPTS, _left_right_contrast, cfg,
                     torch.Generator().manual_seed(i))["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert held_out_score() > start + 0.1
+    end = held_out_score()
+    assert end > start + 0.1, (start, end)
 
 
 def test_bench_script_runs_sdxl_and_compares_with_the_stock_sdxl_pipeline(tmp_path):
