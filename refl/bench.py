@@ -29,22 +29,19 @@ import platform
 import resource
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import flop_registry
 
 from refl.components import DTYPES, Checkpointing, ModelConfig, load_components
+from refl.counting import FlopCount, PhaseTimer, TensorMemory
 from refl.lora import LoraConfig, add_lora
-from refl.step import GRAD_METHODS, PhaseTimer, StepConfig, reward_step
+from refl.step import GRAD_METHODS, StepConfig, reward_step
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -52,19 +49,6 @@ aten = torch.ops.aten
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name substring.
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
                "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "A10G": 70.0, "L4": 121.0}
-
-# torch's formulas, plus the CPU flash-attention kernels they lack (same arguments as the CUDA ones).
-FLOP_FORMULAS = {
-    **flop_registry,
-    aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[aten._scaled_dot_product_flash_attention],
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        flop_registry[aten._scaled_dot_product_flash_attention_backward],
-}
-ATTENTION_FORWARD = {aten._scaled_dot_product_flash_attention_for_cpu,
-                     aten._scaled_dot_product_flash_attention,
-                     aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
-                     aten._flash_attention_forward, aten._efficient_attention_forward}
-
 
 @dataclass
 class BenchConfig:
@@ -103,105 +87,6 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- counting
-class FlopCount(TorchDispatchMode):
-    """FLOPs of every op torch has a formula for (`total`), and per watched module (its submodules included)
-    those of its forward ops, by whether the forward ran with gradients on (`forward[name]["grad"]`,
-    `["no_grad"]`; `["self_attention"]` is the part of both in attention whose queries and keys are equally
-    long). A forward that checkpointing reruns in backward runs with gradients on and counts again, and so
-    does each submodule's in `grad_forwards` ("unet.down_blocks.0.resnets.0": forwards run with gradients)."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module]):
-        super().__init__()
-        self.modules = modules
-        self.total = 0
-        self.forward = {name: {"grad": 0, "no_grad": 0, "self_attention": 0} for name in modules}
-        self.grad_forwards: dict[str, int] = {}
-        self._stack: list[tuple[str, bool]] = []
-        self._hooks: list = []
-
-    def __enter__(self):
-        for name, module in self.modules.items():
-            for qualname, m in module.named_modules():
-                label = f"{name}.{qualname}" if qualname else name
-                self._hooks.append(m.register_forward_pre_hook(partial(self._enter_module, name, label)))
-                # always_call: a checkpoint's recomputation stops early by raising once it has what it needs
-                self._hooks.append(m.register_forward_hook(self._exit_module, always_call=True))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        return super().__exit__(*exc)
-
-    @property
-    def running(self) -> str | None:
-        """The watched module whose forward runs now, if any."""
-        return self._stack[-1][0] if self._stack else None
-
-    def _enter_module(self, name, label, module, args):
-        grad = torch.is_grad_enabled()
-        self._stack.append((name, grad))
-        if grad:
-            self.grad_forwards[label] = self.grad_forwards.get(label, 0) + 1
-
-    def _exit_module(self, module, args, output):
-        self._stack.pop()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = FLOP_FORMULAS.get(func.overloadpacket)
-        if formula is not None:
-            flops = int(formula(*args, **kwargs, out_val=out))
-            self.total += flops
-            if self._stack:
-                name, grad = self._stack[-1]
-                entry = self.forward[name]
-                entry["grad" if grad else "no_grad"] += flops
-                if func.overloadpacket in ATTENTION_FORWARD and args[0].shape[-2] == args[1].shape[-2]:
-                    entry["self_attention"] += flops
-        return out
-
-
-class TensorMemory(TorchDispatchMode):
-    """Bytes of tensor storage created inside the context and still alive, after every op (`timeline`,
-    with the ops in `ops`) and at most (`peak`). Storages are counted once however many views share them and
-    leave the count when freed, so this is what a device allocator holds for them, without its rounding and
-    cache."""
-
-    def __init__(self, timeline: bool = False, where: Callable[[], str] | None = None):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self.timeline: list[int] | None = [] if timeline else None
-        self.ops: list = []
-        self.where, self.places = where, []  # with `where`, the place of each timeline entry
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = id(storage)
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        if self.timeline is not None:
-            self.timeline.append(self.live)
-            self.ops.append(func)
-            if self.where is not None:
-                self.places.append(self.where())
-        return out
-
-
 class CudaAutocastNorms(TorchFunctionMode):
     """CUDA's autocast runs group_norm and layer_norm in fp32 (inputs and output); CPU autocast keeps them in
     bf16. Inside this mode a CPU run stores what a CUDA run would, for the memory model."""
