@@ -16,7 +16,6 @@ from refl.step import (
     GRAD_METHODS,
     NonFiniteLossError,
     StepConfig,
-    checkpointing_for,
     reward_step,
 )
 
@@ -499,55 +498,6 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     assert pipe.unet.dtype == torch.bfloat16
     rows = generate(pipe, ["a cat"], tmp_path / "gen", n=2, seed=0, num_inference_steps=2, batch_size=2)
     assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)
-
-
-def test_bench_script_reports_phases_memory_and_recomputation_per_method(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_refl_script",
-                                                  os.path.join("scripts", "bench_refl.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "bench.json"
-    assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set",
-                        "steps=3",
-                        "--set", "grad_steps=2", "--set", "repeats=1", "--set", "dtype=bf16", "--set",
-                        "best_of_batch=2", "--set", "sampling_repeats=1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert set(result["methods"]) == set(GRAD_METHODS)
-    assert result["device"]["threads"] >= 1 and len(result["device"]["load_average_1_5_15"]) == 3
-    for method, row in result["methods"].items():
-        assert row["default"] == checkpointing_for(method, True).unet
-        assert row["update_tflop"] > 0 and row["model_flop_utilisation"] is None  # no known peak for a CPU
-        assert row["dominant_phase"] in row["settings"][row["default"]]["seconds_by_phase"]
-        for name, setting in row["settings"].items():
-            assert {"sampling", "grad_step", "decode", "critic", "backward", "optimizer"} <= set(
-                setting["seconds_by_phase"]), (method, name)
-            assert setting["seconds_per_update"] > 0 and setting["executed_tflop"] >= row["update_tflop"]
-        plain, ours = row["settings"]["none"], row["settings"][row["default"]]
-        assert plain["recompute_ratio"]["unet"] == 1.0 and 1.0 < ours["recompute_ratio"]["unet"] <= 2.0
-        assert ours["peak_tensor_gib"] < plain["peak_tensor_gib"]  # what checkpointing is for
-    assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
-    assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
-
-
-def test_memory_model_fit_predicts_a_size_and_batch_it_did_not_fit():
-    from refl.bench import BenchConfig, MemoryModelConfig, memory_model
-
-    # tiny-clip's own size is 16 px: every measured size is resized to it, so each runs the same ops.
-    model = memory_model(BenchConfig(model="tiny", critic="tiny-clip", dtype="fp32", methods=["alignprop"]),
-                         MemoryModelConfig(target_px=64, points_px=[24, 32, 40], alignprop_grad_steps=2,
-                                           steps=4))
-    rows = model["methods"]["alignprop"]["settings"]
-    for row in rows.values():
-        # batch 1 runs a few other ops
-        assert row["check_predicted_over_measured"] == pytest.approx(1.0, abs=0.02)
-        assert row["peak_gib"]["1"] < row["peak_gib"]["2"] < row["peak_gib"]["4"]
-        assert row["seconds_per_update"]["4"] == pytest.approx(4 * row["seconds_per_update"]["1"])
-    default = model["methods"]["alignprop"]["default"]
-    assert rows[default]["peak_gib"]["4"] < rows["none"]["peak_gib"]["4"]
-    assert rows[default]["recompute_ratio_unet"] <= 2.0 and rows["none"]["recompute_ratio_unet"] == 1.0
-    assert model["table_markdown"].count("| alignprop |") == 3 and "(`true`)" in model["table_markdown"]
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
