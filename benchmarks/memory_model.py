@@ -47,10 +47,8 @@ aten = torch.ops.aten
 
 @dataclass
 class MemoryModelConfig(SetupConfig):
-    # The training step modelled, each method's costliest gradient path in it (its BenchSpec): the shipped
-    # SD 1.5 configs' 40 DDPM steps and cut_range [30, 39], so refl at step 39, alignprop through the last
-    # 10 steps, draft through draft_k, draft_lv's n passes after the last. kl_weight must stay 0.
-    step: StepConfig = field(default_factory=lambda: StepConfig(scheduler="ddpm"))
+    """The memory model's settings; its `step` (SetupConfig's) needs kl_weight 0."""
+
     # Images per side the table is for.
     target_px: int = 512
     # Prompts per micro-batch in the table.

@@ -63,6 +63,11 @@ class SetupConfig:
     mixed_precision: str = "bf16"
     # Gradient methods to run, keys of refl.step.GRAD_METHODS; empty = all.
     methods: list[str] = field(default_factory=list)
+    # The training step every method runs (a training config's refl.step keys), with the method's costliest
+    # gradient path in it pinned by its BenchSpec. Here the shipped SD 1.5 configs' (40 DDPM steps,
+    # cut_range [30, 39]): refl at step 39, alignprop through the last 10, draft through draft_k, draft_lv's
+    # n passes after the last.
+    step: StepConfig = field(default_factory=lambda: StepConfig(scheduler="ddpm"))
     # Where it runs: "cuda", "cpu", "cuda:1", ...; "" = CUDA when there is one, else the CPU.
     device: str = ""
     # Also write the JSON result to this file ("" = print it only).
@@ -74,7 +79,7 @@ class SetupConfig:
 
 @dataclass
 class ReflBenchConfig(SetupConfig):
-    # The training step every method runs, its gradient path pinned by the method's BenchSpec: refl and
+    # The training step every method runs, its gradient path pinned by the method's BenchSpec: here refl and
     # draft_lv at the last step, draft (draft_k) and alignprop (from cut_range's low end) through the last 5.
     step: StepConfig = field(default_factory=lambda: StepConfig(scheduler="ddpm", cut_range=[35, 39],
                                                                 draft_k=5))
