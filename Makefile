@@ -73,7 +73,7 @@ test-latest:
 	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) scripts/bench_reward.py
+	$(PY) -m benchmarks.reward
 
 clean:
 	rm -rf runs .pytest_cache .site

@@ -43,7 +43,7 @@ from evaluation.config import CompareConfig
 from evaluation.layout import samples_path, scores_path
 from evaluation.report import write_report
 from evaluation.stats import compute_statistics, pairwise_diversity
-from refl.components import DTYPES, ModelConfig
+from refl.components import DTYPES
 from refl.prompts import read_prompt_file
 from refl.sampling import encode_text, sample, seed_generators
 from reward.evaluators import CriticEvaluator, create_evaluator
@@ -207,16 +207,6 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
     logger.info("throughput: %.2f images/s (stock StableDiffusionPipeline %.2f images/s): ratio %.3f",
                 result["ours_images_per_s"], result["stock_images_per_s"], result["ratio_vs_stock"])
     return result
-
-
-def best_of_n_throughput(components, cfg, device) -> dict:
-    """The harness's best-of-N sampler against stock `pipe(prompt=[p] * B)`, CFG 7.5, base model, for the
-    ReFL benchmark (refl.bench.run_benchmark's `extras`; cfg is its BenchConfig)."""
-    harness = CompareConfig(model=ModelConfig(name=cfg.model), n_samples=64, batch_size=cfg.best_of_batch,
-                            num_inference_steps=cfg.steps, guidance_scale=7.5, scheduler="ddim",
-                            device=str(device), dtype=cfg.dtype)
-    return measure_throughput(Sampler(harness, components), "a photo of an astronaut riding a horse",
-                              repeats=cfg.sampling_repeats)
 
 
 # ----------------------------------------------------------------------------- the run

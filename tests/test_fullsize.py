@@ -68,7 +68,7 @@ def test_sdxl_architecture_and_one_refl_update_at_256px_in_fp32():
     its pixels) in fp32, which every machine of the project runs (some have no bf16 instructions) in
     24 GiB."""
     import reward
-    from refl.bench import set_image_px
+    from benchmarks.refl import set_image_px
 
     components = load_components(ModelConfig(name="sdxl"))
     assert components.is_sdxl and components.image_size == 1024

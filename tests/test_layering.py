@@ -1,20 +1,25 @@
 """The package layering a newcomer can rely on, read from the source (no imports run):
 
-    scripts -> toyworld -> evaluation -> refl -> reward -> runkit
+    benchmarks, scripts (beside tests) -> toyworld -> evaluation -> refl -> reward -> runkit
 
-A package imports only packages to its right, and no two modules import each other, even through
-imports inside functions (those hide a cycle until the day someone moves one to the top).
+A package imports only packages to its right (the top floor's may import any below them, not each other),
+and no two modules import each other, even through imports inside functions (those hide a cycle until the
+day someone moves one to the top).
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("toyworld", "evaluation", "refl", "reward", "runkit")  # top to bottom
+# The top floor, beside the tests: a checkout's commands, outside the installed packages.
+TOP = ("benchmarks", "scripts")
 
 
 def module_name(path: Path) -> str:
@@ -42,9 +47,10 @@ def package_sources(package: str) -> list[Path]:
     return sorted((REPO / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize("package", LAYERS)
+@pytest.mark.parametrize("package", TOP + LAYERS)
 def test_a_package_imports_only_the_layers_below_it(package):
-    above = LAYERS[: LAYERS.index(package)]
+    beside = ("tests", "helpers", *(p for p in TOP if p != package))
+    above = beside if package in TOP else (*beside, *LAYERS[: LAYERS.index(package)])
     wrong = {f"{path.relative_to(REPO)} imports {name}"
              for path in package_sources(package) for name in imported_modules(path)
              if name.split(".")[0] in above}
@@ -110,16 +116,24 @@ def test_no_import_cycles_in_evaluation_and_toyworld():
 
 
 def test_no_import_cycles():
-    graph = import_graph(LAYERS)
-    assert {"reward.standard", "reward.standard.base", "reward.standard.imagereward"} <= set(graph)
+    graph = import_graph(TOP + LAYERS)
+    assert {"reward.standard", "reward.standard.base", "reward.standard.imagereward", "refl.step",
+            "refl.step.methods.refl", "benchmarks.refl", "benchmarks.memory_model"} <= set(graph)
     assert not _cycles(graph)
+
+
+def test_the_top_floor_stays_out_of_the_wheel():
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"]
+    assert all(any(fnmatch.fnmatch(p, pattern) for pattern in include) for p in LAYERS)
+    assert not [(p, pattern) for p in TOP for pattern in include if fnmatch.fnmatch(p, pattern)]
 
 
 def test_one_class_name_for_one_thing():
     # Two configs (or any classes) with one name force aliases on import; `Settings` is kept for the shared
     # training vocabulary the trainers' configs subclass, every other config is a `Config`.
     defined: dict[str, list[str]] = {}
-    for package in LAYERS:
+    for package in TOP + LAYERS:
         for path in package_sources(package):
             for node in ast.parse(path.read_text()).body:
                 if isinstance(node, ast.ClassDef):

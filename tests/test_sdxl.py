@@ -422,20 +422,3 @@ def test_v_prediction_refl_takes_x0_from_v_and_learns():
         opt.zero_grad(set_to_none=True)
     end = held_out_score()
     assert end > start + 0.1, (start, end)
-
-
-def test_bench_script_runs_sdxl_and_compares_with_the_stock_sdxl_pipeline(tmp_path):
-    from evaluation.cli import bench_refl_main
-
-    out = tmp_path / "bench.json"
-    assert bench_refl_main(["--set", "model=tiny-sdxl", "--set", "critic=tiny-clip", "--set", "batch=2",
-                            "--set",
-                            "steps=3", "--set", "methods=[refl]", "--set", "repeats=1", "--set", "warmup=0",
-                            "--set", "best_of_batch=2", "--set", "sampling_repeats=1", "--out",
-                            str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["config"]["model"] == "tiny-sdxl" and result["image_px"] == 16
-    assert set(result["methods"]) == {"refl"}
-    assert all(s["seconds_per_update"] > 0 for s in result["methods"]["refl"]["settings"].values())
-    assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
-    assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0

@@ -1,22 +1,61 @@
 """Throughput of the critic: training pairs/s and scoring images/s, against a plain open_clip loop,
-and streamed loading pairs/s (shards -> decoded, resized batches) so one sees whether feeding keeps up."""
+and streamed loading pairs/s (shards -> decoded, resized batches) so one sees whether feeding keeps up.
+
+    python -m benchmarks.reward                                   # toy-clip and ViT-B-32, batch 32
+    python -m benchmarks.reward --set 'critics=[ViT-L-14]' --set mixed_precision=bf16 \\
+        --output-file benchmarks/reward_<gpu>.json
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import platform
+import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cli import check_mixed_precision, parse_config, report, resolve_device
 from reward.losses import create_loss
 from reward.model import CriticConfig, create_critic
 from reward.train import CriticWithLoss
+from runkit.cli import command
+
+
+@dataclass
+class RewardBenchConfig:
+    # Critic architectures to time, open_clip names or critic presets (random weights).
+    critics: list[str] = field(default_factory=lambda: ["toy-clip", "ViT-B-32"])
+    # Image-prompt pairs per call.
+    batch_size: int = 32
+    # Timed calls of the scoring comparison (the training step and mixed-precision scoring: half of them).
+    repeats: int = 5
+    # Where it runs: "cuda", "cpu", "cuda:1", ...; "" = CUDA when there is one, else the CPU.
+    device: str = ""
+    # Autocast dtype of the training step and of the extra scoring figure: "no" (fp32), "fp16" or "bf16".
+    mixed_precision: str = "no"
+    # Recompute the critic's transformer blocks in backward.
+    gradient_checkpointing: bool = False
+    # Pairs in the synthetic shard set for streamed loading pairs/s; 0 = skip it.
+    stream_rows: int = 512
+    # Side of the encoded JPEGs (Pick-a-Pic: 512 and more).
+    stream_image_px: int = 512
+    # Critic input size they are resized to.
+    stream_image_size: int = 224
+    # DataLoader worker counts to time.
+    stream_workers: list[int] = field(default_factory=lambda: [0, 2])
+    # Also write the JSON result to this file ("" = print it only).
+    output_file: str = ""
+
+    def __post_init__(self):
+        check_mixed_precision(self.mixed_precision)
 
 
 def _timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -28,19 +67,18 @@ def _timed(fn, repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _autocast(device: str, precision: str):
-    if precision == "fp32":
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type,
-                          dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision])
 
 
-def bench_model(model_name: str, batch: int, repeats: int, device: str, precision: str = "fp32",
-                grad_checkpointing: bool = False) -> dict:
+def bench_critic(name: str, cfg: RewardBenchConfig, device: torch.device) -> dict:
     torch.manual_seed(0)
-    critic = create_critic(CriticConfig(model_name=model_name,
+    batch = cfg.batch_size
+    critic = create_critic(CriticConfig(model_name=name,
                                         training_mode="visual_upper_layers_textual_upper_layers"))
-    critic.to(device).set_grad_checkpointing(grad_checkpointing)
+    critic.to(device).set_grad_checkpointing(cfg.gradient_checkpointing)
     s = critic.image_size
     images = torch.rand(batch, 3, s, s, device=device)  # (B, 3, S, S) in [0, 1]
     prompts = [f"a photo of object number {i}" for i in range(batch)]
@@ -56,10 +94,11 @@ def bench_model(model_name: str, batch: int, repeats: int, device: str, precisio
         txt = critic.clip.encode_text(tokens)
         return (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
 
-    assert torch.allclose(ours(), plain_open_clip(), atol=1e-5)  # same numbers, or the ratio means nothing
+    if not torch.allclose(ours(), plain_open_clip(), atol=1e-5):  # else the ratio means nothing
+        raise RuntimeError(f"{name}: the critic's scores differ from a plain open_clip loop's")
     # Interleave the two so drift in machine load hits both alike.
     t_ours, t_plain = [], []
-    for _ in range(repeats):
+    for _ in range(cfg.repeats):
         t_ours.append(_timed(ours, 1, warmup=0 if t_ours else 1))
         t_plain.append(_timed(plain_open_clip, 1, warmup=0 if t_plain else 1))
     t_ours_med, t_plain_med = sorted(t_ours)[len(t_ours) // 2], sorted(t_plain)[len(t_plain) // 2]
@@ -69,33 +108,33 @@ def bench_model(model_name: str, batch: int, repeats: int, device: str, precisio
     neg = torch.rand_like(images)
 
     def train_step():
-        with _autocast(device, precision):  # as accelerate's mixed_precision does
+        with _autocast(device, cfg.mixed_precision):  # as accelerate's mixed_precision does
             out = module(images, neg, prompts, None, None)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t_train = _timed(train_step, max(1, repeats // 2))
+    t_train = _timed(train_step, max(1, cfg.repeats // 2))
 
     @torch.no_grad()
     def score_mixed():
-        with _autocast(device, precision):
+        with _autocast(device, cfg.mixed_precision):
             return critic(images, tokens)
 
-    t_score_mixed = _timed(score_mixed, max(1, repeats // 2))
+    t_score_mixed = _timed(score_mixed, max(1, cfg.repeats // 2))
     return {
-        "model": model_name,
-        "precision": precision,
-        "grad_checkpointing": grad_checkpointing,
+        "critic": name,
+        "mixed_precision": cfg.mixed_precision,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "image_size": s,
-        "batch": batch,
+        "batch_size": batch,
         "params_total": sum(p.numel() for p in critic.parameters()),
         "params_trained": sum(p.numel() for p in critic.parameters() if p.requires_grad),
         "scoring_images_per_s": batch / t_ours_med,
         "plain_open_clip_images_per_s": batch / t_plain_med,
         "scoring_ratio_vs_plain_open_clip": t_plain_med / t_ours_med,
         "training_pairs_per_s": batch / t_train,
-        f"scoring_images_per_s_{precision}": batch / t_score_mixed,
+        "mixed_precision_scoring_images_per_s": batch / t_score_mixed,
     }
 
 
@@ -121,41 +160,51 @@ def _write_bench_shards(root: Path, rows: int, image_px: int, row_group: int) ->
     return sum(len(pool[i % 16]) + len(pool[(i + 1) % 16]) for i in range(rows))
 
 
-def bench_streaming(image_size: int, rows: int, image_px: int, batch: int, workers: list[int]) -> dict:
+def bench_streaming(cfg: RewardBenchConfig) -> dict:
     """Pairs/s of one epoch over a synthetic shard set through PairShards + the training sampler."""
     from torch.utils.data import DataLoader
 
     from reward.data import PairShards, PairShardSampler, collate_pairs
 
-    out = {"rows": rows, "image_px": image_px, "image_size": image_size, "batch": batch, "format": "JPEG q90"}
+    rows = cfg.stream_rows
+    out = {"rows": rows, "image_px": cfg.stream_image_px, "image_size": cfg.stream_image_size,
+           "batch_size": cfg.batch_size, "format": "JPEG q90"}
     with tempfile.TemporaryDirectory() as tmp:
-        out["mean_image_kb"] = _write_bench_shards(Path(tmp), rows, image_px,
+        out["mean_image_kb"] = _write_bench_shards(Path(tmp), rows, cfg.stream_image_px,
                                                    row_group=100) / (2 * rows) / 1024
-        ds = PairShards(tmp, image_size=image_size, tie_policy="keep")
-        for w in workers:
-            loader = DataLoader(ds, batch_sampler=PairShardSampler(ds, batch), collate_fn=collate_pairs,
-                                num_workers=w)
+        ds = PairShards(tmp, image_size=cfg.stream_image_size, tie_policy="keep")
+        for w in cfg.stream_workers:
+            loader = DataLoader(ds, batch_sampler=PairShardSampler(ds, cfg.batch_size),
+                                collate_fn=collate_pairs, num_workers=w)
             start = time.perf_counter()
             n = sum(len(b["prompt"]) for b in loader)
             out[f"pairs_per_s_workers_{w}"] = n / (time.perf_counter() - start)
     return out
 
 
-def run_benchmarks(models: list[str], batch: int, repeats: int, device: str, precision: str = "fp32",
-                   grad_checkpointing: bool = False, stream_rows: int = 0, stream_image_px: int = 512,
-                   stream_image_size: int = 224, stream_workers: tuple[int, ...] = (0, 2)) -> dict:
-    import os
-
-    report = {
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else None,
+def run_benchmarks(cfg: RewardBenchConfig) -> dict:
+    device = resolve_device(cfg.device)
+    result = {
+        "config": asdict(cfg),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
-        "results": [bench_model(m, batch, repeats, device, precision, grad_checkpointing) for m in models],
+        "results": [bench_critic(name, cfg, device) for name in cfg.critics],
     }
-    if stream_rows:
-        report["streamed_loading"] = bench_streaming(stream_image_size, stream_rows, stream_image_px, batch,
-                                                     list(stream_workers))
-    return report
+    if cfg.stream_rows:
+        result["streamed_loading"] = bench_streaming(cfg)
+    return result
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(RewardBenchConfig, __doc__, argv)
+    report(run_benchmarks(cfg), cfg.output_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

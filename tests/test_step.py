@@ -1,16 +1,15 @@
-"""refl/: the ReFL step and its gradient-method contract, and the bench script."""
+"""refl.step: the reward-gradient step, its gradient methods and their contract, checkpointing and the KL
+term, on the tiny preset."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from helpers.grad_methods import last_step, registering, unet_calls
 from helpers.lora import randomise_lora_b, tiny_lora
-from helpers.training import PROMPTS
-from helpers.training import lora_file as _lora_file
-from helpers.training import tiny_train_overrides as _tiny_train_overrides
+from helpers.training import PROMPTS, lora_file, tiny_train_overrides
 
 from refl.step import (
     GRAD_METHODS,
@@ -18,7 +17,6 @@ from refl.step import (
     MethodResult,
     NonFiniteLossError,
     StepConfig,
-    StepContext,
     checkpointing_for,
     ignored_knobs,
     register_grad_method,
@@ -28,21 +26,14 @@ from refl.step import (
 
 # Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting (100x slower).
 torch.set_num_threads(1)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def brightness(images, prompts):
-    """A learnable stand-in reward: mean pixel value of each decoded image, (B,)."""
+    """A stand-in reward: mean pixel value of each decoded image, (B,)."""
     return images.mean(dim=(1, 2, 3))
 
 
 # ----------------------------------------------------------------------------- the step
-def _count_grad_calls(components):
-    calls = []
-    handle = components.unet.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
-    return calls, handle
-
-
 @pytest.mark.parametrize("method,kw,expected_grad,expected_total", [
     ("refl", {}, 1, None),
     ("draft", {"draft_k": 3}, 3, 10),
@@ -50,7 +41,7 @@ def _count_grad_calls(components):
 ])
 def test_no_grad_grad_split(method, kw, expected_grad, expected_total):
     components, params = tiny_lora()
-    calls, handle = _count_grad_calls(components)
+    calls, handle = unet_calls(components)
     cfg = StepConfig(method=method, num_inference_steps=10, cut_range=[4, 8], **kw)
     out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0))
     handle.remove()
@@ -112,33 +103,18 @@ def test_kl_to_base_is_zero_for_identity_lora_and_pulls_back_otherwise(method, t
 
 
 # ----------------------------------------------------------------------------- the gradient-method contract
-def _last_step(ctx: StepContext, latents) -> MethodResult:
-    """A method written against the public contract alone: sample to the last step, one call with gradient."""
-    t = ctx.timesteps[-1]
-    latents = ctx.run_no_grad(latents, ctx.timesteps[:-1])
-    eps = ctx.grad_eps(latents, t)  # (B, C, h, w)
-    return MethodResult([ctx.step(eps, t, latents).pred_original_sample], len(ctx.timesteps) - 1)
-
-
 @pytest.fixture
 def registered():
     """register(name, method) for one test; the registry is as before afterwards."""
-    names = []
-
-    def register(name, method):
-        names.append(name)
-        return register_grad_method(name, method)
-
-    yield register
-    for name in names:
-        GRAD_METHODS.pop(name, None)
+    with registering() as register:
+        yield register
 
 
 @pytest.mark.parametrize("method", sorted(GRAD_METHODS))
 def test_every_method_keeps_the_contract(method):
     components, params = tiny_lora()
     randomise_lora_b(components)
-    calls, handle = _count_grad_calls(components)
+    calls, handle = unet_calls(components)
     cfg = StepConfig(method=method, num_inference_steps=5, cut_range=[1, 3], draft_k=2, kl_weight=1.0)
     validate_step_config(cfg)
     out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(0))
@@ -185,10 +161,10 @@ def test_registering_a_method_checks_its_name_and_knobs(registered):
     with pytest.raises(ValueError, match="already registered"):
         register_grad_method("refl", GRAD_METHODS["refl"])
     with pytest.raises(ValueError, match=r"\['lr'\]"):
-        register_grad_method("x", GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"lr": print}))
+        register_grad_method("x", GradMethod(last_step, GRAD_METHODS["refl"].checkpointing, {"lr": print}))
     with pytest.raises(ValueError, match="kl_weight"):  # shared: every method reads it already
         register_grad_method("x",
-                             GradMethod(_last_step, GRAD_METHODS["refl"].checkpointing, {"kl_weight": print}))
+                             GradMethod(last_step, GRAD_METHODS["refl"].checkpointing, {"kl_weight": print}))
     assert "x" not in GRAD_METHODS
 
 
@@ -197,7 +173,7 @@ def test_a_method_breaking_the_contract_is_named(registered):
     policy = GRAD_METHODS["refl"].checkpointing
 
     def returns_a_tuple(ctx, latents):
-        return [_last_step(ctx, latents).predictions[0]], {"cut": 3}
+        return [last_step(ctx, latents).predictions[0]], {"cut": 3}
 
     def calls_the_unet_itself(ctx, latents):  # gradient, but past the context: no checkpointing, no KL
         t = ctx.timesteps[-1]
@@ -205,7 +181,7 @@ def test_a_method_breaking_the_contract_is_named(registered):
         return MethodResult([ctx.step(eps, t, latents).pred_original_sample], 3)
 
     def cut_outside(ctx, latents):
-        return MethodResult(_last_step(ctx, latents).predictions, 4)
+        return MethodResult(last_step(ctx, latents).predictions, 4)
 
     for name, run, error in [("tuple", returns_a_tuple,
                               "'tuple' returned tuple, not a refl.step.MethodResult"),
@@ -225,8 +201,8 @@ def test_a_registered_method_trains_with_checkpointing_and_kl(registered, tmp_pa
     from refl.train import ReflConfig, train
     from runkit.config import load_config
 
-    registered("last_step", GradMethod(_last_step, Checkpointing(unet="calls", vae_decoder=True)))
-    cfg = load_config(ReflConfig, None, _tiny_train_overrides(tmp_path, updates=2) + [
+    registered("last_step", GradMethod(last_step, Checkpointing(unet="calls", vae_decoder=True)))
+    cfg = load_config(ReflConfig, None, tiny_train_overrides(tmp_path, updates=2) + [
         "step.method=last_step", "step.kl_weight=1.0", "train.gradient_checkpointing=true"])
     with caplog.at_level("WARNING", logger="refl.train"):
         result = train(cfg)
@@ -236,7 +212,7 @@ def test_a_registered_method_trains_with_checkpointing_and_kl(registered, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 2 and all(r["train/cut"] == 3 and r["train/kl_loss"] >= 0 for r in train_rows)
-    lora = _lora_file(tmp_path / "checkpoints" / "update-000002")
+    lora = lora_file(tmp_path / "checkpoints" / "update-000002")
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
 
 
@@ -272,7 +248,7 @@ def test_checkpointing_leaves_lora_gradients_unchanged(method, dtype):
         components.set_gradient_checkpointing(policy)
         critic.set_grad_checkpointing(policy.critic)
         torch.manual_seed(0)
-        calls, handle = _count_grad_calls(components)
+        calls, handle = unet_calls(components)
         out = reward_step(components, PROMPTS[:2], critic, cfg, torch.Generator().manual_seed(0),
                           reg_batch=(reg_latents, PROMPTS[:2]))
         forward_calls, with_grad = len(calls), calls.count(True)
@@ -295,18 +271,33 @@ def test_checkpointing_leaves_lora_gradients_unchanged(method, dtype):
 
 @pytest.mark.parametrize("method", sorted(GRAD_METHODS))
 def test_checkpointing_reruns_each_forward_at_most_once(method):
-    from refl.bench import BenchConfig, count_update, recompute_ratios, settings_for, setup
+    from refl.components import Checkpointing
+    from refl.counting import count, recompute_ratios
 
-    cfg = BenchConfig(model="tiny", critic="tiny-clip", batch=2, steps=4, grad_steps=2, dtype="fp32",
-                      guidance_scale=2.0)
-    bench = setup(cfg, torch.device("cpu"))
+    components, params = tiny_lora()
+    randomise_lora_b(components)
+    critic = _tiny_critic()
     # every no-grad call is then a prefix call
     step = StepConfig(method=method, **{**CKPT_STEP, "kl_weight": 0.0})
-    default, settings = settings_for(method)
-    assert default == checkpointing_for(method, True).unet
-    bench.set_checkpointing(settings["none"])
-    calls, handle = _count_grad_calls(bench.components)
-    plain = count_update(bench, step)
+    watched = {"unet": components.unet, "vae_decoder": components.vae.decoder, "critic": critic}
+
+    def update(timer):
+        out = reward_step(components, PROMPTS[:2], critic, step, torch.Generator().manual_seed(0),
+                          timer=timer)
+        out["loss"].backward()
+        for p in params:
+            p.grad = None
+
+    def counted(policy):
+        components.set_gradient_checkpointing(policy)
+        critic.set_grad_checkpointing(policy.critic)
+        return count(update, watched, torch.device("cpu"))
+
+    # The settings the benchmark compares: the method's own policy is one of them.
+    settings = GRAD_METHODS[method].bench.settings
+    assert checkpointing_for(method, True) in settings.values()
+    calls, handle = unet_calls(components)
+    plain = counted(Checkpointing())
     handle.remove()
     unet = plain["forward_flops"]["unet"]
     # Without checkpointing each call with gradient runs its forward once: as many FLOPs as a no-grad call
@@ -314,19 +305,18 @@ def test_checkpointing_reruns_each_forward_at_most_once(method):
     assert calls.count(True) >= 1 and calls.count(False) >= 1
     assert unet["grad"] / calls.count(True) == unet["no_grad"] / calls.count(False)
     assert recompute_ratios(plain, plain) == {"unet": 1.0, "vae_decoder": 1.0, "critic": 1.0, "all": 1.0}
-    for name in ("blocks", "calls"):
-        bench.set_checkpointing(settings[name])
-        counted = count_update(bench, step)
-        ratios = recompute_ratios(counted, plain)
+    for name, policy in settings.items():
+        found = counted(policy)
+        ratios = recompute_ratios(found, plain)
         assert all(1.0 < r <= 2.0 for r in ratios.values()), (name, ratios)
         # ... and no module anywhere on the gradient path runs its forward more than twice per call.
-        twice = {k: (n, plain["grad_forwards"][k]) for k, n in counted["grad_forwards"].items()
+        twice = {k: (n, plain["grad_forwards"][k]) for k, n in found["grad_forwards"].items()
                  if n > 2 * plain["grad_forwards"][k]}
         assert not twice, (name, twice)
     # Both levels at once, what alignprop did before, reruns the UNet's blocks twice.
-    bench.set_checkpointing(settings["calls"])
-    bench.components.unet.enable_gradient_checkpointing()
-    nested = count_update(bench, step)
+    components.set_gradient_checkpointing(Checkpointing(unet="calls", vae_decoder=True, critic=True))
+    components.unet.enable_gradient_checkpointing()
+    nested = count(update, watched, torch.device("cpu"))
     assert recompute_ratios(nested, plain)["unet"] > 2.0
     assert (nested["grad_forwards"]["unet.mid_block.resnets.1"]
             == 3 * plain["grad_forwards"]["unet.mid_block.resnets.1"])
@@ -347,52 +337,3 @@ def test_nan_loss_raises_clear_error_before_any_update():
         out["loss"].backward()
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, params))
-
-
-def test_bench_script_reports_phases_memory_and_recomputation_per_method(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_refl_script",
-                                                  os.path.join("scripts", "bench_refl.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "bench.json"
-    assert script.main(["--set", "model=tiny", "--set", "critic=tiny-clip", "--set", "batch=2", "--set",
-                        "steps=3",
-                        "--set", "grad_steps=2", "--set", "repeats=1", "--set", "dtype=bf16", "--set",
-                        "best_of_batch=2", "--set", "sampling_repeats=1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert set(result["methods"]) == set(GRAD_METHODS)
-    assert result["device"]["threads"] >= 1 and len(result["device"]["load_average_1_5_15"]) == 3
-    for method, row in result["methods"].items():
-        assert row["default"] == checkpointing_for(method, True).unet
-        assert row["update_tflop"] > 0 and row["model_flop_utilisation"] is None  # no known peak for a CPU
-        assert row["dominant_phase"] in row["settings"][row["default"]]["seconds_by_phase"]
-        for name, setting in row["settings"].items():
-            assert {"sampling", "grad_step", "decode", "critic", "backward", "optimizer"} <= set(
-                setting["seconds_by_phase"]), (method, name)
-            assert setting["seconds_per_update"] > 0 and setting["executed_tflop"] >= row["update_tflop"]
-        plain, ours = row["settings"]["none"], row["settings"][row["default"]]
-        assert plain["recompute_ratio"]["unet"] == 1.0 and 1.0 < ours["recompute_ratio"]["unet"] <= 2.0
-        assert ours["peak_tensor_gib"] < plain["peak_tensor_gib"]  # what checkpointing is for
-    assert result["sampling_vs_stock_pipeline"]["ratio"] > 0
-    assert result["best_of_n_vs_stock_pipeline"]["ratio_vs_stock"] > 0
-
-
-def test_memory_model_fit_predicts_a_size_and_batch_it_did_not_fit():
-    from refl.bench import BenchConfig, MemoryModelConfig, memory_model
-
-    # tiny-clip's own size is 16 px: every measured size is resized to it, so each runs the same ops.
-    model = memory_model(BenchConfig(model="tiny", critic="tiny-clip", dtype="fp32", methods=["alignprop"]),
-                         MemoryModelConfig(target_px=64, points_px=[24, 32, 40], alignprop_grad_steps=2,
-                                           steps=4))
-    rows = model["methods"]["alignprop"]["settings"]
-    for row in rows.values():
-        # batch 1 runs a few other ops
-        assert row["check_predicted_over_measured"] == pytest.approx(1.0, abs=0.02)
-        assert row["peak_gib"]["1"] < row["peak_gib"]["2"] < row["peak_gib"]["4"]
-        assert row["seconds_per_update"]["4"] == pytest.approx(4 * row["seconds_per_update"]["1"])
-    default = model["methods"]["alignprop"]["default"]
-    assert rows[default]["peak_gib"]["4"] < rows["none"]["peak_gib"]["4"]
-    assert rows[default]["recompute_ratio_unet"] <= 2.0 and rows["none"]["recompute_ratio_unet"] == 1.0
-    assert model["table_markdown"].count("| alignprop |") == 3 and "(`true`)" in model["table_markdown"]
