@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -229,6 +230,23 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false are bools, so `mixed_precision: no` stays the string
+    "no" (YAML 1.1 reads no/yes/on/off as bools)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """A config file's or an override's YAML, with true/false alone as booleans."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> dict:
     """`a.b=c` -> {'a': {'b': c}} with c parsed as YAML (so numbers, bools and lists work)."""
     if "=" not in text:
@@ -238,7 +256,7 @@ def parse_override(text: str) -> dict:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     out: dict = value
@@ -257,7 +275,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
@@ -311,7 +329,7 @@ def changed_settings(saved: str | os.PathLike, cfg: Any, ignore: tuple[str, ...]
     path = Path(saved)
     if not path.is_file():
         return []
-    old, new = _leaves(yaml.safe_load(path.read_text()) or {}), _leaves(to_dict(cfg))
+    old, new = _leaves(read_yaml(path.read_text()) or {}), _leaves(to_dict(cfg))
     return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
             for key in sorted(set(old) | set(new)) if key not in ignore and old.get(key) != new.get(key)]
 

@@ -217,3 +217,13 @@ def test_atomic_dir_keeps_the_old_folder_on_error(tmp_path):
         raise RuntimeError("crash mid-write")
     assert (target / "weights").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left behind
+
+
+def test_no_stays_a_string_where_a_string_is_wanted():
+    # YAML 1.1 reads no/yes/on/off as booleans; accelerate's spelling of fp32 is "no".
+    from refl.config import ReflConfig
+
+    cfg = load_config(ReflConfig, None, ["train.mixed_precision=no", "train.gradient_checkpointing=no",
+                                         "train.validate_at_start=false"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is False
+    assert cfg.train.validate_at_start is False

@@ -39,7 +39,7 @@ class ModelConfig:
 
 
 # Names of the weight / activation dtypes in configs and CLIs ("no" is accelerate's word for fp32).
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16,
+DTYPES: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16,
                                   "bf16": torch.bfloat16}
 
 # How the UNet recomputes on the gradient path: not at all, diffusers' own blocks (each resnet and
