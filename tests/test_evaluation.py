@@ -358,7 +358,8 @@ def test_configs_load_and_script_reuses_a_finished_run(world, run, capsys):
 
 
 def test_bf16_harness_with_a_lora(world, tmp_path):
-    results = H.run_compare(_cfg(world, tmp_path / "bf16", "mixed_precision=bf16", "max_prompts=1", "n_samples=2",
+    results = H.run_compare(_cfg(world, tmp_path / "bf16", "mixed_precision=bf16", "max_prompts=1",
+                                 "n_samples=2",
                                  "benchmark_throughput=false"))
     assert set(results["arms"]) >= {"base_random", "refl_random", "base_best_of_2"}
     assert all(np.isfinite(v["mean"]) for arm in results["arms"].values() for v in arm["scores"].values())
