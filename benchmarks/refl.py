@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from benchmarks.cli import check_mixed_precision, parse_config, report, resolve_device
+from benchmarks.cli import parse_config, report, resolve_device
 from evaluation.config import CompareConfig
 from evaluation.harness import Sampler, measure_throughput
 from refl.components import DTYPES, Checkpointing, ModelConfig, load_components
@@ -44,6 +44,7 @@ from refl.lora import LoraConfig, add_lora
 from refl.sampling import make_pipeline, sample
 from refl.step import GRAD_METHODS, BenchSpec, StepConfig, grad_method, reward_step, validate_step_config
 from runkit.cli import command
+from runkit.config import check_mixed_precision
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name substring.
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
@@ -74,7 +75,7 @@ class SetupConfig:
     output_file: str = ""
 
     def __post_init__(self):
-        check_mixed_precision(self.mixed_precision)
+        check_mixed_precision(self.mixed_precision, "mixed_precision")
 
 
 @dataclass
@@ -321,7 +322,7 @@ def best_of_n_throughput(components, cfg: ReflBenchConfig, device: torch.device)
     harness = CompareConfig(model=ModelConfig(name=cfg.model), n_samples=64,
                             batch_size=cfg.best_of_n_batch_size,
                             num_inference_steps=cfg.step.num_inference_steps, guidance_scale=7.5,
-                            scheduler="ddim", device=str(device), dtype=cfg.mixed_precision)
+                            scheduler="ddim", device=str(device), mixed_precision=cfg.mixed_precision)
     sampler = Sampler(harness, components)
     measured = measure_throughput(sampler, "a photo of an astronaut riding a horse",
                                   repeats=cfg.sampling_repeats)

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cli import check_mixed_precision, parse_config, report, resolve_device
+from benchmarks.cli import parse_config, report, resolve_device
 from reward.losses import create_loss
 from reward.model import CriticConfig, create_critic
 from reward.train import CriticWithLoss
 from runkit.cli import command
+from runkit.config import check_mixed_precision
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RewardBenchConfig:
     output_file: str = ""
 
     def __post_init__(self):
-        check_mixed_precision(self.mixed_precision)
+        check_mixed_precision(self.mixed_precision, "mixed_precision")
 
 
 def _timed(fn, repeats: int, warmup: int = 1) -> float:

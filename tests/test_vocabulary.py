@@ -139,7 +139,8 @@ def command_parser(entry: str, monkeypatch) -> argparse.ArgumentParser:
     return caught.value.parser
 
 
-COMMANDS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+COMMANDS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"] | {
+    f"python -m benchmarks.{name}": f"benchmarks.{name}:main" for name in ("refl", "memory_model", "reward")}
 
 
 @pytest.mark.parametrize("script", sorted(COMMANDS))
