@@ -41,7 +41,7 @@ class FinishedDemo:
     @property
     def prompts_file(self) -> Path:
         """The held-out prompts of the demo's comparison."""
-        return self.folder / "n_compare_prompts.txt"
+        return self.folder / "compare_prompts.txt"
 
 
 def open_demo(demo_dir: str | Path) -> FinishedDemo:

@@ -223,7 +223,7 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
     from refl.train import train
 
     result_file = out / "result.json"
-    rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "n_reg_renders" / "captions.parquet"
+    rcfg = refl_config(cfg, critic, out / "prompts.txt", out, out / "reg_renders" / "captions.parquet"
                        if cfg.n_reg_renders else None)
     settings = trainer_settings(rcfg)
     critics = [critic] if isinstance(critic, str) else critic
@@ -236,7 +236,7 @@ def stage_refl(cfg: DemoConfig, critic: str | list[str], train_prompts: list[str
     if cfg.n_reg_renders:
         from toyworld.datasets import write_caption_set
 
-        write_caption_set(out / "n_reg_renders", cfg.n_reg_renders, seed=cfg.seed + 3)
+        write_caption_set(out / "reg_renders", cfg.n_reg_renders, seed=cfg.seed + 3)
     return refl_result(out, train(rcfg))
 
 
@@ -246,7 +246,7 @@ def stage_compare(cfg: DemoConfig, components, critic: str, lora: str, out: Path
     from evaluation.harness import run_compare
     from toyworld.world import heldout_prompts
 
-    prompts_file = out / "n_compare_prompts.txt"
+    prompts_file = out / "compare_prompts.txt"
     atomic_write_text(prompts_file, "\n".join(heldout_prompts("compare", cfg.n_compare_prompts)) + "\n")
     ccfg = compare_config(cfg, critic, lora, prompts_file, out)
     return run_compare(ccfg, components=components), ccfg
