@@ -46,7 +46,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     parser = config_parser(GenerateConfig, generate_main.__doc__, flags=(
         "model.name", "model.vae", "lora", "lora_scale", "prompts_file", "prompt_column", "images_per_prompt",
-        "seed", "num_inference_steps", "guidance_scale", "critic", "batch_size", "mixed_precision", "device",
+        "seed", "num_inference_steps", "guidance_scale", "scheduler", "critic", "batch_size", "mixed_precision", "device",
         "output_dir", "overwrite"), required=("model.name", "prompts_file", "output_dir"))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()
@@ -55,7 +55,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     prepare_output(cfg.output_dir, cfg.overwrite)  # before the model loads: a refused folder costs nothing
     pipe = load_pipeline(cfg.model.name, cfg.lora or None, cfg.lora_scale, cfg.device or None,
                          attention=cfg.model.attention, mixed_precision=cfg.mixed_precision,
-                         vae=cfg.model.vae)
+                         vae=cfg.model.vae, scheduler=cfg.scheduler)
     critic = None
     if cfg.critic:
         import reward
