@@ -46,7 +46,8 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     parser = config_parser(GenerateConfig, generate_main.__doc__, flags=(
         "model.name", "model.vae", "lora", "lora_scale", "prompts_file", "prompt_column", "images_per_prompt",
-        "seed", "num_inference_steps", "guidance_scale", "scheduler", "critic", "batch_size", "mixed_precision", "device",
+        "seed", "num_inference_steps", "guidance_scale", "scheduler", "critic", "batch_size",
+        "mixed_precision", "device",
         "output_dir", "overwrite"), required=("model.name", "prompts_file", "output_dir"))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()

@@ -25,7 +25,8 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
     if path.suffix in (".parquet", ".csv"):
         import pandas as pd
 
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, encoding="utf-8-sig")
+        frame = (pd.read_parquet(path) if path.suffix == ".parquet"
+                 else pd.read_csv(path, encoding="utf-8-sig"))
         if column not in frame.columns:
             raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)}); set "
                              f"{column_key}")

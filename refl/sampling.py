@@ -59,8 +59,8 @@ def model_scheduler(components: SDComponents):
     name = diffusers.DiffusionPipeline.load_config(source).get("scheduler", [None, None])[1]
     cls = getattr(diffusers, name or "", None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"{source}: model_index.json names the scheduler {name!r}, which this diffusers does "
-                         f"not have; set scheduler to one of {sorted(SCHEDULERS)}")
+        raise ValueError(f"{source}: model_index.json names the scheduler {name!r}, which this diffusers "
+                         f"does not have; set scheduler to one of {sorted(SCHEDULERS)}")
     return cls.from_config(cls.load_config(source, subfolder="scheduler"))
 
 
