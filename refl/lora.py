@@ -211,10 +211,11 @@ def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl
         text_keys = any(k.startswith("text_encoder.") for k in f.keys())
     # diffusers warns that a LoRA without text-encoder weights has none for the text encoder; here that is
     # known and intended (train.train_text_encoder off), so exactly that warning is dropped.
-    # And a LoRA that does not fit is one line below, not diffusers' logged copy of every size mismatch first.
+    # And a LoRA that does not fit is one line below, not diffusers' logged copy of each size mismatch first.
     with _dropping(logging.getLogger("diffusers.loaders.lora_base"), "No LoRA keys associated to",
                    active=not text_keys), \
-            _dropping(logging.getLogger("diffusers.loaders.peft"), f"Loading {adapter_name} was unsuccessful"):
+            _dropping(logging.getLogger("diffusers.loaders.peft"),
+                      f"Loading {adapter_name} was unsuccessful"):
         try:
             pipe.load_lora_weights(str(directory), adapter_name=adapter_name)
         except (RuntimeError, ValueError) as err:

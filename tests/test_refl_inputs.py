@@ -151,9 +151,16 @@ def test_a_broken_lora_file_is_one_line_naming_the_file_before_the_model_loads(t
     assert str(weights) in err and expected in err and not loads, err
 
 
+def test_a_missing_local_model_folder_is_said_to_not_exist(tmp_path, capsys):
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen") == 2
+    err = _error_line(capsys)
+    assert "does not exist" in err and "no-such-model" in err and "connection" not in err.lower()
+
+
 def test_generate_checks_its_critic_before_the_model_loads(tmp_path, capsys):
     # The model folder does not exist either: the critic is named first, before any loading.
-    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--critic", str(tmp_path / "no-critic")) == 2
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--critic",
+                     str(tmp_path / "no-critic")) == 2
     assert "no-critic" in _error_line(capsys)
 
 
