@@ -127,6 +127,9 @@ class Sampler:
         components = components if components is not None else load_components(cfg.model)
         self.pipe = make_pipeline(components, cfg.scheduler)
         self.pipe.to(self.device, DTYPES[cfg.mixed_precision])
+        logger.info("sampling with %s (scheduler=%s), %d steps, guidance %g",
+                    type(self.pipe.scheduler).__name__,
+                    cfg.scheduler, cfg.num_inference_steps, cfg.guidance_scale)
         self.has_lora = bool(cfg.lora)
         if self.has_lora:
             from refl.lora import load_lora_into

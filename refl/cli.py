@@ -42,20 +42,29 @@ def generate_main(argv: list[str] | None = None) -> int:
     """
     from refl.config import GenerateConfig
     from refl.generate import generate, load_pipeline, prepare_output
+    from refl.lora import check_lora_dir
     from refl.prompts import read_prompt_file
 
     parser = config_parser(GenerateConfig, generate_main.__doc__, flags=(
         "model.name", "model.vae", "lora", "lora_scale", "prompts_file", "prompt_column", "images_per_prompt",
-        "seed", "num_inference_steps", "guidance_scale", "critic", "batch_size", "mixed_precision", "device",
+        "seed", "num_inference_steps", "guidance_scale", "scheduler", "critic", "batch_size",
+        "mixed_precision", "device",
         "output_dir", "overwrite"), required=("model.name", "prompts_file", "output_dir"))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()
     prompts = read_prompt_file(cfg.prompts_file, column=cfg.prompt_column, key="prompts_file",
                                column_key="prompt_column")
-    prepare_output(cfg.output_dir, cfg.overwrite)  # before the model loads: a refused folder costs nothing
+    # Every input before the model loads (minutes for SDXL): a typo costs nothing.
+    if cfg.lora:
+        check_lora_dir(cfg.lora)
+    if cfg.critic:
+        from reward.standard import check_spec
+
+        check_spec(cfg.critic)
+    prepare_output(cfg.output_dir, cfg.overwrite)
     pipe = load_pipeline(cfg.model.name, cfg.lora or None, cfg.lora_scale, cfg.device or None,
                          attention=cfg.model.attention, mixed_precision=cfg.mixed_precision,
-                         vae=cfg.model.vae)
+                         vae=cfg.model.vae, scheduler=cfg.scheduler)
     critic = None
     if cfg.critic:
         import reward

@@ -187,6 +187,9 @@ class GenerateConfig:
     num_inference_steps: int = 40
     # Classifier-free guidance scale (1 = off).
     guidance_scale: float = 7.5
+    # Sampler: "model" (the one the model ships, as its stock pipeline samples: SDXL base's Euler), or "ddim"
+    # / "ddpm" (refl.sampling.SCHEDULERS; the comparison and validation sample with DDIM).
+    scheduler: str = "model"
     # Critic that scores each image into generations.jsonl: a critic folder or open_clip name; "" = none.
     critic: str = ""
     # Images per pipeline call, per process; the images do not depend on it.

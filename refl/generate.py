@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from refl.components import DTYPES, ModelConfig, build_pipeline, load_components
 from refl.lora import load_lora_into
-from refl.sampling import sample
+from refl.sampling import MODEL_SCHEDULER, make_scheduler, sample
 from runkit.config import check_mixed_precision, resolve_device
 from runkit.files import atomic_write_bytes
 
@@ -25,13 +25,16 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, device: str | None = None,
-                  attention: str = "sdpa", mixed_precision: str = "no", vae: str | None = None):
+                  attention: str = "sdpa", mixed_precision: str = "no", vae: str | None = None,
+                  scheduler: str = MODEL_SCHEDULER):
     """A stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) from a diffusers dir / hub id /
     preset, with an optional LoRA and VAE (`vae`: e.g. an fp16-safe SDXL VAE), its weights in the dtype
     `mixed_precision` names (no = fp32; fp16 needs a GPU; bf16 runs anywhere). Under fp16 the SDXL
     pipeline decodes in fp32 itself unless the VAE's config says it is fp16-safe."""
     check_mixed_precision(mixed_precision, "mixed_precision")
-    pipe = build_pipeline(load_components(ModelConfig(name=model, attention=attention, vae=vae)))
+    components = load_components(ModelConfig(name=model, attention=attention, vae=vae))
+    pipe = build_pipeline(components, make_scheduler(scheduler, components))
+    logger.info("sampling with %s (scheduler=%s)", type(pipe.scheduler).__name__, scheduler)
     if lora is not None:
         load_lora_into(pipe, lora, adapter_name="refl")
         pipe.set_adapters(["refl"], adapter_weights=[lora_scale])

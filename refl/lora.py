@@ -160,7 +160,44 @@ def check_lora_dir(directory: str | os.PathLike) -> Path:
     if not weights.is_file():
         raise FileNotFoundError(f"LoRA folder {directory} holds no {LORA_WEIGHTS} (ReFL writes it into the "
                                 "lora/ and lora_best/ folders of a run); point at one of those")
+    check_lora_file(weights)
     return weights
+
+
+# The modules a diffusers-layout LoRA file's keys start with (save_lora / save_lora_weights), and the names
+# its down (rank x in) and up (out x rank) matrices go by in the spellings diffusers' loader reads.
+LORA_KEY_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+LORA_DOWN = (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
+LORA_UP = (".lora_B.", ".lora.up.", ".lora_linear_layer.up.")
+
+
+def check_lora_file(weights: Path) -> None:
+    """The weights file of a LoRA folder, read from its header alone (no tensor loaded): readable
+    safetensors, keys of the diffusers layout, every adapter of rank > 0. Each failure is one line naming the
+    file and the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    fix = "point at the lora/ or lora_best/ folder of a ReFL run, or copy the folder again"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+            ranks = {k: f.get_slice(k).get_shape()[0] for k in keys if any(d in k for d in LORA_DOWN)}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"LoRA weights {weights} cannot be read as safetensors ({err}): the file is cut "
+                         f"short or not a LoRA; {fix}") from None
+    if not keys:
+        raise ValueError(f"LoRA weights {weights} hold no tensors; {fix}")
+    foreign = [k for k in keys
+               if not k.startswith(LORA_KEY_PREFIXES) or not any(m in k for m in LORA_DOWN + LORA_UP)]
+    if foreign:
+        hint = (" (a kohya-layout file: load it in the tool it was made for, or convert it with diffusers' "
+                "load_lora_weights and save_lora_weights)" if foreign[0].startswith("lora_") else "")
+        raise ValueError(f"LoRA weights {weights}: key {foreign[0]!r} is not of the diffusers LoRA layout "
+                         f"(<{'|'.join(p.rstrip('.') for p in LORA_KEY_PREFIXES)}>.<module>.lora_A|lora_B"
+                         f".weight or .lora.down|up.weight){hint}; {fix}")
+    empty = [k for k, rank in ranks.items() if rank < 1]
+    if empty:
+        raise ValueError(f"LoRA weights {weights}: adapter {empty[0]!r} has rank 0; {fix}")
 
 
 def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl") -> None:
@@ -174,8 +211,11 @@ def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl
         text_keys = any(k.startswith("text_encoder.") for k in f.keys())
     # diffusers warns that a LoRA without text-encoder weights has none for the text encoder; here that is
     # known and intended (train.train_text_encoder off), so exactly that warning is dropped.
+    # And a LoRA that does not fit is one line below, not diffusers' logged copy of each size mismatch first.
     with _dropping(logging.getLogger("diffusers.loaders.lora_base"), "No LoRA keys associated to",
-                   active=not text_keys):
+                   active=not text_keys), \
+            _dropping(logging.getLogger("diffusers.loaders.peft"),
+                      f"Loading {adapter_name} was unsuccessful"):
         try:
             pipe.load_lora_weights(str(directory), adapter_name=adapter_name)
         except (RuntimeError, ValueError) as err:

@@ -25,7 +25,8 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
     if path.suffix in (".parquet", ".csv"):
         import pandas as pd
 
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        frame = (pd.read_parquet(path) if path.suffix == ".parquet"
+                 else pd.read_csv(path, encoding="utf-8-sig"))
         if column not in frame.columns:
             raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)}); set "
                              f"{column_key}")
@@ -36,7 +37,8 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
         prompts = cells.dropna().astype(str).tolist()
     else:
         try:
-            prompts = path.read_text(encoding="utf-8").splitlines()
+            # utf-8-sig drops a byte-order mark (Windows editors write one); it would start the first prompt.
+            prompts = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as err:
             raise ValueError(f"{key} {path} is not UTF-8 text ({err.reason} at byte {err.start}): give "
                              "a .txt file of prompts, one per line, saved as UTF-8 (or a .parquet/.csv)"

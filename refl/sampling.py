@@ -42,12 +42,36 @@ def _ddpm(config):
 
 
 SCHEDULERS: dict[str, Callable] = {"ddim": _ddim, "ddpm": _ddpm}
+# `scheduler: model`: the sampler the model's own model_index.json names (SDXL base ships Euler), built from
+# its scheduler/scheduler_config.json: what `DiffusionPipeline.from_pretrained` of that model samples with.
+# DDPM for presets.
+MODEL_SCHEDULER = "model"
+
+
+def model_scheduler(components: SDComponents):
+    """The scheduler the model's directory (or cached hub id) ships, as its stock pipeline loads it."""
+    import diffusers
+
+    source = components.source
+    if source.startswith(("preset:", "random:")):
+        return _ddpm(components.scheduler.config)
+    # Both honour HF_HUB_OFFLINE (a hub id is read from the cache the model was loaded from).
+    name = diffusers.DiffusionPipeline.load_config(source).get("scheduler", [None, None])[1]
+    cls = getattr(diffusers, name or "", None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"{source}: model_index.json names the scheduler {name!r}, which this diffusers "
+                         f"does not have; set scheduler to one of {sorted(SCHEDULERS)}")
+    return cls.from_config(cls.load_config(source, subfolder="scheduler"))
 
 
 def make_scheduler(name: str, components: SDComponents):
-    """A sampling scheduler sharing the model's noise schedule (betas, prediction type)."""
+    """A sampling scheduler sharing the model's noise schedule (betas, prediction type): one of SCHEDULERS,
+    or MODEL_SCHEDULER for the model's own."""
+    if name == MODEL_SCHEDULER:
+        return model_scheduler(components)
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler {name!r}; choose {MODEL_SCHEDULER} (the model's own) or one of "
+                         f"{sorted(SCHEDULERS)}")
     return SCHEDULERS[name](components.scheduler.config)
 
 

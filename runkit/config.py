@@ -232,7 +232,18 @@ def _merge(base: dict, update: dict) -> dict:
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2's booleans: only true/false are bools, so `mixed_precision: no` stays the string
-    "no" (YAML 1.1 reads no/yes/on/off as bools)."""
+    "no" (YAML 1.1 reads no/yes/on/off as bools); and a key written twice in one mapping is refused (PyYAML
+    keeps the last silently: two `train:` blocks would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is written twice in one mapping (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one (merge the two blocks)")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -275,7 +286,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = read_yaml(path.read_text()) or {}
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first key.
+            loaded = read_yaml(path.read_text(encoding="utf-8-sig")) or {}
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):

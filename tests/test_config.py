@@ -227,3 +227,28 @@ def test_no_stays_a_string_where_a_string_is_wanted():
                                          "train.validate_at_start=false"])
     assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is False
     assert cfg.train.validate_at_start is False
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the last of two `train:` blocks silently: the run would train with half the settings.
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  batch_size: 4\n  max_updates: 2\nloss:\n  margin: 0.1\ntrain:\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml.*'train' is written twice.*lines 1 and 6"):
+        load_config(RewardConfig, f)
+    f.write_text("train:\n  lr: 1e-3\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError, match=r"'lr' is written twice.*lines 2 and 3"):
+        load_config(RewardConfig, f)
+
+
+def test_a_byte_order_mark_is_not_part_of_a_config_or_a_prompt(tmp_path):
+    from refl.prompts import read_prompt_file
+
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  lr: 1e-3\n", encoding="utf-8-sig")
+    assert load_config(RewardConfig, f).train.lr == 1e-3
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a green circle\na red square\n", encoding="utf-8-sig")
+    assert read_prompt_file(txt) == ["a green circle", "a red square"]
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\na green circle\n", encoding="utf-8-sig")
+    assert read_prompt_file(csv) == ["a green circle"]

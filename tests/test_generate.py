@@ -74,3 +74,46 @@ def test_bf16_generation_with_a_lora(base_dir, tmp_path):
     assert pipe.unet.dtype == torch.bfloat16
     rows = generate(pipe, ["a cat"], tmp_path / "gen", n=2, seed=0, num_inference_steps=2, batch_size=2)
     assert len(rows) == 2 and all((tmp_path / "gen" / r["file"]).is_file() for r in rows)
+
+
+def generate_equals_stock_pipeline(model_dir, lora_dir, pipeline_cls, tmp_path):
+    """`social-refl-generate` with a LoRA draws what `pipeline_cls.from_pretrained(model_dir)` plus
+    `load_lora_weights(lora_dir)` draws, with the sampler the model ships (made Euler here: the default
+    scheduler of both families' stock pipelines is the model's own)."""
+    import shutil
+
+    from PIL import Image
+
+    from refl.cli import generate_main
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    for name, update in (("model_index.json", {"scheduler": ["diffusers", "EulerDiscreteScheduler"]}),
+                         ("scheduler/scheduler_config.json", {"_class_name": "EulerDiscreteScheduler"})):
+        (model / name).write_text(json.dumps(json.loads((model / name).read_text()) | update))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    assert generate_main(["--model", str(model), "--lora", str(lora_dir), "--prompts-file",
+                          str(tmp_path / "prompts.txt"), "--images-per-prompt", "2", "--seed", "3",
+                          "--num-inference-steps", "3", "--guidance-scale", "2", "--batch-size", "1",
+                          "--device", "cpu",
+                          "--out", str(tmp_path / "gen")]) == 0
+    stock = pipeline_cls.from_pretrained(model)
+    assert type(stock.scheduler).__name__ == "EulerDiscreteScheduler"
+    stock.load_lora_weights(lora_dir)
+    stock.set_progress_bar_config(disable=True)
+    for k in range(2):
+        want = stock(["a cat"], num_inference_steps=3, guidance_scale=2.0, output_type="np",
+                     generator=torch.Generator().manual_seed(3 + k)).images[0]  # (H, W, 3) in [0, 1]
+        want = (want * 255).round().astype(int)
+        got = np.asarray(Image.open(tmp_path / "gen" / f"0000_{k:02d}.png")).astype(int)
+        assert np.abs(got - want).max() <= 1, k  # one image per call, as the stock call: the same kernels
+
+
+def test_generate_samples_with_the_models_own_scheduler_as_the_stock_pipeline(base_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    components = load_components(str(base_dir))
+    add_lora(components, LoraConfig(rank=2, alpha=8.0))
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    generate_equals_stock_pipeline(base_dir, tmp_path / "lora", StableDiffusionPipeline, tmp_path)

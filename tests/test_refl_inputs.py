@@ -107,11 +107,61 @@ def test_an_empty_lora_folder_names_the_file_it_needs(tiny_base, tmp_path, capsy
     assert "pytorch_lora_weights.safetensors" in err and ".bin" not in err
 
 
-def test_a_lora_of_another_base_model_says_so(tiny_lora_dir, tmp_path, capsys):
+def test_a_lora_of_another_base_model_says_so(tiny_lora_dir, tmp_path, capsys, caplog):
     other = tmp_path / "toy-sd"
     save_pipeline(load_components("toy"), other)
     assert _generate(other, tmp_path / "gen", "--images-per-prompt", "1", "--lora", str(tiny_lora_dir)) == 2
     assert "another base model" in _error_line(capsys)
+    # diffusers logs every size mismatch (65 lines for SDXL) before raising: one line is enough.
+    assert not [r for r in caplog.records if "size mismatch" in r.getMessage()]
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("truncated", "cannot be read as safetensors"),
+    ("kohya keys", "is not of the diffusers LoRA layout (<unet|text_encoder|text_encoder_2>"),
+    ("renamed prefix", "key 'model.down_blocks"),
+    ("rank 0", "has rank 0"),
+])
+def test_a_broken_lora_file_is_one_line_naming_the_file_before_the_model_loads(tiny_lora_dir, tmp_path,
+                                                                               capsys, monkeypatch, damage,
+                                                                               expected):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import refl.generate
+
+    lora = tmp_path / "lora"
+    shutil.copytree(tiny_lora_dir, lora)
+    weights = lora / "pytorch_lora_weights.safetensors"
+    tensors = load_file(weights)
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "kohya keys":
+        save_file({"lora_unet_" + k.replace(".", "_"): v for k, v in tensors.items()}, weights)
+    elif damage == "renamed prefix":
+        save_file({k.replace("unet.", "model.", 1): v for k, v in tensors.items()}, weights)
+    else:
+        save_file({k: v[:0] if ".down." in k or ".lora_A." in k else v[:, :0] for k, v in tensors.items()},
+                  weights)
+    loads = []
+    monkeypatch.setattr(refl.generate, "load_components", lambda *a, **k: loads.append(a))
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--lora", str(lora)) == 2
+    err = _error_line(capsys)
+    assert str(weights) in err and expected in err and not loads, err
+
+
+def test_a_missing_local_model_folder_is_said_to_not_exist(tmp_path, capsys):
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen") == 2
+    err = _error_line(capsys)
+    assert "does not exist" in err and "no-such-model" in err and "connection" not in err.lower()
+
+
+def test_generate_checks_its_critic_before_the_model_loads(tmp_path, capsys):
+    # The model folder does not exist either: the critic is named first, before any loading.
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--critic",
+                     str(tmp_path / "no-critic")) == 2
+    assert "no-critic" in _error_line(capsys)
 
 
 def test_a_failed_checkpoint_write_names_the_folder_and_leaves_no_partial_copy(tmp_path, monkeypatch):

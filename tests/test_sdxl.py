@@ -196,6 +196,13 @@ def test_export_refuses_a_folder_without_weights(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- generate and the harness
+def test_generate_with_an_sdxl_lora_draws_what_the_stock_sdxl_pipeline_draws(sdxl_dir, sdxl_lora, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from test_generate import generate_equals_stock_pipeline
+
+    generate_equals_stock_pipeline(sdxl_dir, sdxl_lora["dir"], StableDiffusionXLPipeline, tmp_path)
+
+
 def test_generate_script_with_an_sdxl_lora(sdxl_dir, sdxl_lora, tmp_path):
     from PIL import Image
 

@@ -163,6 +163,17 @@ def enable_attention(components: SDComponents, attention: str) -> None:
                            "model.attention=sdpa") from err
 
 
+def check_model_path(name: str, key: str) -> None:
+    """A name that can only be a local folder (absolute, ./ or ../, ~, or more than one '/': a hub id is
+    ORG/NAME) and does not exist is said so, not sent to the hub for advice about the connection."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.strip("/").count("/") > 1:
+        raise FileNotFoundError(f"{key} {name} does not exist (a diffusers model folder, a hub id ORG/NAME, "
+                                f"or a preset: {', '.join(sorted(PRESETS))})")
+
+
 def load_components(cfg: ModelConfig | str) -> SDComponents:
     """The one factory: a preset name, a diffusers directory, or a locally cached model id."""
     if isinstance(cfg, str):
@@ -181,6 +192,7 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
                              f"directory, a preset {sorted(PRESETS) + sorted(ARCHITECTURES)}, or one of "
                              f"{sorted(HUB_ARCHITECTURES)}")
     else:
+        check_model_path(cfg.name, "model.name")
         components = _from_pretrained(cfg.name, cfg.revision, cfg.variant)
     if cfg.vae:
         components.vae = load_vae(cfg.vae, cfg.revision)

@@ -52,10 +52,10 @@ def read_whole(path: Path) -> pd.DataFrame:
     try:
         if kind == "parquet":
             return pd.read_parquet(path)
-        if kind == "csv":
-            return pd.read_csv(path)
+        if kind == "csv":  # utf-8-sig: a byte-order mark would start the first column's name
+            return pd.read_csv(path, encoding="utf-8-sig")
         if kind in ("json", "jsonl"):
-            return pd.read_json(path, lines=kind == "jsonl")
+            return pd.read_json(path, lines=kind == "jsonl", encoding="utf-8-sig")
         return arrow_stream_table(str(path)).to_pandas()
     except DataError:
         raise
