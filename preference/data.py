@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader
 
+from refl.prompts import seed_for
 from reward.data import LabelShards, PairShards, PairShardSampler, collate_labelled, collate_pairs
 
 
@@ -33,7 +35,7 @@ class FeedbackStream:
             self.collate = collate_labelled
         self.sampler = PairShardSampler(self.dataset, batch_size, seed=seed, world=world,
                                         shuffle_blocks=data.shuffle_row_groups)
-        self.batch_size, self.rank, self.num_workers = batch_size, rank, data.num_workers
+        self.batch_size, self.rank, self.num_workers, self.seed = batch_size, rank, data.num_workers, seed
 
     @property
     def n_bad_rows(self) -> int:
@@ -49,8 +51,11 @@ class FeedbackStream:
             share = self.sampler.shares()[self.rank]  # (per_process,) this process's items this epoch
             order = [share[k * self.batch_size : (k + 1) * self.batch_size].tolist()
                      for k in range(first, per_epoch)]
+            # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, and
+            # a resumed run, opening its loader at another moment than the run did, would shift that RNG.
+            own = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank))
             loader = DataLoader(self.dataset, batch_sampler=order, collate_fn=self.collate,
-                                num_workers=self.num_workers)
+                                num_workers=self.num_workers, generator=own)
             for batch in loader:
                 yield m, batch
                 m += 1

@@ -4,8 +4,9 @@ under accelerate (mixed precision, gradient accumulation, several processes).
 As ReFL's loop, the UNet is not DDP-wrapped: the LoRA gradients are averaged across processes after the
 micro-batches (refl.lora_training.all_reduce_grads), which leaves the reference model's no-grad passes
 (adapters off) outside DDP's hooks. Every random draw of a micro-batch (VAE sample, noise, timesteps) comes
-from a generator seeded by (seed, update, micro-batch, rank) and the data order from the micro-batch's
-position (preference/data.py), so `--resume latest` replays the run exactly.
+from a generator seeded by (seed, update, micro-batch, rank), the LoRA's dropout masks from the global RNG
+seeded per micro-batch, and the data order from the micro-batch's position (preference/data.py), so
+`--resume latest` replays the run exactly.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def _micro_batches(components: SDComponents, cfg: PreferenceConfig, batches, upd
                 join_reference_point(reduce_sum, accelerator.device)
             continue
         gen = torch.Generator().manual_seed(seed_for(t.seed, update, micro, rank))
+        # LoRA dropout draws from the global RNG: seeded by the micro-batch too, so its masks do not depend
+        # on what ran before (a validation, a resumption).
+        torch.manual_seed(seed_for(t.seed, update, micro, rank, 1))
         with accelerator.autocast():
             if cfg.method == "dpo":
                 terms = dpo_step(components, batch, cfg.beta, gen)
