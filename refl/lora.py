@@ -134,7 +134,10 @@ def save_lora(components: SDComponents, directory: str | os.PathLike, card: str 
     for name, module in _lora_modules(components).items():
         kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
             {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()})
-        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER_NAME].to_dict()
+        # Dropout is a training setting: a loader that injects adapters after the pipeline's eval() (as
+        # load_lora_weights does) would otherwise draw random dropout masks at inference.
+        kwargs[f"{name}_lora_adapter_metadata"] = {**module.peft_config[ADAPTER_NAME].to_dict(),
+                                                   "lora_dropout": 0.0}
     pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
     with atomic_dir(directory) as tmp:
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)

@@ -16,21 +16,23 @@ def _eval_keys(records: list[dict]) -> list[str]:
     return sorted(keys, key=lambda k: (k != "eval/reward", k == "eval/diversity", keys.index(k)))
 
 
-def plot_curve(metrics_path: Path, out_png: Path, best_update: int | None = None) -> Path | None:
+def plot_curve(metrics_path: Path, out_png: Path, best_update: int | None = None,
+               first: str = "train/reward") -> Path | None:
     """Training reward and loss against updates, then one panel per validation metric (eval/reward,
     each held-out judge, eval/diversity: the judges live on different scales, so each gets its own
-    axis); `best_update` (the LoRA train.select_by kept) is marked by a vertical line in every panel."""
+    axis); `best_update` (the LoRA train.select_by kept) is marked by a vertical line in every panel.
+    `first`: the training metric of the first panel (a trainer without a reward names its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    rows = [r for r in records if "train/reward" in r]
+    rows = [r for r in records if first in r]
     if not rows:
         return None
     evals = _eval_keys(records)
-    panels = ["train/reward", "train/loss"] + [k for k in evals if k != "eval/reward"]
+    panels = list(dict.fromkeys([first, "train/loss"])) + [k for k in evals if k != "eval/reward"]
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
@@ -38,7 +40,7 @@ def plot_curve(metrics_path: Path, out_png: Path, best_update: int | None = None
         source = rows if key.startswith("train/") else [r for r in records if key in r]
         ax.plot([r["update"] for r in source], [r[key] for r in source],
                 "-" if key.startswith("train/") else "o-",
-                label="training batches" if key == "train/reward" else None)
+                label="training batches" if key == first else None)
         ax.set_xlabel("update")
         title = "held-out " + key.removeprefix(HELDOUT) if key.startswith(HELDOUT) else key
         ax.set_title(title, fontsize=9)

@@ -1,9 +1,9 @@
 """ReFL LoRA training loop: prompts -> reward_step -> optimizer on the LoRA, under accelerate.
 
 The UNet is not wrapped in DDP: after the micro-batches the LoRA gradients are averaged across
-processes explicitly (`_all_reduce_grads`), which keeps the many no-grad UNet calls and the multi-call
-gradient methods (DRaFT-K, AlignProp) away from DDP's once-per-iteration hooks. Every random draw of an
-update (prompts, noise, cut) comes from a generator seeded by (seed, update, micro-batch, rank), so
+processes explicitly (`refl.lora_training.all_reduce_grads`), which keeps the many no-grad UNet calls and
+the multi-call gradient methods (DRaFT-K, AlignProp) away from DDP's once-per-iteration hooks. Every random
+draw of an update (prompts, noise, cut) comes from a generator seeded by (seed, update, micro-batch, rank), so
 `--resume latest` replays the run exactly.
 
 Several processes on CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...`
@@ -22,16 +22,15 @@ import torch
 
 from refl import guard
 from refl.card import model_card
-from refl.components import DTYPES, SDComponents, load_components
+from refl.components import DTYPES, SDComponents
 from refl.config import ReflConfig, ReflTrainConfig
-from refl.lora import add_lora, load_lora_state, lora_state, save_lora
+from refl.lora import save_lora
+from refl.lora_training import all_reduce_grads, apply_update, due, prepare_lora_training, validate
 from refl.plots import plot_curve
 from refl.prompts import prompts_for, seed_for, training_prompts, warn_if_truncated
 from refl.reg_pool import build_reg_pool
 from refl.rewards import build_reward
-from refl.sampling import make_pipeline, sample
 from refl.step import (
-    NonFiniteLossError,
     RewardFn,
     checkpointing_for,
     ignored_knobs,
@@ -42,8 +41,6 @@ from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, 
 from runkit.config import changed_settings, save_config
 from runkit.files import paths_relative_to, write_json
 from runkit.logs import RunLogger, read_metrics
-from runkit.optim import build_optimizer
-from runkit.schedules import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -67,111 +64,6 @@ class TrainState:
     # The last update whose validation ran (-1: none yet). An update's checkpoint is written before its
     # validation (a crash there loses no training), so a run resumed from it validates that update first.
     validated: int = -1
-
-
-class LoraCheckpointState:
-    """The LoRA tensors as an object accelerate's save_state / load_state carry
-    (register_for_checkpointing)."""
-
-    def __init__(self, components: SDComponents):
-        self.components = components
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return lora_state(self.components)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        device = self.components.unet.device
-        load_lora_state(self.components, {k: v.to(device) for k, v in state.items()})
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
-    """Average LoRA gradients over processes in one flat all-reduce (the model is not DDP-wrapped)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
-@torch.no_grad()
-def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, update: int, out: Path,
-             run_logger: RunLogger, judges: dict | None = None) -> dict[str, float]:
-    """Fixed prompts and seeds -> image grid PNG (+ TensorBoard) and eval metrics: the mean reward
-    (eval/reward), each held-out judge's mean score (eval/heldout/<spec>) and the images' diversity
-    (eval/diversity, when there are 2+ images per prompt); see refl/guard.py."""
-    from torchvision.utils import make_grid, save_image
-
-    t = cfg.train
-    prompts = [p for p in t.validation_prompts for _ in range(t.validation_images_per_prompt)]
-    was_training = components.unet.training
-    components.unet.eval()
-    try:
-        with components.autocast():  # the reward's weights are in the base's dtype too
-            # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
-            images = sample(make_pipeline(components, cfg.step.scheduler), prompts, output="pt", batch_size=4,
-                            num_inference_steps=t.validation_num_inference_steps,
-                            guidance_scale=t.validation_guidance_scale,
-                            generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
-            metrics = {"eval/reward": reward_fn(images, prompts).float().mean().item()}
-    finally:
-        components.unet.train(was_training)
-    metrics.update(guard.judge(judges or {}, images, prompts))
-    diversity = guard.pixel_diversity(images, t.validation_images_per_prompt)
-    if diversity is not None:
-        metrics["eval/diversity"] = diversity
-    grid = make_grid(images.float().cpu(), nrow=t.validation_images_per_prompt * 4, padding=1)
-    (out / "samples").mkdir(exist_ok=True)
-    save_image(grid, out / "samples" / f"update-{update:06d}.png")
-    run_logger.image(update, "eval/samples", grid)
-    return metrics
-
-
-def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float,
-                 name: str) -> tuple[float, bool]:
-    """Clip, step the optimizer and the LR schedule; returns (gradient norm, skipped).
-
-    Under fp16 the loss scaler skips an update whose gradients overflowed (and lowers its scale); the
-    LR schedule then does not step either, so the schedule counts updates that really happened.
-    Without a scaler a non-finite gradient is an error: nothing would ever repair it."""
-    if max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
-    else:
-        accelerator.unscale_gradients()
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                          if p.grad is not None]))
-    if not torch.isfinite(grad_norm) and accelerator.scaler is None:
-        raise NonFiniteLossError(f"{name}: gradient norm is {grad_norm}; no update was made")
-    optimizer.step()
-    skipped = bool(getattr(optimizer, "step_was_skipped", False))
-    if skipped:
-        logger.warning("%s: fp16 gradients overflowed; the loss scaler skipped this update", name)
-    else:
-        lr_sched.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), skipped
-
-
-def _prepare(cfg: ReflConfig, accelerator):
-    """Base model with LoRA, reward, optimizer and LR schedule (registered for checkpoints)."""
-    t = cfg.train
-    weight_dtype = DTYPES[t.mixed_precision]
-    components = load_components(cfg.model)
-    # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
-    components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
-    params = add_lora(components, cfg.lora, seed=t.seed)
-    components.unet.train()
-    components.set_gradient_checkpointing(checkpointing_for(cfg.step.method, t.gradient_checkpointing))
-    optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
-    # Stepped by us once per update that really happened (apply_update), so not prepared.
-    lr_sched = build_lr_scheduler(t.lr_schedule, optimizer.optimizer, t.warmup_updates, t.max_updates)
-    accelerator.register_for_checkpointing(lr_sched)
-    accelerator.register_for_checkpointing(LoraCheckpointState(components))
-    return components, params, optimizer, lr_sched
 
 
 def _micro_batches(components, cfg: ReflConfig, prompts, reward_fn, reg_pool, update: int, accelerator):
@@ -234,8 +126,8 @@ def _save(accelerator, out: Path, state: TrainState, t: ReflTrainConfig, compone
 
 
 def _validation_pending(t: ReflTrainConfig, state: TrainState) -> bool:
-    due = t.validate_at_start if state.update == 0 else _due(t.validate_every, state.update, t.max_updates)
-    return bool(t.validation_prompts) and state.validated < state.update and due
+    now = t.validate_at_start if state.update == 0 else due(t.validate_every, state.update, t.max_updates)
+    return bool(t.validation_prompts) and state.validated < state.update and now
 
 
 def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, state: TrainState,
@@ -246,7 +138,7 @@ def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: R
     t = cfg.train
     stop = False
     if accelerator.is_main_process:
-        evals = validate(components, cfg, reward_fn, state.update, out, run_logger, judges)
+        evals = validate(components, t, cfg.step.scheduler, state.update, out, run_logger, judges, reward_fn)
         run_logger.scalars(state.update, evals)
         if t.select_by:
             stop = _select(components, state, evals, t, out, card)
@@ -263,10 +155,6 @@ def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: R
     if checkpoint is not None and accelerator.is_main_process:
         rewrite_state(checkpoint, vars(state).copy())
     return checkpoint
-
-
-def _due(every: int, update: int, last: int) -> bool:
-    return update == last or (every > 0 and update % every == 0)
 
 
 def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | None = None) -> dict:
@@ -289,7 +177,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
                 "processes), %d updates, %d prompts seen", world, per_update, t.batch_size,
                 t.gradient_accumulation, world, t.max_updates, per_update * t.max_updates)
     prompts = training_prompts(cfg.data)
-    components, params, optimizer, lr_sched = _prepare(cfg, accelerator)
+    components, params, optimizer, lr_sched = prepare_lora_training(
+        cfg.model, cfg.lora, t, checkpointing_for(cfg.step.method, t.gradient_checkpointing), accelerator)
     if accelerator.is_main_process:
         warn_if_truncated(prompts, components.tokenizer, "data")
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
@@ -321,18 +210,18 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
         if state.update >= t.max_updates or state.stopped_early_at is not None:
             break
         terms = _micro_batches(components, cfg, prompts, reward_fn, reg_pool, state.update, accelerator)
-        _all_reduce_grads(params, accelerator)
+        all_reduce_grads(params, accelerator)
         current_lr = lr_sched.get_last_lr()[0]
         grad_norm, skipped = apply_update(accelerator, optimizer, lr_sched, params, t.max_grad_norm,
                                           f"update {state.update + 1}")
         state.update += 1
         bar.update(1)
         metrics = _update_metrics(terms, accelerator, grad_norm, current_lr, skipped)
-        if _due(t.log_every, state.update, t.max_updates):
+        if due(t.log_every, state.update, t.max_updates):
             run_logger.scalars(state.update, metrics)
             bar.set_postfix(reward=f"{metrics['train/reward']:.4f}", loss=f"{metrics['train/loss']:.4g}")
         checkpoint = None
-        if _due(t.checkpoint_every, state.update, t.max_updates):
+        if due(t.checkpoint_every, state.update, t.max_updates):
             checkpoint = _save(accelerator, out, state, t, components, card)
     bar.close()
 

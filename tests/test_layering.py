@@ -1,6 +1,6 @@
 """The package layering a newcomer can rely on, read from the source (no imports run):
 
-    benchmarks, scripts (beside tests) -> toyworld -> evaluation -> refl -> reward -> runkit
+    benchmarks, scripts (beside tests) -> toyworld -> evaluation -> preference -> refl -> reward -> runkit
 
 A package imports only packages to its right (the top floor's may import any below them, not each other),
 and no two modules import each other, even through imports inside functions (those hide a cycle until the
@@ -17,7 +17,7 @@ import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("toyworld", "evaluation", "refl", "reward", "runkit")  # top to bottom
+LAYERS = ("toyworld", "evaluation", "preference", "refl", "reward", "runkit")  # top to bottom
 # The top floor, beside the tests: a checkout's commands, outside the installed packages.
 TOP = ("benchmarks", "scripts")
 

@@ -20,7 +20,7 @@ import tomllib
 from runkit.config import MIXED_PRECISION, flag_for
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("runkit", "reward", "refl", "evaluation", "toyworld", "benchmarks")
+PACKAGES = ("runkit", "reward", "refl", "preference", "evaluation", "toyworld", "benchmarks")
 # Options of a command that are about the run, not a setting of its config.
 RUN_OPTIONS = {"-h", "--help", "--config", "--set", "--quick", "--until"}
 

@@ -44,6 +44,7 @@ from refl.step.blocks import (
     encode_images,
     grad_call,
     initial_latents,
+    noised_and_target,
     phase,
 )
 from refl.step.config import SHARED_KNOBS, StepConfig, check_cut_range
@@ -65,8 +66,8 @@ from refl.step.contract import (
 __all__ = ["GRAD_METHODS", "SHARED_KNOBS", "WHOLE_CALLS", "BenchSpec", "GradMethod", "MethodResult",
            "NonFiniteLossError", "RewardFn", "StepConfig", "StepContext", "base_weights", "check_cut_range",
            "checkpointing_for", "decode", "denoising_loss", "encode_images", "grad_call", "grad_method",
-           "ignored_knobs", "initial_latents", "register_grad_method", "reward_step", "unet_granularities",
-           "validate_step_config"]
+           "ignored_knobs", "initial_latents", "noised_and_target", "register_grad_method", "reward_step",
+           "unet_granularities", "validate_step_config"]
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 

@@ -97,6 +97,18 @@ def encode_images(components: SDComponents, images01: torch.Tensor, generator=No
         return dist.sample(generator).float() * vae.config.scaling_factor  # (B, C, h, w)
 
 
+def noised_and_target(components: SDComponents, latents0: torch.Tensor, noise: torch.Tensor,
+                      t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training scheduler's noised latents at timesteps t (B,) and what the UNet is trained to predict
+    there: the noise, or v for v-prediction models. Every denoising loss (the regulariser, preference
+    tuning's errors) reads both here."""
+    sched = components.scheduler
+    noisy = sched.add_noise(latents0, noise, t)  # (B, C, h, w)
+    if sched.config.prediction_type == "v_prediction":
+        return noisy, sched.get_velocity(latents0, noise, t)  # (B, C, h, w)
+    return noisy, noise
+
+
 def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],
                    generator: torch.Generator) -> torch.Tensor:
     """The pre-training loss on clean latents: MSE between the UNet output and the noise (or v) target."""
@@ -105,11 +117,7 @@ def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: S
     noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
     # (B,)
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents0.device)
-    noisy = sched.add_noise(latents0, noise, t)  # (B, C, h, w)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents0, noise, t)
-    else:
-        target = noise
+    noisy, target = noised_and_target(components, latents0, noise, t)  # (B, C, h, w) each
     cond = conditioning.encode(components, captions)  # the text encoders are not checkpointed
 
     def unet(x, t, cond):

@@ -16,6 +16,9 @@ images are decoded (`reward.images.decode_image`), so the table never sits in me
 gives each process its own row groups. `check_pairs` (`check`) decodes everything once and writes a clean
 copy.
 
+Per-image feedback (an image, its prompt, liked or not: `labels`, `LABEL_FORMATS`) streams the same way
+(`LabelShards`), with the same bad-row policy.
+
 Bad input raises `DataError` naming the file, the row and the fix; with `on_bad_row="skip"` bad
 rows are dropped and the count plus the first offenders are logged. A pair whose two sides are the
 same image (same file or same bytes) is a bad row. Labels and paths are checked before any image is
@@ -33,16 +36,18 @@ from reward.data.formats import (
     detect_format,
     row_records,
 )
+from reward.data.labels import LABEL_FORMATS, LabelShards, check_label_format, collate_labelled, label_value
 from reward.data.memory import PairDataset, load_pairs, split_by_prompt
 from reward.data.pairs import SAME_IMAGE, TIE_POLICIES, collate_pairs, pair_item, prompt_in_val, row_problems
 from reward.data.sources import SUFFIX_KINDS, Shard, ShardReader, list_shards, read_tables
 from reward.data.stream import PairShards, PairShardSampler
 
 __all__ = [
-    "FIX", "PAIR_FORMATS", "SAME_IMAGE", "SUFFIX_KINDS", "TIE_POLICIES", "BadRows", "DataError",
-    "EmptySplitError",
-    "Format", "ImageRef", "PairDataset", "PairRecord", "PairShardSampler", "PairShards", "Shard",
-    "ShardReader",
-    "check_format", "check_pairs", "collate_pairs", "detect_format", "list_shards", "load_pairs", "pair_item",
-    "prompt_in_val", "read_tables", "row_problems", "row_records", "split_by_prompt",
+    "FIX", "LABEL_FORMATS", "PAIR_FORMATS", "SAME_IMAGE", "SUFFIX_KINDS", "TIE_POLICIES", "BadRows",
+    "DataError", "EmptySplitError",
+    "Format", "ImageRef", "LabelShards", "PairDataset", "PairRecord", "PairShardSampler", "PairShards",
+    "Shard", "ShardReader",
+    "check_format", "check_label_format", "check_pairs", "collate_labelled", "collate_pairs", "detect_format",
+    "label_value", "list_shards", "load_pairs", "pair_item", "prompt_in_val", "read_tables", "row_problems",
+    "row_records", "split_by_prompt",
 ]

@@ -1,0 +1,199 @@
+"""The preference-tuning loop: feedback micro-batches -> dpo_step / kto_step -> optimizer on the LoRA,
+under accelerate (mixed precision, gradient accumulation, several processes).
+
+As ReFL's loop, the UNet is not DDP-wrapped: the LoRA gradients are averaged across processes after the
+micro-batches (refl.lora_training.all_reduce_grads), which leaves the reference model's no-grad passes
+(adapters off) outside DDP's hooks. Every random draw of a micro-batch (VAE sample, noise, timesteps) comes
+from a generator seeded by (seed, update, micro-batch, rank), the LoRA's dropout masks from the global RNG
+seeded per micro-batch, and the data order from the micro-batch's position (preference/data.py), so
+`--resume latest` replays the run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from preference.card import model_card
+from preference.config import PreferenceConfig
+from preference.data import FeedbackStream
+from preference.step import dpo_step, join_reference_point, kto_step
+from refl import guard
+from refl.components import Checkpointing, SDComponents
+from refl.lora import save_lora
+from refl.lora_training import all_reduce_grads, apply_update, due, prepare_lora_training, validate
+from refl.plots import plot_curve
+from refl.prompts import seed_for
+from refl.step import NonFiniteLossError
+from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
+from runkit.config import changed_settings, save_config
+from runkit.files import paths_relative_to, write_json
+from runkit.logs import RunLogger, read_metrics
+
+logger = logging.getLogger(__name__)
+
+# What each method logs as train/<name> (means over the update's micro-batches and processes).
+LOGGED = {"dpo": ("loss", "accuracy", "margin", "reward_preferred", "reward_rejected", "error_preferred",
+                  "error_rejected"),
+          "kto": ("loss", "reward_liked", "reward_not_liked", "reference_point", "liked_fraction")}
+
+
+@dataclass
+class PreferenceState:
+    """Saved as each checkpoint's state.json, restored on --resume."""
+
+    update: int = 0  # optimizer updates done
+    # The last update whose validation ran (-1: none yet); a run resumed from an update's checkpoint that
+    # was written before its validation validates that update first.
+    validated: int = -1
+    bad_rows_skipped: int = 0  # rows met in training that did not decode (on_bad_row=skip), this process
+
+
+def _micro_batches(components: SDComponents, cfg: PreferenceConfig, batches, update: int, accelerator,
+                   state: PreferenceState) -> torch.Tensor:
+    """Forward and backward of one update's micro-batches; returns the sums of LOGGED's terms and the
+    number of micro-batches that had a good row, (len(LOGGED) + 1,)."""
+    t = cfg.train
+    rank = accelerator.process_index
+    sums = torch.zeros(len(LOGGED[cfg.method]) + 1, device=accelerator.device)  # (K + 1,)
+
+    def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(x, reduction="sum")
+
+    for micro in range(t.gradient_accumulation):
+        _, batch = next(batches)
+        state.bad_rows_skipped += batch["n_bad"]
+        if batch["n_bad"]:
+            logger.warning("update %d: skipped %d bad row(s) (data.on_bad_row=skip): %s", update + 1,
+                           batch["n_bad"], " | ".join(batch["bad"][:3]))
+        if not batch["prompt"]:  # every row bad: no gradient from this micro-batch, the others go on
+            if cfg.method == "kto":
+                join_reference_point(reduce_sum, accelerator.device)
+            continue
+        gen = torch.Generator().manual_seed(seed_for(t.seed, update, micro, rank))
+        # LoRA dropout draws from the global RNG: seeded by the micro-batch too, so its masks do not depend
+        # on what ran before (a validation, a resumption).
+        torch.manual_seed(seed_for(t.seed, update, micro, rank, 1))
+        with accelerator.autocast():
+            if cfg.method == "dpo":
+                terms = dpo_step(components, batch, cfg.beta, gen)
+            else:
+                terms = kto_step(components, batch, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight,
+                                 gen, reduce_sum)
+        if not torch.isfinite(terms["loss"].detach()):
+            raise NonFiniteLossError(f"update {update + 1} micro-batch {micro + 1} (rank {rank}): loss is "
+                                     f"{terms['loss'].item()}; no update was made. Lower train.lr or beta, "
+                                     "or use bf16 instead of fp16")
+        accelerator.backward(terms["loss"] / t.gradient_accumulation)
+        sums += torch.stack([terms[k].detach().float() for k in LOGGED[cfg.method]] + [torch.ones(())]
+                            ).to(sums.device)
+    return sums
+
+
+def _update_metrics(cfg: PreferenceConfig, sums: torch.Tensor, accelerator, grad_norm: float, lr: float,
+                    skipped: bool) -> dict[str, float]:
+    """Means over the good micro-batches of every process (a collective: every rank runs it)."""
+    total = accelerator.reduce(sums, reduction="sum")  # (K + 1,)
+    metrics = {"train/grad_norm": grad_norm, "train/lr": lr, "train/skipped": float(skipped)}
+    if total[-1] > 0:
+        metrics.update({f"train/{k}": float(v) for k, v in zip(LOGGED[cfg.method], total[:-1] / total[-1])})
+    return metrics
+
+
+def _validation_pending(cfg: PreferenceConfig, state: PreferenceState) -> bool:
+    t = cfg.train
+    now = t.validate_at_start if state.update == 0 else due(t.validate_every, state.update, t.max_updates)
+    return bool(t.validation_prompts) and state.validated < state.update and now
+
+
+def _save(accelerator, out: Path, state: PreferenceState, cfg: PreferenceConfig, components: SDComponents,
+          card) -> Path:
+    return save_checkpoint(accelerator, out, vars(state).copy(), cfg.train.checkpoints_keep,
+                           write_files=lambda folder: save_lora(components, folder / "lora",
+                                                                card=card(state.update)))
+
+
+def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
+    """Run (or resume) preference tuning; returns paths and final metrics. `command` (how the run was
+    started) goes into the model card of every saved LoRA."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: set it to the feedback (e.g. --set data.train=pairs.parquet)")
+    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    out = Path(t.output_dir)
+    ckpt = find_checkpoint(out, t.resume)  # before anything is written: a refusal leaves the folder alone
+    changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
+    checkpointing = Checkpointing(unet="blocks" if t.gradient_checkpointing else "none")
+    components, params, optimizer, lr_sched = prepare_lora_training(cfg.model, cfg.lora, t, checkpointing,
+                                                                    accelerator)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    feed = FeedbackStream(cfg.method, cfg.data, components.image_size, t.seed, t.batch_size, rank, world)
+    logger.info("%s on %d %s; %d processes, %d per update (= %d x %d accumulation x %d processes), "
+                "%d updates",
+                cfg.method, len(feed.dataset), "pairs" if cfg.method == "dpo" else "images", world,
+                t.batch_size * t.gradient_accumulation * world, t.batch_size, t.gradient_accumulation, world,
+                t.max_updates)
+    judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
+    state = PreferenceState()
+    if ckpt is not None:
+        state = PreferenceState(**load_checkpoint(accelerator, ckpt, changed))
+        logger.info("resumed from %s at update %d", ckpt, state.update)
+    if accelerator.is_main_process:  # once the checkpoint fits: the run's settings from now on
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)
+
+    def card(updates: int) -> str:
+        return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)
+
+    batches = feed.batches(state.update * t.gradient_accumulation)
+    bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process,
+               desc=cfg.method.upper())
+    metrics: dict[str, float] = {}
+    checkpoint = ckpt  # the checkpoint of update state.update, when there is one
+    while True:
+        if _validation_pending(cfg, state):
+            if accelerator.is_main_process:
+                run_logger.scalars(state.update, validate(components, t, cfg.scheduler, state.update, out,
+                                                          run_logger, judges))
+                if checkpoint is not None:
+                    state.validated = state.update
+                    rewrite_state(checkpoint, vars(state).copy())
+            state.validated = state.update
+            accelerator.wait_for_everyone()
+        if state.update >= t.max_updates:
+            break
+        sums = _micro_batches(components, cfg, batches, state.update, accelerator, state)
+        all_reduce_grads(params, accelerator)
+        current_lr = lr_sched.get_last_lr()[0]
+        grad_norm, skipped = apply_update(accelerator, optimizer, lr_sched, params, t.max_grad_norm,
+                                          f"update {state.update + 1}")
+        state.update += 1
+        bar.update(1)
+        metrics = _update_metrics(cfg, sums, accelerator, grad_norm, current_lr, skipped)
+        if due(t.log_every, state.update, t.max_updates):
+            run_logger.scalars(state.update, metrics)
+            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4g}")
+        checkpoint = None
+        if due(t.checkpoint_every, state.update, t.max_updates):
+            checkpoint = _save(accelerator, out, state, cfg, components, card)
+    bar.close()
+
+    result = {"output_dir": str(out), "updates": state.update, "bad_rows_skipped_indexing": feed.n_bad_rows,
+              **metrics}
+    if accelerator.is_main_process:
+        result["lora"] = str(save_lora(components, out / "lora", card=card(state.update)))
+        curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",
+                           first="train/accuracy" if cfg.method == "dpo" else "train/reward_liked")
+        result["curve"] = str(curve) if curve else None
+        write_json(out / "result.json", paths_relative_to(result, out))  # the folder may be copied or moved
+    run_logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result

@@ -1,0 +1,145 @@
+"""What every LoRA trainer of Stable Diffusion shares (ReFL's refl/train.py and preference tuning's
+preference/train.py): the base with adapters, optimizer and LR schedule registered for checkpoints, the
+LoRA tensors as checkpoint state, the explicit gradient all-reduce, one optimizer update, when a periodic
+event is due, and validation samples scored by held-out judges.
+
+The UNet is not wrapped in DDP by either trainer: after the micro-batches the LoRA gradients are averaged
+across processes explicitly (`all_reduce_grads`), which keeps no-grad UNet calls (sampling, a reference
+model's pass) and multi-call gradient paths away from DDP's once-per-iteration hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from refl import guard
+from refl.components import DTYPES, Checkpointing, ModelConfig, SDComponents, load_components
+from refl.config import ReflTrainConfig
+from refl.lora import LoraConfig, add_lora, load_lora_state, lora_state
+from refl.sampling import make_pipeline, sample
+from refl.step import NonFiniteLossError
+from runkit.logs import RunLogger
+from runkit.optim import build_optimizer
+from runkit.schedules import build_lr_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class LoraCheckpointState:
+    """The LoRA tensors as an object accelerate's save_state / load_state carry
+    (register_for_checkpointing)."""
+
+    def __init__(self, components: SDComponents):
+        self.components = components
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.components)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.components.unet.device
+        load_lora_state(self.components, {k: v.to(device) for k, v in state.items()})
+
+
+def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t, checkpointing: Checkpointing, accelerator):
+    """Base model with LoRA, optimizer and LR schedule (registered for checkpoints, in this order: the
+    schedule, then the LoRA); returns (components, params, optimizer, lr_sched). `t` is a trainer's `train`
+    config (runkit.config.TrainSettings)."""
+    weight_dtype = DTYPES[t.mixed_precision]
+    components = load_components(model)
+    # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
+    components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    params = add_lora(components, lora, seed=t.seed)
+    components.unet.train()
+    components.set_gradient_checkpointing(checkpointing)
+    optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
+    # Stepped by us once per update that really happened (apply_update), so not prepared.
+    lr_sched = build_lr_scheduler(t.lr_schedule, optimizer.optimizer, t.warmup_updates, t.max_updates)
+    accelerator.register_for_checkpointing(lr_sched)
+    accelerator.register_for_checkpointing(LoraCheckpointState(components))
+    return components, params, optimizer, lr_sched
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Average LoRA gradients over processes in one flat all-reduce (the model is not DDP-wrapped)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def apply_update(accelerator, optimizer, lr_sched, params, max_grad_norm: float,
+                 name: str) -> tuple[float, bool]:
+    """Clip, step the optimizer and the LR schedule; returns (gradient norm, skipped).
+
+    Under fp16 the loss scaler skips an update whose gradients overflowed (and lowers its scale); the
+    LR schedule then does not step either, so the schedule counts updates that really happened.
+    Without a scaler a non-finite gradient is an error: nothing would ever repair it."""
+    if max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:
+        accelerator.unscale_gradients()
+        norms = [p.grad.norm() for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if not torch.isfinite(grad_norm) and accelerator.scaler is None:
+        raise NonFiniteLossError(f"{name}: gradient norm is {grad_norm}; no update was made")
+    optimizer.step()
+    skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    if skipped:
+        logger.warning("%s: fp16 gradients overflowed; the loss scaler skipped this update", name)
+    else:
+        lr_sched.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), skipped
+
+
+def due(every: int, update: int, last: int) -> bool:
+    """Whether a periodic event (validation, checkpoint, log line) happens after `update`: every `every`
+    updates (0: never in between) and always after the last."""
+    return update == last or (every > 0 and update % every == 0)
+
+
+
+
+@torch.no_grad()
+def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, update: int, out: Path,
+             run_logger: RunLogger, judges: dict | None = None, reward_fn=None) -> dict[str, float]:
+    """Fixed prompts and seeds -> image grid PNG (+ TensorBoard) and eval metrics: the mean training reward
+    when the trainer has one (`reward_fn`: eval/reward), each held-out judge's mean score
+    (eval/heldout/<spec>) and the images' diversity (eval/diversity, when there are 2+ images per prompt);
+    see refl/guard.py."""
+    from torchvision.utils import make_grid, save_image
+
+    prompts: Sequence[str] = [p for p in t.validation_prompts for _ in range(t.validation_images_per_prompt)]
+    was_training = components.unet.training
+    components.unet.eval()
+    metrics: dict[str, float] = {}
+    try:
+        with components.autocast():  # the reward's weights are in the base's dtype too
+            # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
+            images = sample(make_pipeline(components, scheduler), prompts, output="pt", batch_size=4,
+                            num_inference_steps=t.validation_num_inference_steps,
+                            guidance_scale=t.validation_guidance_scale,
+                            generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
+            if reward_fn is not None:
+                metrics["eval/reward"] = reward_fn(images, prompts).float().mean().item()
+    finally:
+        components.unet.train(was_training)
+    metrics.update(guard.judge(judges or {}, images, prompts))
+    diversity = guard.pixel_diversity(images, t.validation_images_per_prompt)
+    if diversity is not None:
+        metrics["eval/diversity"] = diversity
+    grid = make_grid(images.float().cpu(), nrow=t.validation_images_per_prompt * 4, padding=1)
+    (out / "samples").mkdir(exist_ok=True)
+    save_image(grid, out / "samples" / f"update-{update:06d}.png")
+    run_logger.image(update, "eval/samples", grid)
+    return metrics

@@ -1,0 +1,202 @@
+"""preference/: the DPO and KTO losses against hand computations, the reference pass is the base model bit
+for bit, the feedback readers (every pair format; labelled images and their bad rows), and tiny bf16 runs of
+both methods that train, resume exactly and save a LoRA the stock pipeline reproduces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers.lora import randomise_lora_b
+from helpers.pairs import pickapic_rows, write_shards
+from helpers.training import PROMPTS, lora_file
+
+from preference.objectives import dpo_loss, kto_loss, kto_reference_point
+
+# Two cores shared by several test runs: one intra-op thread avoids OpenMP spin-waiting.
+torch.set_num_threads(1)
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_dpo_loss_is_the_hand_computation_with_the_mean_outside():
+    e_w, e_l = [0.30, 0.10, 0.52], [0.20, 0.40, 0.50]
+    r_w, r_l = [0.25, 0.12, 0.50], [0.26, 0.38, 0.47]
+    beta = 40.0
+    z = [-beta / 2 * ((ew - rw) - (el - rl)) for ew, el, rw, rl in zip(e_w, e_l, r_w, r_l)]
+    hand = sum(-_log_sigmoid(v) for v in z) / len(z)
+    out = dpo_loss(*(torch.tensor(v) for v in (e_w, e_l, r_w, r_l)), beta)
+    assert out["loss"].item() == pytest.approx(hand, rel=1e-6)
+    assert out["accuracy"].item() == pytest.approx(sum(v > 0 for v in z) / 3)
+    mean_inside = -_log_sigmoid(sum(z) / len(z))  # diffusers issue #6702's version
+    assert abs(out["loss"].item() - mean_inside) > 0.05
+    # A kept tie (label 0.5) weighs both orders alike: swapping the images leaves its loss unchanged.
+    half = torch.full((3,), 0.5)
+    a = dpo_loss(*(torch.tensor(v) for v in (e_w, e_l, r_w, r_l)), beta, label=half)["loss"]
+    b = dpo_loss(*(torch.tensor(v) for v in (e_l, e_w, r_l, r_w)), beta, label=half)["loss"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    only_first = torch.tensor([1.0, 0.0, 0.0])
+    weighted = dpo_loss(*(torch.tensor(v) for v in (e_w, e_l, r_w, r_l)), beta, weight=only_first)
+    assert weighted["loss"].item() == pytest.approx(-_log_sigmoid(z[0]) / 3, rel=1e-6)
+
+
+def test_kto_loss_is_the_hand_computation():
+    e, r = [0.30, 0.10, 0.52, 0.2], [0.25, 0.12, 0.50, 0.3]
+    liked = [1.0, 0.0, 1.0, 0.0]
+    kl_e, kl_r = [0.29, 0.2, 0.4, 0.19], [0.30, 0.22, 0.41, 0.20]
+    beta, lam_d, lam_u = 30.0, 1.2, 0.8
+    kl = [-beta / 2 * (a - b) for a, b in zip(kl_e, kl_r)]
+    z0 = max(0.0, sum(kl) / len(kl))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    reward = [-beta / 2 * (a - b) for a, b in zip(e, r)]
+    hand = sum(lam_d * (1 - sig(rw - z0)) if y else lam_u * (1 - sig(z0 - rw))
+               for rw, y in zip(reward, liked)) / 4
+    kl_t = -beta / 2 * (torch.tensor(kl_e) - torch.tensor(kl_r))
+    z0_t = kto_reference_point(kl_t.sum(), torch.tensor(4.0))
+    assert z0_t.item() == pytest.approx(z0, rel=1e-6) and z0 > 0
+    out = kto_loss(torch.tensor(e), torch.tensor(r), torch.tensor(liked), z0_t, beta, lam_d, lam_u)
+    assert out["loss"].item() == pytest.approx(hand, rel=1e-6)
+    # The reference point is clamped at 0 and carries no gradient.
+    assert kto_reference_point(torch.tensor(-3.0), torch.tensor(2.0)).item() == 0.0
+    x = torch.tensor([0.5], requires_grad=True)
+    assert not kto_reference_point(x.sum(), torch.tensor(1.0)).requires_grad
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
+def test_the_reference_pass_is_the_base_model_bit_for_bit(preset):
+    from preference.step import denoising_errors, draw_noise, tuned_and_reference_errors
+    from refl import conditioning
+    from refl.components import load_components
+    from refl.lora import LoraConfig, add_lora
+
+    components = load_components(preset)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 2, 2, generator=gen)  # (B, C, h, w)
+    noise, t = draw_noise(components, latents, gen)
+    with torch.no_grad():
+        base = denoising_errors(components, latents, conditioning.encode(components, PROMPTS[:2]), noise, t)
+    add_lora(components, LoraConfig(rank=4, alpha=8.0, train_text_encoder=True))
+    randomise_lora_b(components)
+    tuned, ref = tuned_and_reference_errors(components, latents, PROMPTS[:2], noise, t)
+    assert torch.equal(ref, base)  # adapters off = the base, exactly (text encoders' adapters too)
+    assert (tuned - base).abs().max() > 1e-4 and tuned.requires_grad and not ref.requires_grad
+
+
+def _labelled_table(pairs_parquet, out):
+    """Liked / not-liked images from a pairs file: every preferred image liked, every rejected one not (as
+    the toy community's remixed and seen-but-not-remixed images)."""
+    pairs = pd.read_parquet(pairs_parquet)
+    base = pairs_parquet.parent
+    rows = [{"prompt": p, "image": str(base / img), "label": y}
+            for p, pos, neg in pairs[["prompt", "pos_path", "neg_path"]].itertuples(index=False)
+            for img, y in ((pos, 1.0), (neg, 0.0))]
+    pd.DataFrame(rows).to_parquet(out)
+    return out
+
+
+def test_feedback_streams_read_every_pair_format_and_labelled_images(tmp_path):
+    from preference.config import PreferenceDataConfig
+    from preference.data import FeedbackStream
+    from reward.data import DataError, LabelShards
+    from reward.synthetic import make_colour_pairs
+
+    shards = write_shards(tmp_path / "pickapic", pickapic_rows(24, size=8), n_shards=2, row_group=4)
+    data = PreferenceDataConfig(train=str(shards[0].parent / "train-*.parquet"))
+    stream = FeedbackStream("dpo", data, 16, seed=0, batch_size=3, rank=0, world=1)
+    assert len(stream.dataset) == 16  # 24 rows, every third a tie, dropped (data.tie_policy=drop)
+    first = [b for _, b in zip(range(4), stream.batches(0))]
+    assert first[0][1]["pos"].shape == (3, 3, 16, 16)
+    again = next(stream.batches(3))  # a resumed run reads on at micro-batch 3, as the run did
+    assert again[0] == 3 and again[1]["prompt"] == first[3][1]["prompt"]
+
+    pairs = make_colour_pairs(tmp_path / "colour", n_pairs=6, size=16, seed=0)
+    table = pd.read_parquet(_labelled_table(pairs, tmp_path / "labels.parquet"))
+    labels = FeedbackStream("kto", PreferenceDataConfig(train=str(tmp_path / "labels.parquet")), 16, seed=0,
+                            batch_size=4, rank=0, world=1)
+    assert len(labels.dataset) == 12 and sorted(labels.dataset.labels.tolist()) == [0.0] * 6 + [1.0] * 6
+    table.loc[3, "label"] = 0.5
+    table.loc[5, "image"] = str(tmp_path / "missing.png")
+    table.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="row 3: label=0.5"):
+        LabelShards(tmp_path / "bad.parquet", 16)
+    skipped = LabelShards(tmp_path / "bad.parquet", 16, on_bad_row="skip")
+    assert len(skipped) == 10 and skipped.n_bad_rows == 2
+
+
+def _run_overrides(out, data, method, model, updates=4):
+    return [f"train.output_dir={out}", f"model.name={model}", f"method={method}", f"data.train={data}",
+            f"train.max_updates={updates}", "train.batch_size=2", "train.gradient_accumulation=2",
+            "train.lr=1e-2",
+            "train.lr_schedule=cosine", "train.warmup_updates=1", "train.checkpoint_every=2",
+            "train.validate_every=2", "train.validation_prompts=[a red picture]",
+            "train.validation_num_inference_steps=2", "train.heldout_evaluators=[clip:tiny-clip]",
+            "train.mixed_precision=bf16", "beta=50", "lora.dropout=0.1"]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_tiny_bf16_run_trains_resumes_exactly_and_loads_in_the_stock_pipeline(method, base_dir, tmp_path,
+                                                                               monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    import preference.train as ptrain
+    from preference.config import PreferenceConfig
+    from refl.components import build_pipeline, load_components
+    from refl.lora import LoraConfig, add_lora, load_lora_state
+    from reward.synthetic import make_colour_pairs
+    from runkit.config import load_config
+
+    pairs = make_colour_pairs(tmp_path / "colour", n_pairs=8, size=16, seed=0)
+    data = pairs if method == "dpo" else _labelled_table(pairs, tmp_path / "labels.parquet")
+    full = ptrain.train(load_config(PreferenceConfig, None, _run_overrides(tmp_path / "full", data, method,
+                                                                           base_dir)))
+    assert full["updates"] == 4 and math.isfinite(full["train/loss"])
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows if "eval/heldout/clip:tiny-clip" in r] == [0, 2, 4]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert "Diffusion-" in (tmp_path / "full" / "lora" / "README.md").read_text()
+
+    step = ptrain.dpo_step if method == "dpo" else ptrain.kto_step
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # dies in update 3, after the update-2 checkpoint (2 micro-batches per update)
+            raise KeyboardInterrupt("simulated crash")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(ptrain, f"{method}_step", crashing)
+    overrides = _run_overrides(tmp_path / "resumed", data, method, base_dir)
+    with pytest.raises(KeyboardInterrupt):
+        ptrain.train(load_config(PreferenceConfig, None, overrides))
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("update-*")] == ["update-000002"]
+    monkeypatch.setattr(ptrain, f"{method}_step", step)
+    ptrain.train(load_config(PreferenceConfig, None, overrides + ["train.resume=latest"]))
+    a = lora_file(tmp_path / "full" / "checkpoints" / "update-000004")
+    b = lora_file(tmp_path / "resumed" / "checkpoints" / "update-000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = lora_file(tmp_path / "full" / "checkpoints" / "update-000002")
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # training moved the LoRA
+
+    # Our pipeline with the trained LoRA and the stock pipeline with the saved folder draw the same images.
+    components = load_components(str(base_dir))
+    add_lora(components, LoraConfig(rank=4, alpha=4.0, dropout=0.1))
+    load_lora_state(components, a)
+    components.unet.eval()  # the adapters' dropout modules were made in training mode
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(PROMPTS[:2], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    ours = run(build_pipeline(components))
+    stock = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None)
+    base_images = run(stock)
+    stock.load_lora_weights(tmp_path / "full" / "lora")
+    assert np.abs(ours - base_images).max() > 1e-4  # the LoRA changes the images
+    assert np.abs(ours - run(stock)).max() < 1e-5  # also: the saved folder carries no dropout to sample with
