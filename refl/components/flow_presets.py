@@ -71,10 +71,12 @@ def _clip(spec: FlowPresetSpec, projection: bool, pad_token_id: int):
 def _t5(spec: FlowPresetSpec, vocab_size: int):
     from transformers import T5Config, T5EncoderModel
 
-    # T5 v1.1's kind (gated GELU), as SD 3 and FLUX use
+    # T5 v1.1's kind (gated GELU), as SD 3 and FLUX use; no dropout, as a frozen encoder runs (T5Config's
+    # default 0.1 would make a freshly built encoder's embeddings random)
     return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=spec.t5_hidden, d_kv=16,
                                    d_ff=2 * spec.t5_hidden, num_layers=2, num_heads=spec.t5_hidden // 16,
-                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
+                                   feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
+                                   use_cache=False))
 
 
 def build_flow_preset(name: str, seed: int = 0) -> SDComponents:
