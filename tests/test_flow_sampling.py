@@ -69,3 +69,39 @@ def test_flow_embeddings_from_the_pipelines_encode_prompt(flow):
     from_embeds = sample(pipe, embeds=embeds, seeds=[1, 2], **kw)
     from_prompts = sample(pipe, [PROMPTS[0]] * 2, seeds=[1, 2], **kw)
     np.testing.assert_array_equal(from_embeds, from_prompts)
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_flow_lora_round_trips_through_the_stock_pipeline(name, tmp_path):
+    from helpers.lora import randomise_lora_b
+
+    from refl.components import pipeline_class, save_pipeline
+    from refl.lora import DEFAULT_TARGETS, LoraConfig, add_lora, save_lora
+
+    components = load_components(name)
+    save_pipeline(components, tmp_path / "base")
+    params = add_lora(components, LoraConfig(rank=4, alpha=16.0))  # alpha != rank
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in components.transformer.named_parameters()
+               if ".lora_A" in n}
+    # every joint block's attention of both streams and its two feed-forwards (FLUX: and the single blocks)
+    for target in DEFAULT_TARGETS[components.family]:
+        assert any(n.endswith(target) for n in adapted), target
+    assert len(params) == 2 * len(adapted)
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    kw = {"num_inference_steps": 3, "guidance_scale": 3.0, "output": "pt"}
+    tuned = sample(make_pipeline(components, "flow_euler"), PROMPTS[:2], seeds=[0, 1], **kw)
+    stock = pipeline_class(components.family).from_pretrained(tmp_path / "base")
+    stock.set_progress_bar_config(disable=True)
+    base_images = sample(stock, PROMPTS[:2], seeds=[0, 1], **kw)
+    stock.load_lora_weights(tmp_path / "lora")
+    reloaded = sample(stock, PROMPTS[:2], seeds=[0, 1], **kw)
+    assert (tuned - base_images).abs().max() > 1e-2  # the LoRA does change the images
+    assert (tuned - reloaded).abs().max() < 1e-5
+
+
+def test_text_encoder_lora_refused_for_flow_models():
+    from refl.lora import LoraConfig, add_lora
+
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        add_lora(load_components("tiny-flux"), LoraConfig(train_text_encoder=True))

@@ -39,6 +39,7 @@ from refl.components.loading import (
     load_components,
     load_vae,
     model_family,
+    pipeline_class,
     save_pipeline,
 )
 from refl.components.presets import (
@@ -88,6 +89,7 @@ __all__ = [
     "load_components",
     "load_vae",
     "model_family",
+    "pipeline_class",
     "save_pipeline",
     "build_t5_tokenizer",
 ]

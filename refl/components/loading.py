@@ -39,7 +39,8 @@ FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLP
                     "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
-def _pipeline_class(family: str):
+def pipeline_class(family: str):
+    """The stock diffusers pipeline class of a family."""
     import diffusers
 
     return getattr(diffusers, FAMILY_PIPELINES[family])
@@ -106,7 +107,7 @@ def model_family(name: str, index: dict) -> str:
 def _flow_from_pretrained(name: str, family: str, kw: dict, variant: str | None) -> SDComponents:
     """A flow model's components through its stock pipeline's own loading (every part in fp32)."""
     # Stored weights may be half precision; training casts the frozen base to its mixed-precision dtype.
-    pipe = _pipeline_class(family).from_pretrained(name, variant=variant, dtype=torch.float32, **kw)
+    pipe = pipeline_class(family).from_pretrained(name, variant=variant, dtype=torch.float32, **kw)
     parts = {k: getattr(pipe, k, None)
              for k in ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")}
     return SDComponents(None, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
@@ -245,7 +246,7 @@ def build_pipeline(components: SDComponents, scheduler=None):
     if components.is_flow:
         parts = {name: m for name, m in (("tokenizer_2", components.tokenizer_2),
                                          ("tokenizer_3", components.tokenizer_3)) if m is not None}
-        return _pipeline_class(components.family)(
+        return pipeline_class(components.family)(
             transformer=components.transformer, scheduler=scheduler, vae=components.vae,
             tokenizer=components.tokenizer, **components.text_encoders(), **parts)
     if components.is_sdxl:
