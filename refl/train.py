@@ -80,7 +80,7 @@ class LoraCheckpointState:
         return lora_state(self.components)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        device = self.components.unet.device
+        device = self.components.denoiser.device
         load_lora_state(self.components, {k: v.to(device) for k, v in state.items()})
 
 
@@ -108,8 +108,8 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
 
     t = cfg.train
     prompts = [p for p in t.validation_prompts for _ in range(t.validation_images_per_prompt)]
-    was_training = components.unet.training
-    components.unet.eval()
+    was_training = components.denoiser.training
+    components.denoiser.eval()
     try:
         with components.autocast():  # the reward's weights are in the base's dtype too
             # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
@@ -119,7 +119,7 @@ def validate(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, upd
                             generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)
             metrics = {"eval/reward": reward_fn(images, prompts).float().mean().item()}
     finally:
-        components.unet.train(was_training)
+        components.denoiser.train(was_training)
     metrics.update(guard.judge(judges or {}, images, prompts))
     diversity = guard.pixel_diversity(images, t.validation_images_per_prompt)
     if diversity is not None:
@@ -164,7 +164,7 @@ def _prepare(cfg: ReflConfig, accelerator):
     # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
     components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     params = add_lora(components, cfg.lora, seed=t.seed)
-    components.unet.train()
+    components.denoiser.train()
     components.set_gradient_checkpointing(checkpointing_for(cfg.step.method, t.gradient_checkpointing))
     optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
     # Stepped by us once per update that really happened (apply_update), so not prepared.

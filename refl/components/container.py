@@ -115,6 +115,12 @@ class SDComponents:
         return self.family in FLOW_FAMILIES
 
     @property
+    def guidance_embedded(self) -> bool:
+        """Guidance-distilled (FLUX.1 dev): the guidance scale is an input of the transformer, one pass and no
+        negative prompt; the others take classifier-free guidance with a negative pass."""
+        return self.is_flow and bool(getattr(self.transformer.config, "guidance_embeds", False))
+
+    @property
     def is_sdxl(self) -> bool:
         return self.family == "sdxl"
 
