@@ -87,3 +87,31 @@ def test_every_method_trains_every_lora_module_bf16(flow_lora, method):
         dead = {f"transformer_blocks.{len(components.transformer.transformer_blocks) - 1}.attn.add_q_proj"}
     assert silent == dead
     assert all(p.dtype == torch.float32 for p in params.values())
+
+
+def test_short_refl_run_on_tiny_flux_saves_a_lora_the_stock_pipeline_loads(tmp_path, capsys):
+    import json
+
+    from helpers.training import tiny_train_overrides
+
+    from refl.cli import train_main
+    from refl.components import pipeline_class, save_pipeline
+
+    base = save_pipeline(load_components("tiny-flux"), tmp_path / "base")
+    out = tmp_path / "run"
+    argv = []
+    for o in tiny_train_overrides(out, updates=2) + [
+            "model.name=tiny-flux", "step.scheduler=flow_euler", "lora.dropout=0.0", "train.validate_every=2",
+            "train.mixed_precision=bf16", "step.guidance_scale=3.0", "step.kl_weight=0.1",
+            "step.reg_weight=0.1", "data.reg_pool_size=2", "train.validation_guidance_scale=3.0"]:
+        argv += ["--set", o]
+    assert train_main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["updates"] == 2 and "train/reg_loss" in result and "train/kl_loss" in result
+    assert (out / "samples" / "update-000002.png").is_file()
+    stock = pipeline_class("flux").from_pretrained(base)
+    stock.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 3, "guidance_scale": 3.0, "output": "pt"}
+    before = sample(stock, PROMPTS[:1], seeds=[0], **kw)
+    stock.load_lora_weights(out / "lora")
+    assert (sample(stock, PROMPTS[:1], seeds=[0], **kw) - before).abs().max() > 0  # the trained update
