@@ -62,7 +62,7 @@ def dpo_step(components: SDComponents, batch: dict, beta: float,
              generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Diffusion-DPO on a micro-batch of B pairs (batch: prompt, pos, neg (B, 3, S, S) in [0, 1], label,
     weight); both images of a pair share its timestep and noise, as the objective needs."""
-    device = components.unet.device
+    device = components.denoiser.device
     with components.autocast():
         images = torch.cat([batch["pos"], batch["neg"]]).to(device)  # (2B, 3, S, S): preferred first
         latents = encode_images(components, images, generator)  # (2B, C, h, w)
@@ -82,7 +82,7 @@ def kto_step(components: SDComponents, batch: dict, beta: float, desirable_weigh
     prompt of image i + 1 (cyclically), at the same noise and timestep, without gradient; `reduce_sum`
     adds its sums up over processes (a collective: every process calls it once per micro-batch, see
     `join_reference_point`)."""
-    device = components.unet.device
+    device = components.denoiser.device
     prompts = list(batch["prompt"])
     with components.autocast():
         latents = encode_images(components, batch["image"].to(device), generator)  # (B, C, h, w)

@@ -1,4 +1,4 @@
-"""What the UNet reads beside the latents and the timestep, on the gradient path of refl.step.
+"""What the denoiser reads beside the latents and the timestep, on the gradient path of refl.step.
 
 SD 1.x / 2.x: the text encoder's last hidden states. SDXL, as its stock pipeline computes them (a test
 compares with `StableDiffusionXLPipeline.encode_prompt`):
@@ -9,6 +9,10 @@ compares with `StableDiffusionXLPipeline.encode_prompt`):
 - the negative of classifier-free guidance: what the stock pipeline uses for an empty negative prompt,
   zeros for both embeddings when the model's `force_zeros_for_empty_prompt` is on (SDXL base's setting),
   else "" encoded, as always for SD 1.x / 2.x.
+SD 3 and FLUX: what their stock pipeline's own `encode_prompt` returns, called here with gradient (SD 3:
+both CLIPs' penultimate states side by side, padded to T5's width, then T5's states; the pooled pair of
+projections; FLUX: T5's states, CLIP-L's pooled embedding and the text position ids). SD 3's guidance
+negative is "" encoded; FLUX, guidance-distilled, takes no negative.
 The no-grad paths never use this module: they call the stock pipeline (refl.sampling).
 """
 
@@ -19,16 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
-from refl.components import SDComponents
+from refl.components import SDComponents, build_pipeline
 
 
 @dataclass
 class Conditioning:
-    """The UNet's conditioning for a batch of B prompts."""
+    """The denoiser's conditioning for a batch of B prompts."""
 
-    hidden: torch.Tensor  # (B, L, D) text hidden states the UNet cross-attends to
-    pooled: torch.Tensor | None = None  # (B, P) SDXL: pooled text embedding; None for SD 1.x / 2.x
+    hidden: torch.Tensor  # (B, L, D) text hidden states the denoiser attends to
+    pooled: torch.Tensor | None = None  # (B, P) pooled text embedding (SDXL, SD 3, FLUX); None for SD 1.x/2.x
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop top-left, target size
+    text_ids: torch.Tensor | None = None  # (L, 3) FLUX: the text tokens' position ids (zeros)
 
     def unet_kwargs(self) -> dict:
         """Keyword arguments of `UNet2DConditionModel.forward` besides sample and timestep."""
@@ -45,6 +50,9 @@ def cat(first: Conditioning, second: Conditioning) -> Conditioning:
     """Two batches as one, `first` first (classifier-free guidance: the negative half first)."""
     if first.pooled is None:
         return Conditioning(torch.cat([first.hidden, second.hidden]))
+    if first.time_ids is None:  # SD 3
+        return Conditioning(torch.cat([first.hidden, second.hidden]),
+                            torch.cat([first.pooled, second.pooled]))
     return Conditioning(torch.cat([first.hidden, second.hidden]), torch.cat([first.pooled, second.pooled]),
                         torch.cat([first.time_ids, second.time_ids]))
 
@@ -61,7 +69,10 @@ def size_ids(components: SDComponents, batch: int, device) -> torch.Tensor:
 
 
 def encode(components: SDComponents, prompts: Sequence[str]) -> Conditioning:
-    """Prompts -> the UNet's conditioning; differentiable through text encoders that carry trainable LoRA."""
+    """Prompts -> the denoiser's conditioning; differentiable through text encoders that carry trainable
+    LoRA."""
+    if components.is_flow:
+        return _encode_flow(components, prompts)
     if not components.is_sdxl:
         ids = _token_ids(components.tokenizer, prompts, components.text_encoder.device)
         return Conditioning(components.text_encoder(ids)[0])  # (B, L, D)
@@ -74,8 +85,23 @@ def encode(components: SDComponents, prompts: Sequence[str]) -> Conditioning:
     return Conditioning(torch.cat(hidden, dim=-1), pooled, size_ids(components, len(prompts), pooled.device))
 
 
+def _encode_flow(components: SDComponents, prompts: Sequence[str]) -> Conditioning:
+    """SD 3's or FLUX's conditioning from its stock pipeline's `encode_prompt` (with gradient here)."""
+    pipe = build_pipeline(components)
+    device = components.text_encoder.device
+    if components.family == "flux":
+        hidden, pooled, text_ids = pipe.encode_prompt(list(prompts), None, device=device)
+        return Conditioning(hidden, pooled, text_ids=text_ids)  # (B, L, D), (B, P), (L, 3)
+    hidden, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device,
+                                              do_classifier_free_guidance=False)
+    return Conditioning(hidden, pooled)  # (B, L_clip + L_t5, D), (B, P)
+
+
 def negative(components: SDComponents, cond: Conditioning) -> Conditioning:
     """The guidance negative for a batch like `cond`: the empty prompt, as the stock pipeline draws it."""
+    if components.guidance_embedded:
+        raise ValueError(f"a {components.family} model takes its guidance as an embedding: it has no "
+                         "negative")
     if not (components.is_sdxl and components.force_zeros_for_empty_prompt):
         return encode(components, [""] * len(cond))
     return Conditioning(torch.zeros_like(cond.hidden), torch.zeros_like(cond.pooled), cond.time_ids)

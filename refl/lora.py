@@ -1,5 +1,5 @@
-"""LoRA on the UNet (and optionally the text encoders, both of SDXL's) through peft, saved in diffusers
-format.
+"""LoRA on the denoiser (the UNet; SD 3's and FLUX's transformer) and optionally the text encoders (both of
+SDXL's; UNet families only) through peft, saved in diffusers format.
 
 Only LoRA parameters train; they stay fp32 even when the frozen base runs in fp16/bf16, because
 Adam updates of size lr * 1 are below fp16's resolution for weights near 1. The saved files carry
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refl.components import SDComponents
+from refl.components import SDComponents, pipeline_class
 from runkit.files import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -34,12 +34,29 @@ class LoraConfig:
     alpha: float = 4.0
     # Dropout on the LoRA branch input (0 disables; ReFL peers use 0).
     dropout: float = 0.0
-    # UNet attention projections that get adapters.
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Denoiser modules that get adapters; None = the model family's DEFAULT_TARGETS (the UNet's attention
+    # projections; a flow transformer's attention projections of both streams and its feed-forward layers).
+    target_modules: list[str] | None = None
     # Also put adapters on the text encoder's attention projections (SDXL: on both text encoders).
     train_text_encoder: bool = False
     # Text-encoder modules that get adapters when train_text_encoder is true.
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+# The UNet's attention projections; SD 3's and FLUX's joint blocks' attention of the image and text streams
+# and both feed-forward layers, and FLUX's single-stream blocks' attention and MLP input (their proj_out is
+# left out: the name also matches the transformer's final output layer).
+_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+_JOINT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                  "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                  "ff_context.net.0.proj", "ff_context.net.2"]
+DEFAULT_TARGETS: dict[str, list[str]] = {"sd": _UNET_TARGETS, "sdxl": _UNET_TARGETS, "sd3": _JOINT_TARGETS,
+                                         "flux": _JOINT_TARGETS + ["proj_mlp"]}
+
+
+def target_modules(cfg: LoraConfig, components: SDComponents) -> list[str]:
+    """The denoiser modules that get adapters: `cfg.target_modules`, or the family's default."""
+    return list(cfg.target_modules) if cfg.target_modules is not None else DEFAULT_TARGETS[components.family]
 
 
 def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
@@ -53,11 +70,15 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
     """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params.
     `seed` (the run's train.seed) fixes the Gaussian LoRA-A initialisation (B starts at zero, so the
     tuned model starts as the base)."""
+    if cfg.train_text_encoder and components.is_flow:
+        raise ValueError(f"lora.train_text_encoder: text-encoder LoRA is not supported for "
+                         f"{components.family} models yet; set lora.train_text_encoder=false")
     for module in components.modules().values():
         module.requires_grad_(False)
     torch.manual_seed(seed)
-    components.unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
-    modules = [components.unet]
+    targets = target_modules(cfg, components)
+    components.denoiser.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets))
+    modules = [components.denoiser]
     if cfg.train_text_encoder:
         for encoder in components.text_encoders().values():
             encoder.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules))
@@ -72,7 +93,7 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
             elif p.requires_grad:  # add_adapter leaves base weights frozen; check, never assume
                 raise RuntimeError(f"base weight {name} requires grad after add_adapter")
     if not params:
-        raise RuntimeError(f"no LoRA adapters attached: target modules {cfg.target_modules} matched nothing")
+        raise RuntimeError(f"no LoRA adapters attached: target modules {targets} matched nothing")
     logger.info("LoRA r=%d alpha=%g: %d tensors, %.3fM trainable parameters", cfg.rank, cfg.alpha,
                 len(params), sum(p.numel() for p in params) / 1e6)
     return params
@@ -88,8 +109,9 @@ def _adapted_text_encoders(components: SDComponents) -> dict[str, torch.nn.Modul
 
 
 def _lora_modules(components: SDComponents) -> dict[str, torch.nn.Module]:
-    """The modules carrying adapters, by their diffusers names (unet, text_encoder, text_encoder_2)."""
-    return {"unet": components.unet, **_adapted_text_encoders(components)}
+    """The modules carrying adapters, by their diffusers names (unet or transformer, text_encoder,
+    text_encoder_2)."""
+    return {components.denoiser_name: components.denoiser, **_adapted_text_encoders(components)}
 
 
 def lora_state(components: SDComponents) -> dict[str, torch.Tensor]:
@@ -107,7 +129,8 @@ def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) ->
     """Inverse of `lora_state` into already-attached adapters (resume); fails on any mismatch."""
     from peft.utils import set_peft_model_state_dict
 
-    for prefix, module in {"unet": components.unet, **components.text_encoders()}.items():
+    adaptable = {components.denoiser_name: components.denoiser, **components.text_encoders()}
+    for prefix, module in adaptable.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         if not part:
             continue
@@ -122,9 +145,9 @@ def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) ->
 
 def save_lora(components: SDComponents, directory: str | os.PathLike, card: str | None = None) -> Path:
     """Write the LoRA in diffusers format (`pipe.load_lora_weights(directory)` of the stock pipeline of the
-    base, StableDiffusionPipeline or StableDiffusionXLPipeline, reads it), with alpha as adapter metadata,
-    and `card` as README.md when given, atomically: a temp dir beside the target, then a rename."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    base's family reads it), with alpha as adapter metadata, and `card` as README.md when given,
+    atomically: a temp dir beside the target, then a rename. UNet LoRA keys are converted to diffusers'
+    naming as its UNet loader expects; the transformer loaders read peft's keys as they are."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -132,15 +155,15 @@ def save_lora(components: SDComponents, directory: str | os.PathLike, card: str 
     directory.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     for name, module in _lora_modules(components).items():
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
-            {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()})
+        state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
+        kwargs[f"{name}_lora_layers"] = (state if components.is_flow
+                                         else convert_state_dict_to_diffusers(state))
         # Dropout is a training setting: a loader that injects adapters after the pipeline's eval() (as
         # load_lora_weights does) would otherwise draw random dropout masks at inference.
         kwargs[f"{name}_lora_adapter_metadata"] = {**module.peft_config[ADAPTER_NAME].to_dict(),
                                                    "lora_dropout": 0.0}
-    pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
     with atomic_dir(directory) as tmp:
-        pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        pipeline_class(components.family).save_lora_weights(tmp, safe_serialization=True, **kwargs)
         if card is not None:
             (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
     return directory

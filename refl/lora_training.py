@@ -40,7 +40,7 @@ class LoraCheckpointState:
         return lora_state(self.components)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        device = self.components.unet.device
+        device = self.components.denoiser.device
         load_lora_state(self.components, {k: v.to(device) for k, v in state.items()})
 
 
@@ -53,7 +53,7 @@ def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t, checkpointing
     # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
     components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     params = add_lora(components, lora, seed=t.seed)
-    components.unet.train()
+    components.denoiser.train()
     components.set_gradient_checkpointing(checkpointing)
     optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
     # Stepped by us once per update that really happened (apply_update), so not prepared.
@@ -120,8 +120,8 @@ def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, updat
     from torchvision.utils import make_grid, save_image
 
     prompts: Sequence[str] = [p for p in t.validation_prompts for _ in range(t.validation_images_per_prompt)]
-    was_training = components.unet.training
-    components.unet.eval()
+    was_training = components.denoiser.training
+    components.denoiser.eval()
     metrics: dict[str, float] = {}
     try:
         with components.autocast():  # the reward's weights are in the base's dtype too
@@ -133,7 +133,7 @@ def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, updat
             if reward_fn is not None:
                 metrics["eval/reward"] = reward_fn(images, prompts).float().mean().item()
     finally:
-        components.unet.train(was_training)
+        components.denoiser.train(was_training)
     metrics.update(guard.judge(judges or {}, images, prompts))
     diversity = guard.pixel_diversity(images, t.validation_images_per_prompt)
     if diversity is not None:

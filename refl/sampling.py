@@ -1,5 +1,6 @@
-"""The one way this project draws images without gradient: a stock `StableDiffusionPipeline` call (for
-SDXL a stock `StableDiffusionXLPipeline` call; `refl.components.build_pipeline` picks the class).
+"""The one way this project draws images without gradient: a call of the model family's stock pipeline
+(`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, `FluxPipeline`;
+`refl.components.build_pipeline` picks the class).
 
 Training validation, the regulariser's base samples, the comparison harness, `generate.py` and the toy
 world's pre-training report and community all call `sample`. The ReFL step keeps its own loop: it
@@ -10,7 +11,13 @@ was drawn in; `generator` shares one generator across the call (drawn from in ba
 what a training loop that reproduces a whole batch from one seed wants.
 
 Text: `prompts`, or one prompt's embeddings from `encode_text` (the pipeline's own `encode_prompt`,
-keyed by the pipeline's argument names, so SDXL's pooled embeddings travel with them).
+keyed by the pipeline's argument names, so SDXL's, SD 3's and FLUX's pooled embeddings travel with them).
+
+Samplers (`SCHEDULERS`): the UNet families sample with `ddim` or `ddpm` on their DDPM schedule; the
+flow-matching families with `flow_euler`, the model's own FlowMatchEulerDiscreteScheduler (its shift).
+`guidance_scale` is classifier-free guidance (a negative pass) for SD 1.x / 2.x, SDXL and SD 3, and FLUX's
+guidance embedding (guidance-distilled: one pass, no negative). Latents (`output="latent"`) are always
+(B, C, h, w) in the VAE's scaled space: FLUX's packed tokens are unpacked.
 
 Half precision: under fp16 autocast with a VAE kept in fp32 (refl.components: SDXL's VAE overflows in
 fp16), the pipeline returns latents and the VAE decodes them outside autocast; the pipeline's own
@@ -24,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from refl.components import SDComponents, build_pipeline
+from refl.components import FAMILY_PIPELINES, FLOW_FAMILIES, SDComponents, build_pipeline
 
 OUTPUTS = ("latent", "pt", "uint8", "pil")
 
@@ -41,11 +48,24 @@ def _ddpm(config):
     return DDPMScheduler.from_config(config)
 
 
-SCHEDULERS: dict[str, Callable] = {"ddim": _ddim, "ddpm": _ddpm}
+def _flow_euler(config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+SCHEDULERS: dict[str, Callable] = {"ddim": _ddim, "ddpm": _ddpm, "flow_euler": _flow_euler}
+# The samplers that fit a flow-matching model; the others fit the UNet (DDPM-trained) families.
+FLOW_SCHEDULERS = ("flow_euler",)
 # `scheduler: model`: the sampler the model's own model_index.json names (SDXL base ships Euler), built from
 # its scheduler/scheduler_config.json: what `DiffusionPipeline.from_pretrained` of that model samples with.
-# DDPM for presets.
+# For presets: DDPM (UNet families) or the flow Euler sampler.
 MODEL_SCHEDULER = "model"
+
+
+def schedulers_for(components: SDComponents) -> list[str]:
+    """The SCHEDULERS names that fit this model's family."""
+    return [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == components.is_flow]
 
 
 def model_scheduler(components: SDComponents):
@@ -54,24 +74,30 @@ def model_scheduler(components: SDComponents):
 
     source = components.source
     if source.startswith(("preset:", "random:")):
-        return _ddpm(components.scheduler.config)
+        return SCHEDULERS[schedulers_for(components)[-1]](components.scheduler.config)
     # Both honour HF_HUB_OFFLINE (a hub id is read from the cache the model was loaded from).
     name = diffusers.DiffusionPipeline.load_config(source).get("scheduler", [None, None])[1]
     cls = getattr(diffusers, name or "", None)
     if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"{source}: model_index.json names the scheduler {name!r}, which this diffusers "
-                         f"does not have; set scheduler to one of {sorted(SCHEDULERS)}")
+                         f"does not have; set scheduler to one of {schedulers_for(components)}")
     return cls.from_config(cls.load_config(source, subfolder="scheduler"))
 
 
 def make_scheduler(name: str, components: SDComponents):
-    """A sampling scheduler sharing the model's noise schedule (betas, prediction type): one of SCHEDULERS,
-    or MODEL_SCHEDULER for the model's own."""
+    """A sampling scheduler sharing the model's noise schedule (betas and prediction type; a flow model's
+    shift): one of SCHEDULERS, or MODEL_SCHEDULER for the model's own; a ValueError names the samplers that
+    fit the model's family."""
     if name == MODEL_SCHEDULER:
         return model_scheduler(components)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose {MODEL_SCHEDULER} (the model's own) or one of "
                          f"{sorted(SCHEDULERS)}")
+    fitting = schedulers_for(components)
+    if name not in fitting:
+        raise ValueError(f"scheduler {name!r} does not fit {components.source} (a {components.family} model: "
+                         f"{'flow matching' if components.is_flow else 'a DDPM schedule'}); choose one of "
+                         f"{fitting}")
     return SCHEDULERS[name](components.scheduler.config)
 
 
@@ -96,15 +122,46 @@ EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds"
                "negative_pooled_prompt_embeds")
 
 
+def pipeline_family(pipe) -> str:
+    """The family of a stock pipeline (refl.components.FAMILY_PIPELINES)."""
+    by_class = {cls: family for family, cls in FAMILY_PIPELINES.items()}
+    if type(pipe).__name__ not in by_class:
+        raise TypeError(f"{type(pipe).__name__} is none of the stock pipelines {sorted(by_class)}")
+    return by_class[type(pipe).__name__]
+
+
 @torch.no_grad()
 def encode_text(pipe, prompt: str, guidance_scale: float) -> dict[str, torch.Tensor | None]:
     """One prompt's embeddings as the stock pipeline computes them (its default negative prompt: "" for
-    SD 1.x / 2.x, for SDXL zeros unless the model's force_zeros_for_empty_prompt is off), keyed by the
-    pipeline's argument names: prompt_embeds (1, T, C), negative_prompt_embeds (None without guidance) and,
-    for SDXL, the pooled (1, P) pair."""
+    SD 1.x / 2.x and SD 3, for SDXL zeros unless the model's force_zeros_for_empty_prompt is off; FLUX has
+    none), keyed by the pipeline's argument names: prompt_embeds (1, T, C), negative_prompt_embeds (None
+    without guidance) and, for SDXL, SD 3 and FLUX, the pooled (1, P) pair."""
+    if pipeline_family(pipe) == "flux":  # guidance-distilled: no negative; text_ids the pipeline remakes
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=pipe.device,
+                                               num_images_per_prompt=1)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    # SD 3's takes a prompt per text encoder; None = the same prompt for each
+    others = {"prompt_2": None, "prompt_3": None} if pipeline_family(pipe) == "sd3" else {}
     out = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=1,
-                             do_classifier_free_guidance=guidance_scale > 1.0)
+                             do_classifier_free_guidance=guidance_scale > 1.0, **others)
     return dict(zip(EMBED_NAMES, out))
+
+
+def image_size(pipe) -> int:
+    """The pixels per side a flow pipeline draws for its model: SD 3's transformer's sample size in pixels,
+    FLUX's VAE's sample size (its pipeline's own default is 1024 whatever the model)."""
+    if pipeline_family(pipe) == "flux":
+        return int(pipe.vae.config.sample_size)
+    return int(pipe.transformer.config.sample_size) * pipe.vae_scale_factor
+
+
+def unpack_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """A pipeline's latent output as (B, C, h, w): FLUX's packed (B, h/2 * w/2, 4C) tokens unpacked with its
+    own `_unpack_latents`; other families' as they are."""
+    if pipeline_family(pipe) != "flux":
+        return latents
+    size = image_size(pipe)
+    return type(pipe)._unpack_latents(latents, size, size, pipe.vae_scale_factor)  # (B, C, h, w)
 
 
 def _vae_outside_autocast(pipe) -> bool:
@@ -117,8 +174,11 @@ def _vae_outside_autocast(pipe) -> bool:
 def _decode_outside_autocast(pipe, latents: torch.Tensor, pipe_output: str):
     """The pipeline's decode step with the autocast of the caller switched off (fp32 VAE)."""
     vae = pipe.vae
+    latents = latents.float() / vae.config.scaling_factor  # (B, C, h, w)
+    if getattr(vae.config, "shift_factor", None) is not None:  # SD 3's and FLUX's VAEs
+        latents = latents + vae.config.shift_factor
     with torch.autocast(vae.device.type, enabled=False):
-        images = vae.decode(latents.float() / vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
+        images = vae.decode(latents).sample  # (B, 3, H, W) in ~[-1, 1]
     return pipe.image_processor.postprocess(images, output_type=pipe_output)
 
 
@@ -131,6 +191,7 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
     """Images for `prompts` (or for one prompt's `embeds` from `encode_text`, repeated len(seeds) times).
 
     Exactly one of `seeds` (one generator per image) and `generator` (one for the whole call) is given.
+    `eta` is DDIM's; the flow families' sampler has none.
     `output`: "latent" (B, C, h, w), "pt" float (B, 3, H, W) in [0, 1], "uint8" (B, H, W, 3), "pil" list.
     """
     if output not in OUTPUTS:
@@ -148,6 +209,11 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipe_output = {"latent": "latent", "pt": "pt", "uint8": "pt", "pil": "pil"}[output]
     decode_here = output != "latent" and _vae_outside_autocast(pipe)
+    family = pipeline_family(pipe)
+    # DDIM's eta where the pipeline has it (flow pipelines have none); flow pipelines are told their model's
+    # size (FLUX's defaults to 1024 px)
+    options = {"eta": eta} if family not in FLOW_FAMILIES else {"height": image_size(pipe),
+                                                               "width": image_size(pipe)}
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -156,8 +222,10 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
         else:  # (1, T, C) -> (b, T, C); pooled (1, P) -> (b, P)
             text = {k: v.expand(b, *v.shape[1:]) for k, v in embeds.items() if v is not None}
         gens = seed_generators(seeds[start : start + b]) if seeds is not None else generator
-        images = pipe(**text, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                      generator=gens, output_type="latent" if decode_here else pipe_output).images
+        images = pipe(**text, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=gens, output_type="latent" if decode_here else pipe_output, **options).images
+        if pipe_output == "latent" or decode_here:
+            images = unpack_latents(pipe, images)  # (B, C, h, w)
         if decode_here:
             images = _decode_outside_autocast(pipe, images, pipe_output)
         out.append(to_uint8(images) if output == "uint8" else images)

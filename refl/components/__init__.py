@@ -1,4 +1,5 @@
-"""One factory for Stable Diffusion components: SD 1.x / 2.x and SDXL.
+"""One factory for diffusion-model components: SD 1.x / 2.x and SDXL (UNets), SD 3 / 3.5 and FLUX.1
+(flow-matching transformers). `SDComponents.family` says which ("sd", "sdxl", "sd3", "flux").
 
 `load_components(ModelConfig(name=...))` returns UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
 CLIPTokenizer and the training (DDPM) scheduler, and for SDXL also its second text encoder
@@ -9,18 +10,38 @@ second tokenizer, from
 - or a named preset built with seeded random weights: `"tiny"` for tests, `"tiny-v"` (SD 2.x style:
   v-prediction, linear attention projections), `"tiny-sdxl"` (SDXL's layout: two text encoders, pooled
   embedding and size conditioning), `"toy"` for the toy world, and the full-size architectures `"sd15"`
-  and `"sdxl"` from the configs shipped in `refl/model_configs/`.
+  and `"sdxl"` from the configs shipped in `refl/model_configs/`, and the flow presets `"tiny-sd3"` and
+  `"tiny-flux"` (SD3Transformer2DModel / FluxTransformer2DModel, T5 beside CLIP, the 16-channel VAE).
 
 The parts, each importing only those above it:
 - `container`: `SDComponents` (what every other module receives), `ModelConfig`, `Checkpointing`, `DTYPES`;
-- `tokenizers`: CLIP tokenizers rebuilt offline from open_clip's vocabulary;
-- `presets`: the presets and full-size architectures with seeded random weights;
+- `tokenizers`: CLIP tokenizers rebuilt offline from open_clip's vocabulary, a small T5 tokenizer;
+- `presets`: the UNet presets and full-size architectures with seeded random weights;
+- `flow_presets`: the flow-matching presets;
 - `loading`: diffusers directories and hub ids, `load_components`, `build_pipeline`, `save_pipeline`.
 Everyone else imports from `refl.components`.
 """
 
-from refl.components.container import DTYPES, UNET_CHECKPOINTING, Checkpointing, ModelConfig, SDComponents
-from refl.components.loading import build_pipeline, enable_attention, load_components, load_vae, save_pipeline
+from refl.components.container import (
+    DTYPES,
+    FAMILIES,
+    FLOW_FAMILIES,
+    UNET_CHECKPOINTING,
+    Checkpointing,
+    ModelConfig,
+    SDComponents,
+)
+from refl.components.flow_presets import FLOW_PRESETS, FlowPresetSpec, build_flow_preset
+from refl.components.loading import (
+    FAMILY_PIPELINES,
+    build_pipeline,
+    enable_attention,
+    load_components,
+    load_vae,
+    model_family,
+    pipeline_class,
+    save_pipeline,
+)
 from refl.components.presets import (
     ARCHITECTURES,
     HUB_ARCHITECTURES,
@@ -35,6 +56,7 @@ from refl.components.tokenizers import (
     CLIP_VOCAB_SIZE,
     SDXL_PAD_TOKEN_2,
     build_clip_tokenizer,
+    build_t5_tokenizer,
     clip_vocab_files,
 )
 
@@ -42,17 +64,23 @@ __all__ = [
     "ARCHITECTURES",
     "CLIP_VOCAB_SIZE",
     "DTYPES",
+    "FAMILIES",
+    "FAMILY_PIPELINES",
+    "FLOW_FAMILIES",
+    "FLOW_PRESETS",
     "HUB_ARCHITECTURES",
     "MODEL_CONFIG_DIR",
     "PRESETS",
     "SDXL_PAD_TOKEN_2",
     "UNET_CHECKPOINTING",
     "Checkpointing",
+    "FlowPresetSpec",
     "ModelConfig",
     "PresetSpec",
     "SDComponents",
     "build_architecture",
     "build_clip_tokenizer",
+    "build_flow_preset",
     "build_from_configs",
     "build_pipeline",
     "build_preset",
@@ -60,5 +88,8 @@ __all__ = [
     "enable_attention",
     "load_components",
     "load_vae",
+    "model_family",
+    "pipeline_class",
     "save_pipeline",
+    "build_t5_tokenizer",
 ]

@@ -1,6 +1,12 @@
 """What one model's components are and how they run: `SDComponents` (the modules, the training scheduler,
-the dtype of the frozen base, what is recomputed in backward), `ModelConfig` (which model to load and how),
-`Checkpointing`, and the names of the dtypes configs use.
+the dtype of the frozen base, what is recomputed in backward, the model's family), `ModelConfig` (which model
+to load and how), `Checkpointing`, and the names of the dtypes configs use.
+
+Families (`SDComponents.family`, set by the factory and the one place anyone asks what a model is):
+`sd` (SD 1.x / 2.x) and `sdxl` denoise with a UNet2DConditionModel trained on a DDPM schedule; `sd3`
+(SD 3 / 3.5: an SD3Transformer2DModel with two CLIP and one T5 text encoder) and `flux` (FLUX.1: a
+FluxTransformer2DModel with CLIP's pooled embedding, T5 and, guidance-distilled, a guidance embedding) are
+flow-matching transformers that predict a velocity on a FlowMatchEulerDiscreteScheduler's schedule.
 
 Half precision: SDXL's VAE overflows in fp16 (its decoder's activations pass fp16's 65504). Under fp16
 the VAE therefore stays in fp32 and runs outside autocast (`SDComponents.vae_autocast`) unless its config
@@ -38,12 +44,16 @@ class ModelConfig:
     vae: str | None = None
 
 
+# Model families (see the module docstring); the flow-matching ones denoise with a transformer.
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FLOW_FAMILIES = ("sd3", "flux")
+
 # Names of the weight / activation dtypes in configs and CLIs ("no" is accelerate's word for fp32).
 DTYPES: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16,
                                   "bf16": torch.bfloat16}
 
-# How the UNet recomputes on the gradient path: not at all, diffusers' own blocks (each resnet and
-# transformer block), or each UNet call with gradient as a whole (refl.step wraps the call).
+# How the denoiser (UNet or transformer) recomputes on the gradient path: not at all, diffusers' own blocks
+# (each resnet and transformer block), or each denoiser call with gradient as a whole (refl.step wraps it).
 UNET_CHECKPOINTING = ("none", "blocks", "calls")
 
 
@@ -52,7 +62,7 @@ class Checkpointing:
     """Which forwards on the gradient path are recomputed in backward instead of stored. A whole UNet call
     is only ever checkpointed with its blocks not, so each forward runs at most twice."""
 
-    unet: str = "none"  # one of UNET_CHECKPOINTING
+    unet: str = "none"  # the denoiser (UNet or transformer): one of UNET_CHECKPOINTING
     vae_decoder: bool = False  # the decoder's mid and up blocks
     critic: bool = False  # the reward model's transformer blocks (applied by whoever builds the reward)
 
@@ -67,13 +77,16 @@ class Checkpointing:
 
 @dataclass
 class SDComponents:
-    unet: Any  # UNet2DConditionModel
-    vae: Any  # AutoencoderKL
-    text_encoder: Any  # CLIPTextModel
+    unet: Any  # UNet2DConditionModel; None for the flow families (their denoiser is `transformer`)
+    vae: Any  # AutoencoderKL (16 latent channels with a shift_factor for sd3 and flux)
+    text_encoder: Any  # CLIPTextModel (sd3: CLIPTextModelWithProjection, CLIP-L)
     tokenizer: Any  # CLIPTokenizer
-    scheduler: Any  # the training noise scheduler (DDPMScheduler config of the model)
-    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (pooled embedding); None for SD 1.x / 2.x
-    tokenizer_2: Any = None  # SDXL: its CLIPTokenizer
+    # The training noise scheduler: DDPMScheduler config of a UNet model, the model's own
+    # FlowMatchEulerDiscreteScheduler (its shift) for a flow model.
+    scheduler: Any
+    # SDXL and sd3: CLIPTextModelWithProjection (pooled embedding; sd3: CLIP-G); flux: T5EncoderModel
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None  # its tokenizer (CLIPTokenizer; flux: T5TokenizerFast)
     # SDXL: an empty negative prompt is zero embeddings (True, SDXL base's setting and the stock pipeline's
     # default) or the encoded "" (False); read from the model's model_index.json, used by training and by
     # every pipeline built here, so both draw what StableDiffusionXLPipeline.from_pretrained(model) draws.
@@ -83,6 +96,43 @@ class SDComponents:
     dtype: torch.dtype = torch.float32
     # What is recomputed in backward; set through set_gradient_checkpointing, read by refl.step.
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
+    # One of FAMILIES, set by the factory.
+    family: str = "sd"
+    transformer: Any = None  # sd3: SD3Transformer2DModel; flux: FluxTransformer2DModel
+    text_encoder_3: Any = None  # sd3: T5EncoderModel
+    tokenizer_3: Any = None  # sd3: T5TokenizerFast
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"SDComponents.family must be one of {FAMILIES}, got {self.family!r}")
+        if (self.transformer is None) == self.is_flow or (self.unet is None) != self.is_flow:
+            raise ValueError(f"a {self.family} model denoises with a "
+                             f"{'transformer' if self.is_flow else 'UNet'}, and only with that")
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching model: it predicts a velocity, on a FlowMatchEulerDiscreteScheduler's schedule."""
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Guidance-distilled (FLUX.1 dev): the guidance scale is an input of the transformer, one pass and no
+        negative prompt; the others take classifier-free guidance with a negative pass."""
+        return self.is_flow and bool(getattr(self.transformer.config, "guidance_embeds", False))
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def denoiser_name(self) -> str:
+        """The denoiser's diffusers name: "unet" or "transformer"."""
+        return "transformer" if self.is_flow else "unet"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the sampler calls at every step: the UNet, or a flow model's transformer."""
+        return self.transformer if self.is_flow else self.unet
 
     @property
     def vae_scale(self) -> int:
@@ -91,21 +141,30 @@ class SDComponents:
 
     @property
     def image_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale
+        """Pixels per side the model draws by default: the UNet's or SD3 transformer's latent size times the
+        VAE's scale; FLUX's transformer has no size, its VAE's sample_size is the one its pipelines use."""
+        if self.family == "flux":
+            return int(self.vae.config.sample_size)
+        return int(self.denoiser.config.sample_size) * self.vae_scale
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+    def latent_size(self) -> int:
+        """Latent cells per side of a default-size image."""
+        return self.image_size // self.vae_scale
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        """The text encoders by their diffusers names (text_encoder, and text_encoder_2 for SDXL)."""
-        out = {"text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            out["text_encoder_2"] = self.text_encoder_2
-        return out
+        """The text encoders by their diffusers names (text_encoder, and text_encoder_2 / text_encoder_3 where
+        the model has them)."""
+        named = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                 "text_encoder_3": self.text_encoder_3}
+        return {name: m for name, m in named.items() if m is not None}
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "vae": self.vae, **self.text_encoders()}
+        return {self.denoiser_name: self.denoiser, "vae": self.vae, **self.text_encoders()}
 
     def vae_stays_fp32(self, dtype: torch.dtype | None) -> bool:
         """Whether the VAE keeps fp32 weights when the base runs in `dtype`: under fp16, unless its config
@@ -131,7 +190,7 @@ class SDComponents:
         """Recompute what `policy` names in backward instead of storing its activations (its critic part
         is the reward's to apply). diffusers only checkpoints while gradients are enabled, so no-grad
         sampling is unaffected."""
-        for module, on in ((self.unet, policy.unet == "blocks"), (self.vae, policy.vae_decoder)):
+        for module, on in ((self.denoiser, policy.unet == "blocks"), (self.vae, policy.vae_decoder)):
             if on:
                 module.enable_gradient_checkpointing()
             else:
@@ -143,5 +202,5 @@ class SDComponents:
         weights without dtype errors; a no-op for an fp32 base. Every forward pass of the base runs in it."""
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.unet.device.type, dtype=self.dtype)
+        return torch.autocast(self.denoiser.device.type, dtype=self.dtype)
 

@@ -1,7 +1,8 @@
 """Components from a diffusers directory or a hub model id, and the one entry point `load_components`
 that also takes a preset's name.
 
-A directory holds `model_index.json` and one subfolder per component, SDXL's a `text_encoder_2/` too; a
+A directory holds `model_index.json` and one subfolder per component. Its family is its pipeline class,
+`_class_name` (FAMILY_PIPELINES; a directory without one is SDXL when it has `text_encoder_2/`, else SD); a
 hub id downloads once into the Hugging Face cache as diffusers does (`HF_HUB_OFFLINE=1` reads the cache
 only). `ModelConfig.random_weights` builds a directory's or a known hub id's architecture from its config
 files alone (a dry run of a real config, offline); `ModelConfig.vae` swaps in another VAE (e.g. an
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-from refl.components.container import ModelConfig, SDComponents
+from refl.components.container import FLOW_FAMILIES, ModelConfig, SDComponents
+from refl.components.flow_presets import FLOW_PRESETS, build_flow_preset
 from refl.components.presets import (
     ARCHITECTURES,
     HUB_ARCHITECTURES,
@@ -32,11 +34,31 @@ from runkit.hub import unreachable_advice
 
 logger = logging.getLogger(__name__)
 
+# Each family's stock pipeline class: what build_pipeline returns and what model_index.json names.
+FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def pipeline_class(family: str):
+    """The stock diffusers pipeline class of a family."""
+    import diffusers
+
+    return getattr(diffusers, FAMILY_PIPELINES[family])
+
+
+def _preset_names() -> list[str]:
+    return sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(ARCHITECTURES)
+
 
 def _random_from_directory(name: str, seed: int) -> SDComponents:
     from transformers import CLIPTokenizer
 
     root = Path(name)
+    family = model_family(name, _model_index(name, {}))
+    if family in FLOW_FAMILIES:
+        raise ValueError(f"model.random_weights: {name} is a {family} model; random weights are built for "
+                         f"SD 1.x / 2.x and SDXL directories only (the flow presets are "
+                         f"{sorted(FLOW_PRESETS)})")
     read = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
             "scheduler": "scheduler/scheduler_config.json"}
     if (root / "text_encoder_2").is_dir():
@@ -70,12 +92,26 @@ def _force_zeros_for_empty_prompt(index: dict) -> bool:
     return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
-def _is_sdxl_model(name: str, index: dict) -> bool:
-    """Whether a diffusers directory or hub id is an SDXL model: it has text_encoder_2 (`index`: its
-    model_index.json)."""
+def model_family(name: str, index: dict) -> str:
+    """The family of a diffusers directory or hub id from its model_index.json (`index`): the family whose
+    pipeline its `_class_name` names; otherwise (no index, another SD pipeline class) sdxl when it has a
+    text_encoder_2, else sd."""
+    by_class = {cls: family for family, cls in FAMILY_PIPELINES.items()}
+    if index.get("_class_name") in by_class:
+        return by_class[index["_class_name"]]
     if Path(name).is_dir():
-        return (Path(name) / "text_encoder_2").is_dir()
-    return "text_encoder_2" in index
+        return "sdxl" if (Path(name) / "text_encoder_2").is_dir() else "sd"
+    return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def _flow_from_pretrained(name: str, family: str, kw: dict, variant: str | None) -> SDComponents:
+    """A flow model's components through its stock pipeline's own loading (every part in fp32)."""
+    # Stored weights may be half precision; training casts the frozen base to its mixed-precision dtype.
+    pipe = pipeline_class(family).from_pretrained(name, variant=variant, dtype=torch.float32, **kw)
+    parts = {k: getattr(pipe, k, None)
+             for k in ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")}
+    return SDComponents(None, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                        transformer=pipe.transformer, family=family, source=str(name), **parts)
 
 
 def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SDComponents:
@@ -83,12 +119,17 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     local = Path(name).is_dir()
-    if local and not (Path(name) / "unet").is_dir():
-        raise FileNotFoundError(f"{name} is not a diffusers Stable Diffusion directory (no unet/ subfolder)")
     # A hub id downloads once into the Hugging Face cache, as diffusers does; HF_HUB_OFFLINE=1 reads the
     # cache only.
     kw: dict[str, Any] = {} if local else {"revision": revision}
     try:
+        index = _model_index(name, kw)
+        family = model_family(name, index)
+        if family in FLOW_FAMILIES:
+            return _flow_from_pretrained(name, family, kw, variant)
+        if local and not (Path(name) / "unet").is_dir():
+            raise FileNotFoundError(f"{name} is not a diffusers Stable Diffusion directory (no unet/ "
+                                    "subfolder)")
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
@@ -96,8 +137,8 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
         # SDXL ships an Euler scheduler config; its betas and prediction type are what DDPM reads from it.
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
         second = {}
-        index = _model_index(name, kw)
-        if _is_sdxl_model(name, index):
+        if family == "sdxl":
+            second["family"] = "sdxl"
             second["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 name, subfolder="text_encoder_2", variant=variant, **kw).to(torch.float32)
             second["tokenizer_2"] = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw)
@@ -106,7 +147,7 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
         if local:
             raise
         raise OSError(
-            f"model {name!r} is neither a preset ({sorted(PRESETS) + sorted(ARCHITECTURES)}), a diffusers "
+            f"model {name!r} is neither a preset ({_preset_names()}), a diffusers "
             f"directory, nor a Stable Diffusion model id that could be loaded ({err}). "
             + unreachable_advice("point model.name at a local diffusers directory.")
         ) from err
@@ -156,7 +197,7 @@ def enable_attention(components: SDComponents, attention: str) -> None:
             "(needs CUDA), or set model.attention=sdpa"
         ) from err
     try:
-        components.unet.enable_xformers_memory_efficient_attention()
+        components.denoiser.enable_xformers_memory_efficient_attention()
         components.vae.enable_xformers_memory_efficient_attention()
     except Exception as err:  # xformers imports on CPU but its kernels refuse to run there
         raise RuntimeError(f"xformers is installed but cannot run here ({err}); set "
@@ -180,6 +221,8 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
         cfg = ModelConfig(name=cfg)
     if cfg.name in PRESETS:
         components = build_preset(cfg.name, seed=cfg.seed)
+    elif cfg.name in FLOW_PRESETS:
+        components = build_flow_preset(cfg.name, seed=cfg.seed)
     elif cfg.name in ARCHITECTURES:
         components = build_architecture(cfg.name, seed=cfg.seed)
     elif cfg.random_weights:
@@ -189,7 +232,7 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
             components = build_architecture(HUB_ARCHITECTURES[cfg.name], seed=cfg.seed)
         else:
             raise ValueError(f"model.random_weights: no architecture known for {cfg.name!r}; use a diffusers "
-                             f"directory, a preset {sorted(PRESETS) + sorted(ARCHITECTURES)}, or one of "
+                             f"directory, a preset {_preset_names()}, or one of "
                              f"{sorted(HUB_ARCHITECTURES)}")
     else:
         check_model_path(cfg.name, "model.name")
@@ -199,17 +242,25 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
         logger.info("VAE from %s (force_upcast=%s)", cfg.vae,
                     getattr(components.vae.config, "force_upcast", None))
     enable_attention(components, cfg.attention)
-    logger.info("SD components from %s: UNet %.2fM params, %d px images", components.source,
-                sum(p.numel() for p in components.unet.parameters()) / 1e6, components.image_size)
+    logger.info("%s components from %s: %s %.2fM params, %d px images", components.family, components.source,
+                components.denoiser_name, sum(p.numel() for p in components.denoiser.parameters()) / 1e6,
+                components.image_size)
     return components
 
 
 def build_pipeline(components: SDComponents, scheduler=None):
-    """A stock `StableDiffusionPipeline` over these modules (no safety checker, no feature extractor), or for
-    SDXL a stock `StableDiffusionXLPipeline` (no watermark; an empty negative prompt as the model says,
-    `force_zeros_for_empty_prompt`)."""
+    """The family's stock pipeline over these modules (FAMILY_PIPELINES): `StableDiffusionPipeline` (no
+    safety checker, no feature extractor), `StableDiffusionXLPipeline` (no watermark; an empty negative
+    prompt as the model says, `force_zeros_for_empty_prompt`), `StableDiffusion3Pipeline`, `FluxPipeline`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    scheduler = scheduler if scheduler is not None else components.scheduler
+    if components.is_flow:
+        parts = {name: m for name, m in (("tokenizer_2", components.tokenizer_2),
+                                         ("tokenizer_3", components.tokenizer_3)) if m is not None}
+        return pipeline_class(components.family)(
+            transformer=components.transformer, scheduler=scheduler, vae=components.vae,
+            tokenizer=components.tokenizer, **components.text_encoders(), **parts)
     if components.is_sdxl:
         return StableDiffusionXLPipeline(
             vae=components.vae,
@@ -218,7 +269,7 @@ def build_pipeline(components: SDComponents, scheduler=None):
             tokenizer=components.tokenizer,
             tokenizer_2=components.tokenizer_2,
             unet=components.unet,
-            scheduler=scheduler if scheduler is not None else components.scheduler,
+            scheduler=scheduler,
             force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
@@ -227,7 +278,7 @@ def build_pipeline(components: SDComponents, scheduler=None):
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
         unet=components.unet,
-        scheduler=scheduler if scheduler is not None else components.scheduler,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -235,9 +286,9 @@ def build_pipeline(components: SDComponents, scheduler=None):
 
 
 def save_pipeline(components: SDComponents, directory: str | os.PathLike) -> Path:
-    """Save as a standard diffusers directory (`StableDiffusionPipeline.from_pretrained(dir)`, for SDXL
-    `StableDiffusionXLPipeline.from_pretrained(dir)`, loads it), atomically: a crash never leaves a
-    half-written model."""
+    """Save as a standard diffusers directory (the family's stock pipeline class, e.g.
+    `StableDiffusionPipeline.from_pretrained(dir)` or `FluxPipeline.from_pretrained(dir)`, loads it),
+    atomically: a crash never leaves a half-written model."""
     with atomic_dir(directory) as tmp:
         build_pipeline(components).save_pretrained(tmp, safe_serialization=True)
     return Path(directory)

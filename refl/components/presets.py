@@ -166,7 +166,8 @@ def build_preset(name: str, seed: int = 0) -> SDComponents:
             spec.text2_hidden, spec.text_layers, spec.text_heads, spec.context_length, pad_token_id=0,
             projection_dim=spec.text2_hidden, hidden_act="gelu"))
         second["tokenizer_2"] = build_clip_tokenizer(spec.context_length, pad_token=SDXL_PAD_TOKEN_2)
-    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=f"preset:{name}", **second)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source=f"preset:{name}",
+                        family="sdxl" if sdxl else "sd", **second)
 
 
 def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dict, seed: int, source: str,
@@ -192,7 +193,8 @@ def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dic
             CLIPTextConfig(**{k: v for k, v in text_encoder_2.items() if k not in strip}))
         second["tokenizer_2"] = tokenizer_2 or build_clip_tokenizer(
             text_encoder_2.get("max_position_embeddings", 77), pad_token=SDXL_PAD_TOKEN_2)
-    return SDComponents(unet_model, vae_model, text_model, tokenizer, sched, source=source, **second)
+    return SDComponents(unet_model, vae_model, text_model, tokenizer, sched, source=source,
+                        family="sdxl" if text_encoder_2 is not None else "sd", **second)
 
 
 def build_architecture(name: str, seed: int = 0) -> SDComponents:

@@ -1,6 +1,8 @@
-"""CLIP tokenizers built offline: real `CLIPTokenizer`s rebuilt from the BPE vocabulary that open_clip
+"""Tokenizers built offline. CLIP's: real `CLIPTokenizer`s rebuilt from the BPE vocabulary that open_clip
 ships, so they give the same ids as OpenAI CLIP (and open_clip) do. SDXL's second tokenizer pads with "!"
-(id 0) instead of <|endoftext|>, and so does the SDXL presets' one.
+(id 0) instead of <|endoftext|>, and so does the SDXL presets' one. T5's (the flow presets): a small
+character-level `T5TokenizerFast` with T5's special tokens and ids (<pad> 0, </s> 1, <unk> 2), for the
+presets' random-weight T5 encoders; real T5 vocabularies come with real models.
 """
 
 from __future__ import annotations
@@ -68,3 +70,27 @@ def build_clip_tokenizer(context_length: int = 77, directory: str | os.PathLike 
     merges = (files / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
     merges = [tuple(m.split()) for m in merges if m]  # the tokenizers backend wants (left, right) pairs
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length, pad_token=pad_token)
+
+
+# The tiny T5 vocabulary: T5's three specials at T5's ids, the word-start marker, then every printable ASCII
+# character alone and after the marker. Unigram scores prefer a marked character to marker + character.
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+_T5_CHARS = [chr(c) for c in range(33, 127)]
+
+
+def build_t5_tokenizer(model_max_length: int = 512):
+    """A `T5TokenizerFast` built in code (a `tokenizers` Unigram model: no download, no sentencepiece file),
+    with T5's conventions: "▁" marks a word start, </s> ends every sequence, <pad> is id 0. It saves and
+    reloads through `T5TokenizerFast.from_pretrained` with the same ids (tests check)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [(t, 0.0) for t in T5_SPECIALS] + [("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in _T5_CHARS] + [("\u2581" + c, -2.5) for c in _T5_CHARS]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=T5_SPECIALS.index("<unk>"), byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", T5_SPECIALS.index("</s>"))])
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)

@@ -23,6 +23,10 @@ Every UNet call reads its text through refl.conditioning: for SDXL both encoders
 pooled embedding and the size conditioning (add_time_ids), as the stock StableDiffusionXLPipeline
 computes them. v-prediction models (SD 2.x) need nothing of their own: the schedulers' `step` turns the
 UNet's v into x0, and the denoising regulariser's target is v for them.
+Flow-matching models (SD 3, FLUX; refl.step.blocks): the model's own FlowMatchEulerDiscreteScheduler (its
+shift), the cut range indexes its steps, x0 = x_t - sigma * v, the KL term compares velocities and the
+regulariser's target is the velocity noise - x0. SD 3 takes classifier-free guidance with a negative pass,
+FLUX its guidance scale as an embedding (one pass).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from refl.step.blocks import (
     initial_latents,
     noised_and_target,
     phase,
+    set_timesteps,
 )
 from refl.step.config import SHARED_KNOBS, StepConfig, check_cut_range
 from refl.step.contract import (
@@ -114,10 +119,12 @@ def reward_step(
 def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step_name, timer):
     validate_step_config(cfg)
     scheduler = make_scheduler(cfg.scheduler, components)
-    scheduler.set_timesteps(cfg.num_inference_steps, device=components.unet.device)
+    set_timesteps(components, scheduler, cfg.num_inference_steps)
     with phase(timer, "text"):
         cond = conditioning.encode(components, prompts)  # hidden states (B, L, D), SDXL's pooled and sizes
-        uncond = conditioning.negative(components, cond) if cfg.guidance_scale > 1 else None
+        # FLUX reads the scale as an embedding and has no negative
+        guided = cfg.guidance_scale > 1 and not components.guidance_embedded
+        uncond = conditioning.negative(components, cond) if guided else None
     base_cond = None
     if cfg.kl_weight > 0 and any(getattr(m, "peft_config", None)
                                  for m in components.text_encoders().values()):
@@ -150,7 +157,7 @@ def _reward_step(components, prompts, reward_fn, cfg, generator, reg_batch, step
     if cfg.reg_weight > 0:
         if reg_batch is None:
             raise ValueError("reg_weight > 0 but no reg_batch (clean latents, captions) was given")
-        reg = denoising_loss(components, reg_batch[0], reg_batch[1], generator)
+        reg = denoising_loss(components, reg_batch[0], reg_batch[1], generator, cfg.guidance_scale)
         out["reg_loss"] = reg.detach()
         loss = loss + cfg.reg_weight * reg
     if cfg.kl_weight > 0:

@@ -1,13 +1,24 @@
-"""The building blocks every gradient method and reward_step share: the guided noise prediction, a UNet call
-with gradient under the checkpointing policy, a sampler step, the base model, start noise, decoding, and
-the denoising regulariser."""
+"""The building blocks every gradient method and reward_step share: the guided model output, a denoiser call
+with gradient under the checkpointing policy, the trajectory's timesteps, a sampler step, re-noising, the
+base model, start noise, decoding, and the denoising regulariser.
+
+Flow-matching models (SD 3, FLUX) predict a velocity v on the path x_t = (1 - sigma) x0 + sigma noise, so
+v = noise - x0 and x0 = x_t - sigma v. Their timesteps are the model's own FlowMatchEulerDiscreteScheduler's,
+set as its stock pipeline sets them (SD 3: the scheduler's shift; FLUX: its sigmas and the shift mu for the
+image's token count). Their sampler step is that scheduler's Euler step, x_{next} = x_t + (sigma_next -
+sigma) v, computed here from the scheduler's sigmas: the scheduler's own `step` keeps a step counter, and
+the methods step, re-noise and step again at one timestep. FLUX's transformer reads 2x2-packed latents and
+its guidance scale as an embedding; the latents stay (B, C, h, w) everywhere else.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -18,8 +29,63 @@ from refl.conditioning import Conditioning
 from refl.counting import PhaseTimer
 
 
+@dataclass
+class FlowStep:
+    """A flow-matching sampler step, with the fields of diffusers' scheduler outputs the methods read."""
+
+    prev_sample: torch.Tensor  # (B, C, h, w) x at the next sigma
+    pred_original_sample: torch.Tensor  # (B, C, h, w) x0 = x_t - sigma * v
+
+
+def _is_flow_scheduler(scheduler) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def flow_sigma(scheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigma of timestep `t` of the scheduler's trajectory and the next one (0 after the last)."""
+    i = scheduler.index_for_timestep(t)
+    return scheduler.sigmas[i], scheduler.sigmas[i + 1]
+
+
+def flow_step(scheduler, v, t, latents) -> FlowStep:
+    """The FlowMatchEulerDiscreteScheduler's deterministic Euler step from `latents` (B, C, h, w) at `t`
+    given the velocity `v`, and its x0; differentiable, stateless."""
+    sigma, sigma_next = flow_sigma(scheduler, t)
+    latents = latents.float()
+    return FlowStep(latents + (sigma_next - sigma) * v, latents - sigma * v)  # (B, C, h, w) each
+
+
+def set_timesteps(components: SDComponents, scheduler, num_inference_steps: int) -> None:
+    """The trajectory's timesteps, as the family's stock pipeline sets them."""
+    device = components.denoiser.device
+    if not components.is_flow:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    size = components.latent_size
+    kwargs = {}
+    if components.family == "flux":  # sigmas 1 .. 1/T; the image's tokens are its 2x2 patches
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        tokens = (size // 2) ** 2
+    else:
+        patch = components.transformer.config.patch_size
+        tokens = (size // patch) ** 2
+    if config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.15))
+    scheduler.set_timesteps(None if "sigmas" in kwargs else num_inference_steps, device=device, **kwargs)
+
+
 def scheduler_step(scheduler, eps, t, latents, generator, eta):
-    """`scheduler.step` with the generator, and eta where the sampler has it (DDIM's knob; DDPM has none)."""
+    """`scheduler.step` with the generator, and eta where the sampler has it (DDIM's knob; DDPM has none);
+    a flow scheduler's Euler step (`flow_step`)."""
+    if _is_flow_scheduler(scheduler):
+        return flow_step(scheduler, eps, t, latents)
     kwargs = {"generator": generator, "return_dict": True}
     if "eta" in inspect.signature(scheduler.step).parameters:
         kwargs["eta"] = eta
@@ -39,7 +105,7 @@ def phase(timer: PhaseTimer | None, name: str):
 @contextmanager
 def base_weights(components: SDComponents):
     """Run the base model: LoRA adapters of the UNet and (where attached) the text encoders are off inside."""
-    adapted = [m for m in (components.unet,
+    adapted = [m for m in (components.denoiser,
                            *components.text_encoders().values()) if getattr(m, "peft_config", None)]
     for module in adapted:
         module.disable_adapters()
@@ -50,9 +116,57 @@ def base_weights(components: SDComponents):
             module.enable_adapters()
 
 
+def model_input(scheduler, latents, t):
+    """The denoiser's input at `t`: the scheduler's input scaling where it has one (flow schedulers have
+    none)."""
+    if hasattr(scheduler, "scale_model_input"):
+        return scheduler.scale_model_input(latents, t)
+    return latents
+
+
+def add_noise(scheduler, x0, noise, t):
+    """`x0` (B, C, h, w) noised to the single timestep `t` of the scheduler's trajectory."""
+    if _is_flow_scheduler(scheduler):
+        return scheduler.scale_noise(x0, t.reshape(1), noise)  # (1 - sigma) x0 + sigma noise
+    return scheduler.add_noise(x0, noise, t.reshape(1))
+
+
+def flow_output(components: SDComponents, latents, t, cond: Conditioning, guidance_scale: float):
+    """A flow transformer's velocity (B, C, h, w) at `latents` (B, C, h, w), `t` (a scheduler timestep, or one
+    per sample), called as its stock pipeline calls it."""
+    transformer = components.transformer
+    b = latents.shape[0]
+    t = t.expand(b) if t.dim() == 0 else t  # (B,)
+    if components.family == "sd3":
+        return transformer(hidden_states=latents, timestep=t, encoder_hidden_states=cond.hidden,
+                           pooled_projections=cond.pooled).sample
+    from diffusers import FluxPipeline
+
+    _, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    guidance = torch.full((b,), guidance_scale, device=latents.device, dtype=torch.float32)
+    out = transformer(hidden_states=packed, timestep=t.to(latents.dtype) / 1000, guidance=guidance,
+                      pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden,
+                      txt_ids=cond.text_ids, img_ids=image_ids).sample  # (B, h/2 * w/2, 4C)
+    scale = components.vae_scale
+    return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)  # (B, C, h, w)
+
+
 def guided_eps(components: SDComponents, latents, t, cond: Conditioning, uncond: Conditioning | None,
                guidance_scale: float) -> torch.Tensor:
-    """The UNet's noise prediction, with classifier-free guidance when guidance_scale > 1."""
+    """The denoiser's output (noise, v or a flow model's velocity), with classifier-free guidance when
+    guidance_scale > 1 (FLUX: the guidance scale as its embedding, one pass)."""
+    if components.is_flow:
+        if components.guidance_embedded:
+            return flow_output(components, latents, t, cond, guidance_scale)  # (B, C, h, w)
+        if guidance_scale > 1.0:
+            x = torch.cat([latents, latents])  # (2B, C, h, w): unconditional half first
+            both = conditioning.cat(uncond, cond)
+            out = flow_output(components, x, t, both, guidance_scale)  # (2B, C, h, w)
+            v_uncond, v_cond = out.chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)  # (B, C, h, w)
+        return flow_output(components, latents, t, cond, guidance_scale)  # (B, C, h, w)
     unet = components.unet
     if guidance_scale > 1.0:
         x = torch.cat([latents, latents])  # (2B, C, h, w): unconditional half first
@@ -72,7 +186,11 @@ def grad_call(components: SDComponents, fn: Callable[..., torch.Tensor], *args) 
 
 def initial_latents(components: SDComponents, batch: int, scheduler,
                     generator: torch.Generator) -> torch.Tensor:
-    """Start noise drawn on the CPU generator (same numbers on every device), then moved."""
+    """Start noise drawn on the CPU generator (same numbers on every device), then moved (a flow model's
+    trajectory starts at sigma 1: the noise itself)."""
+    if components.is_flow:
+        shape = (batch, components.latent_channels, components.latent_size, components.latent_size)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(components.denoiser.device)
     size = components.unet.config.sample_size
     shape = (batch, components.unet.config.in_channels, size, size)  # (B, C, h, w)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -83,9 +201,10 @@ def decode(components: SDComponents, latents: torch.Tensor) -> torch.Tensor:
     """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], differentiable (clamp as ReFL does). A VAE kept
     in fp32 under an fp16 base decodes outside autocast (SDXL's overflows in fp16)."""
     vae = components.vae
+    shift = getattr(vae.config, "shift_factor", None)  # SD 3's and FLUX's VAEs
     with components.vae_autocast():
-        # (B, 3, H, W) in ~[-1, 1]
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        z = latents.to(vae.dtype) / vae.config.scaling_factor  # (B, C, h, w)
+        images = vae.decode(z if shift is None else z + shift).sample  # (B, 3, H, W) in ~[-1, 1]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -94,7 +213,9 @@ def encode_images(components: SDComponents, images01: torch.Tensor, generator=No
     vae = components.vae
     with torch.no_grad(), components.autocast(), components.vae_autocast():
         dist = vae.encode((images01 * 2 - 1).to(vae.device, vae.dtype)).latent_dist
-        return dist.sample(generator).float() * vae.config.scaling_factor  # (B, C, h, w)
+        z = dist.sample(generator).float()  # (B, C, h, w)
+        shift = getattr(vae.config, "shift_factor", None)  # SD 3's and FLUX's VAEs
+        return (z if shift is None else z - shift) * vae.config.scaling_factor
 
 
 def noised_and_target(components: SDComponents, latents0: torch.Tensor, noise: torch.Tensor,
@@ -110,8 +231,12 @@ def noised_and_target(components: SDComponents, latents0: torch.Tensor, noise: t
 
 
 def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],
-                   generator: torch.Generator) -> torch.Tensor:
-    """The pre-training loss on clean latents: MSE between the UNet output and the noise (or v) target."""
+                   generator: torch.Generator, guidance_scale: float = 1.0) -> torch.Tensor:
+    """The pre-training loss on clean latents: MSE between the UNet output and the noise (or v) target; for a
+    flow model between its velocity and noise - x0 at a sigma drawn uniformly from [0, 1) (FLUX reads
+    `guidance_scale` as its embedding)."""
+    if components.is_flow:
+        return _flow_denoising_loss(components, latents0, captions, generator, guidance_scale)
     sched = components.scheduler
     b = latents0.shape[0]
     noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
@@ -124,4 +249,22 @@ def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: S
         return components.unet(x, t, **cond.unet_kwargs()).sample
 
     pred = grad_call(components, unet, noisy, t, cond)  # (B, C, h, w), its one call with gradient
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _flow_denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],
+                         generator: torch.Generator, guidance_scale: float) -> torch.Tensor:
+    b = latents0.shape[0]
+    noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
+    sigma = torch.rand((b,), generator=generator).to(latents0.device)  # (B,)
+    s = sigma.view(b, 1, 1, 1)
+    noisy = (1 - s) * latents0 + s * noise  # (B, C, h, w)
+    target = noise - latents0  # the velocity
+    t = sigma * components.scheduler.config.num_train_timesteps  # (B,)
+    cond = conditioning.encode(components, captions)
+
+    def transformer(x, t, cond):
+        return flow_output(components, x, t, cond, guidance_scale)
+
+    pred = grad_call(components, transformer, noisy, t, cond)  # (B, C, h, w), its one call with gradient
     return F.mse_loss(pred.float(), target.float())

@@ -10,7 +10,7 @@ class StepConfig:
     # Gradient method, a key of GRAD_METHODS (shipped: "refl", "draft", "draft_lv", "alignprop").
     method: str = "refl"
     # Sampler used during training, a key of SCHEDULERS: "ddim" (deterministic at eta 0) or "ddpm"
-    # (stochastic; what ImageReward's ReFL.py runs).
+    # (stochastic; what ImageReward's ReFL.py runs) for UNet models, "flow_euler" for SD 3 / FLUX.
     scheduler: str = "ddim"
     # Sampler steps T of each training trajectory.
     num_inference_steps: int = 40

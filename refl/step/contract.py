@@ -23,7 +23,15 @@ from refl.components import Checkpointing, SDComponents
 from refl.conditioning import Conditioning
 from refl.counting import PhaseTimer
 from refl.sampling import SCHEDULERS
-from refl.step.blocks import base_weights, grad_call, guided_eps, phase, scheduler_step
+from refl.step.blocks import (
+    add_noise,
+    base_weights,
+    grad_call,
+    guided_eps,
+    model_input,
+    phase,
+    scheduler_step,
+)
 from refl.step.config import SHARED_KNOBS, StepConfig
 
 
@@ -54,17 +62,23 @@ class StepContext:
         return self.scheduler.timesteps
 
     def _predict(self, latents, t):
-        x = self.scheduler.scale_model_input(latents, t)
+        x = model_input(self.scheduler, latents, t)
         # (B, C, h, w)
         return guided_eps(self.components, x, t, self.cond, self.uncond, self.cfg.guidance_scale)
 
     def step(self, eps, t, latents):
-        """One sampler step from `latents` at `t` given its noise prediction: `.prev_sample`, and
-        `.pred_original_sample` (x0). Differentiable; DDPM draws its noise from `generator`."""
+        """One sampler step from `latents` at `t` given the model output of `grad_eps`: `.prev_sample`, and
+        `.pred_original_sample` (x0; a flow model's x_t - sigma * v). Differentiable; DDPM draws its noise
+        from `generator`."""
         return scheduler_step(self.scheduler, eps, t, latents, self.generator, self.cfg.eta)
 
+    def add_noise(self, x0, noise, t):
+        """Clean latents `x0` (B, C, h, w) noised to timestep `t` of the trajectory with `noise`."""
+        return add_noise(self.scheduler, x0, noise, t)
+
     def grad_eps(self, latents, t) -> torch.Tensor:
-        """The noise prediction (B, C, h, w) at `latents`, `t`, with gradient to the LoRA weights."""
+        """The model output (B, C, h, w) at `latents`, `t` (a UNet's noise or v prediction, a flow model's
+        velocity), with gradient to the LoRA weights."""
         eps = grad_call(self.components, self._predict, latents, t)
         self.grad_calls += 1
         self._track_kl(eps, latents, t)
@@ -83,12 +97,13 @@ class StepContext:
         return int(torch.randint(lo, hi + 1, (1,), generator=self.generator).item())
 
     def _track_kl(self, eps: torch.Tensor, latents: torch.Tensor, t) -> None:
-        """Record ||eps - eps_base||^2 for a call with gradient (eps: (B, C, h, w), with grad)."""
+        """Record ||eps - eps_base||^2 for a call with gradient (eps: (B, C, h, w), with grad; for a flow
+        model the velocities', the flow form of the same bound: two Euler steps differ by dt times it)."""
         if self.cfg.kl_weight <= 0:
             return
         with torch.no_grad(), phase(self.timer, "kl"), base_weights(self.components):
             cond, uncond = self.base_cond if self.base_cond is not None else (self.cond, self.uncond)
-            x = self.scheduler.scale_model_input(latents.detach(), t)
+            x = model_input(self.scheduler, latents.detach(), t)
             # (B, C, h, w)
             eps_base = guided_eps(self.components, x, t, cond, uncond, self.cfg.guidance_scale)
         self.kl_terms.append(F.mse_loss(eps.float(), eps_base.float()))

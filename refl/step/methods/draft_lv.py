@@ -29,7 +29,7 @@ def run(ctx: StepContext, latents) -> MethodResult:
     with phase(ctx.timer, "grad_step"):
         for _ in range(ctx.cfg.draft_lv_n):
             noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)  # (B, C, h, w)
-            xt = ctx.scheduler.add_noise(x0, noise, t.reshape(1))  # re-noise to the last timestep
+            xt = ctx.add_noise(x0, noise, t)  # re-noise to the last timestep
             eps = ctx.grad_eps(xt, t)  # (B, C, h, w)
             outs.append(ctx.step(eps, t, xt).pred_original_sample)
     return MethodResult(outs, len(timesteps) - 1)
