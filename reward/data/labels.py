@@ -16,12 +16,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 from reward.data.errors import FIX, DataError, check_on_bad_row
-from reward.data.formats import Format, _number, cheap_problems, resolve_image
-from reward.data.pairs import prompt_in_val
+from reward.data.formats import Format, _number, resolve_image
 from reward.data.sources import ShardReader
 from reward.data.stream import PairShards
 from reward.images import describe, image_bytes
@@ -91,23 +89,9 @@ class LabelShards(PairShards):
         self._cache = OrderedDict()
         self._build_index(split, val_fraction)
 
-    def _index_block(self, b: int, split: str | None, val_fraction: float, bad) -> np.ndarray:
-        """(images, 4) index entries of row group b: block, row, 0, label."""
-        spec, n = self.format, self.reader.blocks[b][3]
-        data = self.reader.read(b, spec.cheap).to_pydict()
-        self.n_rows += n
-        entries = []
-        for r in range(n):
-            row = {c: data[c][r] for c in spec.cheap}
-            if split is not None and prompt_in_val(row[spec.prompt], val_fraction) != (split == "val"):
-                continue
-            path, file_row, base = self.reader.where(b, r)
-            problems = cheap_problems(spec, row, base)
-            if problems:
-                bad.add(f"{path}, row {file_row}: {'; '.join(problems)}")
-                continue
-            entries.append((b, r, 0, label_value(row["label"])))
-        return np.array(entries, dtype=np.float64).reshape(-1, 4)
+    def _row_entries(self, b: int, r: int, row: dict) -> list[tuple]:
+        """One index entry (block, row, 0, label) per checked row: the image and its label."""
+        return [(b, r, 0, label_value(row["label"]))]
 
     def __getitem__(self, i: int) -> dict:
         row, path, file_row, base = self.row(i)

@@ -85,12 +85,18 @@ class PairShards(Dataset):
             if problems:
                 bad.add(f"{path}, row {file_row}: {'; '.join(problems)}")
                 continue
-            for k, (_, _, p) in enumerate(spec.preferences(row)):
-                if p == 0.5 and self.tie_policy == "drop":
-                    self.n_ties_dropped += 1
-                    continue
-                entries.append((b, r, k, 0.5 if p == 0.5 else 1.0))
+            entries.extend(self._row_entries(b, r, row))
         return np.array(entries, dtype=np.float64).reshape(-1, 4)
+
+    def _row_entries(self, b: int, r: int, row: dict) -> list[tuple]:
+        """The index entries (block, row, pair in row, label) of one checked row: one per preference."""
+        entries = []
+        for k, (_, _, p) in enumerate(self.format.preferences(row)):
+            if p == 0.5 and self.tie_policy == "drop":
+                self.n_ties_dropped += 1
+                continue
+            entries.append((b, r, k, 0.5 if p == 0.5 else 1.0))
+        return entries
 
     def __len__(self) -> int:
         return len(self.block_of)
