@@ -19,15 +19,15 @@ def main() -> None:
     out = Path(sys.argv[1])
     cfg = load_config(ReflConfig, None, [f"train.output_dir={out}", *sys.argv[2:]])
     captured = {}
-    import refl.train as rt
+    import refl.lora_training as lt
 
-    real_add_lora = rt.add_lora
+    real_add_lora = lt.add_lora
 
     def add_lora_and_keep(components, settings, seed=0):  # keep a handle on this rank's components
         captured["components"] = components
         return real_add_lora(components, settings, seed=seed)
 
-    rt.add_lora = add_lora_and_keep
+    lt.add_lora = add_lora_and_keep
     train(cfg)
     rank = int(os.environ["RANK"])  # end_training() has already torn the process group down
     save_file(lora_state(captured["components"]), str(out / f"replica_{rank}.safetensors"))

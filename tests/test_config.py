@@ -177,12 +177,15 @@ def test_a_flag_is_applied_before_set_and_named_in_its_error():
 def test_lora_init_follows_train_seed():
     from accelerate import Accelerator
 
-    from refl.train import ReflConfig, _prepare
+    from refl.config import ReflConfig
+    from refl.lora_training import prepare_lora_training
+    from refl.step import checkpointing_for
 
-    def lora_a(seed):  # what a run with this train.seed starts from
+    def lora_a(seed):  # what a run with this train.seed starts from, prepared as refl.train prepares it
         cfg = load_config(ReflConfig, None, ["model.name=tiny", "lora.rank=2", "lora.alpha=2.0",
                                              f"train.seed={seed}"])
-        components = _prepare(cfg, Accelerator())[0]
+        checkpointing = checkpointing_for(cfg.step.method, cfg.train.gradient_checkpointing)
+        components = prepare_lora_training(cfg.model, cfg.lora, cfg.train, checkpointing, Accelerator())[0]
         return next(p.detach().clone() for n, p in components.unet.named_parameters() if "lora_A" in n)
 
     assert torch.equal(lora_a(0), lora_a(0)) and not torch.equal(lora_a(0), lora_a(1))
