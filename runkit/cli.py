@@ -1,4 +1,4 @@
-"""The one error convention of every command (`scripts/*.py` and the `social-refl-*` console scripts).
+"""The one error convention of every command (the `social-refl-*` console scripts).
 
 A user error (a bad path, key, value or file, a full disk) exits with code 2 and one line on stderr that
 names what to fix; anything else is a bug and keeps its traceback. The library raises `ConfigError`,
