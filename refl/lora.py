@@ -192,7 +192,7 @@ def check_lora_dir(directory: str | os.PathLike) -> Path:
 
 # The modules a diffusers-layout LoRA file's keys start with (save_lora / save_lora_weights), and the names
 # its down (rank x in) and up (out x rank) matrices go by in the spellings diffusers' loader reads.
-LORA_KEY_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+LORA_KEY_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
 LORA_DOWN = (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
 LORA_UP = (".lora_B.", ".lora.up.", ".lora_linear_layer.up.")
 

@@ -118,7 +118,7 @@ def test_a_lora_of_another_base_model_says_so(tiny_lora_dir, tmp_path, capsys, c
 
 @pytest.mark.parametrize("damage,expected", [
     ("truncated", "cannot be read as safetensors"),
-    ("kohya keys", "is not of the diffusers LoRA layout (<unet|text_encoder|text_encoder_2>"),
+    ("kohya keys", "is not of the diffusers LoRA layout (<unet|transformer|text_encoder|text_encoder_2>"),
     ("renamed prefix", "key 'model.down_blocks"),
     ("rank 0", "has rank 0"),
 ])
@@ -155,6 +155,15 @@ def test_a_missing_local_model_folder_is_said_to_not_exist(tmp_path, capsys):
     assert _generate(tmp_path / "no-such-model", tmp_path / "gen") == 2
     err = _error_line(capsys)
     assert "does not exist" in err and "no-such-model" in err and "connection" not in err.lower()
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_the_lora_file_check_passes_what_save_lora_writes_for_every_family(model, tmp_path):
+    from refl.lora import check_lora_dir
+
+    components = load_components(model)
+    add_lora(components, LoraConfig(rank=2, alpha=4.0, train_text_encoder=model in ("tiny", "tiny-sdxl")))
+    assert check_lora_dir(save_lora(components, tmp_path / "lora")).name == "pytorch_lora_weights.safetensors"
 
 
 def test_generate_checks_its_critic_before_the_model_loads(tmp_path, capsys):
