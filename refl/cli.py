@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from pathlib import Path
 
 from runkit.cli import command
 from runkit.config import config_parser, parse_config_args, save_config
@@ -61,7 +60,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         from reward.standard import check_spec
 
         check_spec(cfg.critic)
-    prepare_output(cfg.output_dir, cfg.overwrite)
+    # The resolved config first, beside the images it will describe: nothing to lose at the end of the run.
+    save_config(cfg, prepare_output(cfg.output_dir, cfg.overwrite) / "config.yaml")
     pipe = load_pipeline(cfg.model.name, cfg.lora or None, cfg.lora_scale, cfg.device or None,
                          attention=cfg.model.attention, mixed_precision=cfg.mixed_precision,
                          vae=cfg.model.vae, scheduler=cfg.scheduler)
@@ -73,7 +73,6 @@ def generate_main(argv: list[str] | None = None) -> int:
     records = generate(pipe, prompts, cfg.output_dir, n=cfg.images_per_prompt, seed=cfg.seed,
                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                        critic=critic, batch_size=cfg.batch_size, overwrite=True)
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     print(json.dumps({"images": len(records), "output_dir": cfg.output_dir}))
     return 0
 

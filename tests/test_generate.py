@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import torch
+import yaml
 from helpers.lora import randomise_lora_b
 
 from refl.components import load_components
@@ -33,6 +34,8 @@ def test_generate_script_writes_pngs_and_jsonl(base_dir, tmp_path):
                                                         ("a dog", 4)]
     assert all((tmp_path / "gen" / r["file"]).is_file() and isinstance(r["critic_score"], float)
                for r in rows)
+    saved = yaml.safe_load((tmp_path / "gen" / "config.yaml").read_text())  # the resolved config, beside them
+    assert saved["images_per_prompt"] == 2 and saved["lora"] == str(tmp_path / "lora") and saved["seed"] == 3
 
 
 def test_batched_generation_keeps_per_image_seeds(base_dir, tmp_path, monkeypatch):
