@@ -24,14 +24,21 @@ from preference.step import dpo_step, join_reference_point, kto_step
 from refl import guard
 from refl.components import Checkpointing, SDComponents
 from refl.lora import save_lora
-from refl.lora_training import all_reduce_grads, apply_update, due, prepare_lora_training, validate
+from refl.lora_training import (
+    all_reduce_grads,
+    apply_update,
+    due,
+    open_run,
+    prepare_lora_training,
+    validate,
+)
 from refl.plots import plot_curve
 from refl.prompts import seed_for
 from refl.step import NonFiniteLossError
-from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings, save_config
+from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
+from runkit.config import changed_settings
 from runkit.files import paths_relative_to, write_json
-from runkit.logs import RunLogger, read_metrics
+from runkit.logs import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +147,7 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
                 t.batch_size * t.gradient_accumulation * world, t.batch_size, t.gradient_accumulation, world,
                 t.max_updates)
     judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
-    state = PreferenceState()
-    if ckpt is not None:
-        state = PreferenceState(**load_checkpoint(accelerator, ckpt, changed))
-        logger.info("resumed from %s at update %d", ckpt, state.update)
-    if accelerator.is_main_process:  # once the checkpoint fits: the run's settings from now on
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)
+    state, run_logger = open_run(cfg, accelerator, out, ckpt, changed, PreferenceState())
 
     def card(updates: int) -> str:
         return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)

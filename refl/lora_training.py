@@ -22,6 +22,8 @@ from refl.config import ReflTrainConfig
 from refl.lora import LoraConfig, add_lora, load_lora_state, lora_state
 from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError
+from runkit.checkpoints import load_checkpoint
+from runkit.config import save_config
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
@@ -143,3 +145,15 @@ def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, updat
     save_image(grid, out / "samples" / f"update-{update:06d}.png")
     run_logger.image(update, "eval/samples", grid)
     return metrics
+
+
+def open_run(cfg, accelerator, out: Path, ckpt: Path | None, changed: list[str], state):
+    """(the run's state, its RunLogger): `state` as given, or as the checkpoint `ckpt` stored it (the same
+    dataclass); the config is saved once the checkpoint fits, so a refused resume leaves the folder alone."""
+    if ckpt is not None:
+        state = type(state)(**load_checkpoint(accelerator, ckpt, changed))
+        logger.info("resumed from %s at update %d", ckpt, state.update)
+    if accelerator.is_main_process:  # the run's settings from now on
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return state, RunLogger(out, accelerator.is_main_process, cfg.train.log_with, state.update)

@@ -25,7 +25,14 @@ from refl.card import model_card
 from refl.components import DTYPES, SDComponents
 from refl.config import ReflConfig, ReflTrainConfig
 from refl.lora import save_lora
-from refl.lora_training import all_reduce_grads, apply_update, due, prepare_lora_training, validate
+from refl.lora_training import (
+    all_reduce_grads,
+    apply_update,
+    due,
+    open_run,
+    prepare_lora_training,
+    validate,
+)
 from refl.plots import plot_curve
 from refl.prompts import prompts_for, seed_for, training_prompts, warn_if_truncated
 from refl.reg_pool import build_reg_pool
@@ -37,8 +44,8 @@ from refl.step import (
     reward_step,
     validate_step_config,
 )
-from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings, save_config
+from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
+from runkit.config import changed_settings
 from runkit.files import paths_relative_to, write_json
 from runkit.logs import RunLogger, read_metrics
 
@@ -186,14 +193,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     guard.warn_if_too_few_validations(t)
     # Validation runs on the main process only, and so do its judges.
     judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
-    state = TrainState()
-    if ckpt is not None:
-        state = TrainState(**load_checkpoint(accelerator, ckpt, changed))
-        logger.info("resumed from %s at update %d", ckpt, state.update)
-    if accelerator.is_main_process:  # once the checkpoint fits: the run's settings from now on
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    run_logger = RunLogger(out, accelerator.is_main_process, t.log_with, state.update)
+    state, run_logger = open_run(cfg, accelerator, out, ckpt, changed, TrainState())
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
 
     def card(updates: int) -> str:
