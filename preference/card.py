@@ -7,33 +7,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from preference.config import PreferenceConfig
-from refl.card import validation_summary
+from refl.card import FAMILY_TAGS, denoiser_word, family_row, validation_summary
+from refl.components import FAMILY_PIPELINES
 
 METHOD_NAMES = {"dpo": "Diffusion-DPO on preference pairs",
                 "kto": "Diffusion-KTO on liked / not-liked images"}
 
 
 def model_card(cfg: PreferenceConfig, updates: int, metrics_rows: Sequence[dict], command: str | None = None,
-               sdxl: bool = False) -> str:
+               family: str = "sd") -> str:
     """README.md text of a LoRA saved after `updates` updates of the run `cfg`; `metrics_rows`: the run's
-    metrics.jsonl so far; `command`: how the run was started, when known."""
+    metrics.jsonl so far; `command`: how the run was started, when known; `family`: the base model's."""
     t, lora = cfg.train, cfg.lora
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    tags = ["lora", "text-to-image", "diffusers", "social-refl", cfg.method,
-            "stable-diffusion-xl" if sdxl else "stable-diffusion"]
+    pipeline = FAMILY_PIPELINES[family]
+    tags = ["lora", "text-to-image", "diffusers", "social-refl", cfg.method, FAMILY_TAGS[family]]
     lines = ["---", f"base_model: {cfg.model.name}", "library_name: diffusers", "tags:",
              *[f"- {tag}" for tag in tags], "---", "",
              f"# {cfg.method.upper()} LoRA of {cfg.model.name}", "",
              f"Tuned with social-refl by {METHOD_NAMES[cfg.method]}, straight from the feedback (no "
              "critic).", "",
              "| | |", "|---|---|",
-             f"| base model | `{cfg.model.name}` |",
+             f"| base model | `{cfg.model.name}` |", family_row(family),
              f"| method | `{cfg.method}`, beta {cfg.beta:g}"
              + (f", weights liked {cfg.desirable_weight:g} / not liked {cfg.undesirable_weight:g}"
                 if cfg.method == "kto" else "") + " |",
              f"| feedback | `{cfg.data.train}` (format `{cfg.data.format}`) |",
              f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}"
-             + (", UNet and text encoder(s)" if lora.train_text_encoder else ", UNet") + " |",
+             + f", {denoiser_word(family)}" + (" and text encoder(s)" if lora.train_text_encoder else "")
+             + " |",
              f"| updates | {updates} of {t.max_updates} |",
              f"| learning rate | {t.lr:g} (`{t.lr_schedule}`), `{t.optimizer}` |",
              f"| examples per update | {t.batch_size} x {t.gradient_accumulation} per process |",

@@ -150,7 +150,7 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     state, run_logger = open_run(cfg, accelerator, out, ckpt, changed, PreferenceState())
 
     def card(updates: int) -> str:
-        return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)
+        return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.family)
 
     batches = feed.batches(state.update * t.gradient_accumulation)
     bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process,

@@ -11,7 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from refl.components import FAMILY_PIPELINES, FLOW_FAMILIES
 from refl.config import ReflConfig
+
+# Each family's Hub tag (the one diffusers' LoRA training scripts put on their model cards).
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
+
+
+def family_row(family: str) -> str:
+    """The card's table row naming the base model's family and the stock pipeline that loads the LoRA."""
+    return f"| model family | `{family}` (`{FAMILY_PIPELINES[family]}`) |"
+
+
+def denoiser_word(family: str) -> str:
+    """What the LoRA adapts, in a card's words: a UNet family's UNet, a flow family's transformer."""
+    return "transformer" if family in FLOW_FAMILIES else "UNet"
 
 
 def validation_summary(rows: Sequence[dict]) -> dict[str, dict]:
@@ -44,22 +58,23 @@ def _reward_line(cfg: ReflConfig) -> str:
 
 
 def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], command: str | None = None,
-               sdxl: bool = False) -> str:
+               family: str = "sd") -> str:
     """README.md text of a LoRA folder saved after `updates` optimizer updates of the run `cfg`;
-    `metrics_rows`: the run's metrics.jsonl so far; `command`: how the run was started, when known."""
+    `metrics_rows`: the run's metrics.jsonl so far; `command`: how the run was started, when known;
+    `family`: the base model's (refl.components.FAMILIES)."""
     t, s, lora = cfg.train, cfg.step, cfg.lora
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    tags = ["lora", "text-to-image", "diffusers", "social-refl",
-            "stable-diffusion-xl" if sdxl else "stable-diffusion"]
+    pipeline = FAMILY_PIPELINES[family]
+    tags = ["lora", "text-to-image", "diffusers", "social-refl", FAMILY_TAGS[family]]
     header = ["---", f"base_model: {cfg.model.name}", "library_name: diffusers", "tags:"]
     header += [f"- {tag}" for tag in tags] + ["---", ""]
     per_update = t.batch_size * t.gradient_accumulation
-    text_lora = "UNet and text encoder(s)" if lora.train_text_encoder else "UNet"
+    text_lora = denoiser_word(family) + (" and text encoder(s)" if lora.train_text_encoder else "")
     lines = [
         f"# ReFL LoRA of {cfg.model.name}", "",
         "Fine-tuned with social-refl: reward-gradient training of a LoRA against a learned reward.", "",
         "| | |", "|---|---|",
         f"| base model | `{cfg.model.name}`" + (f" (VAE `{cfg.model.vae}`)" if cfg.model.vae else "") + " |",
+        family_row(family),
         f"| reward | {_reward_line(cfg)} |",
         f"| method | `{s.method}`, {s.num_inference_steps} `{s.scheduler}` steps, cut range {s.cut_range}, "
         f"guidance {s.guidance_scale:g} |",

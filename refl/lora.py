@@ -44,19 +44,49 @@ class LoraConfig:
 
 
 # The UNet's attention projections; SD 3's and FLUX's joint blocks' attention of the image and text streams
-# and both feed-forward layers, and FLUX's single-stream blocks' attention and MLP input (their proj_out is
-# left out: the name also matches the transformer's final output layer).
+# and both feed-forward layers, and FLUX's single-stream blocks' attention, MLP input and output projection
+# (proj_out: inside the blocks only, the transformer's final output layer has the same name).
 _UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 _JOINT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
                   "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                   "ff_context.net.0.proj", "ff_context.net.2"]
 DEFAULT_TARGETS: dict[str, list[str]] = {"sd": _UNET_TARGETS, "sdxl": _UNET_TARGETS, "sd3": _JOINT_TARGETS,
-                                         "flux": _JOINT_TARGETS + ["proj_mlp"]}
+                                         "flux": _JOINT_TARGETS + ["proj_mlp", "proj_out"]}
+# Where a flow transformer's default targets are looked for: its joint and single-stream blocks.
+FLOW_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def _matches(name: str, suffixes: list[str]) -> bool:
+    """peft's rule for a module name in a target_modules list: the name itself or a dotted suffix of it."""
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def reaches_output(denoiser: torch.nn.Module, name: str) -> bool:
+    """Whether the module `name` of the denoiser can change its output. Not so: the text-stream queries
+    (add_q_proj) of a joint block that keeps no text output (`context_pre_only`, SD 3's last block): its
+    image stream reads the text's keys and values only."""
+    if name.endswith("add_q_proj"):
+        attention = denoiser.get_submodule(name.rsplit(".", 1)[0])
+        return not getattr(attention, "context_pre_only", False)
+    return True
 
 
 def target_modules(cfg: LoraConfig, components: SDComponents) -> list[str]:
-    """The denoiser modules that get adapters: `cfg.target_modules`, or the family's default."""
-    return list(cfg.target_modules) if cfg.target_modules is not None else DEFAULT_TARGETS[components.family]
+    """The denoiser modules that get adapters: `cfg.target_modules`, or the family's default. For a flow
+    transformer the full module names, each one that reaches the output (`reaches_output`; the default
+    targets inside its blocks only, FLOW_BLOCKS); for a UNet the suffixes, as peft matches them."""
+    given = cfg.target_modules is not None
+    suffixes = list(cfg.target_modules) if given else DEFAULT_TARGETS[components.family]
+    if not components.is_flow:
+        return suffixes
+    denoiser = components.denoiser
+    names = [name for name, _ in denoiser.named_modules() if name and _matches(name, suffixes)
+             and (given or name.startswith(FLOW_BLOCKS))]
+    dead = [name for name in names if not reaches_output(denoiser, name)]
+    if dead:
+        logger.info("LoRA: no adapter on %s (they cannot change the %s's output)", ", ".join(dead),
+                    components.denoiser_name)
+    return [name for name in names if name not in dead]
 
 
 def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
@@ -77,6 +107,10 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
         module.requires_grad_(False)
     torch.manual_seed(seed)
     targets = target_modules(cfg, components)
+    if not targets:
+        raise ValueError(f"lora.target_modules={cfg.target_modules}: no module of the "
+                         f"{components.denoiser_name} matches (a module name or its dotted suffix, e.g. "
+                         "attn.to_q)")
     components.denoiser.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets))
     modules = [components.denoiser]
     if cfg.train_text_encoder:

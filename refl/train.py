@@ -197,7 +197,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
 
     def card(updates: int) -> str:
-        return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)
+        return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.family)
 
     bar = tqdm(total=t.max_updates, initial=state.update, disable=not accelerator.is_main_process,
                desc="ReFL")

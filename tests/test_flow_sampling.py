@@ -86,6 +86,12 @@ def test_flow_lora_round_trips_through_the_stock_pipeline(name, tmp_path):
     # every joint block's attention of both streams and its two feed-forwards (FLUX: and the single blocks)
     for target in DEFAULT_TARGETS[components.family]:
         assert any(n.endswith(target) for n in adapted), target
+    if components.family == "sd3":  # the last joint block keeps no text output: its text queries are dead
+        last = len(components.transformer.transformer_blocks) - 1
+        assert f"transformer_blocks.{last}.attn.add_q_proj" not in adapted
+        assert f"transformer_blocks.{last}.attn.add_k_proj" in adapted
+    else:  # the single blocks' output projection, not the transformer's final output layer of that name
+        assert "single_transformer_blocks.0.proj_out" in adapted and "proj_out" not in adapted
     assert len(params) == 2 * len(adapted)
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")

@@ -159,7 +159,8 @@ def test_tiny_bf16_run_trains_resumes_exactly_and_loads_in_the_stock_pipeline(me
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows if "eval/heldout/clip:tiny-clip" in r] == [0, 2, 4]
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
-    assert "Diffusion-" in (tmp_path / "full" / "lora" / "README.md").read_text()
+    card = (tmp_path / "full" / "lora" / "README.md").read_text()
+    assert "Diffusion-" in card and "| model family | `sd` (`StableDiffusionPipeline`) |" in card
 
     step = ptrain.dpo_step if method == "dpo" else ptrain.kto_step
     calls = {"n": 0}
