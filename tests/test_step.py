@@ -4,6 +4,7 @@ term, on the tiny preset."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,10 +124,11 @@ def test_every_method_keeps_the_contract(method):
     with_grad = calls.count(True)
     assert with_grad >= 1 and out["kl_loss"] > 0
     assert [c for i, c in enumerate(calls) if i > 0 and calls[i - 1]] == [False] * with_grad
-    # The cut is the first call with gradient: the no-grad prefix has `cut` calls (DRaFT-LV re-noises the
-    # finished sample, so its prefix is the whole trajectory).
-    assert 0 <= int(out["cut"]) < 5
-    assert calls.index(True) == (5 if method == "draft_lv" else int(out["cut"]))
+    # The no-grad prefix is what the method declares for the cut it reports (refl: `cut` calls; DRaFT-LV and
+    # Direct-Align first finish the sample, so theirs is the whole trajectory).
+    cut = int(out["cut"])
+    assert 0 <= cut < 5
+    assert calls.index(True) == GRAD_METHODS[method].bench.calls(replace(cfg, cut_range=[cut, cut]))[0]
     out["loss"].backward()
     assert any(p.grad.abs().sum() > 0 for p in params)
     # Declared knobs are StepConfig fields with a check that passes on the config above.

@@ -6,4 +6,5 @@ from refl.step.methods import refl  # noqa: F401
 from refl.step.methods import draft  # noqa: F401
 from refl.step.methods import draft_lv  # noqa: F401
 from refl.step.methods import alignprop  # noqa: F401
+from refl.step.methods import direct_align  # noqa: F401
 # isort: on
