@@ -1,6 +1,7 @@
 """ReFL's training step measured, per gradient method: seconds per update by phase, peak memory, the
 recomputation gradient checkpointing adds, model-FLOP utilisation, and our sampling and the comparison
-harness's best-of-N sampler against the stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL).
+harness's best-of-N sampler against the model family's stock pipeline (StableDiffusionPipeline,
+StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline).
 
     python -m benchmarks.refl           # CUDA: SD 1.5's architecture, 512 px, batch 8, 40 DDPM steps, bf16
     python -m benchmarks.refl --set batch_size=4 --output-file benchmarks/refl_h100.json
@@ -41,7 +42,7 @@ from evaluation.harness import Sampler, measure_throughput
 from refl.components import DTYPES, Checkpointing, ModelConfig, load_components
 from refl.counting import PhaseTimer, count, recompute_ratios
 from refl.lora import LoraConfig, add_lora
-from refl.sampling import make_pipeline, sample
+from refl.sampling import call_options, make_pipeline, sample, schedulers_for, unpack_latents
 from refl.step import GRAD_METHODS, BenchSpec, StepConfig, grad_method, reward_step, validate_step_config
 from runkit.cli import command
 from runkit.config import check_mixed_precision
@@ -142,7 +143,9 @@ class Bench:
     prompts: list[str]
 
     def watched(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.components.unet, "vae_decoder": self.components.vae.decoder,
+        """The modules counted, by the names of Checkpointing's fields ("unet": the denoiser, a flow
+        model's transformer)."""
+        return {"unet": self.components.denoiser, "vae_decoder": self.components.vae.decoder,
                 "critic": self.critic}
 
     def set_checkpointing(self, policy: Checkpointing) -> None:
@@ -163,7 +166,7 @@ def setup(cfg: SetupConfig, device: torch.device, batch_size: int, image_px: int
     with torch.no_grad():  # B starts at 0, which would leave A without gradient and skip its kernels
         for p in params[1::2]:
             p.normal_(0.0, 1e-3)
-    components.unet.train()
+    components.denoiser.train()
     critic = reward.load(cfg.critic, device=device).requires_grad_(False).eval()
     critic.clip.to(dtype)
     # A tiny rate: the weights barely move, so every update samples the same way.
@@ -177,12 +180,20 @@ def setup(cfg: SetupConfig, device: torch.device, batch_size: int, image_px: int
 
 
 def set_image_px(components, px: int) -> None:
-    """Generate px x px images: the latents' side is what the UNet's config says (initial_latents)."""
-    unit = 2 ** (len(components.unet.config.block_out_channels) - 1) * components.vae_scale
+    """Generate px x px images: the size the model's config says (SDComponents.image_size: the UNet's or SD 3
+    transformer's latent side, FLUX's VAE's sample size), which the step and the pipelines read."""
+    if components.is_flow:  # SD 3's patches, FLUX's 2x2 packing
+        cell = components.transformer.config.patch_size if components.family == "sd3" else 2
+        unit, why = cell * components.vae_scale, f"the transformer reads {cell}x{cell} latent patches"
+    else:
+        halvings = len(components.unet.config.block_out_channels) - 1
+        unit, why = 2 ** halvings * components.vae_scale, f"the UNet halves its latents {halvings} times"
     if px % unit:
-        raise ValueError(f"image_px={px} must be a multiple of {unit} (the UNet halves its latents "
-                         f"{len(components.unet.config.block_out_channels) - 1} times)")
-    components.unet.register_to_config(sample_size=px // components.vae_scale)
+        raise ValueError(f"image_px={px} must be a multiple of {unit} ({why})")
+    if components.family == "flux":
+        components.vae.register_to_config(sample_size=px)
+    else:
+        components.denoiser.register_to_config(sample_size=px // components.vae_scale)
 
 
 def update(bench: Bench, step: StepConfig, seed: int, timer: PhaseTimer | None = None) -> None:
@@ -200,7 +211,7 @@ def count_update(bench: Bench, step: StepConfig, seed: int = 0, timeline: bool =
                  modes=()) -> dict:
     """FLOPs and tensor memory of one update under the checkpointing set on `bench` (refl.counting.count)."""
     return count(lambda timer: update(bench, step, seed, timer), bench.watched(),
-                 bench.components.unet.device, timeline, modes)
+                 bench.components.denoiser.device, timeline, modes)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -306,8 +317,8 @@ def stock_sampling_ratio(bench: Bench, cfg: ReflBenchConfig, device: torch.devic
     def stock():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
-                           generator=torch.Generator().manual_seed(0)).images  # (B, C, h, w)
-            shapes["stock"] = latents.shape
+                           generator=torch.Generator().manual_seed(0), **call_options(pipe)).images
+            shapes["stock"] = unpack_latents(pipe, latents).shape  # (B, C, h, w)
 
     fastest = _fastest({"ours": ours, "stock": stock}, cfg.sampling_repeats, device)
     return {"pipeline": type(pipe).__name__, "num_inference_steps": steps,
@@ -318,11 +329,13 @@ def stock_sampling_ratio(bench: Bench, cfg: ReflBenchConfig, device: torch.devic
 
 def best_of_n_throughput(components, cfg: ReflBenchConfig, device: torch.device) -> dict:
     """The comparison harness's best-of-N sampler against stock `pipe(prompt=[p] * B)`, CFG 7.5, base model
-    (evaluation.harness.measure_throughput), with the stock pipeline's class."""
+    (evaluation.harness.measure_throughput), with the stock pipeline's class; the harness's sampler, DDIM
+    (the flow families: their Euler sampler)."""
     harness = CompareConfig(model=ModelConfig(name=cfg.model), n_samples=64,
                             batch_size=cfg.best_of_n_batch_size,
                             num_inference_steps=cfg.step.num_inference_steps, guidance_scale=7.5,
-                            scheduler="ddim", device=str(device), mixed_precision=cfg.mixed_precision)
+                            scheduler=schedulers_for(components)[0], device=str(device),
+                            mixed_precision=cfg.mixed_precision)
     sampler = Sampler(harness, components)
     measured = measure_throughput(sampler, "a photo of an astronaut riding a horse",
                                   repeats=cfg.sampling_repeats)

@@ -36,8 +36,8 @@ class CompareConfig:
     num_inference_steps: int = 50
     # Classifier-free guidance scale; <= 1 disables CFG (then one UNet call per step instead of two).
     guidance_scale: float = 7.5
-    # Sampling scheduler: "ddim" (deterministic with eta 0), "ddpm" (refl.sampling.SCHEDULERS) or "model" (the
-    # one the model ships).
+    # Sampling scheduler: "ddim" (deterministic with eta 0), "ddpm", "flow_euler" (SD 3 / FLUX; the samplers
+    # of refl.sampling.SCHEDULERS) or "model" (the one the model ships).
     scheduler: str = "ddim"
     # DDIM eta (0 = deterministic given the initial noise); ignored by other schedulers.
     eta: float = 0.0

@@ -45,7 +45,7 @@ from evaluation.report import write_report
 from evaluation.stats import compute_statistics, pairwise_diversity
 from refl.components import DTYPES
 from refl.prompts import read_prompt_file
-from refl.sampling import encode_text, sample, seed_generators
+from refl.sampling import call_options, encode_text, sample, seed_generators
 from reward.evaluators import CriticEvaluator, create_evaluator
 from runkit.config import resolve_device, save_config, to_dict
 from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
@@ -114,7 +114,7 @@ def _sync(device) -> None:
 
 
 class Sampler:
-    """A stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) driven for best-of-N: one text
+    """The model family's stock pipeline (refl.sampling) driven for best-of-N: one text
     encoding per prompt and model, one CPU generator per image, LoRA switched on and off in place (no
     second copy of the model)."""
 
@@ -180,7 +180,8 @@ class Sampler:
         _sync(self.device)
         t0 = time.perf_counter()
         self.pipe(prompt=[prompt] * len(seeds), num_inference_steps=self.cfg.num_inference_steps,
-                  guidance_scale=self.cfg.guidance_scale, eta=self.cfg.eta, generator=gens, output_type="np")
+                  guidance_scale=self.cfg.guidance_scale, generator=gens, output_type="np",
+                  **call_options(self.pipe, self.cfg.eta))
         _sync(self.device)
         return time.perf_counter() - t0
 
@@ -207,8 +208,8 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
               "stock_seconds": stock,
               "ours_images_per_s": cfg.batch_size / ours, "stock_images_per_s": cfg.batch_size / stock,
               "ratio_vs_stock": stock / ours}
-    logger.info("throughput: %.2f images/s (stock StableDiffusionPipeline %.2f images/s): ratio %.3f",
-                result["ours_images_per_s"], result["stock_images_per_s"], result["ratio_vs_stock"])
+    logger.info("throughput: %.2f images/s (stock %s %.2f images/s): ratio %.3f", result["ours_images_per_s"],
+                type(sampler.pipe).__name__, result["stock_images_per_s"], result["ratio_vs_stock"])
     return result
 
 

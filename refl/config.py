@@ -187,8 +187,8 @@ class GenerateConfig:
     num_inference_steps: int = 40
     # Classifier-free guidance scale (1 = off).
     guidance_scale: float = 7.5
-    # Sampler: "model" (the one the model ships, as its stock pipeline samples: SDXL base's Euler), or "ddim"
-    # / "ddpm" (refl.sampling.SCHEDULERS; the comparison and validation sample with DDIM).
+    # Sampler: "model" (the one the model ships, as its stock pipeline samples: SDXL base's Euler, SD 3's and
+    # FLUX's flow Euler), or "ddim" / "ddpm" / "flow_euler" (refl.sampling.SCHEDULERS).
     scheduler: str = "model"
     # Critic that scores each image into generations.jsonl: a critic folder or open_clip name; "" = none.
     critic: str = ""

@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, device: str | None = None,
                   attention: str = "sdpa", mixed_precision: str = "no", vae: str | None = None,
                   scheduler: str = MODEL_SCHEDULER):
-    """A stock StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) from a diffusers dir / hub id /
-    preset, with an optional LoRA and VAE (`vae`: e.g. an fp16-safe SDXL VAE), its weights in the dtype
-    `mixed_precision` names (no = fp32; fp16 needs a GPU; bf16 runs anywhere). Under fp16 the SDXL
-    pipeline decodes in fp32 itself unless the VAE's config says it is fp16-safe."""
+    """The model family's stock pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline, FluxPipeline) from a diffusers dir / hub id / preset, with an optional LoRA
+    and VAE (`vae`: e.g. an fp16-safe SDXL VAE), its weights in the dtype `mixed_precision` names (no =
+    fp32; fp16 needs a GPU; bf16 runs anywhere). Under fp16 the SDXL pipeline decodes in fp32 itself unless
+    the VAE's config says it is fp16-safe."""
     check_mixed_precision(mixed_precision, "mixed_precision")
     components = load_components(ModelConfig(name=model, attention=attention, vae=vae))
     pipe = build_pipeline(components, make_scheduler(scheduler, components))

@@ -164,6 +164,15 @@ def unpack_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return type(pipe)._unpack_latents(latents, size, size, pipe.vae_scale_factor)  # (B, C, h, w)
 
 
+def call_options(pipe, eta: float = 0.0) -> dict:
+    """The keyword arguments a call of this stock pipeline takes beyond the prompt, steps and guidance: DDIM's
+    eta for the UNet families (flow pipelines have none); a flow pipeline's height and width, its model's
+    size (FLUX's pipeline would otherwise draw 1024 px whatever the model)."""
+    if pipeline_family(pipe) in FLOW_FAMILIES:
+        return {"height": image_size(pipe), "width": image_size(pipe)}
+    return {"eta": eta}
+
+
 def _vae_outside_autocast(pipe) -> bool:
     """fp16 autocast is on and the VAE kept fp32 weights (see the module docstring)."""
     device = pipe.vae.device.type
@@ -209,11 +218,7 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipe_output = {"latent": "latent", "pt": "pt", "uint8": "pt", "pil": "pil"}[output]
     decode_here = output != "latent" and _vae_outside_autocast(pipe)
-    family = pipeline_family(pipe)
-    # DDIM's eta where the pipeline has it (flow pipelines have none); flow pipelines are told their model's
-    # size (FLUX's defaults to 1024 px)
-    options = {"eta": eta} if family not in FLOW_FAMILIES else {"height": image_size(pipe),
-                                                               "width": image_size(pipe)}
+    options = call_options(pipe, eta)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
