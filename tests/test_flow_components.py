@@ -97,3 +97,45 @@ def test_saved_flow_model_round_trips(name, tmp_path):
 
 def test_sd_directory_still_recognised(base_dir):
     assert load_components(str(base_dir)).family == "sd"
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_random_weights_from_a_flow_directory(name, tmp_path):
+    """model.random_weights on an SD 3 / FLUX directory: its architecture from model_index.json and the
+    configs alone (the weight files are removed first), seeded, its own tokenizers and scheduler, and it
+    samples through the stock pipeline."""
+    import numpy as np
+
+    from refl.components import ModelConfig
+    from refl.sampling import make_pipeline, sample
+
+    saved = load_components(name)
+    path = save_pipeline(saved, tmp_path / name)
+    for weights in path.glob("*/*.safetensors"):
+        weights.unlink()
+    random = ModelConfig(name=str(path), random_weights=True, seed=3)
+    c = load_components(random)
+    assert c.family == saved.family and c.source == f"random:{path}"
+    for part, module in saved.modules().items():
+        ours = c.modules()[part]
+        assert type(ours) is type(module) and not ours.training, part
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+        assert {k: v.shape for k, v in ours.state_dict().items()} == shapes, part
+    # random, not the saved weights; the same seed builds the same weights, another seed others
+    assert not torch.equal(next(c.transformer.parameters()), next(saved.transformer.parameters()))
+    again, other = load_components(random), load_components(ModelConfig(name=str(path), random_weights=True))
+    for part, module in c.modules().items():
+        same = [torch.equal(a, b) for a, b in zip(module.parameters(), again.modules()[part].parameters())]
+        assert all(same) and not all(torch.equal(a, b) for a, b in zip(module.parameters(),
+                                                                       other.modules()[part].parameters()))
+    public = {k: v for k, v in saved.scheduler.config.items() if not k.startswith("_")}
+    assert {k: c.scheduler.config[k] for k in public} == public
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if getattr(saved, tok) is not None:
+            assert getattr(c, tok)("a red cat").input_ids == getattr(saved, tok)("a red cat").input_ids, tok
+    images = sample(make_pipeline(c, "flow_euler"), ["a red cat"], seeds=[0], num_inference_steps=2,
+                    guidance_scale=3.0)
+    assert images.shape == (1, c.image_size, c.image_size, 3) and np.isfinite(images).all()
+    (path / "transformer" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks \['transformer/config.json'\]"):
+        load_components(random)

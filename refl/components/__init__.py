@@ -40,6 +40,7 @@ from refl.components.loading import (
     load_vae,
     model_family,
     pipeline_class,
+    random_flow_from_directory,
     save_pipeline,
 )
 from refl.components.presets import (
@@ -90,6 +91,7 @@ __all__ = [
     "load_vae",
     "model_family",
     "pipeline_class",
+    "random_flow_from_directory",
     "save_pipeline",
     "build_t5_tokenizer",
 ]

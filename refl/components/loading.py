@@ -4,8 +4,9 @@ that also takes a preset's name.
 A directory holds `model_index.json` and one subfolder per component. Its family is its pipeline class,
 `_class_name` (FAMILY_PIPELINES; a directory without one is SDXL when it has `text_encoder_2/`, else SD); a
 hub id downloads once into the Hugging Face cache as diffusers does (`HF_HUB_OFFLINE=1` reads the cache
-only). `ModelConfig.random_weights` builds a directory's or a known hub id's architecture from its config
-files alone (a dry run of a real config, offline); `ModelConfig.vae` swaps in another VAE (e.g. an
+only). `ModelConfig.random_weights` builds a directory's (any family: SD 3 / FLUX parts by the classes its
+model_index.json names) or a known hub id's architecture from its config files alone (a dry run of a real
+config, offline); `ModelConfig.vae` swaps in another VAE (e.g. an
 fp16-safe SDXL VAE). `build_pipeline` and `save_pipeline` go the other way, to stock diffusers pipelines.
 """
 
@@ -50,15 +51,57 @@ def _preset_names() -> list[str]:
     return sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(ARCHITECTURES)
 
 
+# The parts of a flow family's directory (model_index.json names their classes), in the order they are seeded.
+FLOW_PARTS = {"sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                      "tokenizer_2", "tokenizer_3", "scheduler"),
+              "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                       "scheduler")}
+
+
+def random_flow_from_directory(name: str, seed: int, source: str | None = None) -> SDComponents:
+    """Seeded random-weight components of an SD 3 / FLUX diffusers directory's architecture, read from its
+    model_index.json (each part's class) and each part's config alone: no weight file is opened. The
+    tokenizers and the scheduler are the directory's own. Models are built in eval mode, as loading them
+    would give them (T5's config has dropout)."""
+    import diffusers
+    import transformers
+
+    root = Path(name)
+    index = _model_index(name, {})
+    family = model_family(name, index)
+    parts = FLOW_PARTS[family]
+    configs = {part: f"{part}/{'scheduler_config' if part == 'scheduler' else 'config'}.json"
+               for part in parts if not part.startswith("tokenizer")}
+    missing = ([rel for rel in configs.values() if not (root / rel).is_file()]
+               + [part for part in parts if part not in index])
+    if missing:
+        raise FileNotFoundError(f"model.random_weights: {root} lacks {missing} (a diffusers "
+                                f"{FAMILY_PIPELINES[family]} directory has model_index.json and "
+                                f"{', '.join(p + '/' for p in parts)})")
+    built: dict[str, Any] = {}
+    for i, part in enumerate(parts):
+        library, class_name = index[part]
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        if part.startswith("tokenizer") or part == "scheduler":
+            built[part] = cls.from_pretrained(root, subfolder=part)
+            continue
+        torch.manual_seed(seed + i)  # each part on its own seed: one changing never shifts the others
+        if library == "diffusers":
+            built[part] = cls.from_config(cls.load_config(root, subfolder=part)).eval()
+        else:
+            built[part] = cls(cls.config_class.from_pretrained(root / part)).eval()
+    return SDComponents(None, built.pop("vae"), built.pop("text_encoder"), built.pop("tokenizer"),
+                        built.pop("scheduler"), transformer=built.pop("transformer"), family=family,
+                        source=source or f"random:{name}", **built)
+
+
 def _random_from_directory(name: str, seed: int) -> SDComponents:
     from transformers import CLIPTokenizer
 
     root = Path(name)
     family = model_family(name, _model_index(name, {}))
     if family in FLOW_FAMILIES:
-        raise ValueError(f"model.random_weights: {name} is a {family} model; random weights are built for "
-                         f"SD 1.x / 2.x and SDXL directories only (the flow presets are "
-                         f"{sorted(FLOW_PRESETS)})")
+        return random_flow_from_directory(name, seed)
     read = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
             "scheduler": "scheduler/scheduler_config.json"}
     if (root / "text_encoder_2").is_dir():
