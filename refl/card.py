@@ -57,6 +57,14 @@ def _reward_line(cfg: ReflConfig) -> str:
     return f"`{r.kind}`" + (f" (weights `{weights}`)" if weights else "")
 
 
+def export_line(family: str) -> str:
+    """How the card tells a user to get a file for the other tools (refl/export.py: the layout they load)."""
+    if family in FLOW_FAMILIES:
+        return ("For ComfyUI (and Forge, FLUX only): `social-refl-export-lora <this folder>` writes the "
+                "diffusers layout they load, with the trained alpha folded into the weights.")
+    return "For AUTOMATIC1111, ComfyUI or Forge: `social-refl-export-lora <this folder>` (the kohya layout)."
+
+
 def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], command: str | None = None,
                family: str = "sd") -> str:
     """README.md text of a LoRA folder saved after `updates` optimizer updates of the run `cfg`;
@@ -112,6 +120,5 @@ def model_card(cfg: ReflConfig, updates: int, metrics_rows: Sequence[dict], comm
               f"from diffusers import {pipeline}", "",
               f'pipe = {pipeline}.from_pretrained("{cfg.model.name}", torch_dtype=torch.bfloat16)',
               'pipe.load_lora_weights("path/to/this/folder")', "```", "",
-              "For AUTOMATIC1111, ComfyUI or Forge: `social-refl-export-lora <this folder> --format kohya`.",
-              ""]
+              export_line(family), ""]
     return "\n".join(header + lines)

@@ -79,10 +79,11 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 @command
 def export_main(argv: list[str] | None = None) -> int:
-    """Export a saved LoRA folder for other tools (kohya layout: AUTOMATIC1111, ComfyUI, Forge), and
-    optionally upload the folder to the Hugging Face Hub.
+    """Export a saved LoRA folder for other tools (the layout they load for its model: kohya for UNet LoRAs,
+    AUTOMATIC1111, ComfyUI, Forge; diffusers for SD 3 / FLUX LoRAs, ComfyUI, Forge), and optionally upload the
+    folder to the Hugging Face Hub.
 
-    social-refl-export-lora runs/refl_sdxl/lora --layout kohya [--output-file my_lora.safetensors] \\
+    social-refl-export-lora runs/refl_sdxl/lora [--layout kohya] [--output-file my_lora.safetensors] \\
         [--push-to-hub user/my-lora [--private]]
     """
     from refl.config import ExportConfig
@@ -92,8 +93,11 @@ def export_main(argv: list[str] | None = None) -> int:
                            flags=("layout", "output_file", "overwrite", "push_to_hub", "private"))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()
-    out = export_lora(cfg.lora, cfg.layout, cfg.output_file or None, cfg.overwrite)
-    result = {"layout": cfg.layout, "output_file": str(out)}
+    from refl.export import layout_for
+
+    layout = cfg.layout or layout_for(cfg.lora)
+    out = export_lora(cfg.lora, layout, cfg.output_file or None, cfg.overwrite)
+    result = {"layout": layout, "output_file": str(out)}
     if cfg.push_to_hub:
         result["hub"] = push_to_hub(cfg.lora, cfg.push_to_hub, cfg.private)
     print(json.dumps(result))

@@ -218,9 +218,10 @@ class ExportConfig:
 
     # LoRA folder saved by ReFL training (its lora/ or lora_best/).
     lora: str = ""
-    # Key layout of the exported file, a key of refl.export.EXPORT_LAYOUTS: "kohya" (AUTOMATIC1111, ComfyUI,
-    # Forge).
-    layout: str = "kohya"
+    # Key layout of the exported file, a key of refl.export.EXPORT_LAYOUTS: "kohya" (UNet LoRAs:
+    # AUTOMATIC1111, ComfyUI, Forge) or "diffusers" (SD 3 / FLUX LoRAs: ComfyUI, Forge); "" = the one the
+    # tools load for the LoRA's model.
+    layout: str = ""
     # The exported .safetensors file; "" = inside the LoRA folder.
     output_file: str = ""
     # Replace an existing output_file (refused without it).

@@ -1,14 +1,27 @@
-"""A saved LoRA in the layouts other tools read: `export_lora(folder, "kohya")`.
+"""A saved LoRA in the layouts other tools read: `export_lora(folder)` writes the layout they load for that
+LoRA's model, `export_lora(folder, "kohya" | "diffusers")` a named one.
 
-The kohya layout (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` keys with `lora_down` / `lora_up` / `alpha`)
-is what AUTOMATIC1111, ComfyUI and Forge load. The keys come from diffusers' own converters (diffusers
-format -> peft -> kohya); two facts those converters leave to the caller are set here:
+UNet LoRAs (SD 1.x / 2.x, SDXL) go out in the kohya layout (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` keys
+with `lora_down` / `lora_up` / `alpha`), what AUTOMATIC1111, ComfyUI and Forge load. The keys come from
+diffusers' own converters (diffusers format -> peft -> kohya); two facts those converters leave to the
+caller are set here:
 - diffusers' kohya converter writes alpha = rank for every module. A LoRA trained with alpha != rank
   would then load at the wrong scale, so the alpha saved with the weights (their adapter metadata) is
   written instead.
 - transformers 5's CLIPTextModel has no `text_model.` level, so its peft keys lack the prefix that
   CLIP text-encoder checkpoints, kohya files and the tools reading them use; it is put back (diffusers'
   loader removes it again for an encoder without that level). SDXL's second encoder has it already.
+
+Transformer LoRAs (SD 3, FLUX) go out in the diffusers layout itself. ComfyUI's LoRA key map (comfy/lora.py,
+`model_lora_keys_unet`) registers `transformer.<diffusers module name>` for SD 3 (through its table
+`comfy.utils.mmdit_to_diffusers`) and for FLUX (`comfy.utils.flux_to_diffusers`, which also splits its
+fused qkv / linear1 weights by slices), and its `load_lora` reads peft's `lora_A` / `lora_B` names; Forge's
+copy of that code maps FLUX the same way (its SD 3 branch is commented out: Forge does not run SD 3).
+diffusers has no converter to another layout for these families, and none is needed. One fact is set
+here: those loaders take alpha from a `<key>.alpha` tensor, else apply the update at alpha = rank, and
+never read the adapter metadata that carries alpha in the folder's file (and diffusers' FLUX loader
+refuses alpha tensors together with that metadata). The export therefore folds alpha / rank into lora_B
+and writes neither: every loader then applies the trained update, alpha / rank x B A.
 """
 
 from __future__ import annotations
@@ -54,8 +67,10 @@ def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     modules = sorted({k.split(".", 1)[0] for k in tensors})
     unknown = [m for m in modules if m not in KOHYA_PREFIXES]
     if unknown:
+        hint = (" (a transformer LoRA of SD 3 / FLUX: ComfyUI and Forge load it in layout=diffusers)"
+                if "transformer" in unknown else "")
         raise ValueError(f"{directory}: LoRA tensors of {unknown}; the kohya export knows "
-                         f"{sorted(KOHYA_PREFIXES)}")
+                         f"{sorted(KOHYA_PREFIXES)}{hint}")
     out: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
     for module in modules:
@@ -119,15 +134,74 @@ def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = N
     return out
 
 
+def diffusers_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The transformer LoRA of `directory` in the diffusers layout with alpha / rank folded into lora_B (see
+    the module docstring), and safetensors metadata naming its rank and trained alpha."""
+    tensors, settings = read_lora(directory)
+    modules = sorted({k.split(".", 1)[0] for k in tensors})
+    if modules != ["transformer"]:
+        raise ValueError(f"{directory}: LoRA tensors of {modules}; the diffusers-layout export is for "
+                         "transformer (SD 3 / FLUX) LoRAs, which ComfyUI and Forge load in that layout; for "
+                         "a UNet LoRA: layout=kohya")
+    setting = settings.get("transformer", {})
+    if setting.get("alpha_pattern") or setting.get("rank_pattern"):
+        raise ValueError(f"{directory}: the transformer has per-module rank or alpha patterns; the export "
+                         "folds one alpha / rank into every module")
+    ranks = {int(v.shape[0]) for k, v in tensors.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise ValueError(f"{directory}: LoRA ranks {sorted(ranks)} differ between modules; the export folds "
+                         "one alpha / rank into every module")
+    (rank,) = ranks
+    alpha = setting.get("lora_alpha")
+    if alpha is None:
+        logger.warning("%s: no lora_alpha saved for the transformer; exporting alpha = rank = %d (what "
+                       "diffusers assumes)", directory, rank)
+        alpha = rank
+    scale = float(alpha) / rank
+    out = {k: (v.float() * scale if ".lora_B." in k else v).contiguous() for k, v in tensors.items()}
+    metadata = {"social_refl_ranks": json.dumps({"transformer": rank}),
+                "social_refl_alphas": json.dumps({"transformer": float(alpha)}),
+                "social_refl_alpha_folded_into_lora_B": json.dumps(scale)}
+    return out, metadata
+
+
+def export_diffusers(directory: str | os.PathLike, out: str | os.PathLike | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write the diffusers-layout file of a transformer LoRA folder (ComfyUI: SD 3 and FLUX; Forge: FLUX),
+    atomically: to `out`, or to <folder>/lora_diffusers.safetensors, rewritten by every export."""
+    from safetensors.torch import save
+
+    if out is not None:
+        check_export_path(Path(out), overwrite)
+    state, metadata = diffusers_state_dict(directory)
+    out = Path(out) if out is not None else Path(directory) / "lora_diffusers.safetensors"
+    data = save(state, metadata=metadata)
+    atomic_write_bytes(out, lambda f: f.write(data))
+    logger.info("wrote %d diffusers-layout tensors (alpha folded in) to %s", len(state), out)
+    return out
+
+
 # Key layouts of an exported LoRA file: layout -> writer(folder, out, overwrite).
-EXPORT_LAYOUTS: dict[str, Callable[..., Path]] = {"kohya": export_kohya}
+EXPORT_LAYOUTS: dict[str, Callable[..., Path]] = {"kohya": export_kohya, "diffusers": export_diffusers}
 
 
-def export_lora(directory: str | os.PathLike, layout: str = "kohya",
+def layout_for(directory: str | os.PathLike) -> str:
+    """The layout AUTOMATIC1111, ComfyUI and Forge load for the LoRA of `directory`: diffusers for a
+    transformer (SD 3 / FLUX) LoRA, kohya for a UNet LoRA."""
+    from safetensors import safe_open
+
+    with safe_open(str(check_lora_dir(directory)), "pt") as f:
+        transformer = any(k.startswith("transformer.") for k in f.keys())
+    return "diffusers" if transformer else "kohya"
+
+
+def export_lora(directory: str | os.PathLike, layout: str = "",
                 out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    if layout not in EXPORT_LAYOUTS:
-        raise ValueError(f"layout={layout!r}: unknown export layout; choose one of {sorted(EXPORT_LAYOUTS)}")
-    return EXPORT_LAYOUTS[layout](directory, out, overwrite)
+    """Write the LoRA of `directory` in `layout` ("" = the one the tools load for it, `layout_for`)."""
+    if layout and layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: unknown export layout; choose one of {sorted(EXPORT_LAYOUTS)} "
+                         "(or leave it empty: the one the tools load for this LoRA)")
+    return EXPORT_LAYOUTS[layout or layout_for(directory)](directory, out, overwrite)
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = False) -> str:

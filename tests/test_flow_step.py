@@ -108,6 +108,7 @@ def test_short_refl_run_on_tiny_flux_saves_a_lora_the_stock_pipeline_loads(tmp_p
     card = (out / "lora" / "README.md").read_text()  # the model card names the family and its pipeline
     assert "| model family | `flux` (`FluxPipeline`) |" in card and "\n- flux\n" in card
     assert "FluxPipeline.from_pretrained" in card and "on the transformer |" in card
+    assert "writes the diffusers layout" in card  # the export for ComfyUI / Forge
     stock = pipeline_class("flux").from_pretrained(base)
     stock.set_progress_bar_config(disable=True)
     kw = {"num_inference_steps": 3, "guidance_scale": 3.0, "output": "pt"}
