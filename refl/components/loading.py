@@ -6,8 +6,8 @@ A directory holds `model_index.json` and one subfolder per component. Its family
 hub id downloads once into the Hugging Face cache as diffusers does (`HF_HUB_OFFLINE=1` reads the cache
 only). `ModelConfig.random_weights` builds a directory's (any family: SD 3 / FLUX parts by the classes its
 model_index.json names) or a known hub id's architecture from its config files alone (a dry run of a real
-config, offline); `ModelConfig.vae` swaps in another VAE (e.g. an
-fp16-safe SDXL VAE). `build_pipeline` and `save_pipeline` go the other way, to stock diffusers pipelines.
+config, offline); `ModelConfig.vae` swaps in another VAE (e.g. an fp16-safe SDXL VAE). `build_pipeline`
+and `save_pipeline` go the other way, to stock diffusers pipelines.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ runs backward and the optimizer (train.py), so gradient accumulation and mixed p
 Layout: `config` (StepConfig), `contract` (StepContext, MethodResult, GradMethod, the registry
 GRAD_METHODS), `blocks` (what methods and the step share), `methods/` (one module per gradient method,
 each registering itself) and, here, `reward_step`. Shipped methods (each module's docstring says what
-it does): `refl` (ImageReward's ReFL), `draft` (DRaFT-K), `draft_lv` (DRaFT-LV) and `alignprop`
-(AlignProp-style truncation). reward_step refuses a result that is not a MethodResult, a cut outside the
-trajectory or a method that made no call with gradient.
+it does): `refl` (ImageReward's ReFL), `draft` (DRaFT-K), `draft_lv` (DRaFT-LV), `alignprop`
+(AlignProp-style truncation) and `direct_align` (Direct-Align, the SRPO paper's). reward_step refuses a
+result that is not a MethodResult, a cut outside the trajectory or a method that made no call with
+gradient.
 
 Loss: relu(margin - reward).mean() * grad_scale, plus two optional regularisers:
 - `reg_weight` x the pre-training denoising MSE on a batch of clean latents (ImageReward's paper);

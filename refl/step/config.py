@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StepConfig:
-    # Gradient method, a key of GRAD_METHODS (shipped: "refl", "draft", "draft_lv", "alignprop").
+    # Gradient method, a key of GRAD_METHODS (shipped: "refl", "draft", "draft_lv", "alignprop",
+    # "direct_align").
     method: str = "refl"
     # Sampler used during training, a key of SCHEDULERS: "ddim" (deterministic at eta 0) or "ddpm"
     # (stochastic; what ImageReward's ReFL.py runs) for UNet models, "flow_euler" for SD 3 / FLUX.
