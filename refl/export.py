@@ -59,6 +59,14 @@ def read_lora(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return tensors, settings
 
 
+def _with_text_model(peft: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """A text encoder's peft keys with the `text_model.` level CLIP checkpoints have (module docstring)."""
+    if not module.startswith("text_encoder"):
+        return peft
+    head = f"{module}.text_model."
+    return {k if k.startswith(head) else head + k[len(module) + 1:]: v for k, v in peft.items()}
+
+
 def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The LoRA of `directory` in the kohya layout, and safetensors metadata naming its rank and alpha."""
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
@@ -76,10 +84,7 @@ def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     for module in modules:
         part = {k: v for k, v in tensors.items() if k.startswith(module + ".")}
         peft = convert_all_state_dict_to_peft(part)  # keys stay prefixed by the module name
-        if module == "text_encoder":
-            peft = {k if k.startswith("text_encoder.text_model.") else
-                    "text_encoder.text_model." + k[len("text_encoder."):]: v for k, v in peft.items()}
-        kohya = convert_state_dict_to_kohya(peft)
+        kohya = convert_state_dict_to_kohya(_with_text_model(peft, module))
         if not all(k.startswith(KOHYA_PREFIXES[module]) for k in kohya):
             raise ValueError(f"{directory}: diffusers' kohya converter gave keys outside "
                              f"{KOHYA_PREFIXES[module]}")
@@ -135,33 +140,43 @@ def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = N
 
 
 def diffusers_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The transformer LoRA of `directory` in the diffusers layout with alpha / rank folded into lora_B (see
-    the module docstring), and safetensors metadata naming its rank and trained alpha."""
+    """The transformer LoRA of `directory` (and its text encoders') in the diffusers layout with each module's
+    alpha / rank folded into lora_B (see the module docstring), and safetensors metadata naming the ranks and
+    trained alphas. Text-encoder keys get peft's lora_A / lora_B names and CLIP's `text_model.` level, as
+    ComfyUI maps them (`text_encoder.text_model.encoder.layers.*`)."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
+
     tensors, settings = read_lora(directory)
     modules = sorted({k.split(".", 1)[0] for k in tensors})
-    if modules != ["transformer"]:
+    if "transformer" not in modules or not set(modules) <= {"transformer", "text_encoder", "text_encoder_2"}:
         raise ValueError(f"{directory}: LoRA tensors of {modules}; the diffusers-layout export is for "
                          "transformer (SD 3 / FLUX) LoRAs, which ComfyUI and Forge load in that layout; for "
                          "a UNet LoRA: layout=kohya")
-    setting = settings.get("transformer", {})
-    if setting.get("alpha_pattern") or setting.get("rank_pattern"):
-        raise ValueError(f"{directory}: the transformer has per-module rank or alpha patterns; the export "
-                         "folds one alpha / rank into every module")
-    ranks = {int(v.shape[0]) for k, v in tensors.items() if ".lora_A." in k}
-    if len(ranks) != 1:
-        raise ValueError(f"{directory}: LoRA ranks {sorted(ranks)} differ between modules; the export folds "
-                         "one alpha / rank into every module")
-    (rank,) = ranks
-    alpha = setting.get("lora_alpha")
-    if alpha is None:
-        logger.warning("%s: no lora_alpha saved for the transformer; exporting alpha = rank = %d (what "
-                       "diffusers assumes)", directory, rank)
-        alpha = rank
-    scale = float(alpha) / rank
-    out = {k: (v.float() * scale if ".lora_B." in k else v).contiguous() for k, v in tensors.items()}
-    metadata = {"social_refl_ranks": json.dumps({"transformer": rank}),
-                "social_refl_alphas": json.dumps({"transformer": float(alpha)}),
-                "social_refl_alpha_folded_into_lora_B": json.dumps(scale)}
+    out: dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    for module in modules:
+        part = {k: v for k, v in tensors.items() if k.startswith(module + ".")}
+        if module != "transformer":  # saved in diffusers' text-encoder naming
+            part = _with_text_model(convert_all_state_dict_to_peft(part), module)
+        setting = settings.get(module, {})
+        if setting.get("alpha_pattern") or setting.get("rank_pattern"):
+            raise ValueError(f"{directory}: {module} has per-module rank or alpha patterns; the export folds "
+                             "one alpha / rank into each of its modules")
+        found = {int(v.shape[0]) for k, v in part.items() if ".lora_A." in k}
+        if len(found) != 1:
+            raise ValueError(f"{directory}: {module}'s LoRA ranks {sorted(found)} differ between modules; "
+                             "the export folds one alpha / rank into each of its modules")
+        (rank,) = found
+        alpha = setting.get("lora_alpha")
+        if alpha is None:
+            logger.warning("%s: no lora_alpha saved for %s; exporting alpha = rank = %d (what diffusers "
+                           "assumes)", directory, module, rank)
+            alpha = rank
+        scale = float(alpha) / rank
+        out.update({k: (v.float() * scale if ".lora_B." in k else v).contiguous() for k, v in part.items()})
+        ranks[module], alphas[module] = rank, float(alpha)
+    metadata = {"social_refl_ranks": json.dumps(ranks), "social_refl_alphas": json.dumps(alphas),
+                "social_refl_alpha_folded_into_lora_B": "true"}
     return out, metadata
 
 

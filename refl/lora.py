@@ -1,5 +1,6 @@
-"""LoRA on the denoiser (the UNet; SD 3's and FLUX's transformer) and optionally the text encoders (both of
-SDXL's; UNet families only) through peft, saved in diffusers format.
+"""LoRA on the denoiser (the UNet; SD 3's and FLUX's transformer) and optionally the text encoders whose LoRA
+the family's stock pipeline loads (SD 1.x / 2.x: CLIP; SDXL and SD 3: both CLIPs; FLUX: CLIP-L; T5 in
+neither) through peft, saved in diffusers format.
 
 Only LoRA parameters train; they stay fp32 even when the frozen base runs in fp16/bf16, because
 Adam updates of size lr * 1 are below fp16's resolution for weights near 1. The saved files carry
@@ -37,7 +38,8 @@ class LoraConfig:
     # Denoiser modules that get adapters; None = the model family's DEFAULT_TARGETS (the UNet's attention
     # projections; a flow transformer's attention projections of both streams and its feed-forward layers).
     target_modules: list[str] | None = None
-    # Also put adapters on the text encoder's attention projections (SDXL: on both text encoders).
+    # Also put adapters on the text encoders' attention projections: those whose LoRA the family's stock
+    # pipeline loads (SDXL and SD 3: both CLIPs; FLUX: CLIP-L; never T5).
     train_text_encoder: bool = False
     # Text-encoder modules that get adapters when train_text_encoder is true.
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
@@ -100,9 +102,6 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
     """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params.
     `seed` (the run's train.seed) fixes the Gaussian LoRA-A initialisation (B starts at zero, so the
     tuned model starts as the base)."""
-    if cfg.train_text_encoder and components.is_flow:
-        raise ValueError(f"lora.train_text_encoder: text-encoder LoRA is not supported for "
-                         f"{components.family} models yet; set lora.train_text_encoder=false")
     for module in components.modules().values():
         module.requires_grad_(False)
     torch.manual_seed(seed)
@@ -114,7 +113,7 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
     components.denoiser.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets))
     modules = [components.denoiser]
     if cfg.train_text_encoder:
-        for encoder in components.text_encoders().values():
+        for encoder in lora_text_encoders(components).values():
             encoder.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules))
             modules.append(encoder)
     params = []
@@ -131,6 +130,13 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
     logger.info("LoRA r=%d alpha=%g: %d tensors, %.3fM trainable parameters", cfg.rank, cfg.alpha,
                 len(params), sum(p.numel() for p in params) / 1e6)
     return params
+
+
+def lora_text_encoders(components: SDComponents) -> dict[str, torch.nn.Module]:
+    """The text encoders a LoRA may adapt, by their diffusers names: those the family's stock pipeline loads
+    LoRA weights for (its loader's list of modules), so `load_lora_weights` reproduces the tuned model."""
+    loadable = pipeline_class(components.family)._lora_loadable_modules
+    return {name: m for name, m in components.text_encoders().items() if name in loadable}
 
 
 def trainable_parameters(components: SDComponents) -> list[torch.nn.Parameter]:
@@ -180,8 +186,8 @@ def load_lora_state(components: SDComponents, state: dict[str, torch.Tensor]) ->
 def save_lora(components: SDComponents, directory: str | os.PathLike, card: str | None = None) -> Path:
     """Write the LoRA in diffusers format (`pipe.load_lora_weights(directory)` of the stock pipeline of the
     base's family reads it), with alpha as adapter metadata, and `card` as README.md when given,
-    atomically: a temp dir beside the target, then a rename. UNet LoRA keys are converted to diffusers'
-    naming as its UNet loader expects; the transformer loaders read peft's keys as they are."""
+    atomically: a temp dir beside the target, then a rename. UNet and text-encoder LoRA keys are converted
+    to diffusers' naming as their loaders expect; the transformer loaders read peft's keys as they are."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -190,7 +196,7 @@ def save_lora(components: SDComponents, directory: str | os.PathLike, card: str 
     kwargs = {}
     for name, module in _lora_modules(components).items():
         state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
-        kwargs[f"{name}_lora_layers"] = (state if components.is_flow
+        kwargs[f"{name}_lora_layers"] = (state if name == "transformer"
                                          else convert_state_dict_to_diffusers(state))
         # Dropout is a training setting: a loader that injects adapters after the pipeline's eval() (as
         # load_lora_weights does) would otherwise draw random dropout masks at inference.

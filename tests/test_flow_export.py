@@ -5,6 +5,7 @@ loader reads back into the same images; a UNet LoRA still goes out in the kohya 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -31,15 +32,23 @@ COMFYUI_MAPPED = {
 }
 
 
+# ComfyUI's key for a CLIP text encoder's LoRA module (model_lora_keys_clip): SD 3's CLIP-L and CLIP-G,
+# FLUX's CLIP-L, with CLIP's text_model level.
+COMFYUI_CLIP = re.compile(r"(text_encoder|text_encoder_2)\.text_model\.encoder\.layers\.\d+\."
+                          r"(self_attn\.(q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)")
+
+
+@pytest.mark.parametrize("text_lora", [False, True], ids=["transformer", "with-text-encoders"])
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
-def test_flow_export_loads_back_through_diffusers_with_the_same_images(name, tmp_path, capsys):
+def test_flow_export_loads_back_through_diffusers_with_the_same_images(name, text_lora, tmp_path, capsys):
     from safetensors import safe_open
 
     from refl.cli import export_main
 
     components = load_components(name)
     save_pipeline(components, tmp_path / "base")
-    add_lora(components, LoraConfig(rank=4, alpha=16.0))  # alpha != rank: the scale must survive
+    # alpha != rank: the scale must survive
+    add_lora(components, LoraConfig(rank=4, alpha=16.0, train_text_encoder=text_lora))
     randomise_lora_b(components)
     save_lora(components, tmp_path / "lora")
     tuned = sample(make_pipeline(components, "flow_euler"), PROMPTS, seeds=[0, 1], **KW)
@@ -50,9 +59,11 @@ def test_flow_export_loads_back_through_diffusers_with_the_same_images(name, tmp
     with safe_open(str(out), "pt") as f:
         exported = {k: f.get_tensor(k) for k in f.keys()}
         assert "lora_adapter_metadata" not in (f.metadata() or {})  # the loaders would read it, or refuse it
-    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
-               for k in exported)  # no .alpha tensors: alpha / rank is in lora_B
-    modules = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in exported}
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in exported)  # alpha is in lora_B
+    text = {k.rsplit(".lora_", 1)[0] for k in exported if not k.startswith("transformer.")}
+    assert bool(text) == text_lora and all(COMFYUI_CLIP.fullmatch(m) for m in text), sorted(text)[:3]
+    modules = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in exported
+               if k.startswith("transformer.")}
     blocks = ("transformer_blocks.", "single_transformer_blocks.")
     mapped = COMFYUI_MAPPED[components.family]
     assert all(m.startswith(blocks) and m.split(".", 2)[2] in mapped for m in modules)

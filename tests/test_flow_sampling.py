@@ -106,8 +106,30 @@ def test_flow_lora_round_trips_through_the_stock_pipeline(name, tmp_path):
     assert (tuned - reloaded).abs().max() < 1e-5
 
 
-def test_text_encoder_lora_refused_for_flow_models():
-    from refl.lora import LoraConfig, add_lora
+@pytest.mark.parametrize("name", FLOW)
+def test_flow_text_encoder_lora_round_trips_through_the_stock_pipeline(name, tmp_path):
+    """lora.train_text_encoder on a flow model: adapters on the CLIP encoders the stock pipeline loads LoRA
+    for (SD 3: both, FLUX: CLIP-L; never T5), reloaded exactly by load_lora_weights."""
+    from helpers.lora import randomise_lora_b
+    from safetensors import safe_open
 
-    with pytest.raises(ValueError, match="train_text_encoder"):
-        add_lora(load_components("tiny-flux"), LoraConfig(train_text_encoder=True))
+    from refl.components import pipeline_class, save_pipeline
+    from refl.lora import LoraConfig, add_lora, save_lora
+
+    components = load_components(name)
+    save_pipeline(components, tmp_path / "base")
+    add_lora(components, LoraConfig(rank=4, alpha=16.0, train_text_encoder=True))
+    adapted = {n for n, m in components.modules().items()
+               if any("lora_" in k for k, _ in m.named_parameters())}
+    assert adapted == ({"transformer", "text_encoder", "text_encoder_2"} if components.family == "sd3"
+                       else {"transformer", "text_encoder"})  # FLUX's text_encoder_2 is T5
+    randomise_lora_b(components)
+    save_lora(components, tmp_path / "lora")
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == adapted
+    kw = {"num_inference_steps": 3, "guidance_scale": 3.0, "output": "pt"}
+    tuned = sample(make_pipeline(components, "flow_euler"), PROMPTS[:2], seeds=[0, 1], **kw)
+    stock = pipeline_class(components.family).from_pretrained(tmp_path / "base")
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(tmp_path / "lora")
+    assert (tuned - sample(stock, PROMPTS[:2], seeds=[0, 1], **kw)).abs().max() < 1e-5

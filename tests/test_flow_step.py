@@ -85,6 +85,26 @@ def test_every_method_trains_every_lora_module_bf16(flow_lora, method):
     assert all(p.dtype == torch.float32 for p in params.values())
 
 
+@pytest.mark.parametrize("name", FLOW)
+def test_text_encoder_lora_trains_on_flow_models_bf16(name):
+    """lora.train_text_encoder: the CLIP adapters get gradient through the stock pipeline's encode_prompt
+    (SD 3's negative pass included), and the KL term reads the base text encoders."""
+    components = load_components(name).to(dtype=torch.bfloat16)
+    add_lora(components, LoraConfig(rank=2, alpha=4.0, train_text_encoder=True))
+    randomise_lora_b(components, seed=3)
+    params = {f"{part}.{n}": p for part, m in components.modules().items() for n, p in m.named_parameters()
+              if "lora_" in n}
+    assert any(n.startswith("text_encoder.") for n in params)
+    cfg = StepConfig(method="refl", scheduler="flow_euler", num_inference_steps=3, cut_range=[1, 2],
+                     guidance_scale=3.0, kl_weight=0.5, grad_scale=1.0)
+    out = reward_step(components, PROMPTS[:2], brightness, cfg, torch.Generator().manual_seed(1))
+    assert torch.isfinite(out["loss"]) and out["kl_loss"] > 0
+    out["loss"].backward()
+    silent = {n.split(".lora_")[0] for n, p in params.items()
+              if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0}
+    assert not silent, silent
+
+
 def test_short_refl_run_on_tiny_flux_saves_a_lora_the_stock_pipeline_loads(tmp_path, capsys):
     import json
 
