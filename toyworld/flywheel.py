@@ -95,9 +95,11 @@ class FlywheelConfig:
     # ReFL settings the rule chooses among each round, "name: key=value ..." as demo-config overrides
     # (toyworld.sweep.GRID by default).
     refl_settings: list[str] = field(default_factory=_sweep_settings)
-    # Overrides every setting's run gets (toyworld.sweep.COMMON: 120 updates, validated every 10 from update
-    # 0); each run also checkpoints at every validation and keeps them all: the chosen update's LoRA is there.
-    refl_common: list[str] = field(default_factory=_sweep_common)
+    # Demo-config overrides of every round after round 0: the critic's recipe, the sizes of the feed's
+    # community, the held-out pairs and the comparison, every ReFL run (toyworld.sweep.COMMON by default: 120
+    # updates, validated every 10 from update 0; each run also checkpoints at every validation and keeps them
+    # all, so the chosen update's LoRA is there). Not the validation itself: the rule compares with round 0's.
+    demo_overrides: list[str] = field(default_factory=_sweep_common)
 
     def __post_init__(self):
         if self.n_rounds < 1:
@@ -120,8 +122,10 @@ class FlywheelConfig:
 # The quick loop: 2 rounds, one seed, a small feed and one short ReFL setting (for smoke tests and CI).
 QUICK = {"n_rounds": 2, "seeds": [0], "n_prompts": 16,
          "refl_settings": ["lr 3e-4, training CFG 4: refl.train.lr=3e-4 refl.step.guidance_scale=4.0"],
-         "refl_common": ["refl.train.max_updates=4", "refl.train.validate_every=2",
-                         "refl.train.validate_at_start=true"]}
+         "demo_overrides": ["refl.train.max_updates=2", "refl.train.validate_every=1",
+                            "refl.train.validate_at_start=true", "refl.train.batch_size=2",
+                            "critic.train.max_updates=4", "community.n_oracle_pair_prompts=4",
+                            "compare.n_tuned_samples=4"]}
 
 
 @dataclass
@@ -131,6 +135,7 @@ class _Loop:
 
     demo: FinishedDemo
     cfg: FlywheelConfig
+    dcfg: object  # the demo's config with the loop's demo_overrides: what every round after round 0 runs
     settings: dict  # setting name -> its demo-config overrides
     prompts: list  # per round r: its feed prompts (round 0's are the demo's own)
     base_truth: list  # the demo's held-out oracle pairs (reward.data PairRecords) ...
@@ -141,30 +146,46 @@ class _Loop:
         return self.demo.folder / "flywheel"
 
 
-def _check(demo: FinishedDemo, cfg: FlywheelConfig) -> dict[str, list[str]]:
-    """Every setting's overrides applied and the rule's judges checked before anything trains."""
+# What a validation draws and who judges it: the same in every round as in round 0's run, whose update 0 (the
+# base) the rule's held judges are measured from.
+VALIDATION = ("validation_prompts", "validation_images_per_prompt", "validation_seed",
+              "validation_num_inference_steps", "validation_guidance_scale", "heldout_evaluators")
+
+
+def _check(demo: FinishedDemo, cfg: FlywheelConfig) -> tuple[object, dict[str, list[str]]]:
+    """The rounds' demo config and every setting's overrides, applied and checked before anything trains:
+    the rule's judges are validated, and validated as in round 0's run. Returns (the rounds' demo config,
+    setting -> overrides)."""
     from refl.sweep import HELDOUT
     from toyworld.demo.config import refl_config
     from toyworld.rule import rule_for
 
+    dcfg = override(demo.cfg, cfg.demo_overrides)
     settings = dict(parse_variant(spec) for spec in cfg.refl_settings)
     rule = rule_for(demo.cfg.clip_model)
+    round0 = refl_config(demo.cfg, str(demo.critic), demo.folder, demo.folder, None).train
     for name, overrides in settings.items():
-        dcfg = override(demo.cfg, cfg.refl_common + overrides)
-        if not dcfg.refl.train.validate_at_start or not dcfg.refl.train.validation_prompts:
+        setting = override(dcfg, overrides)
+        t = refl_config(setting, str(demo.critic), demo.folder, demo.folder, None).train
+        if not t.validate_at_start or not t.validation_prompts:
             raise ConfigError(f"refl setting {name!r}: the rule reads validations from update 0; keep "
-                              "refl.train.validate_at_start=true")
-        judges = refl_config(dcfg, str(demo.critic), demo.folder, demo.folder, None).train.heldout_evaluators
-        missing = [k.removeprefix(HELDOUT) for k in rule.hold if k.removeprefix(HELDOUT) not in judges]
+                              "refl.train.validate_at_start=true and the validation prompts")
+        held = [k.removeprefix(HELDOUT) for k in rule.hold]
+        missing = [k for k in held if k not in t.heldout_evaluators]
         if missing:
             raise ConfigError(f"refl setting {name!r}: the rule holds {missing}, which "
-                              f"refl.train.heldout_evaluators ({judges}) does not validate")
-    return settings
+                              f"refl.train.heldout_evaluators ({t.heldout_evaluators}) does not validate")
+        changed = [k for k in VALIDATION if getattr(t, k) != getattr(round0, k)]
+        if changed and cfg.hold_reference == "base":
+            raise ConfigError(f"refl setting {name!r} validates otherwise than round 0 "
+                              f"({', '.join(changed)}); the rule measures its held judges from round 0's "
+                              "validation: keep them")
+    return dcfg, settings
 
 
 def round_prompts(demo: FinishedDemo, n_rounds: int, n_prompts: int) -> list[list[str]]:
-    """Each round's feed prompts: round 0's are the demo community's; round r's a random draw of training
-    prompts no earlier round showed."""
+    """Each round's feed prompts: round 0's are the demo community's; round r's `n_prompts` (0: as many as
+    round 0's), a random draw of training prompts no earlier round showed."""
     from toyworld.world import split_prompts
 
     train = split_prompts(seed=0)[0]
@@ -193,10 +214,10 @@ def run_flywheel(cfg: FlywheelConfig) -> dict:
     from toyworld.flywheel_report import plot_rounds, summarise, write_summary
 
     demo = open_demo(cfg.demo)
-    settings = _check(demo, cfg)
-    prompts = round_prompts(demo, cfg.n_rounds, cfg.n_prompts)
+    dcfg, settings = _check(demo, cfg)
+    prompts = round_prompts(demo, cfg.n_rounds, cfg.n_prompts or dcfg.community.n_prompts)
     truth = load_pairs(oracle_pairs_file(demo.folder))
-    loop = _Loop(demo, cfg, settings, prompts, truth, pair_gaps(truth))
+    loop = _Loop(demo, cfg, dcfg, settings, prompts, truth, pair_gaps(truth))
     loop.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, loop.root / "config.yaml")
     per_seed = {}
@@ -315,7 +336,7 @@ def _feed(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> dict:
     from refl.feed import write_feed
     from toyworld.demo.stages import enter_stage, finish_stage
 
-    demo = loop.demo.cfg
+    demo = loop.dcfg
     folder = out / "feed"
     guidance = list(demo.community.feed_guidance_scales)
     base_slots, model_slots = _split_slots(guidance, loop.cfg.base_share)
@@ -344,7 +365,7 @@ def _feedback(loop: _Loop, r: int, feed: dict, out: Path) -> dict:
     from toyworld.community import build_pairs_with_stats
     from toyworld.demo.stages import enter_stage, finish_stage
 
-    demo = loop.demo.cfg
+    demo = loop.dcfg
     feed_dir = out.parent / "feed"
     settings = {"n_users": demo.community.n_users, "behaviour": vars(demo.community.behaviour),
                 "seed": demo.seed + r}
@@ -389,7 +410,7 @@ def _critic(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> str:
         if not (data / f"round-{k}.parquet").is_file():
             subset_pairs(src, 1.0, 0, data / f"round-{k}.parquet")
     folder = out / "critic"
-    exp = critic_config(loop.demo.cfg, data, folder)
+    exp = critic_config(loop.dcfg, data, folder)
     exp = replace(exp, train=replace(exp.train, seed=exp.train.seed + seed, init_from=prev["critic"]))
     inputs = {f"pairs_round_{k}": str(src) for k, src in sources.items()}
     if enter_stage(folder, folder / "critic.json", trainer_settings(exp),
@@ -411,7 +432,7 @@ def _refl(loop: _Loop, seed: int, r: int, prev: dict, critic: str, out: Path) ->
     start = prev["lora"] if loop.cfg.refl_start == "previous" else ""
     runs = {}
     for name, overrides in loop.settings.items():
-        dcfg = override(loop.demo.cfg, loop.cfg.refl_common + overrides + [f"refl.train.seed={seed}"])
+        dcfg = override(loop.dcfg, overrides + [f"refl.train.seed={seed}"])
         t = dcfg.refl.train
         dcfg = replace(dcfg, refl=replace(dcfg.refl, train=replace(
             t, init_from=start, checkpoint_every=t.validate_every, checkpoints_keep=0)))
@@ -448,8 +469,8 @@ def _keep_lora(loop: _Loop, run: Path, update: int, start: str, dest: Path) -> N
         from refl.components import load_components
         from refl.lora import add_lora, save_lora
 
-        components = load_components(loop.demo.cfg.sd_model)
-        add_lora(components, loop.demo.cfg.refl.lora)  # B starts at zero: the base, exactly
+        components = load_components(loop.dcfg.sd_model)
+        add_lora(components, loop.dcfg.refl.lora)  # B starts at zero: the base, exactly
         save_lora(components, dest)
 
 
@@ -461,7 +482,7 @@ def _heldout(loop: _Loop, lora: str, out: Path) -> Path:
     from toyworld.demo.stages import enter_stage, finish_stage
     from toyworld.world import heldout_prompts
 
-    demo = loop.demo.cfg
+    demo = loop.dcfg
     c = demo.community
     prompts = heldout_prompts("oracle_pairs", c.n_oracle_pair_prompts)
     settings = {"prompts": prompts, "n": c.oracle_images_per_prompt, "guidance": demo.guidance_scale,
@@ -484,8 +505,9 @@ def _compare(loop: _Loop, critic: str, lora: str, out: Path) -> dict:
     from toyworld.variants import copy_base_samples
 
     copy_base_samples(loop.demo.folder, out)
-    ccfg = replace(compare_config(loop.demo.cfg, critic, lora, loop.demo.prompts_file, out),
-                   tuned_best_of=False)
+    # Neither best-of-n on the tuned model nor the sampler's throughput is read here: not drawn.
+    ccfg = replace(compare_config(loop.dcfg, critic, lora, loop.demo.prompts_file, out),
+                   tuned_best_of=False, benchmark_throughput=False)
     return run_compare(ccfg)
 
 
@@ -507,6 +529,7 @@ def _measure(loop: _Loop, seed: int, out: Path, state: dict, results: dict, reco
     from toyworld.overoptimisation import analyse, plot
     from toyworld.study import _judge_seed
 
+    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     state["heldout_tuned"] = str(_heldout(loop, state["lora"], out / "heldout"))
     sets = {"base": (loop.base_truth, loop.base_gaps)}
@@ -531,6 +554,7 @@ def _measure(loop: _Loop, seed: int, out: Path, state: dict, results: dict, reco
     if over is not None:
         plot(records, over, loop.demo.cfg.clip_model, out / "overoptimisation.png")
         over["loop_pick"] = _pick_on_curve(records, chosen["update"])
+    state.setdefault("timings", {})["measure_s"] = time.perf_counter() - t0
     summary = {**state, "seed": seed, "chosen": chosen, "critic_vs_oracle": accuracy,
                "judges": {name[k]: v for k, v in numbers["judges"].items()}, "terms": numbers["terms"],
                "oracle_gain_over_previous_round": mean_ci(tuned - before),
