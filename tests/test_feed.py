@@ -58,7 +58,7 @@ def test_a_feed_draws_every_image_as_the_stock_pipeline_would_alone(base_dir, lo
     # A folder holding a feed is not drawn over unless asked.
     assert feed_main(args) == 2
     assert "holds an earlier feed" in capsys.readouterr().err
-    assert feed_main(args + ["--overwrite", "true"]) == 0
+    assert feed_main(args + ["--overwrite"]) == 0
 
 
 def test_feedback_attaches_to_a_feed_without_moving_an_image(base_dir, tmp_path):
