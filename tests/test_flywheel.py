@@ -30,11 +30,11 @@ def test_quick_flywheel_runs_two_rounds_each_from_the_last(quick_demo):
     root = quick_demo / "flywheel"
     seed_dir = root / "seed-0"
     r1, r2 = seed_dir / "round-1", seed_dir / "round-2"
-    # The feed: half of each prompt's images from the base, half from round 0's LoRA (the demo's), 16 fresh
+    # The feed: half of each prompt's images from the base, half from round 0's LoRA (the demo's), fresh
     # prompts that the demo's community never saw.
     base, model = (pd.read_parquet(r1 / "feed" / part / "feed.parquet") for part in ("base", "model"))
     assert set(base["lora"]) == {""} and set(model["lora"]) == {str(quick_demo / "refl" / "lora")}
-    assert len(base) == len(model) == 16 * 3 and set(base["prompt"]) == set(model["prompt"])
+    assert len(base) == len(model) == QUICK["n_prompts"] * 3 and set(base["prompt"]) == set(model["prompt"])
     demo_prompts = set(pd.read_parquet(quick_demo / "community" / "train" / "pairs.parquet")["prompt"])
     assert not set(base["prompt"]) & demo_prompts
     round2_prompts = set(pd.read_parquet(r2 / "feed" / "base" / "feed.parquet")["prompt"])

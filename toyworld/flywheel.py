@@ -119,12 +119,15 @@ class FlywheelConfig:
             raise ConfigError("refl_settings is empty: list at least one 'name: key=value ...' setting")
 
 
-# The quick loop: 2 rounds, one seed, a small feed and one short ReFL setting (for smoke tests and CI).
-QUICK = {"n_rounds": 2, "seeds": [0], "n_prompts": 16,
+# The quick loop for smoke tests and CI: 2 rounds, one seed, 4 feed prompts, one ReFL setting of one update
+# without the regulariser (its pool of base samples would cost more than the rest of the run), small critic,
+# held-out and comparison draws.
+QUICK = {"n_rounds": 2, "seeds": [0], "n_prompts": 4,
          "refl_settings": ["lr 3e-4, training CFG 4: refl.train.lr=3e-4 refl.step.guidance_scale=4.0"],
-         "demo_overrides": ["refl.train.max_updates=2", "refl.train.validate_every=1",
+         "demo_overrides": ["refl.train.max_updates=1", "refl.train.validate_every=1",
                             "refl.train.validate_at_start=true", "refl.train.batch_size=2",
-                            "critic.train.max_updates=4", "community.n_oracle_pair_prompts=4",
+                            "refl.step.reg_weight=0", "critic.train.max_updates=4",
+                            "community.n_oracle_pair_prompts=4", "community.oracle_images_per_prompt=3",
                             "compare.n_tuned_samples=4"]}
 
 
