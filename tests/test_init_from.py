@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from helpers.lora import randomise_lora_b
 from helpers.training import PROMPTS, lora_file, tiny_train_overrides
 from safetensors.torch import load_file
@@ -39,28 +40,32 @@ def earlier_critic(colour_pairs, tmp_path_factory):
 
 def test_a_critic_started_from_an_earlier_one_holds_exactly_its_weights(colour_pairs, earlier_critic,
                                                                          tmp_path):
-    earlier = reward.load(earlier_critic / "critic")
-    assert earlier.score_scale.item() != 1.0  # calibrated: the calibration must travel too
     val = load_pairs(colour_pairs["val"])
-    expected = score_pairs(earlier, val)
-    # lr 0 and no calibration: the run's critic is where it started. Each way of naming the earlier run, and
+    checkpoint = earlier_critic / "checkpoints" / "update-000004"
+    # lr 0 and no calibration: the run's critic is where it started. Each way of naming the earlier run (the
+    # run folder means its final, calibrated critic; a checkpoint holds the critic before calibration), and
     # bf16 autocast (the trained weights stay fp32).
-    starts = {"run folder": ([earlier_critic], []),
-              "checkpoint": ([earlier_critic / "checkpoints" / "update-000004"], []),
-              "critic folder, bf16": ([earlier_critic / "critic"], ["train.mixed_precision=bf16"])}
-    for name, ((start,), extra) in starts.items():
+    starts = {"run folder": (earlier_critic, earlier_critic / "critic", []),
+              "checkpoint": (checkpoint, checkpoint / "critic", []),
+              "critic folder, bf16": (earlier_critic / "critic", earlier_critic / "critic",
+                                      ["train.mixed_precision=bf16"])}
+    assert reward.load(earlier_critic / "critic").score_scale.item() != 1.0  # the calibration travels too
+    for name, (start, weights, extra) in starts.items():
+        AcceleratorState._reset_state(reset_partial_state=True)  # another mixed precision in this process
+        earlier = reward.load(weights)
         out = tmp_path / name.replace(" ", "-").replace(",", "")
         result = train_critic(_critic_cfg(colour_pairs, out, f"train.init_from={start}", "train.lr=0",
                                           "train.max_updates=1", "train.calibrate=false", *extra))
         state, want = result["critic"].state_dict(), earlier.state_dict()
         assert state.keys() == want.keys()
         assert all(torch.equal(state[k].cpu(), want[k]) for k in want), name
-        scores = score_pairs(reward.load(out / "critic"), val)
+        scores, expected = score_pairs(reward.load(out / "critic"), val), score_pairs(earlier, val)
         assert all(np.array_equal(a, b) for a, b in zip(scores, expected)), name
     # A fresh critic of the same recipe scores otherwise: the start mattered.
+    AcceleratorState._reset_state(reset_partial_state=True)
     fresh = train_critic(_critic_cfg(colour_pairs, tmp_path / "fresh", "train.lr=0", "train.max_updates=1",
                                      "train.calibrate=false"))["critic"]
-    assert not np.array_equal(score_pairs(fresh, val)[0], expected[0])
+    assert not np.array_equal(score_pairs(fresh, val)[0], score_pairs(earlier, val)[0])
 
 
 def test_a_wrong_init_from_is_named_before_the_model_is_built(colour_pairs, earlier_critic, tmp_path):
