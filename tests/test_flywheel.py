@@ -128,8 +128,8 @@ def test_a_fresh_round_that_keeps_its_start_keeps_the_base_exactly(tmp_path):
     from toyworld.demo.config import DemoConfig
     from toyworld.flywheel import _keep_lora
 
-    class Loop:
-        demo = type("Demo", (), {"cfg": DemoConfig()})
+    class Loop:  # what _keep_lora reads of the loop: the rounds' demo config
+        dcfg = DemoConfig()
 
     _keep_lora(Loop(), tmp_path / "run", 0, "", tmp_path / "lora")
     sd = DemoConfig().sd_model
