@@ -136,6 +136,11 @@ def image_name(prompt_index: int, slot: int) -> str:
     return f"{IMAGES}/{prompt_index:04d}_{slot:03d}.png"
 
 
+def image_slot(path: str | os.PathLike) -> int:
+    """The slot of a feed image (its index among its prompt's images) from its file name."""
+    return int(Path(path).stem.rsplit("_", 1)[1])
+
+
 def prepare_feed_folder(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """The feed folder, made sure to hold no earlier feed (removed with `overwrite`, refused without it), so a
     manifest never mixes two feeds' images."""

@@ -2,7 +2,7 @@
 
 Round 0 is a finished demo (for training seed s other than the demo's, the world study's run of that seed,
 toyworld/study.py): the base model's feed, the community's pairs, the critic, ReFL by the sweep's settings.
-Round r = 1 .. n_rounds, per training seed (docs/toyworld.md, "The flywheel", says why each choice):
+Round r = 1 .. n_rounds, per training seed (docs/flywheel.md says why each choice):
 
 1. feed: fresh training prompts (none an earlier round showed), each with the community's feed guidance
    scales; `base_share` of each prompt's images drawn by the base, the rest by round r-1's tuned model
@@ -364,7 +364,7 @@ def _feed(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> dict:
 def _feedback(loop: _Loop, r: int, feed: dict, out: Path) -> dict:
     """The community on round r's feed (every prompt's base and tuned images together, in slot order): pairs
     over the feed's own image files, and which model's image won the pairs that cross models."""
-    from refl.feed import read_feed
+    from refl.feed import image_slot, read_feed
     from toyworld.community import build_pairs_with_stats
     from toyworld.demo.stages import enter_stage, finish_stage
 
@@ -378,10 +378,9 @@ def _feedback(loop: _Loop, r: int, feed: dict, out: Path) -> dict:
     by_prompt: dict[str, dict[int, str]] = {}
     model_of: dict[str, str] = {}
     for part, info in feed["parts"].items():
-        manifest = read_feed(feed_dir / part)
-        per_prompt = len(info["slots"])
-        for i, row in enumerate(manifest.itertuples()):
-            by_prompt.setdefault(row.prompt, {})[info["slots"][i % per_prompt]] = row.image
+        for row in read_feed(feed_dir / part).itertuples():
+            slot = info["slots"][image_slot(row.image)]  # the slot in the part -> the slot in the feed
+            by_prompt.setdefault(row.prompt, {})[slot] = row.image
             model_of[row.image] = part
     images = {p: [slots[j] for j in sorted(slots)] for p, slots in by_prompt.items()}
     result = build_pairs_with_stats(images, demo.community.n_users, demo.seed + r, out,
