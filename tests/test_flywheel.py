@@ -82,10 +82,11 @@ def test_quick_flywheel_runs_two_rounds_each_from_the_last(quick_demo):
     assert rounds[1]["feedback"]["n_cross_model_pairs"] > 0
     table = (root / "flywheel.md").read_text()
     assert "| 2 |" in table and "### Seed 0" in table and (root / "flywheel.png").is_file()
-    # A rerun reuses every round: nothing inside them is written again.
-    stamps = {p: p.stat().st_mtime_ns for p in (r1, r2) for p in p.rglob("*") if p.is_file()}
+    # A rerun reuses every round, round 0's measurements too: nothing inside them is written again.
+    rounds_dirs = (seed_dir / "round-0", r1, r2)
+    stamps = {p: p.stat().st_mtime_ns for d in rounds_dirs for p in d.rglob("*") if p.is_file()}
     assert flywheel_main(["--demo", str(quick_demo), "--quick"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (r1, r2) for p in p.rglob("*") if p.is_file()} == stamps
+    assert {p: p.stat().st_mtime_ns for d in rounds_dirs for p in d.rglob("*") if p.is_file()} == stamps
 
 
 def test_the_flywheel_refuses_bad_settings_before_any_round(quick_demo, tmp_path, capsys):

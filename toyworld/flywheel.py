@@ -245,12 +245,20 @@ def _round_zero(loop: _Loop, seed: int) -> dict:
     there if it is not yet), measured as every later round is."""
     from runkit.logs import read_metrics
     from toyworld.demo.layout import community_pairs_file
+    from toyworld.demo.stages import enter_stage
     from toyworld.study import PLAIN, STUDIES
     from toyworld.variants import run_variants
 
     demo = loop.demo
     run = run_variants(demo, demo.folder / "study", {PLAIN: STUDIES["world"][PLAIN]}, [seed])[PLAIN][seed]
     out = _seed_dir(loop, seed, 0)
+    # Measured once while the run, the critic and what the loop draws for it are unchanged.
+    key = {"round": 0, "seed": seed, "overrides": loop.cfg.demo_overrides}
+    inputs = {"lora": run.refl["lora"], "critic": str(demo.critic),
+              "results": str(run.folder / "results.json")}
+    done = enter_stage(out, out / "round.json", key, inputs)
+    if done is not None:
+        return _located(done, out)
     refl_dir = Path(run.refl["output_dir"])
     records = read_metrics(refl_dir / "metrics.jsonl")
     state = {"round": 0, "critic": str(demo.critic), "previous_critic": demo.cfg.clip_model,
