@@ -78,6 +78,42 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 
 @command
+def feed_main(argv: list[str] | None = None) -> int:
+    """Draw a feed: a model's images (base, or base + LoRA) for prompts x seeds x guidance scales, with a
+    manifest (feed.parquet: prompt, image, seed, guidance_scale, model, lora) that the feedback readers take
+    once likes (a label column) or remixes (a pairs file in the folder) are attached.
+
+    social-refl-feed --model DIR [--lora runs/refl/lora] --prompts-file prompts.txt \\
+        --guidance-scales 2 4 7.5 --n-seeds 2 --seed 0 [--batch-size 8] --out runs/feed
+    """
+    from refl.feed import FeedConfig, prepare_feed_folder, write_feed
+    from refl.generate import load_pipeline
+    from refl.lora import check_lora_dir
+    from refl.prompts import read_prompt_file
+
+    parser = config_parser(FeedConfig, feed_main.__doc__, flags=(
+        "model.name", "model.vae", "lora", "lora_scale", "prompts_file", "prompt_column", "guidance_scales",
+        "n_seeds", "seed", "num_inference_steps", "scheduler", "batch_size", "mixed_precision", "device",
+        "output_dir", "overwrite"), required=("model.name", "prompts_file", "output_dir"))
+    cfg, _ = parse_config_args(parser, argv)
+    setup_logging()
+    prompts = read_prompt_file(cfg.prompts_file, column=cfg.prompt_column, key="prompts_file",
+                               column_key="prompt_column")
+    if cfg.lora:  # every input before the model loads
+        check_lora_dir(cfg.lora)
+    save_config(cfg, prepare_feed_folder(cfg.output_dir, cfg.overwrite) / "config.yaml")
+    pipe = load_pipeline(cfg.model.name, cfg.lora or None, cfg.lora_scale, cfg.device or None,
+                         attention=cfg.model.attention, mixed_precision=cfg.mixed_precision,
+                         vae=cfg.model.vae, scheduler=cfg.scheduler)
+    manifest = write_feed(pipe, prompts, cfg.output_dir, cfg.guidance_scales, cfg.n_seeds, cfg.seed,
+                          cfg.num_inference_steps, cfg.batch_size, overwrite=True,
+                          drawn_by={"model": cfg.model.name, "lora": cfg.lora, "lora_scale": cfg.lora_scale,
+                                    "scheduler": cfg.scheduler})
+    print(json.dumps({"images": len(manifest), "output_dir": cfg.output_dir}))
+    return 0
+
+
+@command
 def export_main(argv: list[str] | None = None) -> int:
     """Export a saved LoRA folder for other tools (the layout they load for its model: kohya for UNet LoRAs,
     AUTOMATIC1111, ComfyUI, Forge; diffusers for SD 3 / FLUX LoRAs, ComfyUI, Forge), and optionally upload the

@@ -11,6 +11,7 @@ trained with alpha != rank reloads at the wrong scale, silently. A saved folder 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -264,6 +265,42 @@ def check_lora_file(weights: Path) -> None:
     empty = [k for k, rank in ranks.items() if rank < 1]
     if empty:
         raise ValueError(f"LoRA weights {weights}: adapter {empty[0]!r} has rank 0; {fix}")
+
+
+def start_from_lora(components: SDComponents, directory: str | os.PathLike, cfg: LoraConfig) -> None:
+    """Copy a saved LoRA folder (what `save_lora` writes) into the adapters `add_lora` attached with `cfg`, so
+    training continues from it: the model then draws what the stock pipeline with that LoRA draws. Refused,
+    naming the setting to change, when the folder's adapters do not fit `cfg` (rank, alpha, text encoders,
+    target modules)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    weights = check_lora_dir(directory)
+    with safe_open(str(weights), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    state = {}
+    for key, value in saved.items():  # diffusers' spellings back to peft's (save_lora converts UNet keys)
+        for spelling in LORA_DOWN + LORA_UP:
+            key = key.replace(spelling, ".lora_A." if spelling in LORA_DOWN else ".lora_B.")
+        state[key] = value.float().to(components.denoiser.device)
+    for module in {k.split(".", 1)[0] for k in state}:
+        saved_rank, saved_alpha = metadata.get(f"{module}.r"), metadata.get(f"{module}.lora_alpha")
+        if (saved_rank, saved_alpha) not in ((None, None), (cfg.rank, cfg.alpha)):
+            raise ValueError(f"LoRA {directory}: its {module} adapters have rank {saved_rank}, alpha "
+                             f"{saved_alpha}; set lora.rank={saved_rank} and lora.alpha={saved_alpha} to "
+                             "start from it")
+    if any(k.startswith("text_encoder") for k in state) and not cfg.train_text_encoder:
+        raise ValueError(f"LoRA {directory} holds text-encoder adapters; set lora.train_text_encoder=true to "
+                         "start from it")
+    try:
+        load_lora_state(components, state)
+    except (RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise ValueError(f"LoRA {directory} does not fit this run's adapters ({first}): it was trained on "
+                         "another base model or with other lora.target_modules; start from a LoRA of this "
+                         "base with its own lora settings") from None
+    logger.info("starting from the LoRA in %s", directory)
 
 
 def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl") -> None:

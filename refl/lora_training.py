@@ -19,10 +19,10 @@ import torch
 from refl import guard
 from refl.components import DTYPES, Checkpointing, ModelConfig, SDComponents, load_components
 from refl.config import ReflTrainConfig
-from refl.lora import LoraConfig, add_lora, load_lora_state, lora_state
+from refl.lora import LORA_WEIGHTS, LoraConfig, add_lora, load_lora_state, lora_state, start_from_lora
 from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError
-from runkit.checkpoints import load_checkpoint
+from runkit.checkpoints import init_weights, load_checkpoint
 from runkit.config import save_config
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
@@ -51,10 +51,16 @@ def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t, checkpointing
     schedule, then the LoRA); returns (components, params, optimizer, lr_sched). `t` is a trainer's `train`
     config (runkit.config.TrainSettings)."""
     weight_dtype = DTYPES[t.mixed_precision]
+    # train.init_from: an earlier run's LoRA (found before the model loads); the reference pass of KL and
+    # DPO terms (adapters off) stays the base model
+    start = init_weights(t.init_from, "lora", lambda d: (d / LORA_WEIGHTS).is_file(),
+                         "LoRA") if t.init_from else None
     components = load_components(model)
     # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
     components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     params = add_lora(components, lora, seed=t.seed)
+    if start is not None:
+        start_from_lora(components, start, lora)
     components.denoiser.train()
     components.set_gradient_checkpointing(checkpointing)
     optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler

@@ -40,40 +40,47 @@ class SweepRule:
                 raise ValueError(f"hold[{key!r}] must be >= 0, got {drop}")
 
 
+class NoAdmissibleUpdate(ValueError):
+    """No validation of any run holds the judges: with a reference, even the runs' common start breaks it."""
+
+
 def validations(records: Sequence[Mapping]) -> list[dict]:
     """The validation rows of a run's metrics.jsonl records, by update (a resumed run's repeat wins)."""
     by_update = {int(r["update"]): dict(r) for r in records if "eval/reward" in r}
     return [by_update[u] for u in sorted(by_update)]
 
 
-def admissible(rows: Sequence[Mapping], rule: SweepRule) -> list[dict]:
-    """The rows (validations of one run) whose held judges are within their drop of the update-0 row."""
+def admissible(rows: Sequence[Mapping], rule: SweepRule, reference: Mapping | None = None) -> list[dict]:
+    """The rows (validations of one run) whose held judges are within their drop of the update-0 row, or of
+    `reference` (a validation row of the same prompts and seeds: the base's, for a run that started from an
+    earlier LoRA, so drops add up across runs instead of starting anew)."""
     rule.check()
     if not rows or int(rows[0]["update"]) != 0:
         raise ValueError("the sweep rule compares with update 0 (the base): validate at the start "
                          "(train.validate_at_start=true)")
-    base = rows[0]
+    base = rows[0] if reference is None else reference
     for key in rule.hold:
         if key not in base:
             raise KeyError(f"held judge {key!r} is not among the validation metrics {sorted(base)}")
     return [dict(r) for r in rows if all(r[k] >= base[k] - d for k, d in rule.hold.items())]
 
 
-def choose(runs: Mapping[str, Sequence[Mapping]], rule: SweepRule) -> dict:
-    """Apply the rule to every run's validation rows (name -> metrics.jsonl records). Returns each run's best
-    admissible update ("per_run": name -> row or None) and the choice ("run", "update", "row")."""
+def choose(runs: Mapping[str, Sequence[Mapping]], rule: SweepRule, reference: Mapping | None = None) -> dict:
+    """Apply the rule to every run's validation rows (name -> metrics.jsonl records), each held judge against
+    its run's update 0 or `reference` (see `admissible`). Returns each run's best admissible update
+    ("per_run": name -> row or None) and the choice ("run", "update", "row")."""
     rule.check()
     per_run, best = {}, None
     for name, records in runs.items():
-        rows = admissible(validations(records), rule)
+        rows = admissible(validations(records), rule, reference)
         top = max(rows, key=lambda r: (r[rule.maximise], -int(r["update"])), default=None)
         per_run[name] = top
         if top is not None and (best is None or (top[rule.maximise], -int(top["update"]))
                                 > (best[1][rule.maximise], -int(best[1]["update"]))):
             best = (name, top)
     if best is None:
-        raise ValueError("no run has an admissible validation (not even update 0): check the held judges' "
-                         "names")
+        why = "check the held judges' names" if reference is None else "every run starts beyond the reference"
+        raise NoAdmissibleUpdate(f"no run has an admissible validation (not even update 0): {why}")
     return {"per_run": per_run, "run": best[0], "update": int(best[1]["update"]), "row": best[1]}
 
 

@@ -233,7 +233,12 @@ def is_critic_dir(path: str | os.PathLike | None) -> bool:
 def load_critic_weights(model: SocialReward, directory: Path) -> None:
     """Load a saved critic's weights (fp16 files are upcast into the model's fp32 parameters)."""
     state = load_file(str(directory / CHECKPOINT_WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: another architecture
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(f"{directory}: checkpoint does not match model {model.config.model_name!r} "
+                         f"({first[:200]})") from None
     if unexpected or missing:
         raise ValueError(f"{directory}: checkpoint does not match model {model.config.model_name!r}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")

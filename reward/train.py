@@ -23,8 +23,8 @@ from reward.config import CriticDataConfig, CriticTrainConfig, LossConfig, Rewar
 from reward.data import DataError, EmptySplitError, PairShards, PairShardSampler, collate_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import create_loss
-from reward.model import SocialReward, create_critic, load_critic_weights
-from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
+from reward.model import SocialReward, create_critic, is_critic_dir, load_critic_weights
+from runkit.checkpoints import find_checkpoint, init_weights, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import changed_settings, save_config
 from runkit.files import write_json
 from runkit.logs import RunLogger
@@ -70,7 +70,12 @@ def train(cfg: RewardConfig) -> dict:
     ckpt = find_checkpoint(out, tc.resume)  # before anything is written: a refusal leaves the folder alone
     changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
 
+    # train.init_from: an earlier critic's weights, its calibration too (found before the model is built)
+    start = init_weights(tc.init_from, "critic", is_critic_dir, "critic") if tc.init_from else None
     critic = create_critic(cfg.model)
+    if start is not None:
+        load_critic_weights(critic, start)
+        logger.info("starting from the critic in %s", start)
     critic.set_grad_checkpointing(tc.gradient_checkpointing)
     loss_fn = create_loss(cfg.loss.name, **_loss_kwargs(cfg.loss))
     if not cfg.data.train:

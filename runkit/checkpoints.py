@@ -60,6 +60,20 @@ def find_checkpoint(out: str | os.PathLike, resume: str | None) -> Path | None:
     return path
 
 
+def init_weights(init_from: str | os.PathLike, output: str, holds: Callable[[Path], bool],
+                 what: str) -> Path:
+    """The folder of trained weights that `train.init_from` names: the folder itself when it holds them
+    (`holds`), else its `output` folder, which a run folder holds (its final weights) and so does each of its
+    checkpoints. FileNotFoundError naming the three kinds of folder otherwise, before any model is built."""
+    path = Path(init_from)
+    for candidate in (path, path / output):
+        if candidate.is_dir() and holds(candidate):
+            return candidate
+    raise FileNotFoundError(f"train.init_from={init_from}: holds no {what}; name an earlier run's folder, "
+                            f"one of its checkpoints (<run>/checkpoints/{checkpoint_name(8)}) or its "
+                            f"{output}/ folder")
+
+
 def save_checkpoint(accelerator, out: str | os.PathLike, state: dict, keep: int,
                     write_files: Callable[[Path], None] | None = None) -> Path:
     """Every process calls this. `state["update"]` names the folder; `write_files(folder)` (main process)

@@ -93,6 +93,11 @@ class TrainSettings:
     # "latest" (the newest checkpoint under output_dir/checkpoints, or a fresh start if none) or a
     # checkpoint folder; empty starts fresh. `--resume` on the command line sets it.
     resume: str = ""
+    # An earlier run of this trainer whose trained weights this run starts from: its run folder (its final
+    # output), one of its checkpoints (<run>/checkpoints/update-N), or that output itself (a critic/ or lora/
+    # folder); "" = start fresh. Only the weights: the optimizer, the LR schedule and the update count start
+    # anew (to continue an interrupted run, use `resume`).
+    init_from: str = ""
 
     def check(self) -> None:
         """The invariants every trainer needs; raises ConfigError naming the key."""

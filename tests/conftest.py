@@ -33,6 +33,17 @@ def base_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """The quick demo, run once per session: round 0 of the studies and the flywheel (tests/test_demo.py,
+    tests/test_flywheel.py)."""
+    from toyworld.cli import demo_main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert demo_main(["--out", str(out), "--quick"]) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state and refuses a second `mixed_precision` in the same process

@@ -12,13 +12,6 @@ from html_images import image_sources
 from toyworld.cli import demo_main
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert demo_main(["--out", str(out), "--quick"]) == 0
-    return out
-
-
 def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     results = json.loads((quick_demo / "results.json").read_text())
     page = (quick_demo / "report.html").read_text()

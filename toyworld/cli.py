@@ -134,10 +134,10 @@ def study_main(argv: list[str] | None = None) -> int:
     by the critic, the zero-shot CLIP, the oracle, each oracle term and prompt fidelity: the mean and the
     spread across seeds beside each seed's per-prompt intervals. Writes <demo>/study/<study>.json and .md.
 
-        social-refl-world-study --demo runs/demo                  # plain ReFL, seeds 0 1 2 (0 = the demo's run)
-        social-refl-world-study --demo runs/demo --study guard    # ReFL against the hacking guards
-        social-refl-world-study --demo runs/demo --seeds 0 1 2 3
-        social-refl-world-study --demo runs/demo --study critic   # the critic's learning curve over seeds
+        social-refl-world-study --demo runs/demo                  # plain ReFL, seeds 0 1 2 (0 = the demo's
+        run) social-refl-world-study --demo runs/demo --study guard    # ReFL against the hacking guards
+        social-refl-world-study --demo runs/demo --seeds 0 1 2 3 social-refl-world-study --demo runs/demo
+        --study critic   # the critic's learning curve over seeds
     """  # noqa: E501
     from toyworld.study import StudyConfig, run_study, study_markdown
 
@@ -168,4 +168,31 @@ def sweep_main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config_args(config_parser(SweepConfig, sweep_main.__doc__, flags=("demo",)), argv)
     setup_logging()
     print(sweep_markdown(run_sweep(cfg.demo)))
+    return 0
+
+
+@command
+def flywheel_main(argv: list[str] | None = None) -> int:
+    """The flywheel on a finished demo (round 0): each round draws a feed from the previous round's tuned
+    model (half of it from the base), the same simulated community judges it, the critic continues from the
+    previous one on all the feedback, ReFL continues from the previous LoRA with settings chosen by the sweep
+    rule on the validation prompts; every round is judged against the oracle. Writes <demo>/flywheel/: one
+    folder per seed and round, flywheel.json, flywheel.md (the rounds table) and flywheel.png. Finished rounds
+    are reused.
+
+        social-refl-world-flywheel --demo runs/demo                  # 3 rounds, seeds 0 1 2
+        social-refl-world-flywheel --demo runs/demo-quick --quick    # 2 short rounds, seed 0
+        social-refl-world-flywheel --demo runs/demo --set base_share=0 --seeds 0
+    """
+    from toyworld.flywheel import QUICK, FlywheelConfig, run_flywheel
+    from toyworld.flywheel_report import flywheel_markdown
+
+    parser = config_parser(FlywheelConfig, flywheel_main.__doc__, flags=("demo", "n_rounds", "seeds"))
+    parser.add_argument("--quick", action="store_true",
+                        help="a small loop for smoke tests (QUICK's settings, under --set): 2 rounds, seed 0")
+    known, _ = parser.parse_known_args(argv)
+    quick = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()] if known.quick else []
+    cfg, _ = parse_config_args(parser, argv, first=quick)
+    setup_logging()
+    print(flywheel_markdown(run_flywheel(cfg)))
     return 0
