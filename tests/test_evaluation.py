@@ -547,6 +547,10 @@ def test_tuned_models_are_named_and_checked_before_any_sample(world, tmp_path, m
 def test_the_selector_is_read_as_validate_reward_reads_a_critic(world, tmp_path):
     """Bad input 3: `critic=clip:NAME` said "unknown critic model 'clip'" in compare while validate-reward
     took it; one reading of a critic spec serves both."""
+    res = H.run_compare(_cfg(world, tmp_path / "clip", "critic=clip:tiny-clip", "lora=''", "max_prompts=1",
+                             "n_samples=2", "evaluators=['brightness:']", "benchmark_throughput=false"))
+    assert res["selector"] == "clip:tiny-clip" and set(res["arms"]["base_best_of_2"]["scores"]) == {
+        "clip:tiny-clip", "brightness:"}
     from reward.cli import _model_spec
     from reward.evaluators import model_spec
 
@@ -555,10 +559,6 @@ def test_the_selector_is_read_as_validate_reward_reads_a_critic(world, tmp_path)
                                                                       "ViT-L-14:openai")]:
         assert model_spec(spec) == (kind, model) and _model_spec(spec) == model
         assert _cfg(world, tmp_path, f"critic={spec}").selector_spec == f"{kind}:{model}"
-    res = H.run_compare(_cfg(world, tmp_path / "clip", "critic=clip:tiny-clip", "lora=''", "max_prompts=1",
-                             "n_samples=2", "evaluators=['brightness:']", "benchmark_throughput=false"))
-    assert res["selector"] == "clip:tiny-clip" and set(res["arms"]["base_best_of_2"]["scores"]) == {
-        "clip:tiny-clip", "brightness:"}
 
 
 def test_an_interrupt_loses_at_most_one_batch_and_the_log_says_how_long_is_left(world, tmp_path, monkeypatch,
