@@ -1,26 +1,27 @@
-"""Best-of-N selection against ReFL fine-tuning, on held-out prompts: the tuned model against the base
-model with the critic picking 1 of N samples, scored by judges other than the selector, with the sampling
-cost of each.
+"""Best-of-N selection against tuned models (ReFL, DPO, KTO, any LoRA), on held-out prompts: each tuned
+model against the base model with the critic picking 1 of N samples, scored by judges other than the
+selector, with the sampling cost of each and the training cost its run folder recorded.
 
 For every prompt the harness draws N base samples with fixed per-sample seeds, scores them with the
-selector critic and keeps the best; it draws samples from the tuned model (base + LoRA) with the same
-seeds, and optionally best-of-n on top of it. Arms (rows of the report; names made and read by
-evaluation/arms.py):
+selector critic and keeps the best; it draws samples from each tuned model (base + its LoRA) with the same
+seeds, and optionally best-of-n on top of each. Arms (rows of the report; names made and read by
+evaluation/arms.py), for each model (`base`, `refl` from `lora`, and each name of `loras`):
 
-- `base_random`        one random base sample (the mean over the N, i.e. its expectation);
-- `base_best_of_{n}`   the selector's favourite among the FIRST n base samples, n = 1, 2, 4, ..., N
-                       (nested subsets of the same draws: the whole reward-vs-n curve costs nothing extra);
-- `refl_random`        one random tuned sample (mean over the tuned samples);
-- `refl_best_of_{n}`   best-of-n on the tuned samples (when `tuned_best_of`).
+- `base_random`         one random base sample (the mean over the N, i.e. its expectation);
+- `base_best_of_{n}`    the selector's favourite among the FIRST n base samples, n = 1, 2, 4, ..., N
+                        (nested subsets of the same draws: the whole reward-vs-n curve costs nothing extra);
+- `{model}_random`      one random sample of a tuned model (mean over its samples);
+- `{model}_best_of_{n}` best-of-n on its samples (when `tuned_best_of`).
 
 Every arm is scored by every evaluator (the selector is always one of them: selecting on a critic
 inflates that critic, exactly as fine-tuning on it does, so the other evaluators are the honest ones).
 
-Output folder (evaluation/layout.py): `samples/{base,refl}/PPPP.npz` (uint8 images + seeds, written
-once, never redrawn), `scores/{base,refl}/PPPP.json` (per-image scores per evaluator, cached),
-`throughput.json`, `results.json` (every number, evaluation/stats.py) and `report.html`
-(evaluation/report.py). A rerun reuses everything on disk, so an interrupted run resumes where it
-stopped and the numbers of a finished run reproduce.
+Output folder (evaluation/layout.py): `samples/{model}/PPPP.npz` (uint8 images + seeds, written once,
+never redrawn; while a prompt is drawn, each batch is written to `samples/{model}/PPPP-batches/` as it
+comes, so an interrupted run loses at most one batch), `scores/{model}/PPPP.json` (per-image scores per
+evaluator, cached), `throughput.json`, `results.json` (every number, evaluation/stats.py) and
+`report.html` (evaluation/report.py). A rerun reuses everything on disk, so an interrupted run resumes
+where it stopped and the numbers of a finished run reproduce.
 
 Seeds: sample i of prompt p uses `seed + SEED_STRIDE * p + i`, each with its own CPU `torch.Generator`,
 so sample i is the same whatever the batch size (up to float rounding of batched kernels: at most 1
@@ -32,15 +33,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluation.arms import MODELS
+from evaluation.arms import BASE
 from evaluation.config import CompareConfig
-from evaluation.layout import samples_path, scores_path
+from evaluation.layout import batch_path, batches_dir, samples_path, scores_path
 from evaluation.report import write_report
 from evaluation.stats import compute_statistics, pairwise_diversity
 from refl.components import DTYPES
@@ -68,36 +70,43 @@ def sample_seeds(cfg: CompareConfig, prompt_index: int, n: int) -> np.ndarray:
 
 
 def samples_fingerprint(cfg: CompareConfig, model: str) -> str:
-    """Everything that determines the pixels of a model's samples ("base" or "refl"), model and LoRA by
-    the content of their files, so a LoRA retrained into the same folder is drawn again; stored beside
-    the samples."""
+    """Everything that determines the pixels of a model's samples ("base" or a tuned model's name), model
+    and LoRA by the content of their files, so a LoRA retrained into the same folder is drawn again; stored
+    beside the samples."""
     keys = {"model": to_dict(cfg.model), "model_content": content_hash(cfg.model.name),
             "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "scheduler": cfg.scheduler,
             "eta": cfg.eta, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision}
-    if model == "refl":
-        keys.update(lora=content_hash(cfg.lora), lora_scale=cfg.lora_scale)
+    if model != BASE:
+        keys.update(lora=content_hash(cfg.tuned[model]), lora_scale=cfg.lora_scale)
     return json.dumps(keys, sort_keys=True)
 
 
-def load_samples(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str) -> dict | None:
-    """Stored samples of one prompt and model; None when absent, drawn for another prompt (the prompts file
-    changed under the same output folder) or from other files or settings."""
+def load_samples(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str, partial: bool = False,
+                 images: bool = True, quiet: bool = False) -> dict | None:
+    """Stored samples of one prompt and model ("images", "seeds", "seconds"); None when absent, drawn for
+    another prompt (the prompts file changed under the same output folder) or from other files or
+    settings, or holding other seeds. `partial`: the file may hold only the first k < len(seeds) of them
+    (a batch); then those k come back. `images=False` reads only the small fields (a count of what is
+    stored); `quiet` logs nothing."""
     if not path.is_file():
         return None
+    say = (lambda *a: None) if quiet else logger.info
     with np.load(path) as data:
-        stored = {k: data[k] for k in data.files}
-    n = len(seeds)
-    if str(stored["prompt"]) != prompt:
-        logger.info("%s was drawn for another prompt (%r); drawing it again", path, str(stored["prompt"]))
-        return None
-    if str(stored["fingerprint"]) != fingerprint:
-        logger.info("%s was drawn from other model files or settings; drawing it again", path)
-        return None
-    if len(stored["seeds"]) < n or not np.array_equal(stored["seeds"][:n], seeds):
-        logger.info("%s holds other seeds than this run needs; drawing it again", path)
-        return None
-    return {"images": stored["images"][:n], "seeds": seeds,
-            "seconds": float(stored["seconds"]) * n / len(stored["seeds"])}
+        if str(data["prompt"]) != prompt:
+            say("%s was drawn for another prompt (%r); drawing it again", path, str(data["prompt"]))
+            return None
+        if str(data["fingerprint"]) != fingerprint:
+            say("%s was drawn from other model files or settings; drawing it again", path)
+            return None
+        stored_seeds = data["seeds"]
+        k = min(len(stored_seeds), len(seeds))
+        if (k < len(seeds) and not partial) or k == 0 or not np.array_equal(stored_seeds[:k], seeds[:k]):
+            say("%s holds other seeds than this run needs; drawing it again", path)
+            return None
+        out = {"seeds": seeds[:k], "seconds": float(data["seconds"]) * k / len(stored_seeds)}
+        if images:
+            out["images"] = data["images"][:k]
+    return out
 
 
 def save_samples(path: Path, images: np.ndarray, seeds: np.ndarray, prompt: str, fingerprint: str,
@@ -107,6 +116,21 @@ def save_samples(path: Path, images: np.ndarray, seeds: np.ndarray, prompt: str,
                                                 seconds=np.array(seconds)))
 
 
+def stored_batches(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str,
+                   images: bool = True, quiet: bool = False) -> list[dict]:
+    """The batches of an unfinished prompt already written (its `*-batches/` folder), in order from the first
+    seed while they continue each other: what a resumed run need not draw again."""
+    found, start = [], 0
+    while start < len(seeds):
+        batch = load_samples(batch_path(path, start), fingerprint, seeds[start:], prompt, partial=True,
+                             images=images, quiet=quiet)
+        if batch is None:
+            break
+        found.append(batch)
+        start += len(batch["seeds"])
+    return found
+
+
 # ----------------------------------------------------------------------------- sampling
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
@@ -114,9 +138,9 @@ def _sync(device) -> None:
 
 
 class Sampler:
-    """The model family's stock pipeline (refl.sampling) driven for best-of-N: one text
-    encoding per prompt and model, one CPU generator per image, LoRA switched on and off in place (no
-    second copy of the model)."""
+    """The model family's stock pipeline (refl.sampling) driven for best-of-N: one text encoding per prompt
+    and model, one CPU generator per image, each tuned model's LoRA loaded as its own adapter and switched on
+    and off in place (no second copy of the model)."""
 
     def __init__(self, cfg: CompareConfig, components=None):
         from refl.components import load_components
@@ -130,26 +154,30 @@ class Sampler:
         logger.info("sampling with %s (scheduler=%s), %d steps, guidance %g",
                     type(self.pipe.scheduler).__name__,
                     cfg.scheduler, cfg.num_inference_steps, cfg.guidance_scale)
-        self.has_lora = bool(cfg.lora)
-        if self.has_lora:
+        self.loras = cfg.tuned
+        if self.loras:
+            import warnings
+
             from refl.lora import load_lora_into
 
-            load_lora_into(self.pipe, cfg.lora, adapter_name="refl")
-        self.model = None  # the model drawn from: "base", or "refl" (the LoRA switched on)
-        self.set_model("base")
+            with warnings.catch_warnings():  # peft's caution on a second adapter: several are the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                for name, folder in self.loras.items():  # the adapter is named as the model
+                    load_lora_into(self.pipe, folder, adapter_name=name)
+        self.model = None  # the model drawn from: "base", or a tuned model (its LoRA switched on)
+        self.set_model(BASE)
         self.images_drawn = 0  # counts every generated image (tests check resumed runs draw none)
+        self._embeds = (None, None)  # (model, prompt) and its text encoding: once per prompt and model
 
     def set_model(self, model: str) -> None:
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; models are {MODELS}")
+        if model != BASE and model not in self.loras:
+            raise ValueError(f"unknown model {model!r}; models are {[BASE, *self.loras]}")
         if model == self.model:
             return
-        if model == "refl":
-            if not self.has_lora:
-                raise RuntimeError("the refl model needs cfg.lora")
+        if model != BASE:
             self.pipe.enable_lora()
-            self.pipe.set_adapters(["refl"], adapter_weights=[self.cfg.lora_scale])
-        elif self.has_lora:
+            self.pipe.set_adapters([model], adapter_weights=[self.cfg.lora_scale])
+        elif self.loras:
             self.pipe.disable_lora()
         self.model = model
 
@@ -157,8 +185,10 @@ class Sampler:
     def sample(self, prompt: str, seeds: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Images of `prompt` for these seeds, uint8 (n, H, W, 3), drawn `batch_size` at a time."""
         batch_size = batch_size or self.cfg.batch_size
-        # once per prompt, repeated per batch
-        embeds = encode_text(self.pipe, prompt, self.cfg.guidance_scale)
+        # once per prompt and model, reused by each of its batches
+        if self._embeds[0] != (self.model, prompt):
+            self._embeds = ((self.model, prompt), encode_text(self.pipe, prompt, self.cfg.guidance_scale))
+        embeds = self._embeds[1]
         images = sample(self.pipe, embeds=embeds, seeds=seeds,
                         num_inference_steps=self.cfg.num_inference_steps,
                         guidance_scale=self.cfg.guidance_scale,
@@ -190,7 +220,7 @@ def measure_throughput(sampler: Sampler, prompt: str, repeats: int = 1) -> dict:
     """Images/s of our best-of-N batch against a stock `pipe(prompt=[p] * B, ...)` call on the same batch
     and prompt (base model): one warm-up of each, then `repeats` alternating timed calls, fastest of each."""
     cfg = sampler.cfg
-    sampler.set_model("base")
+    sampler.set_model(BASE)
     seeds = np.arange(cfg.batch_size, dtype=np.int64)
     drawn = sampler.images_drawn
     sampler.sample(prompt, seeds[:1])  # warm-up: kernels, allocator
@@ -227,17 +257,81 @@ class _Lazy:
         return self.sampler
 
 
+class DrawProgress:
+    """How many images are left to draw and, from the pace of this run's own draws, about how long that
+    takes: logged after a batch at most every `every` seconds, and after the last one."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.done, self.every = total, 0, every
+        self.seconds = 0.0  # spent drawing this run's images
+        self.logged_at = None  # when the estimate was last logged (perf_counter)
+
+    def drew(self, n: int, seconds: float, where: str) -> None:
+        self.done += n
+        self.seconds += seconds
+        now = time.perf_counter()
+        if self.done < self.total and self.logged_at is not None and now - self.logged_at < self.every:
+            return
+        self.logged_at = now
+        left = (self.total - self.done) * self.seconds / max(self.done, 1)
+        logger.info("drew %d of %d images (%s); about %s left", self.done, self.total, where,
+                    format_duration(left))
+
+
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3 min 5 s`, `2 h 14 min`."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def _samples_for(path: Path, fingerprint: str, seeds: np.ndarray, prompt: str, model: str,
-                 lazy: _Lazy) -> tuple[dict, int]:
-    """One prompt's samples of one model from the cache file, or drawn and stored; and how many were drawn."""
+                 lazy: _Lazy, progress: DrawProgress | None = None) -> tuple[dict, int]:
+    """One prompt's samples of one model from the cache file, or drawn and stored; and how many were drawn.
+    Drawn a batch at a time, each batch written as it comes (`batch_path`), so a rerun after an interrupt
+    draws only the batches that were not written; the batches become one file when the prompt is done."""
     stored = load_samples(path, fingerprint, seeds, prompt)
     if stored is not None:
         return stored, 0
-    sampler = lazy.get()
-    sampler.set_model(model)
-    images, secs = sampler.timed_sample(prompt, seeds)
+    batches = stored_batches(path, fingerprint, seeds, prompt)
+    start = sum(len(b["seeds"]) for b in batches)
+    if start:
+        logger.info("%s: %d of %d samples were drawn before; drawing the rest", path, start, len(seeds))
+    drawn = 0
+    while start < len(seeds):
+        part = seeds[start : start + lazy.cfg.batch_size]
+        sampler = lazy.get()
+        sampler.set_model(model)
+        images, secs = sampler.timed_sample(prompt, part)
+        save_samples(batch_path(path, start), images, part, prompt, fingerprint, secs)
+        batches.append({"images": images, "seeds": part, "seconds": secs})
+        drawn += len(part)
+        start += len(part)
+        if progress is not None:
+            progress.drew(len(part), secs, f"{model}, {path.parent.name}/{path.stem}")
+    images = np.concatenate([b["images"] for b in batches])  # (n, H, W, 3)
+    secs = sum(b["seconds"] for b in batches)
     save_samples(path, images, seeds, prompt, fingerprint, secs)
-    return {"images": images, "seeds": seeds, "seconds": secs}, len(seeds)
+    shutil.rmtree(batches_dir(path), ignore_errors=True)  # the whole file holds them now
+    return {"images": images, "seeds": seeds, "seconds": secs}, drawn
+
+
+def images_to_draw(cfg: CompareConfig, out: Path, prompts: list[str]) -> int:
+    """How many images a run still has to draw: the samples neither in a finished prompt's file nor in a
+    written batch (only the small fields of the files are read)."""
+    total = 0
+    for model in cfg.models:
+        fp = samples_fingerprint(cfg, model)
+        for p, prompt in enumerate(prompts):
+            seeds = sample_seeds(cfg, p, cfg.n_samples if model == BASE else cfg.n_tuned)
+            path = samples_path(out, model, p)
+            if load_samples(path, fp, seeds, prompt, images=False, quiet=True) is None:
+                total += len(seeds) - sum(len(b["seeds"]) for b in stored_batches(path, fp, seeds, prompt,
+                                                                                  images=False, quiet=True))
+    return total
 
 
 def _scores_for(path: Path, fingerprint: str, images: np.ndarray, prompt: str, evaluators: dict,
@@ -274,19 +368,21 @@ def _scores_for(path: Path, fingerprint: str, images: np.ndarray, prompt: str, e
 def run_compare(cfg: CompareConfig, components=None) -> dict:
     """Draw (or reuse) every sample, score every arm with every evaluator, write results.json and
     report.html into cfg.output_dir; returns the results. `components` (optional) replaces loading."""
-    from tqdm.auto import tqdm
-
+    from refl.compute import training_compute
     from refl.lora import check_lora_dir
 
     out = Path(cfg.output_dir)
     prompts = read_heldout_prompts(cfg.prompts_file, cfg.prompt_column, cfg.max_prompts)
-    if cfg.lora:  # before any sample is drawn; lora='' compares the base arms only
-        check_lora_dir(cfg.lora)
+    for name, folder in cfg.tuned.items():  # before any sample is drawn; no LoRA compares the base arms only
+        try:
+            check_lora_dir(folder)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{'lora' if name == 'refl' and cfg.lora else f'loras.{name}'}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg.device)
-    models = ["base", "refl"] if cfg.lora else ["base"]
-    counts = {"base": cfg.n_samples, "refl": cfg.n_refl}
+    models = cfg.models
+    counts = {m: cfg.n_samples if m == BASE else cfg.n_tuned for m in models}
     logger.info("%d prompts x (%s) samples, %d steps, CFG %.1f: %d UNet evaluations per image", len(prompts),
                 " + ".join(f"{counts[m]} {m}" for m in models), cfg.num_inference_steps, cfg.guidance_scale,
                 cfg.num_inference_steps * cfg.cfg_factor)
@@ -298,15 +394,18 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
         raise TypeError(f"the selector must be a critic (directory or open_clip name), got {cfg.critic!r}")
     lazy = _Lazy(cfg, components)
 
+    progress = DrawProgress(images_to_draw(cfg, out, prompts))
+    if progress.total:
+        logger.info("%d images to draw (the rest are on disk in %s)", progress.total, out / "samples")
     scores = {m: {s: [] for s in specs} for m in models}
     diversity = {m: [] for m in models}
     seconds = {m: [0.0, 0] for m in models} | {"selector": [0.0, 0]}
     drawn = {m: 0 for m in models}
-    for p, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
+    for p, prompt in enumerate(prompts):
         for model in models:
             seeds = sample_seeds(cfg, p, counts[model])
             fp = samples_fingerprint(cfg, model)
-            stored, new = _samples_for(samples_path(out, model, p), fp, seeds, prompt, model, lazy)
+            stored, new = _samples_for(samples_path(out, model, p), fp, seeds, prompt, model, lazy, progress)
             drawn[model] += new
             cached = _scores_for(scores_path(out, model, p), fp, stored["images"], prompt,
                                  evaluators, selector)
@@ -325,6 +424,8 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
         {m: np.asarray(d, dtype=np.float64) for m, d in diversity.items()}, per_image)
     results["sampling_images_per_s"] = {m: 1.0 / per_image[m] if per_image[m] > 0 else float("nan")
                                         for m in models}
+    # What each tuned model's training spent, as its run folder recorded it (None: no record there).
+    results["training_compute"] = {m: training_compute(folder) for m, folder in cfg.tuned.items()}
     results["throughput"] = _throughput(cfg, out, lazy, prompts[0])
     results["config"] = to_dict(cfg)
     results = finite_json(results)
@@ -338,7 +439,7 @@ def _throughput(cfg: CompareConfig, out: Path, lazy: _Lazy, prompt: str) -> dict
     if not cfg.benchmark_throughput:
         return None
     path = out / "throughput.json"
-    key = (samples_fingerprint(cfg, "base")
+    key = (samples_fingerprint(cfg, BASE)
            + f"|batch={cfg.batch_size}|device={cfg.device}|repeats={cfg.throughput_repeats}")
     if path.is_file():
         stored = json.loads(path.read_text())

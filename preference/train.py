@@ -23,6 +23,7 @@ from preference.data import FeedbackStream
 from preference.step import dpo_step, join_reference_point, kto_step
 from refl import guard
 from refl.components import Checkpointing, SDComponents
+from refl.compute import ComputeMeter, ComputeSpent, compute_of
 from refl.lora import save_lora
 from refl.lora_training import (
     all_reduce_grads,
@@ -49,8 +50,9 @@ LOGGED = {"dpo": ("loss", "accuracy", "margin", "reward_preferred", "reward_reje
 
 
 @dataclass
-class PreferenceState:
-    """Saved as each checkpoint's state.json, restored on --resume."""
+class PreferenceState(ComputeSpent):
+    """Saved as each checkpoint's state.json, restored on --resume; with what the run has spent so far
+    (refl.compute.ComputeSpent)."""
 
     update: int = 0  # optimizer updates done
     # The last update whose validation ran (-1: none yet); a run resumed from an update's checkpoint that
@@ -157,11 +159,13 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
                desc=cfg.method.upper())
     metrics: dict[str, float] = {}
     checkpoint = ckpt  # the checkpoint of update state.update, when there is one
+    meter = ComputeMeter(components.denoiser)
     while True:
         if _validation_pending(cfg, state):
             if accelerator.is_main_process:
-                run_logger.scalars(state.update, validate(components, t, cfg.scheduler, state.update, out,
-                                                          run_logger, judges))
+                with meter.validating(state):
+                    evals = validate(components, t, cfg.scheduler, state.update, out, run_logger, judges)
+                run_logger.scalars(state.update, evals)
                 if checkpoint is not None:
                     state.validated = state.update
                     rewrite_state(checkpoint, vars(state).copy())
@@ -175,6 +179,7 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
         grad_norm, skipped = apply_update(accelerator, optimizer, lr_sched, params, t.max_grad_norm,
                                           f"update {state.update + 1}")
         state.update += 1
+        meter.update_done(state, accelerator)
         bar.update(1)
         metrics = _update_metrics(cfg, sums, accelerator, grad_norm, current_lr, skipped)
         if due(t.log_every, state.update, t.max_updates):
@@ -184,9 +189,10 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
         if due(t.checkpoint_every, state.update, t.max_updates):
             checkpoint = _save(accelerator, out, state, cfg, components, card)
     bar.close()
+    meter.close()
 
     result = {"output_dir": str(out), "updates": state.update, "bad_rows_skipped_indexing": feed.n_bad_rows,
-              **metrics}
+              **metrics, "compute": compute_of(state)}
     if accelerator.is_main_process:
         result["lora"] = str(save_lora(components, out / "lora", card=card(state.update)))
         curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",

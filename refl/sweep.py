@@ -23,7 +23,8 @@ HELDOUT = "eval/heldout/"
 class SweepRule:
     """What the choice climbs and what it must not give up; keys are validation metric names."""
 
-    # The metric to maximise over (run, update): the training reward on the validation images.
+    # The metric to maximise over (run, update): the training reward on the validation images, or a held-out
+    # judge (eval/heldout/<spec>) for a trainer with no reward (preference tuning).
     maximise: str = "eval/reward"
     # Held judges: metric -> the largest drop from the run's update-0 value an admissible update may show, in
     # the judge's own units (e.g. 1.0 for a CLIP score in points, 0.05 for a fidelity share).
@@ -44,9 +45,10 @@ class NoAdmissibleUpdate(ValueError):
     """No validation of any run holds the judges: with a reference, even the runs' common start breaks it."""
 
 
-def validations(records: Sequence[Mapping]) -> list[dict]:
-    """The validation rows of a run's metrics.jsonl records, by update (a resumed run's repeat wins)."""
-    by_update = {int(r["update"]): dict(r) for r in records if "eval/reward" in r}
+def validations(records: Sequence[Mapping], key: str = "eval/reward") -> list[dict]:
+    """The validation rows of a run's metrics.jsonl records (those holding `key`: the reward, or the
+    maximised judge of a run that has no reward), by update (a resumed run's repeat wins)."""
+    by_update = {int(r["update"]): dict(r) for r in records if key in r}
     return [by_update[u] for u in sorted(by_update)]
 
 
@@ -72,7 +74,7 @@ def choose(runs: Mapping[str, Sequence[Mapping]], rule: SweepRule, reference: Ma
     rule.check()
     per_run, best = {}, None
     for name, records in runs.items():
-        rows = admissible(validations(records), rule, reference)
+        rows = admissible(validations(records, rule.maximise), rule, reference)
         top = max(rows, key=lambda r: (r[rule.maximise], -int(r["update"])), default=None)
         per_run[name] = top
         if top is not None and (best is None or (top[rule.maximise], -int(top["update"]))

@@ -23,6 +23,7 @@ import torch
 from refl import guard
 from refl.card import model_card
 from refl.components import DTYPES, SDComponents
+from refl.compute import ComputeMeter, ComputeSpent, compute_of
 from refl.config import ReflConfig, ReflTrainConfig
 from refl.lora import save_lora
 from refl.lora_training import (
@@ -53,8 +54,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainState:
-    """Saved as each checkpoint's state.json (flat, JSON-able), restored on --resume."""
+class TrainState(ComputeSpent):
+    """Saved as each checkpoint's state.json (flat, JSON-able), restored on --resume; with what the run has
+    spent so far (refl.compute.ComputeSpent)."""
 
     update: int = 0  # optimizer updates done
     # train.select_by (refl/guard.py): the judge's best mean score so far (None before the first
@@ -139,13 +141,15 @@ def _validation_pending(t: ReflTrainConfig, state: TrainState) -> bool:
 
 def _validate_and_select(components: SDComponents, cfg: ReflConfig, reward_fn: RewardFn, state: TrainState,
                          out: Path, run_logger: RunLogger, judges: dict, accelerator,
-                         checkpoint: Path | None, card: Card) -> Path | None:
+                         checkpoint: Path | None, card: Card, meter: ComputeMeter) -> Path | None:
     """Validate update `state.update` (main process), fold it into the selection, stop early if the guard
     says so; the update's checkpoint then records it. Returns that checkpoint."""
     t = cfg.train
     stop = False
     if accelerator.is_main_process:
-        evals = validate(components, t, cfg.step.scheduler, state.update, out, run_logger, judges, reward_fn)
+        with meter.validating(state):
+            evals = validate(components, t, cfg.step.scheduler, state.update, out, run_logger, judges,
+                             reward_fn)
         run_logger.scalars(state.update, evals)
         if t.select_by:
             stop = _select(components, state, evals, t, out, card)
@@ -194,6 +198,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     # Validation runs on the main process only, and so do its judges.
     judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
     state, run_logger = open_run(cfg, accelerator, out, ckpt, changed, TrainState())
+    # From here on (the regulariser's pool of base renders included), what the run spends is the updates'.
+    meter = ComputeMeter(components.denoiser)
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
 
     def card(updates: int) -> str:
@@ -206,7 +212,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     while True:
         if _validation_pending(t, state):
             checkpoint = _validate_and_select(components, cfg, reward_fn, state, out, run_logger, judges,
-                                              accelerator, checkpoint, card)
+                                              accelerator, checkpoint, card, meter)
         if state.update >= t.max_updates or state.stopped_early_at is not None:
             break
         terms = _micro_batches(components, cfg, prompts, reward_fn, reg_pool, state.update, accelerator)
@@ -215,6 +221,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
         grad_norm, skipped = apply_update(accelerator, optimizer, lr_sched, params, t.max_grad_norm,
                                           f"update {state.update + 1}")
         state.update += 1
+        meter.update_done(state, accelerator)
         bar.update(1)
         metrics = _update_metrics(terms, accelerator, grad_norm, current_lr, skipped)
         if due(t.log_every, state.update, t.max_updates):
@@ -224,9 +231,10 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
         if due(t.checkpoint_every, state.update, t.max_updates):
             checkpoint = _save(accelerator, out, state, t, components, card)
     bar.close()
+    meter.close()
 
     result = {"output_dir": str(out), "updates": state.update, "stopped_early_at": state.stopped_early_at,
-              **metrics}
+              **metrics, "compute": compute_of(state)}
     if t.select_by:
         result.update({"lora_best": str(out / "lora_best"), "best_update": state.best_update,
                        "best_score": state.best_score})

@@ -89,9 +89,10 @@ def validate_main(argv=None) -> int:
 
 def _model_spec(spec: str) -> str:
     """A critic or open_clip model as the evaluator specs spell it (critic:DIR, clip:NAME[:PRETRAINED], what
-    compare.py and train.heldout_evaluators take) -> as this command spells it (DIR, NAME[:PRETRAINED])."""
-    kind, _, rest = spec.partition(":")
-    return rest if kind in ("critic", "clip") and rest else spec
+    compare and train.heldout_evaluators take) -> as this command loads it (DIR, NAME[:PRETRAINED])."""
+    from reward.evaluators import model_spec
+
+    return model_spec(spec)[1]
 
 
 def _validate(pairs: str, critic: str, baselines: list[str], batch_size: int, on_bad_row: str,

@@ -198,6 +198,18 @@ def _entry_point_factories() -> dict[str, str]:
     return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+# The kinds whose argument is one critic-like model that commands also take bare: a trained critic folder (or
+# an open_clip name loaded as a critic), and an untuned open_clip model scored by its CLIP score.
+MODEL_KINDS = ("critic", "clip")
+
+
+def model_spec(spec: str) -> tuple[str, str]:
+    """A critic as every command takes it -> (kind, model): `critic:DIR` and `clip:NAME[:PRETRAINED]` as the
+    evaluator specs spell them, or the bare `DIR` / `NAME[:PRETRAINED]` (kind "critic")."""
+    kind, _, rest = spec.partition(":")
+    return (kind, rest) if kind in MODEL_KINDS and rest else ("critic", spec)
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """`kind:argument` -> (kind, argument); the argument may itself contain ':' (`clip:ViT-L-14:openai`).
 

@@ -331,3 +331,68 @@ def test_critic_study_measures_every_checkpoint_and_its_seed_0_is_the_demos_crit
     text = critic_study_markdown(summary)
     assert "kept by community validation" in text
     assert (quick_demo / "study" / "critic" / "critic.md").read_text() == text
+
+
+def test_world_arms_quick_answers_the_question_end_to_end(quick_demo, monkeypatch):
+    """social-refl-world-arms --quick on the quick demo: the community's per-image feedback, DPO's and KTO's
+    settings by the written rule, each choice and ReFL per seed, one comparison per seed with every arm."""
+    import pandas as pd
+
+    from reward.data import LabelShards
+    from toyworld.cli import arms_main
+
+    results = json.loads((quick_demo / "results.json").read_text())
+    assert arms_main(["--demo", str(quick_demo), "--quick", "--seeds", "0", "1"]) == 0
+    summary = json.loads((quick_demo / "arms" / "arms.json").read_text())
+    # The feedback: every image of the critic's pairs, liked when preferred, read by the real reader.
+    pairs = pd.read_parquet(quick_demo / "community" / "train" / "pairs.parquet")
+    labels = LabelShards(quick_demo / "arms" / "feedback" / "labels.parquet", 16)
+    fb = summary["feedback"]
+    assert fb["n_liked"] == pairs["pos_path"].nunique() and fb["n_not_liked"] == pairs["neg_path"].nunique()
+    assert len(labels) == fb["n_images"] == fb["n_liked"] + fb["n_not_liked"]
+    assert labels[0]["image"].shape == (3, 16, 16)
+    # The rule: the critic held out, never the oracle; a choice per method from the quick grid.
+    assert summary["rule"]["maximise"] == f"eval/heldout/critic:{quick_demo / 'critic' / 'critic'}"
+    assert not any("oracle" in k for k in summary["rule"]["hold"])
+    for method, sweep in summary["sweeps"].items():
+        assert sweep["choice"]["setting"] in sweep["grid"] and 0 <= sweep["choice"]["update"] <= 4, method
+    # Per seed one comparison with every arm, the base samples the demo's own.
+    oracle = next(s for s in results["evaluators"] if s.startswith("oracle"))
+    n, m = results["n_samples"], results["n_tuned_samples"]
+    for seed in (0, 1):
+        compared = json.loads((quick_demo / "arms" / "compare" / f"seed-{seed}" / "results.json").read_text())
+        assert compared["models"] == ["base", "refl", "dpo", "kto"]
+        assert compared["arms"]["base_random"]["per_prompt"][oracle] == \
+            results["arms"]["base_random"]["per_prompt"][oracle]
+        arms = summary["per_seed"][str(seed)]["arms"]
+        assert list(arms) == ["base_random", f"base_best_of_{n}", "refl_random", "dpo_random", "kto_random",
+                              f"refl_best_of_{m}"]
+        for arm, row in arms.items():
+            assert row["judges"][oracle] == compared["arms"][arm]["scores"][oracle]["mean"]
+            if arm != "base_random":
+                assert row["oracle_win_rate"] == compared["win_rates"][oracle][f"{arm}_vs_base_random"]
+        for method in ("dpo", "kto"):  # the training each run recorded, unless the rule kept the base
+            assert (arms[f"{method}_random"]["training"] is None) == (summary["sweeps"][method]["choice"]
+                                                                       ["update"] == 0)
+    # ReFL's seed 0 is the demo's own run, judged alike
+    assert summary["per_seed"]["0"]["arms"]["refl_random"]["judges"][oracle] == \
+        results["arms"]["refl_random"]["scores"][oracle]["mean"]
+    table = (quick_demo / "arms" / "arms.md").read_text()
+    for title in ("| base |", f"| best-of-{n} by the critic |", "| ReFL |", "| DPO |", "| KTO |",
+                  f"| ReFL + best-of-{m} by the critic |", "oracle win rate vs base", "oracle term: size"):
+        assert title in table, title
+    assert "Quick mode" in table
+    # The demo's report shows the table when the study is there (read back from arms.json).
+    from toyworld.demo.report import arms_section
+
+    assert "| DPO |" in table and "<td>DPO</td>" in arms_section(quick_demo)
+    # A rerun trains and draws nothing; the demo's own results are left as they were.
+    import preference.train
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished preference run was trained again")
+
+    monkeypatch.setattr(preference.train, "train", must_not_train)
+    assert arms_main(["--demo", str(quick_demo), "--quick", "--seeds", "0", "1"]) == 0
+    assert json.loads((quick_demo / "arms" / "arms.json").read_text())["per_seed"] == summary["per_seed"]
+    assert json.loads((quick_demo / "results.json").read_text()) == results

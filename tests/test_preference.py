@@ -161,6 +161,20 @@ def test_tiny_bf16_run_trains_resumes_exactly_and_loads_in_the_stock_pipeline(me
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     card = (tmp_path / "full" / "lora" / "README.md").read_text()
     assert "Diffusion-" in card and "| model family | `sd` (`StableDiffusionPipeline`) |" in card
+    # What the run spent, in denoiser evaluations (images): per micro-batch of 2 pairs (dpo) the tuned and the
+    # reference pass on 4 images, back-propagated through the tuned one; per 2 images (kto) those two passes
+    # and both again on mismatched prompts for the reference point, without gradient. 4 updates x 2
+    # micro-batches; 3 validations of 1 prompt x its images x 2 steps x 2 (CFG).
+    cfg = load_config(PreferenceConfig, None, _run_overrides(tmp_path / "full", data, method, base_dir))
+    images = 4 if method == "dpo" else 2
+    per_micro = {"dpo": (2 * images, images), "kto": (4 * images, images)}[method]
+    cfg_factor = 2 if cfg.train.validation_guidance_scale > 1 else 1
+    validation = 3 * cfg.train.validation_images_per_prompt * 2 * cfg_factor
+    spent = full["compute"]
+    assert (spent["denoiser_forwards"], spent["denoiser_backwards"]) == (8 * per_micro[0], 8 * per_micro[1])
+    assert spent["validation_denoiser_forwards"] == validation and spent["denoiser_recomputed"] == 0
+    assert spent["seconds_training"] > 0 and spent["seconds_validating"] > 0
+    assert json.loads((tmp_path / "full" / "result.json").read_text())["compute"] == spent
 
     step = ptrain.dpo_step if method == "dpo" else ptrain.kto_step
     calls = {"n": 0}
@@ -177,7 +191,10 @@ def test_tiny_bf16_run_trains_resumes_exactly_and_loads_in_the_stock_pipeline(me
         ptrain.train(load_config(PreferenceConfig, None, overrides))
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("update-*")] == ["update-000002"]
     monkeypatch.setattr(ptrain, f"{method}_step", step)
-    ptrain.train(load_config(PreferenceConfig, None, overrides + ["train.resume=latest"]))
+    resumed = ptrain.train(load_config(PreferenceConfig, None, overrides + ["train.resume=latest"]))
+    # the counts carry on from the checkpoint: the work lost to the crash is not counted
+    assert {k: v for k, v in resumed["compute"].items() if not k.startswith("seconds")} == {
+        k: v for k, v in spent.items() if not k.startswith("seconds")}
     a = lora_file(tmp_path / "full" / "checkpoints" / "update-000004")
     b = lora_file(tmp_path / "resumed" / "checkpoints" / "update-000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -99,11 +99,16 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("update-*")] == ["update-000002"]
     resumed = load_config(ReflConfig, None,
                           tiny_train_overrides(tmp_path / "resumed") + ["train.resume=latest"])
-    train(resumed)
+    again = train(resumed)
     a = lora_file(tmp_path / "full" / "checkpoints" / "update-000004")
     b = lora_file(tmp_path / "resumed" / "checkpoints" / "update-000004")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # What the run spent (refl/compute.py): rollouts and their gradient passes, carried on from the checkpoint
+    spent = result["compute"]
+    assert spent["denoiser_forwards"] > spent["denoiser_backwards"] > 0 and spent["seconds_training"] > 0
+    assert {k: v for k, v in again["compute"].items() if not k.startswith("seconds")} == {
+        k: v for k, v in spent.items() if not k.startswith("seconds")}
     # ... and training moved the weights at all
     start = lora_file(tmp_path / "full" / "checkpoints" / "update-000002")
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4

@@ -195,4 +195,23 @@ def flywheel_main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config_args(parser, argv, first=quick)
     setup_logging()
     print(flywheel_markdown(run_flywheel(cfg)))
+def arms_main(argv: list[str] | None = None) -> int:
+    """Critic and ReFL, or tuning on the feedback itself? On a finished demo: DPO on the community's pairs and
+    KTO on its per-image likes (remixed or not), each one's beta and learning rate chosen by the rule written
+    before the sweep (toyworld/rule.py: the critic, the zero-shot CLIP and prompt fidelity on the validation
+    prompts; never the oracle), then with each training seed base, best-of-N by the critic, ReFL, DPO, KTO
+    and ReFL with best-of-M on the oracle and its terms, prompt fidelity, the zero-shot CLIP, the oracle win
+    rate against base and the cost. Writes <demo>/arms/arms.json and arms.md (and a report per seed in
+    <demo>/arms/compare/seed-N/); finished runs are reused. Rerun social-refl-demo on the folder to show the
+    table in its report.html.
+
+        social-refl-world-arms --demo runs/demo                 # the full study (docs/preference.md)
+        social-refl-world-arms --demo runs/demo-quick --quick   # CI's small grid on a quick demo
+    """
+    from toyworld.arms import ArmsConfig, arms_markdown, run_arms
+
+    cfg, _ = parse_config_args(config_parser(ArmsConfig, arms_main.__doc__, flags=("demo", "seeds", "quick")),
+                               argv)
+    setup_logging()
+    print(arms_markdown(run_arms(cfg.demo, cfg.seeds, quick=cfg.quick)))
     return 0

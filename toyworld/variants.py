@@ -70,11 +70,13 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name.strip(), rest.split()
 
 
-def copy_base_samples(source: Path, folder: Path) -> None:
-    """The base arm's samples and scores of the comparison in `source`, copied into `folder` unless there."""
-    for part in ("samples", "scores"):
-        if not (folder / part / "base").exists():
-            shutil.copytree(source / part / "base", folder / part / "base")
+def copy_base_samples(source: Path, folder: Path, models: Sequence[str] = ("base",)) -> None:
+    """The base arm's (or these models') samples and scores of the comparison in `source`, copied into
+    `folder` unless there (the harness checks their fingerprints before it uses them)."""
+    for model in models:
+        for part in ("samples", "scores"):
+            if not (folder / part / model).exists() and (source / part / model).exists():
+                shutil.copytree(source / part / model, folder / part / model)
 
 
 def ensemble_members(cfg: DemoConfig, demo_members: list[str], pairs: str, out: Path) -> list[str]:

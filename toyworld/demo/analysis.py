@@ -3,50 +3,61 @@ asks about."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from evaluation.arms import arm_name, largest_best_of
+from evaluation.arms import arm_name, largest_best_of, model_label
 
 
 def arm_label(model: str, n: int | None = None) -> str:
-    """An arm as the demo's summary and breakdown name it: "base", "base best-of-64", "ReFL"."""
-    return {"base": "base", "refl": "ReFL"}[model] + ("" if n is None else f" best-of-{n}")
+    """An arm as the demo's summary and breakdown name it: "base", "base best-of-64", "ReFL", "DPO"."""
+    return model_label(model) + ("" if n is None else f" best-of-{n}")
+
+
+def arm_oracle_terms(out: Path, results: dict, arms: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per arm of a comparison in `out` and per oracle term, its value on each held-out prompt (P,): the mean
+    over the model's samples for a one-sample arm, the selector's pick (results' chosen_index) for a
+    best-of-n arm. Each model's samples are measured once per prompt."""
+    from evaluation.arms import BASE, parse_arm
+    from evaluation.layout import samples_path
+    from toyworld.oracle import TERMS, oracle_terms
+
+    parsed = {arm: parse_arm(arm) for arm in arms}
+    per_prompt = {arm: {t: [] for t in TERMS} for arm in arms}
+    for p, prompt in enumerate(results["prompts"]):
+        for model in dict.fromkeys(m for m, _ in parsed.values()):
+            count = results["n_samples"] if model == BASE else results["n_tuned_samples"]
+            images = np.load(samples_path(out, model, p))["images"][:count]  # (count, H, W, 3)
+            terms = oracle_terms(images, [prompt] * len(images))  # term -> (count,)
+            for arm, (m, n) in parsed.items():
+                if m != model:
+                    continue
+                pick = None if n is None else int(results["arms"][arm]["chosen_index"][p])
+                for t in TERMS:
+                    per_prompt[arm][t].append(terms[t].mean() if pick is None else terms[t][pick])
+    return {arm: {t: np.asarray(v) for t, v in terms.items()} for arm, terms in per_prompt.items()}
 
 
 def oracle_breakdown(out: Path, results: dict) -> dict:
     """What each arm changed in the hidden taste, term by term: mean oracle term per held-out prompt for
     base (one sample), base best-of-N (the selector's pick) and ReFL (one sample), and the paired
     difference of the latter two from base with a 95% bootstrap interval over prompts."""
-    from evaluation.layout import samples_path, scores_path
-    from evaluation.stats import best_of_n_indices, mean_ci
-    from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_terms
+    from evaluation.stats import mean_ci
+    from toyworld.oracle import DEFAULT_WEIGHTS, TERMS
 
-    n, m, selector = results["n_samples"], results["n_tuned_samples"], results["selector"]
-    base_label, best_label, refl_label = arm_label("base"), arm_label("base", n), arm_label("refl")
-    per_prompt = {arm: {t: [] for t in TERMS} for arm in (base_label, best_label, refl_label)}
-    for p, prompt in enumerate(results["prompts"]):
-        base = np.load(samples_path(out, "base", p))["images"][:n]  # (n, H, W, 3)
-        terms = oracle_terms(base, [prompt] * n)  # term -> (n,)
-        chosen = np.asarray(json.loads(scores_path(out, "base", p).read_text())["scores"][selector])
-        pick = int(best_of_n_indices(chosen[None, :n], n)[0])
-        for t in TERMS:
-            per_prompt[base_label][t].append(terms[t].mean())
-            per_prompt[best_label][t].append(terms[t][pick])
-        if m:
-            tuned = np.load(samples_path(out, "refl", p))["images"][:m]  # (m, H, W, 3)
-            for t, v in oracle_terms(tuned, [prompt] * m).items():
-                per_prompt[refl_label][t].append(v.mean())
-    per_prompt = {arm: {t: np.asarray(v) for t, v in terms.items()}
-                  for arm, terms in per_prompt.items() if terms["fidelity"]}
-    base = per_prompt[base_label]
+    n, m = results["n_samples"], results["n_tuned_samples"]
+    tuned = arm_name("refl") in results["arms"] and m
+    arms = [arm_name("base"), arm_name("base", n)] + ([arm_name("refl")] if tuned else [])
+    labels = {arm_name("base"): arm_label("base"), arm_name("base", n): arm_label("base", n),
+              arm_name("refl"): arm_label("refl")}
+    per_prompt = {labels[arm]: terms for arm, terms in arm_oracle_terms(out, results, arms).items()}
+    base = per_prompt[labels[arm_name("base")]]
     return {
         "weights": {t: DEFAULT_WEIGHTS[t] for t in TERMS},
         "mean": {arm: {t: float(v.mean()) for t, v in terms.items()} for arm, terms in per_prompt.items()},
         "difference_from_base": {arm: {t: mean_ci(v - base[t]) for t, v in terms.items()}
-                                 for arm, terms in per_prompt.items() if arm != base_label},
+                                 for arm, terms in per_prompt.items() if arm != labels[arm_name("base")]},
     }
 
 

@@ -1,9 +1,39 @@
-"""The demo's own sections of report.html, placed after the comparison's summary table."""
+"""The demo's own sections of report.html (the promise right after the verdict, the rest after the
+comparison's summary table), its title and how it names its judges."""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
+
+
+def question(n_samples: int) -> str:
+    """The demo's report title: the question the toy world answers."""
+    return (f"Does tuning on the community's feedback raise its taste? ReFL and best-of-{n_samples} by the "
+            "critic, judged by the hidden oracle")
+
+# The judge of truth in the toy world: the community's hidden taste (an evaluator spec).
+ORACLE = "oracle:"
+
+
+def demo_labels(selector: str) -> dict[str, str]:
+    """The demo's judges as its tables name them: the selector (the community's critic) as "critic", the
+    toy world's own judges by kind (toyworld.evaluators.JUDGE_LABELS)."""
+    from toyworld.evaluators import JUDGE_LABELS
+
+    return {selector: "critic", **JUDGE_LABELS}
+
+
+def arms_section(out: Path) -> str:
+    """The arms study's table (social-refl-world-arms: DPO, KTO, ReFL and best-of-N on the community's own
+    feedback) when it has run on this demo, with a link to its report; empty otherwise."""
+    table = out / "arms" / "arms.json"
+    if not table.is_file():
+        return ""
+    from toyworld.arms import arms_table_html
+
+    return arms_table_html(json.loads(table.read_text()))
 
 
 def breakdown_section(breakdown: dict) -> str:

@@ -14,11 +14,15 @@ from toyworld.demo.analysis import compare_summary, oracle_breakdown, promise
 from toyworld.demo.config import DemoConfig
 from toyworld.demo.layout import community_pairs_file, feed_oracle_pairs_file, oracle_pairs_file
 from toyworld.demo.report import (
+    ORACLE,
+    arms_section,
     breakdown_section,
     critic_section,
+    demo_labels,
     learning_section,
     overoptimisation_section,
     promise_section,
+    question,
     training_section,
 )
 from toyworld.demo.stages import STAGES, stage_community, stage_compare, stage_critic, stage_refl
@@ -72,12 +76,15 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
 
     results["demo"] = _jsonable(summary)
     write_json(out / "results.json", results)
-    preamble = (promise_section(summary["promise"]) + critic_section(summary)
+    preamble = (critic_section(summary)
                 + learning_section(summary["critic"])
                 + breakdown_section(summary["oracle_breakdown"])
                 + overoptimisation_section(summary["overoptimisation"])
-                + training_section(out))
-    summary["report"] = str(write_report(results, out, ccfg, preamble=preamble))
+                + training_section(out) + arms_section(out))
+    summary["report"] = str(write_report(results, out, ccfg, preamble=preamble,
+                                         question=question(results["n_samples"]), truth=ORACLE,
+                                         labels=demo_labels(results["selector"]),
+                                         lead=promise_section(summary["promise"])))
     write_json(out / "summary.json", paths_relative_to(_jsonable(summary), out))
     return summary
 
