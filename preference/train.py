@@ -186,7 +186,7 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     bar.close()
 
     result = {"output_dir": str(out), "updates": state.update, "bad_rows_skipped_indexing": feed.n_bad_rows,
-              **metrics}
+              "duplicate_pairs": feed.n_duplicates, **metrics}
     if accelerator.is_main_process:
         result["lora"] = str(save_lora(components, out / "lora", card=card(state.update)))
         curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",

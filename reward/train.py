@@ -76,6 +76,9 @@ def train(cfg: RewardConfig) -> dict:
     if not cfg.data.train:
         raise ValueError("data.train is empty: set it to a pairs file (e.g. --set data.train=pairs.parquet)")
     train_set, val_set = _datasets(cfg.data, critic.image_size, getattr(loss_fn, "handles_ties", False))
+    # What the indexes of both sets dropped or counted before training (the same in every process).
+    indexed = {"bad_rows": train_set.n_bad_rows, "duplicate_pairs": train_set.n_duplicates
+               + (val_set.n_duplicates if val_set is not None else 0)}
     if cfg.data.check_images:
         n_bad = check_all_images(train_set, tc.batch_size, cfg.data.num_workers)
         logger.info("data.check_images: every training image decodes (%d bad row(s) skipped)", n_bad)
@@ -118,7 +121,7 @@ def train(cfg: RewardConfig) -> dict:
     history, rows, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params,
                                   val_set, tc, state, total, every, run_logger, out)
     run_logger.close()
-    return _finish(accelerator, module, val_set, tc, state, history, rows, out, train_set.n_bad_rows,
+    return _finish(accelerator, module, val_set, tc, state, history, rows, out, indexed,
                    resumed=ckpt is not None)
 
 
@@ -272,21 +275,23 @@ def _stand_in_batch(image_size: int, device) -> dict:
 
 
 def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopState, history: list[dict],
-            rows: dict, out: Path, n_bad_indexed: int = 0, resumed: bool = False) -> dict:
+            rows: dict, out: Path, indexed: dict, resumed: bool = False) -> dict:
     """Calibrate and save the final critic (main process); the metrics every process returns. Bad rows: those
-    each process met decoding (summed) and those the index dropped before training (the same in every
-    process). A fresh run in which no process met a good row trained nothing, and says so."""
+    each process met decoding (summed) and those the indexes dropped before training (`indexed`, the same in
+    every process), as are the repeated pairs. A fresh run in which no process met a good row trained
+    nothing, and says so."""
     counts = accelerator.reduce(torch.tensor([rows["good"], rows["bad"]], device=accelerator.device),
                                 reduction="sum")
     good_total, bad_total = (int(c) for c in counts.tolist())
     if good_total == 0 and bad_total and not resumed:
         raise DataError(f"every training row met was bad ({bad_total} skipped with data.on_bad_row=skip), "
                         "so nothing was trained; social-refl-check-pairs lists why")
-    bad_total += n_bad_indexed
+    bad_total += indexed["bad_rows"]
     if bad_total:
         logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); social-refl-check-pairs "
                        "lists them all and writes a clean copy", bad_total)
-    final: dict = {"update": state.update, "history": history, "bad_rows_skipped": bad_total}
+    final: dict = {"update": state.update, "history": history, "bad_rows_skipped": bad_total,
+                   "duplicate_pairs": indexed["duplicate_pairs"]}
     critic = accelerator.unwrap_model(module).critic
     chosen = history[-1] if history else None
     if tc.keep_best:
@@ -335,7 +340,8 @@ def _loss_kwargs(lc: LossConfig) -> dict:
 def _datasets(dc: CriticDataConfig, image_size: int, handles_ties: bool):
     """Streaming train and validation sets (validation keeps ties: evaluation counts them apart), both
     indexed and checked now, before training."""
-    common = dict(fmt=dc.format, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)
+    common = dict(fmt=dc.format, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1,
+                  duplicate_pairs=dc.duplicate_pairs)
     train_kw = dict(common, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties)
     if dc.val:
         train_set = PairShards(dc.train, image_size, **train_kw)
