@@ -197,10 +197,10 @@ LORA_DOWN = (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
 LORA_UP = (".lora_B.", ".lora.up.", ".lora_linear_layer.up.")
 
 
-def check_lora_file(weights: Path) -> None:
+def check_lora_file(weights: Path) -> dict[str, int]:
     """The weights file of a LoRA folder, read from its header alone (no tensor loaded): readable
     safetensors, keys of the diffusers layout, every adapter of rank > 0. Each failure is one line naming the
-    file and the fix."""
+    file and the fix. Returns each down matrix's rank by key."""
     from safetensors import SafetensorError, safe_open
 
     fix = "point at the lora/ or lora_best/ folder of a ReFL run, or copy the folder again"
@@ -224,6 +224,7 @@ def check_lora_file(weights: Path) -> None:
     empty = [k for k, rank in ranks.items() if rank < 1]
     if empty:
         raise ValueError(f"LoRA weights {weights}: adapter {empty[0]!r} has rank 0; {fix}")
+    return ranks
 
 
 def load_lora_into(pipe, directory: str | os.PathLike, adapter_name: str = "refl") -> None:

@@ -26,7 +26,7 @@ from reward.losses import create_loss
 from reward.model import SocialReward, create_critic, load_critic_weights
 from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import changed_settings, save_config
-from runkit.files import write_json
+from runkit.files import check_output_dir, write_json
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
@@ -67,6 +67,7 @@ def train(cfg: RewardConfig) -> dict:
     accelerator = Accelerator(mixed_precision=tc.mixed_precision,
                               gradient_accumulation_steps=tc.gradient_accumulation)
     set_seed(tc.seed)
+    check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, tc.resume)  # before anything is written: a refusal leaves the folder alone
     changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
 
