@@ -334,7 +334,7 @@ def _refl_inputs_case(case: str, tmp_path, tiny_lora_dir) -> tuple[list[str], li
         return ["reward.kind=hpsv2", f"reward.standard={{hpsv2: {tmp_path / 'HPS_v2_compressed.pt'}}}"], [
             "reward.standard.hpsv2", "HPS_v2_compressed.pt"]
     if case == "mix term":
-        return ["reward.kind=mix", f"reward.mix={{critic: 1.0, aesthetic: 0.5}}",
+        return ["reward.kind=mix", "reward.mix={critic: 1.0, aesthetic: 0.5}",
                 f"reward.standard={{aesthetic: {tmp_path / 'missing.pth'}}}"], ["reward.standard.aesthetic",
                                                                                  "missing.pth"]
     if case == "judge":

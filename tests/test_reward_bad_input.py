@@ -468,14 +468,15 @@ def test_bad_input_3_duplicated_pairs_are_counted_and_dropped_before_the_interva
     assert (report["duplicate_pairs"], report["duplicate_rows"], report["clean_rows"]) == (116, 116, 29)
     assert len(pd.read_parquet(tmp_path / "clean.parquet")) == 29
     assert report["duplicates"][0] == {"file": str(five), "row": 29, "repeats": {"file": str(five), "row": 0}}
-    assert len(pd.read_parquet(check_pairs(five, tmp_path / "all.parquet", duplicate_pairs="keep")["clean"])) \
-        == 145
+    kept_copy = check_pairs(five, tmp_path / "all.parquet", duplicate_pairs="keep")["clean"]
+    assert len(pd.read_parquet(kept_copy)) == 145
 
 
 def test_bad_input_3_a_repeated_pair_is_found_in_every_format(tmp_path):
-    """One definition of a repeat (prompt, preferred image, rejected image, label) for every format: Pick-a-Pic
-    rows listing the same pair in the other order, by bytes or by their image uids (then no image is read
-    when indexing); ranked rows; labelled images. The same images with the opposite label are no repeat."""
+    """One definition of a repeat (prompt, preferred image, rejected image, label) for every format:
+    Pick-a-Pic rows listing the same pair in the other order, by bytes or by their image uids (then no image
+    is read when indexing); ranked rows; labelled images. The same images with the opposite label are no
+    repeat."""
     from reward.data import LabelShards
 
     a, b = _rgb_png((1, 2, 3)), _rgb_png((4, 5, 6))
@@ -505,7 +506,8 @@ def test_bad_input_3_a_repeated_pair_is_found_in_every_format(tmp_path):
     assert (len(ds), ds.n_duplicates) == (2, 1)
 
 
-def test_bad_input_3_the_critic_trainer_reports_duplicated_pairs_in_its_metrics(colour_pairs, tmp_path, caplog):
+def test_bad_input_3_the_critic_trainer_reports_duplicated_pairs_in_its_metrics(colour_pairs, tmp_path,
+                                                                                caplog):
     twice = tmp_path / "twice.parquet"
     frame = pd.read_parquet(colour_pairs["train"])
     base = Path(colour_pairs["train"]).parent
@@ -519,3 +521,30 @@ def test_bad_input_3_the_critic_trainer_reports_duplicated_pairs_in_its_metrics(
         train(cfg)
     assert json.loads((out / "metrics.json").read_text())["duplicate_pairs"] == 384  # train and held out
     assert "repeat an earlier one" in caplog.text and "data.duplicate_pairs=drop" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["held-out split, seen when indexing", "data.val, seen when decoding"])
+def test_bad_input_3_bad_rows_skipped_counts_the_held_out_pairs(colour_pairs, tmp_path, where):
+    """metrics.json said bad_rows_skipped: 0 when every skipped row was held out."""
+    from reward.data import prompt_in_val
+
+    out = tmp_path / "run"
+    if where.startswith("held-out split"):
+        frame = pd.read_parquet(colour_pairs["train"])
+        base = Path(colour_pairs["train"]).parent
+        frame[["pos_path", "neg_path"]] = frame[["pos_path", "neg_path"]].map(lambda p: str(base / p))
+        held_out = frame.prompt.map(lambda p: prompt_in_val(p, 0.25))
+        frame.loc[held_out, "neg_path"] = str(tmp_path / "missing.png")  # every held-out row, no other
+        train_file = tmp_path / "pairs.parquet"
+        frame.to_parquet(train_file)
+        n_bad = int(held_out.sum())
+        extra = [f"data.train={train_file}", "data.val_fraction=0.25"]
+    else:
+        bad = [_row(f"v {i}", b"not an image", _rgb_png((i, 1, 1))) for i in range(3)]
+        good = [_row(f"w {i}", _rgb_png((i, 2, 2), 16), _rgb_png((2, i, 3), 16)) for i in range(3)]
+        extra, n_bad = [f"data.val={_pickapic(tmp_path / 'val.parquet', bad + good)}"], 3
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"data.train={colour_pairs['train']}", "data.on_bad_row=skip",
+        "train.max_updates=1", "train.batch_size=8", f"train.output_dir={out}", *extra])
+    train(cfg)
+    assert n_bad > 0 and json.loads((out / "metrics.json").read_text())["bad_rows_skipped"] == n_bad

@@ -79,7 +79,7 @@ class PairShards(Dataset):
         if not len(self.block_of):
             raise EmptySplitError(f"{self.reader.source}: no preference pair ({self.n_rows} row(s), "
                                   f"{bad.count} bad, {self.n_ties_dropped} ties dropped, split={split}). "
-                                  "Check the data or data.val_fraction.")
+                                  "Check the data or data.val_fraction.", n_bad_rows=bad.count)
         if self.n_ties_dropped:
             logger.info("%s: dropped %d tied pair(s) (tie_policy=drop)", self.reader.source,
                         self.n_ties_dropped)
