@@ -123,7 +123,7 @@ class Sampler:
         from refl.sampling import make_pipeline
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.mixed_precision)
         components = components if components is not None else load_components(cfg.model)
         self.pipe = make_pipeline(components, cfg.scheduler)
         self.pipe.to(self.device, DTYPES[cfg.mixed_precision])
@@ -283,7 +283,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
         check_lora_dir(cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.mixed_precision)
     models = ["base", "refl"] if cfg.lora else ["base"]
     counts = {"base": cfg.n_samples, "refl": cfg.n_refl}
     logger.info("%d prompts x (%s) samples, %d steps, CFG %.1f: %d UNet evaluations per image", len(prompts),

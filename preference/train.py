@@ -37,7 +37,7 @@ from refl.plots import plot_curve
 from refl.prompts import seed_for
 from refl.step import NonFiniteLossError
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings
+from runkit.config import changed_settings, check_device_precision
 from runkit.files import check_output_dir, paths_relative_to, write_json
 from runkit.logs import read_metrics
 
@@ -134,6 +134,7 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     if not cfg.data.train:
         raise ValueError("data.train is empty: set it to the feedback (e.g. --set data.train=pairs.parquet)")
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    check_device_precision(accelerator.device, t.mixed_precision, "train.mixed_precision")
     out = Path(t.output_dir)
     check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, t.resume)  # before anything is written: a refusal leaves the folder alone

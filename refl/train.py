@@ -46,7 +46,7 @@ from refl.step import (
     validate_step_config,
 )
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings
+from runkit.config import changed_settings, check_device_precision
 from runkit.files import check_output_dir, paths_relative_to, write_json
 from runkit.logs import RunLogger, read_metrics
 
@@ -176,6 +176,7 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     for line in ignored_knobs(cfg.step):  # a config written for another method: legal, but say so
         logger.warning(line)
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    check_device_precision(accelerator.device, t.mixed_precision, "train.mixed_precision")
     out = Path(t.output_dir)
     check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, t.resume)  # before anything is written: a refusal leaves the folder alone

@@ -25,7 +25,7 @@ from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import create_loss
 from reward.model import SocialReward, create_critic, load_critic_weights
 from runkit.checkpoints import find_checkpoint, load_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings, save_config
+from runkit.config import changed_settings, check_device_precision, save_config
 from runkit.files import check_output_dir, write_json
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
@@ -66,6 +66,7 @@ def train(cfg: RewardConfig) -> dict:
     out = Path(tc.output_dir)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision,
                               gradient_accumulation_steps=tc.gradient_accumulation)
+    check_device_precision(accelerator.device, tc.mixed_precision, "train.mixed_precision")
     set_seed(tc.seed)
     check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, tc.resume)  # before anything is written: a refusal leaves the folder alone

@@ -476,10 +476,23 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides)
 
 
-def resolve_device(device: str | None) -> str:
-    """A config's `device`: as given, or "" (and None) = CUDA when there is one, else the CPU."""
-    if device:
-        return device
+def check_device_precision(device, mixed_precision: str, key: str = "mixed_precision") -> None:
+    """The one rule where a device meets a precision: fp16 is refused on the CPU (torch runs it there slowly
+    or not at all, and accelerate's loss scaler is for GPUs: the run went on with three warnings); bf16 and
+    no (fp32) run anywhere. Raises one line naming `key` and the fix."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise ConfigError(f"{key}=fp16 on the CPU: fp16 runs on a GPU only; use bf16 (or no = fp32) on the "
+                          "CPU, or run on a GPU")
+
+
+def resolve_device(device: str | None, mixed_precision: str = "no", key: str = "mixed_precision") -> str:
+    """A config's `device`: as given, or "" (and None) = CUDA when there is one, else the CPU; checked
+    against the `mixed_precision` it will run in (`check_device_precision`, naming `key`)."""
+    if not device:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device_precision(device, mixed_precision, key)
+    return device

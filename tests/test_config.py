@@ -255,3 +255,55 @@ def test_a_byte_order_mark_is_not_part_of_a_config_or_a_prompt(tmp_path):
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt\na green circle\n", encoding="utf-8-sig")
     assert read_prompt_file(csv) == ["a green circle"]
+
+
+def _fp16_on_cpu_case(command: str, tmp_path) -> tuple:
+    """(main, argv) of `command` asked for fp16 on the CPU."""
+    from importlib import import_module
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    out = str(tmp_path / "out")
+    fp16 = ["--set", "train.mixed_precision=fp16", "--out", out]
+    pairs = ["--set", f"data.train={tmp_path / 'pairs.parquet'}"]
+    sample = ["--model", "tiny", "--prompts-file", str(prompts), "--device", "cpu", "--mixed-precision",
+              "fp16", "--out", out]
+    bench = ["--set", "device=cpu", "--set", "mixed_precision=fp16"]
+    cases = {
+        "train-refl": ("refl.cli:train_main", ["--set", "model.name=tiny", *fp16]),
+        "train-reward": ("reward.cli:train_main", ["--set", "model.model_name=tiny-clip", *pairs, *fp16]),
+        "train-preference": ("preference.cli:train_main", ["--set", "model.name=tiny", *pairs, *fp16]),
+        "generate": ("refl.cli:generate_main", sample),
+        "compare": ("evaluation.cli:compare_main", [*sample, "--critic", "tiny-clip"]),
+        "bench-refl": ("benchmarks.refl:main", [*bench, "--set", "model=tiny"]),
+        "bench-reward": ("benchmarks.reward:main", [*bench, "--set", "critics=[tiny-clip]"]),
+    }
+    entry, argv = cases[command]
+    module, func = entry.split(":")
+    return getattr(import_module(module), func), argv
+
+
+@pytest.mark.parametrize("command", ["train-refl", "train-reward", "train-preference", "generate", "compare",
+                                     "bench-refl", "bench-reward"])
+def test_bad_input_3_fp16_on_the_cpu_is_refused_in_one_line_before_any_work(command, tmp_path, capsys,
+                                                                           monkeypatch):
+    """It printed three warnings and ran. The trainers run where accelerate puts them: on the CPU here."""
+    import refl.components
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model loaded before fp16 on the CPU was refused")
+
+    for module in ("refl.components", "refl.lora_training", "refl.generate", "evaluation.harness"):
+        mod = __import__(module, fromlist=["_"])
+        if hasattr(mod, "load_components"):
+            monkeypatch.setattr(mod, "load_components", must_not_load)
+    assert refl.components.load_components is must_not_load
+    main, argv = _fp16_on_cpu_case(command, tmp_path)
+    key = "train.mixed_precision=fp16" if command.startswith("train") else "mixed_precision=fp16"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and key in lines[0] and "on the CPU" in lines[0] and "bf16" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out" / "samples").exists()
