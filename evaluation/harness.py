@@ -48,7 +48,7 @@ from refl.prompts import read_prompt_file
 from refl.sampling import encode_text, sample, seed_generators
 from reward.evaluators import CriticEvaluator, create_evaluator
 from runkit.config import resolve_device, save_config, to_dict
-from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
+from runkit.files import atomic_write_bytes, content_hash, finite_json, paths_relative_to, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     results["throughput"] = _throughput(cfg, out, lazy, prompts[0])
     results["config"] = to_dict(cfg)
     results = finite_json(results)
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", paths_relative_to(results, out))  # a copied run folder names its own
     report = write_report(results, out, cfg)
     logger.info("wrote %s and %s", out / "results.json", report)
     return results

@@ -82,9 +82,9 @@ def validate_main(argv=None) -> int:
     out = Path(cfg.output_file) if cfg.output_file else (Path(critic) / "validation.json"
                                                          if Path(critic).is_dir() else None)
     if out:
-        from runkit.files import atomic_write_bytes, write_json
+        from runkit.files import atomic_write_bytes, paths_relative_to, write_json
 
-        write_json(out, report)
+        write_json(out, paths_relative_to(report, out.parent))  # the critic folder it sits in may be copied
         atomic_write_bytes(out.with_suffix(".md"), lambda f: f.write(table.encode()))
     return 0
 

@@ -401,8 +401,12 @@ def test_validate_reward_takes_baselines_spelled_as_evaluator_specs(tiny_critic_
     assert validate_main([str(pairs), "--critic", f"critic:{critic}", "--output-file", str(out),
                           "--baselines", "clip:tiny-clip", "--baselines", f"critic:{critic}"]) == 0
     report = json.loads(out.read_text())
-    assert [b["model"] for b in report["baselines"]] == ["tiny-clip", str(critic)]
+    # the critic folder beside the report is named relative to it (bad input 3: no absolute path stored)
+    assert [b["model"] for b in report["baselines"]] == ["tiny-clip", "critic"]
     assert report["baselines"][1]["pairwise_accuracy"] == report["tuned"]["pairwise_accuracy"]
+    assert validate_main([str(pairs), "--critic", str(critic), "--baselines", "none"]) == 0
+    stored = (critic / "validation.json").read_text()  # by default inside the critic's folder
+    assert json.loads(stored)["critic"] == "." and str(critic) not in stored
 
 
 def test_a_missing_critic_folder_is_named_as_a_folder(tmp_path):

@@ -176,8 +176,11 @@ def test_community_pairs_are_reproducible_from_the_seed(tmp_path):
     assert (da.pos_path != da.neg_path).all()
     for rel in pd.concat([da.pos_path, da.neg_path]):
         assert not Path(rel).is_absolute() and (tmp_path / "a" / rel).is_file()
-    summary = json.loads((tmp_path / "a" / "pairs_summary.json").read_text())
+    text = (tmp_path / "a" / "pairs_summary.json").read_text()
+    summary = json.loads(text)
     assert summary["n_pairs"] == len(da)
+    # bad input 3: a copied pairs folder named the original's absolute path
+    assert summary["parquet"] == "pairs.parquet" and str(tmp_path) not in text
 
 
 def test_community_pairs_carry_the_taste_and_load_as_social_reward_data(tmp_path):
