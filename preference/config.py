@@ -113,3 +113,6 @@ class PreferenceConfig:
         if self.data.shuffle_row_groups < 1:
             raise ValueError("data.shuffle_row_groups must be >= 1")
         check_duplicate_policy(self.data.duplicate_pairs, "data.duplicate_pairs")
+        if self.data.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = decode in the main process), got "
+                             f"{self.data.num_workers}")

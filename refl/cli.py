@@ -9,6 +9,7 @@ import sys
 
 from runkit.cli import command
 from runkit.config import config_parser, parse_config_args, resolve_device, save_config
+from runkit.files import check_output_dir
 from runkit.logs import setup_logging
 
 
@@ -55,6 +56,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                                column_key="prompt_column")
     # Every input before the model loads (minutes for SDXL): a typo costs nothing.
     resolve_device(cfg.device, cfg.mixed_precision)
+    check_output_dir(cfg.output_dir, "--out")
     if cfg.lora:
         check_lora_dir(cfg.lora)
     if cfg.critic:

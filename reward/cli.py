@@ -66,6 +66,9 @@ def validate_main(argv=None) -> int:
         "critic", "baselines", "batch_size", "on_bad_row", "duplicate_pairs", "output_file", "device"),
         required=("critic",))
     cfg, _ = parse_config_args(parser, argv)
+    if cfg.output_file and Path(cfg.output_file).is_dir():
+        raise IsADirectoryError(f"--output-file {cfg.output_file} is a folder; name the .json report to "
+                                "write")
     critic = _model_spec(cfg.critic)
     baselines = [_model_spec(b) for b in cfg.baselines]
     # Every model named is resolved first: a typo in the last baseline must not cost the scoring before it.

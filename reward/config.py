@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -107,6 +108,18 @@ class RewardConfig:
         if self.data.shuffle_row_groups < 1:
             raise ValueError("data.shuffle_row_groups must be >= 1")
         check_duplicate_policy(self.data.duplicate_pairs, "data.duplicate_pairs")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1) (a fraction of the prompts; 0 = no "
+                             f"held-out prompts), got {self.data.val_fraction}")
+        if self.data.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = decode in the main process), got "
+                             f"{self.data.num_workers}")
+        if not 0 <= self.loss.margin < math.inf:
+            raise ValueError(f"loss.margin must be >= 0 and finite (a negative margin leaves every triplet "
+                             f"satisfied, so nothing trains), got {self.loss.margin}")
+        if self.train.max_updates == 0 and self.train.epochs < 1:
+            raise ValueError(f"train.epochs={self.train.epochs} with train.max_updates=0 trains nothing; set "
+                             "train.epochs >= 1 or train.max_updates")
 
 
 @dataclass
@@ -165,3 +178,6 @@ class CheckPairsConfig:
 
     def __post_init__(self):
         check_duplicate_policy(self.duplicate_pairs, "duplicate_pairs")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = decode in the main process), got "
+                             f"{self.num_workers}")

@@ -379,3 +379,44 @@ def test_bad_input_3_refl_checks_critic_lora_and_output_folder_before_the_model_
     assert train_main(args) == 2
     line = _error_line(capsys)
     assert all(n in line for n in names), line
+
+
+# ------------------------------------------------- bad input 3, the new sweep: files of the wrong kind
+@pytest.mark.parametrize("name, content, names", [
+    ("prompts.json", '["a cat", "a dog"]', "a .json file is not a prompts file"),  # trained on '["a cat"...'
+    ("prompts.yaml", "- a cat\n", "a .yaml file is not a prompts file"),
+    ("prompts_dir", None, "is a folder; name a .txt file"),  # 'does not exist'
+])
+def test_bad_input_3_sweep_a_prompts_file_of_the_wrong_kind_is_refused(tmp_path, capsys, name, content,
+                                                                       names):
+    from refl.cli import train_main
+
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_text(content)
+    quick = ["--set", "train.max_updates=1", "--set", "step.num_inference_steps=2", "--set",
+             "step.cut_range=[0,1]", "--set", "train.validation_prompts=[]", "--set", "reward.kind=contrast"]
+    assert train_main(["--set", "model.name=tiny", "--set", f"data.prompts_file={path}", *quick,
+                       "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys)
+    assert names in line and "data.prompts_file" in line and not (tmp_path / "run").exists(), line
+
+
+def test_bad_input_3_sweep_a_lora_weights_file_for_the_folder_and_modules_that_match_nothing(tiny_lora_dir,
+                                                                                            tmp_path, capsys):
+    """The weights file given as --lora was 'LoRA folder ... does not exist'; target modules that match
+    nothing got peft's text, naming no setting; --out under a file got '[Errno 20] Not a directory'."""
+    from refl.components import load_components
+    from refl.lora import LORA_WEIGHTS
+
+    weights = str(tiny_lora_dir / LORA_WEIGHTS)
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--lora", weights) == 2
+    line = _error_line(capsys)
+    assert "is a file; name the folder holding it" in line and "does not exist" not in line, line
+    (tmp_path / "notes").write_text("mine")
+    assert generate_main(["--model", "tiny", "--prompts-file", str(tmp_path / "prompts.txt"), "--out",
+                          str(tmp_path / "notes" / "gen")]) == 2
+    assert "--out" in (line := _error_line(capsys)) and "notes is a file" in line, line
+    with pytest.raises(ValueError, match=r"lora.target_modules \['to_qq'\] match no module of the sd "):
+        add_lora(load_components("tiny"), LoraConfig(target_modules=["to_qq"]))
+    with pytest.raises(ValueError, match=r"lora.text_target_modules \['qq'\] match no module of text_"):
+        add_lora(load_components("tiny"), LoraConfig(train_text_encoder=True, text_target_modules=["qq"]))

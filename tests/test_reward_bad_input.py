@@ -552,3 +552,45 @@ def test_bad_input_3_bad_rows_skipped_counts_the_held_out_pairs(colour_pairs, tm
         "train.max_updates=1", "train.batch_size=8", f"train.output_dir={out}", *extra])
     train(cfg)
     assert n_bad > 0 and json.loads((out / "metrics.json").read_text())["bad_rows_skipped"] == n_bad
+
+
+# ------------------------------------------------- bad input 3, the new sweep: files of the wrong kind
+@pytest.mark.parametrize("case", ["output file is a folder", "report file is a folder", "latin-1 csv"])
+def test_bad_input_3_sweep_check_pairs_names_the_file_and_the_fix_before_any_work(colour_pairs, tmp_path,
+                                                                                 capsys, case):
+    """A folder for the clean copy or the report failed at the rename ('Is a directory: .clean.xyz'), the
+    report's after the clean copy was written; a latin-1 csv got the codec's text."""
+    from reward.cli import check_main
+
+    source, out, extra = str(colour_pairs["train"]), tmp_path / "clean.parquet", []
+    if case == "output file is a folder":
+        out.mkdir()
+        names = ["--output-file", "is a folder"]
+    elif case == "report file is a folder":
+        (tmp_path / "report").mkdir()
+        extra, names = ["--report-file", str(tmp_path / "report")], ["--report-file", "is a folder"]
+    else:
+        text = "prompt,pos_path,neg_path\ncaf\xe9,a.png,b.png\n"
+        (tmp_path / "latin1.csv").write_bytes(text.encode("latin-1"))
+        source, names = str(tmp_path / "latin1.csv"), ["latin1.csv is not UTF-8 text", "save it as UTF-8"]
+    assert check_main([source, "--output-file", str(out), *extra]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][-1]
+    assert all(n in line for n in names) and ".tmp" not in line, line
+    assert case == "output file is a folder" or not out.exists()  # refused before the copy was written
+
+
+def test_bad_input_3_sweep_validate_reward_refuses_a_report_folder_before_scoring(tiny_critic_and_pairs,
+                                                                                  tmp_path, monkeypatch,
+                                                                                  capsys):
+    import reward.evaluate
+    from reward.cli import validate_main
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scored pairs before the output file was checked")
+
+    monkeypatch.setattr(reward.evaluate, "evaluate_pairs", must_not_score)
+    critic, pairs = tiny_critic_and_pairs
+    (tmp_path / "reports").mkdir()
+    assert validate_main([str(pairs), "--critic", str(critic), "--output-file",
+                          str(tmp_path / "reports")]) == 2
+    assert "--output-file" in capsys.readouterr().err

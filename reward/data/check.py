@@ -120,7 +120,11 @@ def check_pairs(source, out: str | os.PathLike, report: str | os.PathLike | None
 
     out = Path(out)
     if out.suffix not in (".parquet", ".pq"):
-        raise DataError(f"--out {out}: the clean pairs file is written as parquet; name it *.parquet")
+        raise DataError(f"--output-file {out}: the clean pairs file is written as parquet; name it *.parquet")
+    if out.is_dir():
+        raise DataError(f"--output-file {out} is a folder; name the clean .parquet file to write")
+    if report is not None and Path(report).is_dir():
+        raise DataError(f"--report-file {report} is a folder; name the .json report to write")
     check_duplicate_policy(duplicate_pairs)
     reader = ShardReader(source)
     spec = check_format(fmt, reader.columns, reader.source)
