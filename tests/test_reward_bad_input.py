@@ -494,6 +494,8 @@ def test_bad_input_3_a_repeated_pair_is_found_in_every_format(tmp_path):
     by_uid = PairShards(_pickapic(tmp_path / "uids.parquet", with_uids), image_size=4, tie_policy="keep")
     assert (len(by_uid), by_uid.n_duplicates) == (3, 2) and "jpg_0" not in by_uid._index_columns()
     assert len(load_pairs(tmp_path / "uids.parquet", tie_policy="keep")) == 3
+    unnamed = [{**r, "image_0_uid": None} for r in with_uids[:2]]  # an empty uid: no bytes read to compare
+    assert PairShards(_pickapic(tmp_path / "unnamed.parquet", unnamed), image_size=4).n_duplicates == 0
 
     for name in ("x.png", "y.png", "z.png"):
         Image.new("RGB", (4, 4), (len(name), 0, 0)).save(tmp_path / name)

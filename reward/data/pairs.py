@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,10 +114,11 @@ def entry_key(prompt, *images: str, label: float) -> int:
 
 def _row_identities(spec: Format, row: Mapping, base: Path) -> list[str]:
     """The identity of each of a row's images: its id column's value where the table has the format's id
-    columns (`Format.image_ids`, e.g. Pick-a-Pic's image uids), else `image_identity` of the cell."""
-    ids = [row.get(c) for c in spec.image_ids]
-    if ids and all(isinstance(v, str) and v for v in ids):
-        return ["id:" + v for v in ids]
+    columns (`Format.image_ids`, e.g. Pick-a-Pic's image uids), else `image_identity` of the cell. An empty
+    id makes the image one of its own (the streaming index has not read the bytes to compare)."""
+    if spec.image_ids and all(c in row for c in spec.image_ids):
+        return ["id:" + row[c] if isinstance(row[c], str) and row[c] else "unnamed:" + uuid.uuid4().hex
+                for c in spec.image_ids]
     return [image_identity(resolve_image(cell, base)) for _, cell in spec.image_cells(row)]
 
 
