@@ -26,9 +26,9 @@ def parse_config(cls: type[T], description: str, argv: list[str] | None, one_cpu
     return cfg
 
 
-def resolve_device(name: str) -> torch.device:
-    """`device` of a config: "" is CUDA when there is one, else the CPU."""
-    return torch.device(runkit_resolve_device(name))
+def resolve_device(name: str, mixed_precision: str = "no") -> torch.device:
+    """`device` of a config: "" is CUDA when there is one, else the CPU (fp16 refused on the CPU)."""
+    return torch.device(runkit_resolve_device(name, mixed_precision))
 
 
 def report(result: dict, output_file: str) -> None:

@@ -371,7 +371,7 @@ def describe_device(device: torch.device) -> dict:
 
 def run_benchmark(cfg: ReflBenchConfig) -> dict:
     """Every measurement of the module docstring, as one dict."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.mixed_precision)
     steps = pinned_steps(cfg)
     bench = setup(cfg, device, cfg.batch_size, cfg.image_px)
     result = {"config": asdict(cfg), "device": describe_device(device), "torch": torch.__version__,

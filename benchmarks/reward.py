@@ -184,7 +184,7 @@ def bench_streaming(cfg: RewardBenchConfig) -> dict:
 
 
 def run_benchmarks(cfg: RewardBenchConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.mixed_precision)
     result = {
         "config": asdict(cfg),
         "device": str(device),

@@ -50,7 +50,7 @@ from refl.prompts import read_prompt_file
 from refl.sampling import call_options, encode_text, sample, seed_generators
 from reward.evaluators import CriticEvaluator, create_evaluator
 from runkit.config import resolve_device, save_config, to_dict
-from runkit.files import atomic_write_bytes, content_hash, finite_json, write_json
+from runkit.files import atomic_write_bytes, content_hash, finite_json, paths_relative_to, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Sampler:
         from refl.sampling import make_pipeline
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.mixed_precision)
         components = components if components is not None else load_components(cfg.model)
         self.pipe = make_pipeline(components, cfg.scheduler)
         self.pipe.to(self.device, DTYPES[cfg.mixed_precision])
@@ -380,7 +380,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
             raise type(err)(f"{'lora' if name == 'refl' and cfg.lora else f'loras.{name}'}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.mixed_precision)
     models = cfg.models
     counts = {m: cfg.n_samples if m == BASE else cfg.n_tuned for m in models}
     logger.info("%d prompts x (%s) samples, %d steps, CFG %.1f: %d UNet evaluations per image", len(prompts),
@@ -429,7 +429,7 @@ def run_compare(cfg: CompareConfig, components=None) -> dict:
     results["throughput"] = _throughput(cfg, out, lazy, prompts[0])
     results["config"] = to_dict(cfg)
     results = finite_json(results)
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", paths_relative_to(results, out))  # a copied run folder names its own
     report = write_report(results, out, cfg)
     logger.info("wrote %s and %s", out / "results.json", report)
     return results

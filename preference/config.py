@@ -15,6 +15,7 @@ from refl.components import ModelConfig
 from refl.config import ReflTrainConfig
 from refl.lora import LoraConfig
 from refl.sampling import SCHEDULERS
+from reward.data.pairs import check_duplicate_policy
 
 METHODS = ("dpo", "kto")
 
@@ -34,6 +35,9 @@ class PreferenceDataConfig:
     tie_policy: str = "drop"
     # error = stop at the first bad row; skip = drop bad rows and log how many and which (as the critic's).
     on_bad_row: str = "error"
+    # A pair (dpo) or labelled image (kto) that repeats an earlier one (same prompt, images and label): drop
+    # = counted, logged and left out; keep = counted, logged and trained on as often as it appears.
+    duplicate_pairs: str = "drop"
     # DataLoader worker processes per process; images are decoded and resized in them.
     num_workers: int = 0
     # Row groups mixed together by the shuffle (per process); each worker holds up to this many (+1).
@@ -108,3 +112,7 @@ class PreferenceConfig:
                              f"{self.lora.rank}, alpha {self.lora.alpha}, dropout {self.lora.dropout}")
         if self.data.shuffle_row_groups < 1:
             raise ValueError("data.shuffle_row_groups must be >= 1")
+        check_duplicate_policy(self.data.duplicate_pairs, "data.duplicate_pairs")
+        if self.data.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = decode in the main process), got "
+                             f"{self.data.num_workers}")

@@ -24,7 +24,8 @@ class FeedbackStream:
 
     def __init__(self, method: str, data, image_size: int, seed: int, batch_size: int, rank: int,
                  world: int):
-        common = dict(fmt=data.format, on_bad_row=data.on_bad_row, cache_blocks=data.shuffle_row_groups + 1)
+        common = dict(fmt=data.format, on_bad_row=data.on_bad_row, cache_blocks=data.shuffle_row_groups + 1,
+                      duplicate_pairs=data.duplicate_pairs)
         if method == "dpo":
             # A kept tie (label 0.5) has a loss of its own (preference/objectives.py), so ties stay as asked.
             self.dataset = PairShards(data.train, image_size, tie_policy=data.tie_policy,
@@ -41,6 +42,11 @@ class FeedbackStream:
     def n_bad_rows(self) -> int:
         """Rows the index dropped before training (on_bad_row=skip)."""
         return self.dataset.n_bad_rows
+
+    @property
+    def n_duplicates(self) -> int:
+        """Pairs (dpo) or labelled images (kto) repeating an earlier one (dropped: duplicate_pairs=drop)."""
+        return self.dataset.n_duplicates
 
     def batches(self, start: int) -> Iterator[tuple[int, dict]]:
         per_epoch = self.sampler.batches_per_process()

@@ -28,6 +28,7 @@ from refl.lora import save_lora
 from refl.lora_training import (
     all_reduce_grads,
     apply_update,
+    check_resumed_lora,
     due,
     open_run,
     prepare_lora_training,
@@ -37,8 +38,8 @@ from refl.plots import plot_curve
 from refl.prompts import seed_for
 from refl.step import NonFiniteLossError
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings
-from runkit.files import paths_relative_to, write_json
+from runkit.config import changed_settings, check_device_precision
+from runkit.files import check_output_dir, paths_relative_to, write_json
 from runkit.logs import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -135,9 +136,13 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     if not cfg.data.train:
         raise ValueError("data.train is empty: set it to the feedback (e.g. --set data.train=pairs.parquet)")
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    check_device_precision(accelerator.device, t.mixed_precision, "train.mixed_precision")
     out = Path(t.output_dir)
+    check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, t.resume)  # before anything is written: a refusal leaves the folder alone
     changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
+    check_resumed_lora(ckpt, cfg.lora)  # what is read after the model loads, checked before it does
+    guard.check_judges(t)
     checkpointing = Checkpointing(unet="blocks" if t.gradient_checkpointing else "none")
     components, params, optimizer, lr_sched = prepare_lora_training(cfg.model, cfg.lora, t, checkpointing,
                                                                     accelerator)
@@ -192,7 +197,7 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     meter.close()
 
     result = {"output_dir": str(out), "updates": state.update, "bad_rows_skipped_indexing": feed.n_bad_rows,
-              **metrics, "compute": compute_of(state)}
+              "duplicate_pairs": feed.n_duplicates, **metrics, "compute": compute_of(state)}
     if accelerator.is_main_process:
         result["lora"] = str(save_lora(components, out / "lora", card=card(state.update)))
         curve = plot_curve(out / "metrics.jsonl", out / "training_curve.png",

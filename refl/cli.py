@@ -8,7 +8,8 @@ import shlex
 import sys
 
 from runkit.cli import command
-from runkit.config import config_parser, parse_config_args, save_config
+from runkit.config import config_parser, parse_config_args, resolve_device, save_config
+from runkit.files import check_output_dir
 from runkit.logs import setup_logging
 
 
@@ -54,6 +55,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     prompts = read_prompt_file(cfg.prompts_file, column=cfg.prompt_column, key="prompts_file",
                                column_key="prompt_column")
     # Every input before the model loads (minutes for SDXL): a typo costs nothing.
+    resolve_device(cfg.device, cfg.mixed_precision)
+    check_output_dir(cfg.output_dir, "--out")
     if cfg.lora:
         check_lora_dir(cfg.lora)
     if cfg.critic:

@@ -8,13 +8,14 @@ batch_size x gradient_accumulation x processes prompts (ImageReward: 2 x 4 x 8 =
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from refl.components import ModelConfig
 from refl.lora import LoraConfig
 from refl.step import StepConfig
-from runkit.config import TrainSettings, check_mixed_precision
+from runkit.config import ConfigError, TrainSettings, check_mixed_precision
 
 
 @dataclass
@@ -121,6 +122,17 @@ class ReflTrainConfig(TrainSettings):
     # what a drop is: the judge falls while eval/reward rises); 0 = never stop early.
     stop_after_drops: int = 0
 
+    def check(self) -> None:
+        """The shared invariants, and what validation draws."""
+        super().check()
+        if self.validation_images_per_prompt < 1 or self.validation_num_inference_steps < 1:
+            raise ConfigError(f"train.validation_images_per_prompt and train.validation_num_inference_steps "
+                              f"must be >= 1, got {self.validation_images_per_prompt} and "
+                              f"{self.validation_num_inference_steps}")
+        if not 0 <= self.validation_guidance_scale < math.inf:
+            raise ConfigError(f"train.validation_guidance_scale must be >= 0 and finite (1 = off), got "
+                              f"{self.validation_guidance_scale}")
+
 
 @dataclass
 class ReflConfig:
@@ -147,6 +159,19 @@ class ReflConfig:
                              f"{self.reward.critic!r}")
         if self.reward.ensemble_penalty < 0:
             raise ValueError(f"reward.ensemble_penalty must be >= 0, got {self.reward.ensemble_penalty}")
+        # The weights of the objective's terms: a negative or NaN one trained the wrong way, or silently not
+        # at all. A mix weight may be negative (a term to push down), never NaN or infinite.
+        weights = {"step.kl_weight": self.step.kl_weight, "step.reg_weight": self.step.reg_weight,
+                   "step.eta": self.step.eta}
+        bad = [f"{k}={v}" for k, v in weights.items() if not 0 <= v < math.inf]
+        bad += [f"reward.mix.{k}={v!r}" for k, v in self.reward.mix.items()
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be finite numbers, and >= 0 but for a mix weight "
+                             "(0 = the term is off)")
+        if self.step.reg_weight > 0 and self.data.reg_pool_size < 1:
+            raise ValueError(f"step.reg_weight={self.step.reg_weight} needs data.reg_pool_size >= 1 (the "
+                             f"regulariser's examples), got {self.data.reg_pool_size}")
 
 
 def check_guard_config(t: ReflTrainConfig) -> None:
@@ -208,6 +233,9 @@ class GenerateConfig:
         if self.images_per_prompt < 1 or self.batch_size < 1 or self.num_inference_steps < 1:
             raise ValueError(f"images_per_prompt, batch_size and num_inference_steps must be at least 1, got "
                              f"{self.images_per_prompt}, {self.batch_size} and {self.num_inference_steps}")
+        if not 0 <= self.guidance_scale < math.inf or not -math.inf < self.lora_scale < math.inf:
+            raise ValueError(f"guidance_scale must be >= 0 and lora_scale a number, both finite; got "
+                             f"{self.guidance_scale} and {self.lora_scale}")
         check_mixed_precision(self.mixed_precision, "mixed_precision")
 
 

@@ -1,16 +1,22 @@
 """A saved LoRA in the layouts other tools read: `export_lora(folder)` writes the layout they load for that
 LoRA's model, `export_lora(folder, "kohya" | "diffusers")` a named one.
 
-UNet LoRAs (SD 1.x / 2.x, SDXL) go out in the kohya layout (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` keys
-with `lora_down` / `lora_up` / `alpha`), what AUTOMATIC1111, ComfyUI and Forge load. The keys come from
-diffusers' own converters (diffusers format -> peft -> kohya); two facts those converters leave to the
-caller are set here:
+The kohya layout (`lora_unet_*`, and `lora_te_*` for SD 1.x's text encoder or `lora_te1_*` / `lora_te2_*`
+for SDXL's two, keys with `lora_down` / `lora_up` / `alpha`) is what AUTOMATIC1111, ComfyUI and Forge load.
+The UNet keys keep diffusers' block names (`lora_unet_down_blocks_1_attentions_0_...`), for SDXL too: each of
+those tools maps them onto the original UNet's `input_blocks` / `middle_block` / `output_blocks` itself, as
+sd-scripts does when it reads them (docs/refl.md names where; tests/test_sdxl.py checks every key of full-size
+SD 1.5 and SDXL against those rules). The keys come from diffusers' own converters (diffusers format -> peft
+-> kohya); three facts those converters leave to the caller are set here:
 - diffusers' kohya converter writes alpha = rank for every module. A LoRA trained with alpha != rank
   would then load at the wrong scale, so the alpha saved with the weights (their adapter metadata) is
   written instead.
 - transformers 5's CLIPTextModel has no `text_model.` level, so its peft keys lack the prefix that
   CLIP text-encoder checkpoints, kohya files and the tools reading them use; it is put back (diffusers'
   loader removes it again for an encoder without that level). SDXL's second encoder has it already.
+- diffusers names the one text encoder of SD 1.x `lora_te1_`, SDXL's first encoder's name; sd-scripts and the
+  tools' SD 1.x convention is `lora_te_` (sd-scripts matches no `lora_te1_` module in an SD 1.x model), so an
+  SD 1.x export is written with it.
 
 Transformer LoRAs (SD 3, FLUX) go out in the diffusers layout itself. ComfyUI's LoRA key map (comfy/lora.py,
 `model_lora_keys_unet`) registers `transformer.<diffusers module name>` for SD 3 (through its table
@@ -39,8 +45,10 @@ from runkit.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-# Module prefixes of a diffusers LoRA file -> the kohya prefix their keys get.
+# Module prefixes of a diffusers LoRA file -> the kohya prefix their keys get (diffusers' converter's), and
+# the one text encoder of an SD 1.x LoRA (no text_encoder_2), named as sd-scripts names it.
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+SD1_TEXT_PREFIX = "lora_te_"
 
 
 def read_lora(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -88,6 +96,8 @@ def kohya_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
         if not all(k.startswith(KOHYA_PREFIXES[module]) for k in kohya):
             raise ValueError(f"{directory}: diffusers' kohya converter gave keys outside "
                              f"{KOHYA_PREFIXES[module]}")
+        if module == "text_encoder" and "text_encoder_2" not in modules:  # SD 1.x
+            kohya = {SD1_TEXT_PREFIX + k[len(KOHYA_PREFIXES[module]):]: v for k, v in kohya.items()}
         rank = next(int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight"))
         alpha = settings.get(module, {}).get("lora_alpha")
         if alpha is None:

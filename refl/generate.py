@@ -39,7 +39,7 @@ def load_pipeline(model: str, lora: str | None = None, lora_scale: float = 1.0, 
     if lora is not None:
         load_lora_into(pipe, lora, adapter_name="refl")
         pipe.set_adapters(["refl"], adapter_weights=[lora_scale])
-    device = resolve_device(device)
+    device = resolve_device(device, mixed_precision)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, DTYPES[mixed_precision])
 

@@ -37,6 +37,28 @@ def judge_specs(t: ReflTrainConfig) -> list[str]:
     return specs
 
 
+def check_judges(t: ReflTrainConfig) -> None:
+    """Each judge's spec resolved without loading a weight (its kind registered or declared; a critic
+    folder, an open_clip name or a standard reward's files found), before the diffusion model loads; one
+    line naming the key and the fix."""
+    from reward.evaluators import parse_spec
+    from reward.standard import STANDARD_KINDS, check_spec
+
+    for spec in judge_specs(t):
+        key = "train.heldout_evaluators" if spec in t.heldout_evaluators else "train.select_by"
+        try:
+            kind, argument = parse_spec(spec)
+            if kind in ("critic", "clip"):
+                check_spec(argument)
+            elif kind == "ensemble":
+                for member in (p for p in argument.split(",") if p and "=" not in p):
+                    check_spec(member)
+            elif kind in STANDARD_KINDS:
+                check_spec(spec)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{key} {spec}: {err}") from None
+
+
 def create_judges(t: ReflTrainConfig, device) -> dict:
     """spec -> evaluator, each created once through the one factory (reward.evaluators.create_evaluator)."""
     from reward.evaluators import create_evaluator

@@ -45,6 +45,13 @@ class LoraConfig:
     # Text-encoder modules that get adapters when train_text_encoder is true.
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
+    def __post_init__(self):
+        if self.train_text_encoder and not self.text_target_modules:
+            raise ValueError("train_text_encoder is true but text_target_modules is empty; name the text "
+                             "encoder's modules (e.g. [q_proj, k_proj, v_proj, out_proj])")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty; leave it null for the model family's default")
+
 
 # The UNet's attention projections; SD 3's and FLUX's joint blocks' attention of the image and text streams
 # and both feed-forward layers, and FLUX's single-stream blocks' attention, MLP input and output projection
@@ -99,6 +106,17 @@ def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
                       target_modules=list(targets))
 
 
+def _adapt(module: torch.nn.Module, config, key: str, where: str) -> None:
+    """`module.add_adapter(config)`; module names that match nothing are one line naming `key` (peft's own
+    text names no setting)."""
+    try:
+        module.add_adapter(config)
+    except ValueError as err:
+        if "not found in the base model" not in str(err):
+            raise
+        raise ValueError(f"{key} {sorted(config.target_modules)} match no module of {where}") from None
+
+
 def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
     """Freeze every base weight, attach adapters, upcast them to fp32; returns the trainable params.
     `seed` (the run's train.seed) fixes the Gaussian LoRA-A initialisation (B starts at zero, so the
@@ -111,11 +129,14 @@ def add_lora(components: SDComponents, cfg: LoraConfig, seed: int = 0) -> list[t
         raise ValueError(f"lora.target_modules={cfg.target_modules}: no module of the "
                          f"{components.denoiser_name} matches (a module name or its dotted suffix, e.g. "
                          "attn.to_q)")
-    components.denoiser.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets))
+    _adapt(components.denoiser, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets),
+           "lora.target_modules", f"the {components.family} denoiser; leave it null for the family's default "
+           f"{DEFAULT_TARGETS[components.family]}")
     modules = [components.denoiser]
     if cfg.train_text_encoder:
-        for encoder in lora_text_encoders(components).values():
-            encoder.add_adapter(_peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules))
+        for name, encoder in lora_text_encoders(components).items():
+            _adapt(encoder, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.text_target_modules),
+                   "lora.text_target_modules", f"{name} (e.g. q_proj, k_proj, v_proj, out_proj)")
             modules.append(encoder)
     params = []
     for module in modules:
@@ -220,6 +241,9 @@ def check_lora_dir(directory: str | os.PathLike) -> Path:
     """The weights file of a saved LoRA folder; FileNotFoundError naming the folder and the fix otherwise.
     Cheap: commands call it before any work."""
     directory = Path(directory)
+    if directory.is_file():
+        raise NotADirectoryError(f"LoRA {directory} is a file; name the folder holding it (the lora/ or "
+                                 f"lora_best/ folder of a ReFL run, which holds {LORA_WEIGHTS})")
     if not directory.is_dir():
         raise FileNotFoundError(f"LoRA folder {directory} does not exist (the lora/ or lora_best/ folder of "
                                 "a ReFL run)")
@@ -238,10 +262,10 @@ LORA_DOWN = (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
 LORA_UP = (".lora_B.", ".lora.up.", ".lora_linear_layer.up.")
 
 
-def check_lora_file(weights: Path) -> None:
+def check_lora_file(weights: Path) -> dict[str, int]:
     """The weights file of a LoRA folder, read from its header alone (no tensor loaded): readable
     safetensors, keys of the diffusers layout, every adapter of rank > 0. Each failure is one line naming the
-    file and the fix."""
+    file and the fix. Returns each down matrix's rank by key."""
     from safetensors import SafetensorError, safe_open
 
     fix = "point at the lora/ or lora_best/ folder of a ReFL run, or copy the folder again"
@@ -265,6 +289,7 @@ def check_lora_file(weights: Path) -> None:
     empty = [k for k, rank in ranks.items() if rank < 1]
     if empty:
         raise ValueError(f"LoRA weights {weights}: adapter {empty[0]!r} has rank 0; {fix}")
+    return ranks
 
 
 def start_from_lora(components: SDComponents, directory: str | os.PathLike, cfg: LoraConfig) -> None:

@@ -19,7 +19,16 @@ import torch
 from refl import guard
 from refl.components import DTYPES, Checkpointing, ModelConfig, SDComponents, load_components
 from refl.config import ReflTrainConfig
-from refl.lora import LORA_WEIGHTS, LoraConfig, add_lora, load_lora_state, lora_state, start_from_lora
+from refl.lora import (
+    LORA_WEIGHTS,
+    LoraConfig,
+    add_lora,
+    check_lora_dir,
+    check_lora_file,
+    load_lora_state,
+    lora_state,
+    start_from_lora,
+)
 from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError
 from runkit.checkpoints import init_weights, load_checkpoint
@@ -151,6 +160,24 @@ def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, updat
     save_image(grid, out / "samples" / f"update-{update:06d}.png")
     run_logger.image(update, "eval/samples", grid)
     return metrics
+
+
+def check_resumed_lora(ckpt: Path | None, lora: LoraConfig) -> None:
+    """The LoRA a resumed run continues (its checkpoint's lora/), read from the file's header before the
+    model loads: readable, of the diffusers layout, of rank > 0 (refl.lora.check_lora_file), and of the
+    rank lora.rank asks for. One line naming train.resume or lora.rank and the fix."""
+    if ckpt is None:
+        return
+    try:
+        ranks = set(check_lora_file(check_lora_dir(Path(ckpt) / "lora")).values())
+    except (ValueError, OSError) as err:
+        raise type(err)(f"train.resume {ckpt}: the checkpoint's LoRA cannot be read ({err}); resume from "
+                        "an earlier checkpoint (--resume <run>/checkpoints/update-N) or start fresh in "
+                        "another output_dir") from None
+    if ranks and ranks != {lora.rank}:
+        was = ", ".join(map(str, sorted(ranks)))
+        raise ValueError(f"train.resume {ckpt}: its LoRA has rank {was} but lora.rank={lora.rank}; resume "
+                         f"with --set lora.rank={was}, or start fresh in another output_dir")
 
 
 def open_run(cfg, accelerator, out: Path, ckpt: Path | None, changed: list[str], state):

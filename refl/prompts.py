@@ -19,9 +19,16 @@ def read_prompt_file(path: str | os.PathLike, column: str = "prompt", key: str =
     `key` and `column_key` name the config settings in error messages, so users know what to fix.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{key} {path} is a folder; name a .txt file (one prompt per line) or a "
+                                f".parquet/.csv with a {column!r} column")
     if not path.is_file():
         raise FileNotFoundError(f"{key} {path} does not exist (a .txt file, one prompt per line, or a "
                                 f".parquet/.csv with a {column!r} column)")
+    if path.suffix.lower() not in (".txt", "", ".parquet", ".csv"):
+        # Read as lines, a .json list or a .yaml file would train on its brackets and quotes.
+        raise ValueError(f"{key} {path}: a {path.suffix} file is not a prompts file; give a .txt file (one "
+                         f"prompt per line) or a .parquet/.csv with a {column!r} column")
     if path.suffix in (".parquet", ".csv"):
         import pandas as pd
 

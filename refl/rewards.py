@@ -69,15 +69,19 @@ def _standard_reward(kind: str):
     return factory
 
 
-def _mix_reward(cfg: RewardSourceConfig, device, **kwargs) -> RewardFn:
-    from refl.mix import WeightedRewards
-
+def _check_mix(cfg: RewardSourceConfig) -> None:
     if not cfg.mix:
         raise ValueError("reward.kind=mix needs reward.mix, e.g. {critic: 1.0, hpsv2: 0.5}")
     bad = [name for name in cfg.mix if name not in REWARDS or name == "mix"]
     if bad:
         raise ValueError(f"reward.mix terms {bad} are not reward kinds; choose from "
                          f"{sorted(k for k in REWARDS if k != 'mix')}")
+
+
+def _mix_reward(cfg: RewardSourceConfig, device, **kwargs) -> RewardFn:
+    from refl.mix import WeightedRewards
+
+    _check_mix(cfg)
     return WeightedRewards({name: REWARDS[name](cfg, device, **kwargs) for name in cfg.mix}, cfg.mix)
 
 
@@ -85,12 +89,41 @@ REWARDS = {"critic": _critic_reward, "brightness": _brightness_reward, "contrast
            **{kind: _standard_reward(kind) for kind in STANDARD_KINDS}, "mix": _mix_reward}
 
 
-def build_reward(cfg: RewardSourceConfig, device, dtype: torch.dtype = torch.float32,
-                 gradient_checkpointing: bool = False) -> RewardFn:
-    """The frozen reward, its weights in `dtype`, checkpointed in backward if asked (where it can be)."""
+def _check_kinds(cfg: RewardSourceConfig) -> None:
     if cfg.kind not in REWARDS:
         raise ValueError(f"unknown reward.kind {cfg.kind!r}; choose one of {sorted(REWARDS)}")
     unused = sorted(set(cfg.standard) - set(STANDARD_KINDS))
     if unused:
         raise ValueError(f"reward.standard has unknown kinds {unused}; choose from {sorted(STANDARD_KINDS)}")
+
+
+def check_reward(cfg: RewardSourceConfig) -> None:
+    """What `build_reward` will load, resolved without loading a weight: the kinds, each critic (a critic
+    folder holding its files, or an open_clip name open_clip knows) and each standard reward's files, so a
+    typo stops a run before the diffusion model loads (minutes on SDXL). One line naming the key and the
+    fix."""
+    from reward.standard import check_spec
+
+    _check_kinds(cfg)
+    if cfg.kind == "mix":
+        _check_mix(cfg)
+    for kind in list(cfg.mix) if cfg.kind == "mix" else [cfg.kind]:
+        if kind == "critic":
+            specs = {"reward.critic": [cfg.critic] if isinstance(cfg.critic, str) else list(cfg.critic)}
+        elif kind in STANDARD_KINDS:
+            specs = {f"reward.standard.{kind}": [f"{kind}:{cfg.standard.get(kind) or ''}"]}
+        else:
+            continue
+        for key, values in specs.items():
+            for spec in values:
+                try:
+                    check_spec(spec)
+                except (ValueError, OSError) as err:
+                    raise type(err)(f"{key} {spec}: {err}") from None
+
+
+def build_reward(cfg: RewardSourceConfig, device, dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False) -> RewardFn:
+    """The frozen reward, its weights in `dtype`, checkpointed in backward if asked (where it can be)."""
+    _check_kinds(cfg)
     return REWARDS[cfg.kind](cfg, device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)

@@ -29,6 +29,7 @@ from refl.lora import save_lora
 from refl.lora_training import (
     all_reduce_grads,
     apply_update,
+    check_resumed_lora,
     due,
     open_run,
     prepare_lora_training,
@@ -37,7 +38,7 @@ from refl.lora_training import (
 from refl.plots import plot_curve
 from refl.prompts import prompts_for, seed_for, training_prompts, warn_if_truncated
 from refl.reg_pool import build_reg_pool
-from refl.rewards import build_reward
+from refl.rewards import build_reward, check_reward
 from refl.step import (
     RewardFn,
     checkpointing_for,
@@ -46,8 +47,8 @@ from refl.step import (
     validate_step_config,
 )
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings
-from runkit.files import paths_relative_to, write_json
+from runkit.config import changed_settings, check_device_precision
+from runkit.files import check_output_dir, paths_relative_to, write_json
 from runkit.logs import RunLogger, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -179,9 +180,16 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     for line in ignored_knobs(cfg.step):  # a config written for another method: legal, but say so
         logger.warning(line)
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    check_device_precision(accelerator.device, t.mixed_precision, "train.mixed_precision")
     out = Path(t.output_dir)
+    check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, t.resume)  # before anything is written: a refusal leaves the folder alone
     changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
+    # Every input read after the model loads (minutes on SDXL), checked before it does.
+    check_resumed_lora(ckpt, cfg.lora)
+    if reward_fn is None:
+        check_reward(cfg.reward)
+    guard.check_judges(t)
     world = accelerator.num_processes
     per_update = t.batch_size * t.gradient_accumulation * world
     logger.info("processes %d, prompts per update %d (= %d per micro-batch x %d accumulation x %d "

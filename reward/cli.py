@@ -63,8 +63,12 @@ def validate_main(argv=None) -> int:
     from reward.config import ValidateConfig
 
     parser = config_parser(ValidateConfig, validate_main.__doc__, positional=("pairs",), flags=(
-        "critic", "baselines", "batch_size", "on_bad_row", "output_file", "device"), required=("critic",))
+        "critic", "baselines", "batch_size", "on_bad_row", "duplicate_pairs", "output_file", "device"),
+        required=("critic",))
     cfg, _ = parse_config_args(parser, argv)
+    if cfg.output_file and Path(cfg.output_file).is_dir():
+        raise IsADirectoryError(f"--output-file {cfg.output_file} is a folder; name the .json report to "
+                                "write")
     critic = _model_spec(cfg.critic)
     baselines = [_model_spec(b) for b in cfg.baselines]
     # Every model named is resolved first: a typo in the last baseline must not cost the scoring before it.
@@ -72,7 +76,8 @@ def validate_main(argv=None) -> int:
     _check_specs("baselines", [b for b in baselines if b != "none"])
     setup_logging()
     device = resolve_device(cfg.device)
-    report = _validate(cfg.pairs, critic, baselines, cfg.batch_size, cfg.on_bad_row, device)
+    report = _validate(cfg.pairs, critic, baselines, cfg.batch_size, cfg.on_bad_row, device,
+                       cfg.duplicate_pairs)
     rows = [(f"critic {critic}", report["tuned"])] + [(b["model"], b) for b in report["baselines"]]
     table = _accuracy_table(rows, report["majority"])
     print(json.dumps(report, indent=2))
@@ -80,9 +85,9 @@ def validate_main(argv=None) -> int:
     out = Path(cfg.output_file) if cfg.output_file else (Path(critic) / "validation.json"
                                                          if Path(critic).is_dir() else None)
     if out:
-        from runkit.files import atomic_write_bytes, write_json
+        from runkit.files import atomic_write_bytes, paths_relative_to, write_json
 
-        write_json(out, report)
+        write_json(out, paths_relative_to(report, out.parent))  # the critic folder it sits in may be copied
         atomic_write_bytes(out.with_suffix(".md"), lambda f: f.write(table.encode()))
     return 0
 
@@ -96,7 +101,7 @@ def _model_spec(spec: str) -> str:
 
 
 def _validate(pairs: str, critic: str, baselines: list[str], batch_size: int, on_bad_row: str,
-              device: str) -> dict:
+              device: str, duplicate_pairs: str = "drop") -> dict:
     """The report of `validate_main`: the tuned critic, then each baseline in turn (one model in memory)."""
     import gc
 
@@ -105,11 +110,14 @@ def _validate(pairs: str, critic: str, baselines: list[str], batch_size: int, on
     from reward.model import load
     from reward.standard import is_standard_spec, load_standard
 
-    records = load_pairs(pairs, tie_policy="keep", loss_handles_ties=True, on_bad_row=on_bad_row)
+    counts: dict = {}
+    records = load_pairs(pairs, tie_policy="keep", loss_handles_ties=True, on_bad_row=on_bad_row,
+                         duplicate_pairs=duplicate_pairs, counts=counts)
     model = load(critic, device=device)
     chosen = [b for b in baselines or [model.config.pretrained or model.config.model_name] if b != "none"]
     _check_specs("baselines (the critic's own backbone)", [] if baselines else chosen)
-    report = {"pairs": str(pairs), "critic": str(critic),
+    report = {"pairs": str(pairs), "critic": str(critic), "bad_rows_skipped": counts["bad_rows"],
+              "duplicate_pairs": counts["duplicate_pairs"], "duplicate_policy": duplicate_pairs,
               "tuned": evaluate_pairs(model, records, batch_size, progress=True), "baselines": []}
     del model
     for spec in chosen:
@@ -133,13 +141,14 @@ def check_main(argv=None) -> int:
     from reward.data import check_pairs
 
     parser = config_parser(CheckPairsConfig, check_main.__doc__, positional=("source",),
-                           flags=("output_file", "report_file", "format", "num_workers"),
+                           flags=("output_file", "report_file", "format", "num_workers", "duplicate_pairs"),
                            required=("output_file",))
     cfg, _ = parse_config_args(parser, argv)
     setup_logging()
     report = cfg.report_file or str(Path(cfg.output_file).with_suffix(".report.json"))
-    result = check_pairs(cfg.source, cfg.output_file, report, fmt=cfg.format, num_workers=cfg.num_workers)
-    print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=2))
+    result = check_pairs(cfg.source, cfg.output_file, report, fmt=cfg.format, num_workers=cfg.num_workers,
+                         duplicate_pairs=cfg.duplicate_pairs)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("problems", "duplicates")}, indent=2))
     for p in result["problems"][:10]:
         logging.getLogger("reward").warning("%s, row %d: %s", p["file"], p["row"], p["reason"])
     return 0

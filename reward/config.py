@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from reward.data.pairs import check_duplicate_policy
 from reward.losses import LOSSES
 from reward.model import CriticConfig
 from runkit.config import TrainSettings
@@ -32,6 +34,11 @@ class CriticDataConfig:
     # error = stop at the first bad row; skip = drop bad rows and log how many and which. Labels, prompts and
     # image paths are checked for every row before training (no image decoded); images when they are read.
     on_bad_row: str = "error"
+    # A pair that repeats an earlier one (same prompt, same preferred and rejected image, same label):
+    # drop = counted, logged and left out (a file holding every row five times would otherwise weigh those
+    # pairs five times and narrow the held-out intervals as if they were new evidence); keep = counted,
+    # logged and kept (e.g. one pair judged alike by several annotators, each judgement meant to count).
+    duplicate_pairs: str = "drop"
     # Decode every training image once before training so a corrupt file fails now, not mid-run
     # (one full pass over the data; at scale run social-refl-check-pairs once instead). Bad rows met
     # while training are caught either way (error, or skipped and counted).
@@ -100,6 +107,19 @@ class RewardConfig:
                              "data.val_fraction > 0")
         if self.data.shuffle_row_groups < 1:
             raise ValueError("data.shuffle_row_groups must be >= 1")
+        check_duplicate_policy(self.data.duplicate_pairs, "data.duplicate_pairs")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1) (a fraction of the prompts; 0 = no "
+                             f"held-out prompts), got {self.data.val_fraction}")
+        if self.data.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = decode in the main process), got "
+                             f"{self.data.num_workers}")
+        if not 0 <= self.loss.margin < math.inf:
+            raise ValueError(f"loss.margin must be >= 0 and finite (a negative margin leaves every triplet "
+                             f"satisfied, so nothing trains), got {self.loss.margin}")
+        if self.train.max_updates == 0 and self.train.epochs < 1:
+            raise ValueError(f"train.epochs={self.train.epochs} with train.max_updates=0 trains nothing; set "
+                             "train.epochs >= 1 or train.max_updates")
 
 
 @dataclass
@@ -119,6 +139,9 @@ class ValidateConfig:
     batch_size: int = 64
     # error = stop at the first bad row; skip = drop bad rows and count them.
     on_bad_row: str = "error"
+    # A pair that repeats an earlier one (same prompt, images and label): drop = counted and left out, so
+    # the interval is that of the distinct pairs; keep = counted and scored as often as it appears.
+    duplicate_pairs: str = "drop"
     # The JSON report (the table goes beside it as .md); "" = validation.json in the critic's folder.
     output_file: str = ""
     # "cuda", "cpu", ...; "" = CUDA when there is one.
@@ -130,6 +153,7 @@ class ValidateConfig:
             raise ValueError(f"on_bad_row={self.on_bad_row!r}; choose error or skip")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_duplicate_policy(self.duplicate_pairs, "duplicate_pairs")
 
 
 @dataclass
@@ -147,4 +171,13 @@ class CheckPairsConfig:
     format: str = "auto"
     # Processes decoding images.
     num_workers: int = 0
+    # Rows whose every pair repeats an earlier pair (same prompt, images and label) are listed in the report
+    # either way; drop = left out of the clean copy; keep = copied.
+    duplicate_pairs: str = "drop"
     RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self):
+        check_duplicate_policy(self.duplicate_pairs, "duplicate_pairs")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = decode in the main process), got "
+                             f"{self.num_workers}")

@@ -24,16 +24,20 @@ from reward.stats import pairwise_accuracy_report
 
 @torch.no_grad()
 def score_pairs(model: SocialReward, records: list[PairRecord] | Dataset, batch_size: int = 64,
-                progress: bool = False, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                progress: bool = False, raw: bool = False,
+                counts: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated scores (raw cosines with `raw`) of the preferred and the rejected image of every
     pair: two (N,) arrays. `records` is a list of PairRecords or a pairs dataset (e.g. PairShards;
-    rows it skips as bad are left out, so N may be 0: two empty arrays)."""
+    rows it skips as bad are left out, so N may be 0: two empty arrays; `counts`, when given, receives
+    how many: {"bad_rows"})."""
     was_training = model.training
     model.eval()
     dataset = records if isinstance(records, Dataset) else PairDataset(records, model.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pairs)
     pos, neg = [], []
+    n_bad = 0
     for batch in tqdm(loader, desc="scoring pairs", disable=not progress):
+        n_bad += batch["n_bad"]
         if not batch["prompt"]:
             continue
         txt = model.encode_text(batch["prompt"])  # (B, D)
@@ -43,6 +47,8 @@ def score_pairs(model: SocialReward, records: list[PairRecord] | Dataset, batch_
         pos.append((s_pos if raw else model.calibrated(s_pos)).float().cpu())
         neg.append((s_neg if raw else model.calibrated(s_neg)).float().cpu())
     model.train(was_training)
+    if counts is not None:
+        counts["bad_rows"] = n_bad
     if not pos:  # every pair was a bad row (on_bad_row=skip), or there were none
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
     return torch.cat(pos).numpy(), torch.cat(neg).numpy()
@@ -84,19 +90,21 @@ def evaluate_pairs(model: SocialReward | StandardReward, records: list[PairRecor
         clear = [r for r in records if r.label != 0.5]
     if not len(clear):
         raise ValueError("no pair with a clear preference to evaluate (all labels are ties)")
+    counts = {"bad_rows": 0}
     if isinstance(model, StandardReward):
         if isinstance(records, PairShards):
             raise TypeError("standard reward models score in-memory pairs: load them with "
                             "reward.data.load_pairs")
         s_pos, s_neg = score_pairs_standard(model, clear, min(batch_size, 16), progress)
     else:
-        s_pos, s_neg = score_pairs(model, clear, batch_size, progress)
+        s_pos, s_neg = score_pairs(model, clear, batch_size, progress, counts=counts)
     if not len(s_pos):
         raise EmptySplitError(f"no pair could be scored: all {len(clear)} pair(s) with a clear preference "
-                              "were bad rows "
-                        "(skipped with on_bad_row=skip); social-refl-check-pairs lists why")
+                              "were bad rows (skipped with on_bad_row=skip); social-refl-check-pairs lists "
+                              "why", n_bad_rows=counts["bad_rows"])
     report = pairwise_accuracy_report(s_pos, s_neg)
     report["n_tied_labels"] = len(records) - len(clear)
+    report["n_bad_rows"] = counts["bad_rows"]  # pairs skipped as bad when their images were decoded
     return report
 
 

@@ -25,8 +25,8 @@ from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import create_loss
 from reward.model import SocialReward, create_critic, is_critic_dir, load_critic_weights
 from runkit.checkpoints import find_checkpoint, init_weights, load_checkpoint, rewrite_state, save_checkpoint
-from runkit.config import changed_settings, save_config
-from runkit.files import write_json
+from runkit.config import changed_settings, check_device_precision, save_config
+from runkit.files import check_output_dir, write_json
 from runkit.logs import RunLogger
 from runkit.optim import build_optimizer
 from runkit.schedules import build_lr_scheduler
@@ -66,7 +66,9 @@ def train(cfg: RewardConfig) -> dict:
     out = Path(tc.output_dir)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision,
                               gradient_accumulation_steps=tc.gradient_accumulation)
+    check_device_precision(accelerator.device, tc.mixed_precision, "train.mixed_precision")
     set_seed(tc.seed)
+    check_output_dir(out, "train.output_dir")
     ckpt = find_checkpoint(out, tc.resume)  # before anything is written: a refusal leaves the folder alone
     changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
 
@@ -80,7 +82,9 @@ def train(cfg: RewardConfig) -> dict:
     loss_fn = create_loss(cfg.loss.name, **_loss_kwargs(cfg.loss))
     if not cfg.data.train:
         raise ValueError("data.train is empty: set it to a pairs file (e.g. --set data.train=pairs.parquet)")
-    train_set, val_set = _datasets(cfg.data, critic.image_size, getattr(loss_fn, "handles_ties", False))
+    # `indexed`: what the indexes of both sets dropped or counted before training (the same in every process).
+    train_set, val_set, indexed = _datasets(cfg.data, critic.image_size,
+                                            getattr(loss_fn, "handles_ties", False))
     if cfg.data.check_images:
         n_bad = check_all_images(train_set, tc.batch_size, cfg.data.num_workers)
         logger.info("data.check_images: every training image decodes (%d bad row(s) skipped)", n_bad)
@@ -123,7 +127,7 @@ def train(cfg: RewardConfig) -> dict:
     history, rows, val_set = _run(accelerator, module, optimizer, scheduler, loader, sampler, params,
                                   val_set, tc, state, total, every, run_logger, out)
     run_logger.close()
-    return _finish(accelerator, module, val_set, tc, state, history, rows, out, train_set.n_bad_rows,
+    return _finish(accelerator, module, val_set, tc, state, history, rows, out, indexed,
                    resumed=ckpt is not None)
 
 
@@ -172,7 +176,7 @@ def _run(accelerator, module, optimizer, scheduler, loader, sampler, params, val
                 saved = _save(accelerator, module, out, state, tc)
             if state.update % every["validate"] == 0 or last:
                 val_set = _validate(accelerator, module, val_set, state, run_logger, history, last, out,
-                                    tc.keep_best)
+                                    tc.keep_best, rows)
                 if saved is not None and tc.keep_best and accelerator.is_main_process:
                     rewrite_state(saved, vars(state).copy())  # a resume from it knows this validation's best
             if last:
@@ -224,14 +228,17 @@ def _save(accelerator, module, out: Path, state: LoopState, tc: CriticTrainConfi
 
 
 def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLogger, history: list[dict],
-              last: bool, out: Path, keep_best: bool = False):
+              last: bool, out: Path, keep_best: bool = False, rows: dict | None = None):
     """Validate and log (with `keep_best`, a new best is written to out/critic_best and noted in `state`);
     returns the validation set to use from now on: None once it has no scorable pair (every held-out row
     bad, skipped), so training goes on without validation. A crash in the final validation first writes
-    the trained critic (uncalibrated), so the run's work is not lost."""
+    the trained critic (uncalibrated), so the run's work is not lost. The held-out pairs skipped as bad
+    when decoded go to rows["bad_heldout"] (each validation meets the same ones)."""
+    rows = rows if rows is not None else {}
     try:
         metrics = _evaluate(accelerator, module, val_set)
     except EmptySplitError as err:
+        rows["bad_heldout"] = max(rows.get("bad_heldout", 0), err.n_bad_rows)
         logger.warning("training without validation from update %d on: %s", state.update, err)
         return None
     except Exception:
@@ -241,6 +248,7 @@ def _validate(accelerator, module, val_set, state: LoopState, run_logger: RunLog
                          out / "critic")
         raise
     if metrics:
+        rows["bad_heldout"] = max(rows.get("bad_heldout", 0), metrics.get("n_bad_rows", 0))
         run_logger.scalars(state.update, {f"eval/{k}": v for k, v in metrics.items() if np.isscalar(v)})
         history.append({"update": state.update, **metrics})
         logger.info("update %d: eval pairwise accuracy %.3f", state.update, metrics["pairwise_accuracy"])
@@ -277,21 +285,24 @@ def _stand_in_batch(image_size: int, device) -> dict:
 
 
 def _finish(accelerator, module, val_set, tc: CriticTrainConfig, state: LoopState, history: list[dict],
-            rows: dict, out: Path, n_bad_indexed: int = 0, resumed: bool = False) -> dict:
+            rows: dict, out: Path, indexed: dict, resumed: bool = False) -> dict:
     """Calibrate and save the final critic (main process); the metrics every process returns. Bad rows: those
-    each process met decoding (summed) and those the index dropped before training (the same in every
-    process). A fresh run in which no process met a good row trained nothing, and says so."""
+    each process met decoding (summed), those the indexes of the training and held-out sets dropped before
+    training (`indexed`, the same in every process; repeated pairs are counted there too) and the held-out
+    pairs validation skipped when decoding them (main process). A fresh run in which no process met a good
+    row trained nothing, and says so."""
     counts = accelerator.reduce(torch.tensor([rows["good"], rows["bad"]], device=accelerator.device),
                                 reduction="sum")
     good_total, bad_total = (int(c) for c in counts.tolist())
     if good_total == 0 and bad_total and not resumed:
         raise DataError(f"every training row met was bad ({bad_total} skipped with data.on_bad_row=skip), "
                         "so nothing was trained; social-refl-check-pairs lists why")
-    bad_total += n_bad_indexed
+    bad_total += indexed["bad_rows"] + rows.get("bad_heldout", 0)
     if bad_total:
-        logger.warning("skipped %d bad row(s) in training (data.on_bad_row=skip); social-refl-check-pairs "
-                       "lists them all and writes a clean copy", bad_total)
-    final: dict = {"update": state.update, "history": history, "bad_rows_skipped": bad_total}
+        logger.warning("skipped %d bad row(s) of the training and held-out pairs (data.on_bad_row=skip); "
+                       "social-refl-check-pairs lists them all and writes a clean copy", bad_total)
+    final: dict = {"update": state.update, "history": history, "bad_rows_skipped": bad_total,
+                   "duplicate_pairs": indexed["duplicate_pairs"]}
     critic = accelerator.unwrap_model(module).critic
     chosen = history[-1] if history else None
     if tc.keep_best:
@@ -339,20 +350,26 @@ def _loss_kwargs(lc: LossConfig) -> dict:
 
 def _datasets(dc: CriticDataConfig, image_size: int, handles_ties: bool):
     """Streaming train and validation sets (validation keeps ties: evaluation counts them apart), both
-    indexed and checked now, before training."""
-    common = dict(fmt=dc.format, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1)
+    indexed and checked now, before training; and what both indexes counted ({"bad_rows",
+    "duplicate_pairs"}, the held-out set's included)."""
+    common = dict(fmt=dc.format, on_bad_row=dc.on_bad_row, cache_blocks=dc.shuffle_row_groups + 1,
+                  duplicate_pairs=dc.duplicate_pairs)
     train_kw = dict(common, tie_policy=dc.tie_policy, loss_handles_ties=handles_ties)
     if dc.val:
         train_set = PairShards(dc.train, image_size, **train_kw)
-        val_set = _validation_set(lambda: PairShards(dc.val, image_size, **common, tie_policy="keep"))
+        indexed = {"bad_rows": train_set.n_bad_rows, "duplicate_pairs": train_set.n_duplicates}
+        val_set = _validation_set(lambda: PairShards(dc.val, image_size, **common, tie_policy="keep"),
+                                  indexed)
         if val_set is not None:
             _warn_if_shared(train_set, val_set)
-        return train_set, val_set
+        return train_set, val_set, indexed
     train_set = PairShards(dc.train, image_size, **train_kw, split="train", val_fraction=dc.val_fraction)
+    indexed = {"bad_rows": train_set.n_bad_rows, "duplicate_pairs": train_set.n_duplicates}
     if dc.val_fraction <= 0:
-        return train_set, None
-    return train_set, _validation_set(lambda: PairShards(dc.train, image_size, **common, tie_policy="keep",
-                                                         split="val", val_fraction=dc.val_fraction))
+        return train_set, None, indexed
+    val_set = _validation_set(lambda: PairShards(dc.train, image_size, **common, tie_policy="keep",
+                                                 split="val", val_fraction=dc.val_fraction), indexed)
+    return train_set, val_set, indexed
 
 
 def _warn_if_shared(train_set: PairShards, val_set: PairShards) -> None:
@@ -366,14 +383,18 @@ def _warn_if_shared(train_set: PairShards, val_set: PairShards) -> None:
                        shared[0])
 
 
-def _validation_set(make) -> PairShards | None:
+def _validation_set(make, indexed: dict) -> PairShards | None:
     """The held-out set `make()` builds, or None (with a warning; training goes on without validation) when
-    it holds no pair with a clear preference: empty, every row bad and skipped, or only ties."""
+    it holds no pair with a clear preference: empty, every row bad and skipped, or only ties. Its index's bad
+    rows and repeated pairs are added to `indexed` either way."""
     try:
         val_set = make()
     except EmptySplitError as err:
+        indexed["bad_rows"] += err.n_bad_rows
         logger.warning("no validation pairs, training without validation: %s", err)
         return None
+    indexed["bad_rows"] += val_set.n_bad_rows
+    indexed["duplicate_pairs"] += val_set.n_duplicates
     if not (val_set.labels != 0.5).any():
         logger.warning("%s: every held-out pair is a tie, nothing to score; training without validation",
                        val_set.reader.source)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -108,8 +109,27 @@ class TrainSettings:
             raise ConfigError("train.batch_size and train.gradient_accumulation must be >= 1")
         if self.max_updates < 0:
             raise ConfigError("train.max_updates must be >= 0")
-        if not self.lr >= 0:  # also refuses NaN; 0 is a frozen control run
-            raise ConfigError(f"train.lr must be >= 0, got {self.lr}")
+        if not 0 <= self.lr < math.inf:  # also refuses NaN and inf; 0 is a frozen control run
+            raise ConfigError(f"train.lr must be >= 0 and finite, got {self.lr}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1) (e.g. [0.9, 0.999]), got "
+                              f"{self.adam_betas}")
+        if not 0 < self.adam_eps < math.inf or not 0 <= self.weight_decay < math.inf \
+                or not 0 <= self.max_grad_norm < math.inf:
+            raise ConfigError(f"train.adam_eps must be > 0, train.weight_decay and train.max_grad_norm >= 0 "
+                              f"(0 = no clipping), all finite; got {self.adam_eps}, {self.weight_decay}, "
+                              f"{self.max_grad_norm}")
+        never_negative = {k: getattr(self, k) for k in ("warmup_updates", "validate_every",
+                                                        "checkpoint_every", "checkpoints_keep")}
+        negative = [f"train.{k}={v}" for k, v in never_negative.items() if v < 0]
+        if negative:
+            raise ConfigError(f"{', '.join(negative)}: must be >= 0 (0 = the default schedule: see each key)")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be >= 0 (torch and numpy take no negative seed), got "
+                              f"{self.seed}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1 (updates between log lines), got "
+                              f"{self.log_every}")
         check_mixed_precision(self.mixed_precision, "train.mixed_precision")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
@@ -288,6 +308,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     data: dict = to_dict(cls())
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; name the YAML file (e.g. "
+                              "configs/refl_toy.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -481,10 +504,35 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides)
 
 
-def resolve_device(device: str | None) -> str:
-    """A config's `device`: as given, or "" (and None) = CUDA when there is one, else the CPU."""
-    if device:
-        return device
+def check_device_precision(device, mixed_precision: str, key: str = "mixed_precision") -> None:
+    """The one rule where a device meets a precision: fp16 is refused on the CPU (torch runs it there slowly
+    or not at all, and accelerate's loss scaler is for GPUs: the run went on with three warnings); bf16 and
+    no (fp32) run anywhere. Raises one line naming `key` and the fix."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise ConfigError(f"{key}=fp16 on the CPU: fp16 runs on a GPU only; use bf16 (or no = fp32) on the "
+                          "CPU, or run on a GPU")
+
+
+def resolve_device(device: str | None, mixed_precision: str = "no", key: str = "mixed_precision") -> str:
+    """A config's `device`: as given, or "" (and None) = CUDA when there is one, else the CPU; checked
+    before any work: a name torch knows, a CUDA device that is there, and the `mixed_precision` it will run
+    in (`check_device_precision`, naming `key`)."""
+    import torch
+
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not a device name; use cuda, cuda:N, cpu (or mps), or leave "
+                          "it empty for CUDA when there is one") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but no CUDA device is visible here; use cpu, or leave device "
+                          "empty to use CUDA when there is one")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are "
+                          "visible")
+    check_device_precision(device, mixed_precision, key)
+    return device

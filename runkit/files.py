@@ -53,6 +53,24 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise OSError(code, f"could not write {path}: {os.strerror(code)}; {fix} and run again") from err
 
 
+def check_output_dir(path: str | os.PathLike, key: str) -> Path:
+    """A run's folder, checked before any work and without creating it: a folder or nothing yet, inside a
+    folder this user may write to. Raises one line naming `key` and the fix."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{key} {path} is a file; name a folder for the run")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{key} {path}: {parent} is a file, so no folder can be made under it; name "
+                                 "another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key} {path}: {parent} is not writable by this user; make it writable or "
+                              "name another folder")
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(file_object)` into a temp file beside `path`, then rename it over `path`."""
     path = Path(path)

@@ -255,3 +255,120 @@ def test_a_byte_order_mark_is_not_part_of_a_config_or_a_prompt(tmp_path):
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt\na green circle\n", encoding="utf-8-sig")
     assert read_prompt_file(csv) == ["a green circle"]
+
+
+def _fp16_on_cpu_case(command: str, tmp_path) -> tuple:
+    """(main, argv) of `command` asked for fp16 on the CPU."""
+    from importlib import import_module
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    out = str(tmp_path / "out")
+    fp16 = ["--set", "train.mixed_precision=fp16", "--out", out]
+    pairs = ["--set", f"data.train={tmp_path / 'pairs.parquet'}"]
+    sample = ["--model", "tiny", "--prompts-file", str(prompts), "--device", "cpu", "--mixed-precision",
+              "fp16", "--out", out]
+    bench = ["--set", "device=cpu", "--set", "mixed_precision=fp16"]
+    cases = {
+        "train-refl": ("refl.cli:train_main", ["--set", "model.name=tiny", *fp16]),
+        "train-reward": ("reward.cli:train_main", ["--set", "model.model_name=tiny-clip", *pairs, *fp16]),
+        "train-preference": ("preference.cli:train_main", ["--set", "model.name=tiny", *pairs, *fp16]),
+        "generate": ("refl.cli:generate_main", sample),
+        "compare": ("evaluation.cli:compare_main", [*sample, "--critic", "tiny-clip"]),
+        "bench-refl": ("benchmarks.refl:main", [*bench, "--set", "model=tiny"]),
+        "bench-reward": ("benchmarks.reward:main", [*bench, "--set", "critics=[tiny-clip]"]),
+    }
+    entry, argv = cases[command]
+    module, func = entry.split(":")
+    return getattr(import_module(module), func), argv
+
+
+@pytest.mark.parametrize("command", ["train-refl", "train-reward", "train-preference", "generate", "compare",
+                                     "bench-refl", "bench-reward"])
+def test_bad_input_3_fp16_on_the_cpu_is_refused_in_one_line_before_any_work(command, tmp_path, capsys,
+                                                                           monkeypatch):
+    """It printed three warnings and ran. The trainers run where accelerate puts them: on the CPU here."""
+    import refl.components
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model loaded before fp16 on the CPU was refused")
+
+    for module in ("refl.components", "refl.lora_training", "refl.generate", "evaluation.harness"):
+        mod = __import__(module, fromlist=["_"])
+        if hasattr(mod, "load_components"):
+            monkeypatch.setattr(mod, "load_components", must_not_load)
+    assert refl.components.load_components is must_not_load
+    main, argv = _fp16_on_cpu_case(command, tmp_path)
+    key = "train.mixed_precision=fp16" if command.startswith("train") else "mixed_precision=fp16"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and key in lines[0] and "on the CPU" in lines[0] and "bf16" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out" / "samples").exists()
+
+
+def _config_class(name: str):
+    from importlib import import_module
+
+    module, cls = {"reward": ("reward.config", "RewardConfig"), "refl": ("refl.config", "ReflConfig"),
+                   "generate": ("refl.config", "GenerateConfig"),
+                   "check": ("reward.config", "CheckPairsConfig"),
+                   "preference": ("preference.config", "PreferenceConfig"),
+                   "toy-pairs": ("toyworld.community", "ToyPairsConfig")}[name]
+    return getattr(import_module(module), cls)
+
+
+# Bad input 3, the new sweep: each of these ran (silently wrong, or a traceback later); now one line naming
+# the key when the config is read, before any work.
+@pytest.mark.parametrize("config, settings, names", [
+    ("reward", ["train.lr=inf"], "train.lr must be >= 0 and finite"),  # trained to NaN
+    ("reward", ["train.adam_betas=[0.9]"], "train.adam_betas must be two numbers"),  # IndexError in AdamW
+    ("reward", ["train.warmup_updates=-5"], "train.warmup_updates=-5: must be >= 0"),
+    ("reward", ["train.validate_every=-1"], "train.validate_every=-1"),  # validated after every update
+    ("reward", ["train.checkpoint_every=-1"], "train.checkpoint_every=-1"),
+    ("reward", ["train.checkpoints_keep=-1"], "train.checkpoints_keep=-1"),  # kept every checkpoint
+    ("reward", ["train.log_every=0"], "train.log_every must be >= 1"),  # ZeroDivisionError
+    ("refl", ["train.max_grad_norm=-1"], "train.max_grad_norm >= 0"),  # no clipping, silently
+    ("refl", ["train.seed=-1"], "train.seed must be >= 0"),  # numpy's error after the model loaded
+    ("reward", ["data.val_fraction=1.5"], "data.val_fraction must be in [0, 1)"),
+    ("reward", ["data.val_fraction=-0.1"], "data.val_fraction must be in [0, 1)"),  # no validation, silently
+    ("reward", ["data.num_workers=-1"], "data.num_workers must be >= 0"),  # torch's line, no key
+    ("reward", ["loss.margin=-1"], "loss.margin must be >= 0"),  # every triplet satisfied: nothing trained
+    ("reward", ["train.epochs=0"], "train.epochs=0 with train.max_updates=0 trains nothing"),
+    ("refl", ["train.validation_images_per_prompt=0"], "train.validation_images_per_prompt"),  # torch.cat
+    ("refl", ["train.validation_num_inference_steps=0"], "train.validation_num_inference_steps"),
+    ("refl", ["train.validation_guidance_scale=nan"], "train.validation_guidance_scale must be >= 0"),
+    ("refl", ["step.kl_weight=-1"], "step.kl_weight=-1"),  # pushed away from the base, silently
+    ("refl", ["step.reg_weight=nan"], "step.reg_weight=nan"),  # the regulariser silently off
+    ("refl", ["step.eta=-1"], "step.eta=-1"),
+    ("refl", ["reward.kind=mix", "reward.mix={contrast: .nan}"], "reward.mix.contrast=nan"),  # NaN loss later
+    ("refl", ["step.reg_weight=0.1", "data.reg_pool_size=0"], "needs data.reg_pool_size >= 1"),
+    ("refl", ["lora.train_text_encoder=true", "lora.text_target_modules=[]"], "text_target_modules is empty"),
+    ("refl", ["lora.target_modules=[]"], "target_modules is empty"),  # peft's line after the model loaded
+    ("preference", ["data.num_workers=-1"], "data.num_workers must be >= 0"),
+    ("preference", ["train.log_every=0"], "train.log_every must be >= 1"),
+    ("generate", ["lora_scale=nan"], "lora_scale a number"),  # NaN images
+    ("generate", ["guidance_scale=-1"], "guidance_scale must be >= 0"),
+    ("check", ["num_workers=-1"], "num_workers must be >= 0"),
+    ("toy-pairs", ["n_candidates=1"], "n_candidates >= 2"),  # an empty pairs set, exit 0
+    ("toy-pairs", ["n_train_prompts=0"], "n_train_prompts and n_heldout_prompts must be >= 1"),
+])
+def test_bad_input_3_sweep_settings_are_refused_when_the_config_is_read(config, settings, names):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_config_class(config), None, settings)
+    assert names in str(caught.value) and "\n" not in str(caught.value), caught.value
+
+
+def test_bad_input_3_sweep_a_config_folder_and_device_names(tmp_path):
+    from runkit.config import resolve_device
+
+    with pytest.raises(ConfigError, match="is a folder; name the YAML file"):
+        load_config(RewardConfig, tmp_path)
+    with pytest.raises(ConfigError, match="'gpu0' is not a device name"):  # torch's RuntimeError traceback
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():  # "Found no NVIDIA driver" traceback
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == "cpu"

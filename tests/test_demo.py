@@ -3,7 +3,6 @@ report."""
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +39,9 @@ def test_quick_demo_writes_a_report_matching_results_json(quick_demo):
     carried = demo["community"]["community"]["term_agreement"]
     assert f"placement {carried['placement']:.0%}" in page and len(carried) == len(breakdown["weights"])
     assert "Where the hidden taste moved" in page and f"{breakdown['mean']['ReFL']['size']:.3f}" in page
-    assert Path(demo["refl"]["lora"]).is_dir()
+    assert (quick_demo / demo["refl"]["lora"]).is_dir()
+    # Paths inside the run folder are stored relative to it (bad input 3: a copy named the original's)
+    assert demo["refl"]["lora"] == "refl/lora" and results["config"]["output_dir"] == "."
     # The stage files name their outputs relative to the run folder, so a copied folder names its own.
     assert json.loads((quick_demo / "critic"
                        / "critic_summary.json").read_text())["critic"] == "critic/critic"

@@ -16,6 +16,7 @@ from evaluation import stats as S
 from evaluation.config import CompareConfig
 from reward.evaluators import register_evaluator
 from runkit.config import load_config
+from runkit.files import paths_relative_to
 
 PROMPTS = ["a red square", "a blue circle on a green background", "a yellow triangle at the top"]
 N = 8
@@ -331,7 +332,10 @@ def test_interrupted_run_resumes_without_redrawing(world, run, monkeypatch):
     monkeypatch.setattr(H.Sampler, "__init__", refuse)
     again = H.run_compare(_cfg(world, out))
     assert {f: f.stat().st_mtime_ns for f in (out / "samples").rglob("*.npz")} == all_mtimes
-    assert json.loads(json.dumps(again)) == json.loads((out / "results.json").read_text())
+    # stored with the paths inside the run folder relative to it (bad input 3: a copy named the original's)
+    stored = (out / "results.json").read_text()
+    assert json.loads(json.dumps(paths_relative_to(again, out))) == json.loads(stored)
+    assert str(out) not in stored
     full_j, again_j = json.loads(json.dumps(full)), json.loads(json.dumps(again))
     assert full_j == again_j
     assert (out / "report.html").is_file()

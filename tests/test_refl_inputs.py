@@ -260,10 +260,13 @@ def test_resuming_with_a_changed_lora_rank_names_the_changed_setting(tmp_path, c
     assert train_main(args + ["--set", "train.max_updates=1"]) == 0
     run_config = (out / "config.yaml").read_text()
     changed = ["--set", "train.max_updates=2", "--set", "lora.rank=8", "--resume", "latest"]
-    assert train_main(args + changed) == 2
+    assert train_main(args + changed) == 2  # seen in the checkpoint's LoRA file, before the model loads
     line = _error_line(capsys)
-    assert "update-000001" in line and "does not fit" in line and "lora.rank: 4 -> 8" in line
-    assert "size mismatch" in line and line.count("size mismatch") == 1
+    assert "update-000001" in line and "rank 4 but lora.rank=8" in line and "--set lora.rank=4" in line
+    changed = ["--set", "train.max_updates=2", "--set", "lora.target_modules=[to_q]", "--resume", "latest"]
+    assert train_main(args + changed) == 2  # seen when the checkpoint loads
+    line = _error_line(capsys)
+    assert "update-000001" in line and "does not fit" in line and "lora.target_modules" in line
     assert (out / "config.yaml").read_text() == run_config
     assert [p.name for p in checkpoint_dirs(out)] == ["update-000001"]
     with caplog.at_level("WARNING", logger="runkit.checkpoints"):
@@ -313,3 +316,107 @@ def test_a_missing_vae_folder_is_named_as_model_vae(tmp_path, capsys):
     line = _error_line(capsys)
     assert line.startswith(f"error: model.vae {tmp_path / 'no-vae'} does not exist")
     assert "huggingface.co" not in line  # diffusers' two-line hub message
+
+
+# ------------------------------------------- bad input 3: ReFL checks its inputs before the model loads
+def _refl_inputs_case(case: str, tmp_path, tiny_lora_dir) -> tuple[list[str], list[str]]:
+    """(the --set overrides of a ReFL run whose `case` input is bad, what its one error line names)."""
+    import shutil
+
+    out = tmp_path / "run"
+    if case == "critic folder":
+        return [f"reward.critic={tmp_path / 'runs' / 'critic'}"], ["reward.critic", "does not exist"]
+    if case == "critic name":
+        return ["reward.critic=ViT-Q-99"], ["reward.critic ViT-Q-99", "open_clip"]
+    if case == "ensemble member":
+        return [f"reward.critic=[toy-clip, {tmp_path / 'nope'}]"], ["reward.critic", "nope", "does not exist"]
+    if case == "standard weights":
+        return ["reward.kind=hpsv2", f"reward.standard={{hpsv2: {tmp_path / 'HPS_v2_compressed.pt'}}}"], [
+            "reward.standard.hpsv2", "HPS_v2_compressed.pt"]
+    if case == "mix term":
+        return ["reward.kind=mix", "reward.mix={critic: 1.0, aesthetic: 0.5}",
+                f"reward.standard={{aesthetic: {tmp_path / 'missing.pth'}}}"], ["reward.standard.aesthetic",
+                                                                                 "missing.pth"]
+    if case == "judge":
+        return [f"train.heldout_evaluators=[critic:{tmp_path / 'judge'}]"], ["train.heldout_evaluators",
+                                                                              "judge", "does not exist"]
+    if case == "output is a file":
+        out.write_text("notes")
+        return [], ["train.output_dir", "is a file"]
+    if case == "output under a file":
+        (tmp_path / "notes").write_text("notes")
+        return [f"train.output_dir={tmp_path / 'notes' / 'run'}"], ["train.output_dir", "notes is a file"]
+    ckpt = out / "checkpoints" / "update-000001"
+    shutil.copytree(tiny_lora_dir, ckpt / "lora")  # rank 2
+    (ckpt / "state.json").write_text('{"update": 1}')
+    if case == "resumed lora rank":
+        return ["train.resume=latest"], ["train.resume", "rank 2 but lora.rank=4", "--set lora.rank=2"]
+    weights = ckpt / "lora" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])  # "resumed lora truncated"
+    return ["train.resume=latest"], ["train.resume", "cannot be read as safetensors", "earlier checkpoint"]
+
+
+@pytest.mark.parametrize("case", ["critic folder", "critic name", "ensemble member", "standard weights",
+                                  "mix term", "judge", "output is a file", "output under a file",
+                                  "resumed lora rank", "resumed lora truncated"])
+def test_bad_input_3_refl_checks_critic_lora_and_output_folder_before_the_model_loads(case, tmp_path, capsys,
+                                                                                     monkeypatch,
+                                                                                     tiny_lora_dir):
+    """Each is one line naming the key and the fix, and the diffusion model is never loaded (it was loaded
+    first: seconds on the toy, minutes on SDXL)."""
+    import refl.lora_training
+    from refl.cli import train_main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the diffusion model loaded before the inputs were checked")
+
+    monkeypatch.setattr(refl.lora_training, "load_components", must_not_load)
+    overrides, names = _refl_inputs_case(case, tmp_path, tiny_lora_dir)
+    args = ["--set", "model.name=tiny", "--set", f"train.output_dir={tmp_path / 'run'}", "--set",
+            "train.log_with=none"]
+    for setting in overrides:
+        args += ["--set", setting]
+    assert train_main(args) == 2
+    line = _error_line(capsys)
+    assert all(n in line for n in names), line
+
+
+# ------------------------------------------------- bad input 3, the new sweep: files of the wrong kind
+@pytest.mark.parametrize("name, content, names", [
+    ("prompts.json", '["a cat", "a dog"]', "a .json file is not a prompts file"),  # trained on '["a cat"...'
+    ("prompts.yaml", "- a cat\n", "a .yaml file is not a prompts file"),
+    ("prompts_dir", None, "is a folder; name a .txt file"),  # 'does not exist'
+])
+def test_bad_input_3_sweep_a_prompts_file_of_the_wrong_kind_is_refused(tmp_path, capsys, name, content,
+                                                                       names):
+    from refl.cli import train_main
+
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_text(content)
+    quick = ["--set", "train.max_updates=1", "--set", "step.num_inference_steps=2", "--set",
+             "step.cut_range=[0,1]", "--set", "train.validation_prompts=[]", "--set", "reward.kind=contrast"]
+    assert train_main(["--set", "model.name=tiny", "--set", f"data.prompts_file={path}", *quick,
+                       "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys)
+    assert names in line and "data.prompts_file" in line and not (tmp_path / "run").exists(), line
+
+
+def test_bad_input_3_sweep_a_lora_weights_file_for_the_folder_and_modules_that_match_nothing(tiny_lora_dir,
+                                                                                            tmp_path, capsys):
+    """The weights file given as --lora was 'LoRA folder ... does not exist'; target modules that match
+    nothing got peft's text, naming no setting; --out under a file got '[Errno 20] Not a directory'."""
+    from refl.components import load_components
+    from refl.lora import LORA_WEIGHTS
+
+    weights = str(tiny_lora_dir / LORA_WEIGHTS)
+    assert _generate(tmp_path / "no-such-model", tmp_path / "gen", "--lora", weights) == 2
+    line = _error_line(capsys)
+    assert "is a file; name the folder holding it" in line and "does not exist" not in line, line
+    (tmp_path / "notes").write_text("mine")
+    assert generate_main(["--model", "tiny", "--prompts-file", str(tmp_path / "prompts.txt"), "--out",
+                          str(tmp_path / "notes" / "gen")]) == 2
+    assert "--out" in (line := _error_line(capsys)) and "notes is a file" in line, line
+    with pytest.raises(ValueError, match=r"lora.target_modules \['to_qq'\] match no module of the sd "):
+        add_lora(load_components("tiny"), LoraConfig(target_modules=["to_qq"]))
+    with pytest.raises(ValueError, match=r"lora.text_target_modules \['qq'\] match no module of text_"):
+        add_lora(load_components("tiny"), LoraConfig(train_text_encoder=True, text_target_modules=["qq"]))

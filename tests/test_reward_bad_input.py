@@ -401,8 +401,12 @@ def test_validate_reward_takes_baselines_spelled_as_evaluator_specs(tiny_critic_
     assert validate_main([str(pairs), "--critic", f"critic:{critic}", "--output-file", str(out),
                           "--baselines", "clip:tiny-clip", "--baselines", f"critic:{critic}"]) == 0
     report = json.loads(out.read_text())
-    assert [b["model"] for b in report["baselines"]] == ["tiny-clip", str(critic)]
+    # the critic folder beside the report is named relative to it (bad input 3: no absolute path stored)
+    assert [b["model"] for b in report["baselines"]] == ["tiny-clip", "critic"]
     assert report["baselines"][1]["pairwise_accuracy"] == report["tuned"]["pairwise_accuracy"]
+    assert validate_main([str(pairs), "--critic", str(critic), "--baselines", "none"]) == 0
+    stored = (critic / "validation.json").read_text()  # by default inside the critic's folder
+    assert json.loads(stored)["critic"] == "." and str(critic) not in stored
 
 
 def test_a_missing_critic_folder_is_named_as_a_folder(tmp_path):
@@ -424,3 +428,171 @@ def test_csv_missing_a_column_stops_the_checking_command(tmp_path, capsys):
                        "social"]) == 2
     err = capsys.readouterr().err
     assert "pairs.csv" in err and "missing column(s) ['neg_path']" in err
+
+
+# ------------------------------------------------------------------- bad input 3: duplicated pairs
+@pytest.fixture
+def pairs_five_times(tmp_path):
+    """29 distinct social pairs, and the same file with every row written five times."""
+    from reward.synthetic import make_colour_pairs
+
+    once = make_colour_pairs(tmp_path / "pairs", n_pairs=29, size=8, seed=3)
+    five = tmp_path / "pairs" / "five.parquet"
+    pd.concat([pd.read_parquet(once)] * 5, ignore_index=True).to_parquet(five)
+    return once, five
+
+
+def test_bad_input_3_duplicated_pairs_are_counted_and_dropped_before_the_interval(pairs_five_times, tmp_path,
+                                                                                 caplog):
+    """Every row five times: the in-memory reader, the streaming index and the checking pass count 116
+    repeats and keep the 29 distinct pairs, so the held-out interval is that of the 29 (it narrowed to
+    [0.23, 0.39] from [0.14, 0.48] before); duplicate_pairs=keep keeps all 145, still counted."""
+    from reward.evaluate import evaluate_pairs
+    from reward.model import CriticConfig, create_critic
+
+    once, five = pairs_five_times
+    with caplog.at_level(logging.WARNING):
+        counts: dict = {}
+        deduped = load_pairs(five, counts=counts)
+    assert counts == {"bad_rows": 0, "duplicate_pairs": 116}
+    assert "116 of 145 pair(s) repeat an earlier one" in caplog.text and "row 29 repeats row 0" in caplog.text
+    assert [(r.prompt, r.pos, r.neg) for r in deduped] == [(r.prompt, r.pos, r.neg) for r in load_pairs(once)]
+    critic = create_critic(CriticConfig(model_name="tiny-clip"))
+    single = evaluate_pairs(critic, load_pairs(once))
+    assert evaluate_pairs(critic, deduped)["ci95"] == single["ci95"]
+    kept = load_pairs(five, duplicate_pairs="keep")
+    assert len(kept) == 145 and evaluate_pairs(critic, kept)["n_pairs"] == 145
+
+    streamed = PairShards(five, image_size=8)
+    assert (len(streamed), streamed.n_duplicates) == (29, 116)
+    assert (len(PairShards(five, image_size=8, duplicate_pairs="keep")), ) == (145, )
+    assert evaluate_pairs(critic, streamed)["ci95"] == single["ci95"]
+
+    report = check_pairs(five, tmp_path / "clean.parquet")
+    assert (report["duplicate_pairs"], report["duplicate_rows"], report["clean_rows"]) == (116, 116, 29)
+    assert len(pd.read_parquet(tmp_path / "clean.parquet")) == 29
+    assert report["duplicates"][0] == {"file": str(five), "row": 29, "repeats": {"file": str(five), "row": 0}}
+    kept_copy = check_pairs(five, tmp_path / "all.parquet", duplicate_pairs="keep")["clean"]
+    assert len(pd.read_parquet(kept_copy)) == 145
+
+
+def test_bad_input_3_a_repeated_pair_is_found_in_every_format(tmp_path):
+    """One definition of a repeat (prompt, preferred image, rejected image, label) for every format:
+    Pick-a-Pic rows listing the same pair in the other order, by bytes or by their image uids (then no image
+    is read when indexing); ranked rows; labelled images. The same images with the opposite label are no
+    repeat."""
+    from reward.data import LabelShards
+
+    a, b = _rgb_png((1, 2, 3)), _rgb_png((4, 5, 6))
+    rows = [_row("p", a, b), _row("p", b, a, 0.0, 1.0), _row("p", a, b, 0.5, 0.5), _row("p", b, a, 0.5, 0.5),
+            _row("p", b, a)]  # repeat, tie, its repeat, a different preference
+    by_bytes = PairShards(_pickapic(tmp_path / "bytes.parquet", rows), image_size=4, tie_policy="keep")
+    assert (len(by_bytes), by_bytes.n_duplicates) == (3, 2)
+    uids = [("A", "B"), ("B", "A"), ("A", "B"), ("B", "A"), ("B", "A")]
+    with_uids = [{**r, "image_0_uid": u0, "image_1_uid": u1, "jpg_0": _rgb_png((i, 9, 9))}
+                 for i, (r, (u0, u1)) in enumerate(zip(rows, uids))]  # bytes differ: the uids decide
+    by_uid = PairShards(_pickapic(tmp_path / "uids.parquet", with_uids), image_size=4, tie_policy="keep")
+    assert (len(by_uid), by_uid.n_duplicates) == (3, 2) and "jpg_0" not in by_uid._index_columns()
+    assert len(load_pairs(tmp_path / "uids.parquet", tie_policy="keep")) == 3
+    unnamed = [{**r, "image_0_uid": None} for r in with_uids[:2]]  # an empty uid: no bytes read to compare
+    assert PairShards(_pickapic(tmp_path / "unnamed.parquet", unnamed), image_size=4).n_duplicates == 0
+
+    for name in ("x.png", "y.png", "z.png"):
+        Image.new("RGB", (4, 4), (len(name), 0, 0)).save(tmp_path / name)
+    ranked = tmp_path / "ranked.parquet"
+    pd.DataFrame([{"prompt": "r", "image_path": ["x.png", "y.png", "z.png"], "rank": [1, 2, 3]}] * 2
+                 + [{"prompt": "r", "image_path": ["z.png", "x.png"], "rank": [2, 1]}]).to_parquet(ranked)
+    ds = PairShards(ranked, image_size=4)
+    assert (len(ds), ds.n_duplicates) == (3, 4)
+
+    labelled = tmp_path / "labels.csv"
+    pd.DataFrame({"prompt": ["q", "q", "q"], "image": ["x.png", "./x.png", "x.png"],
+                  "label": [1, 1, 0]}).to_csv(labelled, index=False)
+    ds = LabelShards(labelled, image_size=4)
+    assert (len(ds), ds.n_duplicates) == (2, 1)
+
+
+def test_bad_input_3_the_critic_trainer_reports_duplicated_pairs_in_its_metrics(colour_pairs, tmp_path,
+                                                                                caplog):
+    twice = tmp_path / "twice.parquet"
+    frame = pd.read_parquet(colour_pairs["train"])
+    base = Path(colour_pairs["train"]).parent
+    frame[["pos_path", "neg_path"]] = frame[["pos_path", "neg_path"]].map(lambda p: str(base / p))
+    pd.concat([frame, frame], ignore_index=True).to_parquet(twice)
+    out = tmp_path / "run"
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"data.train={twice}", "data.val_fraction=0.25", "train.max_updates=1",
+        "train.batch_size=8", f"train.output_dir={out}"])
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert json.loads((out / "metrics.json").read_text())["duplicate_pairs"] == 384  # train and held out
+    assert "repeat an earlier one" in caplog.text and "data.duplicate_pairs=drop" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["held-out split, seen when indexing", "data.val, seen when decoding"])
+def test_bad_input_3_bad_rows_skipped_counts_the_held_out_pairs(colour_pairs, tmp_path, where):
+    """metrics.json said bad_rows_skipped: 0 when every skipped row was held out."""
+    from reward.data import prompt_in_val
+
+    out = tmp_path / "run"
+    if where.startswith("held-out split"):
+        frame = pd.read_parquet(colour_pairs["train"])
+        base = Path(colour_pairs["train"]).parent
+        frame[["pos_path", "neg_path"]] = frame[["pos_path", "neg_path"]].map(lambda p: str(base / p))
+        held_out = frame.prompt.map(lambda p: prompt_in_val(p, 0.25))
+        frame.loc[held_out, "neg_path"] = str(tmp_path / "missing.png")  # every held-out row, no other
+        train_file = tmp_path / "pairs.parquet"
+        frame.to_parquet(train_file)
+        n_bad = int(held_out.sum())
+        extra = [f"data.train={train_file}", "data.val_fraction=0.25"]
+    else:
+        bad = [_row(f"v {i}", b"not an image", _rgb_png((i, 1, 1))) for i in range(3)]
+        good = [_row(f"w {i}", _rgb_png((i, 2, 2), 16), _rgb_png((2, i, 3), 16)) for i in range(3)]
+        extra, n_bad = [f"data.val={_pickapic(tmp_path / 'val.parquet', bad + good)}"], 3
+    cfg = load_config(RewardConfig, None, [
+        "model.model_name=tiny-clip", f"data.train={colour_pairs['train']}", "data.on_bad_row=skip",
+        "train.max_updates=1", "train.batch_size=8", f"train.output_dir={out}", *extra])
+    train(cfg)
+    assert n_bad > 0 and json.loads((out / "metrics.json").read_text())["bad_rows_skipped"] == n_bad
+
+
+# ------------------------------------------------- bad input 3, the new sweep: files of the wrong kind
+@pytest.mark.parametrize("case", ["output file is a folder", "report file is a folder", "latin-1 csv"])
+def test_bad_input_3_sweep_check_pairs_names_the_file_and_the_fix_before_any_work(colour_pairs, tmp_path,
+                                                                                 capsys, case):
+    """A folder for the clean copy or the report failed at the rename ('Is a directory: .clean.xyz'), the
+    report's after the clean copy was written; a latin-1 csv got the codec's text."""
+    from reward.cli import check_main
+
+    source, out, extra = str(colour_pairs["train"]), tmp_path / "clean.parquet", []
+    if case == "output file is a folder":
+        out.mkdir()
+        names = ["--output-file", "is a folder"]
+    elif case == "report file is a folder":
+        (tmp_path / "report").mkdir()
+        extra, names = ["--report-file", str(tmp_path / "report")], ["--report-file", "is a folder"]
+    else:
+        text = "prompt,pos_path,neg_path\ncaf\xe9,a.png,b.png\n"
+        (tmp_path / "latin1.csv").write_bytes(text.encode("latin-1"))
+        source, names = str(tmp_path / "latin1.csv"), ["latin1.csv is not UTF-8 text", "save it as UTF-8"]
+    assert check_main([source, "--output-file", str(out), *extra]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][-1]
+    assert all(n in line for n in names) and ".tmp" not in line, line
+    assert case == "output file is a folder" or not out.exists()  # refused before the copy was written
+
+
+def test_bad_input_3_sweep_validate_reward_refuses_a_report_folder_before_scoring(tiny_critic_and_pairs,
+                                                                                  tmp_path, monkeypatch,
+                                                                                  capsys):
+    import reward.evaluate
+    from reward.cli import validate_main
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scored pairs before the output file was checked")
+
+    monkeypatch.setattr(reward.evaluate, "evaluate_pairs", must_not_score)
+    critic, pairs = tiny_critic_and_pairs
+    (tmp_path / "reports").mkdir()
+    assert validate_main([str(pairs), "--critic", str(critic), "--output-file",
+                          str(tmp_path / "reports")]) == 2
+    assert "--output-file" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,15 +177,143 @@ def test_kohya_export_loads_back_through_diffusers_kohya_loader_with_the_same_im
         keys = list(f.keys())
         alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
     prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in keys}
+    # SD 1.x's one text encoder is lora_te_, as sd-scripts names it (it matches no lora_te1_ module there)
+    text = "lora_te1" if preset == "tiny-sdxl" else "lora_te"
     assert prefixes == ({"lora_unet", "lora_te1", "lora_te2"} if preset == "tiny-sdxl"
-                        else {"lora_unet", "lora_te1"})
+                        else {"lora_unet", "lora_te"})
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
-    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(k.startswith(f"{text}_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
     assert alphas == {16.0}  # the trained alpha, not diffusers' converter's alpha = rank
 
     stock = build_pipeline(load_components(str(tmp_path / "base")))
     stock.load_lora_weights(str(out))  # a kohya file: diffusers converts it with its own kohya loader
     assert np.abs(run_pipe(stock) - tuned).max() < 1e-5
+
+
+# How each tool's LoRA loader maps a kohya file's UNet key onto the original (LDM / SGM) UNet's module, as
+# read in its source (docs/refl.md names the files and lines); written here from those readings. A module
+# name is spelled with "_" for ".", as every kohya key is.
+_ATTENTION_LEAVES = [f"attn{a}_{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out_0")]
+
+
+def _a1111_module(key: str) -> str:
+    """AUTOMATIC1111: diffusers' block names by arithmetic on the block numbers (three sub-blocks per level),
+    any other lora_unet_ key taken as an original name already."""
+    import re
+
+    name = key.removeprefix("lora_unet_")
+    if m := re.fullmatch(r"down_blocks_(\d+)_attentions_(\d+)_(.+)", name):
+        return f"input_blocks_{1 + 3 * int(m[1]) + int(m[2])}_1_{m[3]}"
+    if m := re.fullmatch(r"mid_block_attentions_0_(.+)", name):
+        return f"middle_block_1_{m[1]}"
+    if m := re.fullmatch(r"up_blocks_(\d+)_attentions_(\d+)_(.+)", name):
+        return f"output_blocks_{3 * int(m[1]) + int(m[2])}_1_{m[3]}"
+    return name
+
+
+def _comfy_forge_modules(config: dict) -> dict[str, str]:
+    """ComfyUI and Forge (which ships ComfyUI's loader): a table of every attention projection of the
+    original UNet, reached by its original name and by its diffusers name, built from the model's own layout
+    (blocks per level, transformer depth of each level)."""
+    per_level, levels = config["layers_per_block"], len(config["down_block_types"])
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = [depth] * levels if isinstance(depth, int) else list(depth)
+    attends = ["CrossAttn" in t for t in config["down_block_types"]]
+    table = {}
+
+    def add(diffusers: str, original: str, layers: int) -> None:
+        for t in range(layers):
+            for leaf in _ATTENTION_LEAVES:
+                sub = f"transformer_blocks_{t}_{leaf}"
+                table[f"lora_unet_{diffusers}_{sub}"] = f"{original}_{sub}"
+                table[f"lora_unet_{original}_{sub}"] = f"{original}_{sub}"
+
+    step = per_level + 1  # a level's sub-blocks: its resnets and a down- or upsampler
+    for x in range(levels):
+        for i in range(per_level):
+            if attends[x]:
+                add(f"down_blocks_{x}_attentions_{i}", f"input_blocks_{1 + step * x + i}_1", depth[x])
+    add("mid_block_attentions_0", "middle_block_1", depth[-1])
+    for x, level in enumerate(reversed(range(levels))):
+        for i in range(step):
+            if attends[level]:
+                add(f"up_blocks_{x}_attentions_{i}", f"output_blocks_{step * x + i}_1", depth[level])
+    return table
+
+
+def _sd_scripts_module(key: str, sdxl: bool) -> str:
+    """kohya sd-scripts: its SD 1.x UNet has diffusers' names; for SDXL a diffusers-named key's block prefix
+    is replaced by the original one from its SDXL conversion table (three sub-blocks per level)."""
+    import re
+
+    name = key.removeprefix("lora_unet_")
+    if not sdxl:
+        return name
+    table = ((r"down_blocks_(\d+)_attentions_(\d+)_", lambda i, j: f"input_blocks_{3 * i + j + 1}_1_"),
+             (r"up_blocks_(\d+)_attentions_(\d+)_", lambda i, j: f"output_blocks_{3 * i + j}_1_"),
+             (r"mid_block_attentions_0_", lambda: "middle_block_1_"))
+    for pattern, original in table:
+        if m := re.match(pattern, name):
+            return original(*map(int, m.groups())) + name[m.end():]
+    return name
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_kohya_export_keys_land_on_every_attention_module_in_each_tools_loader(family, tmp_path):
+    """Every UNet key of an export of a full-size SD 1.5 / SDXL LoRA (the shipped configs, no weights) lands
+    on its own attention projection of the original UNet in AUTOMATIC1111's, ComfyUI / Forge's and
+    sd-scripts' key handling, all on the same one; and diffusers' own reading of original names brings each
+    back to the key written. Text-encoder keys carry the prefixes those tools read."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+    from safetensors.torch import save_file
+
+    from refl.export import kohya_state_dict
+    from refl.lora import DEFAULT_TARGETS, LORA_WEIGHTS
+
+    shipped = Path(__file__).parents[1] / "refl" / "model_configs" / family / "unet.json"
+    config = json.loads(shipped.read_text())
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    targets = tuple("." + t for t in DEFAULT_TARGETS["sd"])
+    modules = [name for name, _ in unet.named_modules() if name.endswith(targets)]
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    tensors = {f"unet.{m}.lora_{ab}.weight": torch.zeros(1, 1) for m in modules for ab in "AB"}
+    tensors |= {f"{e}.text_model.encoder.layers.0.self_attn.q_proj.lora_{ab}.weight": torch.zeros(1, 1)
+                for e in encoders for ab in "AB"}
+    (tmp_path / "lora").mkdir()
+    metadata = {"lora_adapter_metadata": json.dumps({f"{m}.lora_alpha": 1 for m in ["unet", *encoders]})}
+    save_file(tensors, tmp_path / "lora" / LORA_WEIGHTS, metadata=metadata)
+    state, _ = kohya_state_dict(tmp_path / "lora")
+
+    names = sorted({k.split(".")[0] for k in state if k.startswith("lora_unet_")})
+    # transformer blocks x 2 attentions x 4 projections: SDXL 70 blocks, SD 1.5 16
+    assert len(names) == len(modules) == (70 if family == "sdxl" else 16) * 2 * 4
+    comfy = _comfy_forge_modules(config)
+    landed = {"a1111": [_a1111_module(k) for k in names], "comfy": [comfy.get(k) for k in names],
+              "sd-scripts": [_sd_scripts_module(k, family == "sdxl") for k in names]}
+    if family == "sdxl":
+        assert landed["a1111"] == landed["comfy"] == landed["sd-scripts"]
+    else:  # sd-scripts' SD 1.x UNet is named as diffusers names it
+        assert landed["a1111"] == landed["comfy"] and landed["sd-scripts"] == [k[10:] for k in names]
+    assert set(landed["comfy"]) <= set(comfy.values()) and len(set(landed["comfy"])) == len(names)
+    # diffusers renumbers original names into its blocks, then renames the block kinds
+    sgm = {f"lora_unet_{m}.lora_down.weight": None for m in landed["comfy"]}
+    layout = SimpleNamespace(layers_per_block=config["layers_per_block"])
+    back = _maybe_map_sgm_blocks_to_diffusers(sgm, layout)
+    renamed = [k.split(".")[0] for k in back]
+    for original, block in {"input_blocks": "down_blocks", "middle_block": "mid_block",
+                            "output_blocks": "up_blocks"}.items():
+        renamed = [k.replace(original, block) for k in renamed]
+    assert sorted(renamed) == names
+
+    text = {k.split("_text_model")[0] for k in state if not k.startswith("lora_unet_")}
+    assert text == ({"lora_te1", "lora_te2"} if family == "sdxl" else {"lora_te"})
+    assert all("_text_model_encoder_layers_0_self_attn_q_proj." in k for k in state
+               if k.startswith("lora_te"))
 
 
 def test_export_refuses_a_folder_without_weights(tmp_path, capsys):

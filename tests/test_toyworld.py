@@ -176,8 +176,11 @@ def test_community_pairs_are_reproducible_from_the_seed(tmp_path):
     assert (da.pos_path != da.neg_path).all()
     for rel in pd.concat([da.pos_path, da.neg_path]):
         assert not Path(rel).is_absolute() and (tmp_path / "a" / rel).is_file()
-    summary = json.loads((tmp_path / "a" / "pairs_summary.json").read_text())
+    text = (tmp_path / "a" / "pairs_summary.json").read_text()
+    summary = json.loads(text)
     assert summary["n_pairs"] == len(da)
+    # bad input 3: a copied pairs folder named the original's absolute path
+    assert summary["parquet"] == "pairs.parquet" and str(tmp_path) not in text
 
 
 def test_community_pairs_carry_the_taste_and_load_as_social_reward_data(tmp_path):
@@ -332,3 +335,13 @@ def test_caption_set_feeds_the_refl_regulariser_loader(tmp_path):
     train = set(split_prompts(seed=0)[0])
     assert all(c in train and parse_prompt(c) for c in captions)  # training-split prompts only
     assert images.std() > 0.05  # real renders, not blank canvases
+
+
+def test_bad_input_3_sweep_toy_pairs_into_a_file_is_refused_before_rendering(tmp_path, capsys):
+    """It rendered every candidate first, then failed with '[Errno 20] Not a directory'."""
+    from toyworld.cli import make_pairs_main
+
+    (tmp_path / "notes").write_text("mine")
+    assert make_pairs_main(["--out", str(tmp_path / "notes"), "--set", "n_train_prompts=2",
+                            "--set", "n_heldout_prompts=2"]) == 2
+    assert "output_dir" in (err := capsys.readouterr().err) and "is a file; name a folder" in err

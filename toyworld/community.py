@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from reward.images import decode_image
-from runkit.files import atomic_write_bytes, atomic_write_text
+from runkit.files import atomic_write_bytes, atomic_write_text, check_output_dir, paths_relative_to
 from toyworld.checker import read_image, to_array
 from toyworld.oracle import DEFAULT_WEIGHTS, TERMS, oracle_score, reading_terms
 from toyworld.render import render_candidates
@@ -138,7 +138,9 @@ def build_pairs_with_stats(images_by_prompt: Mapping[str, Sequence], n_users: in
     )
     result.realism = realism(result.oracle_agreement, result.term_agreement, result.term_spread)
     # Not write_json: a pair-less run's NaN agreement stays NaN, as the summary has always shown it.
-    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(result.summary(), indent=2))
+    # The parquet named relative to the folder, so a copy of it names its own.
+    summary = paths_relative_to(result.summary(), out_dir)
+    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     logger.info("%d pairs from %d prompts (%d images, %d remixed); oracle agrees with %.1f%%",
                 result.n_pairs, result.n_prompts, result.n_images, result.n_remixed,
                 100 * result.oracle_agreement)
@@ -324,9 +326,18 @@ class ToyPairsConfig:
     size: int = 32  # image side in pixels
     behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)  # how the users browse, judge, remix
 
+    def __post_init__(self):
+        # A pair needs two renders of a prompt and a user who saw them; fewer wrote an empty set with exit 0.
+        if self.n_train_prompts < 1 or self.n_heldout_prompts < 1 or self.n_candidates < 2 \
+                or not self.users_per_prompt > 0:
+            raise ValueError(f"n_train_prompts and n_heldout_prompts must be >= 1, n_candidates >= 2 and "
+                             f"users_per_prompt > 0; got {self.n_train_prompts}, {self.n_heldout_prompts}, "
+                             f"{self.n_candidates} and {self.users_per_prompt}")
+
 
 def make_toy_pairs(cfg: ToyPairsConfig) -> dict:
     """Render candidates for train and held-out prompts, simulate the community, write both pair sets."""
+    check_output_dir(cfg.output_dir, "output_dir")
     train, held = split_prompts(cfg.split_seed)
     summary: dict = {}
     for offset, (split, pool, n) in enumerate((("train", train, cfg.n_train_prompts),

@@ -17,7 +17,12 @@ class DataError(ValueError):
 
 class EmptySplitError(DataError):
     """No preference pair is left in a set or split (bad rows skipped, ties dropped, or no rows at all):
-    a caller may go on without it (training without validation) where an error in a row would stop it."""
+    a caller may go on without it (training without validation) where an error in a row would stop it.
+    `n_bad_rows`: the bad rows skipped on the way, so a caller that goes on still counts them."""
+
+    def __init__(self, message: str, n_bad_rows: int = 0):
+        super().__init__(message)
+        self.n_bad_rows = n_bad_rows
 
 
 def check_on_bad_row(on_bad_row: str) -> str:

@@ -48,6 +48,9 @@ class Format:
     ordered: bool  # the file lists a pair's images in an order a score could learn (the majority baseline)
     preferences: Callable[[Mapping], list[Preference]]  # checked; raises ValueError with the reason
     image_list: bool = False  # `images` is one column holding a list of images per row
+    # Optional columns naming each image of `images` (read when a table has them): what tells two rows'
+    # images apart when looking for repeated pairs, without reading the images' bytes.
+    image_ids: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -122,8 +125,10 @@ PAIR_FORMATS: dict[str, Format] = {
     "social": Format("social", "prompt", ("pos_path", "neg_path"), (), holds_paths=True, ordered=False,
                      preferences=_social_preferences),
     # Pick-a-Pic v2: encoded bytes; a tie is 0.5/0.5.
+    # Its downloads name each image (image_0_uid, image_1_uid): repeats are found without reading the bytes.
     "pickapic": Format("pickapic", "caption", ("jpg_0", "jpg_1"), ("label_0", "label_1"), holds_paths=False,
-                       ordered=True, preferences=_pickapic_preferences),
+                       ordered=True, preferences=_pickapic_preferences,
+                       image_ids=("image_0_uid", "image_1_uid")),
     # ImageRewardDB / HPD v2: one row per prompt, every pair of its images (1 = best; equal ranks: a tie).
     "ranked": Format("ranked", "prompt", ("image_path",), ("rank",), holds_paths=True, ordered=True,
                      preferences=_ranked_preferences, image_list=True),

@@ -5,7 +5,9 @@ in preference/). A table is read by the same readers as pairs (`sources`: a file
 shards, a `datasets` save_to_disk folder), indexed from its cheap columns and streamed as pairs are
 (`LabelShards` is a `PairShards` whose items are single images, so `PairShardSampler` deals it out), with
 the same bad-row policy: an empty prompt, a label that is not 0/1 (or true/false), a missing or undecodable
-image stop the run naming the file and the row, or with on_bad_row=skip are dropped and counted.
+image stop the run naming the file and the row, or with on_bad_row=skip are dropped and counted. A row that
+repeats an earlier one (same prompt, image and label) is counted and dropped as a repeated pair is
+(duplicate_pairs).
 
 Where such labels come from: a community's remixes (a remixed image is liked, one seen and not remixed is
 not: toyworld/community.py's pairs hold exactly those two kinds), likes, thumbs up/down.
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from reward.data.errors import FIX, DataError, check_on_bad_row
 from reward.data.formats import Format, _number, resolve_image
+from reward.data.pairs import check_duplicate_policy, entry_key, image_identity
 from reward.data.sources import ShardReader
 from reward.data.stream import PairShards
 from reward.images import describe, image_bytes
@@ -76,8 +80,10 @@ class LabelShards(PairShards):
     before any image is decoded. `labels` holds every item's label. Otherwise as `PairShards`."""
 
     def __init__(self, source, image_size: int, fmt: str = "auto", on_bad_row: str = "error",
-                 split: str | None = None, val_fraction: float = 0.0, cache_blocks: int = 4):
+                 split: str | None = None, val_fraction: float = 0.0, cache_blocks: int = 4,
+                 duplicate_pairs: str = "drop"):
         self.on_bad_row = check_on_bad_row(on_bad_row)
+        self.duplicate_pairs = check_duplicate_policy(duplicate_pairs)
         self.tie_policy = "keep"  # labels have no ties; PairShards' index reads it
         if split not in (None, "train", "val"):
             raise DataError(f"split must be None, 'train' or 'val', got {split!r}")
@@ -89,9 +95,14 @@ class LabelShards(PairShards):
         self._cache = OrderedDict()
         self._build_index(split, val_fraction)
 
-    def _row_entries(self, b: int, r: int, row: dict) -> list[tuple]:
-        """One index entry (block, row, 0, label) per checked row: the image and its label."""
-        return [(b, r, 0, label_value(row["label"]))]
+    _entry_noun = "labelled image"
+
+    def _row_entries(self, b: int, r: int, row: dict, base: Path) -> list[tuple[tuple, int]]:
+        """One index entry (block, row, 0, label) per checked row, the image and its label, with its key:
+        the same prompt, image and label is a repeat."""
+        label, spec = label_value(row["label"]), self.format
+        image = image_identity(resolve_image(row[spec.images[0]], base))
+        return [((b, r, 0, label), entry_key(row[spec.prompt], image, label=label))]
 
     def __getitem__(self, i: int) -> dict:
         row, path, file_row, base = self.row(i)

@@ -4,19 +4,28 @@ and the streaming datasets."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reward.data.errors import DataError
-from reward.data.formats import Format, PairRecord, cheap_problems, row_records
+from reward.data.formats import Format, ImageRef, PairRecord, cheap_problems, resolve_image, row_records
 from reward.images import decode_image, describe, image_bytes
 from reward.model import load_image_tensor
 
+logger = logging.getLogger(__name__)
+
 TIE_POLICIES = ("auto", "keep", "drop", "half")
+# What a pair that repeats an earlier one becomes: dropped (counted and logged), or kept (counted and logged:
+# e.g. one pair judged alike by several annotators, each judgement meant to count).
+DUPLICATE_POLICIES = ("drop", "keep")
 SAME_IMAGE = ("both sides of the pair are the same image (same file or same bytes); such a pair teaches "
               "nothing")
 
@@ -79,6 +88,81 @@ def apply_tie_policy(rec: PairRecord, tie_policy: str) -> PairRecord | None:
         if tie_policy == "half":
             rec.label, rec.weight = 1.0, 0.5
     return rec
+
+
+def check_duplicate_policy(duplicate_pairs: str, key: str = "duplicate_pairs") -> str:
+    if duplicate_pairs not in DUPLICATE_POLICIES:
+        raise DataError(f"{key}={duplicate_pairs!r}; choose drop or keep")
+    return duplicate_pairs
+
+
+def image_identity(ref: ImageRef) -> str:
+    """What makes two image cells one image when looking for repeated pairs: the same path (made absolute
+    and normalised, no file touched) or the same encoded bytes (their digest)."""
+    if isinstance(ref, dict):
+        ref = ref["bytes"] if ref.get("bytes") is not None else ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        return "bytes:" + hashlib.blake2b(ref, digest_size=16).hexdigest()
+    return "path:" + os.path.normpath(str(ref))
+
+
+def entry_key(prompt, *images: str, label: float) -> int:
+    """One 64-bit key of an index entry: equal keys = the same prompt, images (in order) and label."""
+    text = "\x1f".join([str(prompt), *images, repr(float(label))])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _row_identities(spec: Format, row: Mapping, base: Path) -> list[str]:
+    """The identity of each of a row's images: its id column's value where the table has the format's id
+    columns (`Format.image_ids`, e.g. Pick-a-Pic's image uids), else `image_identity` of the cell. An empty
+    id makes the image one of its own (the streaming index has not read the bytes to compare)."""
+    if spec.image_ids and all(c in row for c in spec.image_ids):
+        return ["id:" + row[c] if isinstance(row[c], str) and row[c] else "unnamed:" + uuid.uuid4().hex
+                for c in spec.image_ids]
+    return [image_identity(resolve_image(cell, base)) for _, cell in spec.image_cells(row)]
+
+
+def row_pair_keys(spec: Format, row: Mapping, base: Path) -> list[int]:
+    """One key per preference of a checked row, in `spec.preferences` order: two pairs share a key when
+    they have the same prompt, the same preferred and rejected image and the same label (a tie's two images
+    in either order). The one definition of a repeated pair, for every format and reader."""
+    images = _row_identities(spec, row, base)
+    keys = []
+    for i, j, p in spec.preferences(row):
+        pos, neg = (images[i], images[j]) if p >= 0.5 else (images[j], images[i])
+        if p == 0.5:
+            pos, neg = sorted((pos, neg))
+        keys.append(entry_key(row[spec.prompt], pos, neg, label=max(p, 1 - p)))
+    return keys
+
+
+def find_duplicates(keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(repeats, originals): the positions of entries whose key an earlier entry has, and that earlier
+    entry's (the first with the key) position for each."""
+    keys = np.asarray(keys, dtype=np.uint64)  # (N,)
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first_of = first[inverse.reshape(-1)]  # (N,) position of each entry's first occurrence
+    repeats = np.flatnonzero(first_of != np.arange(len(keys)))
+    return repeats, first_of[repeats]
+
+
+Place = tuple[str, int]  # (file, row in the file)
+
+
+def report_duplicates(where: str, n_repeats: int, n_entries: int, examples: list[tuple[Place, Place]],
+                      duplicate_pairs: str, what: str = "pair", key: str = "data.duplicate_pairs") -> None:
+    """The log line of a set's repeated pairs (never silent): how many, what was done, the first few
+    (repeat, original) places."""
+    if not n_repeats:
+        return
+    done = (f"dropped ({key}=drop; set keep to count every copy)" if duplicate_pairs == "drop"
+            else f"kept ({key}=keep)")
+    first = " | ".join(f"{a[0]}, row {a[1]} repeats " + ("" if a[0] == b[0] else f"{b[0]}, ") + f"row {b[1]}"
+                       for a, b in examples)
+    logger.warning("%s: %d of %d %s(s) repeat an earlier one (same prompt, images and label), %s; first: %s",
+                   where, n_repeats, n_entries, what, done, first)
 
 
 def prompt_in_val(prompt, val_fraction: float) -> bool:

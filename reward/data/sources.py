@@ -59,6 +59,9 @@ def read_whole(path: Path) -> pd.DataFrame:
         return arrow_stream_table(str(path)).to_pandas()
     except DataError:
         raise
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 (or "
+                        "as parquet)") from None
     except Exception as err:
         raise DataError(f"{path}: cannot be read as a table ({err})") from err
 

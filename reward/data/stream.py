@@ -14,7 +14,17 @@ from torch.utils.data import Dataset, Sampler
 
 from reward.data.errors import FIX, BadRows, DataError, EmptySplitError, check_on_bad_row
 from reward.data.formats import cheap_problems, check_format
-from reward.data.pairs import apply_tie_policy, pair_item, prompt_in_val, resolve_tie_policy, row_problems
+from reward.data.pairs import (
+    apply_tie_policy,
+    check_duplicate_policy,
+    find_duplicates,
+    pair_item,
+    prompt_in_val,
+    report_duplicates,
+    resolve_tie_policy,
+    row_pair_keys,
+    row_problems,
+)
 from reward.data.sources import ShardReader
 
 logger = logging.getLogger(__name__)
@@ -31,6 +41,8 @@ class PairShards(Dataset):
     pairs so that a worker moves through row groups rather than jumping between them.
 
     split: None = every pair; "train" / "val" = only prompts off / on the `val_fraction` hash split.
+    A pair that repeats an earlier one (`reward.data.pairs.row_pair_keys`: same prompt, images and label) is
+    counted (`n_duplicates`, logged) and, with duplicate_pairs=drop, left out of the index.
     A row whose images turn out bad when decoded gives an item {"bad": message} with on_bad_row=skip
     (collate counts and drops it) and raises `DataError` with on_bad_row=error. No pair left at all
     raises `EmptySplitError`.
@@ -38,8 +50,9 @@ class PairShards(Dataset):
 
     def __init__(self, source, image_size: int, fmt: str = "auto", tie_policy: str = "auto",
                  loss_handles_ties: bool = False, on_bad_row: str = "error", split: str | None = None,
-                 val_fraction: float = 0.0, cache_blocks: int = 4):
+                 val_fraction: float = 0.0, cache_blocks: int = 4, duplicate_pairs: str = "drop"):
         self.on_bad_row = check_on_bad_row(on_bad_row)
+        self.duplicate_pairs = check_duplicate_policy(duplicate_pairs)
         self.tie_policy = resolve_tie_policy(tie_policy, loss_handles_ties)
         if split not in (None, "train", "val"):
             raise DataError(f"split must be None, 'train' or 'val', got {split!r}")
@@ -55,7 +68,8 @@ class PairShards(Dataset):
         bad = BadRows(self.on_bad_row)
         self.n_ties_dropped = self.n_rows = 0
         parts = [self._index_block(b, split, val_fraction, bad) for b in range(len(self.reader.blocks))]
-        index = np.concatenate(parts)  # (N, 4): block, row, pair within the row, label
+        index = np.concatenate([entries for entries, _ in parts])  # (N, 4): block, row, pair in row, label
+        index = self._drop_duplicates(index, np.concatenate([keys for _, keys in parts]))
         self.block_of = index[:, 0].astype(np.int32)  # (N,)
         self.row_of = index[:, 1].astype(np.int32)  # (N,) row within the block
         self.sub_of = index[:, 2].astype(np.int32)  # (N,) pair within the row (ranked lists)
@@ -65,19 +79,31 @@ class PairShards(Dataset):
         if not len(self.block_of):
             raise EmptySplitError(f"{self.reader.source}: no preference pair ({self.n_rows} row(s), "
                                   f"{bad.count} bad, {self.n_ties_dropped} ties dropped, split={split}). "
-                                  "Check the data or data.val_fraction.")
+                                  "Check the data or data.val_fraction.", n_bad_rows=bad.count)
         if self.n_ties_dropped:
             logger.info("%s: dropped %d tied pair(s) (tie_policy=drop)", self.reader.source,
                         self.n_ties_dropped)
 
-    def _index_block(self, b: int, split: str | None, val_fraction: float, bad: BadRows) -> np.ndarray:
-        """(pairs, 4) index entries of row group b, from its cheap columns; bad rows go to `bad`."""
+    def _index_columns(self) -> list[str]:
+        """What indexing reads: the cheap columns, and what tells images apart for `row_pair_keys` (the
+        format's id columns where the table has them, else the images themselves when they are bytes)."""
+        spec, columns = self.format, self.format.cheap
+        ids = [c for c in spec.image_ids if c in self.reader.columns]
+        if ids and len(ids) == len(spec.image_ids):
+            return [*columns, *ids]
+        return columns if spec.holds_paths else [*columns, *spec.images]
+
+    def _index_block(self, b: int, split: str | None, val_fraction: float,
+                     bad: BadRows) -> tuple[np.ndarray, np.ndarray]:
+        """(pairs, 4) index entries of row group b, from its cheap columns, and their (pairs,) keys; bad rows
+        go to `bad`."""
         spec, n = self.format, self.reader.blocks[b][3]
-        data = self.reader.read(b, spec.cheap).to_pydict()
+        columns = self._index_columns()
+        data = self.reader.read(b, columns).to_pydict()
         self.n_rows += n
-        entries = []
+        entries, keys = [], []
         for r in range(n):
-            row = {c: data[c][r] for c in spec.cheap}
+            row = {c: data[c][r] for c in columns}
             if split is not None and prompt_in_val(row[spec.prompt], val_fraction) != (split == "val"):
                 continue
             path, file_row, base = self.reader.where(b, r)
@@ -85,18 +111,39 @@ class PairShards(Dataset):
             if problems:
                 bad.add(f"{path}, row {file_row}: {'; '.join(problems)}")
                 continue
-            entries.extend(self._row_entries(b, r, row))
-        return np.array(entries, dtype=np.float64).reshape(-1, 4)
+            for entry, key in self._row_entries(b, r, row, base):
+                entries.append(entry)
+                keys.append(key)
+        return np.array(entries, dtype=np.float64).reshape(-1, 4), np.array(keys, dtype=np.uint64)
 
-    def _row_entries(self, b: int, r: int, row: dict) -> list[tuple]:
-        """The index entries (block, row, pair in row, label) of one checked row: one per preference."""
+    def _row_entries(self, b: int, r: int, row: dict, base: Path) -> list[tuple[tuple, int]]:
+        """The index entries (block, row, pair in row, label) of one checked row, one per preference, each
+        with its key (`row_pair_keys`)."""
         entries = []
-        for k, (_, _, p) in enumerate(self.format.preferences(row)):
+        keys = row_pair_keys(self.format, row, base)
+        for k, ((_, _, p), key) in enumerate(zip(self.format.preferences(row), keys)):
             if p == 0.5 and self.tie_policy == "drop":
                 self.n_ties_dropped += 1
                 continue
-            entries.append((b, r, k, 0.5 if p == 0.5 else 1.0))
+            entries.append(((b, r, k, 0.5 if p == 0.5 else 1.0), key))
         return entries
+
+    def _drop_duplicates(self, index: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Count the entries that repeat an earlier one (`n_duplicates`), log the first few, and with
+        duplicate_pairs=drop leave them out."""
+        repeats, originals = find_duplicates(keys)
+        self.n_duplicates = len(repeats)
+
+        def where(i: int) -> tuple[str, int]:
+            path, file_row, _ = self.reader.where(int(index[i, 0]), int(index[i, 1]))
+            return path, file_row
+
+        examples = [(where(i), where(j)) for i, j in zip(repeats[:3], originals[:3])]
+        report_duplicates(self.reader.source, len(repeats), len(index), examples, self.duplicate_pairs,
+                          self._entry_noun)
+        if self.duplicate_pairs == "keep" or not len(repeats):
+            return index
+        return np.delete(index, repeats, axis=0)
 
     def __len__(self) -> int:
         return len(self.block_of)
@@ -104,6 +151,8 @@ class PairShards(Dataset):
     def __getstate__(self) -> dict:
         # A worker started by spawn begins with an empty cache, not a copy of this process's.
         return {**self.__dict__, "_cache": OrderedDict()}
+
+    _entry_noun = "pair"  # what an entry is, in messages
 
     def block_ranges(self) -> list[tuple[int, int]]:
         """(start, stop) item ranges that share a row group: items are stored block by block."""

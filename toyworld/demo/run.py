@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig, until: str = "compare") -> dict:
     from evaluation.report import write_report
 
     results["demo"] = _jsonable(summary)
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", paths_relative_to(results, out))  # a copied run folder names its own
     preamble = (critic_section(summary)
                 + learning_section(summary["critic"])
                 + breakdown_section(summary["oracle_breakdown"])
