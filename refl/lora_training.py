@@ -22,6 +22,7 @@ from refl.config import ReflTrainConfig
 from refl.lora import LoraConfig, add_lora, load_lora_state, lora_state
 from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError
+from refl.text_embeddings import pipeline_embeds
 from runkit.checkpoints import load_checkpoint
 from runkit.config import save_config
 from runkit.logs import RunLogger
@@ -128,7 +129,10 @@ def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, updat
     try:
         with components.autocast():  # the reward's weights are in the base's dtype too
             # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
-            images = sample(make_pipeline(components, scheduler), prompts, output="pt", batch_size=4,
+            # the text encoders freed, the pipeline reads the embeddings computed at start
+            text = ({"prompts": prompts} if components.text_embeddings is None else
+                    {"embeds": pipeline_embeds(components, list(prompts), t.validation_guidance_scale)})
+            images = sample(make_pipeline(components, scheduler), **text, output="pt", batch_size=4,
                             num_inference_steps=t.validation_num_inference_steps,
                             guidance_scale=t.validation_guidance_scale,
                             generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)

@@ -44,6 +44,7 @@ from refl.step import (
     reward_step,
     validate_step_config,
 )
+from refl.text_embeddings import precompute_text_embeddings, precompute_wanted
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import changed_settings
 from runkit.files import paths_relative_to, write_json
@@ -195,6 +196,10 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     judges = guard.create_judges(t, accelerator.device) if accelerator.is_main_process else {}
     state, run_logger = open_run(cfg, accelerator, out, ckpt, changed, TrainState())
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
+    if precompute_wanted(components, t.precompute_text_embeddings):
+        precompute_text_embeddings(components, [*prompts, *t.validation_prompts,
+                                                *(reg_pool[1] if reg_pool is not None else [])],
+                                   t.text_embeddings_cache)
 
     def card(updates: int) -> str:
         return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.is_sdxl)

@@ -101,6 +101,9 @@ class SDComponents:
     transformer: Any = None  # sd3: SD3Transformer2DModel; flux: FluxTransformer2DModel
     text_encoder_3: Any = None  # sd3: T5EncoderModel
     tokenizer_3: Any = None  # sd3: T5TokenizerFast
+    # A fixed prompt set's conditioning computed once (refl.conditioning.PromptEmbeddings, made by
+    # refl.text_embeddings); set, the text encoders are no longer run and may be freed (then None).
+    text_embeddings: Any = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
