@@ -87,7 +87,8 @@ class ReflTrainConfig(TrainSettings):
     #   draft_lv: each of its n UNet passes whole, the VAE decoder's blocks, the critic's blocks
     #   alignprop: each UNet call from the cut to the end whole, the VAE decoder's blocks, the critic's blocks
     # The denoising regulariser's UNet call (step.reg_weight > 0) is recomputed as the method's calls are.
-    # Needed at 512 px: docs/memory.md has what each method then takes.
+    # SD 3 / FLUX: the transformer's blocks instead of its whole calls (refl.step.checkpointing_for).
+    # Needed at 512 px: docs/memory.md has what each method then takes (SD 3.5 / FLUX.1: docs/flow.md).
     gradient_checkpointing: bool = True
     # Encode every training, validation and regulariser prompt once at start, then free the text encoders
     # for the rest of the run (refl.text_embeddings); null = on for SD 3 / FLUX, whose T5-XXL encoder alone

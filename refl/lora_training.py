@@ -11,7 +11,7 @@ model's pass) and multi-call gradient paths away from DDP's once-per-iteration h
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -47,17 +47,20 @@ class LoraCheckpointState:
         load_lora_state(self.components, {k: v.to(device) for k, v in state.items()})
 
 
-def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t, checkpointing: Checkpointing, accelerator):
+def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t,
+                          checkpointing: Checkpointing | Callable[[str], Checkpointing], accelerator):
     """Base model with LoRA, optimizer and LR schedule (registered for checkpoints, in this order: the
     schedule, then the LoRA); returns (components, params, optimizer, lr_sched). `t` is a trainer's `train`
-    config (runkit.config.TrainSettings)."""
+    config (runkit.config.TrainSettings); `checkpointing` the recomputation, or a function of the model's
+    family giving it (ReFL's: refl.step.checkpointing_for)."""
     weight_dtype = DTYPES[t.mixed_precision]
     components = load_components(model)
     # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
     components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     params = add_lora(components, lora, seed=t.seed)
     components.denoiser.train()
-    components.set_gradient_checkpointing(checkpointing)
+    components.set_gradient_checkpointing(checkpointing if isinstance(checkpointing, Checkpointing)
+                                          else checkpointing(components.family))
     optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
     # Stepped by us once per update that really happened (apply_update), so not prepared.
     lr_sched = build_lr_scheduler(t.lr_schedule, optimizer.optimizer, t.warmup_updates, t.max_updates)

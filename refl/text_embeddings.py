@@ -54,9 +54,12 @@ def compute_embeddings(components: SDComponents, prompts: list[str]) -> PromptEm
     with components.autocast():
         for start in range(0, len(prompts), ENCODE_BATCH):
             parts.append(encode(components, prompts[start : start + ENCODE_BATCH]))
-    pooled = None if parts[0].pooled is None else torch.cat([c.pooled.cpu() for c in parts])  # (N, P)
-    text_ids = None if parts[0].text_ids is None else parts[0].text_ids.cpu()  # (L, 3)
-    return PromptEmbeddings(list(prompts), torch.cat([c.hidden.cpu() for c in parts]), pooled,  # (N, L, D)
+    def kept(t):  # on the CPU; a meta run's (benchmarks' memory model) have no values to move
+        return t if t.is_meta else t.cpu()
+
+    pooled = None if parts[0].pooled is None else torch.cat([kept(c.pooled) for c in parts])  # (N, P)
+    text_ids = None if parts[0].text_ids is None else kept(parts[0].text_ids)  # (L, 3)
+    return PromptEmbeddings(list(prompts), torch.cat([kept(c.hidden) for c in parts]), pooled,  # (N, L, D)
                             text_ids)
 
 

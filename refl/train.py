@@ -186,7 +186,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
                 t.gradient_accumulation, world, t.max_updates, per_update * t.max_updates)
     prompts = training_prompts(cfg.data)
     components, params, optimizer, lr_sched = prepare_lora_training(
-        cfg.model, cfg.lora, t, checkpointing_for(cfg.step.method, t.gradient_checkpointing), accelerator)
+        cfg.model, cfg.lora, t,
+        lambda family: checkpointing_for(cfg.step.method, t.gradient_checkpointing, family), accelerator)
     if accelerator.is_main_process:
         warn_if_truncated(prompts, components.tokenizer, "data")
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
