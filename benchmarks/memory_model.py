@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.cli import parse_config, report, resolve_device
+from benchmarks.meta_device import CudaAutocastOnMeta, MetaValues
 from benchmarks.refl import (
     Bench,
     SetupConfig,
@@ -38,8 +39,22 @@ from benchmarks.refl import (
     set_image_px,
     settings_for,
     setup,
+    update,
 )
-from refl.step import GRAD_METHODS, BenchSpec, StepConfig
+from refl.components import (
+    ARCHITECTURES,
+    DTYPES,
+    FLOW_FAMILIES,
+    FLOW_PRESETS,
+    PRESETS,
+    build_architecture,
+    build_flow_preset,
+    build_preset,
+)
+from refl.counting import count
+from refl.lora import LoraConfig, add_lora
+from refl.step import GRAD_METHODS, BenchSpec, StepConfig, checkpointing_for
+from refl.text_embeddings import precompute_text_embeddings, precompute_wanted
 from runkit.cli import command
 
 aten = torch.ops.aten
@@ -61,6 +76,11 @@ class MemoryModelConfig(SetupConfig):
     # Add these methods to the model already in output_file (made with the same settings) instead of
     # replacing it.
     extend: bool = False
+    # device "meta", a flow model: count its transformer with 2 and with 3 blocks of each kind it repeats,
+    # at batch 1 and 2, and extrapolate linearly to its full depth and to batch_sizes (each phase's peak
+    # bytes and the FLOPs); false: count the full model at every batch size. Several times faster on a deep
+    # transformer; the two agree on SD 3.5 medium in docs/flow.md.
+    extrapolate_depth: bool = False
 
 
 # ----------------------------------------------------------------------------- a CPU run stored as on CUDA
@@ -166,7 +186,8 @@ def _aligned_timelines(runs: list[dict]) -> tuple[list[np.ndarray], list[int]]:
 
 def memory_model(cfg: MemoryModelConfig) -> dict:
     """Peak memory and FLOPs of an update of cfg.model at cfg.target_px, from counts on cfg.device at the
-    small resolutions cfg.points_px, stored as a CUDA run would store them (on a CPU: CudaAutocastNorms).
+    small resolutions cfg.points_px, stored as a CUDA run would store them (on a CPU: CudaAutocastNorms);
+    on the meta device (`device: meta`) counted at cfg.target_px itself (`meta_memory_model`).
 
     Rule: every tensor's size is c + B (a + b s) in the batch B and pixel count s = px^2 (activations of
     convolutions, linear layers and flash/memory-efficient attention grow with s; text and critic tensors,
@@ -183,6 +204,8 @@ def memory_model(cfg: MemoryModelConfig) -> dict:
     # method -> (its pinned step, the same after a one-call prefix), refused before any model loads
     steps = {method: (full, shortened(full, bench_spec(method)))
              for method, full in pinned_steps(cfg).items()}
+    if device.type == "meta":
+        return meta_memory_model(cfg, steps)
     p0, p1, p2 = cfg.points_px
     bench = setup(cfg, device, batch_size=1, image_px=p0)
     s0, s1, s2, target = (float(px**2) for px in (p0, p1, p2, cfg.target_px))
@@ -250,6 +273,195 @@ def memory_model(cfg: MemoryModelConfig) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- on the meta device
+@dataclass
+class MetaBench(Bench):
+    """A Bench on the meta device (benchmarks.meta_device), its denoiser a UNet or a transformer."""
+
+    values: MetaValues = field(default_factory=MetaValues)  # the small tensors' values (meta_device)
+    text_encoders_freed: dict[str, int] = field(default_factory=dict)  # bytes, by diffusers name
+
+    def watched(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.components.denoiser, "vae_decoder": self.components.vae.decoder,
+                "critic": self.critic}
+
+
+# Blocks of each kind in the smaller of the two counted copies (extrapolate_depth): from 3 on, the first
+# blocks backward recomputes are those of a deep model (the last, which keeps no text stream in SD 3, then
+# plain ones), so each phase's peak grows by the same bytes per block.
+BASE_BLOCKS = 3
+
+
+def transformer_blocks(config) -> dict[str, int]:
+    """The kinds of block a flow transformer repeats and how many of each, keyed as `blocks_overrides` reads
+    them: FLUX's two-stream and single-stream blocks; SD 3.5 medium's MMDiT-X blocks (a second attention
+    over the image) and its plain joint blocks after them; SD 3's and 3.5 large's joint blocks."""
+    if "num_single_layers" in config:
+        return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
+    dual = len(config.get("dual_attention_layers") or ())
+    if not dual:
+        return {"num_layers": config["num_layers"]}
+    return {"dual": dual, "joint": config["num_layers"] - dual}
+
+
+def blocks_overrides(counts: dict[str, int]) -> dict:
+    """Transformer config keys for `counts` blocks of each kind (transformer_blocks' keys)."""
+    if "dual" in counts:
+        return {"num_layers": counts["dual"] + counts["joint"],
+                "dual_attention_layers": list(range(counts["dual"]))}
+    return dict(counts)
+
+
+def _build_on_meta(model: str, dtype: torch.dtype, blocks: dict[str, int] | None):
+    if model in ARCHITECTURES:
+        return build_architecture(model, device="meta", dtype=dtype,
+                                  transformer_overrides=blocks_overrides(blocks) if blocks else None)
+    if model in PRESETS or model in FLOW_PRESETS:  # the tests' small models
+        spec = None
+        if blocks:  # a flow preset's block counts: FlowPresetSpec.layers / single_layers
+            spec = replace(FLOW_PRESETS[model], layers=blocks["num_layers"],
+                           single_layers=blocks.get("num_single_layers", 0))
+        with torch.device("meta"):
+            components = build_preset(model) if model in PRESETS else build_flow_preset(model, spec=spec)
+        return components.to("meta", dtype)
+    names = sorted(ARCHITECTURES) + sorted(PRESETS) + sorted(FLOW_PRESETS)
+    raise ValueError(f"device=meta builds a shipped architecture or a preset: model must be one of {names}, "
+                     f"got {model!r}")
+
+
+def meta_setup(cfg: MemoryModelConfig, blocks: dict[str, int] | None = None) -> MetaBench:
+    """cfg.model's architecture (with `blocks` transformer blocks of each kind, when given) built on the meta
+    device in cfg.mixed_precision at cfg.target_px, its prompt embeddings computed once and text encoders
+    freed where training does that (SD 3, FLUX: refl.text_embeddings), a LoRA r4 (B drawn small, not 0),
+    cfg.critic frozen, AdamW with its moments."""
+    import reward
+
+    dtype = DTYPES[cfg.mixed_precision]
+    components = _build_on_meta(cfg.model, dtype, blocks)
+    components.set_image_size(cfg.target_px)
+    bench = MetaBench(components, [], None, None, ["a photo of an astronaut riding a horse on mars"])
+    if precompute_wanted(components, None):
+        bench.text_encoders_freed = {name: sum(t.numel() * t.element_size() for t in m.parameters())
+                                     for name, m in components.text_encoders().items()}
+        with bench.values, CudaAutocastOnMeta():
+            precompute_text_embeddings(components, bench.prompts)
+    bench.params = add_lora(components, LoraConfig(rank=4, alpha=4))
+    components.denoiser.train()
+    # built on the CPU (open_clip moves what it builds there), then its tensors' data dropped
+    bench.critic = reward.load(cfg.critic, device="meta").requires_grad_(False).eval()
+    bench.critic.clip.to(dtype)
+    bench.optimizer = torch.optim.AdamW(bench.params, lr=1e-9)
+    for p in bench.params:  # AdamW makes its moments at its first step: before anything is counted
+        p.grad = torch.zeros_like(p)
+    with bench.values:
+        bench.optimizer.step()
+    bench.optimizer.zero_grad(set_to_none=True)
+    return bench
+
+
+def _measure(bench: MetaBench, step: StepConfig, batch: int) -> dict[str, float | dict[str, float]]:
+    """One update of `bench` at `batch` on the meta device: the largest live bytes in each phase (and module
+    rerunning there), its FLOPs, and the denoiser's forward FLOPs with and without gradient."""
+    bench.prompts = bench.prompts[:1] * batch
+    r = count(lambda timer: update(bench, step, 0, timer), bench.watched(), torch.device("meta"),
+              timeline=True, modes=(bench.values, CudaAutocastOnMeta()))
+    phases: dict[str, float] = {}
+    for place, live in zip(r["places"], r["timeline"]):
+        phases[place] = max(phases.get(place, 0.0), float(live))
+    denoiser = r["forward_flops"]["unet"]
+    return {"phases": phases, "flops": float(r["flops"]), "no_grad": float(denoiser["no_grad"]),
+            "grad": float(denoiser["grad"])}
+
+
+def _combine(terms: list[tuple[float, dict]]) -> dict:
+    """The sum of weight x measurement over `terms`, key by key (phases: their union, 0 where absent)."""
+    out = {"phases": {}}
+    for weight, m in terms:
+        for k, v in m.items():
+            if k == "phases":
+                for place, live in v.items():
+                    out["phases"][place] = out["phases"].get(place, 0.0) + weight * live
+            else:
+                out[k] = out.get(k, 0.0) + weight * v
+    return out
+
+
+def meta_memory_model(cfg: MemoryModelConfig, steps: dict[str, tuple[StepConfig, StepConfig]]) -> dict:
+    """The memory model counted on the meta device at cfg.target_px (no fit in the resolution): the bytes of
+    the tensors alive after every op of the update and its FLOPs, exactly, as CUDA would store them
+    (benchmarks.meta_device); every batch size counted, or, with cfg.extrapolate_depth, a flow transformer
+    counted at 2 and 3 blocks of each kind and batch 1 and 2 and extrapolated linearly to its depth and the
+    batch sizes, phase by phase (an update's peak is the largest of its phases'). Static bytes: the frozen
+    weights, LoRA, AdamW's moments and the critic; the text encoders where training keeps them (UNet
+    families), their size listed apart where it frees them."""
+    bench = meta_setup(cfg)
+    c = bench.components
+    static = static_bytes(bench)
+    fixed = sum(static.values())
+    kinds = transformer_blocks(dict(c.transformer.config)) if cfg.extrapolate_depth and c.is_flow else {}
+    if cfg.extrapolate_depth and not kinds:
+        raise ValueError("extrapolate_depth needs a flow model (its transformer repeats its blocks)")
+    out = {"config": asdict(cfg), "family": c.family,
+           "measured_on": {**describe_device(torch.device("cpu")), "counted_on": "meta",
+                           "note": "computed on this CPU by running the update on PyTorch's meta device "
+                                   "(shapes, no data), CUDA's autocast and attention kernels emulated; a "
+                                   "model, not a measurement on a GPU"},
+           "torch": torch.__version__,
+           "parameters_billion": {name: sum(p.numel() for p in m.parameters()) / 1e9
+                                  for name, m in c.modules().items()},
+           "static_gib": {k: v / 2**30 for k, v in static.items()},
+           "text_encoders_freed_gib": {k: v / 2**30 for k, v in bench.text_encoders_freed.items()},
+           "methods": {}}
+    if kinds:
+        base = dict.fromkeys(kinds, BASE_BLOCKS)
+        points = [base] + [{**base, k: BASE_BLOCKS + 1} for k in kinds]
+        # full = base + sum over kinds of (blocks - BASE_BLOCKS) x (one block more - base)
+        weights = ([1.0 - sum(n - BASE_BLOCKS for n in kinds.values())]
+                   + [float(n - BASE_BLOCKS) for n in kinds.values()])
+        benches = [meta_setup(cfg, blocks) for blocks in points]
+        counted_batches = [1, 2]
+        out["depth_extrapolated"] = {"blocks": kinds, "counted_at": points, "counted_batch_sizes": [1, 2]}
+    else:
+        benches, weights, counted_batches = [bench], [1.0], list(cfg.batch_sizes)
+
+    for method, (full, step) in steps.items():
+        _, settings = settings_for(method)
+        # what train.gradient_checkpointing: true means for this method on this family
+        own = checkpointing_for(method, True, c.family)
+        default = next(name for name, setting in settings.items() if setting == own)
+        prefix_calls, grad_calls = bench_spec(method).calls(full)
+        rows, denoiser_grad = {}, {}
+        for name, policy in settings.items():
+            measured = {}
+            for b in counted_batches:
+                runs = []
+                for one in benches:
+                    one.set_checkpointing(policy)
+                    runs.append(_measure(one, step, b))
+                measured[b] = _combine(list(zip(weights, runs)))
+            # batch B from batch 1 and 2 (every tensor is c + B a) where it was not counted
+            at = {bs: measured[bs] if bs in measured else
+                  _combine([(2.0 - bs, measured[1]), (bs - 1.0, measured[2])]) for bs in cfg.batch_sizes}
+            # the measured update ran one no-grad call; the modelled trajectory runs prefix_calls of them
+            flops = {bs: m["flops"] + (prefix_calls - 1) * m["no_grad"] for bs, m in at.items()}
+            last = at[cfg.batch_sizes[-1]]["phases"]
+            denoiser_grad[name] = at[cfg.batch_sizes[0]]["grad"]
+            rows[name] = {
+                "checkpointing": asdict(policy),
+                "peak_gib": {str(bs): (fixed + max(m["phases"].values())) / 2**30 for bs, m in at.items()},
+                "peak_at": max(last, key=last.get),
+                "tflop_per_image": flops[cfg.batch_sizes[0]] / cfg.batch_sizes[0] / 1e12,
+                "seconds_per_update": {str(bs): f / 1e12 / cfg.sustained_tflops for bs, f in flops.items()},
+            }
+        for name, row in rows.items():
+            row["recompute_ratio_denoiser"] = denoiser_grad[name] / denoiser_grad["none"]
+        out["methods"][method] = {"default": default, "prefix_calls": prefix_calls, "grad_calls": grad_calls,
+                                  "settings": rows}
+    out["unknown_reads_assumed_true"] = sum(b.values.assumed_true for b in benches)
+    out["table_markdown"] = model_table_markdown(out)
+    return out
+
+
 # Config keys that may differ between the runs one model file gathers.
 PER_RUN_KEYS = ("methods", "extend", "output_file", "device")
 
@@ -271,9 +483,9 @@ def extend_memory_model(earlier: dict, new: dict) -> dict:
     return merged
 
 
-def describe(policy: dict) -> str:
+def describe(policy: dict, denoiser: str = "UNet") -> str:
     """What a Checkpointing (as a dict) recomputes in backward, in words."""
-    parts = [{"blocks": "UNet blocks", "calls": "UNet calls whole"}.get(policy["unet"]),
+    parts = [{"blocks": f"{denoiser} blocks", "calls": f"{denoiser} calls whole"}.get(policy["unet"]),
              "VAE decoder" if policy["vae_decoder"] else None, "critic" if policy["critic"] else None]
     return ", ".join(p for p in parts if p) or "nothing (`gradient_checkpointing: false`)"
 
@@ -287,7 +499,8 @@ def model_table_markdown(model: dict) -> str:
     lines = [head, "|" + "---|" * (2 + 2 * len(batches))]
     for method, entry in model["methods"].items():
         for name, row in entry["settings"].items():
-            what = describe(row["checkpointing"])
+            what = describe(row["checkpointing"],
+                            "transformer" if model.get("family") in FLOW_FAMILIES else "UNet")
             label = f"**{what}** (`true`)" if name == entry["default"] else what
             lines.append(f"| {method} | {label} | "
                          + " | ".join(f"{row['peak_gib'][str(b)]:.1f}" for b in batches) + " | "

@@ -14,6 +14,10 @@ both CLIPs' penultimate states side by side, padded to T5's width, then T5's sta
 projections; FLUX: T5's states, CLIP-L's pooled embedding and the text position ids). SD 3's guidance
 negative is "" encoded; FLUX, guidance-distilled, takes no negative.
 The no-grad paths never use this module: they call the stock pipeline (refl.sampling).
+
+Precomputed (`PromptEmbeddings`, refl.text_embeddings): when `SDComponents.text_embeddings` holds a fixed
+prompt set's conditioning, computed once by `encode` itself, `encode` looks prompts up there instead of
+running the text encoders (which are then freed); a prompt outside the set is an error.
 """
 
 from __future__ import annotations
@@ -57,6 +61,46 @@ def cat(first: Conditioning, second: Conditioning) -> Conditioning:
                         torch.cat([first.time_ids, second.time_ids]))
 
 
+@dataclass
+class PromptEmbeddings:
+    """A fixed prompt set's conditioning, computed once by `encode` (refl.text_embeddings), kept on the CPU in
+    the dtype it was computed in; rows are moved to the denoiser's device as they are looked up."""
+
+    prompts: list[str]  # row i of the tensors below is prompts[i]; each prompt once
+    hidden: torch.Tensor  # (N, L, D)
+    pooled: torch.Tensor | None = None  # (N, P); None for SD 1.x / 2.x
+    text_ids: torch.Tensor | None = None  # (L, 3) FLUX: the text tokens' position ids, the same for every row
+
+    def __post_init__(self):
+        self._rows = {p: i for i, p in enumerate(self.prompts)}
+        if len(self._rows) != len(self.prompts) or self.hidden.shape[0] != len(self.prompts):
+            raise ValueError("PromptEmbeddings needs each prompt once and one row of hidden per prompt")
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._rows
+
+    def rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The row index of each prompt, (B,); a prompt outside the set is refused by name."""
+        missing = [p for p in prompts if p not in self._rows]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} is not among the {len(self.prompts)} prompts whose text "
+                           "embeddings were computed at start (train.precompute_text_embeddings fixes the "
+                           "prompt set: training, validation and regulariser prompts); add it to those, or "
+                           "set train.precompute_text_embeddings=false")
+        return torch.tensor([self._rows[p] for p in prompts], dtype=torch.long)
+
+    def lookup(self, components: SDComponents, prompts: Sequence[str]) -> Conditioning:
+        """The conditioning `encode` gave these prompts, on the denoiser's device."""
+        idx = self.rows(prompts)
+        device = components.denoiser.device
+        hidden = self.hidden[idx].to(device)  # (B, L, D)
+        pooled = self.pooled[idx].to(device) if self.pooled is not None else None  # (B, P)
+        if components.is_sdxl:
+            return Conditioning(hidden, pooled, size_ids(components, len(prompts), device))
+        text_ids = self.text_ids.to(device) if self.text_ids is not None else None  # (L, 3)
+        return Conditioning(hidden, pooled, text_ids=text_ids)
+
+
 def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids.to(device)  # (B, L)
@@ -70,7 +114,9 @@ def size_ids(components: SDComponents, batch: int, device) -> torch.Tensor:
 
 def encode(components: SDComponents, prompts: Sequence[str]) -> Conditioning:
     """Prompts -> the denoiser's conditioning; differentiable through text encoders that carry trainable
-    LoRA."""
+    LoRA. With precomputed embeddings (`components.text_embeddings`) a lookup."""
+    if components.text_embeddings is not None:
+        return components.text_embeddings.lookup(components, prompts)
     if components.is_flow:
         return _encode_flow(components, prompts)
     if not components.is_sdxl:

@@ -88,8 +88,19 @@ class ReflTrainConfig(TrainSettings):
     #   draft_lv: each of its n UNet passes whole, the VAE decoder's blocks, the critic's blocks
     #   alignprop: each UNet call from the cut to the end whole, the VAE decoder's blocks, the critic's blocks
     # The denoising regulariser's UNet call (step.reg_weight > 0) is recomputed as the method's calls are.
-    # Needed at 512 px: docs/memory.md has what each method then takes.
+    # SD 3 / FLUX: the transformer's blocks instead of its whole calls (refl.step.checkpointing_for).
+    # Needed at 512 px: docs/memory.md has what each method then takes (SD 3.5 / FLUX.1: docs/flow.md).
     gradient_checkpointing: bool = True
+    # Encode every training, validation and regulariser prompt once at start, then free the text encoders
+    # for the rest of the run (refl.text_embeddings); null = on for SD 3 / FLUX, whose T5-XXL encoder alone
+    # has 4.7B parameters (9.5 GB in bf16), off for the UNet families. The cost: the prompt set is fixed at
+    # start (a prompt outside it is refused) and the embeddings stay in CPU memory (bf16: FLUX 4 MiB a
+    # prompt, SD 3 2.7 MiB); text-encoder LoRA (lora.train_text_encoder) needs it off.
+    precompute_text_embeddings: bool | None = None
+    # Folder keeping precomputed text embeddings across runs and resumes: one file per prompt set and model,
+    # named by a hash of the prompts' text and of the text encoders' output on a probe prompt (content, not
+    # paths); "" = encode at every start.
+    text_embeddings_cache: str = ""
     # Log scalars every this many updates.
     log_every: int = 1
     # Sample the validation prompts every this many updates and at the end (0: only at the end).
@@ -157,6 +168,9 @@ class ReflConfig:
         if not critics or not all(critics):
             raise ValueError("reward.critic needs a checkpoint or a non-empty list of them, got "
                              f"{self.reward.critic!r}")
+        if self.train.precompute_text_embeddings and self.lora.train_text_encoder:
+            raise ValueError("train.precompute_text_embeddings computes the text embeddings once, but "
+                             "lora.train_text_encoder trains the text encoders; set one of them to false")
         if self.reward.ensemble_penalty < 0:
             raise ValueError(f"reward.ensemble_penalty must be >= 0, got {self.reward.ensemble_penalty}")
         # The weights of the objective's terms: a negative or NaN one trained the wrong way, or silently not

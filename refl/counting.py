@@ -134,7 +134,8 @@ class TensorMemory(TorchDispatchMode):
     """Bytes of tensor storage created inside the context and still alive, after every op (`timeline`,
     with the ops in `ops`) and at most (`peak`). Storages are counted once however many views share them and
     leave the count when freed, so this is what a device allocator holds for them, without its rounding and
-    cache."""
+    cache. An output that shares an input's storage (a view, an in-place op) allocates nothing: a view of a
+    tensor made before the context (a weight's transpose in every linear layer) is not counted either."""
 
     def __init__(self, timeline: bool = False, where: Callable[[], str] | None = None):
         super().__init__()
@@ -151,10 +152,11 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in _tensors((*args, *(kwargs or {}).values()))}
         for t in _tensors(out):
             storage = t.untyped_storage()
             key = id(storage)
-            if key not in self._seen:
+            if key not in self._seen and key not in inputs:
                 self._seen.add(key)
                 self.live += storage.nbytes()
                 weakref.finalize(storage, self._free, key, storage.nbytes())

@@ -11,7 +11,7 @@ model's pass) and multi-call gradient paths away from DDP's once-per-iteration h
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from refl.lora import (
 )
 from refl.sampling import make_pipeline, sample
 from refl.step import NonFiniteLossError
+from refl.text_embeddings import pipeline_embeds
 from runkit.checkpoints import init_weights, load_checkpoint
 from runkit.config import save_config
 from runkit.logs import RunLogger
@@ -55,10 +56,12 @@ class LoraCheckpointState:
         load_lora_state(self.components, {k: v.to(device) for k, v in state.items()})
 
 
-def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t, checkpointing: Checkpointing, accelerator):
+def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t,
+                          checkpointing: Checkpointing | Callable[[str], Checkpointing], accelerator):
     """Base model with LoRA, optimizer and LR schedule (registered for checkpoints, in this order: the
     schedule, then the LoRA); returns (components, params, optimizer, lr_sched). `t` is a trainer's `train`
-    config (runkit.config.TrainSettings)."""
+    config (runkit.config.TrainSettings); `checkpointing` the recomputation, or a function of the model's
+    family giving it (ReFL's: refl.step.checkpointing_for)."""
     weight_dtype = DTYPES[t.mixed_precision]
     # train.init_from: an earlier run's LoRA (found before the model loads); the reference pass of KL and
     # DPO terms (adapters off) stays the base model
@@ -71,7 +74,8 @@ def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t, checkpointing
     if start is not None:
         start_from_lora(components, start, lora)
     components.denoiser.train()
-    components.set_gradient_checkpointing(checkpointing)
+    components.set_gradient_checkpointing(checkpointing if isinstance(checkpointing, Checkpointing)
+                                          else checkpointing(components.family))
     optimizer = accelerator.prepare(build_optimizer(params, t))  # wraps the fp16 GradScaler
     # Stepped by us once per update that really happened (apply_update), so not prepared.
     lr_sched = build_lr_scheduler(t.lr_schedule, optimizer.optimizer, t.warmup_updates, t.max_updates)
@@ -143,7 +147,10 @@ def validate(components: SDComponents, t: ReflTrainConfig, scheduler: str, updat
     try:
         with components.autocast():  # the reward's weights are in the base's dtype too
             # 4 at a time: at 512 px the VAE decoder's activations set the peak memory of a large batch.
-            images = sample(make_pipeline(components, scheduler), prompts, output="pt", batch_size=4,
+            # the text encoders freed, the pipeline reads the embeddings computed at start
+            text = ({"prompts": prompts} if components.text_embeddings is None else
+                    {"embeds": pipeline_embeds(components, list(prompts), t.validation_guidance_scale)})
+            images = sample(make_pipeline(components, scheduler), **text, output="pt", batch_size=4,
                             num_inference_steps=t.validation_num_inference_steps,
                             guidance_scale=t.validation_guidance_scale,
                             generator=torch.Generator().manual_seed(t.validation_seed))  # (N, 3, H, W)

@@ -10,8 +10,9 @@ Seeds: `seeds` gives every image its own CPU generator, so an image does not dep
 was drawn in; `generator` shares one generator across the call (drawn from in batch order), which is
 what a training loop that reproduces a whole batch from one seed wants.
 
-Text: `prompts`, or one prompt's embeddings from `encode_text` (the pipeline's own `encode_prompt`,
-keyed by the pipeline's argument names, so SDXL's, SD 3's and FLUX's pooled embeddings travel with them).
+Text: `prompts`, or embeddings keyed by the pipeline's argument names (so SDXL's, SD 3's and FLUX's pooled
+embeddings travel with them): one prompt's from `encode_text` (the pipeline's own `encode_prompt`), repeated
+for every image, or one row per image (a run's precomputed embeddings, refl.text_embeddings).
 
 Samplers (`SCHEDULERS`): the UNet families sample with `ddim` or `ddpm` on their DDPM schedule; the
 flow-matching families with `flow_euler`, the model's own FlowMatchEulerDiscreteScheduler (its shift).
@@ -197,7 +198,8 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
            guidance_scale: float = 1.0,
            eta: float = 0.0, embeds: dict[str, torch.Tensor | None] | None = None, batch_size: int = 8,
            output: str = "uint8"):
-    """Images for `prompts` (or for one prompt's `embeds` from `encode_text`, repeated len(seeds) times).
+    """Images for `prompts`, or for `embeds`: one prompt's from `encode_text` (1, ...) repeated len(seeds)
+    times, or one row per image (N, ...).
 
     Exactly one of `seeds` (one generator per image) and `generator` (one for the whole call) is given.
     `eta` is DDIM's; the flow families' sampler has none.
@@ -211,7 +213,10 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
         raise ValueError("give either prompts or embeds")
     if embeds is not None and set(embeds) - set(EMBED_NAMES):
         raise ValueError(f"embeds takes {EMBED_NAMES}, got {sorted(embeds)}")
-    n = len(prompts) if prompts is not None else len(seeds)
+    rows = None if embeds is None else embeds["prompt_embeds"].shape[0]
+    n = len(prompts) if prompts is not None else len(seeds) if seeds is not None and rows == 1 else rows
+    if embeds is not None and rows not in (1, n):
+        raise ValueError(f"embeds hold {rows} rows for {n} images: give one row, or one per image")
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} images")
     if batch_size < 1:
@@ -224,8 +229,10 @@ def sample(pipe, prompts: Sequence[str] | None = None, *, seeds: Sequence[int] |
         b = min(batch_size, n - start)
         if prompts is not None:
             text = {"prompt": list(prompts[start : start + b])}
-        else:  # (1, T, C) -> (b, T, C); pooled (1, P) -> (b, P)
+        elif rows == 1:  # (1, T, C) -> (b, T, C); pooled (1, P) -> (b, P)
             text = {k: v.expand(b, *v.shape[1:]) for k, v in embeds.items() if v is not None}
+        else:  # this batch's rows
+            text = {k: v[start : start + b] for k, v in embeds.items() if v is not None}
         gens = seed_generators(seeds[start : start + b]) if seeds is not None else generator
         images = pipe(**text, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=gens, output_type="latent" if decode_here else pipe_output, **options).images

@@ -46,6 +46,7 @@ from refl.step import (
     reward_step,
     validate_step_config,
 )
+from refl.text_embeddings import precompute_text_embeddings, precompute_wanted
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import changed_settings, check_device_precision
 from runkit.files import check_output_dir, paths_relative_to, write_json
@@ -197,7 +198,8 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
                 t.gradient_accumulation, world, t.max_updates, per_update * t.max_updates)
     prompts = training_prompts(cfg.data)
     components, params, optimizer, lr_sched = prepare_lora_training(
-        cfg.model, cfg.lora, t, checkpointing_for(cfg.step.method, t.gradient_checkpointing), accelerator)
+        cfg.model, cfg.lora, t,
+        lambda family: checkpointing_for(cfg.step.method, t.gradient_checkpointing, family), accelerator)
     if accelerator.is_main_process:
         warn_if_truncated(prompts, components.tokenizer, "data")
     reward_fn = reward_fn or build_reward(cfg.reward, accelerator.device, DTYPES[t.mixed_precision],
@@ -209,6 +211,10 @@ def train(cfg: ReflConfig, reward_fn: RewardFn | None = None, command: str | Non
     # From here on (the regulariser's pool of base renders included), what the run spends is the updates'.
     meter = ComputeMeter(components.denoiser)
     reg_pool = build_reg_pool(components, cfg, prompts, accelerator) if cfg.step.reg_weight > 0 else None
+    if precompute_wanted(components, t.precompute_text_embeddings):
+        precompute_text_embeddings(components, [*prompts, *t.validation_prompts,
+                                                *(reg_pool[1] if reg_pool is not None else [])],
+                                   t.text_embeddings_cache)
 
     def card(updates: int) -> str:
         return model_card(cfg, updates, read_metrics(out / "metrics.jsonl"), command, components.family)

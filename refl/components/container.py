@@ -101,6 +101,9 @@ class SDComponents:
     transformer: Any = None  # sd3: SD3Transformer2DModel; flux: FluxTransformer2DModel
     text_encoder_3: Any = None  # sd3: T5EncoderModel
     tokenizer_3: Any = None  # sd3: T5TokenizerFast
+    # A fixed prompt set's conditioning computed once (refl.conditioning.PromptEmbeddings, made by
+    # refl.text_embeddings); set, the text encoders are no longer run and may be freed (then None).
+    text_embeddings: Any = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -199,8 +202,23 @@ class SDComponents:
 
     def autocast(self):
         """Autocast to the base weights' dtype, so fp32 latents and fp32 LoRA tensors meet half-precision
-        weights without dtype errors; a no-op for an fp32 base. Every forward pass of the base runs in it."""
+        weights without dtype errors; a no-op for an fp32 base. Every forward pass of the base runs in it.
+        The meta device has no autocast: there CPU autocast marks the region (the memory model of
+        benchmarks/ casts meta tensors in it as CUDA's autocast would)."""
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.denoiser.device.type, dtype=self.dtype)
+        device = self.denoiser.device.type
+        return torch.autocast("cpu" if device == "meta" else device, dtype=self.dtype)
+
+    def set_image_size(self, px: int) -> None:
+        """Draw px x px images from now on instead of the model's own size (benchmarks and tests at other
+        sizes): the UNet's or SD 3 transformer's latent size, FLUX's VAE's sample size."""
+        unit = self.vae_scale * (2 ** (len(self.unet.config.block_out_channels) - 1) if not self.is_flow
+                                 else self.transformer.config.patch_size if self.family == "sd3" else 2)
+        if px % unit:
+            raise ValueError(f"image size {px} px must be a multiple of {unit} for this {self.family} model")
+        if self.family == "flux":
+            self.vae.register_to_config(sample_size=px)
+        else:
+            self.denoiser.register_to_config(sample_size=px // self.vae_scale)
 

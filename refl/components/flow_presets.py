@@ -79,9 +79,10 @@ def _t5(spec: FlowPresetSpec, vocab_size: int):
                                    use_cache=False))
 
 
-def build_flow_preset(name: str, seed: int = 0) -> SDComponents:
+def build_flow_preset(name: str, seed: int = 0, spec: FlowPresetSpec | None = None) -> SDComponents:
     """Seeded random-weight components of a small flow-matching architecture (real diffusers classes); each
-    component is seeded on its own so one changing never shifts the others."""
+    component is seeded on its own so one changing never shifts the others. `spec` replaces the preset's
+    own (a variant of it, for counting)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -91,7 +92,7 @@ def build_flow_preset(name: str, seed: int = 0) -> SDComponents:
 
     if name not in FLOW_PRESETS:
         raise ValueError(f"unknown flow preset {name!r}; flow presets are {sorted(FLOW_PRESETS)}")
-    spec = FLOW_PRESETS[name]
+    spec = spec or FLOW_PRESETS[name]
     levels = len(spec.vae_block_out)
     latent_size = spec.image_size // 2 ** (levels - 1)
     torch.manual_seed(seed + 1)

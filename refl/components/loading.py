@@ -299,11 +299,13 @@ def build_pipeline(components: SDComponents, scheduler=None):
 
     scheduler = scheduler if scheduler is not None else components.scheduler
     if components.is_flow:
-        parts = {name: m for name, m in (("tokenizer_2", components.tokenizer_2),
-                                         ("tokenizer_3", components.tokenizer_3)) if m is not None}
+        # every text part by name, None where the model has none or its encoders were freed (precomputed
+        # text embeddings): the pipeline then reads prompt_embeds
+        names = ("text_encoder", "text_encoder_2", "tokenizer_2") + (
+            ("text_encoder_3", "tokenizer_3") if components.family == "sd3" else ())
         return pipeline_class(components.family)(
             transformer=components.transformer, scheduler=scheduler, vae=components.vae,
-            tokenizer=components.tokenizer, **components.text_encoders(), **parts)
+            tokenizer=components.tokenizer, **{name: getattr(components, name) for name in names})
     if components.is_sdxl:
         return StableDiffusionXLPipeline(
             vae=components.vae,

@@ -1,6 +1,7 @@
 """Components with seeded random weights, nothing downloaded: the small presets (`"tiny"` for tests,
 `"tiny-v"` in SD 2.x's style, `"tiny-sdxl"` in SDXL's layout, `"toy"` for the toy world) and the full-size
-architectures whose config files ship in `refl/model_configs/` (`"sd15"`, `"sdxl"`).
+architectures whose config files ship in `refl/model_configs/` (`"sd15"`, `"sdxl"`, and the flow models
+`"sd35m"`, `"sd35l"`, `"flux-dev"`).
 
 They use the real diffusers and transformers classes, so everything downstream (LoRA, `save_lora_weights`,
 `StableDiffusionPipeline` / `StableDiffusionXLPipeline`) runs unchanged on them.
@@ -8,14 +9,21 @@ They use the real diffusers and transformers classes, so everything downstream (
 
 from __future__ import annotations
 
+import contextlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from refl.components.container import SDComponents
-from refl.components.tokenizers import CLIP_VOCAB_SIZE, SDXL_PAD_TOKEN_2, build_clip_tokenizer
+from refl.components.tokenizers import (
+    CLIP_VOCAB_SIZE,
+    SDXL_PAD_TOKEN_2,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+)
 
 
 @dataclass
@@ -76,15 +84,23 @@ PRESETS: dict[str, PresetSpec] = {
 
 # Package data of refl itself (pyproject.toml), one folder above this package.
 MODEL_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
-# Full-size architectures shipped as diffusers/transformers config files (no weights).
+# Full-size architectures shipped as diffusers/transformers config files (no weights), written from the
+# released models' own config files.
 # sdxl: SDXL base 1.0 (UNet about 2.6B parameters, CLIP ViT-L and OpenCLIP bigG text encoders, 1024 px).
-ARCHITECTURES: dict[str, Path] = {"sd15": MODEL_CONFIG_DIR / "sd15", "sdxl": MODEL_CONFIG_DIR / "sdxl"}
+# sd35m / sd35l: Stable Diffusion 3.5 medium (MMDiT-X, 2.2B transformer parameters) / large (8.1B); both with
+# CLIP-L and CLIP-G (projected) and T5-XXL's encoder (4.7B), the 16-channel VAE, 1024 px.
+# flux-dev: FLUX.1 [dev] (11.9B transformer parameters, guidance embedding), CLIP-L and T5-XXL, 1024 px.
+ARCHITECTURES: dict[str, Path] = {name: MODEL_CONFIG_DIR / name
+                                  for name in ("sd15", "sdxl", "sd35m", "sd35l", "flux-dev")}
 # Hub ids whose architecture is one of ARCHITECTURES (for random_weights without a download).
 HUB_ARCHITECTURES: dict[str, str] = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "runwayml/stable-diffusion-v1-5": "sd15",
     "CompVis/stable-diffusion-v1-4": "sd15",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/stable-diffusion-3.5-medium": "sd35m",
+    "stabilityai/stable-diffusion-3.5-large": "sd35l",
+    "black-forest-labs/FLUX.1-dev": "flux-dev",
 }
 
 
@@ -197,10 +213,87 @@ def build_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dic
                         family="sdxl" if text_encoder_2 is not None else "sd", **second)
 
 
-def build_architecture(name: str, seed: int = 0) -> SDComponents:
-    """A full-size architecture of ARCHITECTURES with seeded random weights (nothing downloaded)."""
+def _config(path: Path) -> dict:
+    strip = {"architectures", "_class_name", "_diffusers_version", "_name_or_path", "transformers_version"}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in strip}
+
+
+def build_flow_from_configs(root: Path, seed: int, source: str,
+                            transformer_overrides: dict | None = None) -> SDComponents:
+    """Seeded random-weight SD 3 / FLUX components from a folder of config files (transformer.json, vae.json,
+    text_encoder*.json, scheduler.json), in the default dtype and on the default device;
+    `transformer_overrides` replaces keys of transformer.json (a shallower copy, for counting)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    family = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}[
+        json.loads((root / "transformer.json").read_text())["_class_name"]]
+    torch.manual_seed(seed)
+    transformer = (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel).from_config(
+        {**_config(root / "transformer.json"), **(transformer_overrides or {})})
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL.from_config(_config(root / "vae.json"))
+    encoders = {}
+    for i, name in enumerate(("text_encoder", "text_encoder_2") if family == "sd3" else ("text_encoder",)):
+        torch.manual_seed(seed + 2 + i)
+        raw = json.loads((root / f"{name}.json").read_text())
+        cls = CLIPTextModelWithProjection if raw["architectures"] == ["CLIPTextModelWithProjection"] else \
+            CLIPTextModel
+        encoders[name] = cls(CLIPTextConfig(**_config(root / f"{name}.json")))
+    t5_name = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    torch.manual_seed(seed + 4)
+    encoders[t5_name] = T5EncoderModel(T5Config(**_config(root / f"{t5_name}.json")))
+    for encoder in encoders.values():
+        encoder.eval()  # as from_pretrained leaves them: T5's dropout off
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(_config(root / "scheduler.json"))
+    tokenizers = {"tokenizer": build_clip_tokenizer(77)}
+    if family == "sd3":
+        tokenizers.update(tokenizer_2=build_clip_tokenizer(77, pad_token=SDXL_PAD_TOKEN_2),
+                          tokenizer_3=build_t5_tokenizer())
+    else:
+        tokenizers["tokenizer_2"] = build_t5_tokenizer()
+    return SDComponents(None, vae, encoders.pop("text_encoder"), tokenizers.pop("tokenizer"), scheduler,
+                        transformer=transformer, family=family, source=source, **encoders, **tokenizers)
+
+
+@contextmanager
+def _building(device: str | torch.device | None, dtype: torch.dtype | None):
+    """Parameters made on `device` in `dtype` as they are built (a full-size model never exists in fp32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_architecture(name: str, seed: int = 0, device: str | torch.device | None = None,
+                       dtype: torch.dtype | None = None, transformer_overrides: dict | None = None
+                       ) -> SDComponents:
+    """A full-size architecture of ARCHITECTURES with seeded random weights (nothing downloaded), built on
+    `device` in `dtype` (default: the CPU, fp32); `device="meta"` builds shapes only, for counting.
+    `transformer_overrides`: keys of a flow model's transformer config replaced (e.g. fewer blocks)."""
     root = ARCHITECTURES[name]
-    parts = ["unet", "vae", "text_encoder", "scheduler"] + (
-        ["text_encoder_2"] if (root / "text_encoder_2.json").is_file() else [])
-    configs = {part: json.loads((root / f"{part}.json").read_text()) for part in parts}
-    return build_from_configs(**configs, seed=seed, source=f"preset:{name}")
+    with _building(device, dtype):
+        if (root / "transformer.json").is_file():
+            components = build_flow_from_configs(root, seed, source=f"preset:{name}",
+                                                 transformer_overrides=transformer_overrides)
+        else:
+            parts = ["unet", "vae", "text_encoder", "scheduler"] + (
+                ["text_encoder_2"] if (root / "text_encoder_2.json").is_file() else [])
+            configs = {part: json.loads((root / f"{part}.json").read_text()) for part in parts}
+            components = build_from_configs(**configs, seed=seed, source=f"preset:{name}")
+    # buffers some constructors make from numpy arrays land on the CPU in fp32 whatever the defaults
+    return components.to(device, dtype) if device is not None or dtype is not None else components
