@@ -38,7 +38,8 @@ ENCODE_BATCH = 8
 
 def precompute_wanted(components: SDComponents, setting: bool | None) -> bool:
     """`train.precompute_text_embeddings`; null: on for the flow families (their T5-XXL), off for UNets and
-    whenever a text encoder carries LoRA adapters (lora.train_text_encoder: its embeddings change as it trains)."""
+    whenever a text encoder carries LoRA adapters (lora.train_text_encoder: its embeddings change as it
+    trains)."""
     if setting is not None:
         return setting
     return components.is_flow and not _adapted_encoders(components)
