@@ -154,7 +154,7 @@ class GradMethod:
 
 
 # Whole UNet calls rather than blocks for every shipped method: modelled for SD 1.5 at 512 px in bf16, batch
-# 4, the peak is 14.8 GiB against 15.4 (refl, draft), 16.9 against 18.2 (draft_lv) and 14.8 against 21.6
+# 4, the peak is 13.4 GiB against 14.0 (refl, draft), 15.5 against 16.8 (draft_lv) and 13.4 against 20.2
 # (alignprop through 10 steps), for 0.5-4% more FLOPs per update: with blocks the UNet's block outputs stay
 # alive through the VAE decoder's recomputation, where the peak is.
 WHOLE_CALLS = Checkpointing(unet="calls", vae_decoder=True, critic=True)
