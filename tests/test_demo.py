@@ -131,7 +131,7 @@ def test_a_changed_knob_reruns_its_stage_and_only_what_depends_on_it(quick_demo,
     finally:
         away.rename(quick_demo)
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["lora"] == str(out / "refl" / "lora")
+    assert results["config"]["lora"] == "refl/lora"  # relative to the run folder
     assert results["selector"] == f"critic:{out / 'critic' / 'critic'}"
     trained = (out / "refl" / "config.yaml").read_text()
     assert str(quick_demo) not in trained and str(out / "critic" / "critic") in trained
@@ -240,7 +240,8 @@ def test_guard_study_trains_the_ensemble_and_compares_the_selected_lora(quick_de
     assert trained.reward.critic == [str(quick_demo / "critic" / "critic"), str(member)] and member.is_dir()
     # The comparison judged the LoRA that selection kept, not the last one.
     compared = json.loads((run / "results.json").read_text())
-    assert (compared["config"]["lora"] == str(run / "refl" / refl["lora_best"])
+    # results.json names paths inside its folder relative to it
+    assert (str(run / compared["config"]["lora"]) == str(run / "refl" / refl["lora_best"])
             != str(run / "refl" / refl["lora"]))
     assert guarded["per_seed"][0]["selected_update"] == refl["best_update"]
     # The plain variant at the demo's seed is the demo's own run; the table names both variants.
