@@ -36,7 +36,6 @@ from benchmarks.refl import (
     count_update,
     describe_device,
     pinned_steps,
-    set_image_px,
     settings_for,
     setup,
     update,
@@ -215,7 +214,7 @@ def memory_model(cfg: MemoryModelConfig) -> dict:
            "static_gib": {k: v / 2**30 for k, v in static.items()}, "methods": {}}
 
     def count(step, px, batch):
-        set_image_px(bench.components, px)
+        bench.components.set_image_size(px)
         bench.prompts = bench.prompts[:1] * batch
         modes = (BroadcastBmmAsMm(), CudaAutocastNorms()) if device.type == "cpu" else ()
         return count_update(bench, step, timeline=True, modes=modes)

@@ -160,7 +160,7 @@ def setup(cfg: SetupConfig, device: torch.device, batch_size: int, image_px: int
     dtype = DTYPES[cfg.mixed_precision]
     components = load_components(ModelConfig(name=cfg.model))
     if image_px:
-        set_image_px(components, image_px)
+        components.set_image_size(image_px)
     components.to(device, dtype)
     params = add_lora(components, LoraConfig(rank=4, alpha=4))
     with torch.no_grad():  # B starts at 0, which would leave A without gradient and skip its kernels
@@ -177,23 +177,6 @@ def setup(cfg: SetupConfig, device: torch.device, batch_size: int, image_px: int
     optimizer.zero_grad(set_to_none=True)
     prompts = ["a photo of an astronaut riding a horse on mars"] * batch_size
     return Bench(components, params, optimizer, critic, prompts)
-
-
-def set_image_px(components, px: int) -> None:
-    """Generate px x px images: the size the model's config says (SDComponents.image_size: the UNet's or SD 3
-    transformer's latent side, FLUX's VAE's sample size), which the step and the pipelines read."""
-    if components.is_flow:  # SD 3's patches, FLUX's 2x2 packing
-        cell = components.transformer.config.patch_size if components.family == "sd3" else 2
-        unit, why = cell * components.vae_scale, f"the transformer reads {cell}x{cell} latent patches"
-    else:
-        halvings = len(components.unet.config.block_out_channels) - 1
-        unit, why = 2 ** halvings * components.vae_scale, f"the UNet halves its latents {halvings} times"
-    if px % unit:
-        raise ValueError(f"image_px={px} must be a multiple of {unit} ({why})")
-    if components.family == "flux":
-        components.vae.register_to_config(sample_size=px)
-    else:
-        components.denoiser.register_to_config(sample_size=px // components.vae_scale)
 
 
 def update(bench: Bench, step: StepConfig, seed: int, timer: PhaseTimer | None = None) -> None:

@@ -137,15 +137,21 @@ def export_kohya(directory: str | os.PathLike, out: str | os.PathLike | None = N
                  overwrite: bool = False) -> Path:
     """Write the kohya file of a LoRA folder, atomically: to `out`, or to <folder>/lora_kohya.safetensors,
     which every export of the folder rewrites (it is derived from the folder's weights)."""
+    return _write_export(kohya_state_dict, directory, out, overwrite, "lora_kohya.safetensors", "kohya")
+
+
+def _write_export(state_of, directory, out, overwrite: bool, default_name: str, layout: str) -> Path:
+    """`state_of(directory)`'s tensors and metadata as one safetensors file, atomically: to `out` (checked
+    first), or to <directory>/`default_name`."""
     from safetensors.torch import save
 
     if out is not None:
         check_export_path(Path(out), overwrite)
-    state, metadata = kohya_state_dict(directory)
-    out = Path(out) if out is not None else Path(directory) / "lora_kohya.safetensors"
+    state, metadata = state_of(directory)
+    out = Path(out) if out is not None else Path(directory) / default_name
     data = save(state, metadata=metadata)
     atomic_write_bytes(out, lambda f: f.write(data))
-    logger.info("wrote %d kohya tensors to %s", len(state), out)
+    logger.info("wrote %d %s-layout tensors to %s", len(state), layout, out)
     return out
 
 
@@ -193,17 +199,10 @@ def diffusers_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.
 def export_diffusers(directory: str | os.PathLike, out: str | os.PathLike | None = None,
                      overwrite: bool = False) -> Path:
     """Write the diffusers-layout file of a transformer LoRA folder (ComfyUI: SD 3 and FLUX; Forge: FLUX),
-    atomically: to `out`, or to <folder>/lora_diffusers.safetensors, rewritten by every export."""
-    from safetensors.torch import save
-
-    if out is not None:
-        check_export_path(Path(out), overwrite)
-    state, metadata = diffusers_state_dict(directory)
-    out = Path(out) if out is not None else Path(directory) / "lora_diffusers.safetensors"
-    data = save(state, metadata=metadata)
-    atomic_write_bytes(out, lambda f: f.write(data))
-    logger.info("wrote %d diffusers-layout tensors (alpha folded in) to %s", len(state), out)
-    return out
+    atomically: to `out`, or to <folder>/lora_diffusers.safetensors, rewritten by every export (alpha / rank
+    folded into lora_B)."""
+    return _write_export(diffusers_state_dict, directory, out, overwrite, "lora_diffusers.safetensors",
+                         "diffusers")
 
 
 # Key layouts of an exported LoRA file: layout -> writer(folder, out, overwrite).

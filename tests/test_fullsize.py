@@ -69,7 +69,6 @@ def test_sdxl_architecture_and_one_refl_update_at_256px_in_fp32():
     its pixels) in fp32, which every machine of the project runs (some have no bf16 instructions) in
     24 GiB."""
     import reward
-    from benchmarks.refl import set_image_px
 
     components = load_components(ModelConfig(name="sdxl"))
     assert components.is_sdxl and components.image_size == 1024
@@ -77,7 +76,7 @@ def test_sdxl_architecture_and_one_refl_update_at_256px_in_fp32():
     print(f"\nSDXL parameters: { {k: f'{v / 1e6:.1f}M' for k, v in count.items()} }")
     assert 2.55e9 < count["unet"] < 2.6e9  # SDXL base: 2.567B
     assert 120e6 < count["text_encoder"] < 125e6 and 690e6 < count["text_encoder_2"] < 700e6
-    set_image_px(components, 256)
+    components.set_image_size(256)
     params = add_lora(components, LoraConfig(rank=4, alpha=4))
     assert 5.7e6 < sum(p.numel() for p in params) < 5.9e6  # 70 transformer blocks, r4 on q/k/v/out
     with torch.no_grad():  # B starts at 0, which would leave A without gradient

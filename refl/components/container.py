@@ -213,10 +213,15 @@ class SDComponents:
     def set_image_size(self, px: int) -> None:
         """Draw px x px images from now on instead of the model's own size (benchmarks and tests at other
         sizes): the UNet's or SD 3 transformer's latent size, FLUX's VAE's sample size."""
-        unit = self.vae_scale * (2 ** (len(self.unet.config.block_out_channels) - 1) if not self.is_flow
-                                 else self.transformer.config.patch_size if self.family == "sd3" else 2)
+        if self.is_flow:  # SD 3's patches, FLUX's 2x2 packing
+            cell = self.transformer.config.patch_size if self.family == "sd3" else 2
+            unit, why = cell * self.vae_scale, f"the transformer reads {cell}x{cell} latent patches"
+        else:
+            halvings = len(self.unet.config.block_out_channels) - 1
+            unit, why = 2 ** halvings * self.vae_scale, f"the UNet halves its latents {halvings} times"
         if px % unit:
-            raise ValueError(f"image size {px} px must be a multiple of {unit} for this {self.family} model")
+            raise ValueError(f"image size {px} px must be a multiple of {unit} for this {self.family} model "
+                             f"({why})")
         if self.family == "flux":
             self.vae.register_to_config(sample_size=px)
         else:
