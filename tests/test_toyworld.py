@@ -345,3 +345,14 @@ def test_bad_input_3_sweep_toy_pairs_into_a_file_is_refused_before_rendering(tmp
     assert make_pairs_main(["--out", str(tmp_path / "notes"), "--set", "n_train_prompts=2",
                             "--set", "n_heldout_prompts=2"]) == 2
     assert "output_dir" in (err := capsys.readouterr().err) and "is a file; name a folder" in err
+
+
+@pytest.mark.parametrize("name", ["study_main", "flywheel_main", "arms_main", "sweep_main"])
+def test_bad_input_world_commands_name_a_missing_demo_in_one_line(name, tmp_path, capsys):
+    """Every command run on a finished demo refuses a folder that is not one with one line and exit 2 (the
+    arms command raised a traceback: the merge had dropped its @command)."""
+    from toyworld import cli
+
+    assert getattr(cli, name)(["--demo", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nope" in err and "\n" not in err

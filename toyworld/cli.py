@@ -195,6 +195,10 @@ def flywheel_main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config_args(parser, argv, first=quick)
     setup_logging()
     print(flywheel_markdown(run_flywheel(cfg)))
+    return 0
+
+
+@command
 def arms_main(argv: list[str] | None = None) -> int:
     """Critic and ReFL, or tuning on the feedback itself? On a finished demo: DPO on the community's pairs and
     KTO on its per-image likes (remixed or not), each one's beta and learning rate chosen by the rule written
