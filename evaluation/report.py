@@ -206,11 +206,12 @@ def _share(entry: dict) -> str:
     return f"{entry['mean']:.0%} [{lo:.0%}, {hi:.0%}]"
 
 
-def _arm_title(arm: str) -> str:
+def _arm_title(arm: str, selector: str) -> str:
+    """A headline arm in the verdict: "base, best-of-64 by the critic", "ReFL, one sample"."""
     model, n = parse_arm(arm)
     if model == BASE:
-        return f"base, best-of-{n} by the selector"
-    return model_label(model) + (", one sample" if n is None else f", best-of-{n} by the selector")
+        return f"base, best-of-{n} by the {selector}"
+    return model_label(model) + (", one sample" if n is None else f", best-of-{n} by the {selector}")
 
 
 def verdict_lines(results: dict, judges: dict[str, str], truth: str | None = None) -> list[str]:
@@ -234,8 +235,9 @@ def verdict_lines(results: dict, judges: dict[str, str], truth: str | None = Non
                 f"{_count(evals)} denoiser evaluations per image shown ({times})")
         if model != BASE:
             cost += "; " + training_cost(results.get("training_compute", {}).get(model))
-        lines.append(f"<li><b>{html.escape(_arm_title(arm))}</b>: change from base's one sample "
-                     f"{moved}; wins against base's one sample {won or '-'}; cost {cost}.</li>")
+        title = _arm_title(arm, judges[results["selector"]])
+        lines.append(f"<li><b>{title}</b>: change from base's one sample {moved}; wins against base's one "
+                     f"sample {won or '-'}; cost {cost}.</li>")
     return lines
 
 

@@ -253,9 +253,11 @@ def test_the_report_leads_with_the_verdict_from_results_json(world, run, tmp_pat
     assert "training cost not recorded" in verdict  # the world's LoRA comes from no run folder
 
     # With a judge of truth and the caller's names: the verdict reads that judge; no path names a judge.
-    labels = {res["selector"]: "the critic", "brightness": "brightness"}
+    labels = {res["selector"]: "critic", "brightness": "brightness"}
     lines = verdict_lines(res, {s: labels.get(s, s) for s in res["evaluators"]}, truth="brightness:")
-    assert len(lines) == 3 and all("brightness" in line and "the critic" not in line for line in lines)
+    assert len(lines) == 3
+    assert all("brightness" in line and not re.search(r"critic [+-]", line) for line in lines)
+    assert "best-of-8 by the critic" in lines[0]  # the selector named as the tables name it
     import reward
     from evaluation.report import judge_names
 

@@ -52,11 +52,14 @@ GRID = {f"beta {beta}, lr {lr}": [f"beta={beta}", f"train.lr={lr}"]
 COMMON = ["train.max_updates=300", "train.validate_every=30", "train.checkpoint_every=30",
           "train.lr_schedule=constant", "train.warmup_updates=0"]
 BATCH = {"dpo": 8, "kto": 16}
-# The quick mode (CI on a quick demo): two settings, 4 updates validated every 2, small batches.
+# The quick mode (CI on a quick demo): two settings, 4 updates validated at 0 and 4, small batches.
 QUICK_GRID = {"beta 5000, lr 1e-3": ["beta=5000", "train.lr=1e-3"],
               "beta 1000, lr 1e-2": ["beta=1000", "train.lr=1e-2"]}
-QUICK_COMMON = ["train.max_updates=4", "train.validate_every=2", "train.checkpoint_every=2",
+QUICK_COMMON = ["train.max_updates=4", "train.validate_every=4", "train.checkpoint_every=2",
                 "train.lr_schedule=constant", "train.warmup_updates=0"]
+# The seeds' runs of a chosen setting validate nothing (the comparison judges them): no validation prompts,
+# no judges loaded.
+UNVALIDATED = ["train.validation_prompts=[]", "train.heldout_evaluators=[]", "train.validate_at_start=false"]
 QUICK_BATCH = {"dpo": 2, "kto": 4}
 
 
@@ -68,7 +71,8 @@ class ArmsConfig:
     demo: str = "runs/demo"
     # Training seeds of ReFL, DPO and KTO (ReFL's seed 0 is the demo's own run).
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # CI's quick mode: a two-setting grid of 4 updates each with small batches (on a quick demo).
+    # CI's quick mode: a two-setting grid of 4 updates each, validated at 0 and 4, with small batches (on a
+    # quick demo).
     quick: bool = False
 
     def __post_init__(self):
@@ -212,13 +216,14 @@ def _oracle_after_choice(runs: dict[str, list[dict]], rule, choice: dict) -> dic
 
 def train_choice(demo, method: str, feedback: Path, folder: Path, sweep: dict, seed: int,
                  inputs: dict[str, str], quick: bool) -> dict:
-    """The method's chosen setting trained for the chosen number of updates with training seed `seed`; the
-    base itself (a zero LoRA) when the rule kept update 0."""
+    """The method's chosen setting trained for the chosen number of updates with training seed `seed`, without
+    validation (the comparison judges it); the base itself (a zero LoRA) when the rule kept update 0."""
     updates = sweep["choice"]["update"]
     if updates == 0:
         return {"lora": zero_lora(demo, folder / "lora"), "updates": 0, "compute": None}
     common = QUICK_COMMON if quick else COMMON
-    overrides = common + sweep["choice"]["overrides"] + [f"train.max_updates={updates}", f"train.seed={seed}"]
+    overrides = [*common, *sweep["choice"]["overrides"], f"train.max_updates={updates}", f"train.seed={seed}",
+                 *UNVALIDATED]
     cfg = preference_config(demo, method, feedback, folder, overrides, sweep["batch_size"],
                             sweep["desirable_weight"])
     return stage_preference(cfg, folder, inputs)
