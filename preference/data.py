@@ -20,10 +20,14 @@ from reward.data import LabelShards, PairShards, PairShardSampler, collate_label
 
 class FeedbackStream:
     """The micro-batches of one process: `batches(start)` yields (m, batch) from micro-batch `start` on,
-    loading with `num_workers` DataLoader workers, one epoch's loader at a time."""
+    loading with `num_workers` DataLoader workers, one epoch's loader at a time.
 
-    def __init__(self, method: str, data, image_size: int, seed: int, batch_size: int, rank: int,
-                 world: int):
+    Built before the diffusion model loads (its index reads and checks every file, so bad feedback is
+    refused in seconds, not after minutes of loading), it learns the model's image size from
+    `set_image_size` before the first batch."""
+
+    def __init__(self, method: str, data, seed: int, batch_size: int, rank: int, world: int,
+                 image_size: int = 0):
         common = dict(fmt=data.format, on_bad_row=data.on_bad_row, cache_blocks=data.shuffle_row_groups + 1,
                       duplicate_pairs=data.duplicate_pairs)
         if method == "dpo":
@@ -38,6 +42,10 @@ class FeedbackStream:
                                         shuffle_blocks=data.shuffle_row_groups)
         self.batch_size, self.rank, self.num_workers, self.seed = batch_size, rank, data.num_workers, seed
 
+    def set_image_size(self, image_size: int) -> None:
+        """The side (pixels) every image is resized to: the diffusion model's."""
+        self.dataset.image_size = image_size
+
     @property
     def n_bad_rows(self) -> int:
         """Rows the index dropped before training (on_bad_row=skip)."""
@@ -49,6 +57,9 @@ class FeedbackStream:
         return self.dataset.n_duplicates
 
     def batches(self, start: int) -> Iterator[tuple[int, dict]]:
+        if not self.dataset.image_size:
+            raise RuntimeError("FeedbackStream.set_image_size was not called: the images have no size to "
+                               "be resized to")
         per_epoch = self.sampler.batches_per_process()
         m = start
         while True:

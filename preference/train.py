@@ -143,11 +143,13 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     changed = changed_settings(out / "config.yaml", cfg) if ckpt is not None else []
     check_resumed_lora(ckpt, cfg.lora)  # what is read after the model loads, checked before it does
     guard.check_judges(t)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # The feedback is indexed (every file read, every row checked) before the model loads.
+    feed = FeedbackStream(cfg.method, cfg.data, t.seed, t.batch_size, rank, world)
     checkpointing = Checkpointing(unet="blocks" if t.gradient_checkpointing else "none")
     components, params, optimizer, lr_sched = prepare_lora_training(cfg.model, cfg.lora, t, checkpointing,
                                                                     accelerator)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    feed = FeedbackStream(cfg.method, cfg.data, components.image_size, t.seed, t.batch_size, rank, world)
+    feed.set_image_size(components.image_size)
     logger.info("%s on %d %s; %d processes, %d per update (= %d x %d accumulation x %d processes), "
                 "%d updates",
                 cfg.method, len(feed.dataset), "pairs" if cfg.method == "dpo" else "images", world,

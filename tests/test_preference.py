@@ -108,7 +108,7 @@ def test_feedback_streams_read_every_pair_format_and_labelled_images(tmp_path):
 
     shards = write_shards(tmp_path / "pickapic", pickapic_rows(24, size=8), n_shards=2, row_group=4)
     data = PreferenceDataConfig(train=str(shards[0].parent / "train-*.parquet"))
-    stream = FeedbackStream("dpo", data, 16, seed=0, batch_size=3, rank=0, world=1)
+    stream = FeedbackStream("dpo", data, seed=0, batch_size=3, rank=0, world=1, image_size=16)
     assert len(stream.dataset) == 16  # 24 rows, every third a tie, dropped (data.tie_policy=drop)
     first = [b for _, b in zip(range(4), stream.batches(0))]
     assert first[0][1]["pos"].shape == (3, 3, 16, 16)
@@ -117,8 +117,8 @@ def test_feedback_streams_read_every_pair_format_and_labelled_images(tmp_path):
 
     pairs = make_colour_pairs(tmp_path / "colour", n_pairs=6, size=16, seed=0)
     table = pd.read_parquet(_labelled_table(pairs, tmp_path / "labels.parquet"))
-    labels = FeedbackStream("kto", PreferenceDataConfig(train=str(tmp_path / "labels.parquet")), 16, seed=0,
-                            batch_size=4, rank=0, world=1)
+    labels = FeedbackStream("kto", PreferenceDataConfig(train=str(tmp_path / "labels.parquet")), seed=0,
+                            batch_size=4, rank=0, world=1, image_size=16)
     assert len(labels.dataset) == 12 and sorted(labels.dataset.labels.tolist()) == [0.0] * 6 + [1.0] * 6
     table.loc[3, "label"] = 0.5
     table.loc[5, "image"] = str(tmp_path / "missing.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -377,6 +378,33 @@ def test_bad_input_3_refl_checks_critic_lora_and_output_folder_before_the_model_
     for setting in overrides:
         args += ["--set", setting]
     assert train_main(args) == 2
+    line = _error_line(capsys)
+    assert all(n in line for n in names), line
+
+
+@pytest.mark.parametrize("method, table, names", [
+    ("dpo", None, ["pairs.parquet", "does not exist"]),
+    ("kto", "label", ["row 1", "label=0.5"]),
+])
+def test_bad_input_3_preference_reads_its_feedback_before_the_model_loads(method, table, names, tmp_path,
+                                                                         capsys, monkeypatch):
+    """The feedback was indexed after the diffusion model loaded (minutes on SDXL before a typo showed)."""
+    import refl.lora_training
+    from preference.cli import train_main
+    from reward.synthetic import make_colour_pairs
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the diffusion model loaded before the feedback was read")
+
+    monkeypatch.setattr(refl.lora_training, "load_components", must_not_load)
+    data = tmp_path / "pairs.parquet"
+    if table is not None:
+        pairs = pd.read_parquet(make_colour_pairs(tmp_path / "colour", n_pairs=3, size=16, seed=0))
+        rows = pd.DataFrame({"prompt": pairs["prompt"], "image": pairs["pos_path"], "label": [1.0, 0.5, 0.0]})
+        data = tmp_path / "colour" / "labels.parquet"  # beside the images its paths name
+        rows.to_parquet(data)
+    assert train_main(["--set", "model.name=tiny", "--set", f"method={method}", "--set", f"data.train={data}",
+                       "--set", "train.log_with=none", "--out", str(tmp_path / "run")]) == 2
     line = _error_line(capsys)
     assert all(n in line for n in names), line
 
