@@ -71,6 +71,19 @@ def _matches(name: str, suffixes: list[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def check_target_modules(cfg: LoraConfig, names: list[str], where: str) -> None:
+    """Every module name or suffix the user listed in `lora.target_modules` must match a module of the
+    denoiser (`names`, its module names): peft refuses only a list of which nothing matches, so one typo
+    among several trained fewer modules than asked, without a word."""
+    if cfg.target_modules is None:
+        return
+    unmatched = [s for s in cfg.target_modules if not any(_matches(name, [s]) for name in names)]
+    if unmatched:
+        raise ValueError(f"lora.target_modules {unmatched} match no module of {where} (a module name or its "
+                         "dotted suffix, e.g. attn.to_q); fix or remove them, or leave lora.target_modules "
+                         "null for the family's default")
+
+
 def reaches_output(denoiser: torch.nn.Module, name: str) -> bool:
     """Whether the module `name` of the denoiser can change its output. Not so: the text-stream queries
     (add_q_proj) of a joint block that keeps no text output (`context_pre_only`, SD 3's last block): its
@@ -87,9 +100,11 @@ def target_modules(cfg: LoraConfig, components: SDComponents) -> list[str]:
     targets inside its blocks only, FLOW_BLOCKS); for a UNet the suffixes, as peft matches them."""
     given = cfg.target_modules is not None
     suffixes = list(cfg.target_modules) if given else DEFAULT_TARGETS[components.family]
+    denoiser = components.denoiser
+    check_target_modules(cfg, [name for name, _ in denoiser.named_modules() if name],
+                         f"the {components.family} {components.denoiser_name}")
     if not components.is_flow:
         return suffixes
-    denoiser = components.denoiser
     names = [name for name, _ in denoiser.named_modules() if name and _matches(name, suffixes)
              and (given or name.startswith(FLOW_BLOCKS))]
     dead = [name for name in names if not reaches_output(denoiser, name)]

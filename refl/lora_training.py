@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 from refl import guard
-from refl.components import DTYPES, Checkpointing, ModelConfig, SDComponents, load_components
+from refl.components import (
+    DTYPES,
+    Checkpointing,
+    ModelConfig,
+    SDComponents,
+    denoiser_module_names,
+    load_components,
+)
 from refl.config import ReflTrainConfig
 from refl.lora import (
     LORA_WEIGHTS,
@@ -25,6 +32,7 @@ from refl.lora import (
     add_lora,
     check_lora_dir,
     check_lora_file,
+    check_target_modules,
     load_lora_state,
     lora_state,
     start_from_lora,
@@ -67,6 +75,9 @@ def prepare_lora_training(model: ModelConfig, lora: LoraConfig, t,
     # DPO terms (adapters off) stays the base model
     start = init_weights(t.init_from, "lora", lambda d: (d / LORA_WEIGHTS).is_file(),
                          "LoRA") if t.init_from else None
+    names = denoiser_module_names(model)  # a local folder's, from its config alone
+    if names is not None:
+        check_target_modules(lora, names, f"the denoiser of {model.name}")
     components = load_components(model)
     # Frozen base in the mixed-precision dtype (half the memory); the VAE and text encoder stay frozen too.
     components.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)

@@ -409,6 +409,28 @@ def test_bad_input_3_preference_reads_its_feedback_before_the_model_loads(method
     assert all(n in line for n in names), line
 
 
+def test_bad_input_3_a_lora_target_typo_among_good_ones_is_refused_before_the_model_loads(base_dir, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """peft refused only a list of which nothing matched: [to_q, to_kk] trained to_q alone, without a word,
+    and a list that matched nothing was named only after the model loaded."""
+    import refl.lora_training
+    from refl.cli import train_main
+    from refl.components import load_components
+    from refl.lora import LoraConfig, add_lora
+
+    with pytest.raises(ValueError, match=r"lora.target_modules \['to_kk'\] match no module of the sd unet"):
+        add_lora(load_components("tiny"), LoraConfig(target_modules=["to_q", "to_kk"]))
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the diffusion model loaded before lora.target_modules was checked")
+
+    monkeypatch.setattr(refl.lora_training, "load_components", must_not_load)
+    assert train_main(["--set", f"model.name={base_dir}", "--set", "lora.target_modules=[to_q,to_kk]", "--set",
+                       "train.log_with=none", "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys)
+    assert "lora.target_modules ['to_kk'] match no module of the denoiser of" in line, line
+
+
 # ------------------------------------------------- bad input 3, the new sweep: files of the wrong kind
 @pytest.mark.parametrize("name, content, names", [
     ("prompts.json", '["a cat", "a dog"]', "a .json file is not a prompts file"),  # trained on '["a cat"...'

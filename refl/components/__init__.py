@@ -35,6 +35,7 @@ from refl.components.flow_presets import FLOW_PRESETS, FlowPresetSpec, build_flo
 from refl.components.loading import (
     FAMILY_PIPELINES,
     build_pipeline,
+    denoiser_module_names,
     enable_attention,
     load_components,
     load_vae,
@@ -86,6 +87,7 @@ __all__ = [
     "build_pipeline",
     "build_preset",
     "clip_vocab_files",
+    "denoiser_module_names",
     "enable_attention",
     "load_components",
     "load_vae",

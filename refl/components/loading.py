@@ -258,6 +258,28 @@ def check_model_path(name: str, key: str) -> None:
                                 f"or a preset: {', '.join(sorted(PRESETS))})")
 
 
+def denoiser_module_names(cfg: ModelConfig) -> list[str] | None:
+    """The module names of a local diffusers directory's denoiser (its `unet/` or `transformer/`), built from
+    its config on the meta device: no weight is read, so settings that name modules are checked in a second,
+    before minutes of loading. None for a preset, an architecture or a hub id (their names are checked once
+    the model is built)."""
+    root = Path(cfg.name).expanduser()
+    if cfg.name in PRESETS or cfg.name in FLOW_PRESETS or cfg.name in ARCHITECTURES or not root.is_dir():
+        return None
+    import diffusers
+    from accelerate import init_empty_weights
+
+    index = _model_index(str(root), {})
+    part = "transformer" if model_family(str(root), index) in FLOW_FAMILIES else "unet"
+    class_name = (index.get(part) or [None, "UNet2DConditionModel" if part == "unet" else None])[1]
+    cls = getattr(diffusers, str(class_name), None)
+    if cls is None or not (root / part / "config.json").is_file():
+        return None
+    with init_empty_weights():
+        denoiser = cls.from_config(cls.load_config(root / part))
+    return [name for name, _ in denoiser.named_modules() if name]
+
+
 def load_components(cfg: ModelConfig | str) -> SDComponents:
     """The one factory: a preset name, a diffusers directory, or a locally cached model id."""
     if isinstance(cfg, str):
