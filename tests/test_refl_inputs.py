@@ -425,8 +425,8 @@ def test_bad_input_3_a_lora_target_typo_among_good_ones_is_refused_before_the_mo
         raise AssertionError("the diffusion model loaded before lora.target_modules was checked")
 
     monkeypatch.setattr(refl.lora_training, "load_components", must_not_load)
-    assert train_main(["--set", f"model.name={base_dir}", "--set", "lora.target_modules=[to_q,to_kk]", "--set",
-                       "train.log_with=none", "--out", str(tmp_path / "run")]) == 2
+    assert train_main(["--set", f"model.name={base_dir}", "--set", "lora.target_modules=[to_q,to_kk]",
+                       "--set", "train.log_with=none", "--out", str(tmp_path / "run")]) == 2
     line = _error_line(capsys)
     assert "lora.target_modules ['to_kk'] match no module of the denoiser of" in line, line
 

@@ -213,8 +213,8 @@ def test_two_process_cpu_launch_keeps_replicas_identical(tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     overrides = [o for o in tiny_train_overrides(tmp_path / "ddp", updates=3) if "dropout" not in o]
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no",
-           "--dynamo_backend", "no", "tests/refl_multiproc_worker.py", str(tmp_path / "ddp"), *overrides]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "tests/helpers/ddp_train_lora.py", "refl",
+           str(tmp_path / "ddp"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "ddp" / "replica_0.safetensors"))

@@ -1,5 +1,5 @@
-"""Run by test_refl_train.py under `accelerate launch --num_processes 2 --cpu`: train, then dump each rank's
-LoRA."""
+"""Run by the two-process tests under `accelerate launch --multi_gpu --num_processes 2` on the CPU: train
+with one of the LoRA trainers (argv[1]: refl or preference), then dump each rank's LoRA."""
 
 import os
 import sys
@@ -9,15 +9,20 @@ import torch
 from safetensors.torch import save_file
 
 from refl.lora import lora_state
-from refl.train import ReflConfig, train
 from runkit.config import load_config
 
 torch.set_num_threads(1)
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    cfg = load_config(ReflConfig, None, [f"train.output_dir={out}", *sys.argv[2:]])
+    trainer, out = sys.argv[1], Path(sys.argv[2])
+    if trainer == "refl":
+        from refl.train import ReflConfig as Config
+        from refl.train import train
+    else:
+        from preference.config import PreferenceConfig as Config
+        from preference.train import train
+    cfg = load_config(Config, None, [f"train.output_dir={out}", *sys.argv[3:]])
     captured = {}
     import refl.lora_training as lt
 
