@@ -1,5 +1,5 @@
-"""The preference-tuning experiment config: `method` (dpo | kto), `beta` and KTO's weights, `model`, `lora`,
-`data` (the feedback) and `train`.
+"""The preference-tuning experiment config: `method` (dpo | kto), `beta` and KTO's weights, the flow families'
+`timestep_density` and `guidance_scale`, `model` (any family), `lora`, `data` (the feedback) and `train`.
 
 `train` is ReFL's train section (the shared runkit.config.TrainSettings vocabulary plus the validation
 settings and held-out judges) with defaults for preference tuning. Batch sizes: `train.batch_size` pairs

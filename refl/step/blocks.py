@@ -1,6 +1,8 @@
-"""The building blocks every gradient method and reward_step share: the guided model output, a denoiser call
-with gradient under the checkpointing policy, the trajectory's timesteps, a sampler step, re-noising, the
-base model, start noise, decoding, and the denoising regulariser.
+"""The building blocks every gradient method and reward_step share: one conditional denoiser pass of any
+family and the guided model output, a denoiser call with gradient under the checkpointing policy, the
+trajectory's timesteps, a sampler step, re-noising, the base model, start noise, decoding, and what every
+denoising loss shares (the regulariser here, preference tuning's errors): the training noising and target,
+and a flow model's training timesteps.
 
 Flow-matching models (SD 3, FLUX) predict a velocity v on the path x_t = (1 - sigma) x0 + sigma noise, so
 v = noise - x0 and x0 = x_t - sigma v. Their timesteps are the model's own FlowMatchEulerDiscreteScheduler's,
