@@ -350,3 +350,20 @@ def test_tiny_bf16_run_trains_resumes_exactly_and_loads_in_the_stock_pipeline(me
     stock.load_lora_weights(tmp_path / "full" / "lora")
     assert np.abs(ours - base_images).max() > 1e-4  # the LoRA changes the images
     assert np.abs(ours - run(stock)).max() < 1e-5  # also: the saved folder carries no dropout to sample with
+
+
+def test_flow_settings_refused_in_one_line(tmp_path):
+    """A UNet sampler on a flow model is refused at start (not at the first validation), naming the key; so
+    is an unknown timestep density, before anything loads."""
+    import preference.train as ptrain
+    from preference.config import PreferenceConfig
+    from reward.synthetic import make_colour_pairs
+    from runkit.config import load_config
+
+    pairs = make_colour_pairs(tmp_path / "colour", n_pairs=4, size=16, seed=0)
+    overrides = _run_overrides(tmp_path / "run", pairs, "dpo", "tiny-sd3")  # no scheduler=flow_euler
+    with pytest.raises(ValueError, match=r"^scheduler: scheduler 'ddim' does not fit .*flow_euler"):
+        ptrain.train(load_config(PreferenceConfig, None, overrides))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="timestep_density='lognormal'; choose one of logit_normal, uniform"):
+        load_config(PreferenceConfig, None, [*overrides, "timestep_density=lognormal"])
