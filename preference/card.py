@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from preference.config import PreferenceConfig
 from refl.card import FAMILY_TAGS, denoiser_word, family_row, validation_summary
-from refl.components import FAMILY_PIPELINES
+from refl.components import FAMILY_PIPELINES, FLOW_FAMILIES
 
 METHOD_NAMES = {"dpo": "Diffusion-DPO on preference pairs",
                 "kto": "Diffusion-KTO on liked / not-liked images"}
@@ -30,7 +30,10 @@ def model_card(cfg: PreferenceConfig, updates: int, metrics_rows: Sequence[dict]
              f"| base model | `{cfg.model.name}` |", family_row(family),
              f"| method | `{cfg.method}`, beta {cfg.beta:g}"
              + (f", weights liked {cfg.desirable_weight:g} / not liked {cfg.undesirable_weight:g}"
-                if cfg.method == "kto" else "") + " |",
+                if cfg.method == "kto" else "")
+             + (f"; flow form: sigma `{cfg.timestep_density}`, velocity target"
+                + (f", guidance embedding {cfg.guidance_scale:g}" if family == "flux" else "")
+                if family in FLOW_FAMILIES else "") + " |",
              f"| feedback | `{cfg.data.train}` (format `{cfg.data.format}`) |",
              f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}"
              + f", {denoiser_word(family)}" + (" and text encoder(s)" if lora.train_text_encoder else "")

@@ -1,5 +1,5 @@
-"""The preference-tuning experiment config: `method` (dpo | kto), `beta` and KTO's weights, `model`, `lora`,
-`data` (the feedback) and `train`.
+"""The preference-tuning experiment config: `method` (dpo | kto), `beta` and KTO's weights, the flow families'
+`timestep_density` and `guidance_scale`, `model` (any family), `lora`, `data` (the feedback) and `train`.
 
 `train` is ReFL's train section (the shared runkit.config.TrainSettings vocabulary plus the validation
 settings and held-out judges) with defaults for preference tuning. Batch sizes: `train.batch_size` pairs
@@ -8,13 +8,15 @@ settings and held-out judges) with defaults for preference tuning. Batch sizes: 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from refl.components import ModelConfig
 from refl.config import ReflTrainConfig
 from refl.lora import LoraConfig
-from refl.sampling import SCHEDULERS
+from refl.sampling import MODEL_SCHEDULER, SCHEDULERS
+from refl.step import FLOW_TIMESTEP_DENSITIES
 from reward.data.pairs import check_duplicate_policy
 
 METHODS = ("dpo", "kto")
@@ -81,9 +83,20 @@ class PreferenceConfig:
     desirable_weight: float = 1.0
     # kto: weight lambda_U of the not-liked images' term.
     undesirable_weight: float = 1.0
-    # Sampler of the validation images, a key of refl.sampling.SCHEDULERS (ddim, ddpm).
+    # SD 3 / FLUX only: how the denoising errors' sigma is drawn, the density of u in (0, 1) that picks the
+    # training scheduler's sigma (refl.step.flow_training_timesteps): logit_normal (sigmoid of N(0, 1)) or
+    # uniform. logit_normal is how these models were trained (the SD 3 paper's best rectified-flow sampler,
+    # the default of diffusers' SD 3 / FLUX LoRA trainers), as Diffusion-DPO draws its timesteps the way SD
+    # was trained (uniform over the DDPM schedule, which the UNet families keep whatever this says).
+    timestep_density: str = "logit_normal"
+    # FLUX only: the value of its guidance embedding in the tuned and the reference model's denoising errors
+    # (3.5, the default of diffusers' FLUX LoRA trainer); the other families' errors are one conditional
+    # pass, unguided, as Diffusion-DPO's. Validation images use train.validation_guidance_scale.
+    guidance_scale: float = 3.5
+    # Sampler of the validation images, a key of refl.sampling.SCHEDULERS (ddim, ddpm for the UNet families;
+    # flow_euler for SD 3 / FLUX) or model (the one the model ships).
     scheduler: str = "ddim"
-    model: ModelConfig = field(default_factory=ModelConfig)  # the Stable Diffusion base (and reference)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model (and reference), any family
     lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters that train
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)  # the feedback
     train: PreferenceTrainConfig = field(default_factory=PreferenceTrainConfig)  # optimisation, validation
@@ -99,14 +112,23 @@ class PreferenceConfig:
         if self.method == "kto" and self.train.batch_size < 2:
             raise ValueError("method=kto needs train.batch_size >= 2: its reference point pairs each image "
                              "with another image's prompt of the same micro-batch")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={self.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+        if self.scheduler not in (*SCHEDULERS, MODEL_SCHEDULER):
+            raise ValueError(f"scheduler={self.scheduler!r}; choose one of {sorted(SCHEDULERS)} or "
+                             f"{MODEL_SCHEDULER}")
+        if self.timestep_density not in FLOW_TIMESTEP_DENSITIES:
+            raise ValueError(f"timestep_density={self.timestep_density!r}; choose one of "
+                             f"{', '.join(FLOW_TIMESTEP_DENSITIES)}")
+        if not 0 <= self.guidance_scale < math.inf:
+            raise ValueError(f"guidance_scale must be >= 0 and finite, got {self.guidance_scale}")
         if self.train.max_updates < 1:
             raise ValueError("train.max_updates must be >= 1")
         if self.train.select_by or self.train.stop_after_drops:
             raise ValueError("train.select_by / train.stop_after_drops are ReFL's guards (a drop is the "
                              "judge falling while the training reward rises; preference tuning has no "
                              "reward): leave them empty and compare the validations' eval/heldout/ curves")
+        if self.train.precompute_text_embeddings and self.lora.train_text_encoder:
+            raise ValueError("train.precompute_text_embeddings computes the text embeddings once, but "
+                             "lora.train_text_encoder trains the text encoders; set one of them to false")
         if self.lora.rank < 1 or not self.lora.alpha > 0 or not 0 <= self.lora.dropout < 1:
             raise ValueError(f"lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got rank "
                              f"{self.lora.rank}, alpha {self.lora.alpha}, dropout {self.lora.dropout}")

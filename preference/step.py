@@ -3,8 +3,14 @@
 (preference/objectives.py). The caller runs backward and the optimizer (train.py).
 
 The reference is the base model itself: the LoRA adapters switched off (`refl.step.base_weights`, peft's
-disable_adapters) for a no-grad pass, so no second copy of the UNet is held. Text encoders that carry
+disable_adapters) for a no-grad pass, so no second copy of the denoiser is held. Text encoders that carry
 adapters are switched off for the reference's text too.
+
+Every family runs the same objectives; only the per-example error is the family's own
+(`refl.step.noised_and_target`, `refl.step.denoiser_output`): the UNets at a timestep uniform over the DDPM
+schedule, target the noise (or v); the flow models (SD 3, FLUX) at sigma drawn as their trainers draw it
+(`refl.step.flow_training_timesteps`), x_sigma = (1 - sigma) x0 + sigma noise, target the velocity
+noise - x0, FLUX's transformer reading the guidance scale as its embedding.
 """
 
 from __future__ import annotations
@@ -17,17 +23,18 @@ from preference.objectives import dpo_loss, implicit_reward, kto_loss, kto_refer
 from refl import conditioning
 from refl.components import SDComponents
 from refl.conditioning import Conditioning
-from refl.step import base_weights, encode_images, noised_and_target
+from refl.step import base_weights, denoiser_output, encode_images, flow_training_timesteps, noised_and_target
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]  # a sum over processes (identity in one process)
 
 
 def denoising_errors(components: SDComponents, latents0: torch.Tensor, cond: Conditioning,
-                     noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Per-example mean over the latent's elements of (UNet prediction - target)^2, the target being the
-    noise or v (refl.step.noised_and_target); latents0 and noise (B, C, h, w), t (B,) -> (B,)."""
+                     noise: torch.Tensor, t: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Per-example mean over the latent's elements of (denoiser prediction - target)^2, the target being the
+    noise or v, or a flow model's velocity (refl.step.noised_and_target); latents0 and noise (B, C, h, w),
+    t (B,) -> (B,). FLUX reads `guidance_scale` as its embedding; the others make one conditional pass."""
     noisy, target = noised_and_target(components, latents0, noise, t)  # (B, C, h, w) each
-    pred = components.unet(noisy, t, **cond.unet_kwargs()).sample  # (B, C, h, w)
+    pred = denoiser_output(components, noisy, t, cond, guidance_scale)  # (B, C, h, w)
     return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
 
 
@@ -36,39 +43,46 @@ def _text_adapted(components: SDComponents) -> bool:
 
 
 def tuned_and_reference_errors(components: SDComponents, latents0: torch.Tensor, prompts: Sequence[str],
-                               noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                               noise: torch.Tensor, t: torch.Tensor,
+                               guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) errors of the tuned model (with gradient where grad is enabled) and of the base model (adapters
-    off, no gradient), at the same latents, noise and timesteps."""
+    off, no gradient), at the same latents, noise and timesteps (and FLUX's guidance scale)."""
     cond = conditioning.encode(components, prompts)
-    errors = denoising_errors(components, latents0, cond, noise, t)  # (B,)
+    errors = denoising_errors(components, latents0, cond, noise, t, guidance_scale)  # (B,)
     with torch.no_grad(), base_weights(components):
         ref_cond = conditioning.encode(components, prompts) if _text_adapted(components) else cond
-        ref_errors = denoising_errors(components, latents0, ref_cond, noise, t)  # (B,)
+        ref_errors = denoising_errors(components, latents0, ref_cond, noise, t, guidance_scale)  # (B,)
     return errors, ref_errors
 
 
-def draw_noise(components: SDComponents, latents0: torch.Tensor,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise like latents0 (B, C, h, w) and timesteps (B,) uniform over the training schedule, drawn on the
-    CPU generator (the same numbers on every device) and moved."""
+def draw_noise(components: SDComponents, latents0: torch.Tensor, generator: torch.Generator,
+               timestep_density: str = "logit_normal") -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise like latents0 (B, C, h, w) and timesteps (B,), drawn on the CPU generator (the same numbers on
+    every device) and moved: uniform over the DDPM schedule for the UNets, for a flow model sigma *
+    num_train_timesteps with sigma from `timestep_density` (refl.step.flow_training_timesteps)."""
     b = latents0.shape[0]
     noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
+    if components.is_flow:
+        return noise, flow_training_timesteps(components, b, generator, timestep_density).to(latents0.device)
     steps = components.scheduler.config.num_train_timesteps
     t = torch.randint(0, steps, (b,), generator=generator).to(latents0.device)  # (B,)
     return noise, t
 
 
-def dpo_step(components: SDComponents, batch: dict, beta: float,
-             generator: torch.Generator) -> dict[str, torch.Tensor]:
+def dpo_step(components: SDComponents, batch: dict, beta: float, generator: torch.Generator,
+             timestep_density: str = "logit_normal", guidance_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Diffusion-DPO on a micro-batch of B pairs (batch: prompt, pos, neg (B, 3, S, S) in [0, 1], label,
-    weight); both images of a pair share its timestep and noise, as the objective needs."""
+    weight); both images of a pair share its timestep and noise, as the objective needs. `timestep_density`
+    and `guidance_scale` are the flow families' (draw_noise, denoising_errors)."""
     device = components.denoiser.device
     with components.autocast():
         images = torch.cat([batch["pos"], batch["neg"]]).to(device)  # (2B, 3, S, S): preferred first
         latents = encode_images(components, images, generator)  # (2B, C, h, w)
-        noise, t = draw_noise(components, latents[: len(batch["prompt"])], generator)  # (B, C, h, w), (B,)
+        noise, t = draw_noise(components, latents[: len(batch["prompt"])], generator,
+                              timestep_density)  # (B, C, h, w), (B,)
         errors, ref_errors = tuned_and_reference_errors(components, latents, list(batch["prompt"]) * 2,
-                                                        torch.cat([noise, noise]), torch.cat([t, t]))  # (2B,)
+                                                        torch.cat([noise, noise]), torch.cat([t, t]),
+                                                        guidance_scale)  # (2B,) each
     e_w, e_l = errors.chunk(2)  # (B,) each
     r_w, r_l = ref_errors.chunk(2)  # (B,) each
     return dpo_loss(e_w, e_l, r_w, r_l, beta, batch["label"].to(device), batch["weight"].to(device))
@@ -76,20 +90,23 @@ def dpo_step(components: SDComponents, batch: dict, beta: float,
 
 def kto_step(components: SDComponents, batch: dict, beta: float, desirable_weight: float,
              undesirable_weight: float, generator: torch.Generator,
-             reduce_sum: ReduceSum = lambda x: x) -> dict[str, torch.Tensor]:
+             reduce_sum: ReduceSum = lambda x: x, timestep_density: str = "logit_normal",
+             guidance_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Diffusion-KTO on a micro-batch of B >= 2 labelled images (batch: prompt, image (B, 3, S, S), label
     (B,) 1 liked / 0 not, weight). The reference point is estimated on mismatched pairs, image i with the
     prompt of image i + 1 (cyclically), at the same noise and timestep, without gradient; `reduce_sum`
     adds its sums up over processes (a collective: every process calls it once per micro-batch, see
-    `join_reference_point`)."""
+    `join_reference_point`). `timestep_density` and `guidance_scale` are the flow families'."""
     device = components.denoiser.device
     prompts = list(batch["prompt"])
     with components.autocast():
         latents = encode_images(components, batch["image"].to(device), generator)  # (B, C, h, w)
-        noise, t = draw_noise(components, latents, generator)  # (B, C, h, w), (B,)
-        errors, ref_errors = tuned_and_reference_errors(components, latents, prompts, noise, t)  # (B,) each
+        noise, t = draw_noise(components, latents, generator, timestep_density)  # (B, C, h, w), (B,)
+        errors, ref_errors = tuned_and_reference_errors(components, latents, prompts, noise, t,
+                                                        guidance_scale)  # (B,) each
         with torch.no_grad():
-            kl_e, kl_r = tuned_and_reference_errors(components, latents, prompts[1:] + prompts[:1], noise, t)
+            kl_e, kl_r = tuned_and_reference_errors(components, latents, prompts[1:] + prompts[:1], noise, t,
+                                                    guidance_scale)  # (B,) each
     kl = implicit_reward(kl_e, kl_r, beta)  # (B,)
     sums = reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]))  # (2,)
     z0 = kto_reference_point(sums[0], sums[1])

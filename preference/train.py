@@ -36,7 +36,9 @@ from refl.lora_training import (
 )
 from refl.plots import plot_curve
 from refl.prompts import seed_for
+from refl.sampling import make_scheduler
 from refl.step import NonFiniteLossError
+from refl.text_embeddings import precompute_text_embeddings, precompute_wanted
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
 from runkit.config import changed_settings, check_device_precision
 from runkit.files import check_output_dir, paths_relative_to, write_json
@@ -88,11 +90,12 @@ def _micro_batches(components: SDComponents, cfg: PreferenceConfig, batches, upd
         # on what ran before (a validation, a resumption).
         torch.manual_seed(seed_for(t.seed, update, micro, rank, 1))
         with accelerator.autocast():
+            flow = {"timestep_density": cfg.timestep_density, "guidance_scale": cfg.guidance_scale}
             if cfg.method == "dpo":
-                terms = dpo_step(components, batch, cfg.beta, gen)
+                terms = dpo_step(components, batch, cfg.beta, gen, **flow)
             else:
                 terms = kto_step(components, batch, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight,
-                                 gen, reduce_sum)
+                                 gen, reduce_sum, **flow)
         if not torch.isfinite(terms["loss"].detach()):
             raise NonFiniteLossError(f"update {update + 1} micro-batch {micro + 1} (rank {rank}): loss is "
                                      f"{terms['loss'].item()}; no update was made. Lower train.lr or beta, "
@@ -150,6 +153,14 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     components, params, optimizer, lr_sched = prepare_lora_training(cfg.model, cfg.lora, t, checkpointing,
                                                                     accelerator)
     feed.set_image_size(components.image_size)
+    try:  # the validation sampler fits the family: refused now, not at the first validation
+        make_scheduler(cfg.scheduler, components)
+    except ValueError as err:
+        raise ValueError(f"scheduler: {err}") from None
+    # The feedback's prompts (KTO's mismatched pairs among them) and validation's are the run's fixed set.
+    prompts = feed.dataset.prompts() + list(t.validation_prompts)
+    if precompute_wanted(components, t.precompute_text_embeddings, prompts):
+        precompute_text_embeddings(components, prompts, t.text_embeddings_cache)
     logger.info("%s on %d %s; %d processes, %d per update (= %d x %d accumulation x %d processes), "
                 "%d updates",
                 cfg.method, len(feed.dataset), "pairs" if cfg.method == "dpo" else "images", world,

@@ -19,6 +19,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,13 +37,34 @@ PROBE_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 ENCODE_BATCH = 8
 
 
-def precompute_wanted(components: SDComponents, setting: bool | None) -> bool:
+# The share of the machine's memory that precomputed embeddings may take when the setting is null and the
+# caller names its prompt set (`precompute_wanted`): above it the text encoders stay and encode as they go.
+MAX_MEMORY_SHARE = 0.25
+
+
+def precompute_wanted(components: SDComponents, setting: bool | None,
+                      prompts: list[str] | None = None) -> bool:
     """`train.precompute_text_embeddings`; null: on for the flow families (their T5-XXL), off for UNets and
     whenever a text encoder carries LoRA adapters (lora.train_text_encoder: its embeddings change as it
-    trains)."""
+    trains). Given the run's `prompts` (a prompt set read from data, possibly large: preference tuning's
+    feedback), null is also off when their embeddings would take more than MAX_MEMORY_SHARE of this
+    machine's memory (measured on one prompt; logged)."""
     if setting is not None:
         return setting
-    return components.is_flow and not _adapted_encoders(components)
+    if not components.is_flow or _adapted_encoders(components):
+        return False
+    if not prompts:
+        return True
+    one = compute_embeddings(components, prompts[:1])
+    per_prompt = sum(t.numel() * t.element_size() for t in (one.hidden, one.pooled) if t is not None)
+    need, have = per_prompt * (len(prompts) + 1), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > MAX_MEMORY_SHARE * have:
+        logger.warning("text embeddings not precomputed: those of the %d prompts would take %.1f GiB of "
+                       "this machine's %.1f GiB; the text encoders stay and encode each micro-batch (set "
+                       "train.precompute_text_embeddings=true to force it)", len(prompts), need / 2**30,
+                       have / 2**30)
+        return False
+    return True
 
 
 def _adapted_encoders(components: SDComponents) -> list[str]:

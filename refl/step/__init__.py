@@ -43,10 +43,13 @@ from refl.counting import PhaseTimer
 from refl.sampling import make_scheduler
 from refl.step import methods  # noqa: F401  (importing it registers the shipped methods)
 from refl.step.blocks import (
+    FLOW_TIMESTEP_DENSITIES,
     base_weights,
     decode,
+    denoiser_output,
     denoising_loss,
     encode_images,
+    flow_training_timesteps,
     grad_call,
     initial_latents,
     noised_and_target,
@@ -69,9 +72,10 @@ from refl.step.contract import (
     validate_step_config,
 )
 
-__all__ = ["GRAD_METHODS", "SHARED_KNOBS", "WHOLE_CALLS", "BenchSpec", "GradMethod", "MethodResult",
-           "NonFiniteLossError", "RewardFn", "StepConfig", "StepContext", "base_weights", "check_cut_range",
-           "checkpointing_for", "decode", "denoising_loss", "encode_images", "grad_call", "grad_method",
+__all__ = ["FLOW_TIMESTEP_DENSITIES", "GRAD_METHODS", "SHARED_KNOBS", "WHOLE_CALLS", "BenchSpec",
+           "GradMethod", "MethodResult", "NonFiniteLossError", "RewardFn", "StepConfig", "StepContext",
+           "base_weights", "check_cut_range", "checkpointing_for", "decode", "denoiser_output",
+           "denoising_loss", "encode_images", "flow_training_timesteps", "grad_call", "grad_method",
            "ignored_knobs", "initial_latents", "noised_and_target", "register_grad_method", "reward_step",
            "unet_granularities", "validate_step_config"]
 

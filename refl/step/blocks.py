@@ -1,6 +1,8 @@
-"""The building blocks every gradient method and reward_step share: the guided model output, a denoiser call
-with gradient under the checkpointing policy, the trajectory's timesteps, a sampler step, re-noising, the
-base model, start noise, decoding, and the denoising regulariser.
+"""The building blocks every gradient method and reward_step share: one conditional denoiser pass of any
+family and the guided model output, a denoiser call with gradient under the checkpointing policy, the
+trajectory's timesteps, a sampler step, re-noising, the base model, start noise, decoding, and what every
+denoising loss shares (the regulariser here, preference tuning's errors): the training noising and target,
+and a flow model's training timesteps.
 
 Flow-matching models (SD 3, FLUX) predict a velocity v on the path x_t = (1 - sigma) x0 + sigma noise, so
 v = noise - x0 and x0 = x_t - sigma v. Their timesteps are the model's own FlowMatchEulerDiscreteScheduler's,
@@ -153,27 +155,25 @@ def flow_output(components: SDComponents, latents, t, cond: Conditioning, guidan
     return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)  # (B, C, h, w)
 
 
+def denoiser_output(components: SDComponents, latents, t, cond: Conditioning,
+                    guidance_scale: float = 1.0) -> torch.Tensor:
+    """One conditional pass of the denoiser: the UNet's noise or v, a flow transformer's velocity, (B, C, h,
+    w); FLUX reads `guidance_scale` as its guidance embedding, the others ignore it (no negative pass)."""
+    if components.is_flow:
+        return flow_output(components, latents, t, cond, guidance_scale)  # (B, C, h, w)
+    return components.unet(latents, t, **cond.unet_kwargs()).sample  # (B, C, h, w)
+
+
 def guided_eps(components: SDComponents, latents, t, cond: Conditioning, uncond: Conditioning | None,
                guidance_scale: float) -> torch.Tensor:
     """The denoiser's output (noise, v or a flow model's velocity), with classifier-free guidance when
     guidance_scale > 1 (FLUX: the guidance scale as its embedding, one pass)."""
-    if components.is_flow:
-        if components.guidance_embedded:
-            return flow_output(components, latents, t, cond, guidance_scale)  # (B, C, h, w)
-        if guidance_scale > 1.0:
-            x = torch.cat([latents, latents])  # (2B, C, h, w): unconditional half first
-            both = conditioning.cat(uncond, cond)
-            out = flow_output(components, x, t, both, guidance_scale)  # (2B, C, h, w)
-            v_uncond, v_cond = out.chunk(2)
-            return v_uncond + guidance_scale * (v_cond - v_uncond)  # (B, C, h, w)
-        return flow_output(components, latents, t, cond, guidance_scale)  # (B, C, h, w)
-    unet = components.unet
-    if guidance_scale > 1.0:
-        x = torch.cat([latents, latents])  # (2B, C, h, w): unconditional half first
-        out = unet(x, t, **conditioning.cat(uncond, cond).unet_kwargs()).sample  # (2B, C, h, w)
-        e_uncond, e_cond = out.chunk(2)
-        return e_uncond + guidance_scale * (e_cond - e_uncond)  # (B, C, h, w)
-    return unet(latents, t, **cond.unet_kwargs()).sample  # (B, C, h, w)
+    if components.guidance_embedded or guidance_scale <= 1.0:
+        return denoiser_output(components, latents, t, cond, guidance_scale)  # (B, C, h, w)
+    x = torch.cat([latents, latents])  # (2B, C, h, w): unconditional half first
+    out = denoiser_output(components, x, t, conditioning.cat(uncond, cond), guidance_scale)  # (2B, C, h, w)
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)  # (B, C, h, w)
 
 
 def grad_call(components: SDComponents, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
@@ -218,11 +218,42 @@ def encode_images(components: SDComponents, images01: torch.Tensor, generator=No
         return (z if shift is None else z - shift) * vae.config.scaling_factor
 
 
+# How a flow model's training timesteps are drawn (`flow_training_timesteps`): the density of u in (0, 1)
+# that picks the training scheduler's sigma, as diffusers' SD 3 / FLUX trainers name them.
+FLOW_TIMESTEP_DENSITIES = ("logit_normal", "uniform")
+
+
+def flow_training_timesteps(components: SDComponents, batch: int, generator: torch.Generator,
+                            density: str) -> torch.Tensor:
+    """(B,) timesteps of a flow model's training schedule, t = sigma * num_train_timesteps (the units its
+    transformer reads), drawn on the CPU generator and moved to the denoiser's device, as diffusers' SD 3 and
+    FLUX LoRA trainers draw them: u from `density` (logit_normal: sigmoid of N(0, 1), the SD 3 paper's best
+    rectified-flow sampler and the trainers' default; uniform), then the training scheduler's sigma at index
+    u * num_train_timesteps. That scheduler carries SD 3's static shift (3.0: more high-noise sigmas) and
+    none for FLUX, whose shift depends on the image size and is applied only at sampling."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    if density not in FLOW_TIMESTEP_DENSITIES:
+        raise ValueError(f"flow timestep density {density!r}; choose one of {FLOW_TIMESTEP_DENSITIES}")
+    # A fresh copy: the components' scheduler may have had its sigmas set for sampling.
+    sched = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
+    u = compute_density_for_timestep_sampling(density, batch, logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)  # (B,) in (0, 1)
+    index = (u * sched.config.num_train_timesteps).long()  # (B,)
+    return sched.timesteps[index].to(components.denoiser.device)  # (B,) descending in index: 1000 .. 1
+
+
 def noised_and_target(components: SDComponents, latents0: torch.Tensor, noise: torch.Tensor,
                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training scheduler's noised latents at timesteps t (B,) and what the UNet is trained to predict
-    there: the noise, or v for v-prediction models. Every denoising loss (the regulariser, preference
-    tuning's errors) reads both here."""
+    """The training scheduler's noised latents at timesteps t (B,) and what the denoiser is trained to
+    predict there: the noise, or v for v-prediction models; for a flow model (t = sigma *
+    num_train_timesteps) x_sigma = (1 - sigma) x0 + sigma noise and the velocity noise - x0. Every denoising
+    loss (the regulariser, preference tuning's errors) reads both here."""
+    if components.is_flow:
+        sigma = t.float() / components.scheduler.config.num_train_timesteps  # (B,)
+        s = sigma.view(-1, *([1] * (latents0.dim() - 1)))  # (B, 1, 1, 1)
+        return (1 - s) * latents0 + s * noise, noise - latents0  # (B, C, h, w) each
     sched = components.scheduler
     noisy = sched.add_noise(latents0, noise, t)  # (B, C, h, w)
     if sched.config.prediction_type == "v_prediction":
@@ -232,39 +263,21 @@ def noised_and_target(components: SDComponents, latents0: torch.Tensor, noise: t
 
 def denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],
                    generator: torch.Generator, guidance_scale: float = 1.0) -> torch.Tensor:
-    """The pre-training loss on clean latents: MSE between the UNet output and the noise (or v) target; for a
-    flow model between its velocity and noise - x0 at a sigma drawn uniformly from [0, 1) (FLUX reads
-    `guidance_scale` as its embedding)."""
-    if components.is_flow:
-        return _flow_denoising_loss(components, latents0, captions, generator, guidance_scale)
-    sched = components.scheduler
+    """The pre-training loss on clean latents: MSE between the denoiser's output and its target
+    (`noised_and_target`) at a timestep drawn uniformly from the DDPM schedule, for a flow model at a sigma
+    drawn uniformly from [0, 1) (FLUX reads `guidance_scale` as its embedding)."""
     b = latents0.shape[0]
+    steps = components.scheduler.config.num_train_timesteps
     noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
-    # (B,)
-    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents0.device)
+    if components.is_flow:
+        t = torch.rand((b,), generator=generator).to(latents0.device) * steps  # (B,) sigma * steps
+    else:
+        t = torch.randint(0, steps, (b,), generator=generator).to(latents0.device)  # (B,)
     noisy, target = noised_and_target(components, latents0, noise, t)  # (B, C, h, w) each
     cond = conditioning.encode(components, captions)  # the text encoders are not checkpointed
 
-    def unet(x, t, cond):
-        return components.unet(x, t, **cond.unet_kwargs()).sample
+    def denoiser(x, t, cond):
+        return denoiser_output(components, x, t, cond, guidance_scale)
 
-    pred = grad_call(components, unet, noisy, t, cond)  # (B, C, h, w), its one call with gradient
-    return F.mse_loss(pred.float(), target.float())
-
-
-def _flow_denoising_loss(components: SDComponents, latents0: torch.Tensor, captions: Sequence[str],
-                         generator: torch.Generator, guidance_scale: float) -> torch.Tensor:
-    b = latents0.shape[0]
-    noise = torch.randn(latents0.shape, generator=generator).to(latents0.device)  # (B, C, h, w)
-    sigma = torch.rand((b,), generator=generator).to(latents0.device)  # (B,)
-    s = sigma.view(b, 1, 1, 1)
-    noisy = (1 - s) * latents0 + s * noise  # (B, C, h, w)
-    target = noise - latents0  # the velocity
-    t = sigma * components.scheduler.config.num_train_timesteps  # (B,)
-    cond = conditioning.encode(components, captions)
-
-    def transformer(x, t, cond):
-        return flow_output(components, x, t, cond, guidance_scale)
-
-    pred = grad_call(components, transformer, noisy, t, cond)  # (B, C, h, w), its one call with gradient
+    pred = grad_call(components, denoiser, noisy, t, cond)  # (B, C, h, w), its one call with gradient
     return F.mse_loss(pred.float(), target.float())

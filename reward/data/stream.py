@@ -154,6 +154,16 @@ class PairShards(Dataset):
 
     _entry_noun = "pair"  # what an entry is, in messages
 
+    def prompts(self) -> list[str]:
+        """The distinct prompts of the indexed items, sorted; read from the prompt column alone, a row group
+        at a time (no image is read)."""
+        found: set[str] = set()
+        column = self.format.prompt
+        for start, stop in self.block_ranges():
+            values = self.reader.read(int(self.block_of[start]), [column]).to_pydict()[column]
+            found.update(values[r] for r in self.row_of[start:stop].tolist())
+        return sorted(found)
+
     def block_ranges(self) -> list[tuple[int, int]]:
         """(start, stop) item ranges that share a row group: items are stored block by block."""
         bounds = np.flatnonzero(np.diff(self.block_of)) + 1
