@@ -295,8 +295,11 @@ def test_bad_input_3_fp16_on_the_cpu_is_refused_in_one_line_before_any_work(comm
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model loaded before fp16 on the CPU was refused")
 
-    for module in ("refl.components", "refl.lora_training", "refl.generate", "evaluation.harness"):
-        mod = __import__(module, fromlist=["_"])
+    # Every module imported before any is patched: a module first imported after refl.components was patched
+    # would bind the stand-in for good (monkeypatch restores only what it set).
+    names = ("refl.components", "refl.lora_training", "refl.generate", "evaluation.harness")
+    modules = [__import__(m, fromlist=["_"]) for m in names]
+    for mod in modules:
         if hasattr(mod, "load_components"):
             monkeypatch.setattr(mod, "load_components", must_not_load)
     assert refl.components.load_components is must_not_load
