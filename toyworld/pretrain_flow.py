@@ -249,7 +249,7 @@ def train_transformer(components: SDComponents, latents: torch.Tensor, prompts: 
         transformer.set_attn_processor(JointAttnProcessor2_0())
         transformer.eval()
     return {"transformer_updates": stats["updates"], "transformer_final_loss": stats["final_loss"],
-            "transformer_minutes": stats["minutes"],
+            "transformer_minutes": stats["minutes"], "transformer_loss_curve": stats["loss_curve"],
             "updates_per_minute": stats["updates"] / max(stats["minutes"], 1e-9)}
 
 

@@ -53,7 +53,8 @@ def train_budgeted(params: list[torch.nn.Parameter], loss_of_step: Callable[[int
     200 warm-up steps then cosine decay over the planned `updates`, gradients clipped to norm 1, stopped
     after `minutes` of wall clock (0 = no limit). The EMA of `params` (decay warmed up so the early EMA is
     not mostly the initialisation) is copied into them at the end: it is what ships.
-    Returns the updates run, the mean loss of the last 200 and the minutes spent."""
+    Returns the updates run, the mean loss of the last 200, the mean loss of each 100 updates in turn
+    (`loss_curve`) and the minutes spent."""
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -83,6 +84,7 @@ def train_budgeted(params: list[torch.nn.Parameter], loss_of_step: Callable[[int
         for e, p in zip(ema, params):
             p.copy_(e)
     return {"updates": step + 1, "final_loss": float(np.mean(losses[-200:])),
+            "loss_curve": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)],
             "minutes": (time.perf_counter() - start) / 60}
 
 

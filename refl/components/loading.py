@@ -158,6 +158,22 @@ def absent_parts(index: dict, family: str) -> dict[str, None]:
             if isinstance(index.get(part), list) and index[part][0] is None}
 
 
+def family_of(name: str) -> str:
+    """The family of `model.name` without building or loading it: a preset's, an architecture's (its config
+    files), or a diffusers directory's or cached hub id's (its model_index.json, `model_family`)."""
+    if name in PRESETS:
+        return "sdxl" if PRESETS[name].text2_hidden else "sd"
+    if name in FLOW_PRESETS:
+        return FLOW_PRESETS[name].family
+    if name in ARCHITECTURES:
+        root = ARCHITECTURES[name]
+        if (root / "transformer.json").is_file():
+            cls = json.loads((root / "transformer.json").read_text())["_class_name"]
+            return "flux" if cls.startswith("Flux") else "sd3"
+        return "sdxl" if (root / "text_encoder_2.json").is_file() else "sd"
+    return model_family(name, _model_index(name, {}))
+
+
 def _flow_from_pretrained(name: str, family: str, index: dict, kw: dict, variant: str | None) -> SDComponents:
     """A flow model's components through its stock pipeline's own loading (every part in fp32)."""
     # Stored weights may be half precision; training casts the frozen base to its mixed-precision dtype.
