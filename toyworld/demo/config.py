@@ -109,7 +109,8 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     # Seed of the community stage (which prompts, which images); each stage config has its own seed.
     seed: int = 0
-    # The base model: a diffusers directory (default: the shipped toy SD).
+    # The base model: a diffusers directory (default: the shipped toy SD), a UNet or a flow model (the toy
+    # flow model, social-refl-pretrain-toy-flow; the stages' samplers then follow fitting_scheduler).
     sd_model: str = str(ASSETS / "toy-sd")
     # The critic's starting point and the zero-shot judge: a critic directory (default: the shipped toy CLIP).
     clip_model: str = str(ASSETS / "toy-clip")
