@@ -50,9 +50,14 @@ def test_smoke_run_loads_through_the_components_factory(toy_flow_dir):
     components = load_components(str(toy_flow_dir))
     assert components.family == "sd3" and components.is_flow and components.text_encoder_3 is None
     assert components.image_size == 32 and components.latent_channels == 4
-    images = sample(make_pipeline(components, family_scheduler(components.family)), [PROMPT], seeds=[0],
-                    num_inference_steps=2, guidance_scale=4.0)
+    pipe = make_pipeline(components, family_scheduler(components.family))
+    images = sample(pipe, [PROMPT], seeds=[0], num_inference_steps=2, guidance_scale=4.0)
     assert images.shape == (1, 32, 32, 3)
+    components.to(dtype=torch.bfloat16)  # the no-T5 zeros follow the text encoders' dtype
+    with components.autocast():
+        half = sample(pipe, [PROMPT], seeds=[0], num_inference_steps=2, guidance_scale=4.0, output="pt")
+    assert torch.isfinite(half).all() and np.abs(half.float().numpy().transpose(0, 2, 3, 1) * 255
+                                                 - images).mean() < 8  # bf16 rounding, same image
     # The architecture alone, from its configs (the no-T5 parts stay absent)
     random = load_components(ModelConfig(name=str(toy_flow_dir), random_weights=True, seed=3))
     assert random.family == "sd3" and random.text_encoder_3 is None
