@@ -85,6 +85,15 @@ def model_scheduler(components: SDComponents):
     return cls.from_config(cls.load_config(source, subfolder="scheduler"))
 
 
+def family_scheduler(family: str, preferred: str = "ddim") -> str:
+    """`preferred` if that sampler fits a model of `family`, else the family's own kind of sampler: one
+    setting that reads the same on a UNet and on a flow model (the toy world's demo and pre-training
+    sample the UNet with DDIM, a flow model with its flow Euler sampler)."""
+    if preferred == MODEL_SCHEDULER or (preferred in FLOW_SCHEDULERS) == (family in FLOW_FAMILIES):
+        return preferred
+    return FLOW_SCHEDULERS[0] if family in FLOW_FAMILIES else "ddim"
+
+
 def make_scheduler(name: str, components: SDComponents):
     """A sampling scheduler sharing the model's noise schedule (betas and prediction type; a flow model's
     shift): one of SCHEDULERS, or MODEL_SCHEDULER for the model's own; a ValueError names the samplers that

@@ -44,6 +44,23 @@ def quick_demo(tmp_path_factory):
     return out
 
 
+# The toy flow model's pre-training at a size of seconds: a 1-block transformer after 3 updates (read only).
+TINY_FLOW = ["--set", "n_images=128", "--set", "n_layers=1", "--set", "n_heads=2", "--set",
+             "transformer_updates=3", "--set", "transformer_batch_size=16", "--set", "transformer_minutes=0",
+             "--set", "n_eval_prompts=4", "--set", "eval_num_inference_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def toy_flow_dir(tmp_path_factory):
+    """A toy-flow folder made by `social-refl-pretrain-toy-flow` at TINY_FLOW's size: the pre-training
+    script's smoke run and the flow demo's base model."""
+    from toyworld.cli import pretrain_flow_main
+
+    out = tmp_path_factory.mktemp("flow") / "toy-flow"
+    assert pretrain_flow_main(["--out", str(out), *TINY_FLOW]) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state and refuses a second `mixed_precision` in the same process

@@ -18,7 +18,7 @@ def test_feed_draws_each_image_at_its_configured_guidance(tmp_path):
     from refl.components import load_components
     from toyworld.demo.config import ASSETS
     from toyworld.demo.stages import _sample
-    from toyworld.pretrain_sd import sample_images
+    from toyworld.pretraining import sample_images
 
     sd = str(ASSETS / "toy-sd")
     components = load_components(sd)

@@ -94,6 +94,21 @@ def pretrain_sd_main(argv: list[str] | None = None) -> int:
 
 
 @command
+def pretrain_flow_main(argv: list[str] | None = None) -> int:
+    """Pre-train the toy world's flow-matching model (an SD 3 transformer on the toy SD's VAE and text
+    encoder) and save it as a diffusers StableDiffusion3Pipeline directory (see toyworld/pretrain_flow.py):
+
+        social-refl-pretrain-toy-flow --out runs/toy-flow --set transformer_minutes=38
+        social-refl-pretrain-toy-flow --out runs/flow-smoke --set n_images=128 --set transformer_updates=3
+    """
+    from toyworld.pretrain_flow import PretrainFlowConfig, pretrain_toy_flow
+
+    print(json.dumps(_pretrain(argv, pretrain_flow_main.__doc__, PretrainFlowConfig, pretrain_toy_flow),
+                     indent=2))
+    return 0
+
+
+@command
 def pretrain_clip_main(argv: list[str] | None = None) -> int:
     """Pre-train the toy world's tiny CLIP and ship it as toyworld/assets/toy-clip (fp16).
 

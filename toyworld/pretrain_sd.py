@@ -8,21 +8,24 @@ standard diffusers pipeline directory; `StableDiffusionPipeline.from_pretrained(
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from refl.components import ModelConfig, load_components, save_pipeline
+from refl.components import ModelConfig, load_components
 from runkit.config import resolve_device
-from runkit.files import write_json
+from toyworld.pretraining import (
+    encode_latents,
+    fidelity_eval,
+    render_training_data,
+    save_fp16,
+    to_tensor,
+    train_budgeted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +76,6 @@ class PretrainSDConfig:
     threads: int = 0
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W) in [-1, 1]
-
-
 def train_vae(vae, images: torch.Tensor, cfg: PretrainSDConfig, gen: torch.Generator) -> dict:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -117,17 +116,10 @@ def vae_ceiling(vae, n: int = 256, seed: int = 1) -> dict:
     from toyworld.datasets import render_dataset
 
     images, prompts = render_dataset(n, seed=seed, split="heldout", quality_fraction=0.0)  # (n, 32, 32, 3)
-    x = _to_tensor(images).to(vae.device)  # (n, 3, H, W) in [-1, 1]
+    x = to_tensor(images).to(vae.device)  # (n, 3, H, W) in [-1, 1]
     recon = vae.decode(vae.encode(x).latent_dist.mode()).sample  # (n, 3, H, W)
     return {"renders": float(prompt_fidelity(images, prompts)),
             "vae_reconstructions": float(prompt_fidelity(to_uint8((recon + 1) / 2), prompts))}
-
-
-@torch.no_grad()
-def _encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    out = [vae.encode(images[i:i + batch].to(vae.device)).latent_dist.mode()
-           for i in range(0, images.shape[0], batch)]
-    return torch.cat(out) * vae.config.scaling_factor  # (N, 4, h, w)
 
 
 def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: PretrainSDConfig,
@@ -137,24 +129,14 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
     # A random token table learns nothing useful for 49k mostly unused ids; positions and layers adapt.
     text_encoder.get_input_embeddings().requires_grad_(False)
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    total = cfg.unet_updates
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt").input_ids  # (N, L)
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids  # (1, L)
     alphas = scheduler.alphas_cumprod.to(latents.device)  # (T,)
     snr_all = alphas / (1 - alphas)  # (T,) signal-to-noise ratio per timestep
-    unet.train()
-    text_encoder.train()
-    start = time.perf_counter()
-    losses: list[float] = []
-    pbar = tqdm(range(total), desc="toy UNet")
-    step = 0
-    for step in pbar:
+
+    def loss_of_step(step: int) -> torch.Tensor:
         idx = torch.randint(0, latents.shape[0], (cfg.unet_batch_size,), generator=gen)
         x0 = latents[idx.to(latents.device)]  # (B, 4, h, w)
         ids = tokens[idx].clone()  # (B, L)
@@ -170,52 +152,22 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
         if cfg.snr_gamma:
             snr = snr_all[t]  # (B,)
             per_example = per_example * snr.clamp(max=cfg.snr_gamma) / snr
-        loss = per_example.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not mostly init
-            for e, p in zip(ema, params):
-                e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            pbar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if cfg.unet_minutes and time.perf_counter() - start > cfg.unet_minutes * 60:
-            logger.info("UNet stage hit its %.1f-minute budget at step %d", cfg.unet_minutes, step + 1)
-            break
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+        return per_example.mean()
+
+    unet.train()
+    text_encoder.train()
+    stats = train_budgeted(params, loss_of_step, updates=cfg.unet_updates, minutes=cfg.unet_minutes,
+                           lr=cfg.unet_lr, ema_decay=cfg.ema_decay, desc="toy UNet")
     unet.eval()
     text_encoder.eval()
-    return {"unet_updates": step + 1, "unet_final_loss": float(np.mean(losses[-200:])),
-            "unet_minutes": (time.perf_counter() - start) / 60}
-
-
-def sample_images(components, prompts: list[str], steps: int, guidance: float, seed: int,
-                  batch: int = 64) -> np.ndarray:
-    """uint8 (N, H, W, 3): image i from seed + i, DDIM."""
-    from refl.sampling import make_pipeline, sample
-
-    return sample(make_pipeline(components, "ddim"), prompts, seeds=range(seed, seed + len(prompts)),
-                  num_inference_steps=steps, guidance_scale=guidance, batch_size=batch)
+    return {"unet_updates": stats["updates"], "unet_final_loss": stats["final_loss"],
+            "unet_minutes": stats["minutes"]}
 
 
 def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
-    from toyworld.checker import prompt_fidelity
-    from toyworld.datasets import render_dataset
-    from toyworld.world import ATTRIBUTES, split_prompts
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    images_np, prompts = render_dataset(cfg.n_images, seed=cfg.seed, split="train",
-                                        quality_fraction=cfg.quality_fraction)  # (N, 32, 32, 3) uint8
-    logger.info("rendered %d training scenes in %.1f s", len(prompts), time.perf_counter() - t0)
-    images = _to_tensor(images_np)
+    images, prompts = render_training_data(cfg.n_images, cfg.seed, cfg.quality_fraction)
     components = load_components(ModelConfig(name="toy", seed=cfg.seed))
     device = resolve_device(cfg.device)
     components.to(device)
@@ -225,21 +177,9 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     report["vae_ceiling_fidelity"] = vae_ceiling(components.vae)
     logger.info("VAE: held-out renders keep their prompt through encode/decode %.1f%% of the time",
                 100 * report["vae_ceiling_fidelity"]["vae_reconstructions"])
-    latents = _encode_all(components.vae, images)
+    latents = encode_latents(components.vae, images) * components.vae.config.scaling_factor  # (N, 4, h, w)
     report.update(train_unet(components, latents, prompts, cfg, gen))
-    eval_prompts = split_prompts(seed=0)[1][: cfg.n_eval_prompts]
-    samples = sample_images(components, eval_prompts, cfg.eval_num_inference_steps, cfg.eval_guidance_scale,
-                            seed=cfg.seed)
-    report["eval_prompt_fidelity"] = float(prompt_fidelity(samples, eval_prompts))
-    # Each attribute alone (size and position too), read back from the pixels.
-    report["eval_attribute_accuracy"] = {a: float(prompt_fidelity(samples, eval_prompts, attributes=[a]))
-                                         for a in ATTRIBUTES}
-    report["eval_n_prompts"] = len(eval_prompts)
-    half = copy.copy(components)
-    half.to(device="cpu", dtype=torch.float16)
-    save_pipeline(half, cfg.output_dir)
-    components.to(dtype=torch.float32)
-    write_json(Path(cfg.output_dir) / "pretrain_report.json", report)
-    logger.info("toy SD saved to %s: prompt fidelity %.3f on %d held-out prompts", cfg.output_dir,
-                report["eval_prompt_fidelity"], len(eval_prompts))
+    report.update(fidelity_eval(components, cfg.n_eval_prompts, cfg.eval_num_inference_steps,
+                                cfg.eval_guidance_scale, seed=cfg.seed))
+    save_fp16(components, cfg.output_dir, report)
     return report

@@ -70,16 +70,19 @@ def random_flow_from_directory(name: str, seed: int, source: str | None = None) 
     index = _model_index(name, {})
     family = model_family(name, index)
     parts = FLOW_PARTS[family]
+    absent = absent_parts(index, family)
     configs = {part: f"{part}/{'scheduler_config' if part == 'scheduler' else 'config'}.json"
-               for part in parts if not part.startswith("tokenizer")}
+               for part in parts if not part.startswith("tokenizer") and part not in absent}
     missing = ([rel for rel in configs.values() if not (root / rel).is_file()]
                + [part for part in parts if part not in index])
     if missing:
         raise FileNotFoundError(f"model.random_weights: {root} lacks {missing} (a diffusers "
                                 f"{FAMILY_PIPELINES[family]} directory has model_index.json and "
                                 f"{', '.join(p + '/' for p in parts)})")
-    built: dict[str, Any] = {}
+    built: dict[str, Any] = dict(absent)
     for i, part in enumerate(parts):
+        if part in absent:
+            continue
         library, class_name = index[part]
         cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
         if part.startswith("tokenizer") or part == "scheduler":
@@ -147,10 +150,35 @@ def model_family(name: str, index: dict) -> str:
     return "sdxl" if "text_encoder_2" in index else "sd"
 
 
-def _flow_from_pretrained(name: str, family: str, kw: dict, variant: str | None) -> SDComponents:
+def absent_parts(index: dict, family: str) -> dict[str, None]:
+    """The parts of a flow family's model that its model_index.json names `[null, null]`: a model shipped
+    without them (SD 3 without its T5: text_encoder_3 and tokenizer_3), each mapped to None. The stock
+    pipeline's `from_pretrained` wants those passed as None, as diffusers' SD 3 docs load it without T5."""
+    return {part: None for part in FLOW_PARTS[family]
+            if isinstance(index.get(part), list) and index[part][0] is None}
+
+
+def family_of(name: str) -> str:
+    """The family of `model.name` without building or loading it: a preset's, an architecture's (its config
+    files), or a diffusers directory's or cached hub id's (its model_index.json, `model_family`)."""
+    if name in PRESETS:
+        return "sdxl" if PRESETS[name].text2_hidden else "sd"
+    if name in FLOW_PRESETS:
+        return FLOW_PRESETS[name].family
+    if name in ARCHITECTURES:
+        root = ARCHITECTURES[name]
+        if (root / "transformer.json").is_file():
+            cls = json.loads((root / "transformer.json").read_text())["_class_name"]
+            return "flux" if cls.startswith("Flux") else "sd3"
+        return "sdxl" if (root / "text_encoder_2.json").is_file() else "sd"
+    return model_family(name, _model_index(name, {}))
+
+
+def _flow_from_pretrained(name: str, family: str, index: dict, kw: dict, variant: str | None) -> SDComponents:
     """A flow model's components through its stock pipeline's own loading (every part in fp32)."""
     # Stored weights may be half precision; training casts the frozen base to its mixed-precision dtype.
-    pipe = pipeline_class(family).from_pretrained(name, variant=variant, dtype=torch.float32, **kw)
+    pipe = pipeline_class(family).from_pretrained(name, variant=variant, dtype=torch.float32,
+                                                  **absent_parts(index, family), **kw)
     parts = {k: getattr(pipe, k, None)
              for k in ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")}
     return SDComponents(None, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
@@ -169,7 +197,7 @@ def _from_pretrained(name: str, revision: str | None, variant: str | None) -> SD
         index = _model_index(name, kw)
         family = model_family(name, index)
         if family in FLOW_FAMILIES:
-            return _flow_from_pretrained(name, family, kw, variant)
+            return _flow_from_pretrained(name, family, index, kw, variant)
         if local and not (Path(name) / "unet").is_dir():
             raise FileNotFoundError(f"{name} is not a diffusers Stable Diffusion directory (no unet/ "
                                     "subfolder)")

@@ -109,7 +109,8 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     # Seed of the community stage (which prompts, which images); each stage config has its own seed.
     seed: int = 0
-    # The base model: a diffusers directory (default: the shipped toy SD).
+    # The base model: a diffusers directory (default: the shipped toy SD), a UNet or a flow model (the toy
+    # flow model, social-refl-pretrain-toy-flow; the stages' samplers then follow fitting_scheduler).
     sd_model: str = str(ASSETS / "toy-sd")
     # The critic's starting point and the zero-shot judge: a critic directory (default: the shipped toy CLIP).
     clip_model: str = str(ASSETS / "toy-clip")
@@ -205,12 +206,23 @@ def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardConfig
                    train=replace(cfg.critic.train, output_dir=str(out)))
 
 
+def fitting_scheduler(cfg: DemoConfig, scheduler: str) -> str:
+    """A stage's sampler as it reads on the demo's base model: itself where it fits the model's family, else
+    the family's own kind (the defaults' DDIM becomes the flow Euler sampler on a flow model, which has no
+    DDIM), so `sd_model` alone switches the demo between a UNet and a flow model."""
+    from refl.components import family_of
+    from refl.sampling import family_scheduler
+
+    return family_scheduler(family_of(cfg.sd_model), scheduler)
+
+
 def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, out: Path,
                 reg_table: Path | None) -> ReflConfig:
     """The demo's ReFL config with the fields the demo fills."""
     from toyworld.world import heldout_prompts
 
     r = cfg.refl
+    r = replace(r, step=replace(r.step, scheduler=fitting_scheduler(cfg, r.step.scheduler)))
     data = replace(r.data, prompts_file=str(prompts_file))
     if reg_table is not None:
         data = replace(data, reg_images=str(reg_table), reg_pool_size=cfg.n_reg_renders)
@@ -225,7 +237,7 @@ def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, ou
 def compare_config(cfg: DemoConfig, critic: str, lora: str, prompts_file: Path, out: Path,
                    evaluators: list[str] | None = None) -> CompareConfig:
     """The demo's comparison config with the fields the demo fills."""
-    c = cfg.compare
+    c = replace(cfg.compare, scheduler=fitting_scheduler(cfg, cfg.compare.scheduler))
     return replace(c, model=replace(c.model, name=cfg.sd_model), lora=lora, prompts_file=str(prompts_file),
                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                    critic=critic,

@@ -69,7 +69,7 @@ def _sample(components, prompts: list[str], guidance: list[float], steps: int, s
     how the community behaves does not draw them again."""
     import hashlib
 
-    from refl.sampling import make_pipeline, sample
+    from refl.sampling import family_scheduler, make_pipeline, sample
 
     key = json.dumps({"model": content_hash(model), "prompts": prompts, "guidance": guidance, "steps": steps,
                       "seed": seed}, sort_keys=True)
@@ -77,7 +77,7 @@ def _sample(components, prompts: list[str], guidance: list[float], steps: int, s
     if path.is_file():
         return np.load(path)["images"]
     n = len(prompts)
-    pipe = make_pipeline(components, "ddim")
+    pipe = make_pipeline(components, family_scheduler(components.family))  # DDIM; a flow model's flow Euler
     # (P, H, W, 3) each, in batches of 64: another batch size moves the images' last bits, and the demo's
     # numbers with them
     slots = [sample(pipe, prompts, seeds=range(seed + j * n, seed + (j + 1) * n), num_inference_steps=steps,
