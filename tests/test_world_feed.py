@@ -16,24 +16,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def test_feed_draws_each_image_at_its_configured_guidance(tmp_path):
     from refl.components import load_components
-    from toyworld.demo.config import ASSETS
+    from toyworld.demo.config import ASSETS, DemoConfig, fitting_scheduler
     from toyworld.demo.stages import _sample
     from toyworld.pretraining import sample_images
 
     sd = str(ASSETS / "toy-sd")
     components = load_components(sd)
+    ddim = fitting_scheduler(DemoConfig(sd_model=sd))  # the UNet's feed sampler, as sample_images draws
+    assert ddim == "ddim"
     prompts = ["a red square", "a blue circle on a white background"]
     guidance = [1.0, 6.0, 1.0]
-    images = _sample(components, prompts, guidance, 3, 10, tmp_path, sd)  # (P, n, H, W, 3)
+    images = _sample(components, prompts, guidance, 3, 10, tmp_path, sd, ddim)  # (P, n, H, W, 3)
     assert images.shape[:2] == (2, 3)
     for j, g in enumerate(guidance):  # slot j: every prompt at guidance[j], from seed 10 + j * P
         assert np.array_equal(images[:, j], sample_images(components, prompts, 3, g, 10 + j * len(prompts)))
     assert not np.array_equal(images[:, 0], images[:, 2])  # the same scale twice is two draws, not a copy
     # guidance mattered
     assert not np.array_equal(sample_images(components, prompts, 3, 6.0, 10), images[:, 0])
-    again = _sample(components, prompts, guidance, 3, 10, tmp_path, sd)  # from the cache
+    again = _sample(components, prompts, guidance, 3, 10, tmp_path, sd, ddim)  # from the cache
     assert np.array_equal(again, images) and len(list(tmp_path.glob("samples-*.npz"))) == 1
-    _sample(components, prompts, [1.0, 6.0, 2.0], 3, 10, tmp_path, sd)
+    _sample(components, prompts, [1.0, 6.0, 2.0], 3, 10, tmp_path, sd, ddim)
     assert len(list(tmp_path.glob("samples-*.npz"))) == 2  # another mix is another key
 
 

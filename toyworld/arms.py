@@ -116,10 +116,12 @@ def kto_desirable_weight(n_liked: int, n_not_liked: int) -> float:
 def preference_config(demo, method: str, feedback: Path, out: Path, overrides: list[str], batch: int,
                       desirable_weight: float = 1.0):
     """The demo's DPO or KTO run: the demo's base model and ReFL's LoRA shape, the feedback, the demo's
-    validation prompts and sampling settings, judged by the critic, the zero-shot CLIP, the oracle and
-    prompt fidelity at every validation; then `overrides`."""
+    validation prompts and sampling settings (ReFL's sampler as the demo's ReFL stage reads it on the base
+    model's family), judged by the critic, the zero-shot CLIP, the oracle and prompt fidelity at every
+    validation; then `overrides`."""
     from preference.config import PreferenceConfig, PreferenceDataConfig, PreferenceTrainConfig
     from refl.components import ModelConfig
+    from toyworld.demo.config import fitting_scheduler
     from toyworld.world import heldout_prompts
 
     d = demo.cfg
@@ -130,7 +132,8 @@ def preference_config(demo, method: str, feedback: Path, out: Path, overrides: l
         validation_num_inference_steps=d.num_inference_steps, validation_guidance_scale=d.guidance_scale,
         heldout_evaluators=judges(demo))
     cfg = PreferenceConfig(method=method, model=ModelConfig(name=d.sd_model), lora=replace(d.refl.lora),
-                           scheduler=d.refl.step.scheduler, desirable_weight=desirable_weight,
+                           scheduler=fitting_scheduler(d, d.refl.step.scheduler),
+                           desirable_weight=desirable_weight,
                            data=PreferenceDataConfig(train=str(feedback),
                                                      format="social" if method == "dpo" else "labelled"),
                            train=train)

@@ -27,6 +27,7 @@ def demo_main(argv: list[str] | None = None) -> int:
 
         social-refl-demo --out runs/demo            # about 15 minutes on a 2-core CPU
         social-refl-demo --out runs/demo-quick --quick
+        social-refl-demo --out runs/demo-flow --set sd_model=toy-flow   # on the toy flow model
     Rerunning with the same --out resumes: finished stages are reused.
     """
     from toyworld.demo import QUICK, STAGES, DemoConfig, format_summary, run_demo
@@ -98,7 +99,7 @@ def pretrain_flow_main(argv: list[str] | None = None) -> int:
     """Pre-train the toy world's flow-matching model (an SD 3 transformer on the toy SD's VAE and text
     encoder) and save it as a diffusers StableDiffusion3Pipeline directory (see toyworld/pretrain_flow.py):
 
-        social-refl-pretrain-toy-flow --out runs/toy-flow --set transformer_minutes=38
+        social-refl-pretrain-toy-flow --out toyworld/assets/toy-flow   # the demo's sd_model=toy-flow
         social-refl-pretrain-toy-flow --out runs/flow-smoke --set n_images=128 --set transformer_updates=3
     """
     from toyworld.pretrain_flow import PretrainFlowConfig, pretrain_toy_flow

@@ -324,11 +324,13 @@ def _located(done: dict, out: Path) -> dict:
     return located
 
 
-def _pipeline(sd_model: str, lora: str | None):
-    """The demo's sampler (DDIM, fp32, the CPU unless a GPU is there) for the base or base + `lora`."""
+def _pipeline(demo, lora: str | None):
+    """The demo's feed sampler (its base model's family's: DDIM on a UNet, flow Euler on a flow model; fp32,
+    the CPU unless a GPU is there) for the demo config `demo`'s base or base + `lora`."""
     from refl.generate import load_pipeline
+    from toyworld.demo.config import fitting_scheduler
 
-    return load_pipeline(sd_model, lora, scheduler="ddim")
+    return load_pipeline(demo.sd_model, lora, scheduler=fitting_scheduler(demo))
 
 
 def _split_slots(guidance: list[float], base_share: float) -> tuple[list[int], list[int]]:
@@ -345,6 +347,7 @@ def _feed(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> dict:
     the rest by round r-1's tuned model into feed/model (the same seeds for both, so a prompt's base and
     tuned images share their noise slot by slot). Reused while its settings and the LoRA are unchanged."""
     from refl.feed import write_feed
+    from toyworld.demo.config import fitting_scheduler
     from toyworld.demo.stages import enter_stage, finish_stage
 
     demo = loop.dcfg
@@ -362,9 +365,10 @@ def _feed(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> dict:
     for part, slots, lora in (("base", base_slots, None), ("model", model_slots, prev["lora"])):
         if not slots:
             continue
-        write_feed(_pipeline(demo.sd_model, lora), loop.prompts[r], folder / part,
+        write_feed(_pipeline(demo, lora), loop.prompts[r], folder / part,
                    [guidance[j] for j in slots], seed=feed_seed, num_inference_steps=demo.num_inference_steps,
-                   batch_size=64, drawn_by={"model": demo.sd_model, "lora": lora or "", "scheduler": "ddim"})
+                   batch_size=64, drawn_by={"model": demo.sd_model, "lora": lora or "",
+                                            "scheduler": fitting_scheduler(demo)})
         parts[part] = {"slots": slots, "guidance_scales": [guidance[j] for j in slots]}
     return finish_stage(folder / "feed.json", {"parts": parts, "n_prompts": len(loop.prompts[r])})
 
@@ -499,7 +503,7 @@ def _heldout(loop: _Loop, lora: str, out: Path) -> Path:
                 "steps": demo.num_inference_steps, "seed": 1_000_000 * demo.seed + HELDOUT_SEED}
     done = enter_stage(out, out / "heldout.json", settings, {"sd_model": demo.sd_model, "lora": lora})
     if done is None:
-        images = draw_feed(_pipeline(demo.sd_model, lora), prompts, [demo.guidance_scale],
+        images = draw_feed(_pipeline(demo, lora), prompts, [demo.guidance_scale],
                            n_seeds=c.oracle_images_per_prompt, seed=settings["seed"],
                            num_inference_steps=demo.num_inference_steps, batch_size=64)  # (P, n, H, W, 3)
         write_oracle_pairs(images, prompts, out)

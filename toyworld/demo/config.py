@@ -15,8 +15,24 @@ from reward.model import CriticConfig
 from runkit.config import ConfigError
 from toyworld.community import BehaviourConfig
 
-# The shipped toy SD and toy CLIP.
+# The shipped toy SD and toy CLIP (and the toy flow model once it is made).
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The shipped base models by short name (`sd_model: toy-flow`): each a folder in ASSETS and the command
+# that makes it there.
+SHIPPED_MODELS = {"toy-sd": "social-refl-pretrain-toy-sd", "toy-flow": "social-refl-pretrain-toy-flow"}
+
+
+def shipped_model(name: str) -> str:
+    """`name` itself, or the folder in ASSETS that a shipped model's short name stands for (a short name wins
+    over a folder of that name in the working directory, as refl.components' presets do). A missing shipped
+    folder is a ConfigError naming the command that makes it."""
+    if name not in SHIPPED_MODELS:
+        return name
+    folder = ASSETS / name
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(f"sd_model={name}: {folder} is not there yet; make it with "
+                          f"`{SHIPPED_MODELS[name]} --out {folder}`")
+    return str(folder)
 
 
 def _demo_critic() -> RewardConfig:
@@ -109,9 +125,10 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     # Seed of the community stage (which prompts, which images); each stage config has its own seed.
     seed: int = 0
-    # The base model: a diffusers directory (default: the shipped toy SD), a UNet or a flow model (the toy
-    # flow model, social-refl-pretrain-toy-flow; the stages' samplers then follow fitting_scheduler).
-    sd_model: str = str(ASSETS / "toy-sd")
+    # The base model: a diffusers directory (a UNet or a flow model) or a shipped model's short name
+    # (SHIPPED_MODELS: toy-sd, the default, or toy-flow, made by social-refl-pretrain-toy-flow), resolved to
+    # its folder in toyworld/assets. On a flow model the stages' samplers follow fitting_scheduler.
+    sd_model: str = "toy-sd"
     # The critic's starting point and the zero-shot judge: a critic directory (default: the shipped toy CLIP).
     clip_model: str = str(ASSETS / "toy-clip")
     # Sampler steps and guidance of every image the demo draws outside the ReFL step.
@@ -143,6 +160,9 @@ class DemoConfig:
     compare: CompareConfig = field(default_factory=_demo_compare)  # the best-of-N harness config
 
     def __post_init__(self):
+        # The folder, not the short name, in every stage's config and key: the default's keys stay those
+        # of the toy SD's folder path.
+        self.sd_model = shipped_model(self.sd_model)
         defaults = {"critic": _demo_critic(), "refl": _demo_refl(), "compare": _demo_compare()}
         for stage, keys in FILLED_BY_DEMO.items():
             for key in keys:
@@ -206,14 +226,17 @@ def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardConfig
                    train=replace(cfg.critic.train, output_dir=str(out)))
 
 
-def fitting_scheduler(cfg: DemoConfig, scheduler: str) -> str:
+def fitting_scheduler(cfg: DemoConfig, scheduler: str | None = None) -> str:
     """A stage's sampler as it reads on the demo's base model: itself where it fits the model's family, else
     the family's own kind (the defaults' DDIM becomes the flow Euler sampler on a flow model, which has no
-    DDIM), so `sd_model` alone switches the demo between a UNet and a flow model."""
+    DDIM), so `sd_model` alone switches the demo between a UNet and a flow model. None: the family's own
+    (DDIM on a UNet), the sampler of what no config names one for: the community's feed, the held-out
+    draws, and the flywheel's feeds. Every study reads its samplers here."""
     from refl.components import family_of
     from refl.sampling import family_scheduler
 
-    return family_scheduler(family_of(cfg.sd_model), scheduler)
+    family = family_of(cfg.sd_model)
+    return family_scheduler(family) if scheduler is None else family_scheduler(family, scheduler)
 
 
 def refl_config(cfg: DemoConfig, critic: str | list[str], prompts_file: Path, out: Path,

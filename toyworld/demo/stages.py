@@ -19,7 +19,7 @@ import pandas as pd
 
 from runkit.config import to_dict
 from runkit.files import atomic_write_bytes, atomic_write_text, content_hash, paths_relative_to, write_json
-from toyworld.demo.config import DemoConfig, compare_config, critic_config, refl_config
+from toyworld.demo.config import DemoConfig, compare_config, critic_config, fitting_scheduler, refl_config
 from toyworld.demo.layout import critic_dirs, refl_result
 
 logger = logging.getLogger(__name__)
@@ -63,13 +63,14 @@ def finish_stage(summary_file: Path, summary: dict) -> dict:
 
 
 def _sample(components, prompts: list[str], guidance: list[float], steps: int, seed: int, cache: Path,
-            model: str) -> np.ndarray:
+            model: str, scheduler: str) -> np.ndarray:
     """Base-model images, (P, n, H, W, 3) uint8: image j of each prompt drawn at guidance[j], image (k, j)
-    from seed + j * P + k. Kept in `cache` under a key of the model's content and the settings, so a change in
-    how the community behaves does not draw them again."""
+    from seed + j * P + k, with `scheduler` (the model's family's: fitting_scheduler). Kept in `cache` under
+    a key of the model's content and the settings, so a change in how the community behaves does not draw
+    them again."""
     import hashlib
 
-    from refl.sampling import family_scheduler, make_pipeline, sample
+    from refl.sampling import make_pipeline, sample
 
     key = json.dumps({"model": content_hash(model), "prompts": prompts, "guidance": guidance, "steps": steps,
                       "seed": seed}, sort_keys=True)
@@ -77,7 +78,7 @@ def _sample(components, prompts: list[str], guidance: list[float], steps: int, s
     if path.is_file():
         return np.load(path)["images"]
     n = len(prompts)
-    pipe = make_pipeline(components, family_scheduler(components.family))  # DDIM; a flow model's flow Euler
+    pipe = make_pipeline(components, scheduler)
     # (P, H, W, 3) each, in batches of 64: another batch size moves the images' last bits, and the demo's
     # numbers with them
     slots = [sample(pipe, prompts, seeds=range(seed + j * n, seed + (j + 1) * n), num_inference_steps=steps,
@@ -129,7 +130,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     cache = Path(cfg.output_dir) / "cache"
     base_seed = 1_000_000 * cfg.seed
     images = _sample(components, chosen, c.feed_guidance_scales, cfg.num_inference_steps,
-                     base_seed + FEED_SEED, cache, cfg.sd_model)  # (P, n, H, W, 3)
+                     base_seed + FEED_SEED, cache, cfg.sd_model, fitting_scheduler(cfg))  # (P, n, H, W, 3)
     gen_seconds = time.perf_counter() - t0
     result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.n_users, cfg.seed,
                                     out / "train", config=c.behaviour)
@@ -137,7 +138,8 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
                                            out / "feed_oracle_pairs") if cfg.critic_ceiling else None
     # Held-out prompts: every pair of a prompt's generations, ordered by the hidden oracle.
     held_images = _sample(components, held_chosen, [cfg.guidance_scale] * c.oracle_images_per_prompt,
-                          cfg.num_inference_steps, base_seed + HELDOUT_SEED, cache, cfg.sd_model)
+                          cfg.num_inference_steps, base_seed + HELDOUT_SEED, cache, cfg.sd_model,
+                          fitting_scheduler(cfg))
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "feed_oracle_pairs": str(feed_oracle_pairs) if feed_oracle_pairs else None,
