@@ -37,7 +37,6 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +50,12 @@ from toyworld.pretraining import (
     save_fp16,
     train_budgeted,
 )
+from toyworld.world import ASSETS
 
 logger = logging.getLogger(__name__)
 
 # The shipped toy SD, whose VAE and text encoder the flow model reuses.
-TOY_SD = str(Path(__file__).resolve().parent / "assets" / "toy-sd")
+TOY_SD = str(ASSETS / "toy-sd")
 # Zero "T5" tokens the stock StableDiffusion3Pipeline appends without a T5 (its max_sequence_length default).
 PIPELINE_T5_TOKENS = 256
 T_SAMPLINGS = ("logit_normal", "uniform")

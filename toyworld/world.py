@@ -14,8 +14,12 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+# The world's shipped models (the toy SD, the toy flow model, the toy CLIP), made by its pre-training scripts.
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 

@@ -14,9 +14,9 @@ from reward.config import CriticDataConfig, CriticTrainConfig, RewardConfig
 from reward.model import CriticConfig
 from runkit.config import ConfigError
 from toyworld.community import BehaviourConfig
+from toyworld.world import ASSETS
 
 # The shipped toy SD and toy CLIP (and the toy flow model once it is made).
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The shipped base models by short name (`sd_model: toy-flow`): each a folder in ASSETS and the command
 # that makes it there.
 SHIPPED_MODELS = {"toy-sd": "social-refl-pretrain-toy-sd", "toy-flow": "social-refl-pretrain-toy-flow"}
