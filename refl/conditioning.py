@@ -11,8 +11,9 @@ compares with `StableDiffusionXLPipeline.encode_prompt`):
   else "" encoded, as always for SD 1.x / 2.x.
 SD 3 and FLUX: what their stock pipeline's own `encode_prompt` returns, called here with gradient (SD 3:
 both CLIPs' penultimate states side by side, padded to T5's width, then T5's states; the pooled pair of
-projections; FLUX: T5's states, CLIP-L's pooled embedding and the text position ids). SD 3's guidance
-negative is "" encoded; FLUX, guidance-distilled, takes no negative.
+projections; a T5-less SD 3's one zero T5 token, refl.components.zero_t5; FLUX: T5's states, CLIP-L's pooled
+embedding and the text position ids). SD 3's guidance negative is "" encoded; FLUX, guidance-distilled, takes
+no negative.
 The no-grad paths never use this module: they call the stock pipeline (refl.sampling).
 
 Precomputed (`PromptEmbeddings`, refl.text_embeddings): when `SDComponents.text_embeddings` holds a fixed
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refl.components import SDComponents, build_pipeline
+from refl.components import SDComponents, build_pipeline, t5_options
 
 
 @dataclass
@@ -139,8 +140,9 @@ def _encode_flow(components: SDComponents, prompts: Sequence[str]) -> Conditioni
         hidden, pooled, text_ids = pipe.encode_prompt(list(prompts), None, device=device)
         return Conditioning(hidden, pooled, text_ids=text_ids)  # (B, L, D), (B, P), (L, 3)
     hidden, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device,
-                                              do_classifier_free_guidance=False)
-    return Conditioning(hidden, pooled)  # (B, L_clip + L_t5, D), (B, P)
+                                              do_classifier_free_guidance=False,
+                                              **t5_options(components.transformer))
+    return Conditioning(hidden, pooled)  # (B, L_clip + L_t5, D), (B, P); L_t5 1 for a T5-less SD 3
 
 
 def negative(components: SDComponents, cond: Conditioning) -> Conditioning:

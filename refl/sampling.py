@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from refl.components import FAMILY_PIPELINES, FLOW_FAMILIES, SDComponents, build_pipeline
+from refl.components import FAMILY_PIPELINES, FLOW_FAMILIES, SDComponents, build_pipeline, t5_options
 
 OUTPUTS = ("latent", "pt", "uint8", "pil")
 
@@ -151,7 +151,8 @@ def encode_text(pipe, prompt: str, guidance_scale: float) -> dict[str, torch.Ten
                                                num_images_per_prompt=1)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     # SD 3's takes a prompt per text encoder; None = the same prompt for each
-    others = {"prompt_2": None, "prompt_3": None} if pipeline_family(pipe) == "sd3" else {}
+    others = ({"prompt_2": None, "prompt_3": None, **t5_options(pipe.transformer)}
+              if pipeline_family(pipe) == "sd3" else {})
     out = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=1,
                              do_classifier_free_guidance=guidance_scale > 1.0, **others)
     return dict(zip(EMBED_NAMES, out))
@@ -177,9 +178,10 @@ def unpack_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 def call_options(pipe, eta: float = 0.0) -> dict:
     """The keyword arguments a call of this stock pipeline takes beyond the prompt, steps and guidance: DDIM's
     eta for the UNet families (flow pipelines have none); a flow pipeline's height and width, its model's
-    size (FLUX's pipeline would otherwise draw 1024 px whatever the model)."""
-    if pipeline_family(pipe) in FLOW_FAMILIES:
-        return {"height": image_size(pipe), "width": image_size(pipe)}
+    size (FLUX's pipeline would otherwise draw 1024 px whatever the model), and for a T5-less SD 3 its one
+    zero T5 token (`refl.components.t5_options`)."""
+    if pipeline_family(pipe) in FLOW_FAMILIES:  # a T5-less SD 3's short context (refl.components.zero_t5)
+        return {"height": image_size(pipe), "width": image_size(pipe), **t5_options(pipe.transformer)}
     return {"eta": eta}
 
 

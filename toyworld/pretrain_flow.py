@@ -16,12 +16,12 @@ Design, and why:
   trains with frozen text encoders; the toy SD trained this encoder with its UNet, so it already separates
   the world's prompts. The training prompts' embeddings are computed once by the pipeline's own
   `encode_prompt`.
-- **T5's zeros, trained exactly and cheaply**: the stock pipeline appends 256 zero "T5" tokens to the 16 CLIP
+- **T5's zeros, run exactly and cheaply**: the stock pipeline appends 256 zero "T5" tokens to the 16 CLIP
   tokens (`max_sequence_length`), four times the rest of the sequence. The 256 are identical through every
-  block (the context stream is per token, without positions), so attention over them equals attention over
-  one with its logit raised by log 256. Training runs the transformer with one zero token and
-  `RepeatedLastToken` attention (a test checks it against the stock processor on the full 272 tokens);
-  sampling, the fidelity measurement and every user run the stock pipeline unchanged.
+  block, so attention over them equals attention over one with its logit raised by log 256
+  (`refl.components.zero_t5`, which `load_components` installs on every T5-less SD 3). Training, the fidelity
+  measurement and every later run of this project use the one-token context; the stock pipeline's 256-token
+  call over the same modules gives the same images (tested).
 - **Flow matching** as SD 3: x_t = (1 - sigma) x0 + sigma noise, the transformer predicts the velocity
   noise - x0 at timestep 1000 sigma, sigma drawn logit-normal (m 0, s 1: SD 3's choice, Esser et al. 2024)
   or uniform. The sampler's shift is 1: SD 3's shift of 3 keeps the signal-to-noise ratio of its 128x128
@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from refl.components import SDComponents, build_pipeline, load_components
+from refl.components import SDComponents, build_pipeline, collapse_zero_t5, load_components, t5_options
 from runkit.config import resolve_device
 from toyworld.pretraining import (
     encode_latents,
@@ -56,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 # The shipped toy SD, whose VAE and text encoder the flow model reuses.
 TOY_SD = str(ASSETS / "toy-sd")
-# Zero "T5" tokens the stock StableDiffusion3Pipeline appends without a T5 (its max_sequence_length default).
-PIPELINE_T5_TOKENS = 256
 T_SAMPLINGS = ("logit_normal", "uniform")
 
 
@@ -113,37 +110,6 @@ class PretrainFlowConfig:
             raise ValueError(f"patch_size {self.patch_size} must divide the 8x8 latents (1, 2, 4 or 8)")
 
 
-class RepeatedLastToken:
-    """Joint attention (SD 3's: image and context tokens attend together) where the last context token
-    stands for `copies` identical tokens: its attention logit is raised by log(copies), which is what
-    `copies` identical keys with identical values amount to in a softmax. Training-only: the stock
-    processor goes back before anything samples."""
-
-    def __init__(self, copies: int):
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n_image, _ = hidden_states.shape
-
-        def split(x, norm=None):  # (B, T, H*d) -> (B, H, T, d)
-            x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-            return norm(x) if norm is not None else x
-
-        q = torch.cat([split(attn.to_q(hidden_states), attn.norm_q),
-                       split(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
-        k = torch.cat([split(attn.to_k(hidden_states), attn.norm_k),
-                       split(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
-        v = torch.cat([split(attn.to_v(hidden_states)), split(attn.add_v_proj(encoder_hidden_states))], dim=2)
-        bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)  # (1, T): every query's logits
-        bias[:, -1] = self.log_copies
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, d)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])  # (B, T, H*d)
-        image, context = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](image)), context
-
-
 def with_projection(text_encoder):
     """A CLIPTextModel as the CLIPTextModelWithProjection SD 3's pipeline reads (its pooled embedding is the
     projected end-of-text state), the projection the identity: the pooled embedding is the encoder's own."""
@@ -183,6 +149,7 @@ def build_toy_flow(cfg: PretrainFlowConfig) -> SDComponents:
         pooled_projection_dim=clip_width, pos_embed_max_size=latent_size // cfg.patch_size,
         qk_norm="rms_norm")  # SD 3.5's: keeps attention logits bounded at a small model's high learning rate
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
+    collapse_zero_t5(transformer, sd.tokenizer.model_max_length)  # as load_components does without a T5
     return SDComponents(None, vae, text_encoder, sd.tokenizer, scheduler,
                         text_encoder_2=copy.deepcopy(text_encoder), tokenizer_2=copy.deepcopy(sd.tokenizer),
                         transformer=transformer, family="sd3", source="toy-flow")
@@ -199,11 +166,12 @@ def fit_latent_normalisation(vae, raw: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def encode_prompts(components: SDComponents, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prompt's conditioning as the stock pipeline computes it, with one zero T5 token instead of 256
-    (RepeatedLastToken stands it for the rest): states (N, 16 + 1, 128), pooled (N, 128)."""
+    (refl.components.zero_t5 stands it for the rest): states (N, 16 + 1, 128), pooled (N, 128)."""
     pipe = build_pipeline(components)
     states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                               device=components.transformer.device,
-                                              do_classifier_free_guidance=False, max_sequence_length=1)
+                                              do_classifier_free_guidance=False,
+                                              **t5_options(components.transformer))
     return states, pooled
 
 
@@ -218,8 +186,6 @@ def train_transformer(components: SDComponents, latents: torch.Tensor, prompts: 
                       cfg: PretrainFlowConfig, gen: torch.Generator) -> dict:
     """The flow-matching stage on scaled latents (N, C, h, w) of `prompts`; the EMA weights stay in the
     transformer."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
     transformer = components.transformer
     distinct = sorted(set(prompts))
     states, pooled = encode_prompts(components, [""] + distinct)  # (P + 1, T, D), (P + 1, D); row 0 is ""
@@ -241,14 +207,12 @@ def train_transformer(components: SDComponents, latents: torch.Tensor, prompts: 
                            pooled_projections=pooled[cond].to(device), timestep=sigma * 1000).sample
         return F.mse_loss(pred, noise - x0)
 
-    transformer.set_attn_processor(RepeatedLastToken(PIPELINE_T5_TOKENS))
     transformer.train()
     try:
         stats = train_budgeted(params, loss_of_step, updates=cfg.transformer_updates,
                                minutes=cfg.transformer_minutes, lr=cfg.transformer_lr,
                                ema_decay=cfg.ema_decay, desc="toy flow transformer")
     finally:
-        transformer.set_attn_processor(JointAttnProcessor2_0())
         transformer.eval()
     return {"transformer_updates": stats["updates"], "transformer_final_loss": stats["final_loss"],
             "transformer_minutes": stats["minutes"], "transformer_loss_curve": stats["loss_curve"],

@@ -18,6 +18,7 @@ The parts, each importing only those above it:
 - `tokenizers`: CLIP tokenizers rebuilt offline from open_clip's vocabulary, a small T5 tokenizer;
 - `presets`: the UNet presets and full-size architectures with seeded random weights;
 - `flow_presets`: the flow-matching presets;
+- `zero_t5`: SD 3 without its T5 run exactly on one of the pipeline's 256 zero tokens;
 - `loading`: diffusers directories and hub ids, `load_components`, `build_pipeline`, `save_pipeline`.
 Everyone else imports from `refl.components`.
 """
@@ -62,6 +63,7 @@ from refl.components.tokenizers import (
     build_t5_tokenizer,
     clip_vocab_files,
 )
+from refl.components.zero_t5 import PIPELINE_T5_TOKENS, ZeroT5Attention, collapse_zero_t5, t5_options
 
 __all__ = [
     "ARCHITECTURES",
@@ -73,6 +75,7 @@ __all__ = [
     "FLOW_PRESETS",
     "HUB_ARCHITECTURES",
     "MODEL_CONFIG_DIR",
+    "PIPELINE_T5_TOKENS",
     "PRESETS",
     "SDXL_PAD_TOKEN_2",
     "UNET_CHECKPOINTING",
@@ -81,11 +84,13 @@ __all__ = [
     "ModelConfig",
     "PresetSpec",
     "SDComponents",
+    "ZeroT5Attention",
     "build_architecture",
     "build_clip_tokenizer",
     "build_flow_preset",
     "build_from_configs",
     "build_pipeline",
+    "collapse_zero_t5",
     "build_preset",
     "clip_vocab_files",
     "denoiser_module_names",
@@ -98,4 +103,5 @@ __all__ = [
     "random_flow_from_directory",
     "save_pipeline",
     "build_t5_tokenizer",
+    "t5_options",
 ]

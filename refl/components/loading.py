@@ -30,6 +30,7 @@ from refl.components.presets import (
     build_from_configs,
     build_preset,
 )
+from refl.components.zero_t5 import collapse_zero_t5
 from runkit.files import atomic_dir
 from runkit.hub import unreachable_advice
 
@@ -335,6 +336,8 @@ def load_components(cfg: ModelConfig | str) -> SDComponents:
         logger.info("VAE from %s (force_upcast=%s)", cfg.vae,
                     getattr(components.vae.config, "force_upcast", None))
     enable_attention(components, cfg.attention)
+    if components.family == "sd3" and components.text_encoder_3 is None and cfg.attention == "sdpa":
+        collapse_zero_t5(components.transformer, components.tokenizer.model_max_length)
     logger.info("%s components from %s: %s %.2fM params, %d px images", components.family, components.source,
                 components.denoiser_name, sum(p.numel() for p in components.denoiser.parameters()) / 1e6,
                 components.image_size)
