@@ -110,6 +110,23 @@ def pretrain_flow_main(argv: list[str] | None = None) -> int:
 
 
 @command
+def feed_scales_main(argv: list[str] | None = None) -> int:
+    """The community feed's guidance scales for another world model (toyworld/feed_scales.py): both models'
+    prompt fidelity and within-prompt spread per candidate scale, and the toy SD's feed mapped scale by scale
+    to the other model's by spread (never the oracle). Writes <out>/feed_scales.json.
+
+        social-refl-world-feed-scales --out runs/feed-scales        # toy-sd's feed mapped onto toy-flow
+    """
+    from toyworld.feed_scales import FeedScalesConfig, feed_scales_markdown, run_feed_scales
+
+    cfg, _ = parse_config_args(config_parser(FeedScalesConfig, feed_scales_main.__doc__,
+                                             flags=("output_dir", "model")), argv)
+    setup_logging()
+    print(feed_scales_markdown(run_feed_scales(cfg)))
+    return 0
+
+
+@command
 def pretrain_clip_main(argv: list[str] | None = None) -> int:
     """Pre-train the toy world's tiny CLIP and ship it as toyworld/assets/toy-clip (fp16).
 
