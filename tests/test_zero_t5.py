@@ -80,8 +80,8 @@ def test_shipped_model_samples_the_same_images_as_the_stock_256_token_call():
     assert encode(components, PROMPTS[:1]).hidden.shape[1] == 17  # the training conditioning's short context
     pipe = make_pipeline(components, family_scheduler(components.family))
     ours = sample(pipe, PROMPTS[:1] * 2, seeds=[3, 4], num_inference_steps=6, guidance_scale=4.0, output="pt")
-    stock = StableDiffusion3Pipeline.from_pretrained(ASSETS / "toy-flow", text_encoder_3=None, tokenizer_3=None,
-                                                     dtype=torch.float32)
+    stock = StableDiffusion3Pipeline.from_pretrained(ASSETS / "toy-flow", text_encoder_3=None,
+                                                     tokenizer_3=None, dtype=torch.float32)
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
     theirs = stock(PROMPTS[:1] * 2, num_inference_steps=6, guidance_scale=4.0, generator=gens, height=32,
                    width=32, output_type="pt").images  # (B, 3, H, W), the stock processor on 256 zero tokens

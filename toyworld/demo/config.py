@@ -84,6 +84,13 @@ def _demo_compare() -> CompareConfig:
 # other from CFG 4 up, so the feed spans the toy model's range: loose samples at 1.5-2, the demo's 4, strict
 # 6.
 FEED_GUIDANCE = [1.5, 2.0, 3.0, 4.0, 6.0, 1.5, 2.0, 4.0]
+# The flow world's feed: the toy SD's mapped scale by scale onto the toy flow model's by within-prompt spread
+# (toyworld/feed_scales.py, the rule written in docs/toyflow.md before measuring; never the oracle): its
+# samples of a prompt keep closer together at the same guidance (spread 0.0115 at 4 against the toy SD's
+# 0.0186), so the same looseness sits at lower scales.
+FLOW_FEED_GUIDANCE = [1.25, 1.5, 2.0, 2.0, 3.0, 1.25, 1.5, 2.0]
+# Each shipped model's feed, the default of community.feed_guidance_scales; any other folder: FEED_GUIDANCE.
+WORLD_FEEDS = {"toy-sd": FEED_GUIDANCE, "toy-flow": FLOW_FEED_GUIDANCE}
 
 
 @dataclass
@@ -92,8 +99,8 @@ class CommunityStageConfig:
     n_prompts: int = 240
     # The feed: the guidance scale of each image drawn per training prompt (its length is the images per
     # prompt); sampler steps are the demo's num_inference_steps. ReFL, validation and the comparison keep the
-    # demo's own guidance_scale.
-    feed_guidance_scales: list[float] = field(default_factory=lambda: list(FEED_GUIDANCE))
+    # demo's own guidance_scale. [] = the base model's own (WORLD_FEEDS), filled in by DemoConfig.
+    feed_guidance_scales: list[float] = field(default_factory=list)
     # Simulated users. Sized on the third edition's feed before any ReFL ran on it: 60 users (1,945 pairs)
     # gave a critic at 59.9% against the oracle, 120 users with up to 16 pairs per prompt (3,177) 63.1%, 240
     # users (3,054; denser exposure leaves fewer negatives) 62.9%, and 480 prompts x 120 users (3,892) 62.2%:
@@ -162,7 +169,12 @@ class DemoConfig:
     def __post_init__(self):
         # The folder, not the short name, in every stage's config and key: the default's keys stay those
         # of the toy SD's folder path.
+        short = next((name for name in SHIPPED_MODELS
+                      if self.sd_model == name or Path(self.sd_model).resolve() == (ASSETS / name).resolve()),
+                     None)
         self.sd_model = shipped_model(self.sd_model)
+        if not self.community.feed_guidance_scales:  # the world's own feed, explicit in the saved config
+            self.community.feed_guidance_scales = list(WORLD_FEEDS.get(short, FEED_GUIDANCE))
         defaults = {"critic": _demo_critic(), "refl": _demo_refl(), "compare": _demo_compare()}
         for stage, keys in FILLED_BY_DEMO.items():
             for key in keys:
