@@ -74,3 +74,15 @@ def test_bad_settings_are_refused_before_any_work():
         PretrainFlowConfig(t_sampling="cosine")
     with pytest.raises(ValueError, match="patch_size"):
         PretrainFlowConfig(patch_size=3)
+
+
+def test_an_output_dir_the_save_could_not_write_is_refused_before_training(tmp_path, monkeypatch):
+    import toyworld.pretrain_flow as pretrain_flow
+    from toyworld.pretrain_flow import pretrain_toy_flow
+
+    monkeypatch.setattr(pretrain_flow, "render_training_data",
+                        lambda *a, **k: pytest.fail("rendered before the output folder was checked"))
+    taken = tmp_path / "model"
+    taken.write_text("a file where the model folder would go")
+    with pytest.raises(FileExistsError, match="model is a file"):
+        pretrain_toy_flow(PretrainFlowConfig(output_dir=str(taken)))

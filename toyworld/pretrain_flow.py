@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from refl.components import SDComponents, build_pipeline, collapse_zero_t5, load_components, t5_options
 from runkit.config import resolve_device
 from toyworld.pretraining import (
+    check_output_dir,
     encode_latents,
-    fidelity_eval,
     render_training_data,
-    save_fp16,
+    save_and_measure,
     train_budgeted,
 )
 from toyworld.world import ASSETS
@@ -224,6 +224,7 @@ def pretrain_toy_flow(cfg: PretrainFlowConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    check_output_dir(cfg.output_dir)
     images, prompts = render_training_data(cfg.n_images, cfg.seed, cfg.quality_fraction)
     device = resolve_device(cfg.device)
     components = build_toy_flow(cfg)
@@ -236,7 +237,4 @@ def pretrain_toy_flow(cfg: PretrainFlowConfig) -> dict:
               "transformer_parameters": sum(p.numel() for p in components.transformer.parameters()),
               "vae_ceiling_fidelity": vae_ceiling(components.vae)}
     report.update(train_transformer(components, latents, prompts, cfg, gen))
-    report.update(fidelity_eval(components, cfg.n_eval_prompts, cfg.eval_num_inference_steps,
-                                cfg.eval_guidance_scale, seed=cfg.seed))
-    save_fp16(components, cfg.output_dir, report)
-    return report
+    return save_and_measure(components, cfg, report)

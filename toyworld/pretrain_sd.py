@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from refl.components import ModelConfig, load_components
 from runkit.config import resolve_device
 from toyworld.pretraining import (
+    check_output_dir,
     encode_latents,
-    fidelity_eval,
     render_training_data,
-    save_fp16,
+    save_and_measure,
     to_tensor,
     train_budgeted,
 )
@@ -167,6 +167,7 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
 def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    check_output_dir(cfg.output_dir)
     images, prompts = render_training_data(cfg.n_images, cfg.seed, cfg.quality_fraction)
     components = load_components(ModelConfig(name="toy", seed=cfg.seed))
     device = resolve_device(cfg.device)
@@ -179,7 +180,4 @@ def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
                 100 * report["vae_ceiling_fidelity"]["vae_reconstructions"])
     latents = encode_latents(components.vae, images) * components.vae.config.scaling_factor  # (N, 4, h, w)
     report.update(train_unet(components, latents, prompts, cfg, gen))
-    report.update(fidelity_eval(components, cfg.n_eval_prompts, cfg.eval_num_inference_steps,
-                                cfg.eval_guidance_scale, seed=cfg.seed))
-    save_fp16(components, cfg.output_dir, report)
-    return report
+    return save_and_measure(components, cfg, report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,13 +114,39 @@ def fidelity_eval(components, n_prompts: int, steps: int, guidance: float, seed:
             "eval_n_prompts": len(prompts)}
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Refuse, before any training, an output folder the save at the end could not write: a file in its
+    place or a parent folder that cannot be written (the run would otherwise be lost at its last step)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output_dir {path} is a file; name a folder (it is replaced by the model)")
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output_dir {path}: cannot write into {parent}; choose a writable folder")
+
+
 def save_fp16(components, output_dir: str, report: dict) -> None:
     """The components in fp16 as a standard diffusers directory (written atomically), then its report; the
-    components in memory stay fp32."""
+    components in memory stay fp32 (rounded to fp16's values: what ships is what is measured after).
+    Saved before the fidelity measurement, so a failure there loses no training; the report is rewritten
+    with it."""
     half = copy.copy(components)
     half.to(device="cpu", dtype=torch.float16)
     save_pipeline(half, output_dir)
     components.to(dtype=torch.float32)
     write_json(Path(output_dir) / "pretrain_report.json", report)
-    logger.info("saved to %s: prompt fidelity %.3f on %d held-out prompts", output_dir,
-                report["eval_prompt_fidelity"], report["eval_n_prompts"])
+    logger.info("saved to %s", output_dir)
+
+
+def save_and_measure(components, cfg, report: dict) -> dict:
+    """The end of a pre-training run: the model saved (fp16), then its prompt fidelity measured at the
+    config's eval settings and added to the saved report; returns the report. Saving comes first, so a
+    failure while measuring loses no training."""
+    save_fp16(components, cfg.output_dir, report)
+    report.update(fidelity_eval(components, cfg.n_eval_prompts, cfg.eval_num_inference_steps,
+                                cfg.eval_guidance_scale, seed=cfg.seed))
+    write_json(Path(cfg.output_dir) / "pretrain_report.json", report)
+    logger.info("prompt fidelity %.3f on %d held-out prompts", report["eval_prompt_fidelity"],
+                report["eval_n_prompts"])
+    return report
