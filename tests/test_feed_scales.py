@@ -41,12 +41,17 @@ def test_feed_scales_must_be_candidates():
         FeedScalesConfig(reference_feed=[1.5, 5.0])
 
 
-def test_each_shipped_world_model_gets_its_own_feed_unless_one_is_set():
-    from toyworld.demo.config import FEED_GUIDANCE, FLOW_FEED_GUIDANCE, CommunityStageConfig, DemoConfig
+def test_each_shipped_world_model_gets_its_own_feed_unless_one_is_set(tmp_path):
+    from runkit.config import load_config
+    from toyworld.demo.config import FEED_GUIDANCE, FLOW_FEED_GUIDANCE, DemoConfig, feed_guidance_scales
     from toyworld.world import ASSETS
 
-    assert DemoConfig().community.feed_guidance_scales == FEED_GUIDANCE  # the UNet world's keys unchanged
-    assert DemoConfig(sd_model="toy-flow").community.feed_guidance_scales == FLOW_FEED_GUIDANCE
-    assert DemoConfig(sd_model=str(ASSETS / "toy-flow")).community.feed_guidance_scales == FLOW_FEED_GUIDANCE
-    chosen = DemoConfig(sd_model="toy-flow", community=CommunityStageConfig(feed_guidance_scales=[2.0, 4.0]))
-    assert chosen.community.feed_guidance_scales == [2.0, 4.0]
+    # As the command line builds it: the defaults first, then --set sd_model
+    assert feed_guidance_scales(load_config(DemoConfig)) == FEED_GUIDANCE  # the UNet world's as it was
+    flow = load_config(DemoConfig, None, ["sd_model=toy-flow"])
+    assert feed_guidance_scales(flow) == FLOW_FEED_GUIDANCE
+    assert feed_guidance_scales(load_config(DemoConfig, None, [f"sd_model={ASSETS / 'toy-flow'}"])) \
+        == FLOW_FEED_GUIDANCE
+    assert feed_guidance_scales(load_config(DemoConfig, None, [f"sd_model={tmp_path}"])) == FEED_GUIDANCE
+    chosen = load_config(DemoConfig, None, ["sd_model=toy-flow", "community.feed_guidance_scales=[2.0, 4.0]"])
+    assert feed_guidance_scales(chosen) == [2.0, 4.0]

@@ -347,12 +347,12 @@ def _feed(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> dict:
     the rest by round r-1's tuned model into feed/model (the same seeds for both, so a prompt's base and
     tuned images share their noise slot by slot). Reused while its settings and the LoRA are unchanged."""
     from refl.feed import write_feed
-    from toyworld.demo.config import fitting_scheduler
+    from toyworld.demo.config import feed_guidance_scales, fitting_scheduler
     from toyworld.demo.stages import enter_stage, finish_stage
 
     demo = loop.dcfg
     folder = out / "feed"
-    guidance = list(demo.community.feed_guidance_scales)
+    guidance = feed_guidance_scales(demo)
     base_slots, model_slots = _split_slots(guidance, loop.cfg.base_share)
     feed_seed = 1_000_000 * demo.seed + ROUND_SEED * r
     settings = {"prompts": loop.prompts[r], "guidance": guidance, "base_slots": base_slots,

@@ -99,7 +99,7 @@ class CommunityStageConfig:
     n_prompts: int = 240
     # The feed: the guidance scale of each image drawn per training prompt (its length is the images per
     # prompt); sampler steps are the demo's num_inference_steps. ReFL, validation and the comparison keep the
-    # demo's own guidance_scale. [] = the base model's own (WORLD_FEEDS), filled in by DemoConfig.
+    # demo's own guidance_scale. [] = the base model's own (feed_guidance_scales: WORLD_FEEDS).
     feed_guidance_scales: list[float] = field(default_factory=list)
     # Simulated users. Sized on the third edition's feed before any ReFL ran on it: 60 users (1,945 pairs)
     # gave a critic at 59.9% against the oracle, 120 users with up to 16 pairs per prompt (3,177) 63.1%, 240
@@ -169,12 +169,7 @@ class DemoConfig:
     def __post_init__(self):
         # The folder, not the short name, in every stage's config and key: the default's keys stay those
         # of the toy SD's folder path.
-        short = next((name for name in SHIPPED_MODELS
-                      if self.sd_model == name or Path(self.sd_model).resolve() == (ASSETS / name).resolve()),
-                     None)
         self.sd_model = shipped_model(self.sd_model)
-        if not self.community.feed_guidance_scales:  # the world's own feed, explicit in the saved config
-            self.community.feed_guidance_scales = list(WORLD_FEEDS.get(short, FEED_GUIDANCE))
         defaults = {"critic": _demo_critic(), "refl": _demo_refl(), "compare": _demo_compare()}
         for stage, keys in FILLED_BY_DEMO.items():
             for key in keys:
@@ -236,6 +231,17 @@ def critic_config(cfg: DemoConfig, pairs: str | Path, out: Path) -> RewardConfig
     return replace(cfg.critic, model=replace(cfg.critic.model, pretrained=cfg.clip_model),
                    data=replace(cfg.critic.data, train=str(pairs)),
                    train=replace(cfg.critic.train, output_dir=str(out)))
+
+
+def feed_guidance_scales(cfg: DemoConfig) -> list[float]:
+    """The community feed's scales: `community.feed_guidance_scales` as set, or for [] the base model's own
+    (WORLD_FEEDS by the shipped folder `sd_model` names; FEED_GUIDANCE for any other). Read here, not filled
+    into the config: a config's defaults are built before `--set sd_model=...` applies."""
+    if cfg.community.feed_guidance_scales:
+        return list(cfg.community.feed_guidance_scales)
+    model = Path(cfg.sd_model).resolve()
+    short = next((name for name in WORLD_FEEDS if model == (ASSETS / name).resolve()), None)
+    return list(WORLD_FEEDS.get(short, FEED_GUIDANCE))
 
 
 def fitting_scheduler(cfg: DemoConfig, scheduler: str | None = None) -> str:

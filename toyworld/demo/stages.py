@@ -19,7 +19,14 @@ import pandas as pd
 
 from runkit.config import to_dict
 from runkit.files import atomic_write_bytes, atomic_write_text, content_hash, paths_relative_to, write_json
-from toyworld.demo.config import DemoConfig, compare_config, critic_config, fitting_scheduler, refl_config
+from toyworld.demo.config import (
+    DemoConfig,
+    compare_config,
+    critic_config,
+    feed_guidance_scales,
+    fitting_scheduler,
+    refl_config,
+)
 from toyworld.demo.layout import critic_dirs, refl_result
 
 logger = logging.getLogger(__name__)
@@ -117,9 +124,11 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     summary_file = out / "community.json"
     c = cfg.community
     held_chosen = heldout_prompts("oracle_pairs", c.n_oracle_pair_prompts)
+    feed_guidance = feed_guidance_scales(cfg)
+    # The scales as drawn: a default feed keys the stage as the same scales written out
     settings = {"seed": cfg.seed, "num_inference_steps": cfg.num_inference_steps,
                 "guidance_scale": cfg.guidance_scale,
-                **to_dict(c), "oracle_pair_prompt_list": held_chosen}
+                **to_dict(c), "feed_guidance_scales": feed_guidance, "oracle_pair_prompt_list": held_chosen}
     done = enter_stage(out, summary_file, settings, {"sd_model": cfg.sd_model})
     if done is not None:
         return done
@@ -129,7 +138,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     t0 = time.perf_counter()
     cache = Path(cfg.output_dir) / "cache"
     base_seed = 1_000_000 * cfg.seed
-    images = _sample(components, chosen, c.feed_guidance_scales, cfg.num_inference_steps,
+    images = _sample(components, chosen, feed_guidance, cfg.num_inference_steps,
                      base_seed + FEED_SEED, cache, cfg.sd_model, fitting_scheduler(cfg))  # (P, n, H, W, 3)
     gen_seconds = time.perf_counter() - t0
     result = build_pairs_with_stats({p: list(images[i]) for i, p in enumerate(chosen)}, c.n_users, cfg.seed,
@@ -143,7 +152,7 @@ def stage_community(cfg: DemoConfig, components, out: Path) -> dict:
     oracle_pairs = write_oracle_pairs(held_images, held_chosen, out / "oracle_pairs")
     summary = {"community": result.summary(), "oracle_pairs": str(oracle_pairs),
                "feed_oracle_pairs": str(feed_oracle_pairs) if feed_oracle_pairs else None,
-               "feed": feed_summary(images, chosen, c.feed_guidance_scales),
+               "feed": feed_summary(images, chosen, feed_guidance),
                "generation_seconds": gen_seconds}
     return finish_stage(summary_file, summary)
 
