@@ -84,5 +84,5 @@ def test_an_output_dir_the_save_could_not_write_is_refused_before_training(tmp_p
                         lambda *a, **k: pytest.fail("rendered before the output folder was checked"))
     taken = tmp_path / "model"
     taken.write_text("a file where the model folder would go")
-    with pytest.raises(FileExistsError, match="model is a file"):
+    with pytest.raises(NotADirectoryError, match="output_dir .*model is a file"):
         pretrain_toy_flow(PretrainFlowConfig(output_dir=str(taken)))

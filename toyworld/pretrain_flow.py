@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 from refl.components import SDComponents, build_pipeline, collapse_zero_t5, load_components, t5_options
 from runkit.config import resolve_device
+from runkit.files import check_output_dir
 from toyworld.pretraining import (
-    check_output_dir,
     encode_latents,
     render_training_data,
     save_and_measure,
@@ -224,7 +224,7 @@ def pretrain_toy_flow(cfg: PretrainFlowConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    check_output_dir(cfg.output_dir)
+    check_output_dir(cfg.output_dir, "output_dir")  # before the run, not at its last step
     images, prompts = render_training_data(cfg.n_images, cfg.seed, cfg.quality_fraction)
     device = resolve_device(cfg.device)
     components = build_toy_flow(cfg)

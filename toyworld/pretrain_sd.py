@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from refl.components import ModelConfig, load_components
 from runkit.config import resolve_device
+from runkit.files import check_output_dir
 from toyworld.pretraining import (
-    check_output_dir,
     encode_latents,
     render_training_data,
     save_and_measure,
@@ -167,7 +167,7 @@ def train_unet(components, latents: torch.Tensor, prompts: list[str], cfg: Pretr
 def pretrain_toy_sd(cfg: PretrainSDConfig) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    check_output_dir(cfg.output_dir)
+    check_output_dir(cfg.output_dir, "output_dir")  # before the run, not at its last step
     images, prompts = render_training_data(cfg.n_images, cfg.seed, cfg.quality_fraction)
     components = load_components(ModelConfig(name="toy", seed=cfg.seed))
     device = resolve_device(cfg.device)

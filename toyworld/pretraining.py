@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,18 +111,6 @@ def fidelity_eval(components, n_prompts: int, steps: int, guidance: float, seed:
             "eval_attribute_accuracy": {a: float(prompt_fidelity(samples, prompts, attributes=[a]))
                                         for a in ATTRIBUTES},
             "eval_n_prompts": len(prompts)}
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Refuse, before any training, an output folder the save at the end could not write: a file in its
-    place or a parent folder that cannot be written (the run would otherwise be lost at its last step)."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output_dir {path} is a file; name a folder (it is replaced by the model)")
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output_dir {path}: cannot write into {parent}; choose a writable folder")
 
 
 def save_fp16(components, output_dir: str, report: dict) -> None:
