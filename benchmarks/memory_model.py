@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.cli import parse_config, report, resolve_device
-from benchmarks.meta_device import CudaAutocastOnMeta, MetaValues
+from benchmarks.meta_device import CudaAutocastOnMeta, MetaValues, backward_with_mode_on
 from benchmarks.refl import (
     Bench,
     SetupConfig,
@@ -97,15 +97,8 @@ class CudaAutocastNorms(TorchFunctionMode):
                   for k, v in kwargs.items()}
             with torch.autocast("cpu", enabled=False):
                 return func(*up, **kw)
-        if func is torch.autograd.backward and len(args) == 1 and not any(kwargs.values()):
-            # A mode is off inside its own handler, yet the forwards checkpointing reruns in backward must
-            # store what CUDA's would too: the engine runs with the mode back on (a scalar loss, as
-            # `update`'s).
-            (loss,) = args[0] if isinstance(args[0], (tuple, list)) else args
-            with self:
-                torch.autograd.graph._engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (),
-                                                          allow_unreachable=True, accumulate_grad=True)
-            return None
+        if func is torch.autograd.backward and backward_with_mode_on(self, args, kwargs):
+            return None  # the forwards that checkpointing reruns in backward store what CUDA's would too
         return func(*args, **kwargs)
 
 

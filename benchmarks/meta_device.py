@@ -90,20 +90,27 @@ def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
                                                         True, dropout_p, is_causal, scale=scale)[0]
 
 
+def backward_with_mode_on(mode: TorchFunctionMode, args: tuple, kwargs: dict) -> bool:
+    """Run `torch.autograd.backward(loss)` of a scalar loss (the benchmarks' update) with `mode` entered:
+    a mode is off inside its own handler, yet the forwards that activation checkpointing reruns in backward
+    must pass through it too. False (nothing run) for any other call of backward."""
+    if len(args) != 1 or any(kwargs.values()):
+        return False
+    (loss,) = args[0] if isinstance(args[0], (tuple, list)) else args
+    with mode:
+        torch.autograd.graph._engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (),
+                                                  allow_unreachable=True, accumulate_grad=True)
+    return True
+
+
 class CudaAutocastOnMeta(TorchFunctionMode):
     """CUDA's autocast for meta tensors where CPU autocast is on (see the module docstring), and CUDA's
     attention kernel for them everywhere."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.autograd.backward and len(args) == 1 and not any(kwargs.values()):
-            # A mode is off inside its own handler, yet forwards that checkpointing reruns in backward must be
-            # cast too: the engine runs with the mode back on (a scalar loss, as the benchmark's update's).
-            (loss,) = args[0] if isinstance(args[0], (tuple, list)) else args
-            with self:
-                torch.autograd.graph._engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (),
-                                                          allow_unreachable=True, accumulate_grad=True)
-            return None
+        if func is torch.autograd.backward and backward_with_mode_on(self, args, kwargs):
+            return None  # the forwards that checkpointing reruns in backward are cast too
         if not _has_meta(args, kwargs):
             return func(*args, **kwargs)
         if torch.is_autocast_enabled("cpu"):
