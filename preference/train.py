@@ -22,7 +22,7 @@ from preference.config import PreferenceConfig
 from preference.data import FeedbackStream
 from preference.step import dpo_step, join_reference_point, kto_step
 from refl import guard
-from refl.components import Checkpointing, SDComponents
+from refl.components import Checkpointing, SDComponents, local_family
 from refl.compute import ComputeMeter, ComputeSpent, compute_of
 from refl.lora import save_lora
 from refl.lora_training import (
@@ -36,7 +36,7 @@ from refl.lora_training import (
 )
 from refl.plots import plot_curve
 from refl.prompts import seed_for
-from refl.sampling import make_scheduler
+from refl.sampling import check_scheduler, make_scheduler
 from refl.step import NonFiniteLossError
 from refl.text_embeddings import precompute_text_embeddings, precompute_wanted
 from runkit.checkpoints import find_checkpoint, rewrite_state, save_checkpoint
@@ -149,11 +149,17 @@ def train(cfg: PreferenceConfig, command: str | None = None) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     # The feedback is indexed (every file read, every row checked) before the model loads.
     feed = FeedbackStream(cfg.method, cfg.data, t.seed, t.batch_size, rank, world)
+    family = local_family(cfg.model.name)
+    if family is not None:  # the validation sampler fits the family: refused now, not after loading
+        try:
+            check_scheduler(cfg.scheduler, family, cfg.model.name)
+        except ValueError as err:
+            raise ValueError(f"scheduler: {err}") from None
     checkpointing = Checkpointing(unet="blocks" if t.gradient_checkpointing else "none")
     components, params, optimizer, lr_sched = prepare_lora_training(cfg.model, cfg.lora, t, checkpointing,
                                                                     accelerator)
     feed.set_image_size(components.image_size)
-    try:  # the validation sampler fits the family: refused now, not at the first validation
+    try:  # a family not known before loading (e.g. a hub id not cached yet): refused now, not at validation
         make_scheduler(cfg.scheduler, components)
     except ValueError as err:
         raise ValueError(f"scheduler: {err}") from None

@@ -66,7 +66,27 @@ MODEL_SCHEDULER = "model"
 
 def schedulers_for(components: SDComponents) -> list[str]:
     """The SCHEDULERS names that fit this model's family."""
-    return [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == components.is_flow]
+    return family_schedulers(components.family)
+
+
+def family_schedulers(family: str) -> list[str]:
+    """The SCHEDULERS names that fit a model of `family`."""
+    return [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == (family in FLOW_FAMILIES)]
+
+
+def check_scheduler(name: str, family: str, model: str) -> None:
+    """Refuse a sampler that is unknown or does not fit a `family` model (named `model` in the message),
+    from the family alone: a trainer can say it before the model loads."""
+    if name == MODEL_SCHEDULER:
+        return
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose {MODEL_SCHEDULER} (the model's own) or one of "
+                         f"{sorted(SCHEDULERS)}")
+    fitting = family_schedulers(family)
+    if name not in fitting:
+        kind = "flow matching" if family in FLOW_FAMILIES else "a DDPM schedule"
+        raise ValueError(f"scheduler {name!r} does not fit {model} (a {family} model: {kind}); choose one of "
+                         f"{fitting}")
 
 
 def model_scheduler(components: SDComponents):
@@ -100,14 +120,7 @@ def make_scheduler(name: str, components: SDComponents):
     fit the model's family."""
     if name == MODEL_SCHEDULER:
         return model_scheduler(components)
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose {MODEL_SCHEDULER} (the model's own) or one of "
-                         f"{sorted(SCHEDULERS)}")
-    fitting = schedulers_for(components)
-    if name not in fitting:
-        raise ValueError(f"scheduler {name!r} does not fit {components.source} (a {components.family} model: "
-                         f"{'flow matching' if components.is_flow else 'a DDPM schedule'}); choose one of "
-                         f"{fitting}")
+    check_scheduler(name, components.family, components.source)
     return SCHEDULERS[name](components.scheduler.config)
 
 

@@ -352,9 +352,9 @@ def test_tiny_bf16_run_trains_resumes_exactly_and_loads_in_the_stock_pipeline(me
     assert np.abs(ours - run(stock)).max() < 1e-5  # also: the saved folder carries no dropout to sample with
 
 
-def test_flow_settings_refused_in_one_line(tmp_path):
-    """A UNet sampler on a flow model is refused at start (not at the first validation), naming the key; so
-    is an unknown timestep density, before anything loads."""
+def test_flow_settings_refused_in_one_line(tmp_path, monkeypatch):
+    """A UNet sampler on a flow model is refused before the model loads (not at the first validation),
+    naming the key; so is an unknown timestep density."""
     import preference.train as ptrain
     from preference.config import PreferenceConfig
     from reward.synthetic import make_colour_pairs
@@ -362,6 +362,8 @@ def test_flow_settings_refused_in_one_line(tmp_path):
 
     pairs = make_colour_pairs(tmp_path / "colour", n_pairs=4, size=16, seed=0)
     overrides = _run_overrides(tmp_path / "run", pairs, "dpo", "tiny-sd3")  # no scheduler=flow_euler
+    monkeypatch.setattr(ptrain, "prepare_lora_training",
+                        lambda *a, **k: pytest.fail("the model loaded before the sampler was checked"))
     with pytest.raises(ValueError, match=r"^scheduler: scheduler 'ddim' does not fit .*flow_euler"):
         ptrain.train(load_config(PreferenceConfig, None, overrides))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -175,6 +175,14 @@ def family_of(name: str) -> str:
     return model_family(name, _model_index(name, {}))
 
 
+def local_family(name: str) -> str | None:
+    """`family_of` where it needs no network (a preset, an architecture or a local folder); None for a hub
+    id, whose family is known once it loads."""
+    if name in PRESETS or name in FLOW_PRESETS or name in ARCHITECTURES or Path(name).is_dir():
+        return family_of(name)
+    return None
+
+
 def _flow_from_pretrained(name: str, family: str, index: dict, kw: dict, variant: str | None) -> SDComponents:
     """A flow model's components through its stock pipeline's own loading (every part in fp32)."""
     # Stored weights may be half precision; training casts the frozen base to its mixed-precision dtype.
