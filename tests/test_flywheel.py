@@ -96,6 +96,7 @@ def test_the_flywheel_refuses_bad_settings_before_any_round(quick_demo, tmp_path
     assert "is not a finished demo" in capsys.readouterr().err
     for override, message in (("base_share=1.5", "base_share must be in [0, 1]"),
                               ("refl_start=scratch", "refl_start='scratch'"),
+                              ("critic_start=scratch", "critic_start='scratch'"),
                               ('refl_settings=["typo: refl.train.lrr=1"]', "refl.train.lrr")):
         assert flywheel_main(["--demo", str(quick_demo), "--quick", "--set", override,
                               "--seeds", "7"]) == 2, override
@@ -140,3 +141,12 @@ def test_a_fresh_round_that_keeps_its_start_keeps_the_base_exactly(tmp_path):
 
     assert np.array_equal(draw(load_pipeline(sd, str(tmp_path / "lora"), scheduler="ddim")),
                           draw(load_pipeline(sd, scheduler="ddim")))
+
+
+def test_critic_start_is_keyed_only_when_set_so_earlier_rounds_stay_reusable():
+    from toyworld.flywheel import FlywheelConfig, round_settings
+
+    default = round_settings(FlywheelConfig())
+    # the key of the rounds run before critic_start existed
+    assert "critic_start" not in default and {"base_share", "refl_start", "hold_reference"} <= set(default)
+    assert round_settings(FlywheelConfig(critic_start="base"))["critic_start"] == "base"

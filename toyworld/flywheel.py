@@ -9,8 +9,9 @@ Round r = 1 .. n_rounds, per training seed (docs/flywheel.md says why each choic
    (refl.feed, the feed command's writer; one sub-feed per model);
 2. feedback: the same simulated community (the demo's behaviour and size, new users' draws each round)
    remixes on the mixed feed -> pairs over the feed's images;
-3. critic: the demo's recipe started from round r-1's critic (train.init_from), on every round's pairs so far
-   (or the last `n_feedback_rounds`);
+3. critic: the demo's recipe started from round r-1's critic (train.init_from; `critic_start`: previous) or
+   from the demo's starting point (`critic_start`: base), on every round's pairs so far (or the last
+   `n_feedback_rounds`);
 4. ReFL: each setting of `refl_settings` (default: the sweep's grid), started from round r-1's LoRA
    (`refl_start`: previous) with validation from update 0 on the validation prompts; the sweep rule
    (toyworld/rule.py) picks the (setting, update) with the highest reward whose zero-shot CLIP and prompt
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = (0, 1, 2)
 REFL_STARTS = ("previous", "base")
+CRITIC_STARTS = ("previous", "base")
+# Keys added after the loop's first full run: in a round's key only when set away from their default, so
+# the rounds made before them stay reusable.
+KEYED_WHEN_SET = {"critic_start": "previous"}
 HOLD_REFERENCES = ("base", "start")
 # A round's seed offsets: its feed and its held-out draws, far apart from each other and from the demo's
 # (toyworld.demo.stages: the feed from 0, the held-out generations from 500,000 per community seed).
@@ -89,6 +94,9 @@ class FlywheelConfig:
     n_feedback_rounds: int = 0
     # Where each round's ReFL starts: "previous" (round r-1's LoRA, train.init_from) or "base" (a fresh LoRA).
     refl_start: str = "previous"
+    # Where each round's critic starts: "previous" (round r-1's critic, train.init_from: the demo's epochs
+    # again over all the pairs) or "base" (the demo's starting point, clip_model: trained afresh on them).
+    critic_start: str = "previous"
     # What the rule's held judges may not drop from: "base" (the base model's validation: drops add up over
     # rounds) or "start" (each run's update 0, as in one sweep).
     hold_reference: str = "base"
@@ -112,6 +120,8 @@ class FlywheelConfig:
             raise ConfigError("n_prompts and n_feedback_rounds must be >= 0")
         if self.refl_start not in REFL_STARTS:
             raise ConfigError(f"refl_start={self.refl_start!r}; choose one of {', '.join(REFL_STARTS)}")
+        if self.critic_start not in CRITIC_STARTS:
+            raise ConfigError(f"critic_start={self.critic_start!r}; choose one of {', '.join(CRITIC_STARTS)}")
         if self.hold_reference not in HOLD_REFERENCES:
             raise ConfigError(f"hold_reference={self.hold_reference!r}; choose one of "
                               f"{', '.join(HOLD_REFERENCES)}")
@@ -280,13 +290,20 @@ def _base_row(records: list[dict]) -> dict:
     return rows[0]
 
 
+def round_settings(cfg: FlywheelConfig) -> dict:
+    """The loop's settings in every round's key: all but where it runs and how far (demo, n_rounds, seeds),
+    and a KEYED_WHEN_SET key only when set away from its default."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("demo", "n_rounds", "seeds")
+            and not (k in KEYED_WHEN_SET and KEYED_WHEN_SET[k] == v)}
+
+
 def _round(loop: _Loop, seed: int, r: int, prev: dict) -> dict:
     """Round r of `seed` from the previous round's state (its LoRA, critic and measurements)."""
     from toyworld.demo.stages import enter_stage
 
     out = _seed_dir(loop, seed, r)
     finished = out / "round.json"
-    key = {"flywheel": {k: v for k, v in vars(loop.cfg).items() if k not in ("demo", "n_rounds", "seeds")},
+    key = {"flywheel": round_settings(loop.cfg),
            "seed": seed, "round": r, "prompts": loop.prompts[r]}
     # Its inputs: the previous round's LoRA and critic (which every earlier round's feedback shaped).
     done = enter_stage(out, finished, key, {"previous_lora": prev["lora"], "previous_critic": prev["critic"]})
@@ -407,8 +424,9 @@ def _feedback(loop: _Loop, r: int, feed: dict, out: Path) -> dict:
 
 
 def _critic(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> str:
-    """Round r's critic: the demo's recipe (critic.train.seed + seed) from round r-1's critic on the window's
-    pairs, each round's file copied into critic_data/ with its paths rewritten (their images stay put)."""
+    """Round r's critic: the demo's recipe (critic.train.seed + seed) from round r-1's critic (or afresh,
+    `critic_start`) on the window's pairs, each round's file copied into critic_data/ with its paths rewritten
+    (their images stay put)."""
     from reward.train import train
     from toyworld.critic_vs_oracle import subset_pairs
     from toyworld.demo.config import critic_config
@@ -425,10 +443,11 @@ def _critic(loop: _Loop, seed: int, r: int, prev: dict, out: Path) -> str:
             subset_pairs(src, 1.0, 0, data / f"round-{k}.parquet")
     folder = out / "critic"
     exp = critic_config(loop.dcfg, data, folder)
-    exp = replace(exp, train=replace(exp.train, seed=exp.train.seed + seed, init_from=prev["critic"]))
+    init_from = prev["critic"] if loop.cfg.critic_start == "previous" else ""
+    exp = replace(exp, train=replace(exp.train, seed=exp.train.seed + seed, init_from=init_from))
     inputs = {f"pairs_round_{k}": str(src) for k, src in sources.items()}
     if enter_stage(folder, folder / "critic.json", trainer_settings(exp),
-                   {**inputs, "init_from": prev["critic"]}) is None:
+                   {**inputs, **({"init_from": init_from} if init_from else {})}) is None:
         train(exp)
         finish_stage(folder / "critic.json", {"critic": str(folder / "critic"), "rounds": list(window)})
     return str(folder / "critic")
