@@ -55,3 +55,16 @@ def test_each_shipped_world_model_gets_its_own_feed_unless_one_is_set(tmp_path):
     assert feed_guidance_scales(load_config(DemoConfig, None, [f"sd_model={tmp_path}"])) == FEED_GUIDANCE
     chosen = load_config(DemoConfig, None, ["sd_model=toy-flow", "community.feed_guidance_scales=[2.0, 4.0]"])
     assert feed_guidance_scales(chosen) == [2.0, 4.0]
+
+
+def test_a_missing_model_or_unwritable_output_is_refused_before_sampling(tmp_path, monkeypatch):
+    import toyworld.feed_scales as feed_scales
+
+    monkeypatch.setattr(feed_scales, "scale_profile", lambda *a, **k: pytest.fail("sampled before checking"))
+    taken = tmp_path / "out"
+    taken.write_text("a file where the output folder would go")
+    with pytest.raises(NotADirectoryError, match="output_dir"):
+        feed_scales.run_feed_scales(FeedScalesConfig(output_dir=str(taken)))
+    with pytest.raises(FileNotFoundError, match=r"^model .*missing is not a diffusers model folder"):
+        feed_scales.run_feed_scales(FeedScalesConfig(model=str(tmp_path / "missing"),
+                                                     output_dir=str(tmp_path / "run")))

@@ -112,8 +112,17 @@ def match_scales(reference: dict[str, dict], target: dict[str, dict], reference_
 
 def run_feed_scales(cfg: FeedScalesConfig) -> dict:
     """Both models' profiles and the chosen feed; writes <output_dir>/feed_scales.json."""
+    from runkit.files import check_output_dir
+    from toyworld.demo.config import shipped_model
     from toyworld.world import split_prompts
 
+    # Both models and the output folder checked before minutes of sampling, not at the last write.
+    check_output_dir(cfg.output_dir, "output_dir")
+    for key in ("reference_model", "model"):
+        folder = Path(shipped_model(getattr(cfg, key)))
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{key} {folder} is not a diffusers model folder (no model_index.json); "
+                                    "name a shipped model (toy-sd, toy-flow) or a model folder")
     train = split_prompts(seed=0)[0]
     rng = np.random.default_rng(cfg.prompt_seed)
     prompts = [train[i] for i in rng.choice(len(train), cfg.n_prompts, replace=False)]
